@@ -1,0 +1,40 @@
+# Two entry points (see README): `make pipeline` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch first, pinned: a CPU wheel on machines that have one locally; a bare `torch`
+# requirement on an empty venv would pull the multi-GB CUDA build from PyPI.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: venv test lint pipeline bench bench-quick clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH_SPEC)" || $(BIN)/pip install -q torch
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $@
+
+venv: $(BIN)/.installed
+
+lint: venv
+	$(BIN)/ruff check llmcore stages tests
+
+# pytest exits 5 when nothing was collected; treat that as a failure too.
+test: venv lint
+	$(BIN)/python -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected" >&2; exit 1; fi; exit $$rc
+
+# The default pipeline, offline through the mirror in ../shared (see README).
+pipeline: venv
+	. $(BIN)/activate && ./scripts/pipeline.sh
+
+bench: venv
+	$(BIN)/pip install -q -e ".[bench]" && $(BIN)/pip install -q --no-deps llms-from-scratch
+	$(BIN)/python -m llmcore.bench
+
+bench-quick: venv
+	$(BIN)/pip install -q -e ".[bench]" && $(BIN)/pip install -q --no-deps llms-from-scratch
+	$(BIN)/python -m llmcore.bench --quick
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

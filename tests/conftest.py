@@ -1,0 +1,73 @@
+"""Shared fixtures: the offline mirror (../shared/data/mirror) served over loopback HTTP.
+
+Data the tests need comes from ``../shared/data`` beside the repository root. Locally a missing
+folder skips those tests; in CI (``CI=true``) it fails them, so a broken checkout cannot pass.
+"""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+MIRROR_DIR = SHARED_DATA / "mirror"
+
+
+def require_shared(path: Path) -> Path:
+    """Return ``path`` if it exists; otherwise fail in CI and skip elsewhere."""
+    if path.exists():
+        return path
+    msg = f"test data missing: {path} (expected ../shared beside the checkout)"
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(msg)
+    pytest.skip(msg)
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:  # keep pytest output clean
+        pass
+
+
+
+
+def serve_directory(root: Path) -> tuple[http.server.ThreadingHTTPServer, str]:
+    """Serve ``root`` read-only on 127.0.0.1 at an ephemeral port; returns (server, base_url)."""
+    handler = functools.partial(_QuietHandler, directory=str(root))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+
+@pytest.fixture(scope="session")
+def mirror_dir() -> Path:
+    return require_shared(MIRROR_DIR)
+
+
+@pytest.fixture(scope="session")
+def mirror_url(mirror_dir: Path) -> Iterator[str]:
+    """A loopback HTTP base URL serving ../shared/data/mirror (use as LLMCORE_MIRROR)."""
+    server, url = serve_directory(mirror_dir)
+    yield url
+    server.shutdown()
+
+
+@pytest.fixture
+def http_dir() -> Iterator:
+    """Factory: serve any directory over loopback HTTP for the duration of a test."""
+    servers = []
+
+    def start(root: Path) -> str:
+        server, url = serve_directory(root)
+        servers.append(server)
+        return url
+
+    yield start
+    for server in servers:
+        server.shutdown()
