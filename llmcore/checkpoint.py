@@ -1,0 +1,117 @@
+"""Model checkpoints: safetensors only, with the model config travelling inside the file.
+
+A checkpoint is one ``.safetensors`` file whose metadata holds ``{"format": "llmcore", "config": <json>}``
+plus any caller metadata (string values). Loading never unpickles anything. Writes are atomic: a crash
+leaves the previous file or none, never a partial one.
+
+A tied output head is stored once (as ``tok_emb.weight``), the way the model holds it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from llmcore.common import LLMCoreError, atomic_path
+from llmcore.config import ConfigError, ModelConfig
+from llmcore.model import GPT
+
+FORMAT = "llmcore"
+
+
+def unwrap(model: torch.nn.Module) -> GPT:
+    """The bare model inside torch.compile (``_orig_mod``) and DistributedDataParallel (``module``)."""
+    while hasattr(model, "_orig_mod") or hasattr(model, "module"):
+        model = getattr(model, "_orig_mod", None) or model.module
+    return model
+
+
+def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict without the duplicate tied head, contiguous and detached, as safetensors wants."""
+    model = unwrap(model)
+    state = model.state_dict()
+    if getattr(model, "cfg", None) is not None and model.cfg.tie_embeddings:
+        state.pop("out_head.weight", None)
+    return {k: v.detach().contiguous() for k, v in state.items()}
+
+
+def save_checkpoint(
+    path: str | os.PathLike, model: GPT, metadata: dict[str, str] | None = None, dtype: torch.dtype | None = None
+) -> Path:
+    """Write ``model`` (weights + config + metadata) atomically to ``path``."""
+    state = model_state(model)
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    meta = {"format": FORMAT, "config": unwrap(model).cfg.to_json(), **(metadata or {})}
+    path = Path(path)
+    with atomic_path(path, suffix=".safetensors") as tmp:
+        save_file({k: v.cpu() for k, v in state.items()}, str(tmp), metadata=meta)
+    return path
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    path = Path(path)
+    if not path.is_file():
+        raise LLMCoreError(f"{path}: checkpoint not found")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as e:
+        raise LLMCoreError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from None
+
+
+def read_config(path: str | os.PathLike) -> ModelConfig:
+    meta = read_metadata(path)
+    if meta.get("format") != FORMAT or "config" not in meta:
+        raise LLMCoreError(f"{path}: not an llmcore checkpoint (no model config in its metadata)")
+    try:
+        return ModelConfig.from_json(meta["config"])
+    except (ConfigError, json.JSONDecodeError, TypeError) as e:
+        raise LLMCoreError(f"{path}: bad model config in checkpoint: {e}") from None
+
+
+def load_state(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise LLMCoreError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from None
+
+
+def load_into(model: GPT, state: dict[str, torch.Tensor], source: str | os.PathLike) -> None:
+    """Copy ``state`` into ``model``; any missing, unexpected or mis-shaped tensor is a one-line error."""
+    expected = model_state(model)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+        raise LLMCoreError(f"{source}: checkpoint does not match the model config: {what}")
+    for name, tensor in state.items():
+        if tensor.shape != expected[name].shape:
+            raise LLMCoreError(
+                f"{source}: shape mismatch for {name}: file has {tuple(tensor.shape)}, "
+                f"model expects {tuple(expected[name].shape)}"
+            )
+    model.load_state_dict(state, strict=False)  # the tied head is the same tensor as tok_emb
+
+
+def load_checkpoint(
+    path: str | os.PathLike, device: str | torch.device = "cpu", config: ModelConfig | None = None
+) -> GPT:
+    """Build the model from the config stored in ``path`` (or ``config`` if given) and load its weights.
+
+    Weights stored in bf16/fp16 are upcast to fp32 (the training and CPU inference dtype).
+    """
+    cfg = config or read_config(path)
+    state = load_state(path, device)
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    with torch.device(device):
+        model = GPT(cfg)
+    load_into(model, state, path)
+    model.eval()
+    return model

@@ -1,0 +1,120 @@
+"""Text generation: greedy and sampled decoding over a batch of prompts, with or without a KV cache.
+
+Prompts of different lengths are left-padded and masked; the model counts positions over real tokens
+only, so each row decodes exactly as it would alone. With the cache the prompt is run once (prefill)
+and each new token costs one single-position forward pass.
+
+Sampling order follows common practice (HF, llama.cpp): temperature, then top-k, then top-p.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from llmcore.model import GPT
+
+
+@dataclass
+class SamplingConfig:
+    max_new_tokens: int = 100
+    temperature: float = 0.0  # 0 = greedy (argmax)
+    top_k: int | None = None  # keep the k most likely tokens
+    top_p: float | None = None  # keep the smallest set whose probability mass reaches p (nucleus)
+    stop_ids: Sequence[int] = field(default_factory=tuple)  # e.g. the end-of-text id; not emitted
+    seed: int | None = None
+
+
+def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
+    """Pick one token per row from (B, vocab) logits."""
+    if cfg.temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / cfg.temperature
+    if cfg.top_k is not None and cfg.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, cfg.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if cfg.top_p is not None and cfg.top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the mass before it already reaches top_p (the first token always stays)
+        drop = probs.cumsum(-1) - probs >= cfg.top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    idx = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long, device=device)
+    for row, p in enumerate(prompts):
+        if p:
+            idx[row, width - len(p) :] = torch.tensor(list(p), dtype=torch.long, device=device)
+            mask[row, width - len(p) :] = 1
+    return idx, mask
+
+
+@torch.no_grad()
+def generate_steps(
+    model: GPT, prompts: Sequence[Sequence[int]], cfg: SamplingConfig, use_cache: bool = True
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield ``(tokens, alive)`` per step: the (B,) new tokens and which rows were still generating.
+
+    Prompts longer than the context keep their last ``context_length - 1`` tokens, and generation stops
+    when a row would exceed the context, so the cached and uncached paths always agree.
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    ctx = model.cfg.context_length
+    prompts = [list(p)[-(ctx - 1) :] for p in prompts]
+    device = model.tok_emb.weight.device
+    generator = None
+    if cfg.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    idx, mask = _left_pad(prompts, pad_id=0, device=device)
+    steps = min(cfg.max_new_tokens, ctx - idx.shape[1])
+    stop = torch.tensor(sorted(set(cfg.stop_ids)), dtype=torch.long, device=device)
+    alive = torch.ones(len(prompts), dtype=torch.bool, device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        cache = model.new_cache(len(prompts), idx.shape[1] + steps) if use_cache else None
+        step_input = idx
+        for _ in range(steps):
+            if cache is not None:
+                logits = model(step_input, attention_mask=mask, cache=cache).logits[:, -1]
+            else:
+                logits = model(idx, attention_mask=mask).logits[:, -1]
+            nxt = sample_next(logits, cfg, generator)
+            if stop.numel():
+                alive = alive & ~torch.isin(nxt, stop)
+            yield nxt, alive.clone()
+            if not alive.any():
+                break
+            idx = torch.cat([idx, nxt[:, None]], dim=1)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            step_input = nxt[:, None]
+    finally:
+        model.train(was_training)
+
+
+def generate(
+    model: GPT, prompts: Sequence[Sequence[int]], cfg: SamplingConfig, use_cache: bool = True
+) -> list[list[int]]:
+    """Return the new tokens of each prompt (stop tokens excluded)."""
+    out: list[list[int]] = [[] for _ in prompts]
+    for tokens, alive in generate_steps(model, prompts, cfg, use_cache):
+        for row in alive.nonzero().flatten().tolist():
+            out[row].append(int(tokens[row]))
+    return out
+
+
+def stream(model: GPT, prompt: Sequence[int], cfg: SamplingConfig, use_cache: bool = True) -> Iterator[int]:
+    """Yield new token ids of one prompt as they are produced (stop tokens excluded)."""
+    for tokens, alive in generate_steps(model, [prompt], cfg, use_cache):
+        if not alive[0]:
+            return
+        yield int(tokens[0])
