@@ -87,3 +87,18 @@ def is_rank0() -> bool:
 def print0(*args, **kwargs) -> None:
     if is_rank0():
         print(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def stage_errors() -> Iterator[None]:
+    """Turn an ``LLMCoreError`` into ``error: <one line>`` on stderr and exit status 1 (no traceback).
+
+    Stage scripts wrap their body in it; outputs are written atomically, so nothing half-written stays.
+    """
+    import sys
+
+    try:
+        yield
+    except LLMCoreError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
