@@ -1,0 +1,564 @@
+"""LLM-as-a-judge scoring through Ollama, plus judge-free metrics (ROUGE-L, exact match).
+
+This is the evaluation of the book's chapter 7 (Raschka, *Build a Large Language Model (From Scratch)*,
+section 7.8): a larger model served by Ollama reads the instruction, the reference answer and the
+fine-tuned model's response, and answers with a score from 0 to 100. Done here with what a
+pipeline needs on top of the book's loop:
+
+- the official ``ollama`` client with fixed ``seed``/``temperature``/``num_ctx`` options, so reruns agree;
+- bounded concurrency, retries with exponential backoff on transient failures (connection refused or
+  dropped, timeouts, HTTP 5xx/429), and one re-ask with a stricter prompt when a reply has no usable score;
+- every item gets a record (``scored``, ``unparsable`` or ``error``), in item order; nothing is dropped;
+- a persistent JSONL cache so a rerun only asks about what changed (judge, digest, prompts, texts);
+- ``summarize`` with a seeded bootstrap confidence interval of the mean and a histogram for plots.
+
+Typical use from a stage::
+
+    config = JudgeConfig(model="llama3")
+    judge = check_judge(config)                      # fails early, one line, if Ollama is not ready
+    records = score_items(items, config, cache_path="eval/judge_cache.jsonl", judge=judge)
+    metrics = {**summarize(records), "judge_model": judge["model"], "judge_digest": judge["digest"]}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import string
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import httpx
+import numpy as np
+import ollama
+from tqdm import tqdm
+
+from llmcore.common import LLMCoreError, atomic_path
+
+DEFAULT_HOST = "http://127.0.0.1:11434"
+
+# The book's prompt (ch. 7, `generate_model_scores`), with placeholders instead of f-string fields.
+DEFAULT_PROMPT_TEMPLATE = (
+    "Given the input `{input}` and correct output `{reference}`, "
+    "score the model response `{response}` on a scale from 0 to 100, where 100 is the best score. "
+    "Respond with the integer number only."
+)
+# Used once per item, only when the reply to the first prompt holds no usable score.
+STRICT_PROMPT_TEMPLATE = (
+    "Given the input `{input}` and correct output `{reference}`, "
+    "score the model response `{response}` on a scale from 0 to 100, where 100 is the best score. "
+    "Reply with only one integer between 0 and 100, for example 72. "
+    "Do not write any words, explanation, ranges or fractions."
+)
+_PLACEHOLDERS = ("input", "reference", "response")
+
+Status = Literal["scored", "unparsable", "error"]
+
+
+@dataclass
+class JudgeConfig:
+    """How to reach the judge and how to ask it (one ``judge`` section of params.yaml)."""
+
+    host: str | None = None  # None: $OLLAMA_HOST, else http://127.0.0.1:11434
+    model: str = "llama3"  # Ollama model name; "llama3" means "llama3:latest"
+    seed: int = 123  # sampling seed sent in the options, so reruns give the same replies
+    temperature: float = 0.0  # greedy decoding: the score should not depend on luck
+    num_ctx: int = 2048  # context window the judge runs with (Ollama's default is model dependent)
+    timeout: float = 120.0  # seconds per HTTP request (connect, read, write each)
+    max_concurrency: int = 4  # requests in flight at once; match OLLAMA_NUM_PARALLEL on the server
+    retries: int = 3  # extra attempts per request after a transient failure (so up to retries + 1)
+    backoff: float = 1.0  # seconds before the first retry, doubled before each further one
+    prompt_template: str = DEFAULT_PROMPT_TEMPLATE  # placeholders: {input} {reference} {response}
+    strict_prompt_template: str = STRICT_PROMPT_TEMPLATE  # the single re-ask for unparsable replies
+
+    def __post_init__(self) -> None:
+        if self.max_concurrency < 1:
+            raise LLMCoreError(f"judge.max_concurrency must be >= 1, got {self.max_concurrency}")
+        if self.retries < 0:
+            raise LLMCoreError(f"judge.retries must be >= 0, got {self.retries}")
+        if self.timeout <= 0 or self.backoff < 0:
+            raise LLMCoreError(f"judge.timeout must be > 0 and judge.backoff >= 0, got {self.timeout}, "
+                               f"{self.backoff}")
+        for name in ("prompt_template", "strict_prompt_template"):
+            missing = [p for p in _PLACEHOLDERS if "{" + p + "}" not in getattr(self, name)]
+            if missing:
+                raise LLMCoreError(f"judge.{name} lacks the placeholder(s) "
+                                   + ", ".join("{" + p + "}" for p in missing))
+
+    @property
+    def resolved_host(self) -> str:
+        return self.host or os.environ.get("OLLAMA_HOST") or DEFAULT_HOST
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return {"seed": self.seed, "temperature": self.temperature, "num_ctx": self.num_ctx}
+
+
+@dataclass
+class JudgeItem:
+    """One response to judge. ``input`` may be empty, as in the Alpaca data."""
+
+    id: str
+    instruction: str
+    input: str
+    reference: str  # the dataset's correct output
+    response: str  # the fine-tuned model's answer
+
+    @classmethod
+    def from_dict(cls, entry: Mapping[str, Any], default_id: str = "") -> JudgeItem:
+        """Accept the book's keys (``output``, ``model_response``) as well as this class's own."""
+        try:
+            return cls(
+                id=str(entry.get("id", default_id)),
+                instruction=entry["instruction"],
+                input=entry.get("input") or "",
+                reference=entry["reference"] if "reference" in entry else entry["output"],
+                response=entry["response"] if "response" in entry else entry["model_response"],
+            )
+        except KeyError as e:
+            raise LLMCoreError(f"judge item {entry.get('id', default_id)!r} lacks the field {e}") from None
+
+
+@dataclass
+class ScoreRecord:
+    """The outcome for one item. ``attempts`` counts HTTP requests made in this run (0 when cached)."""
+
+    id: str
+    score: int | None  # 0..100 when status == "scored"
+    status: Status
+    raw: str | None = None  # reply to the first prompt
+    raw_strict: str | None = None  # reply to the strict re-ask, None when there was none
+    attempts: int = 0
+    cached: bool = False
+    error: str | None = None  # "ExceptionType: message" when status == "error"
+
+
+# --------------------------------------------------------------------------------------------------
+# Prompts
+
+
+def format_input(instruction: str, input_text: str = "") -> str:
+    """The Alpaca prompt the book fine-tunes on (ch. 7 ``format_input``), without the response header."""
+    text = (
+        "Below is an instruction that describes a task. "
+        "Write a response that appropriately completes the request."
+        f"\n\n### Instruction:\n{instruction}"
+    )
+    return text + (f"\n\n### Input:\n{input_text}" if input_text else "")
+
+
+def render_prompt(template: str, item: JudgeItem) -> str:
+    # One regex pass instead of str.format: item texts often hold braces (code, JSON), and a text that
+    # contains "{response}" must not be substituted again.
+    values = {
+        "input": format_input(item.instruction, item.input),
+        "reference": item.reference,
+        "response": item.response,
+    }
+    return re.sub(r"\{(input|reference|response)\}", lambda m: values[m.group(1)], template)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading a score out of a reply
+
+# A number, not glued to a word or another number ("v2", "1.2.3"); a leading "-" only when it is a sign
+# (so "60-70" reads as 60 and 70). Optionally followed by a scale: "/10", "out of 100", or "%".
+_NUM = r"(?<![\w.])(-?\d+(?:\.\d+)?)(?:\s*(?:/|out\s+of)\s*(\d+(?:\.\d+)?)|\s*(%))?"
+_NUM_RE = re.compile(_NUM, re.IGNORECASE)
+# The whole reply (or its first line) is just a number, maybe wrapped in markdown or punctuation.
+_BARE_RE = re.compile(r"[\s*_`\"'>:#]*" + _NUM + r"[\s*_`\"'.!)]*", re.IGNORECASE)
+# "Score: 85", "**Score:** 85/100", "I would rate it 85 out of 100", "a rating of 7/10".
+_LABEL_RE = re.compile(r"\b(?:score|rating|rate|rated|grade)\b[^\d\n-]{0,20}?" + _NUM, re.IGNORECASE)
+_JSON_RE = re.compile(r"\{[^{}]*\}")
+_THINK_RE = re.compile(r"<think>.*?(?:</think>|$)", re.DOTALL | re.IGNORECASE)
+_SCALES = {10.0: 10.0, 5.0: 20.0, 100.0: 1.0}  # denominator -> factor to a 0..100 score
+
+
+def _to_score(value: str, denominator: str | None, percent: str | None = None) -> int | None:
+    v = float(value)
+    if denominator is not None:
+        factor = _SCALES.get(float(denominator))
+        if factor is None or not 0 <= v <= float(denominator):
+            return None
+        v = math.floor(v * factor + 0.5)  # round half up; 8.5/10 -> 85
+    elif not v.is_integer() and not percent:
+        return None  # a bare 8.5 is ambiguous (8.5/10? 8.5/100?): let the strict re-ask settle it
+    elif percent:
+        v = math.floor(v + 0.5)
+    return int(v) if 0 <= v <= 100 else None
+
+
+def _agreed(scores: list[int | None]) -> int | None:
+    """One score if all candidates agree and are valid, else None (a range or two opinions)."""
+    distinct = set(scores)
+    return distinct.pop() if len(distinct) == 1 else None
+
+
+def parse_score(text: str | None) -> int | None:
+    """Read a 0..100 integer score from a judge's reply; None when there is no single clear score.
+
+    Rules, tried in order after dropping any ``<think>...</think>`` block; the first rule that finds
+    anything decides, even when it decides None:
+
+    1. A JSON object with a ``score`` key: ``{"score": 85}`` (also inside a fenced block).
+    2. The whole reply, or its first line, is one number: ``85``, ``85.``, ``**85**``, ``85/100``.
+    3. Labelled numbers: ``Score: 85``, ``**Score:** 85/100``, ``I would rate it 85 out of 100``.
+    4. Numbers with an explicit scale: ``... 8/10 ...``, ``... 85% ...``.
+    5. Any numbers at all: used only if they are all the same number.
+
+    Scales: ``x/100`` and ``x%`` are taken as is, ``x/10`` becomes ``x*10`` and ``x/5`` becomes ``x*20``,
+    all rounded half up (``8.5/10`` -> 85); any other denominator (``3/4``) is rejected. A bare fraction such as
+    ``8.5`` is rejected as ambiguous, ``85.0`` is fine. Values outside 0..100, negative values, several
+    different candidates in the deciding rule (``between 60 and 70``, ``60-70``, ``Score: 80 ... Score: 90``)
+    and replies without digits all give None.
+    """
+    if not text:
+        return None
+    # Reasoning models (deepseek-r1, qwen3) may put their deliberation, full of numbers, in <think> tags.
+    text = _THINK_RE.sub("", text).strip()
+    if not text:
+        return None
+
+    for blob in _JSON_RE.findall(text):  # rule 1
+        try:
+            obj = json.loads(blob)
+        except ValueError:
+            continue
+        if isinstance(obj, dict):
+            value = next((v for k, v in obj.items() if str(k).lower() == "score"), None)
+            if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+                continue
+            m = _NUM_RE.fullmatch(str(value).strip())
+            return _to_score(*m.groups()) if m else None
+
+    first_line = text.splitlines()[0]
+    for candidate in (text, first_line):  # rule 2
+        m = _BARE_RE.fullmatch(candidate)
+        if m:
+            return _to_score(*m.groups())
+
+    labelled = [_to_score(*m.groups()) for m in _LABEL_RE.finditer(text)]  # rule 3
+    if labelled:
+        return _agreed(labelled)
+    numbers = list(_NUM_RE.finditer(text))
+    scaled = [_to_score(*m.groups()) for m in numbers if m.group(2) or m.group(3)]  # rule 4
+    if scaled:
+        return _agreed(scaled)
+    return _agreed([_to_score(*m.groups()) for m in numbers]) if numbers else None  # rule 5
+
+
+# --------------------------------------------------------------------------------------------------
+# Talking to Ollama
+
+
+def _client(config: JudgeConfig) -> ollama.Client:
+    return ollama.Client(host=config.resolved_host, timeout=config.timeout)
+
+
+def check_judge(config: JudgeConfig) -> dict[str, Any]:
+    """Make sure the Ollama server answers and has the judge model; fail with one line otherwise.
+
+    Returns:
+        ``{"host", "model", "digest", "family", "parameter_size", "quantization_level"}``; ``model`` is the
+        name the server lists (``llama3:latest``), ``digest`` its sha256 (None if the server did not list it).
+    """
+    host = config.resolved_host
+    with _client(config) as client:
+        try:
+            listed = client.list().models
+        except (ConnectionError, httpx.TransportError) as e:
+            raise LLMCoreError(
+                f"cannot reach the Ollama server at {host} ({type(e).__name__}): "
+                "start it with `ollama serve` or point judge.host / OLLAMA_HOST at a running one"
+            ) from None
+        except ollama.ResponseError as e:
+            raise LLMCoreError(f"the Ollama server at {host} failed to list models: {e}") from None
+
+        wanted = {config.model, f"{config.model}:latest"}
+        entry = next((m for m in listed if m.model in wanted), None)
+        if entry is None:
+            # The list may spell names differently (registry prefixes); `show` resolves them like `generate`.
+            try:
+                shown = client.show(config.model)
+            except ollama.ResponseError as e:
+                if e.status_code == 404:
+                    raise LLMCoreError(
+                        f"judge model '{config.model}' is not on the Ollama server at {host}: "
+                        f"run `ollama pull {config.model}`"
+                    ) from None
+                raise LLMCoreError(f"the Ollama server at {host} failed on '{config.model}': {e}") from None
+            except (ConnectionError, httpx.TransportError) as e:
+                raise LLMCoreError(
+                    f"lost the Ollama server at {host} ({type(e).__name__}): is `ollama serve` still running?"
+                ) from None
+            name, digest, details = config.model, None, shown.details
+        else:
+            name, digest, details = entry.model, entry.digest, entry.details
+    return {
+        "host": host,
+        "model": name,
+        "digest": digest,
+        "family": details.family if details else None,
+        "parameter_size": details.parameter_size if details else None,
+        "quantization_level": details.quantization_level if details else None,
+    }
+
+
+def _is_transient(e: Exception) -> bool:
+    """Worth retrying: the server was down, slow, dropped us, or failed on its side (5xx, 429)."""
+    if isinstance(e, ollama.ResponseError):
+        return e.status_code >= 500 or e.status_code == 429
+    # ollama turns httpx.ConnectError into the builtin ConnectionError; timeouts, resets and
+    # "server disconnected" arrive as raw httpx.TransportError subclasses.
+    return isinstance(e, (ConnectionError, TimeoutError, httpx.TransportError))
+
+
+def _judge_one(client: ollama.Client, item: JudgeItem, config: JudgeConfig) -> ScoreRecord:
+    attempts = 0
+
+    def ask(prompt: str) -> str:
+        nonlocal attempts
+        for k in range(config.retries + 1):
+            attempts += 1
+            try:
+                reply = client.generate(config.model, prompt, options=config.options, stream=False)
+                return reply.response or ""
+            except Exception as e:
+                if k == config.retries or not _is_transient(e):
+                    raise
+                time.sleep(config.backoff * 2**k)
+        raise AssertionError("unreachable")
+
+    raw = raw_strict = None
+    try:
+        raw = ask(render_prompt(config.prompt_template, item))
+        score = parse_score(raw)
+        if score is None:
+            raw_strict = ask(render_prompt(config.strict_prompt_template, item))
+            score = parse_score(raw_strict)
+    except Exception as e:  # any failure becomes an "error" record: the run goes on, the item is counted
+        error = f"{type(e).__name__}: {e}"
+        return ScoreRecord(item.id, None, "error", raw, raw_strict, attempts, error=error)
+    status: Status = "scored" if score is not None else "unparsable"
+    return ScoreRecord(item.id, score, status, raw, raw_strict, attempts)
+
+
+# --------------------------------------------------------------------------------------------------
+# Cache
+
+
+def cache_key(config: JudgeConfig, digest: str | None, item: JudgeItem) -> str:
+    """sha256 over everything that can change the judge's answer for this item."""
+    payload = {
+        "model": config.model,
+        "digest": digest or "",
+        "options": config.options,
+        "prompt_template": config.prompt_template,
+        "strict_prompt_template": config.strict_prompt_template,
+        "prompt": render_prompt(config.prompt_template, item),  # instruction, input, reference, response
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+class JudgeCache:
+    """Append-only JSONL file of judge answers, one ``{"key": ..., **record}`` object per line.
+
+    Appending one whole line per write (under a lock) keeps concurrent writers and crashes from damaging
+    earlier entries; a torn last line is skipped on load. When a key appears twice the later line wins.
+    Only answers are cached (``scored`` and ``unparsable``); ``error`` items are asked again next run.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._entries: dict[str, dict[str, Any]] = {}
+        self._needs_newline = False
+        if self.path.exists():
+            text = self.path.read_text(encoding="utf-8")
+            self._needs_newline = bool(text) and not text.endswith("\n")
+            for line in text.splitlines():
+                try:
+                    obj = json.loads(line)
+                    self._entries[obj.pop("key")] = obj
+                except (ValueError, KeyError, AttributeError):
+                    continue  # a torn or foreign line: ignore it, the item is simply asked again
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        return self._entries.get(key)
+
+    def put(self, key: str, entry: dict[str, Any]) -> None:
+        line = json.dumps({"key": key, **entry}, ensure_ascii=False) + "\n"
+        with self._lock:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(("\n" if self._needs_newline else "") + line)
+            self._needs_newline = False
+            self._entries[key] = entry
+
+
+# --------------------------------------------------------------------------------------------------
+# Scoring
+
+
+def score_items(
+    items: Sequence[JudgeItem | Mapping[str, Any]],
+    config: JudgeConfig,
+    cache_path: str | os.PathLike | None = None,
+    progress: bool = True,
+    judge: dict[str, Any] | None = None,
+) -> list[ScoreRecord]:
+    """Score every item with the judge; one record per item, in item order.
+
+    Args:
+        items: ``JudgeItem``s or dicts with ``instruction``, ``input``, ``output``/``reference`` and
+            ``response``/``model_response`` (``id`` defaults to the position).
+        config: how to reach and ask the judge.
+        cache_path: JSONL cache (see ``JudgeCache``); items answered before by the same judge (name and
+            digest), options and prompts are not asked again. None: no cache.
+        progress: show a tqdm bar.
+        judge: the result of ``check_judge(config)`` if the caller already has it; checked here otherwise.
+
+    Returns:
+        ``ScoreRecord``s; transient failures are retried ``config.retries`` times with exponential backoff,
+        unparsable replies are re-asked once with ``config.strict_prompt_template``.
+
+    Raises:
+        LLMCoreError: the server is unreachable or lacks the model (checked before any item is asked).
+    """
+    items = [x if isinstance(x, JudgeItem) else JudgeItem.from_dict(x, str(i)) for i, x in enumerate(items)]
+    judge = judge if judge is not None else check_judge(config)
+    cache = JudgeCache(cache_path) if cache_path is not None else None
+    keys = [cache_key(config, judge.get("digest"), it) for it in items]
+
+    records: list[ScoreRecord | None] = [None] * len(items)
+    todo = []
+    for i, (item, key) in enumerate(zip(items, keys, strict=True)):
+        hit = cache.get(key) if cache is not None else None
+        if hit is not None:
+            records[i] = ScoreRecord(
+                item.id, hit["score"], hit["status"], hit.get("raw"), hit.get("raw_strict"), cached=True
+            )
+        else:
+            todo.append(i)
+
+    if todo:
+        bar = tqdm(total=len(items), initial=len(items) - len(todo), desc=f"judge {config.model}",
+                   disable=not progress)
+        pool = ThreadPoolExecutor(min(config.max_concurrency, len(todo)))
+        with _client(config) as client, bar:
+            try:
+                futures = {pool.submit(_judge_one, client, items[i], config): i for i in todo}
+                for future in as_completed(futures):
+                    i = futures[future]
+                    record = records[i] = future.result()
+                    if cache is not None and record.status != "error":  # written as we go: a crash keeps them
+                        cache.put(keys[i], {
+                            "id": record.id, "score": record.score, "status": record.status,
+                            "raw": record.raw, "raw_strict": record.raw_strict,
+                            "judge_model": judge.get("model"), "digest": judge.get("digest"),
+                        })
+                    bar.update(1)
+            finally:
+                # On Ctrl-C, drop the queued items instead of judging them all before exiting.
+                pool.shutdown(wait=True, cancel_futures=True)
+    assert all(r is not None for r in records)
+    return records  # type: ignore[return-value]
+
+
+def write_records(path: str | os.PathLike, records: Sequence[ScoreRecord]) -> None:
+    """Write records as JSONL, atomically (readers never see half a file)."""
+    with atomic_path(path) as tmp:
+        lines = [json.dumps(asdict(r), ensure_ascii=False) + "\n" for r in records]
+        tmp.write_text("".join(lines), encoding="utf-8")
+
+
+# --------------------------------------------------------------------------------------------------
+# Summary statistics
+
+
+def summarize(records: Sequence[ScoreRecord], n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """Statistics over the scored items, plus counts of every status.
+
+    Args:
+        records: the output of ``score_items``.
+        n_boot: bootstrap resamples for the confidence interval of the mean.
+        seed: seed of the bootstrap's generator, so the interval is reproducible.
+
+    Returns:
+        ``mean``, ``median``, ``std`` (sample, ddof=1; 0 for one score), ``ci95_low``/``ci95_high``
+        (percentile bootstrap of the mean), ``n_items``, ``n_scored``, ``n_unparsable``, ``n_error``,
+        ``n_cached`` and ``histogram``: ten rows ``{"bin_low", "bin_high", "count"}`` for [0,10), ...,
+        [90,100] (100 goes in the last bin). Statistics are None when nothing was scored. Unparsable and
+        failed items are counted, not averaged in as zeros.
+    """
+    scores = np.array([r.score for r in records if r.status == "scored"], dtype=float)
+    counts = {s: sum(r.status == s for r in records) for s in ("scored", "unparsable", "error")}
+    out: dict[str, Any] = {
+        "n_items": len(records),
+        "n_scored": counts["scored"],
+        "n_unparsable": counts["unparsable"],
+        "n_error": counts["error"],
+        "n_cached": sum(r.cached for r in records),
+        "mean": None, "median": None, "std": None, "ci95_low": None, "ci95_high": None,
+    }
+    if len(scores):
+        rng = np.random.default_rng(seed)
+        boot = scores[rng.integers(0, len(scores), size=(n_boot, len(scores)))].mean(axis=1)  # (n_boot,)
+        out.update(
+            mean=float(scores.mean()),
+            median=float(np.median(scores)),
+            std=float(scores.std(ddof=1)) if len(scores) > 1 else 0.0,
+            ci95_low=float(np.percentile(boot, 2.5)),
+            ci95_high=float(np.percentile(boot, 97.5)),
+        )
+    hist = np.histogram(scores, bins=10, range=(0, 100))[0]  # numpy's last bin is closed: 100 lands in it
+    out["histogram"] = [
+        {"bin_low": 10 * b, "bin_high": 10 * b + 10, "count": int(c)} for b, c in enumerate(hist)
+    ]
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Judge-free metrics
+
+
+def rouge_l(candidate: str, reference: str) -> float:
+    """ROUGE-L F1: longest common subsequence of lowercased whitespace tokens (Lin, 2004; beta = 1)."""
+    c, r = candidate.lower().split(), reference.lower().split()
+    if not c or not r:
+        return float(c == r)  # both empty: a perfect match; one empty: nothing in common
+    prev = [0] * (len(r) + 1)  # LCS table, one row at a time
+    for tc in c:
+        cur = [0]
+        for j, tr in enumerate(r):
+            cur.append(prev[j] + 1 if tc == tr else max(prev[j + 1], cur[j]))
+        prev = cur
+    lcs = prev[-1]
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(c), lcs / len(r)
+    return 2 * precision * recall / (precision + recall)
+
+
+_PUNCT = str.maketrans("", "", string.punctuation)
+
+
+def normalize_text(text: str) -> str:
+    return " ".join(text.lower().translate(_PUNCT).split())
+
+
+def exact_match(a: str, b: str) -> bool:
+    """Equal after lowercasing, dropping ASCII punctuation and collapsing whitespace."""
+    return normalize_text(a) == normalize_text(b)
+
