@@ -1,0 +1,106 @@
+"""The DVC pipeline from a clean copy of the repository, with the mirror served over loopback HTTP.
+
+These run real ``dvc repro`` subprocesses: the repository's tracked files are copied to a temp folder
+(a stand-in for a fresh clone), so nothing here touches the working tree's data/ or reports/.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO_ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def clean_copy(dest: Path) -> Path:
+    """Copy what a clone would hold (tracked + untracked-not-ignored files) and commit it there."""
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO_ROOT, check=True, capture_output=True
+    ).stdout.decode().split("\0")
+    for name in filter(None, files):
+        src = REPO_ROOT / name
+        if src.is_file() and not name.startswith(("data/", "reports/")) or name.endswith(".gitignore"):
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+    (dest / "dvc.lock").unlink(missing_ok=True)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
+    subprocess.run(["git", "add", "-A"], cwd=dest, check=True)
+    subprocess.run([*git, "commit", "-qm", "clean copy"], cwd=dest, check=True)
+    return dest
+
+
+def run(cmd: list[str], repo: Path, env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def repo_env(tmp_path_factory, mirror_url):
+    repo = clean_copy(tmp_path_factory.mktemp("clone"))
+    env = dict(os.environ, LLMCORE_MIRROR=mirror_url, DVC_NO_ANALYTICS="1")
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # `python` = this venv
+    return repo, env
+
+
+def ran_stages(output: str) -> list[str]:
+    return [line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")]
+
+
+def test_repro_tokenize_is_cached_and_reruns_only_what_changed(repo_env):
+    repo, env = repo_env
+    first = run([sys.executable, "-m", "dvc", "repro", "tokenize"], repo, env)
+    assert ran_stages(first.stdout) == ["download", "tokenize"]
+    meta = json.loads((repo / "data/tokens/meta.json").read_text())
+    assert meta["vocab_size"] == 1024 and meta["train_tokens"] > 100_000
+    metrics = json.loads((repo / "reports/tokenize/metrics.json").read_text())
+    assert 2.0 < metrics["bytes_per_token"] < 4.0
+
+    again = run([sys.executable, "-m", "dvc", "repro", "tokenize"], repo, env)
+    assert ran_stages(again.stdout) == []
+
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["tokenize"]["vocab_size"] = 512
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    changed = run([sys.executable, "-m", "dvc", "repro", "tokenize"], repo, env)
+    assert ran_stages(changed.stdout) == ["tokenize"]
+    assert json.loads((repo / "data/tokens/meta.json").read_text())["vocab_size"] == 512
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda p: p["tokenize"].update(vocab_size="big"), "tokenize.vocab_size: expected int, got 'big'"),
+        (lambda p: p["tokenize"].update(vocab_sise=512), "tokenize.vocab_sise: unknown key"),
+        (lambda p: p["tokenize"].update(kind="wordpiece"), "tokenize.kind: expected one of bpe|gpt2|char"),
+        (lambda p: p.pop("tokenize"), "tokenize: missing section"),
+        (lambda p: p["download"]["sources"]["the-verdict"].update(check="md5"), "the-verdict.check"),
+    ],
+)
+def test_malformed_params_exit_nonzero_with_one_line(repo_env, tmp_path, edit, message):
+    repo, env = repo_env
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    edit(params)
+    bad = tmp_path / "params.yaml"
+    bad.write_text(yaml.safe_dump(params))
+    stage = "download" if "sources" in message or "check" in message else "tokenize"
+    out = tmp_path / "out"
+    proc = run(
+        [sys.executable, "-m", f"stages.{stage}", "--params", str(bad), "--reports", str(out / "reports")],
+        repo, env, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+    assert not out.exists()  # nothing written
