@@ -312,8 +312,10 @@ def to_html(report: Report) -> str:
         out += ["<h2>Judge scores</h2>", svg_bars("judge score histogram", report.histogram)]
     for kind in ("best", "worst"):
         if report.examples.get(kind):
-            rows = [[str(x["score"]), f"{x['instruction']} {x.get('input', '')}".strip(), x["output"], x["model_response"]]
-                    for x in report.examples[kind]]  # fmt: skip
+            rows = [
+                [str(x["score"]), f"{x['instruction']} {x.get('input', '')}".strip(), x["output"], x["model_response"]]
+                for x in report.examples[kind]
+            ]
             out += [f"<h2>{kind.capitalize()} scored responses</h2>",
                     _html_table(["score", "instruction", "reference", "model"], rows)]  # fmt: skip
     out.append("</body></html>")
