@@ -24,9 +24,9 @@ lint: venv
 test: venv lint
 	$(BIN)/python -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected" >&2; exit 1; fi; exit $$rc
 
-# The default pipeline, offline through the mirror in ../shared (see README).
+# The whole pipeline (`dvc repro`). Offline: LLMCORE_MIRROR=../shared/data/mirror make pipeline
 pipeline: venv
-	. $(BIN)/activate && ./scripts/pipeline.sh
+	. $(BIN)/activate && dvc repro
 
 bench: venv
 	$(BIN)/pip install -q -e ".[bench]" && $(BIN)/pip install -q --no-deps llms-from-scratch
