@@ -1,0 +1,98 @@
+"""The ``llmcore`` command (a Typer app; the pipeline's stages have their own scripts in ``stages/``).
+
+    llmcore serve --model data/models/instruct                       # Ollama API on 127.0.0.1:11434
+    llmcore serve --model data/models/instruct --model data/models/base --name base --template raw
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import typer
+
+from llmcore.common import LLMCoreError, resolve_device, stage_errors
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="llmcore: tools around the pipeline's models.")
+
+
+@app.callback()
+def main() -> None:
+    """llmcore: tools around the pipeline's models."""  # a callback keeps `serve` a subcommand while it is alone
+
+
+@app.command()
+def serve(
+    model: list[Path] = typer.Option(
+        ..., "--model", "-m", help="model directory (model.safetensors + tokenizer.json); repeat to serve several"
+    ),
+    name: list[str] = typer.Option(
+        None, "--name", help="name to serve the n-th --model under (default: its directory name, tag :latest)"
+    ),
+    host: str = typer.Option("127.0.0.1", help="address to bind; 0.0.0.0 exposes the server to the network"),
+    port: int = typer.Option(11434, help="port (Ollama's by default; 0 picks a free one)"),
+    template: str = typer.Option(
+        "alpaca", help="prompt template: alpaca (instruction-tuned models) | raw (the prompt as given)"
+    ),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | mps"),
+) -> None:
+    """Serve llmcore checkpoints over Ollama's HTTP API (/api/generate, /api/chat, /api/tags, /api/show)."""
+    from llmcore.serve import TEMPLATES, ModelHandle, default_name, make_server, qualify  # torch: import late
+
+    with stage_errors():
+        names = list(name or [])
+        if len(names) > len(model):
+            raise LLMCoreError(f"{len(names)} --name given for {len(model)} --model")
+        if template not in TEMPLATES:
+            raise LLMCoreError(f"--template: expected one of {'|'.join(TEMPLATES)}, got {template!r}")
+        torch_device = resolve_device(device)
+        names += [default_name(path) for path in model[len(names) :]]
+        names = [qualify(n) for n in names]
+        if len(set(names)) != len(names):
+            raise LLMCoreError(f"two models would share a name: {names}; tell them apart with --name")
+        models = {}
+        for served, path in zip(names, model, strict=True):
+            typer.echo(f"loading {path} as {served} ...")
+            models[served] = ModelHandle.load(path, template=template, device=torch_device)
+        try:
+            server = make_server(models, host, port)
+        except OSError as e:
+            raise LLMCoreError(
+                f"cannot listen on {host}:{port}: {e.strerror or e} (is Ollama already running? try --port)"
+            ) from None
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        typer.echo(f"warning: listening on {host}: anyone who can reach this address can use the models", err=True)
+    typer.echo(f"serving {', '.join(names)} on {server.url} (Ollama API; Ctrl-C to stop)")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
+@app.command()
+def export(
+    model_dir: Path = typer.Argument(..., help="model folder (model.safetensors + tokenizer.json)"),
+    out: Path = typer.Option(..., "--out", "-o", help="folder for the HF layout (config.json + model.safetensors)"),
+) -> None:
+    """Write a GPT-2- or Llama-family language model in the Hugging Face layout, which transformers loads with
+    AutoModelForCausalLM.from_pretrained(OUT). LoRA fine-tunes are saved merged, so they export as they are."""
+    from llmcore.checkpoint import load_checkpoint, read_metadata  # torch: import late
+    from llmcore.hf import family, save_hf
+
+    with stage_errors():
+        path = model_dir / "model.safetensors" if model_dir.is_dir() else model_dir
+        task = read_metadata(path).get("task")
+        if task is not None:  # e.g. the classifier: HF's GPT2ForSequenceClassification has no head bias to hold ours
+            raise LLMCoreError(f"{path}: a '{task}' checkpoint; export writes causal language models only")
+        model = load_checkpoint(path)
+        arch = family(model.cfg)
+        save_hf(model, out)
+    typer.echo(f"wrote {out}/config.json and {out}/model.safetensors ({arch}, {model.num_params():,} parameters)")
+
+
+if __name__ == "__main__":
+    app()
