@@ -1,0 +1,297 @@
+"""Stage `instruct`: instruction fine-tuning on Alpaca-format data (the book's chapter 7), and `ask` to try it.
+
+    python -m stages.instruct                                   # fine-tune, answer the test split, save the model
+    python -m stages.instruct ask "Name three primary colors."   # stream the tuned model's answer
+    echo "Convert 45 kilometers to meters." | python -m stages.instruct ask
+
+The dataset (``instruct.dataset``: a download source, i.e. a folder of ``data/raw`` holding one JSON list of
+``{instruction, input, output}`` entries) is validated entry by entry, split with a seed (the book: 85% train,
+10% test, the remaining 5% validation) and formatted with the prompt template (``alpaca`` or a custom format
+string). The base model ``data/models/${base_model}`` is fine-tuned by ``llmcore.train.fit``: every weight, or
+LoRA adapters that are merged back afterwards. The tuned model then answers every test entry (KV cache; stops
+at end-of-text or at a new ``###`` section).
+
+Outputs, each written atomically:
+
+    data/models/instruct/            model.safetensors (prompt template in its metadata) + tokenizer.json
+    reports/instruct/responses.json  per test entry: id, instruction, input, output (reference), model_response
+    reports/instruct/metrics.json    train/val/test loss and perplexity, sizes, timings
+    reports/instruct/live/           dvclive curves by step (plots/metrics/{train,val}/*.tsv: loss, lr, ppl, ...)
+
+Resumable training checkpoints go to ``.cache/instruct`` (not a DVC output: a killed run continues).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+import typer
+
+from llmcore.common import LLMCoreError, print0, resolve_device, stage_errors, write_json_atomic
+from llmcore.datasets import load_instruction_data
+from llmcore.download import file_sha256
+from llmcore.generate import SamplingConfig
+from llmcore.hub import load_model_dir, save_model_dir
+from llmcore.instruct import (
+    TEMPLATE_KEY,
+    InstructionBatches,
+    check_template,
+    encode_entries,
+    eval_batches,
+    evaluate_loss,
+    format_prompt,
+    generate_responses,
+    load_instruct_model,
+    split_entries,
+    stream_response,
+)
+from llmcore.lora import LORA_TARGETS, apply_lora, count_trainable, mark_trainable, merge_lora
+from llmcore.params import ParamsError, load_section, read_params
+from llmcore.train import (
+    HardwareConfig,
+    TrainConfig,
+    close_runtime,
+    fit,
+    init_runtime,
+    lm_loss,
+    relaunch_under_torchrun,
+)
+
+
+@dataclass
+class LoraParams:
+    rank: int = 8  # r, the inner dimension of each update
+    alpha: float = 16.0  # the update is scaled by alpha / rank
+    dropout: float = 0.05  # on the adapters' input
+    targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))  # linear layers to adapt, by name suffix
+
+
+@dataclass
+class GenerateParams:
+    max_new_tokens: int = 128  # per response (fewer when the prompt leaves less of the context)
+    temperature: float = 0.0  # 0 = greedy, as the book
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int = 123
+    batch_size: int = 16  # test prompts decoded together (batched by length)
+    stop_at_section: bool = True  # stop a row as soon as it starts a new "###" section
+
+    def __post_init__(self) -> None:
+        for key in ("max_new_tokens", "batch_size"):
+            if getattr(self, key) < 1:
+                raise LLMCoreError(f"instruct.generate.{key}: expected a positive int, got {getattr(self, key)}")
+        if self.temperature < 0:
+            raise LLMCoreError(f"instruct.generate.temperature: expected >= 0, got {self.temperature}")
+
+    def sampling(self) -> SamplingConfig:
+        return SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
+                              top_p=self.top_p, seed=self.seed)  # fmt: skip
+
+
+def _default_train() -> TrainConfig:
+    # for the ~1M-parameter pretrain model, which underfits in the book's 2 epochs at its lr (5e-5, GPT-2 355M)
+    return TrainConfig(batch_size=8, lr=3e-3, min_lr=3e-4, warmup_steps=20, epochs=4, eval_every=50,
+                       eval_batches=None, checkpoint_every=100, log_every=5, seed=123)  # fmt: skip
+
+
+@dataclass
+class InstructParams:
+    dataset: str = "instruction-data"  # a download source: data/raw/<dataset>/ holds one JSON list of entries
+    template: str = "alpaca"  # alpaca | a format string with {instruction} and {input}
+    train_fraction: float = 0.85
+    test_fraction: float = 0.10  # validation gets the rest
+    split_seed: int = 123
+    mask_prompt: bool = False  # score only the response tokens (the book scores the prompt too)
+    max_length: int | None = None  # truncate sequences to this many positions; None = the model's context
+    group_by_length: bool = True  # batch examples of similar length (less padding, faster on CPU)
+    finetune: Literal["full", "lora"] = "full"
+    lora: LoraParams = field(default_factory=LoraParams)  # finetune: lora only
+    train: TrainConfig = field(default_factory=_default_train)
+    generate: GenerateParams = field(default_factory=GenerateParams)
+
+    def __post_init__(self) -> None:
+        check_template(self.template)
+        for key in ("train_fraction", "test_fraction"):
+            if not 0 < getattr(self, key) < 1:
+                raise LLMCoreError(f"instruct.{key}: expected a value in (0, 1), got {getattr(self, key)}")
+        if self.train_fraction + self.test_fraction >= 1:
+            raise LLMCoreError("instruct.test_fraction: train_fraction + test_fraction must leave some validation data")
+        if self.max_length is not None and self.max_length < 1:
+            raise LLMCoreError(f"instruct.max_length: expected a positive int or null, got {self.max_length}")
+
+
+def load_params(path: Path) -> tuple[InstructParams, str, HardwareConfig]:
+    """The ``instruct`` and ``hardware`` sections and the top-level ``base_model``."""
+    cfg = load_section("instruct", InstructParams, path)
+    data = read_params(path)
+    base_model = data.get("base_model", "pretrain")
+    if not isinstance(base_model, str) or not base_model or "/" in base_model or base_model.startswith("."):
+        raise ParamsError(f"base_model: expected a model folder name under data/models, got {base_model!r}")
+    return cfg, base_model, load_section("hardware", HardwareConfig, path)
+
+
+def find_dataset(raw_dir: Path, dataset: str) -> Path:
+    folder = raw_dir / dataset
+    files = sorted(p for p in folder.glob("*.json") if p.is_file())
+    if len(files) != 1:
+        raise LLMCoreError(f"instruct.dataset: expected one .json file in {folder}, found {len(files)}")
+    return files[0]
+
+
+def _finite(x: float, digits: int = 4) -> float | None:
+    return round(x, digits) if math.isfinite(x) else None  # JSON has no NaN
+
+
+def run(
+    cfg: InstructParams, base_model: str, hw: HardwareConfig, raw_dir: Path, models_dir: Path, out: Path,
+    reports: Path, work_dir: Path,
+) -> dict | None:  # fmt: skip
+    """The stage: returns its metrics (None on ranks other than 0, which only train)."""
+    start = time.perf_counter()
+    data_path = find_dataset(raw_dir, cfg.dataset)
+    entries = load_instruction_data(data_path)
+    splits = split_entries(entries, cfg.train_fraction, cfg.test_fraction, cfg.split_seed)  # train, val, test
+
+    rt = init_runtime(hw)
+    torch.manual_seed(cfg.train.seed)  # LoRA's init: the same on every rank
+    model, tok = load_model_dir(models_dir / base_model)
+    ctx = model.cfg.context_length
+    max_length = cfg.max_length or ctx
+    if max_length > ctx:
+        raise LLMCoreError(f"instruct.max_length: {max_length} exceeds the context length {ctx} of {base_model}")
+    train_ex, val_ex, test_ex = (encode_entries(s, tok, cfg.template) for s in splits)
+    truncated = sum(len(e.ids) - 1 > max_length for e in train_ex + val_ex + test_ex)
+    batching = dict(pad_id=tok.eot_id, mask_prompt=cfg.mask_prompt, max_length=max_length)
+    B = cfg.train.batch_size
+    train_data = InstructionBatches(train_ex, B, seed=cfg.train.seed, group_by_length=cfg.group_by_length,
+                                    rank=rt.rank, world_size=rt.world_size, **batching)  # fmt: skip
+    val_data = InstructionBatches(val_ex, B, shuffle=False, rank=rt.rank, world_size=rt.world_size, **batching)
+
+    n_params = model.num_params()
+    if cfg.finetune == "lora":
+        apply_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets)
+        mark_trainable(model)  # only the adapters train
+    trainable = count_trainable(model)
+    print0(
+        f"{base_model}: {n_params:,} parameters, {trainable:,} trained ({cfg.finetune}); "
+        f"{len(train_ex)} train / {len(val_ex)} val / {len(test_ex)} test entries, {truncated} truncated to "
+        f"{max_length} tokens"
+    )
+    # Anything outside cfg.train that decides the weights: a checkpoint made with other inputs is not resumed.
+    fingerprint = {
+        "data": file_sha256(data_path), "base": file_sha256(models_dir / base_model / "model.safetensors"),
+        "instruct": {k: v for k, v in asdict(cfg).items() if k not in ("train", "generate")},
+    }  # fmt: skip
+    live = None
+    if rt.is_main:
+        from dvclive import Live
+
+        live = Live(dir=str(reports / "live"), dvcyaml=False, save_dvc_exp=False)
+    try:
+        result = fit(model, train_data, val_data, lm_loss, cfg.train, hw, work_dir, live=live,
+                     fingerprint=fingerprint)  # fmt: skip
+    finally:
+        if live is not None:
+            live.end()
+        close_runtime()
+    if not rt.is_main:
+        return None
+
+    test_loss = evaluate_loss(model, eval_batches(test_ex, B, **batching))
+    # the response tokens alone (what the evaluate stage calls the reference loss), whatever mask_prompt says
+    answer_loss = evaluate_loss(model, eval_batches(test_ex, B, **{**batching, "mask_prompt": True}))
+    if cfg.finetune == "lora":
+        merge_lora(model)  # plain nn.Linear again: the saved model has the base architecture
+    gen_start = time.perf_counter()
+    test_entries = splits[2]
+    prompts = [format_prompt(cfg.template, e["instruction"], e["input"]) for e in test_entries]
+    answers = generate_responses(model, tok, prompts, cfg.generate.sampling(), cfg.generate.batch_size,
+                                 cfg.generate.stop_at_section)  # fmt: skip
+    gen_seconds = time.perf_counter() - gen_start
+    records = [
+        {"id": str(i), "instruction": e["instruction"], "input": e["input"], "output": e["output"],
+         "model_response": answer}
+        for i, (e, answer) in enumerate(zip(test_entries, answers, strict=True))
+    ]  # fmt: skip
+    write_json_atomic(reports / "responses.json", records)
+    metadata = {TEMPLATE_KEY: cfg.template, "stage": "instruct", "base_model": base_model, "finetune": cfg.finetune}
+    save_model_dir(out, model, tok, metadata)
+
+    metrics = {
+        "base_model": base_model, "finetune": cfg.finetune, "trainable_params": trainable,
+        "train_entries": len(train_ex), "val_entries": len(val_ex), "test_entries": len(test_ex),
+        "truncated_entries": truncated, "steps": result.step, "epochs": round(result.epochs, 3),
+        "train_loss": _finite(result.train_loss), "val_loss": _finite(result.val_loss),
+        "val_ppl": round(result.val_ppl, 3), "test_loss": round(test_loss, 4),
+        "test_ppl": round(math.exp(min(test_loss, 50.0)), 3), "test_response_loss": round(answer_loss, 4),
+        "empty_responses": sum(not a for a in answers),
+        "train_seconds": round(result.train_time_s, 1), "tokens_per_s": round(result.items_per_s, 1),
+        "generate_seconds": round(gen_seconds, 1), "stage_seconds": round(time.perf_counter() - start, 1),
+    }  # fmt: skip
+    write_json_atomic(reports / "metrics.json", metrics)
+    return metrics
+
+
+app = typer.Typer(add_completion=False, help="Instruction fine-tuning (stage `instruct`) and `ask`.")
+
+
+@app.callback(invoke_without_command=True)
+def main(
+    ctx: typer.Context,
+    params: Path = typer.Option(Path("params.yaml"), help="params file"),
+    raw_dir: Path = typer.Option(Path("data/raw"), help="downloaded sources"),
+    models_dir: Path = typer.Option(Path("data/models"), help="model folders; the base is <models-dir>/<base_model>"),
+    out: Path = typer.Option(Path("data/models/instruct"), help="where the tuned model folder goes"),
+    reports: Path = typer.Option(Path("reports/instruct"), help="metrics, curves and responses"),
+    work_dir: Path = typer.Option(Path(".cache/instruct"), help="resumable training checkpoints"),
+) -> None:
+    """Fine-tune data/models/${base_model} on instruction data and answer the test split (the DVC stage)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    with stage_errors():
+        cfg, base_model, hw = load_params(params)
+        args = ["--params", params, "--raw-dir", raw_dir, "--models-dir", models_dir, "--out", out,
+                "--reports", reports, "--work-dir", work_dir]  # fmt: skip
+        status = relaunch_under_torchrun(hw.nproc, "stages.instruct", [str(a) for a in args])
+        if status is not None:
+            raise SystemExit(status)
+        metrics = run(cfg, base_model, hw, raw_dir, models_dir, out, reports, work_dir)
+        if metrics is not None:
+            print0(json.dumps({k: metrics[k] for k in ("val_loss", "test_loss", "stage_seconds")}))
+
+
+@app.command()
+def ask(
+    prompt: str = typer.Argument(None, help="the instruction (read from stdin when absent)"),
+    input: str = typer.Option("", "--input", "-i", help="optional input for the instruction (Alpaca's ### Input)"),
+    model_dir: Path = typer.Option(Path("data/models/instruct"), "--model", "-m", help="instruction model folder"),
+    max_new_tokens: int = typer.Option(256, help="answer length limit, in tokens"),
+    temperature: float = typer.Option(0.0, help="0 = greedy"),
+    top_k: int = typer.Option(None, help="sample from the k most likely tokens"),
+    top_p: float = typer.Option(None, help="nucleus sampling mass"),
+    seed: int = typer.Option(None, help="sampling seed"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | mps"),
+) -> None:
+    """Answer one instruction with the tuned model, streaming the answer as it is generated."""
+    with stage_errors():
+        text = sys.stdin.read() if prompt is None else prompt
+        if not text.strip():
+            raise LLMCoreError("ask: empty instruction (pass it as an argument or on stdin)")
+        model, tok, template = load_instruct_model(model_dir, device=resolve_device(device))
+        sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                  seed=seed)  # fmt: skip
+        for piece in stream_response(model, tok, format_prompt(template, text.strip(), input), sampling):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+
+
+if __name__ == "__main__":
+    app()
