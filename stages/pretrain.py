@@ -1,0 +1,217 @@
+"""Stage `pretrain`: train a GPT-2- or Llama-3-style model from scratch on the tokenized corpus.
+
+    python -m stages.pretrain                       # paths default to what dvc.yaml passes
+    python -m stages.pretrain --help
+
+Reads   params.yaml sections ``model`` (preset + overrides; vocab_size comes from the tokenizer),
+        ``hardware`` and ``pretrain``; data/tokens/{train.bin, val.bin, meta.json, tokenizer.json}
+Writes  data/models/pretrain/{model.safetensors, tokenizer.json}     the model folder downstream stages load
+        reports/pretrain/metrics.json                                 losses, baselines, throughput, MFU
+        reports/pretrain/samples.md                                   generations from ``pretrain.prompts``
+        reports/pretrain/live/plots/metrics/{train,val}/*.tsv         dvclive curves (DVC plots)
+Resume  .cache/pretrain/step_XXXXXXXX/ (``--ckpt``), deliberately *not* a DVC out: DVC deletes outs before
+        it runs a stage. Rerun a killed stage and it continues from the last checkpoint; change a
+        param that shapes the weights and it starts fresh (see llmcore/train.py).
+
+Several processes (DistributedDataParallel; global batch = batch_size * grad_accum * processes):
+
+    # one machine: set hardware.nproc; the stage re-launches itself as
+    #   python -m torch.distributed.run --standalone --nproc_per_node=<nproc> -m stages.pretrain <args>
+    dvc exp run -S hardware.nproc=4
+
+    # several GPUs by hand (the stage sees torchrun's RANK/WORLD_SIZE and does not re-launch)
+    torchrun --standalone --nproc_per_node=8 -m stages.pretrain
+
+    # several nodes: the same command on every node, node_rank 0..nnodes-1, all pointing at node 0
+    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=10.0.0.1 --master_port=29500 \\
+        -m stages.pretrain --ckpt /shared/ckpt/pretrain
+    torchrun --nnodes=2 --node_rank=1 --nproc_per_node=8 --master_addr=10.0.0.1 --master_port=29500 \\
+        -m stages.pretrain --ckpt /shared/ckpt/pretrain
+
+Rank 0 writes every output; every rank reads the token files and, when resuming, the checkpoint, so on
+several nodes both must be on storage all nodes see. NCCL on CUDA, gloo on CPU.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import typer
+
+from llmcore.baselines import DEFAULT_K, baselines
+from llmcore.common import LLMCoreError, stage_errors, write_json_atomic, write_text_atomic
+from llmcore.config import ModelConfig
+from llmcore.data import RandomWindows, SequentialWindows, load_tokens, read_meta
+from llmcore.generate import SamplingConfig, generate
+from llmcore.hub import save_model_dir
+from llmcore.model import GPT
+from llmcore.params import ParamsError, load_section, model_config_from_params, read_params
+from llmcore.tokenizer import Tokenizer
+from llmcore.train import (
+    FitResult,
+    HardwareConfig,
+    Runtime,
+    TrainConfig,
+    close_runtime,
+    fit,
+    init_runtime,
+    lm_loss,
+    measure_peak_flops,
+    relaunch_under_torchrun,
+)
+
+
+@dataclass
+class SampleParams:
+    max_new_tokens: int = 200  # per prompt (generation also stops at the context length)
+    temperature: float = 0.8  # 0 = greedy
+    top_k: int | None = 50
+    top_p: float | None = None
+    seed: int = 1337
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1 or self.temperature < 0:
+            raise ValueError("max_new_tokens must be positive and temperature >= 0")
+
+
+def _default_train() -> TrainConfig:
+    # llama3-tiny on TinyShakespeare (BPE 1024): ~4-5 min on 2 CPU cores, val loss ~4.2 (unigram 6.0)
+    return TrainConfig(batch_size=16, lr=3e-3, min_lr=3e-4, warmup_steps=30, max_steps=300, eval_every=50,
+                       eval_batches=10, checkpoint_every=50, log_every=10)  # fmt: skip
+
+
+@dataclass
+class PretrainParams:
+    train: TrainConfig = field(default_factory=_default_train)  # optimisation, stopping, cadence (llmcore/train.py)
+    windows: Literal["random", "sequential"] = "random"  # random offsets (nanoGPT) | strided epochs (the book)
+    stride: int | None = None  # sequential: tokens between window starts (None = context_length)
+    prompts: list[str] = field(default_factory=lambda: ["ROMEO:", "First Citizen:\n"])  # "" = start of text
+    sample: SampleParams = field(default_factory=SampleParams)
+    baseline_k: float = DEFAULT_K  # add-k smoothing of the unigram / bigram baselines
+
+    def __post_init__(self) -> None:
+        if self.stride is not None and self.stride < 1:
+            raise ValueError(f"stride: expected a positive int or null, got {self.stride}")
+        if not self.baseline_k > 0:
+            raise ValueError(f"baseline_k: expected a positive float, got {self.baseline_k}")
+
+
+def build_data(p: PretrainParams, train_tokens, val_tokens, T: int, rt: Runtime):
+    """Training and validation batches; every rank draws the global batch and keeps its slice."""
+    cfg = p.train
+    ranks = dict(rank=rt.rank, world_size=rt.world_size)
+    if p.windows == "random":
+        train = RandomWindows(train_tokens, cfg.batch_size, T, seed=cfg.seed, **ranks)
+        val = RandomWindows(val_tokens, cfg.batch_size, T, seed=cfg.seed + 1, **ranks)
+    else:
+        train = SequentialWindows(train_tokens, cfg.batch_size, T, stride=p.stride, seed=cfg.seed, **ranks)
+        val = SequentialWindows(val_tokens, cfg.batch_size, T, shuffle=False, **ranks)
+    return train, val
+
+
+def write_samples(path: Path, model: GPT, tok: Tokenizer, p: PretrainParams, step: int) -> None:
+    s = p.sample
+    cfg = SamplingConfig(
+        max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+        stop_ids=(tok.eot_id,), seed=s.seed,
+    )  # fmt: skip
+    prompts = [tok.encode(text) or [tok.eot_id] for text in p.prompts]  # "" starts a fresh document
+    outputs = generate(model, prompts, cfg)
+    lines = [
+        "# Pretraining samples", "",
+        f"Step {step}; temperature {s.temperature}, top_k {s.top_k}, top_p {s.top_p}, seed {s.seed}, "
+        f"up to {s.max_new_tokens} new tokens. The prompt is in **bold**.", "",
+    ]  # fmt: skip
+    for i, (text, new) in enumerate(zip(p.prompts, outputs, strict=True), 1):
+        prompt_shown = text.replace("\n", "\\n") if text else "(start of text)"
+        lines += [f"## {i}. **{prompt_shown}**", "", "```text", text + tok.decode(new), "```", ""]
+    write_text_atomic(path, "\n".join(lines))
+
+
+def write_metrics(path: Path, result: FitResult, model_cfg: ModelConfig, n_params: int, base: dict,
+                  peak_flops: float, world_size: int, wall_time_s: float) -> dict:  # fmt: skip
+    flops_per_token = model_cfg.flops_per_token()
+    metrics = {
+        "step": result.step, "epochs": round(result.epochs, 4), "stop_reason": result.stop_reason,
+        "train_loss": result.train_loss, "val_loss": result.val_loss, "val_ppl": result.val_ppl,
+        **base,
+        "tokens_seen": result.items_seen, "tokens_per_s": round(result.items_per_s, 1),
+        "mfu": flops_per_token * result.items_per_s / (peak_flops * world_size),
+        "peak_tflops": round(peak_flops / 1e12, 4), "flops_per_token": flops_per_token, "params": n_params,
+        "processes": world_size, "train_time_s": round(result.train_time_s, 2), "wall_time_s": round(wall_time_s, 2),
+        "resumed_from": result.resumed_from,
+    }  # fmt: skip
+    write_json_atomic(path, metrics)
+    return metrics
+
+
+app = typer.Typer(add_completion=False)
+
+
+@app.command()
+def main(
+    params: Path = typer.Option(Path("params.yaml"), help="params file (sections model, hardware, pretrain)"),
+    tokens: Path = typer.Option(Path("data/tokens"), help="tokenize stage output"),
+    out: Path = typer.Option(Path("data/models/pretrain"), help="model folder to write"),
+    reports: Path = typer.Option(Path("reports/pretrain"), help="metrics, samples and curves"),
+    ckpt: Path = typer.Option(Path(".cache/pretrain"), help="resumable checkpoints (keep out of DVC outs)"),
+) -> None:
+    """Pretrain the model on data/tokens; resumes from --ckpt after a crash."""
+    start = time.perf_counter()
+    with stage_errors():
+        hw = load_section("hardware", HardwareConfig, params)
+        p = load_section("pretrain", PretrainParams, params)
+        raw = read_params(params)
+        if "model" not in raw:
+            raise ParamsError(f"model: missing section in {params}")
+        args = ["--params", params, "--tokens", tokens, "--out", out, "--reports", reports, "--ckpt", ckpt]
+        code = relaunch_under_torchrun(hw.nproc, "stages.pretrain", [str(a) for a in args])
+        if code is not None:
+            raise SystemExit(code)
+
+        meta = read_meta(tokens)
+        tok = Tokenizer.load(tokens / "tokenizer.json")
+        if tok.vocab_size != meta["vocab_size"]:
+            raise LLMCoreError(f"{tokens}: tokenizer has {tok.vocab_size} ids but meta.json says {meta['vocab_size']}")
+        model_cfg = model_config_from_params(raw["model"], vocab_size=tok.vocab_size)
+        train_tokens, val_tokens = load_tokens(tokens, "train", meta), load_tokens(tokens, "val", meta)
+
+        rt = init_runtime(hw)
+        train, val = build_data(p, train_tokens, val_tokens, model_cfg.context_length, rt)
+        torch.manual_seed(p.train.seed)  # the same initial weights on every rank
+        model = GPT(model_cfg)
+        live = None
+        if rt.is_main:
+            from dvclive import Live  # imported late: it pulls in dvc
+
+            live = Live(dir=str(reports / "live"), dvcyaml=False, save_dvc_exp=False)
+        data_id = {"model": model_cfg.to_dict(), "windows": p.windows, "stride": p.stride, "meta": meta,
+                   "bytes": [(tokens / f"{s}.bin").stat().st_size for s in ("train", "val")]}  # fmt: skip
+        print(f"rank {rt.rank}/{rt.world_size} on {rt.device}: {model.num_params() / 1e6:.2f}M params, "
+              f"{len(train_tokens)} train / {len(val_tokens)} val tokens", flush=True)  # fmt: skip
+        result = fit(model, train, val, lm_loss, p.train, hw, ckpt, live=live, fingerprint=data_id)
+
+        if rt.is_main:
+            model.eval()
+            save_model_dir(out, model, tok, {"stage": "pretrain", "step": str(result.step)})
+            write_samples(reports / "samples.md", model, tok, p, result.step)
+            base = baselines(np.asarray(train_tokens), np.asarray(val_tokens), tok.vocab_size, p.baseline_k)
+            peak = hw.peak_tflops * 1e12 if hw.peak_tflops else measure_peak_flops(rt.device, hw.precision)
+            metrics = write_metrics(reports / "metrics.json", result, model_cfg, model.num_params(), base, peak,
+                                    rt.world_size, time.perf_counter() - start)  # fmt: skip
+            live.end()
+            print(
+                f"step {result.step}: val loss {result.val_loss:.4f} (unigram {base['unigram_val_loss']:.4f}, "
+                f"bigram {base['bigram_val_loss']:.4f}), {metrics['tokens_per_s']:.0f} tokens/s, "
+                f"MFU {metrics['mfu']:.1%}, {metrics['wall_time_s']:.0f} s"
+            )
+        close_runtime()
+
+
+if __name__ == "__main__":
+    app()
