@@ -1,7 +1,9 @@
 """Model checkpoints: safetensors only, with the model config travelling inside the file.
 
 A checkpoint is one ``.safetensors`` file whose metadata holds ``{"format": "llmcore", "config": <json>}``
-plus any caller metadata (string values). Loading never unpickles anything. Writes are atomic: a crash
+plus any caller metadata (string values), packed as one JSON string under the single key ``llmcore``:
+safetensors writes several metadata keys in a random order per process, and one key keeps the bytes of
+identical weights identical (so DVC sees the same hash). Loading never unpickles anything. Writes are atomic: a crash
 leaves the previous file or none, never a partial one.
 
 A tied output head is stored once (as ``tok_emb.weight``), the way the model holds it.
@@ -50,7 +52,8 @@ def save_checkpoint(
     meta = {"format": FORMAT, "config": unwrap(model).cfg.to_json(), **(metadata or {})}
     path = Path(path)
     with atomic_path(path, suffix=".safetensors") as tmp:
-        save_file({k: v.cpu() for k, v in state.items()}, str(tmp), metadata=meta)
+        packed = {FORMAT: json.dumps(meta, sort_keys=True)}
+        save_file({k: v.cpu() for k, v in state.items()}, str(tmp), metadata=packed)
     return path
 
 
@@ -60,9 +63,13 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
         raise LLMCoreError(f"{path}: checkpoint not found")
     try:
         with safe_open(str(path), framework="pt") as f:
-            return dict(f.metadata() or {})
+            meta = dict(f.metadata() or {})
     except (SafetensorError, OSError, ValueError) as e:
         raise LLMCoreError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from None
+    try:
+        return json.loads(meta[FORMAT]) if FORMAT in meta else meta
+    except json.JSONDecodeError:
+        raise LLMCoreError(f"{path}: corrupt llmcore metadata") from None
 
 
 def read_config(path: str | os.PathLike) -> ModelConfig:
