@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import tiktoken
 import tiktoken.load
-from tests.conftest import require_shared
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tiktoken_ext.openai_public import r50k_pat_str
 
 from llmcore.common import LLMCoreError
 from llmcore.tokenizer import Tokenizer
+from tests.conftest import require_shared
 
 SHAKESPEARE = "raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 GPT2_DIR = "openaipublic.blob.core.windows.net/gpt-2/encodings/main"

@@ -1,0 +1,277 @@
+"""Stage `classify`: fine-tune the base model into an SMS spam classifier (the book's chapter 6), and `predict`.
+
+    python -m stages.classify                                   # the DVC stage: fine-tune, evaluate, save
+    python -m stages.classify predict "WINNER!! Claim your prize now" "See you at 6?"
+    cut -f2 data/raw/sms-spam/SMSSpamCollection | head | python -m stages.classify predict   # one text a line
+
+Data: the SMS Spam Collection (validated row by row), ham undersampled to the spam count, shuffled and split
+train/val/test (the book: 70/10/20), all seeded by ``classify.split_seed``; messages are tokenized with the
+base model's tokenizer and truncated to ``classify.max_length`` tokens (null: the longest training message,
+at most the model's context). Model: ``data/models/${base_model}`` with a linear head on the hidden state of
+each message's last real token (``llmcore/classifier.py``: padding never changes a prediction). What trains
+is ``classify.trainable``: ``head``, ``last_blocks`` (the book's), ``all`` or ``lora``. The loop is
+``llmcore.train.fit`` (cross-entropy); validation accuracy is logged at every evaluation.
+
+Outputs, each written atomically:
+
+    data/models/classify/            model.safetensors (LoRA merged; head + labels inside) + tokenizer.json
+    reports/classify/metrics.json    train/val/test accuracy, precision, recall, F1 (spam = positive), sizes
+    reports/classify/predictions.csv test split: text, label, prediction, probability (of the prediction)
+    reports/classify/confusion.csv   test split: actual, predicted (DVC's confusion-matrix template)
+    reports/classify/live/           dvclive curves by step (plots/metrics/{train,val}/*.tsv: loss, accuracy)
+
+Resumable training checkpoints go to ``.cache/classify`` (not a DVC out: a killed run continues).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+import typer
+
+from llmcore.checkpoint import read_metadata
+from llmcore.classifier import (
+    LABELS,
+    ClassificationBatches,
+    GPTClassifier,
+    balance_classes,
+    classification_loss,
+    classification_metrics,
+    confusion_matrix,
+    encode_texts,
+    label_ids,
+    load_classifier,
+    predict_proba,
+    save_classifier,
+    set_trainable,
+    split_table,
+)
+from llmcore.common import LLMCoreError, atomic_path, print0, resolve_device, stage_errors, write_json_atomic
+from llmcore.datasets import load_spam_table
+from llmcore.download import file_sha256
+from llmcore.hub import load_model_dir
+from llmcore.lora import LoRAParams, merge_lora
+from llmcore.params import ParamsError, load_section, read_params
+from llmcore.train import HardwareConfig, TrainConfig, close_runtime, fit, init_runtime, relaunch_under_torchrun
+
+
+def _default_train() -> TrainConfig:
+    return TrainConfig(batch_size=16, lr=2e-3, min_lr=2e-4, warmup_steps=10, epochs=5, eval_every=65,
+                       eval_batches=None, checkpoint_every=65, log_every=5, seed=123)  # fmt: skip
+
+
+@dataclass
+class ClassifyParams:
+    balance: bool = True  # undersample ham to the spam count (the book); false keeps the 87/13 imbalance
+    train_fraction: float = 0.7
+    val_fraction: float = 0.1  # test gets the rest
+    split_seed: int = 123  # balancing and splitting
+    max_length: int | None = None  # tokens kept per message; null = longest training message, at most the context
+    trainable: Literal["head", "last_blocks", "all", "lora"] = "lora"
+    last_blocks: int = 1  # trainable: last_blocks only; the book trains the last block + final norm + head
+    lora: LoRAParams = field(default_factory=LoRAParams)  # trainable: lora only (adapters + head train)
+    train: TrainConfig = field(default_factory=_default_train)
+    eval_batch_size: int = 64  # rows per batch when scoring the splits at the end
+
+    def __post_init__(self) -> None:
+        fractions = (self.train_fraction, self.val_fraction)
+        if not (all(0 < f < 1 for f in fractions) and sum(fractions) < 1):
+            raise LLMCoreError(
+                f"classify.val_fraction: train_fraction + val_fraction must be two positive fractions that leave "
+                f"some test data, got {self.train_fraction} + {self.val_fraction}"
+            )
+        if self.max_length is not None and self.max_length < 1:
+            raise LLMCoreError(f"classify.max_length: expected a positive int or null, got {self.max_length}")
+        if self.last_blocks < 1:
+            raise LLMCoreError(f"classify.last_blocks: expected a positive int, got {self.last_blocks}")
+        if self.eval_batch_size < 1:
+            raise LLMCoreError(f"classify.eval_batch_size: expected a positive int, got {self.eval_batch_size}")
+
+
+def load_params(path: Path) -> tuple[ClassifyParams, str, HardwareConfig]:
+    """The ``classify`` and ``hardware`` sections and the top-level ``base_model``."""
+    cfg = load_section("classify", ClassifyParams, path)
+    base_model = read_params(path).get("base_model", "pretrain")
+    if not isinstance(base_model, str) or not base_model or "/" in base_model or base_model.startswith("."):
+        raise ParamsError(f"base_model: expected a model folder name under data/models, got {base_model!r}")
+    return cfg, base_model, load_section("hardware", HardwareConfig, path)
+
+
+def write_csv(path: Path, header: list[str], rows: list[list]) -> None:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    with atomic_path(path) as tmp:
+        tmp.write_text(buf.getvalue(), encoding="utf-8")
+
+
+def run(
+    cfg: ClassifyParams, base_model: str, hw: HardwareConfig, data: Path, models_dir: Path, out: Path,
+    reports: Path, work_dir: Path,
+) -> dict | None:  # fmt: skip
+    """The stage: returns its metrics (None on ranks other than 0, which only train)."""
+    start = time.perf_counter()
+    table = load_spam_table(data)
+    if cfg.balance:
+        table = balance_classes(table, cfg.split_seed)
+    splits = dict(zip(("train", "val", "test"), split_table(table, (cfg.train_fraction, cfg.val_fraction),
+                                                           cfg.split_seed), strict=True))  # fmt: skip
+    for name, df in splits.items():
+        if df["label"].nunique() < len(LABELS):
+            raise LLMCoreError(f"{data}: the {name} split ({len(df)} rows) lacks a class; more data or other fractions")
+
+    rt = init_runtime(hw)
+    torch.manual_seed(cfg.train.seed)  # head and LoRA init: the same on every rank
+    gpt, tok = load_model_dir(models_dir / base_model)
+    ctx = gpt.cfg.context_length
+    lengths = [len(ids) for ids in encode_texts(tok, splits["train"]["text"].tolist(), max_length=sys.maxsize)]
+    max_length = cfg.max_length or min(max(lengths), ctx)
+    if max_length > ctx:
+        raise LLMCoreError(f"classify.max_length: {max_length} exceeds the context length {ctx} of {base_model}")
+    seqs = {k: encode_texts(tok, df["text"].tolist(), max_length) for k, df in splits.items()}
+    labels = {k: label_ids(df["label"].tolist()) for k, df in splits.items()}
+    truncated = sum(n > max_length for n in lengths)
+
+    model = GPTClassifier(gpt, num_classes=len(LABELS))
+    try:
+        trainable = set_trainable(model, cfg.trainable, cfg.last_blocks, cfg.lora)
+    except LLMCoreError as e:
+        raise LLMCoreError(f"classify.{e}") from None
+    print0(
+        f"{base_model}: {gpt.num_params():,} parameters, {trainable:,} trained ({cfg.trainable}); "
+        f"{len(seqs['train'])} train / {len(seqs['val'])} val / {len(seqs['test'])} test messages, max_length "
+        f"{max_length} ({truncated} training messages truncated)"
+    )
+    B, ranks = cfg.train.batch_size, dict(rank=rt.rank, world_size=rt.world_size)
+    train_data = ClassificationBatches(seqs["train"], labels["train"], B, tok.eot_id, seed=cfg.train.seed, **ranks)
+    val_data = ClassificationBatches(seqs["val"], labels["val"], B, tok.eot_id, shuffle=False, **ranks)
+    device = rt.device
+
+    def score(split: str):
+        """(predicted ids, probability of each prediction, metrics) of one split."""
+        probs = predict_proba(model, seqs[split], tok.eot_id, cfg.eval_batch_size, device)
+        conf, pred = probs.max(dim=-1)
+        pred = pred.tolist()
+        return pred, conf.tolist(), classification_metrics(labels[split], pred, positive=LABELS.index("spam"))
+
+    def on_eval(_model, _step) -> dict[str, float]:
+        return {"accuracy": score("val")[2]["accuracy"]}  # fit logs it as val/accuracy
+
+    # Anything outside cfg.train that decides the weights: a checkpoint made with other inputs is not resumed.
+    fingerprint = {
+        "data": file_sha256(data), "base": file_sha256(models_dir / base_model / "model.safetensors"),
+        "classify": {k: v for k, v in asdict(cfg).items() if k not in ("train", "eval_batch_size")},
+    }  # fmt: skip
+    live = None
+    if rt.is_main:
+        from dvclive import Live
+
+        live = Live(dir=str(reports / "live"), dvcyaml=False, save_dvc_exp=False)
+    try:
+        result = fit(model, train_data, val_data, classification_loss, cfg.train, hw, work_dir, live=live,
+                     on_eval=on_eval, fingerprint=fingerprint, unit="examples")  # fmt: skip
+    finally:
+        if live is not None:
+            live.end()
+        close_runtime()
+    if not rt.is_main:
+        return None
+
+    scores = {split: score(split) for split in ("train", "val", "test")}
+    pred, conf, _ = scores["test"]
+    test = splits["test"]
+    write_csv(reports / "predictions.csv", ["text", "label", "prediction", "probability"],
+              [[t, y, LABELS[p], round(c, 6)] for t, y, p, c in zip(test["text"], test["label"], pred, conf,
+                                                                       strict=True)])  # fmt: skip
+    write_csv(reports / "confusion.csv", ["actual", "predicted"],
+              [[y, LABELS[p]] for y, p in zip(test["label"], pred, strict=True)])  # fmt: skip
+
+    merge_lora(model)  # plain nn.Linear again: the saved base has the base architecture's tensors
+    metadata = {"stage": "classify", "base_model": base_model, "trainable": cfg.trainable,
+                "max_length": str(max_length)}  # fmt: skip
+    save_classifier(out, model, tok, LABELS, metadata)
+
+    (tn, fp), (fn, tp) = confusion_matrix(labels["test"], pred, len(LABELS))
+    metrics = {
+        "base_model": base_model, "trainable": cfg.trainable, "trainable_params": trainable,
+        **{f"{k}_messages": len(v) for k, v in seqs.items()}, "max_length": max_length, "truncated": truncated,
+        "steps": result.step, "epochs": round(result.epochs, 3), "train_loss": round(result.train_loss, 4),
+        "val_loss": round(result.val_loss, 4),
+        **{split: {k: round(v, 4) for k, v in s[2].items()} for split, s in scores.items()},
+        "test_confusion": {"tn": tn, "fp": fp, "fn": fn, "tp": tp},
+        "train_seconds": round(result.train_time_s, 1), "examples_per_s": round(result.items_per_s, 1),
+        "stage_seconds": round(time.perf_counter() - start, 1),
+    }  # fmt: skip
+    write_json_atomic(reports / "metrics.json", metrics)
+    return metrics
+
+
+app = typer.Typer(add_completion=False, help="Spam-classifier fine-tuning (stage `classify`) and `predict`.")
+
+
+@app.callback(invoke_without_command=True)
+def main(
+    ctx: typer.Context,
+    params: Path = typer.Option(Path("params.yaml"), help="params file"),
+    data: Path = typer.Option(Path("data/raw/sms-spam/SMSSpamCollection"), help="the SMS Spam Collection"),
+    models_dir: Path = typer.Option(Path("data/models"), help="model folders; the base is <models-dir>/<base_model>"),
+    out: Path = typer.Option(Path("data/models/classify"), help="where the classifier's model folder goes"),
+    reports: Path = typer.Option(Path("reports/classify"), help="metrics, predictions, confusion matrix, curves"),
+    work_dir: Path = typer.Option(Path(".cache/classify"), help="resumable training checkpoints"),
+) -> None:
+    """Fine-tune data/models/${base_model} as a spam classifier and evaluate it (the DVC stage)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    with stage_errors():
+        cfg, base_model, hw = load_params(params)
+        args = ["--params", params, "--data", data, "--models-dir", models_dir, "--out", out, "--reports", reports,
+                "--work-dir", work_dir]  # fmt: skip
+        status = relaunch_under_torchrun(hw.nproc, "stages.classify", [str(a) for a in args])
+        if status is not None:
+            raise SystemExit(status)
+        metrics = run(cfg, base_model, hw, data, models_dir, out, reports, work_dir)
+        if metrics is not None:
+            print0(json.dumps({split: metrics[split] for split in ("train", "val", "test")}))
+
+
+@app.command()
+def predict(
+    texts: list[str] = typer.Argument(None, help="messages to classify (read from stdin, one a line, when absent)"),
+    model_dir: Path = typer.Option(Path("data/models/classify"), "--model", "-m", help="classifier model folder"),
+    batch_size: int = typer.Option(64, help="messages per forward pass"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | mps"),
+) -> None:
+    """Print `label<TAB>probability<TAB>text` for each message."""
+    with stage_errors():
+        if not texts:
+            texts = [line.rstrip("\r") for line in sys.stdin.read().split("\n") if line.strip()]
+        if not texts:
+            raise LLMCoreError("predict: no text (pass messages as arguments or on stdin, one a line)")
+        dev = resolve_device(device)
+        model, tok, labels = load_classifier(model_dir, device=dev)
+        stored = read_metadata(model_dir / "model.safetensors").get("max_length", "")
+        max_length = int(stored) if stored.isdigit() and int(stored) > 0 else model.cfg.context_length
+        max_length = min(max_length, model.cfg.context_length)  # truncate as training did
+        seqs = []
+        for i, text in enumerate(texts):
+            ids = tok.encode(text, allow_special=False)[:max_length]
+            if not ids:
+                raise LLMCoreError(f"predict: text {i + 1} is empty")
+            seqs.append(ids)
+        probs = predict_proba(model, seqs, tok.eot_id, batch_size, dev)
+        conf, pred = probs.max(dim=-1)
+        for text, p, c in zip(texts, pred.tolist(), conf.tolist(), strict=True):
+            print(f"{labels[p]}\t{c:.4f}\t{text}")
+
+
+if __name__ == "__main__":
+    app()
