@@ -82,7 +82,10 @@ def build_report(reports_dir: Path, params: dict[str, Any]) -> Report:
         stage_dir = reports_dir / stage
         if not stage_dir.is_dir():
             continue
-        metrics_files = sorted(stage_dir.rglob("metrics.json"))
+        # dvclive's own summary (live/metrics.json) repeats the stage's last step: skip it
+        metrics_files = [
+            p for p in sorted(stage_dir.rglob("metrics.json")) if "live" not in p.relative_to(stage_dir).parts
+        ]
         for path in metrics_files:
             name = stage if path.parent == stage_dir else f"{stage}/{path.parent.relative_to(stage_dir)}"
             data = json.loads(path.read_text(encoding="utf-8"))
