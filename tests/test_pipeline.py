@@ -23,9 +23,13 @@ pytestmark = pytest.mark.slow
 
 def clean_copy(dest: Path) -> Path:
     """Copy what a clone would hold (tracked + untracked-not-ignored files) and commit it there."""
-    files = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO_ROOT, check=True, capture_output=True
-    ).stdout.decode().split("\0")
+    files = (
+        subprocess.run(
+            ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO_ROOT, check=True, capture_output=True
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     for name in filter(None, files):
         src = REPO_ROOT / name
         if src.is_file() and not name.startswith(("data/", "reports/")) or name.endswith(".gitignore"):
@@ -104,3 +108,88 @@ def test_malformed_params_exit_nonzero_with_one_line(repo_env, tmp_path, edit, m
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], proc.stderr
     assert not out.exists()  # nothing written
+
+
+# Small enough for CI: every stage runs for real, on tiny settings (a couple of minutes in all).
+TINY = {
+    "tokenize": {"vocab_size": 512},
+    "model": {"preset": "llama3-tiny", "context_length": 128, "n_layers": 2, "emb_dim": 64, "hidden_dim": 160},
+    "hardware": {"threads": 1},
+    "pretrain": {"train": {"max_steps": 30, "eval_every": 15, "eval_batches": 2, "checkpoint_every": 15},
+                 "sample": {"max_new_tokens": 20}},
+    "classify": {"train": {"epochs": 1, "eval_every": 65, "checkpoint_every": 65}},
+    "instruct": {"train": {"epochs": 1, "eval_every": 100, "eval_batches": 2}, "generate": {"max_new_tokens": 12}},
+    "evaluate": {"judge_mode": "required", "judge": {"model": "judge", "timeout": 60, "retries": 1}, "n_boot": 200},
+}  # fmt: skip
+
+
+def merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge(base.get(k, {}), v) if isinstance(v, dict) else v
+    return out
+
+
+@pytest.fixture(scope="module")
+def judge_server(tmp_path_factory):
+    """`llmcore serve` as the judge, on loopback: a tiny random model with a short context (fast, junk replies)."""
+    import threading
+
+    import torch
+
+    from llmcore.checkpoint import save_checkpoint
+    from llmcore.config import ModelConfig
+    from llmcore.model import GPT
+    from llmcore.serve import ModelHandle, make_server
+    from llmcore.tokenizer import Tokenizer
+
+    path = tmp_path_factory.mktemp("judge")
+    tok = Tokenizer.train("Score: 85 out of 100. The response is good. " * 50, 270)  # byte-level: any text
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_preset("llama3-tiny", vocab_size=tok.vocab_size, context_length=64)
+    save_checkpoint(path / "model.safetensors", GPT(cfg))
+    tok.save(path / "tokenizer.json")
+    server = make_server({"judge:latest": ModelHandle.load(path, template="raw")}, port=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server.url
+    server.shutdown()
+
+
+def test_full_pipeline_end_to_end_with_llmcore_serve_as_judge(tmp_path_factory, mirror_url, judge_server):
+    repo = clean_copy(tmp_path_factory.mktemp("e2e"))
+    params = merge(yaml.safe_load((repo / "params.yaml").read_text()), TINY)
+    params["evaluate"]["judge"]["host"] = judge_server
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "commit", "-qam", "tiny params"], cwd=repo, check=True)
+    env = dict(os.environ, LLMCORE_MIRROR=mirror_url, DVC_NO_ANALYTICS="1")
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+
+    first = run([sys.executable, "-m", "dvc", "repro"], repo, env)
+    assert ran_stages(first.stdout) == [
+        "download", "tokenize", "pretrain", "classify", "instruct", "evaluate", "report",
+    ]  # fmt: skip
+    for stage in ("tokenize", "pretrain", "classify", "instruct", "evaluate"):
+        assert (repo / f"reports/{stage}/metrics.json").is_file(), stage
+    evaluate = json.loads((repo / "reports/evaluate/metrics.json").read_text())
+    assert evaluate["judge_status"] == "scored" and evaluate["n_items"] == 110
+    assert evaluate["n_scored"] + evaluate["n_unparsable"] == 110 and evaluate["n_error"] == 0
+    assert len((repo / "reports/evaluate/scores.jsonl").read_text().splitlines()) == 110
+    report = (repo / "reports/report.md").read_text()
+    assert "## classify" in report and "## evaluate" in report and "Judge skipped" not in report
+    assert "<svg" in (repo / "reports/report.html").read_text()
+
+    again = run([sys.executable, "-m", "dvc", "repro"], repo, env)
+    assert ran_stages(again.stdout) == [], again.stdout
+
+    # two architectures as experiments, side by side in `dvc exp show`
+    for name, preset in (("llama", "llama3-tiny"), ("gpt2", "gpt2-tiny")):
+        run([sys.executable, "-m", "dvc", "exp", "run", "-n", name, "-S", f"model.preset={preset}", "pretrain"],
+            repo, env)  # fmt: skip
+    shown = json.loads(run([sys.executable, "-m", "dvc", "exp", "show", "--json"], repo, env).stdout)
+    exps = {e["name"]: e for commit in shown for e in commit.get("experiments") or [] for e in e["revs"]}
+    assert {"llama", "gpt2"} <= set(exps)
+    for name, preset in (("llama", "llama3-tiny"), ("gpt2", "gpt2-tiny")):
+        data = exps[name]["data"]
+        assert data["params"]["params.yaml"]["data"]["model"]["preset"] == preset
+        assert data["metrics"]["reports/pretrain/metrics.json"]["data"]["val_loss"] > 0
