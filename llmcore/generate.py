@@ -76,6 +76,8 @@ def generate_steps(
         generator = torch.Generator(device=device).manual_seed(cfg.seed)
     idx, mask = _left_pad(prompts, pad_id=0, device=device)
     steps = min(cfg.max_new_tokens, ctx - idx.shape[1])
+    # Equal-length prompts have no padding: no mask, so the model skips building one per step.
+    padded = len({len(p) for p in prompts}) > 1
     stop = torch.tensor(sorted(set(cfg.stop_ids)), dtype=torch.long, device=device)
     alive = torch.ones(len(prompts), dtype=torch.bool, device=device)
     was_training = model.training
@@ -84,19 +86,23 @@ def generate_steps(
         cache = model.new_cache(len(prompts), idx.shape[1] + steps) if use_cache else None
         step_input = idx
         for _ in range(steps):
+            # The head only for the last position: the prefill needs one row of logits, not T.
+            step_mask = mask if padded else None
             if cache is not None:
-                logits = model(step_input, attention_mask=mask, cache=cache).logits[:, -1]
+                logits = model(step_input, attention_mask=step_mask, cache=cache, logits_to_keep=1).logits[:, -1]
             else:
-                logits = model(idx, attention_mask=mask).logits[:, -1]
+                logits = model(idx, attention_mask=step_mask, logits_to_keep=1).logits[:, -1]
             nxt = sample_next(logits, cfg, generator)
             if stop.numel():
                 alive = alive & ~torch.isin(nxt, stop)
             yield nxt, alive.clone()
             if not alive.any():
                 break
-            idx = torch.cat([idx, nxt[:, None]], dim=1)
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             step_input = nxt[:, None]
+            if cache is None:
+                idx = torch.cat([idx, step_input], dim=1)
+            if padded:
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
     finally:
         model.train(was_training)
 
@@ -107,8 +113,9 @@ def generate(
     """Return the new tokens of each prompt (stop tokens excluded)."""
     out: list[list[int]] = [[] for _ in prompts]
     for tokens, alive in generate_steps(model, prompts, cfg, use_cache):
-        for row in alive.nonzero().flatten().tolist():
-            out[row].append(int(tokens[row]))
+        for row, (tok, ok) in enumerate(zip(tokens.tolist(), alive.tolist(), strict=True)):  # one sync per step
+            if ok:
+                out[row].append(tok)
     return out
 
 

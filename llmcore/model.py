@@ -241,6 +241,7 @@ class GPT(nn.Module):
         cache: KVCache | None = None,
         return_hidden: bool = False,
         return_logits: bool = True,
+        logits_to_keep: int = 0,
     ) -> ModelOutput:
         """Run the model on token ids.
 
@@ -252,6 +253,8 @@ class GPT(nn.Module):
             cache: a ``KVCache``; its position offset places the new tokens after the cached ones.
             return_hidden: also return the final-norm hidden states (classifier heads pool them).
             return_logits: set False to skip the output head (saves the vocab-wide matmul).
+            logits_to_keep: if > 0, run the head on the last ``logits_to_keep`` positions only (decoding needs
+                one row of logits, not T).
         """
         B, T = idx.shape
         offset = cache.pos if cache is not None else 0
@@ -280,7 +283,9 @@ class GPT(nn.Module):
         if cache is not None:
             cache.pos += T
         x = self.final_norm(x)
-        logits = self.out_head(x) if return_logits else None
+        logits = None
+        if return_logits:
+            logits = self.out_head(x[:, -logits_to_keep:] if logits_to_keep else x)
         return ModelOutput(logits=logits, hidden=x if return_hidden else None)
 
     @staticmethod
