@@ -94,12 +94,12 @@ from typing import Any, Literal, Protocol
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 from safetensors.torch import load_file, load_model, save_file, save_model
 from tqdm.auto import tqdm
 
 from llmcore.checkpoint import unwrap
-from llmcore.common import DTYPES, LLMCoreError, autocast_context, print0, resolve_device
+from llmcore.common import LLMCoreError, autocast_context, print0, resolve_device
+from llmcore.ops import linear_cross_entropy
 
 # ---------------------------------------------------------------------------------------------------
 # Configs (params.yaml: `hardware` and the `train` part of each training stage's section)
@@ -187,10 +187,14 @@ LossFn = Callable[[nn.Module, Any], tuple[torch.Tensor, "int | torch.Tensor"]]
 
 
 def lm_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next-token cross-entropy of ``(idx, targets)``, both (B, T); targets of -100 are not scored."""
+    """Next-token cross-entropy of ``(idx, targets)``, both (B, T); targets of -100 are not scored.
+
+    The output head and the loss are fused (``llmcore.ops.linear_cross_entropy``): the (B, T, vocab) logits
+    are never held in memory, which is most of a small model's activation memory and time.
+    """
     idx, targets = batch
-    logits = model(idx).logits  # (B, T, vocab)
-    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum")
+    hidden = model(idx, return_hidden=True, return_logits=False).hidden  # (B, T, C)
+    loss = linear_cross_entropy(hidden, unwrap(model).out_head.weight, targets, ignore_index=-100, reduction="sum")
     n = (targets != -100).sum()
     return loss / n.clamp_min(1), n  # a batch of nothing but -100 weighs 0 instead of giving NaN
 
@@ -273,26 +277,6 @@ def move_to(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, dict):
         return {k: move_to(v, device) for k, v in batch.items()}
     return batch
-
-
-def measure_peak_flops(device: torch.device, precision: str = "fp32") -> float:
-    """A rough peak: FLOP/s of a large square matmul in the training dtype on this device (for MFU)."""
-    n = 4096 if device.type == "cuda" else 1024
-    a = torch.randn(n, n, device=device, dtype=DTYPES[precision])
-    b = torch.randn(n, n, device=device, dtype=DTYPES[precision])
-    for _ in range(2):
-        a @ b
-    _sync(device)
-    reps, start = 10, time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    _sync(device)
-    return 2 * n**3 * reps / (time.perf_counter() - start)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -44,7 +44,8 @@ import torch
 import typer
 
 from llmcore.baselines import DEFAULT_K, baselines
-from llmcore.common import LLMCoreError, stage_errors, write_json_atomic, write_text_atomic
+from llmcore.bench import measure_matmul_peak
+from llmcore.common import DTYPES, LLMCoreError, stage_errors, write_json_atomic, write_text_atomic
 from llmcore.config import ModelConfig
 from llmcore.data import RandomWindows, SequentialWindows, load_tokens, read_meta
 from llmcore.generate import SamplingConfig, generate
@@ -61,7 +62,6 @@ from llmcore.train import (
     fit,
     init_runtime,
     lm_loss,
-    measure_peak_flops,
     relaunch_under_torchrun,
 )
 
@@ -201,7 +201,7 @@ def main(
             save_model_dir(out, model, tok, {"stage": "pretrain", "step": str(result.step)})
             write_samples(reports / "samples.md", model, tok, p, result.step)
             base = baselines(np.asarray(train_tokens), np.asarray(val_tokens), tok.vocab_size, p.baseline_k)
-            peak = hw.peak_tflops * 1e12 if hw.peak_tflops else measure_peak_flops(rt.device, hw.precision)
+            peak = hw.peak_tflops * 1e12 if hw.peak_tflops else measure_matmul_peak(DTYPES[hw.precision], rt.device)
             metrics = write_metrics(reports / "metrics.json", result, model_cfg, model.num_params(), base, peak,
                                     rt.world_size, time.perf_counter() - start)  # fmt: skip
             live.end()
