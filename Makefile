@@ -13,6 +13,8 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH_SPEC)" || $(BIN)/pip install -q torch
 	$(BIN)/pip install -q -e ".[dev]"
+	# the book's reference model, a peer in benchmarks and their tests; its own deps are heavy and unneeded
+	$(BIN)/pip install -q --no-deps llms-from-scratch
 	touch $@
 
 venv: $(BIN)/.installed
@@ -29,11 +31,11 @@ pipeline: venv
 	. $(BIN)/activate && dvc repro
 
 bench: venv
-	$(BIN)/pip install -q -e ".[bench]" && $(BIN)/pip install -q --no-deps llms-from-scratch
+	$(BIN)/pip install -q -e ".[bench]"
 	$(BIN)/python -m llmcore.bench
 
 bench-quick: venv
-	$(BIN)/pip install -q -e ".[bench]" && $(BIN)/pip install -q --no-deps llms-from-scratch
+	$(BIN)/pip install -q -e ".[bench]"
 	$(BIN)/python -m llmcore.bench --quick
 
 clean:

@@ -52,7 +52,7 @@ from llmcore.instruct import (
     split_entries,
     stream_response,
 )
-from llmcore.lora import LORA_TARGETS, apply_lora, count_trainable, mark_trainable, merge_lora
+from llmcore.lora import LoRAParams, apply_lora, count_trainable, mark_trainable, merge_lora
 from llmcore.params import ParamsError, load_section, read_params
 from llmcore.train import (
     HardwareConfig,
@@ -63,14 +63,6 @@ from llmcore.train import (
     lm_loss,
     relaunch_under_torchrun,
 )
-
-
-@dataclass
-class LoraParams:
-    rank: int = 8  # r, the inner dimension of each update
-    alpha: float = 16.0  # the update is scaled by alpha / rank
-    dropout: float = 0.05  # on the adapters' input
-    targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))  # linear layers to adapt, by name suffix
 
 
 @dataclass
@@ -112,7 +104,7 @@ class InstructParams:
     max_length: int | None = None  # truncate sequences to this many positions; None = the model's context
     group_by_length: bool = True  # batch examples of similar length (less padding, faster on CPU)
     finetune: Literal["full", "lora"] = "full"
-    lora: LoraParams = field(default_factory=LoraParams)  # finetune: lora only
+    lora: LoRAParams = field(default_factory=lambda: LoRAParams(dropout=0.05))  # finetune: lora only
     train: TrainConfig = field(default_factory=_default_train)
     generate: GenerateParams = field(default_factory=GenerateParams)
 

@@ -32,6 +32,9 @@ def report():
 
 def test_report_has_every_section_and_target(report):
     for section in SECTIONS:
+        if section == "loss" and not HAVE_BOOK:  # the loss-curve check compares with the book's model
+            assert report["skipped"], report
+            continue
         assert report.get(section), section
     assert [t["key"] for t in report["targets"]] == [k for k, _, _ in bench.TARGETS]
     llm = report["train"]["llmcore fp32"]
