@@ -50,10 +50,15 @@ def save_checkpoint(
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     meta = {"format": FORMAT, "config": unwrap(model).cfg.to_json(), **(metadata or {})}
+    return write_weights(path, state, meta)
+
+
+def write_weights(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
+    """Write ``tensors`` atomically with ``metadata`` packed under the single ``llmcore`` key (see above)."""
     path = Path(path)
     with atomic_path(path, suffix=".safetensors") as tmp:
-        packed = {FORMAT: json.dumps(meta, sort_keys=True)}
-        save_file({k: v.cpu() for k, v in state.items()}, str(tmp), metadata=packed)
+        packed = {FORMAT: json.dumps(metadata, sort_keys=True)}
+        save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp), metadata=packed)
     return path
 
 

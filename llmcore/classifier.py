@@ -35,8 +35,6 @@ import json
 import math
 import os
 import random
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -44,11 +42,10 @@ import pandas as pd
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import save_file
 
-from llmcore.checkpoint import FORMAT, load_into, load_state, model_state, read_config, read_metadata
+from llmcore.checkpoint import FORMAT, load_into, load_state, model_state, read_config, read_metadata, write_weights
 from llmcore.common import LLMCoreError
-from llmcore.hub import replace_dir
+from llmcore.hub import staged_dir
 from llmcore.lora import LoRAParams, apply_lora, count_trainable, mark_trainable
 from llmcore.model import GPT
 from llmcore.tokenizer import Tokenizer
@@ -360,18 +357,10 @@ def save_classifier(
         "format": FORMAT, "config": model.cfg.to_json(), "task": "classify",
         "labels": json.dumps(list(labels)), "pooling": POOLING, **(metadata or {}),
     }  # fmt: skip
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    try:
-        tmp.chmod(0o755)  # mkdtemp makes it private; a model folder is shared like any output
-        save_file({k: v.cpu() for k, v in state.items()}, str(tmp / "model.safetensors"), metadata=meta)
+    with staged_dir(out_dir) as tmp:
+        write_weights(tmp / "model.safetensors", state, meta)
         tok.save(tmp / "tokenizer.json")
-        replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    return Path(out_dir)
 
 
 def load_classifier(model_dir: str | os.PathLike, device="cpu") -> tuple[GPTClassifier, Tokenizer, list[str]]:

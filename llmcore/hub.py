@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -204,17 +206,25 @@ def save_model_dir(
     dest = Path(dest)
     if tokenizer.vocab_size > model.cfg.vocab_size:
         raise LLMCoreError(f"{dest}: tokenizer has {tokenizer.vocab_size} ids, model only {model.cfg.vocab_size}")
+    with staged_dir(dest) as tmp:
+        save_checkpoint(tmp / "model.safetensors", model, metadata)
+        tokenizer.save(tmp / "tokenizer.json")
+    return dest
+
+
+@contextlib.contextmanager
+def staged_dir(dest: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary sibling folder of ``dest``; on success it replaces ``dest``, on error it is removed."""
+    dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
     try:
         tmp.chmod(0o755)  # mkdtemp makes it private; the folder is meant to be shared like any output
-        save_checkpoint(tmp / "model.safetensors", model, metadata)
-        tokenizer.save(tmp / "tokenizer.json")
+        yield tmp
         replace_dir(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return dest
 
 
 def replace_dir(src: Path, dest: Path) -> None:
