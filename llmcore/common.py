@@ -50,6 +50,21 @@ def write_json_atomic(dest: str | os.PathLike, obj: Any) -> None:
     write_text_atomic(dest, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def read_json(path: str | os.PathLike, missing_hint: str = "") -> Any:
+    """Parse a JSON file; a missing, unreadable or malformed file is a one-line ``LLMCoreError``."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        if missing_hint:  # say which stage should have written it
+            raise LLMCoreError(f"{path}: not found ({missing_hint})") from None
+        raise LLMCoreError(f"cannot read {path}: {e.strerror or e}") from None
+    except OSError as e:
+        raise LLMCoreError(f"cannot read {path}: {e.strerror or e}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LLMCoreError(f"{path}: not valid JSON ({e})") from None
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)

@@ -21,7 +21,6 @@ every rank (rank 0's checkpoint serves them all).
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from llmcore.common import LLMCoreError
+from llmcore.common import LLMCoreError, read_json
 
 TOKEN_DTYPES = ("uint16", "uint32")
 
@@ -37,12 +36,7 @@ TOKEN_DTYPES = ("uint16", "uint32")
 def read_meta(tokens_dir: str | os.PathLike) -> dict[str, Any]:
     """``meta.json`` of a tokens folder; needs at least ``dtype`` and ``vocab_size``."""
     path = Path(tokens_dir) / "meta.json"
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise LLMCoreError(f"{path}: not found (did the tokenize stage run?)") from None
-    except json.JSONDecodeError as e:
-        raise LLMCoreError(f"{path}: invalid JSON: {e}") from None
+    meta = read_json(path, "did the tokenize stage run?")
     if not isinstance(meta, dict):
         raise LLMCoreError(f"{path}: expected a JSON object")
     if meta.get("dtype") not in TOKEN_DTYPES:

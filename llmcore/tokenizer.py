@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import operator
 import os
 from collections.abc import Sequence
@@ -43,7 +42,7 @@ import regex
 import tiktoken
 
 from llmcore.bpe import ENDOFTEXT, GPT2_PATTERN, resolve_pattern, train_bpe
-from llmcore.common import LLMCoreError, write_json_atomic
+from llmcore.common import LLMCoreError, read_json, write_json_atomic
 
 FORMAT = "llmcore-tokenizer"
 VERSION = 1
@@ -161,7 +160,7 @@ class Tokenizer:
             except KeyError as e:
                 raise LLMCoreError(f"{path}: token {token!r} has a character outside GPT-2's byte map") from e
 
-        encoder = _read_json(encoder_json_path)
+        encoder = read_json(encoder_json_path)
         if not isinstance(encoder, dict) or encoder.get(ENDOFTEXT) != GPT2_EOT_ID:
             raise LLMCoreError(f"{encoder_json_path}: not GPT-2's encoder.json (no {ENDOFTEXT} at id 50256)")
         ranks = {to_bytes(tok, encoder_json_path): i for tok, i in encoder.items() if tok != ENDOFTEXT}
@@ -285,7 +284,7 @@ class Tokenizer:
     @classmethod
     def load(cls, path: str | os.PathLike) -> Tokenizer:
         """Read a file written by :meth:`save`; a malformed file raises LLMCoreError naming it."""
-        return cls.from_dict(_read_json(path), source=str(path))
+        return cls.from_dict(read_json(path), source=str(path))
 
     @classmethod
     def from_dict(cls, d: Any, *, source: str = "<dict>") -> Tokenizer:
@@ -353,11 +352,3 @@ class Tokenizer:
         return f"Tokenizer(kind={self.kind!r}, name={self.name!r}, vocab_size={self.vocab_size})"
 
 
-def _read_json(path: str | os.PathLike) -> Any:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except OSError as e:
-        raise LLMCoreError(f"cannot read {path}: {e.strerror or e}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LLMCoreError(f"{path}: not valid JSON ({e})") from None

@@ -20,7 +20,7 @@ from typing import Literal
 
 import typer
 
-from llmcore.common import LLMCoreError, atomic_path, print0, stage_errors, write_json_atomic
+from llmcore.common import LLMCoreError, atomic_path, print0, read_json, stage_errors, write_json_atomic
 from llmcore.judge import (
     JudgeConfig,
     JudgeItem,
@@ -43,12 +43,7 @@ class EvaluateParams:
 
 
 def load_responses(path: Path) -> list[JudgeItem]:
-    try:
-        entries = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise LLMCoreError(f"{path}: not found (run the instruct stage first)") from None
-    except json.JSONDecodeError as e:
-        raise LLMCoreError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    entries = read_json(path, "run the instruct stage first")
     if not isinstance(entries, list):
         raise LLMCoreError(f"{path}: expected a JSON list of responses")
     return [JudgeItem.from_dict(e, default_id=str(i)) for i, e in enumerate(entries)]
