@@ -20,7 +20,7 @@ $(BIN)/.installed: pyproject.toml
 venv: $(BIN)/.installed
 
 lint: venv
-	$(BIN)/ruff check llmcore stages tests
+	$(BIN)/ruff check llmcore stages tests benchmarks
 
 # pytest exits 5 when nothing was collected; treat that as a failure too.
 test: venv lint
@@ -32,11 +32,11 @@ pipeline: venv
 
 bench: venv
 	$(BIN)/pip install -q -e ".[bench]"
-	$(BIN)/python -m llmcore.bench
+	$(BIN)/python -m benchmarks.bench
 
 bench-quick: venv
 	$(BIN)/pip install -q -e ".[bench]"
-	$(BIN)/python -m llmcore.bench --quick
+	$(BIN)/python -m benchmarks.bench --quick
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,8 +1,8 @@
 """Benchmarks against the reference implementations: training and generation speed, BPE training, encoding.
 
-    python -m llmcore.bench                 # full run (~10 min on 2 idle cores), writes reports/bench.json
-    python -m llmcore.bench --quick         # tiny shapes, every code path, under a minute (CI smoke)
-    python -m llmcore.bench --only train,loss --out /tmp/bench.json
+    python -m benchmarks.bench                 # full run (~10 min on 2 idle cores), writes reports/bench.json
+    python -m benchmarks.bench --quick         # tiny shapes, every code path, under a minute (CI smoke)
+    python -m benchmarks.bench --only train,loss --out /tmp/bench.json
 
 Peers, each measured in the same run at the same shapes: the book's model (PyPI ``llms-from-scratch``,
 ``ch04.GPTModel`` and ``generate_text_simple``), Hugging Face ``transformers`` (``GPT2LMHeadModel`` and its
@@ -18,7 +18,7 @@ How it measures:
 - Training step = forward + cross-entropy + backward + AdamW(lr 4e-4, weight_decay 0.1) step, as the
   book trains. Peers run as their users run them (AdamW's default foreach kernel); "book + fused AdamW"
   shows the book model with the one optimisation that is a flag away. llmcore uses fused AdamW and
-  ``llmcore.ops.linear_cross_entropy`` (head + loss fused, chunked); "llmcore, unfused CE" isolates it.
+  ``llmcore.models.ops.linear_cross_entropy`` (head + loss fused, chunked); "llmcore, unfused CE" isolates it.
 - MFU = tokens/s x ``ModelConfig.flops_per_token`` / the matmul peak measured in the same run.
 - Loss check: the book model's initial weights are copied into llmcore (``book_to_llmcore``); both then
   train on the same batches with dropout 0 and their losses must agree step by step.
@@ -44,8 +44,9 @@ import torch
 import torch.nn.functional as F
 
 from llmcore.common import write_json_atomic
-from llmcore.config import ModelConfig
-from llmcore.model import GPT
+from llmcore.models.config import ModelConfig
+from llmcore.models.gpt import GPT
+from llmcore.training.flops import measure_matmul_peak
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MIRROR = REPO_ROOT.parent / "shared" / "data" / "mirror"
@@ -148,25 +149,6 @@ def peak_rss_mb() -> float:
     return rss / (1 << 20) if sys.platform == "darwin" else rss / 1024
 
 
-def measure_matmul_peak(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                        n: int = 2048, reps: int = 5) -> float:  # fmt: skip
-    """FLOP/s of a square (n x n) @ (n x n) matmul in ``dtype`` on ``device``: the denominator of MFU.
-
-    The median of ``reps`` timed products after one warm-up, so a single preempted repetition does not
-    move it. A large square matmul is the best case for the BLAS; model-FLOP utilisation against it says
-    how much of the achievable machine a training step uses.
-    """
-    device = torch.device(device)
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-
-    def product() -> None:
-        a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    wall, _ = timed(product, warmup=1, reps=reps)
-    return 2 * n**3 / statistics.median(wall)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -238,7 +220,7 @@ def make_train_step(peer: str, shape: Shape, precision: str, seed: int = 0):
     B, T, V = shape.batch_size, shape.context_length, shape.vocab_size
     x, y = torch.randint(0, V, (B, T)), torch.randint(0, V, (B, T))
     if peer.startswith("llmcore"):
-        from llmcore.ops import linear_cross_entropy
+        from llmcore.models.ops import linear_cross_entropy
 
         model = GPT(llmcore_config(shape, tie_embeddings=peer != "llmcore-untied"))
         opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY, fused=True)
@@ -278,7 +260,7 @@ def make_generate(peer: str, shape: Shape, prompt_len: int, new_tokens: int, see
     torch.manual_seed(seed)
     prompt = torch.randint(0, shape.vocab_size, (1, prompt_len))
     if peer == "llmcore":
-        from llmcore.generate import SamplingConfig, generate
+        from llmcore.models.generate import SamplingConfig, generate
 
         model = GPT(llmcore_config(shape, dropout=0.0)).eval()
         ids = prompt[0].tolist()
@@ -344,7 +326,7 @@ def job_loss(plan: Plan) -> dict[str, Any]:
     """Same init, same batches, dropout 0: llmcore's training step (fused CE, fused AdamW) vs the book's."""
     from llms_from_scratch.ch04 import GPTModel
 
-    from llmcore.ops import linear_cross_entropy
+    from llmcore.models.ops import linear_cross_entropy
 
     shape = plan.shape
     torch.manual_seed(123)
@@ -381,7 +363,7 @@ def _loss_batches(plan: Plan, steps: int, B: int, T: int) -> tuple[list[tuple[to
     mirror is there (a real loss curve); random tokens otherwise (the check is the same)."""
     n = steps * B * T + 1
     if plan.shape.vocab_size == 50257 and SHAKESPEARE.exists() and (GPT2_BPE / "vocab.bpe").exists():
-        from llmcore.tokenizer import Tokenizer
+        from llmcore.text.tokenizer import Tokenizer
 
         tok = Tokenizer.gpt2(GPT2_BPE / "encoder.json", GPT2_BPE / "vocab.bpe")
         ids = torch.tensor(tok.encode(SHAKESPEARE.read_text(encoding="utf-8")[: 8 * n], allow_special=False)[:n])
@@ -400,7 +382,7 @@ def job_bpe(plan: Plan, trainer: str) -> dict[str, Any]:
     out: dict[str, Any] = {"text_bytes": n_bytes}
     for vocab in plan.bpe_vocabs:
         if trainer == "llmcore":
-            from llmcore.tokenizer import Tokenizer
+            from llmcore.text.tokenizer import Tokenizer
 
             train = lambda v=vocab: Tokenizer.train(text, v, pattern="gpt2")
             encode = lambda tok: tok.encode(text, allow_special=False)
@@ -448,7 +430,7 @@ def tiktoken_gpt2():
 
 def job_encode(plan: Plan) -> dict[str, Any]:
     """MB/s of plain-text encoding (no special tokens), one thread, same text for all."""
-    from llmcore.tokenizer import Tokenizer
+    from llmcore.text.tokenizer import Tokenizer
 
     text = read_text(plan)
     mb = len(text.encode("utf-8")) / 1e6
@@ -492,7 +474,7 @@ def run_in_subprocess(plan: Plan, job: dict[str, Any]) -> dict[str, Any]:
     """Run one job in a fresh interpreter (``--worker``) so that its peak RSS is its own."""
     payload = json.dumps({"plan": asdict(plan), "job": job})
     proc = subprocess.run(
-        [sys.executable, "-m", "llmcore.bench", "--worker", payload],
+        [sys.executable, "-m", "benchmarks.bench", "--worker", payload],
         capture_output=True, text=True, cwd=REPO_ROOT,
     )  # fmt: skip
     for line in reversed(proc.stdout.splitlines()):
@@ -765,7 +747,7 @@ def format_table(report: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m llmcore.bench", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny shapes, in-process, < 1 min (CI smoke)")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "reports" / "bench.json", help="report JSON")
     parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections of {','.join(SECTIONS)}")

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import typer
 
-from llmcore.common import LLMCoreError, resolve_device, stage_errors
+from llmcore.common import LLMCoreError, stage_errors
+from llmcore.device import resolve_device
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="llmcore: tools around the pipeline's models.")
 
@@ -32,19 +33,19 @@ def serve(
     host: str = typer.Option("127.0.0.1", help="address to bind; 0.0.0.0 exposes the server to the network"),
     port: int = typer.Option(11434, help="port (Ollama's by default; 0 picks a free one)"),
     template: str = typer.Option(
-        "alpaca", help="prompt template: alpaca (instruction-tuned models) | raw (the prompt as given)"
+        None,
+        help="prompt template: alpaca | raw (the prompt as given) | a format string with {instruction} and {input}; "
+        "default: the template stored with the model by instruction tuning, else alpaca",
     ),
     device: str = typer.Option("auto", help="auto | cpu | cuda | mps"),
 ) -> None:
     """Serve llmcore checkpoints over Ollama's HTTP API (/api/generate, /api/chat, /api/tags, /api/show)."""
-    from llmcore.serve import TEMPLATES, ModelHandle, default_name, make_server, qualify  # torch: import late
+    from llmcore.serve.server import ModelHandle, default_name, make_server, qualify  # torch: import late
 
     with stage_errors():
         names = list(name or [])
         if len(names) > len(model):
             raise LLMCoreError(f"{len(names)} --name given for {len(model)} --model")
-        if template not in TEMPLATES:
-            raise LLMCoreError(f"--template: expected one of {'|'.join(TEMPLATES)}, got {template!r}")
         torch_device = resolve_device(device)
         names += [default_name(path) for path in model[len(names) :]]
         names = [qualify(n) for n in names]
@@ -80,15 +81,12 @@ def export(
 ) -> None:
     """Write a GPT-2- or Llama-family language model in the Hugging Face layout, which transformers loads with
     AutoModelForCausalLM.from_pretrained(OUT). LoRA fine-tunes are saved merged, so they export as they are."""
-    from llmcore.checkpoint import load_checkpoint, read_metadata  # torch: import late
-    from llmcore.hf import family, save_hf
+    from llmcore.weights.hf_convert import family, save_hf  # torch: import late
+    from llmcore.weights.model_dir import open_model_dir
 
     with stage_errors():
-        path = model_dir / "model.safetensors" if model_dir.is_dir() else model_dir
-        task = read_metadata(path).get("task")
-        if task is not None:  # e.g. the classifier: HF's GPT2ForSequenceClassification has no head bias to hold ours
-            raise LLMCoreError(f"{path}: a '{task}' checkpoint; export writes causal language models only")
-        model = load_checkpoint(path)
+        # The classifier is refused: HF's GPT2ForSequenceClassification has no head bias to hold ours.
+        model = open_model_dir(model_dir).load_lm(use="export")
         arch = family(model.cfg)
         save_hf(model, out)
     typer.echo(f"wrote {out}/config.json and {out}/model.safetensors ({arch}, {model.num_params():,} parameters)")

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
-import random
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-import torch
 
 
 class LLMCoreError(Exception):
@@ -35,10 +33,19 @@ def atomic_path(dest: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        # mkstemp makes the file private (and some writers replace it): give it the mode open() would
+        os.chmod(tmp_path, 0o666 & ~current_umask())
         os.replace(tmp_path, dest)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+def current_umask() -> int:
+    """The process umask (reading it means setting it; set it straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_text_atomic(dest: str | os.PathLike, text: str) -> None:
@@ -48,6 +55,15 @@ def write_text_atomic(dest: str | os.PathLike, text: str) -> None:
 
 def write_json_atomic(dest: str | os.PathLike, obj: Any) -> None:
     write_text_atomic(dest, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in chunks so large checkpoints do not load into memory."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def read_json(path: str | os.PathLike, missing_hint: str = "") -> Any:
@@ -65,34 +81,12 @@ def read_json(path: str | os.PathLike, missing_hint: str = "") -> Any:
         raise LLMCoreError(f"{path}: not valid JSON ({e})") from None
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
 
 
-def resolve_device(device: str = "auto") -> torch.device:
-    """Map ``auto|cpu|cuda|mps`` (or ``cuda:N``) to a torch device, failing clearly when unavailable."""
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise LLMCoreError(f"device '{device}' requested but CUDA is not available")
-    if device == "mps" and not torch.backends.mps.is_available():
-        raise LLMCoreError("device 'mps' requested but MPS is not available")
-    return torch.device(device)
 
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def autocast_context(device: torch.device, precision: str):
-    """Autocast for bf16/fp16 (weights stay fp32, the master copy); a no-op context for fp32."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=DTYPES[precision])
 
 
 def is_rank0() -> bool:

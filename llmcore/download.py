@@ -12,7 +12,6 @@ Offline runs set ``LLMCORE_MIRROR`` to a copy of the files laid out as ``HOST/PA
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import stat
@@ -27,7 +26,7 @@ import requests
 from requests.exceptions import ChunkedEncodingError
 from tqdm import tqdm
 
-from llmcore.common import LLMCoreError, atomic_path
+from llmcore.common import LLMCoreError, atomic_path, sha256_file
 
 MIRROR_ENV = "LLMCORE_MIRROR"
 CHUNK_SIZE = 1 << 16
@@ -65,15 +64,6 @@ def resolve_url(url: str) -> str:
     return f"{Path(mirror).resolve().as_uri()}/{rel}"
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file, read in chunks so large checkpoints do not load into memory."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def download(
     url: str,
     dest: str | os.PathLike,
@@ -104,7 +94,7 @@ def download(
     """
     dest = Path(dest)
     expected = _normalise_digest(sha256)
-    if dest.is_file() and (expected is None or file_sha256(dest) == expected):
+    if dest.is_file() and (expected is None or sha256_file(dest) == expected):
         return dest
     source = resolve_url(url)
     # A unique temp name (not a fixed ``.part``) so two processes fetching the same file cannot interleave;
@@ -115,7 +105,7 @@ def download(
         else:
             _fetch_http(source, tmp, timeout, retries, backoff, progress, desc=dest.name)
         if expected is not None:
-            actual = file_sha256(tmp)
+            actual = sha256_file(tmp)
             if actual != expected:
                 raise LLMCoreError(f"{dest}: sha256 mismatch for {source}: expected {expected}, got {actual}")
     return dest

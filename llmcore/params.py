@@ -142,12 +142,20 @@ def _show(value: Any) -> str:
     return repr(value) if not isinstance(value, (dict, list)) else type(value).__name__
 
 
+def load_base_model(path: str | os.PathLike = DEFAULT_PATH) -> str:
+    """The top-level ``base_model``: the model folder under ``data/models`` the fine-tunes start from."""
+    base_model = read_params(path).get("base_model", "pretrain")
+    if not isinstance(base_model, str) or not base_model or "/" in base_model or base_model.startswith("."):
+        raise ParamsError(f"base_model: expected a model folder name under data/models, got {base_model!r}")
+    return base_model
+
+
 def model_config_from_params(data: Any, where: str = "model", **fixed: Any):
     """The ``model`` section: a ``preset`` name plus field overrides, e.g. ``{preset: llama3-tiny, n_layers: 2}``.
 
     ``fixed`` values (the tokenizer's vocab size, say) override both.
     """
-    from llmcore.config import PRESETS, ConfigError, ModelConfig
+    from llmcore.models.config import PRESETS, ConfigError, ModelConfig
 
     if not isinstance(data, dict):
         raise ParamsError(f"{where}: expected a mapping, got {_show(data)}")

@@ -10,7 +10,7 @@ base model's tokenizer and truncated to ``classify.max_length`` tokens (null: th
 at most the model's context). Model: ``data/models/${base_model}`` with a linear head on the hidden state of
 each message's last real token (``llmcore/classifier.py``: padding never changes a prediction). What trains
 is ``classify.trainable``: ``head``, ``last_blocks`` (the book's), ``all`` or ``lora``. The loop is
-``llmcore.train.fit`` (cross-entropy); validation accuracy is logged at every evaluation.
+``llmcore.training.loop.fit`` (cross-entropy); validation accuracy is logged at every evaluation.
 
 Outputs, each written atomically:
 
@@ -37,30 +37,18 @@ from typing import Literal
 import torch
 import typer
 
-from llmcore.checkpoint import read_metadata
-from llmcore.classifier import (
-    LABELS,
-    ClassificationBatches,
-    GPTClassifier,
-    balance_classes,
-    classification_loss,
-    classification_metrics,
-    confusion_matrix,
-    encode_texts,
-    label_ids,
-    load_classifier,
-    predict_proba,
-    save_classifier,
-    set_trainable,
-    split_table,
-)
-from llmcore.common import LLMCoreError, atomic_path, print0, resolve_device, stage_errors, write_json_atomic
-from llmcore.datasets import load_spam_table
-from llmcore.download import file_sha256
-from llmcore.hub import load_model_dir
-from llmcore.lora import LoRAParams, merge_lora
-from llmcore.params import ParamsError, load_section, read_params
-from llmcore.train import HardwareConfig, TrainConfig, close_runtime, fit, init_runtime, relaunch_under_torchrun
+from llmcore.common import LLMCoreError, atomic_path, print0, sha256_file, stage_errors, write_json_atomic
+from llmcore.data.datasets import load_spam_table
+from llmcore.data.spam import ClassificationBatches, balance_classes, encode_texts, label_ids, split_table
+from llmcore.device import resolve_device
+from llmcore.eval.metrics import classification_metrics, confusion_matrix
+from llmcore.models.classifier import LABELS, GPTClassifier, classification_loss, predict_proba, set_trainable
+from llmcore.models.lora import LoRAParams, merge_lora
+from llmcore.params import load_base_model, load_section
+from llmcore.training.config import HardwareConfig, TrainConfig
+from llmcore.training.loop import fit
+from llmcore.training.runtime import close_runtime, init_runtime, relaunch_under_torchrun
+from llmcore.weights.model_dir import open_model_dir, save_classifier
 
 
 def _default_train() -> TrainConfig:
@@ -98,11 +86,8 @@ class ClassifyParams:
 
 def load_params(path: Path) -> tuple[ClassifyParams, str, HardwareConfig]:
     """The ``classify`` and ``hardware`` sections and the top-level ``base_model``."""
-    cfg = load_section("classify", ClassifyParams, path)
-    base_model = read_params(path).get("base_model", "pretrain")
-    if not isinstance(base_model, str) or not base_model or "/" in base_model or base_model.startswith("."):
-        raise ParamsError(f"base_model: expected a model folder name under data/models, got {base_model!r}")
-    return cfg, base_model, load_section("hardware", HardwareConfig, path)
+    cfg, hw = load_section("classify", ClassifyParams, path), load_section("hardware", HardwareConfig, path)
+    return cfg, load_base_model(path), hw
 
 
 def write_csv(path: Path, header: list[str], rows: list[list]) -> None:
@@ -131,7 +116,8 @@ def run(
 
     rt = init_runtime(hw)
     torch.manual_seed(cfg.train.seed)  # head and LoRA init: the same on every rank
-    gpt, tok = load_model_dir(models_dir / base_model)
+    base = open_model_dir(models_dir / base_model)
+    gpt, tok = base.load_lm(use="the classify stage"), base.tokenizer
     ctx = gpt.cfg.context_length
     lengths = [len(ids) for ids in encode_texts(tok, splits["train"]["text"].tolist(), max_length=sys.maxsize)]
     max_length = cfg.max_length or min(max(lengths), ctx)
@@ -168,7 +154,7 @@ def run(
 
     # Anything outside cfg.train that decides the weights: a checkpoint made with other inputs is not resumed.
     fingerprint = {
-        "data": file_sha256(data), "base": file_sha256(models_dir / base_model / "model.safetensors"),
+        "data": sha256_file(data), "base": sha256_file(base.weights),
         "classify": {k: v for k, v in asdict(cfg).items() if k not in ("train", "eval_batch_size")},
     }  # fmt: skip
     live = None
@@ -257,8 +243,9 @@ def predict(
         if not texts:
             raise LLMCoreError("predict: no text (pass messages as arguments or on stdin, one a line)")
         dev = resolve_device(device)
-        model, tok, labels = load_classifier(model_dir, device=dev)
-        stored = read_metadata(model_dir / "model.safetensors").get("max_length", "")
+        folder = open_model_dir(model_dir)
+        model, tok, labels = folder.load_classifier(dev), folder.tokenizer, folder.labels
+        stored = folder.metadata.get("max_length", "")
         max_length = int(stored) if stored.isdigit() and int(stored) > 0 else model.cfg.context_length
         max_length = min(max_length, model.cfg.context_length)  # truncate as training did
         seqs = []

@@ -18,10 +18,10 @@ from urllib.parse import unquote, urlsplit
 
 import typer
 
-from llmcore.common import LLMCoreError, stage_errors, write_json_atomic
-from llmcore.datasets import check_spam_table, check_text_corpus, load_instruction_data
+from llmcore.common import LLMCoreError, sha256_file, stage_errors, write_json_atomic
+from llmcore.data.datasets import check_spam_table, check_text_corpus, load_instruction_data
 from llmcore.download import download as fetch
-from llmcore.download import extract_zip, file_sha256, resolve_url
+from llmcore.download import extract_zip, resolve_url
 from llmcore.params import load_section
 
 
@@ -58,7 +58,7 @@ def fetch_source(name: str, source: Source, raw_dir: Path) -> dict:
     dest = fetch(source.url, raw_dir / (source.folder or name) / filename, sha256=source.sha256)
     files = extract_zip(dest, dest.parent, source.extract) if source.extract else [dest]
     facts = check_content(name, source, files)
-    return {"file": str(dest), "bytes": dest.stat().st_size, "sha256": file_sha256(dest), **facts}
+    return {"file": str(dest), "bytes": dest.stat().st_size, "sha256": sha256_file(dest), **facts}
 
 
 app = typer.Typer(add_completion=False)

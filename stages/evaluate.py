@@ -21,16 +21,8 @@ from typing import Literal
 import typer
 
 from llmcore.common import LLMCoreError, atomic_path, print0, read_json, stage_errors, write_json_atomic
-from llmcore.judge import (
-    JudgeConfig,
-    JudgeItem,
-    check_judge,
-    exact_match,
-    rouge_l,
-    score_items,
-    summarize,
-    write_records,
-)
+from llmcore.eval.judge import JudgeConfig, JudgeItem, check_judge, score_items, summarize, write_records
+from llmcore.eval.metrics import exact_match, rouge_l
 from llmcore.params import load_section
 
 
@@ -109,7 +101,7 @@ def main(
 
 def reference_loss(model_dir: Path, responses: Path, batch_size: int) -> dict:
     """Mean loss of the instruction model on the reference outputs (response tokens only)."""
-    from llmcore.instruct import reference_loss as compute  # the instruct stage's collate and loss
+    from llmcore.eval.instruct import reference_loss as compute
 
     return compute(model_dir, responses, batch_size)
 

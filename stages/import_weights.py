@@ -5,7 +5,7 @@ One DVC stage per entry of ``import.models`` (``foreach``); the default ``[]`` k
     python -m stages.import_weights --name gpt2-124m                       # download, convert, evaluate
     python -m stages.import_weights --name llama --from-dir ~/Llama-3.2-1B  # a local HF folder, no download
 
-Sources: the pinned table ``llmcore.hub.KNOWN_CHECKPOINTS`` (gpt2-124m/355m/774m/1558m), which
+Sources: the pinned table ``llmcore.weights.hub.KNOWN_CHECKPOINTS`` (gpt2-124m/355m/774m/1558m), which
 ``import.sources.<name>`` can override or extend (``repo``/``revision``/``sha256``/``config_sha256``/``preset``,
 or ``dir`` for a local folder). Downloads go through ``llmcore.download`` (``LLMCORE_MIRROR`` honoured) into
 ``data/hub/<repo>/<revision>/`` and are reused while their digests match.
@@ -30,15 +30,18 @@ import torch
 import torch.nn.functional as F
 import typer
 
-from llmcore.common import LLMCoreError, print0, resolve_device, stage_errors, write_json_atomic
-from llmcore.config import ModelConfig
-from llmcore.datasets import check_text_corpus
-from llmcore.download import file_sha256, resolve_url
-from llmcore.hf import family, load_hf
-from llmcore.hub import KNOWN_CHECKPOINTS, HFCheckpoint, fetch_hf_checkpoint, llama3_tokenizer, save_model_dir
-from llmcore.model import GPT
+from llmcore.common import LLMCoreError, print0, sha256_file, stage_errors, write_json_atomic
+from llmcore.data.datasets import check_text_corpus, find_single_file
+from llmcore.device import resolve_device
+from llmcore.download import resolve_url
+from llmcore.models.config import ModelConfig
+from llmcore.models.gpt import GPT
 from llmcore.params import load_section
-from llmcore.tokenizer import Tokenizer
+from llmcore.text.llama3 import llama3_tokenizer
+from llmcore.text.tokenizer import Tokenizer
+from llmcore.weights.hf_convert import family, load_hf
+from llmcore.weights.hub import KNOWN_CHECKPOINTS, HFCheckpoint, fetch_hf_checkpoint
+from llmcore.weights.model_dir import save_model_dir
 
 
 @dataclass
@@ -119,13 +122,6 @@ def load_tokenizer(model_dir: Path, fam: str, raw_dir: Path) -> Tokenizer:
     return Tokenizer.gpt2(encoder, merges)
 
 
-def find_corpus(raw_dir: Path, corpus: str) -> Path:
-    files = sorted(p for p in (raw_dir / corpus).glob("*") if p.is_file() and not p.name.startswith("."))
-    if len(files) != 1:
-        raise LLMCoreError(f"import.corpus: expected one file in {raw_dir / corpus}, found {len(files)}")
-    return files[0]
-
-
 @torch.no_grad()
 def evaluate(model: GPT, ids: list[int], context: int) -> tuple[float, int]:
     """Summed next-token cross-entropy (nats) over ``ids`` cut into non-overlapping ``context``-token windows,
@@ -179,7 +175,7 @@ def main(
                 raise LLMCoreError(f"{source}: no such folder")
             model_dir, n_bytes, where, revision = source, 0, str(source), None
             single = source / "model.safetensors"
-            digest = file_sha256(single) if single.is_file() else None  # sharded: no single digest
+            digest = sha256_file(single) if single.is_file() else None  # sharded: no single digest
 
         model = load_hf(model_dir)
         fam = family(model.cfg)
@@ -191,7 +187,7 @@ def main(
                 f"{model_dir}: tokenizer has {tokenizer.vocab_size} ids, the model only {model.cfg.vocab_size}"
             )
 
-        text = check_text_corpus(find_corpus(raw_dir, cfg.corpus))
+        text = check_text_corpus(find_single_file(raw_dir / cfg.corpus, "import.corpus"))
         val_text = text[int(len(text) * (1 - cfg.val_fraction)) :]
         ids = tokenizer.encode(val_text, allow_special=False)[: cfg.eval_tokens + 1]
         if len(ids) < 2:

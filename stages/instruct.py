@@ -7,7 +7,7 @@
 The dataset (``instruct.dataset``: a download source, i.e. a folder of ``data/raw`` holding one JSON list of
 ``{instruction, input, output}`` entries) is validated entry by entry, split with a seed (the book: 85% train,
 10% test, the remaining 5% validation) and formatted with the prompt template (``alpaca`` or a custom format
-string). The base model ``data/models/${base_model}`` is fine-tuned by ``llmcore.train.fit``: every weight, or
+string). The base model ``data/models/${base_model}`` is fine-tuned by ``llmcore.training.loop.fit``: every weight, or
 LoRA adapters that are merged back afterwards. The tuned model then answers every test entry (KV cache; stops
 at end-of-text or at a new ``###`` section).
 
@@ -34,35 +34,20 @@ from typing import Literal
 import torch
 import typer
 
-from llmcore.common import LLMCoreError, print0, resolve_device, stage_errors, write_json_atomic
-from llmcore.datasets import load_instruction_data
-from llmcore.download import file_sha256
-from llmcore.generate import SamplingConfig
-from llmcore.hub import load_model_dir, save_model_dir
-from llmcore.instruct import (
-    TEMPLATE_KEY,
-    InstructionBatches,
-    check_template,
-    encode_entries,
-    eval_batches,
-    evaluate_loss,
-    format_prompt,
-    generate_responses,
-    load_instruct_model,
-    split_entries,
-    stream_response,
-)
-from llmcore.lora import LoRAParams, apply_lora, count_trainable, mark_trainable, merge_lora
-from llmcore.params import ParamsError, load_section, read_params
-from llmcore.train import (
-    HardwareConfig,
-    TrainConfig,
-    close_runtime,
-    fit,
-    init_runtime,
-    lm_loss,
-    relaunch_under_torchrun,
-)
+from llmcore.common import LLMCoreError, print0, sha256_file, stage_errors, write_json_atomic
+from llmcore.data.datasets import find_single_file, load_instruction_data
+from llmcore.data.instruct import InstructionBatches, encode_entries, eval_batches, split_entries
+from llmcore.device import resolve_device
+from llmcore.eval.instruct import evaluate_loss
+from llmcore.models.generate import SamplingConfig
+from llmcore.models.lora import LoRAParams, apply_lora, count_trainable, mark_trainable, merge_lora
+from llmcore.models.responses import generate_responses, stream_response
+from llmcore.params import load_base_model, load_section
+from llmcore.text.prompts import check_template, format_prompt
+from llmcore.training.config import HardwareConfig, TrainConfig
+from llmcore.training.loop import fit, lm_loss
+from llmcore.training.runtime import close_runtime, init_runtime, relaunch_under_torchrun
+from llmcore.weights.model_dir import TEMPLATE_KEY, load_instruct_model, open_model_dir, save_model_dir
 
 
 @dataclass
@@ -121,20 +106,8 @@ class InstructParams:
 
 def load_params(path: Path) -> tuple[InstructParams, str, HardwareConfig]:
     """The ``instruct`` and ``hardware`` sections and the top-level ``base_model``."""
-    cfg = load_section("instruct", InstructParams, path)
-    data = read_params(path)
-    base_model = data.get("base_model", "pretrain")
-    if not isinstance(base_model, str) or not base_model or "/" in base_model or base_model.startswith("."):
-        raise ParamsError(f"base_model: expected a model folder name under data/models, got {base_model!r}")
-    return cfg, base_model, load_section("hardware", HardwareConfig, path)
-
-
-def find_dataset(raw_dir: Path, dataset: str) -> Path:
-    folder = raw_dir / dataset
-    files = sorted(p for p in folder.glob("*.json") if p.is_file())
-    if len(files) != 1:
-        raise LLMCoreError(f"instruct.dataset: expected one .json file in {folder}, found {len(files)}")
-    return files[0]
+    cfg, hw = load_section("instruct", InstructParams, path), load_section("hardware", HardwareConfig, path)
+    return cfg, load_base_model(path), hw
 
 
 def _finite(x: float, digits: int = 4) -> float | None:
@@ -147,13 +120,14 @@ def run(
 ) -> dict | None:  # fmt: skip
     """The stage: returns its metrics (None on ranks other than 0, which only train)."""
     start = time.perf_counter()
-    data_path = find_dataset(raw_dir, cfg.dataset)
+    data_path = find_single_file(raw_dir / cfg.dataset, "instruct.dataset", "*.json")
     entries = load_instruction_data(data_path)
     splits = split_entries(entries, cfg.train_fraction, cfg.test_fraction, cfg.split_seed)  # train, val, test
 
     rt = init_runtime(hw)
     torch.manual_seed(cfg.train.seed)  # LoRA's init: the same on every rank
-    model, tok = load_model_dir(models_dir / base_model)
+    base = open_model_dir(models_dir / base_model)
+    model, tok = base.load_lm(use="the instruct stage"), base.tokenizer
     ctx = model.cfg.context_length
     max_length = cfg.max_length or ctx
     if max_length > ctx:
@@ -178,7 +152,7 @@ def run(
     )
     # Anything outside cfg.train that decides the weights: a checkpoint made with other inputs is not resumed.
     fingerprint = {
-        "data": file_sha256(data_path), "base": file_sha256(models_dir / base_model / "model.safetensors"),
+        "data": sha256_file(data_path), "base": sha256_file(base.weights),
         "instruct": {k: v for k, v in asdict(cfg).items() if k not in ("train", "generate")},
     }  # fmt: skip
     live = None

@@ -43,27 +43,20 @@ import numpy as np
 import torch
 import typer
 
-from llmcore.baselines import DEFAULT_K, baselines
-from llmcore.bench import measure_matmul_peak
-from llmcore.common import DTYPES, LLMCoreError, stage_errors, write_json_atomic, write_text_atomic
-from llmcore.config import ModelConfig
-from llmcore.data import RandomWindows, SequentialWindows, load_tokens, read_meta
-from llmcore.generate import SamplingConfig, generate
-from llmcore.hub import save_model_dir
-from llmcore.model import GPT
+from llmcore.common import LLMCoreError, stage_errors, write_json_atomic, write_text_atomic
+from llmcore.data.tokens import RandomWindows, SequentialWindows, load_tokens, read_meta
+from llmcore.device import DTYPES
+from llmcore.eval.baselines import DEFAULT_K, baselines
+from llmcore.models.config import ModelConfig
+from llmcore.models.generate import SamplingConfig, generate
+from llmcore.models.gpt import GPT
 from llmcore.params import ParamsError, load_section, model_config_from_params, read_params
-from llmcore.tokenizer import Tokenizer
-from llmcore.train import (
-    FitResult,
-    HardwareConfig,
-    Runtime,
-    TrainConfig,
-    close_runtime,
-    fit,
-    init_runtime,
-    lm_loss,
-    relaunch_under_torchrun,
-)
+from llmcore.text.tokenizer import Tokenizer
+from llmcore.training.config import HardwareConfig, TrainConfig
+from llmcore.training.flops import measure_matmul_peak
+from llmcore.training.loop import FitResult, fit, lm_loss
+from llmcore.training.runtime import Runtime, close_runtime, init_runtime, relaunch_under_torchrun
+from llmcore.weights.model_dir import save_model_dir
 
 
 @dataclass

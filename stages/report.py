@@ -10,8 +10,8 @@ from pathlib import Path
 import typer
 
 from llmcore.common import stage_errors, write_text_atomic
+from llmcore.eval.report import build_report, to_html, to_markdown
 from llmcore.params import read_params
-from llmcore.report import build_report, to_html, to_markdown
 
 app = typer.Typer(add_completion=False)
 

@@ -21,9 +21,9 @@ import numpy as np
 import typer
 
 from llmcore.common import LLMCoreError, atomic_path, stage_errors, write_json_atomic
-from llmcore.datasets import check_text_corpus
+from llmcore.data.datasets import check_text_corpus, find_single_file
 from llmcore.params import load_section
-from llmcore.tokenizer import Tokenizer
+from llmcore.text.tokenizer import Tokenizer
 
 
 @dataclass
@@ -40,13 +40,6 @@ class TokenizeParams:
             raise LLMCoreError(f"tokenize.val_fraction: expected a value in (0, 0.5), got {self.val_fraction}")
         if self.vocab_size < 257 and self.kind == "bpe":
             raise LLMCoreError(f"tokenize.vocab_size: bpe needs at least 257 tokens, got {self.vocab_size}")
-
-
-def find_corpus(raw_dir: Path, corpus: str) -> Path:
-    files = sorted(p for p in (raw_dir / corpus).glob("*") if p.is_file() and not p.name.startswith("."))
-    if len(files) != 1:
-        raise LLMCoreError(f"tokenize.corpus: expected one file in {raw_dir / corpus}, found {len(files)}")
-    return files[0]
 
 
 def build_tokenizer(cfg: TokenizeParams, train_text: str, raw_dir: Path) -> Tokenizer:
@@ -75,7 +68,7 @@ def main(
     """Train/load the tokenizer and encode the corpus into train.bin / val.bin."""
     with stage_errors():
         cfg = load_section("tokenize", TokenizeParams, params)
-        corpus = find_corpus(raw_dir, cfg.corpus)
+        corpus = find_single_file(raw_dir / cfg.corpus, "tokenize.corpus")
         text = check_text_corpus(corpus)
         split = int(len(text) * (1 - cfg.val_fraction))
         train_text, val_text = text[:split], text[split:]

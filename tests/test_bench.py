@@ -1,4 +1,4 @@
-"""llmcore.bench on tiny shapes: every section runs, the report is complete, missing peers are skipped with
+"""benchmarks.bench on tiny shapes: every section runs, the report is complete, missing peers are skipped with
 a reason (llmcore's own figures stay), the book->llmcore weight map is exact. No speed is asserted."""
 
 import dataclasses
@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from llmcore import bench
-from llmcore.bench import QUICK, SECTIONS, Plan, Shape
+from benchmarks import bench
+from benchmarks.bench import QUICK, SECTIONS, Plan, Shape
 from tests.conftest import require_shared
 
 HAVE_BOOK = bench.have("llms_from_scratch")

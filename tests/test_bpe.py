@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llmcore.bpe import GPT2_PATTERN, count_chunks, train_bpe, train_bpe_naive
 from llmcore.common import LLMCoreError
+from llmcore.text.bpe import GPT2_PATTERN, count_chunks, train_bpe, train_bpe_naive
 from tests.conftest import require_shared
 
 SHAKESPEARE = "raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"

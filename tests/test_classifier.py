@@ -7,31 +7,25 @@ import pandas as pd
 import pytest
 import torch
 
-from llmcore.bpe import ENDOFTEXT, GPT2_PATTERN
-from llmcore.checkpoint import load_checkpoint, read_metadata
-from llmcore.classifier import (
-    IGNORE_INDEX,
+from llmcore.common import LLMCoreError
+from llmcore.data.spam import ClassificationBatches, balance_classes, encode_texts, label_ids, split_table
+from llmcore.eval.metrics import classification_metrics, confusion_matrix
+from llmcore.models.classifier import (
     LABELS,
-    ClassificationBatches,
     GPTClassifier,
-    balance_classes,
     classification_loss,
-    classification_metrics,
-    confusion_matrix,
-    encode_texts,
-    label_ids,
-    load_classifier,
     predict_proba,
     right_pad,
-    save_classifier,
     set_trainable,
-    split_table,
 )
-from llmcore.common import LLMCoreError
-from llmcore.config import ModelConfig
-from llmcore.lora import LoRALinear, LoRAParams, merge_lora
-from llmcore.model import GPT
-from llmcore.tokenizer import Tokenizer
+from llmcore.models.config import ModelConfig
+from llmcore.models.gpt import GPT
+from llmcore.models.lora import LoRALinear, LoRAParams, merge_lora
+from llmcore.models.ops import IGNORE_INDEX
+from llmcore.text.bpe import ENDOFTEXT, GPT2_PATTERN
+from llmcore.text.tokenizer import Tokenizer
+from llmcore.weights.model_dir import load_classifier, save_classifier
+from llmcore.weights.weight_file import load_checkpoint, read_metadata
 
 PRESETS = ["gpt2-tiny", "llama3-tiny"]  # learned positions and RoPE
 PAD = 256  # the byte tokenizer's end-of-text id, used as padding
@@ -187,7 +181,7 @@ def test_save_refuses_unmerged_lora_and_load_refuses_a_plain_model(tmp_path):
     with pytest.raises(ValueError, match="merge the LoRA layers"):
         save_classifier(tmp_path / "clf", model, byte_tokenizer(), LABELS)
     assert not (tmp_path / "clf").exists()
-    from llmcore.hub import save_model_dir
+    from llmcore.weights.model_dir import save_model_dir
 
     save_model_dir(tmp_path / "lm", tiny_classifier().gpt, byte_tokenizer())
     with pytest.raises(LLMCoreError, match="not a classifier checkpoint"):

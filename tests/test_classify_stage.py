@@ -17,14 +17,15 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from llmcore.bpe import ENDOFTEXT, GPT2_PATTERN
-from llmcore.checkpoint import load_state, read_metadata
-from llmcore.classifier import balance_classes, load_classifier, predict_proba, split_table
-from llmcore.config import ModelConfig
-from llmcore.datasets import load_spam_table
-from llmcore.hub import save_model_dir
-from llmcore.model import GPT
-from llmcore.tokenizer import Tokenizer
+from llmcore.data.datasets import load_spam_table
+from llmcore.data.spam import balance_classes, split_table
+from llmcore.models.classifier import predict_proba
+from llmcore.models.config import ModelConfig
+from llmcore.models.gpt import GPT
+from llmcore.text.bpe import ENDOFTEXT, GPT2_PATTERN
+from llmcore.text.tokenizer import Tokenizer
+from llmcore.weights.model_dir import load_classifier, save_model_dir
+from llmcore.weights.weight_file import load_state, read_metadata
 from stages.classify import app
 
 N_HAM, N_SPAM = 60, 30  # balanced to 30 + 30 -> 42 train / 6 val / 12 test with the book's fractions

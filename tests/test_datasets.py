@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from llmcore.common import LLMCoreError
-from llmcore.datasets import (
+from llmcore.data.datasets import (
     check_spam_table,
     check_text_corpus,
     load_instruction_data,

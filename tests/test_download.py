@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from llmcore.common import LLMCoreError
-from llmcore.download import MIRROR_ENV, download, extract_zip, file_sha256, resolve_url
+from llmcore.common import LLMCoreError, sha256_file
+from llmcore.download import MIRROR_ENV, download, extract_zip, resolve_url
 
 BODY = random.Random(0).randbytes(200_000)
 BODY_SHA = hashlib.sha256(BODY).hexdigest()
@@ -159,7 +159,7 @@ def test_range_ignored_restarts_from_scratch(flaky, tmp_path: Path) -> None:
 def test_connection_reset_then_ok(flaky, tmp_path: Path) -> None:
     script = Script(["reset", "ok"])
     out = download(flaky(script), tmp_path / "data.bin", sha256=BODY_SHA, **FAST)
-    assert file_sha256(out) == BODY_SHA
+    assert sha256_file(out) == BODY_SHA
     assert len(script.seen) == 2
 
 

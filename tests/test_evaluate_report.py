@@ -11,12 +11,12 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from llmcore.checkpoint import save_checkpoint
-from llmcore.config import ModelConfig
-from llmcore.model import GPT
-from llmcore.report import Curve, svg_lines
-from llmcore.serve import ModelHandle, make_server
-from llmcore.tokenizer import Tokenizer
+from llmcore.eval.report import Curve, svg_lines
+from llmcore.models.config import ModelConfig
+from llmcore.models.gpt import GPT
+from llmcore.serve.server import ModelHandle, make_server
+from llmcore.text.tokenizer import Tokenizer
+from llmcore.weights.weight_file import save_checkpoint
 from stages import evaluate, report
 
 TEXT = "Below is an instruction. ### Response: The capital of France is Paris. Score: 85 " * 20

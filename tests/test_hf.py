@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from llmcore.hf import config_from_hf, load_hf, save_hf, state_from_hf, state_to_hf
-from llmcore.model import GPT
+from llmcore.models.gpt import GPT
+from llmcore.weights.hf_convert import config_from_hf, load_hf, save_hf, state_from_hf, state_to_hf
 
 transformers = pytest.importorskip("transformers")
 
@@ -105,7 +105,7 @@ def test_save_hf_loads_in_transformers_with_same_logits(make, tmp_path):
 
 
 def test_greedy_generation_matches_transformers_generate():
-    from llmcore.generate import SamplingConfig, generate
+    from llmcore.models.generate import SamplingConfig, generate
 
     hf_model = tiny_hf_gpt2()
     ours = convert(hf_model)
@@ -118,7 +118,7 @@ def test_greedy_generation_matches_transformers_generate():
 
 def test_pickle_only_checkpoint_is_refused(tmp_path):
     from llmcore.common import LLMCoreError
-    from llmcore.hf import read_hf_state
+    from llmcore.weights.hf_convert import read_hf_state
 
     (tmp_path / "pytorch_model.bin").write_bytes(b"not read")
     with pytest.raises(LLMCoreError, match="safetensors required"):

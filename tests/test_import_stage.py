@@ -18,12 +18,13 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from llmcore.bpe import train_bpe
-from llmcore.checkpoint import save_checkpoint
 from llmcore.common import LLMCoreError
-from llmcore.hf import load_hf
-from llmcore.hub import HFCheckpoint, load_model_dir, save_model_dir
-from llmcore.tokenizer import Tokenizer
+from llmcore.text.bpe import train_bpe
+from llmcore.text.tokenizer import Tokenizer
+from llmcore.weights.hf_convert import load_hf
+from llmcore.weights.hub import HFCheckpoint
+from llmcore.weights.model_dir import load_model_dir, save_model_dir
+from llmcore.weights.weight_file import save_checkpoint
 from tests.conftest import require_shared
 
 transformers = pytest.importorskip("transformers")
@@ -108,7 +109,7 @@ def error_line(result) -> str:
 
 
 def test_import_matches_transformers(workdir, hf_gpt2, hub_files, http_dir, monkeypatch):
-    from llmcore.generate import SamplingConfig, generate
+    from llmcore.models.generate import SamplingConfig, generate
 
     serve_mirror(http_dir, monkeypatch, workdir / "mirror", hub_files)
     digest = sha256(hub_files / "model.safetensors")
@@ -171,12 +172,14 @@ def test_export_round_trip(workdir, hf_gpt2, hub_files):
 
 def test_export_refuses_a_classifier(tmp_path):
     from llmcore.cli import app as cli
-    from llmcore.config import ModelConfig
-    from llmcore.model import GPT
+    from llmcore.models.config import ModelConfig
+    from llmcore.models.gpt import GPT
+    from llmcore.text.tokenizer import Tokenizer
 
     save_checkpoint(tmp_path / "model.safetensors", GPT(ModelConfig.from_preset("gpt2-tiny")), {"task": "classify"})
+    Tokenizer.char("a classifier's tokenizer").save(tmp_path / "tokenizer.json")
     result = CliRunner().invoke(cli, ["export", str(tmp_path), "--out", str(tmp_path / "hf")])
-    assert "a 'classify' checkpoint; export writes causal language models only" in error_line(result)
+    assert "a 'classify' checkpoint, not a causal language model; export needs one" in error_line(result)
     assert not (tmp_path / "hf").exists()
 
 
@@ -236,8 +239,8 @@ def test_load_model_dir_names_what_is_missing(tmp_path):
 
 
 def test_save_model_dir_replaces_whole_folders(tmp_path):
-    from llmcore.config import ModelConfig
-    from llmcore.model import GPT
+    from llmcore.models.config import ModelConfig
+    from llmcore.models.gpt import GPT
 
     tok = Tokenizer.char("abc")
     small, other = (GPT(ModelConfig.from_preset("gpt2-tiny", vocab_size=v, n_layers=1)) for v in (4, 8))

@@ -1,4 +1,4 @@
-"""llmcore.instruct: split, template, collate (hand-built batches), loss, batching, responses and streaming.
+"""llmcore.data.instruct: split, template, collate (hand-built batches), loss, batching, responses and streaming.
 
 Generation is tested on a scripted model (a real ``GPT`` whose logits force a given continuation), so the
 tests check what happens to the text, through the real KV-cache decoding loop, without training anything.
@@ -10,27 +10,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llmcore.bpe import ENDOFTEXT, GPT2_PATTERN
 from llmcore.common import LLMCoreError
-from llmcore.config import ModelConfig
-from llmcore.generate import SamplingConfig
-from llmcore.instruct import (
-    IGNORE_INDEX,
-    Example,
-    InstructionBatches,
-    check_template,
-    collate,
-    encode_entries,
-    eval_batches,
-    evaluate_loss,
-    format_prompt,
-    generate_responses,
-    split_entries,
-    stream_response,
-)
-from llmcore.model import GPT, ModelOutput
-from llmcore.prompts import extract_response, format_alpaca
-from llmcore.tokenizer import Tokenizer
+from llmcore.data.instruct import Example, InstructionBatches, collate, encode_entries, eval_batches, split_entries
+from llmcore.eval.instruct import evaluate_loss
+from llmcore.models.config import ModelConfig
+from llmcore.models.generate import SamplingConfig
+from llmcore.models.gpt import GPT, ModelOutput
+from llmcore.models.ops import IGNORE_INDEX
+from llmcore.models.responses import generate_responses, stream_response
+from llmcore.text.bpe import ENDOFTEXT, GPT2_PATTERN
+from llmcore.text.prompts import check_template, extract_response, format_alpaca, format_prompt
+from llmcore.text.tokenizer import Tokenizer
 
 X = IGNORE_INDEX
 EOT = 9  # the end-of-text id of the hand-built batches below

@@ -15,13 +15,14 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from llmcore.bpe import ENDOFTEXT, GPT2_PATTERN
-from llmcore.checkpoint import read_metadata
-from llmcore.config import ModelConfig
-from llmcore.hub import load_model_dir, save_model_dir
-from llmcore.instruct import encode_entries, eval_batches, evaluate_loss, reference_loss
-from llmcore.model import GPT
-from llmcore.tokenizer import Tokenizer
+from llmcore.data.instruct import encode_entries, eval_batches
+from llmcore.eval.instruct import evaluate_loss, reference_loss
+from llmcore.models.config import ModelConfig
+from llmcore.models.gpt import GPT
+from llmcore.text.bpe import ENDOFTEXT, GPT2_PATTERN
+from llmcore.text.tokenizer import Tokenizer
+from llmcore.weights.model_dir import load_model_dir, save_model_dir
+from llmcore.weights.weight_file import read_metadata
 from stages.instruct import app
 
 N_ENTRIES = 60  # 51 train / 6 test / 3 validation with the book's fractions

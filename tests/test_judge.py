@@ -1,4 +1,4 @@
-"""Tests for llmcore.judge: score parsing, the judge loop against a fake Ollama server, cache, stats, ROUGE-L.
+"""Tests for llmcore.eval.judge: score parsing, the judge loop against a fake Ollama server, cache, stats, ROUGE-L.
 
 The fake server speaks the three endpoints the ``ollama`` client uses here (``/api/tags``, ``/api/show``,
 non-streaming ``/api/generate``) on 127.0.0.1 and misbehaves on cue, so retries, timeouts and the strict
@@ -18,7 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from llmcore.common import LLMCoreError
-from llmcore.judge import (
+from llmcore.eval.judge import (
     DEFAULT_PROMPT_TEMPLATE,
     STRICT_PROMPT_TEMPLATE,
     JudgeCache,
@@ -27,15 +27,14 @@ from llmcore.judge import (
     ScoreRecord,
     cache_key,
     check_judge,
-    exact_match,
     format_input,
     parse_score,
     render_prompt,
-    rouge_l,
     score_items,
     summarize,
     write_records,
 )
+from llmcore.eval.metrics import exact_match, rouge_l
 
 pytestmark = pytest.mark.timeout(30)
 

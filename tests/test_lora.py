@@ -7,9 +7,9 @@ import torch
 import torch.nn as nn
 
 from llmcore.common import LLMCoreError
-from llmcore.config import ModelConfig
-from llmcore.lora import LORA_TARGETS, LoRALinear, apply_lora, count_trainable, mark_trainable, merge_lora
-from llmcore.model import GPT
+from llmcore.models.config import ModelConfig
+from llmcore.models.gpt import GPT
+from llmcore.models.lora import LORA_TARGETS, LoRALinear, apply_lora, count_trainable, mark_trainable, merge_lora
 
 
 def tiny(preset: str = "gpt2-tiny") -> GPT:

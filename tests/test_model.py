@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 
-from llmcore.checkpoint import load_checkpoint, read_config, save_checkpoint
 from llmcore.common import LLMCoreError
-from llmcore.config import PRESETS, ConfigError, ModelConfig
-from llmcore.generate import SamplingConfig, generate, stream
-from llmcore.model import GPT
+from llmcore.models.config import PRESETS, ConfigError, ModelConfig
+from llmcore.models.generate import SamplingConfig, generate, stream
+from llmcore.models.gpt import GPT
+from llmcore.weights.weight_file import load_checkpoint, read_config, save_checkpoint
 
 FAMILIES = ["gpt2-tiny", "llama3-tiny"]
 

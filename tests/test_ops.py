@@ -1,10 +1,10 @@
-"""llmcore.ops.linear_cross_entropy equals the unfused head + F.cross_entropy, in value and in gradients."""
+"""llmcore.models.ops.linear_cross_entropy equals the unfused head + F.cross_entropy, in value and in gradients."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from llmcore.ops import linear_cross_entropy
+from llmcore.models.ops import linear_cross_entropy
 
 
 def inputs(N=37, C=16, V=101, seed=0):

@@ -137,11 +137,11 @@ def judge_server(tmp_path_factory):
 
     import torch
 
-    from llmcore.checkpoint import save_checkpoint
-    from llmcore.config import ModelConfig
-    from llmcore.model import GPT
-    from llmcore.serve import ModelHandle, make_server
-    from llmcore.tokenizer import Tokenizer
+    from llmcore.models.config import ModelConfig
+    from llmcore.models.gpt import GPT
+    from llmcore.serve.server import ModelHandle, make_server
+    from llmcore.text.tokenizer import Tokenizer
+    from llmcore.weights.weight_file import save_checkpoint
 
     path = tmp_path_factory.mktemp("judge")
     tok = Tokenizer.train("Score: 85 out of 100. The response is good. " * 50, 270)  # byte-level: any text

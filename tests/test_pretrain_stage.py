@@ -18,10 +18,10 @@ import yaml
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from llmcore.checkpoint import read_metadata
-from llmcore.hub import load_model_dir
-from llmcore.tokenizer import Tokenizer
-from llmcore.train import checkpoints
+from llmcore.text.tokenizer import Tokenizer
+from llmcore.training.state import checkpoints
+from llmcore.weights.model_dir import load_model_dir
+from llmcore.weights.weight_file import read_metadata
 from stages.pretrain import app
 
 REPO = Path(__file__).resolve().parents[1]

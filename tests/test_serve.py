@@ -23,14 +23,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from llmcore.checkpoint import save_checkpoint
 from llmcore.cli import app
-from llmcore.config import ModelConfig
-from llmcore.generate import SamplingConfig, generate
-from llmcore.model import GPT
-from llmcore.prompts import extract_response, format_alpaca
-from llmcore.serve import ModelHandle, TextStream, make_server
-from llmcore.tokenizer import Tokenizer
+from llmcore.models.config import ModelConfig
+from llmcore.models.generate import SamplingConfig, generate
+from llmcore.models.gpt import GPT
+from llmcore.serve.server import ModelHandle, TextStream, chat_prompt, make_server
+from llmcore.text.prompts import extract_response, format_alpaca
+from llmcore.text.tokenizer import Tokenizer
+from llmcore.weights.weight_file import save_checkpoint
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -246,7 +246,7 @@ def test_concurrent_requests_match_sequential(url: str) -> None:
 
 
 def test_client_hanging_up_mid_stream(url: str, client: ollama.Client, caplog) -> None:
-    caplog.set_level(logging.INFO, logger="llmcore.serve")
+    caplog.set_level(logging.INFO, logger="llmcore.serve.server")
     host, port = url.removeprefix("http://").split(":")
     body = json.dumps({"model": "tiny-raw", "prompt": "Once upon a time", "options": {"num_predict": -1}}).encode()
     for _ in range(3):
@@ -334,10 +334,39 @@ def test_cli(model_dir: Path, monkeypatch) -> None:
         calls.append((sorted(models), host, port))
         return FakeServer()
 
-    monkeypatch.setattr("llmcore.serve.make_server", fake_make_server)
+    monkeypatch.setattr("llmcore.serve.server.make_server", fake_make_server)
     result = runner.invoke(app, ["serve", "--model", str(model_dir), "--model", str(model_dir), "--name", "judge"])
     assert result.exit_code == 0, result.output
     assert calls == [(["judge:latest", "tiny:latest"], "127.0.0.1", 11434)]  # loopback by default
 
     result = runner.invoke(app, ["serve", "--model", str(model_dir / "missing")])
     assert result.exit_code == 1 and "error:" in result.output
+
+
+# --------------------------------------------------------------------------------------------------
+# Model folders: the stored template, and the wrong kind of model
+
+
+def test_the_template_stored_with_the_model_is_served(model_dir: Path, tmp_path: Path) -> None:
+    custom = "Q: {instruction}\nContext: {input}\nA:"
+    vocab = Tokenizer.load(model_dir / "tokenizer.json").vocab_size
+    model = GPT(ModelConfig.from_preset("llama3-tiny", vocab_size=vocab))
+    save_checkpoint(tmp_path / "model.safetensors", model, {"template": custom})
+    (tmp_path / "tokenizer.json").write_bytes((model_dir / "tokenizer.json").read_bytes())
+    handle = ModelHandle.load(tmp_path)
+    assert handle.template == custom
+    assert chat_prompt([{"role": "user", "content": "Add 2 and 3."}], handle.template) == (
+        "Q: Add 2 and 3.\nContext: \nA:"
+    )
+    assert ModelHandle.load(tmp_path, template="raw").template == "raw"  # --template still overrides it
+    assert ModelHandle.load(model_dir).template == "alpaca"  # nothing stored: alpaca, as before
+
+
+def test_serving_a_classifier_is_refused_in_one_line(model_dir: Path, tmp_path: Path) -> None:
+    vocab = Tokenizer.load(model_dir / "tokenizer.json").vocab_size
+    model = GPT(ModelConfig.from_preset("llama3-tiny", vocab_size=vocab))
+    save_checkpoint(tmp_path / "model.safetensors", model, {"task": "classify"})
+    (tmp_path / "tokenizer.json").write_bytes((model_dir / "tokenizer.json").read_bytes())
+    result = CliRunner().invoke(app, ["serve", "--model", str(tmp_path), "--port", "0"])
+    assert result.exit_code == 1
+    assert "a 'classify' checkpoint, not a causal language model; serve needs one" in result.output

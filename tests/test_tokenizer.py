@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from tiktoken_ext.openai_public import r50k_pat_str
 
 from llmcore.common import LLMCoreError
-from llmcore.tokenizer import Tokenizer
+from llmcore.text.tokenizer import Tokenizer
 from tests.conftest import require_shared
 
 SHAKESPEARE = "raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"

@@ -11,25 +11,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from llmcore.baselines import bigram_loss, unigram_entropy, unigram_loss
 from llmcore.common import LLMCoreError
-from llmcore.config import ModelConfig
-from llmcore.data import RandomWindows, SequentialWindows, load_tokens
-from llmcore.model import GPT
+from llmcore.data.tokens import RandomWindows, SequentialWindows, load_tokens
+from llmcore.eval.baselines import bigram_loss, unigram_entropy, unigram_loss
+from llmcore.models.config import ModelConfig
+from llmcore.models.gpt import GPT
 from llmcore.params import ParamsError, from_dict
-from llmcore.train import (
-    HardwareConfig,
-    TrainConfig,
-    checkpoints,
-    fit,
-    get_lr,
-    join_tensors,
-    lm_loss,
-    make_optimizer,
-    param_groups,
-    plan_steps,
-    split_tensors,
-)
+from llmcore.training.config import HardwareConfig, TrainConfig
+from llmcore.training.loop import fit, get_lr, lm_loss, make_optimizer, param_groups, plan_steps
+from llmcore.training.state import checkpoints, join_tensors, split_tensors
 
 V, T = 32, 16
 CPU = HardwareConfig(device="cpu")

@@ -104,6 +104,16 @@ def load_instruction_data(path: str | os.PathLike) -> list[dict]:
     return data
 
 
+def find_single_file(folder: str | os.PathLike, key: str, pattern: str = "*") -> Path:
+    """The one data file in a downloaded folder (``data/raw/<source>``); ``key`` is the param that named it."""
+    folder = Path(folder)
+    files = sorted(p for p in folder.glob(pattern) if p.is_file() and not p.name.startswith("."))
+    if len(files) != 1:
+        kind = "file" if pattern == "*" else f"{pattern.lstrip('*')} file"
+        raise LLMCoreError(f"{key}: expected one {kind} in {folder}, found {len(files)}")
+    return files[0]
+
+
 def check_text_corpus(path: str | os.PathLike, min_bytes: int = 1) -> str:
     """Check that a pretraining corpus is UTF-8 and at least ``min_bytes`` long; returns its text."""
     path = Path(path)

@@ -6,7 +6,7 @@ The pieces of Raschka, *Build a Large Language Model (From Scratch)*, ch. 7, as 
     examples = encode_entries(train, tok, template="alpaca")      # prompt + output + <|endoftext|>
     data = InstructionBatches(examples, batch_size=8, pad_id=tok.eot_id, mask_prompt=True, max_length=256)
     inputs, targets = data.next_batch()                           # a seeded, resumable stream for train.fit
-    loss, n = llmcore.train.lm_loss(model, (inputs, targets))     # mean over the n targets that are not -100
+    loss, n = llmcore.training.loop.lm_loss(model, (inputs, targets))     # mean over the n targets that are not -100
     answers = generate_responses(model, tok, prompts, SamplingConfig(max_new_tokens=128))
 
 One training sequence is ``prompt ids + output ids + [eot]``; the model learns to write the output after
@@ -14,37 +14,23 @@ One training sequence is ``prompt ids + output ids + [eot]``; the model learns t
 ``custom_collate_fn``: pad to the longest row, shift targets by one, ignore (``-100``) every padding target
 but the first end-of-text, optionally ignore the prompt's tokens too, and truncate to the context length.
 
-The prompt template is Alpaca's (``llmcore.prompts.format_alpaca``, shared with serving) or a custom
+The prompt template is Alpaca's (``llmcore.text.prompts.format_alpaca``, shared with serving) or a custom
 ``str.format`` string with ``{instruction}`` and ``{input}`` placeholders.
 """
 
 from __future__ import annotations
 
-import codecs
-import math
-import os
 import random
-import string
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, replace
-from pathlib import Path
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 
-from llmcore.checkpoint import read_metadata
 from llmcore.common import LLMCoreError
-from llmcore.datasets import load_instruction_data
-from llmcore.generate import SamplingConfig, generate_steps, stream
-from llmcore.hub import load_model_dir
-from llmcore.model import GPT
-from llmcore.prompts import extract_response, format_alpaca, section_start
-from llmcore.tokenizer import Tokenizer
-from llmcore.train import lm_loss
-
-IGNORE_INDEX = -100  # F.cross_entropy's default ignore_index
-TEMPLATE_FIELDS = ("instruction", "input")
-SECTION = "\n###"  # a new Alpaca section: the model has finished its answer and starts another prompt
-
+from llmcore.data.batches import EpochOrder
+from llmcore.models.ops import IGNORE_INDEX
+from llmcore.text.prompts import format_prompt
+from llmcore.text.tokenizer import Tokenizer
 
 # ---------------------------------------------------------------------------------------------------
 # Data: split and prompt template
@@ -76,27 +62,8 @@ def split_entries(
     return train, val, test
 
 
-def check_template(template: str, where: str = "instruct.template") -> str:
-    """Accept ``"alpaca"`` or a format string using only ``{instruction}`` (required) and ``{input}``."""
-    if template == "alpaca":
-        return template
-    try:
-        fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
-    except ValueError as e:
-        raise LLMCoreError(f"{where}: not a valid format string: {e}") from None
-    unknown = [f for f in fields if f not in TEMPLATE_FIELDS]
-    if unknown:
-        raise LLMCoreError(f"{where}: unknown placeholder {{{unknown[0]}}} (known: {{instruction}}, {{input}})")
-    if "instruction" not in fields:
-        raise LLMCoreError(f"{where}: a custom template needs an {{instruction}} placeholder, or use 'alpaca'")
-    return template
 
 
-def format_prompt(template: str, instruction: str, input: str = "") -> str:
-    """The prompt of one entry, ending where the response starts."""
-    if template == "alpaca":
-        return format_alpaca(instruction, input)
-    return template.format(instruction=instruction, input=input)
 
 
 @dataclass
@@ -168,7 +135,7 @@ def collate(
 
 class InstructionBatches:
     """Batches over encoded examples, one pass per epoch in a seeded order; the ``Batches`` protocol of
-    ``llmcore.train.fit`` (``next_batch()``, ``len()`` = batches per epoch, ``state_dict()``).
+    ``llmcore.training.loop.fit`` (``next_batch()``, ``len()`` = batches per epoch, ``state_dict()``).
 
     Training (``shuffle=True``): a fresh order each epoch, drawn from ``(seed, epoch)`` so a resumed run sees
     the same batches; the ragged tail of an epoch is dropped (every batch is full). With ``group_by_length``
@@ -193,50 +160,18 @@ class InstructionBatches:
         rank: int = 0,
         world_size: int = 1,
     ):
-        if batch_size < 1:
-            raise LLMCoreError(f"instruct: batch_size must be positive, got {batch_size}")
-        if not examples:
-            raise LLMCoreError("instruct: no examples to batch")
-        if shuffle and len(examples) < batch_size * world_size:  # training batches are always full
-            raise LLMCoreError(
-                f"instruct: {len(examples)} examples are fewer than one batch of {batch_size * world_size}; "
-                "lower the batch size"
-            )
         self.examples = list(examples)
-        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        lengths = [len(e.ids) for e in self.examples] if group_by_length else None
+        self.order = EpochOrder(len(self.examples), batch_size, seed=seed, shuffle=shuffle, lengths=lengths,
+                                rank=rank, world_size=world_size, where="instruct")  # fmt: skip
         self.pad_id, self.mask_prompt, self.max_length = pad_id, mask_prompt, max_length
-        self.seed, self.shuffle, self.group_by_length = seed, shuffle, group_by_length
-        self.epoch, self.batch = 0, 0  # batch: the next one within the epoch
-        self._order = self._epoch_order(self.epoch)
 
     def __len__(self) -> int:
-        G = self.batch_size * self.world_size
-        return len(self.examples) // G if self.shuffle else math.ceil(len(self.examples) / G)
-
-    def _epoch_order(self, epoch: int) -> list[list[int]]:
-        """The global batches of ``epoch``, as lists of example indices."""
-        G = self.batch_size * self.world_size
-        order = list(range(len(self.examples)))
-        if not self.shuffle:
-            return [order[i : i + G] for i in range(0, len(order), G)]
-        rng = random.Random(self.seed * 100_003 + epoch)  # a fixed order per (seed, epoch): resumable
-        rng.shuffle(order)
-        if self.group_by_length:
-            window = G * 32
-            by_length = lambda i: len(self.examples[i].ids)
-            order = [i for w in range(0, len(order), window) for i in sorted(order[w : w + window], key=by_length)]
-        batches = [order[i * G : (i + 1) * G] for i in range(len(self))]
-        if self.group_by_length:
-            rng.shuffle(batches)
-        return batches
+        return len(self.order)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(inputs, targets) of the next batch, (B, T) int64 each, on the CPU."""
-        if self.batch >= len(self._order):
-            self.epoch, self.batch = self.epoch + 1, 0
-            self._order = self._epoch_order(self.epoch)
-        rows = self._order[self.batch][self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
-        self.batch += 1
+        rows = self.order.next_rows()
         if not rows:  # a short last evaluation batch left this rank nothing: a stand-in row scoring no target
             inputs, targets = collate(self.examples[:1], self.pad_id, max_length=self.max_length)
             return inputs, targets.fill_(IGNORE_INDEX)
@@ -244,11 +179,10 @@ class InstructionBatches:
         return collate(batch, self.pad_id, mask_prompt=self.mask_prompt, max_length=self.max_length)
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batch": self.batch}
+        return self.order.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
-        self._order = self._epoch_order(self.epoch)
+        self.order.load_state_dict(state)
 
 
 def eval_batches(
@@ -264,22 +198,6 @@ def eval_batches(
         yield collate(examples[start : start + batch_size], pad_id, mask_prompt=mask_prompt, max_length=max_length)
 
 
-@torch.no_grad()
-def evaluate_loss(model: GPT, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
-    """Token-weighted mean loss over ``batches`` (each scored target counts once, whatever its batch)."""
-    was_training = model.training
-    model.eval()
-    device = model.tok_emb.weight.device
-    total, count = 0.0, 0
-    try:
-        for inputs, targets in batches:
-            loss, n = lm_loss(model, (inputs.to(device), targets.to(device)))
-            total, count = total + float(loss) * int(n), count + int(n)
-    finally:
-        model.train(was_training)
-    if not count:
-        raise LLMCoreError("instruct: no target tokens to evaluate (every sequence truncated inside its prompt?)")
-    return total / count
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -287,128 +205,19 @@ def evaluate_loss(model: GPT, batches: Iterable[tuple[torch.Tensor, torch.Tensor
 # ---------------------------------------------------------------------------------------------------
 
 
-def _has_section(tok: Tokenizer, ids: list[int]) -> bool:
-    return section_start(tok.decode(ids)) >= 0
 
 
-def generate_responses(
-    model: GPT,
-    tok: Tokenizer,
-    prompts: Sequence[str],
-    cfg: SamplingConfig,
-    batch_size: int = 8,
-    stop_at_section: bool = True,
-) -> list[str]:
-    """Answer each prompt: generate with the KV cache, keep only the new text, cut it at a new ``###``.
-
-    Prompts are batched by length (less left padding, more room in the context); a row is done at the
-    end-of-text token or, with ``stop_at_section``, as soon as its text starts a new ``###`` section, and
-    a batch stops when all its rows are done. ``extract_response`` then trims the text.
-
-    Returns:
-        One response per prompt, in the order given.
-    """
-    cfg = replace(cfg, stop_ids=tuple({*cfg.stop_ids, tok.eot_id}))
-    encoded = tok.encode_batch(list(prompts), allow_special=False)
-    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
-    responses: list[str] = [""] * len(prompts)
-    for start in range(0, len(order), batch_size):
-        rows = order[start : start + batch_size]
-        out: list[list[int]] = [[] for _ in rows]
-        done = [False] * len(rows)
-        steps = generate_steps(model, [encoded[i] for i in rows], cfg)
-        for tokens, alive in steps:
-            for r in range(len(rows)):
-                if done[r] or not alive[r]:
-                    done[r] = True
-                    continue
-                out[r].append(int(tokens[r]))
-                # only a token holding '#' can complete a "###" marker: skip the decode otherwise
-                if stop_at_section and b"#" in tok.token_bytes(out[r][-1]) and _has_section(tok, out[r]):
-                    done[r] = True
-            if all(done):
-                steps.close()  # restores the model's train/eval mode
-                break
-        for r, i in enumerate(rows):
-            responses[i] = extract_response(tok.decode(out[r]))
-    return responses
 
 
-def _held_back(text: str) -> int:
-    """How many trailing characters of ``text`` may not be shown yet: whitespace and a partial ``###`` that
-    starts a line could still turn out to be the end of the answer (``extract_response`` strips both)."""
-    padded = "\n" + text
-    hold = 0
-    for k in (3, 2):  # "\n##", "\n#": the start of a possible section marker
-        if padded.endswith(SECTION[:k]):
-            hold = k - 1
-            break
-    return len(text) - len(text[: len(text) - hold].rstrip())
 
 
-def stream_response(model: GPT, tok: Tokenizer, prompt: str, cfg: SamplingConfig) -> Iterator[str]:
-    """Yield the answer to ``prompt`` as text pieces while it is generated (for ``ask`` and serving).
-
-    Bytes are decoded incrementally, so a character split over tokens is shown whole once complete; the
-    output stops at the end-of-text token or at a new ``###`` section. The pieces join to exactly
-    ``extract_response`` of the whole generated text (leading and trailing whitespace dropped).
-    """
-    cfg = replace(cfg, stop_ids=tuple({*cfg.stop_ids, tok.eot_id}))
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    text = ""  # all text decoded so far
-    sent = None  # index in ``text`` up to which pieces were yielded; None before the first non-space character
-    for token in stream(model, tok.encode(prompt, allow_special=False), cfg):
-        text += decoder.decode(tok.token_bytes(token))
-        end = section_start(text)
-        if end >= 0:
-            text = text[:end]
-            break
-        if sent is None:
-            if not text.strip():
-                continue
-            sent = len(text) - len(text.lstrip())
-        ready = len(text) - _held_back(text)
-        if ready > sent:
-            yield text[sent:ready]
-            sent = ready
-    else:
-        text += decoder.decode(b"", final=True)
-        end = section_start(text)
-        text = text if end < 0 else text[:end]
-    rest = text.strip() if sent is None else text[sent:].rstrip()
-    if rest:
-        yield rest
 
 
 # ---------------------------------------------------------------------------------------------------
 # Saved instruction models
 # ---------------------------------------------------------------------------------------------------
 
-TEMPLATE_KEY = "template"  # checkpoint metadata: the prompt template the model was tuned with
 
 
-def load_instruct_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer, str]:
-    """Load an instruction model folder -> (model, tokenizer, its prompt template from the checkpoint metadata)."""
-    model, tok = load_model_dir(path, device=str(device))
-    template = read_metadata(Path(path) / "model.safetensors").get(TEMPLATE_KEY, "alpaca")
-    return model, tok, check_template(template, where=f"{path}: metadata '{TEMPLATE_KEY}'")
 
 
-def reference_loss(model_dir: str | os.PathLike, responses: str | os.PathLike, batch_size: int = 8) -> dict:
-    """Loss and perplexity of the instruction model on the reference outputs of ``responses.json``.
-
-    Only response tokens (and the end-of-text) are scored, as in training with ``mask_prompt``; sequences
-    are cut to the model's context. Used by the ``evaluate`` stage.
-
-    Returns:
-        ``{"reference_loss": float, "reference_perplexity": float, "reference_tokens": int}``
-    """
-    model, tok, template = load_instruct_model(model_dir)
-    path = Path(responses)
-    entries = load_instruction_data(path)  # the same keys, checked entry by entry
-    examples = encode_entries(entries, tok, template)
-    ctx = model.cfg.context_length
-    batches = list(eval_batches(examples, batch_size, tok.eot_id, mask_prompt=True, max_length=ctx))
-    loss = evaluate_loss(model, batches)
-    n = sum(int((t != IGNORE_INDEX).sum()) for _, t in batches)
-    return {"reference_loss": round(loss, 4), "reference_perplexity": round(math.exp(loss), 3), "reference_tokens": n}

@@ -9,7 +9,7 @@ batches of next-token prediction, (B, T) int64 each, ``y`` being ``x`` shifted l
     SequentialWindows  the book's ``GPTDatasetV1``: a window every ``stride`` tokens, visited in a seeded
                        random order that changes each epoch (``shuffle=False``: in order, for evaluation).
 
-Both implement the ``Batches`` protocol that ``llmcore.train.fit`` consumes (see there): ``next_batch()``,
+Both implement the ``Batches`` protocol that ``llmcore.training.loop.fit`` consumes (see there): ``next_batch()``,
 ``len()`` = batches per epoch, and ``state_dict()`` / ``load_state_dict()`` holding the exact position in
 the stream, so a resumed run draws exactly the batches the uninterrupted one would have.
 

@@ -27,7 +27,6 @@ import json
 import math
 import os
 import re
-import string
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -42,6 +41,7 @@ import ollama
 from tqdm import tqdm
 
 from llmcore.common import LLMCoreError, atomic_path
+from llmcore.text.prompts import RESPONSE_MARKER, format_alpaca
 
 DEFAULT_HOST = "http://127.0.0.1:11434"
 
@@ -147,12 +147,7 @@ class ScoreRecord:
 
 def format_input(instruction: str, input_text: str = "") -> str:
     """The Alpaca prompt the book fine-tunes on (ch. 7 ``format_input``), without the response header."""
-    text = (
-        "Below is an instruction that describes a task. "
-        "Write a response that appropriately completes the request."
-        f"\n\n### Instruction:\n{instruction}"
-    )
-    return text + (f"\n\n### Input:\n{input_text}" if input_text else "")
+    return format_alpaca(instruction, input_text)[: -len("\n\n" + RESPONSE_MARKER)]
 
 
 def render_prompt(template: str, item: JudgeItem) -> str:
@@ -533,32 +528,10 @@ def summarize(records: Sequence[ScoreRecord], n_boot: int = 1000, seed: int = 0)
 # Judge-free metrics
 
 
-def rouge_l(candidate: str, reference: str) -> float:
-    """ROUGE-L F1: longest common subsequence of lowercased whitespace tokens (Lin, 2004; beta = 1)."""
-    c, r = candidate.lower().split(), reference.lower().split()
-    if not c or not r:
-        return float(c == r)  # both empty: a perfect match; one empty: nothing in common
-    prev = [0] * (len(r) + 1)  # LCS table, one row at a time
-    for tc in c:
-        cur = [0]
-        for j, tr in enumerate(r):
-            cur.append(prev[j] + 1 if tc == tr else max(prev[j + 1], cur[j]))
-        prev = cur
-    lcs = prev[-1]
-    if lcs == 0:
-        return 0.0
-    precision, recall = lcs / len(c), lcs / len(r)
-    return 2 * precision * recall / (precision + recall)
 
 
-_PUNCT = str.maketrans("", "", string.punctuation)
 
 
-def normalize_text(text: str) -> str:
-    return " ".join(text.lower().translate(_PUNCT).split())
 
 
-def exact_match(a: str, b: str) -> bool:
-    """Equal after lowercasing, dropping ASCII punctuation and collapsing whitespace."""
-    return normalize_text(a) == normalize_text(b)
 

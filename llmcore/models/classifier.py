@@ -7,7 +7,7 @@ each row's own last real token (index ``length - 1``): under causal attention th
 whole message and no padding, so a prediction is the same alone, in any batch, at any padded width. That
 also lets batches pad only to their longest message instead of the global maximum (most SMS are short).
 
-    model = GPTClassifier(gpt, num_classes=2)               # gpt: e.g. from llmcore.hub.load_model_dir
+    model = GPTClassifier(gpt, num_classes=2)               # gpt: e.g. from llmcore.weights.hub.load_model_dir
     set_trainable(model, "lora", lora=LoRAParams(rank=8))   # head | last_blocks | all | lora
     logits = model(idx, attention_mask)                     # (B, num_classes)
     fit(model, ClassificationBatches(seqs, labels, 16, pad_id), val, classification_loss, ...)
@@ -25,36 +25,27 @@ emb_dim) and ``cls_head.bias`` (num_classes,), and extra metadata::
      "labels": "[\\"ham\\", \\"spam\\"]", "pooling": "last_token", ...caller's keys}
 
 (the classify stage adds ``stage``, ``base_model``, ``trainable`` and ``max_length``, the truncation
-``predict`` applies). ``load_classifier`` reads it back; ``llmcore.checkpoint.load_checkpoint`` refuses it (unexpected
-``cls_head.*`` tensors), since it is not a language model any more.
+``predict`` applies). ``llmcore.weights.model_dir.load_classifier`` reads it back; a language-model loader
+refuses it, since it is not a language model any more.
 """
 
 from __future__ import annotations
 
-import json
-import math
-import os
-import random
 from collections.abc import Sequence
-from pathlib import Path
 
-import pandas as pd
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from llmcore.checkpoint import FORMAT, load_into, load_state, model_state, read_config, read_metadata, write_weights
 from llmcore.common import LLMCoreError
-from llmcore.hub import staged_dir
-from llmcore.lora import LoRAParams, apply_lora, count_trainable, mark_trainable
-from llmcore.model import GPT
-from llmcore.tokenizer import Tokenizer
+from llmcore.models.gpt import GPT
+from llmcore.models.lora import LoRAParams, apply_lora, count_trainable, mark_trainable
+from llmcore.models.ops import IGNORE_INDEX
 
 LABELS = ("ham", "spam")  # class id = index; spam (1) is the positive class for precision/recall
 HEAD_PREFIX = "cls_head."
 POOLING = "last_token"
 TRAINABLE = ("head", "last_blocks", "all", "lora")
-IGNORE_INDEX = -100  # a label no loss scores (a stand-in row)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -169,78 +160,6 @@ def predict_proba(
     return probs
 
 
-class ClassificationBatches:
-    """Right-padded ``(idx, attention_mask, labels)`` batches over token lists; the ``Batches`` protocol of
-    ``llmcore.train.fit`` (``next_batch()``, ``len()`` = batches per epoch, ``state_dict()``).
-
-    Training (``shuffle=True``): a fresh order each epoch drawn from ``(seed, epoch)``, so a resumed run sees
-    the same batches; the ragged tail of an epoch is dropped so every batch is full. Evaluation
-    (``shuffle=False``): every example once per epoch, in order. Each batch pads only to its own longest row.
-
-    Data parallel: every rank draws the same global batch of ``batch_size * world_size`` rows and keeps its
-    slice; a rank left without rows in a short last evaluation batch gets one stand-in row labelled -100
-    (scored by nothing, weight 0).
-    """
-
-    def __init__(
-        self,
-        seqs: Sequence[Sequence[int]],
-        labels: Sequence[int],
-        batch_size: int,
-        pad_id: int,
-        *,
-        seed: int = 0,
-        shuffle: bool = True,
-        rank: int = 0,
-        world_size: int = 1,
-    ):
-        if len(seqs) != len(labels):
-            raise ValueError(f"{len(seqs)} sequences but {len(labels)} labels")
-        if batch_size < 1:
-            raise LLMCoreError(f"batch_size must be positive, got {batch_size}")
-        if not seqs:
-            raise LLMCoreError("no examples to batch")
-        if shuffle and len(seqs) < batch_size * world_size:
-            raise LLMCoreError(
-                f"{len(seqs)} training examples are fewer than one batch of {batch_size * world_size}; "
-                "lower train.batch_size"
-            )
-        self.seqs, self.labels = [list(s) for s in seqs], list(labels)
-        self.batch_size, self.pad_id, self.rank, self.world_size = batch_size, pad_id, rank, world_size
-        self.seed, self.shuffle = seed, shuffle
-        self.epoch, self.batch = 0, 0  # batch: the next one within the epoch
-        self._order = self._epoch_order(0)
-
-    def __len__(self) -> int:
-        G = self.batch_size * self.world_size
-        return len(self.seqs) // G if self.shuffle else math.ceil(len(self.seqs) / G)
-
-    def _epoch_order(self, epoch: int) -> list[list[int]]:
-        G = self.batch_size * self.world_size
-        order = list(range(len(self.seqs)))
-        if self.shuffle:
-            random.Random(self.seed * 100_003 + epoch).shuffle(order)  # a fixed order per (seed, epoch)
-        return [order[i * G : (i + 1) * G] for i in range(len(self))]
-
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(idx, attention_mask, labels): (B, T), (B, T), (B,) int64, on the CPU."""
-        if self.batch >= len(self._order):
-            self.epoch, self.batch = self.epoch + 1, 0
-            self._order = self._epoch_order(self.epoch)
-        rows = self._order[self.batch][self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
-        self.batch += 1
-        if not rows:
-            idx, mask = right_pad(self.seqs[:1], self.pad_id)
-            return idx, mask, torch.full((1,), IGNORE_INDEX)
-        idx, mask = right_pad([self.seqs[i] for i in rows], self.pad_id)
-        return idx, mask, torch.tensor([self.labels[i] for i in rows])
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batch": self.batch}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
-        self._order = self._epoch_order(self.epoch)
 
 
 def classification_loss(model: nn.Module, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -252,16 +171,6 @@ def classification_loss(model: nn.Module, batch: tuple[torch.Tensor, ...]) -> tu
     return loss / n.clamp_min(1), n
 
 
-def encode_texts(tok: Tokenizer, texts: Sequence[str], max_length: int) -> list[list[int]]:
-    """Token ids of each text, truncated to the first ``max_length`` tokens.
-
-    Special-token strings inside a message (``<|endoftext|>`` typed by a user) are encoded as plain text.
-    """
-    ids = [tok.encode(t, allow_special=False)[:max_length] for t in texts]
-    for i, s in enumerate(ids):
-        if not s:
-            raise LLMCoreError(f"text {i}: encodes to no tokens")
-    return ids
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -269,34 +178,10 @@ def encode_texts(tok: Tokenizer, texts: Sequence[str], max_length: int) -> list[
 # ---------------------------------------------------------------------------------------------------
 
 
-def balance_classes(df: pd.DataFrame, seed: int) -> pd.DataFrame:
-    """Undersample every label to the rarest label's count (ham down to the 747 spam), seeded."""
-    counts = df["label"].value_counts()
-    n = int(counts.min())
-    parts = [df[df["label"] == label].sample(n=n, random_state=seed) for label in sorted(counts.index)]
-    return pd.concat(parts).sort_index()  # file order; split() shuffles
 
 
-def split_table(
-    df: pd.DataFrame, fractions: Sequence[float], seed: int
-) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """Shuffle (seeded) and cut into train/val/test by ``fractions`` (the book: 0.7, 0.1, 0.2).
-
-    Train and val get ``floor(fraction · n)`` rows, test the rest, as in the book's ``random_split``.
-    """
-    shuffled = df.sample(frac=1.0, random_state=seed).reset_index(drop=True)
-    n_train = int(len(shuffled) * fractions[0])
-    n_val = int(len(shuffled) * fractions[1])
-    return (
-        shuffled[:n_train].reset_index(drop=True),
-        shuffled[n_train : n_train + n_val].reset_index(drop=True),
-        shuffled[n_train + n_val :].reset_index(drop=True),
-    )
 
 
-def label_ids(labels: Sequence[str], names: Sequence[str] = LABELS) -> list[int]:
-    index = {name: i for i, name in enumerate(names)}
-    return [index[label] for label in labels]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -304,30 +189,8 @@ def label_ids(labels: Sequence[str], names: Sequence[str] = LABELS) -> list[int]
 # ---------------------------------------------------------------------------------------------------
 
 
-def confusion_matrix(actual: Sequence[int], predicted: Sequence[int], num_classes: int) -> list[list[int]]:
-    """``m[a][p]`` = number of rows of actual class ``a`` predicted as ``p``."""
-    m = [[0] * num_classes for _ in range(num_classes)]
-    for a, p in zip(actual, predicted, strict=True):
-        m[a][p] += 1
-    return m
 
 
-def classification_metrics(actual: Sequence[int], predicted: Sequence[int], positive: int = 1) -> dict[str, float]:
-    """Accuracy, and precision/recall/F1 of the ``positive`` class (0.0 where undefined, as sklearn)."""
-    pairs = list(zip(actual, predicted, strict=True))
-    tp = sum(a == positive and p == positive for a, p in pairs)
-    fp = sum(a != positive and p == positive for a, p in pairs)
-    fn = sum(a == positive and p != positive for a, p in pairs)
-    correct = sum(a == p for a, p in pairs)
-    precision = tp / (tp + fp) if tp + fp else 0.0
-    recall = tp / (tp + fn) if tp + fn else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {
-        "accuracy": correct / len(pairs) if pairs else math.nan,
-        "precision": precision,
-        "recall": recall,
-        "f1": f1,
-    }
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -335,64 +198,5 @@ def classification_metrics(actual: Sequence[int], predicted: Sequence[int], posi
 # ---------------------------------------------------------------------------------------------------
 
 
-def save_classifier(
-    out_dir: str | os.PathLike,
-    model: GPTClassifier,
-    tok: Tokenizer,
-    labels: Sequence[str],
-    metadata: dict[str, str] | None = None,
-) -> Path:
-    """Write the model folder ``out_dir``: ``model.safetensors`` (base GPT + ``cls_head.*``, format in the
-    module docstring) and ``tokenizer.json``. Built in a temporary sibling folder and renamed into place,
-    so a failure leaves the previous folder (or none), never half of one. LoRA layers must be merged first.
-    """
-    if len(labels) != model.head.out_features:
-        raise ValueError(f"{len(labels)} labels for a {model.head.out_features}-way head")
-    state = model_state(model.gpt)
-    if any(".lora_" in k or ".base." in k for k in state):
-        raise ValueError("merge the LoRA layers (llmcore.lora.merge_lora) before saving")
-    for name, tensor in model.head.state_dict().items():
-        state[HEAD_PREFIX + name] = tensor.detach().contiguous()
-    meta = {
-        "format": FORMAT, "config": model.cfg.to_json(), "task": "classify",
-        "labels": json.dumps(list(labels)), "pooling": POOLING, **(metadata or {}),
-    }  # fmt: skip
-    with staged_dir(out_dir) as tmp:
-        write_weights(tmp / "model.safetensors", state, meta)
-        tok.save(tmp / "tokenizer.json")
-    return Path(out_dir)
 
 
-def load_classifier(model_dir: str | os.PathLike, device="cpu") -> tuple[GPTClassifier, Tokenizer, list[str]]:
-    """Load a folder written by ``save_classifier`` -> (model in eval mode, tokenizer, label names)."""
-    model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        raise LLMCoreError(f"{model_dir}: no such model folder (did the classify stage run?)")
-    path = model_dir / "model.safetensors"
-    meta = read_metadata(path)
-    if meta.get("task") != "classify":
-        raise LLMCoreError(f"{path}: not a classifier checkpoint (metadata task={meta.get('task')!r})")
-    if meta.get("pooling") != POOLING:
-        raise LLMCoreError(f"{path}: unsupported pooling {meta.get('pooling')!r} (expected {POOLING})")
-    try:
-        labels = json.loads(meta.get("labels", ""))
-    except json.JSONDecodeError:
-        labels = None
-    if not (isinstance(labels, list) and labels and all(isinstance(x, str) for x in labels)):
-        raise LLMCoreError(f"{path}: metadata 'labels' must be a JSON list of names, got {meta.get('labels')!r}")
-    cfg = read_config(path)
-    state = {k: v.float() if v.is_floating_point() else v for k, v in load_state(path, device).items()}
-    head = {k[len(HEAD_PREFIX) :]: state.pop(k) for k in list(state) if k.startswith(HEAD_PREFIX)}
-    with torch.device(device):
-        model = GPTClassifier(GPT(cfg), num_classes=len(labels))
-    load_into(model.gpt, state, path)
-    expected = {k: tuple(v.shape) for k, v in model.head.state_dict().items()}
-    got = {k: tuple(v.shape) for k, v in head.items()}
-    if got != expected:
-        raise LLMCoreError(f"{path}: classification head {got} does not match {len(labels)} labels {expected}")
-    model.head.load_state_dict(head)
-    tok = Tokenizer.load(model_dir / "tokenizer.json")
-    if tok.vocab_size > cfg.vocab_size:
-        raise LLMCoreError(f"{model_dir}: tokenizer has {tok.vocab_size} ids, model only {cfg.vocab_size}")
-    model.eval()
-    return model, tok, labels

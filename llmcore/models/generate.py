@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from llmcore.model import GPT
+from llmcore.models.gpt import GPT
 
 
 @dataclass

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from llmcore.config import ModelConfig
+from llmcore.models.config import ModelConfig
 
 # ---------------------------------------------------------------------------------------------------
 # Small blocks

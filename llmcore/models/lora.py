@@ -29,7 +29,7 @@ import torch.nn as nn
 
 from llmcore.common import LLMCoreError
 
-# Module-name suffixes of llmcore.model.GPT's linear layers: attention qkv/out projection, MLP in/out.
+# Module-name suffixes of llmcore.models.gpt.GPT's linear layers: attention qkv/out projection, MLP in/out.
 LORA_TARGETS = ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")
 
 

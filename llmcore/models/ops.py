@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import torch
 
+IGNORE_INDEX = -100  # F.cross_entropy's default ignore_index: a target (or label) that no loss scores
+
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod

@@ -26,12 +26,12 @@ As in Ollama, ``"prompt": ""`` (or ``"messages": []``) only answers ``"done_reas
 Prompts, by ``--template``:
 
 - ``alpaca`` (instruction-tuned models): ``/api/generate`` wraps the prompt with
-  :func:`llmcore.prompts.format_alpaca` unless ``"raw": true``. ``/api/chat`` makes the last message (which must
+  :func:`llmcore.text.prompts.format_alpaca` unless ``"raw": true``. ``/api/chat`` makes the last message (which must
   come from the user) the instruction; system messages and earlier turns become the ``### Input:`` text, one
   ``Role: content`` line per message, so the model sees the conversation as context. ``system`` in a generate
   request counts as a system message. The reply stops at the end-of-text token or where the model starts a new
   ``###`` section (with ``"raw": true`` too, like a Modelfile ``stop`` parameter), and is stripped of
-  surrounding whitespace, as :func:`llmcore.prompts.extract_response` does.
+  surrounding whitespace, as :func:`llmcore.text.prompts.extract_response` does.
 - ``raw`` (base models, or a judge whose prompt is complete): the text is the prompt itself; for chat, the
   messages' contents joined by blank lines. Generation stops at the end-of-text token only.
 
@@ -43,7 +43,6 @@ mid-stream only ends its own generation. The server binds 127.0.0.1 unless told 
 from __future__ import annotations
 
 import codecs
-import hashlib
 import json
 import logging
 import math
@@ -62,19 +61,18 @@ import torch
 from safetensors import safe_open
 
 from llmcore import __version__
-from llmcore.checkpoint import load_checkpoint
-from llmcore.common import LLMCoreError
-from llmcore.generate import SamplingConfig, generate_steps
-from llmcore.model import GPT
-from llmcore.prompts import format_alpaca, section_start
-from llmcore.tokenizer import Tokenizer
+from llmcore.common import LLMCoreError, sha256_file
+from llmcore.models.generate import SamplingConfig, generate_steps
+from llmcore.models.gpt import GPT
+from llmcore.text.prompts import check_template, format_alpaca, format_prompt, section_start
+from llmcore.text.tokenizer import Tokenizer
+from llmcore.weights.model_dir import open_model_dir
 
-log = logging.getLogger("llmcore.serve")
+log = logging.getLogger("llmcore.serve.server")
 
 DEFAULT_HOST = "127.0.0.1"  # loopback only: exposing the server is an explicit choice (--host 0.0.0.0)
 DEFAULT_PORT = 11434  # Ollama's port, so clients find it without configuration
 OLLAMA_API_VERSION = "0.6.0"  # what /api/version reports: the Ollama API level these endpoints follow
-TEMPLATES = ("alpaca", "raw")
 WEIGHTS_FILE, TOKENIZER_FILE = "model.safetensors", "tokenizer.json"
 MAX_BODY_BYTES = 16 * 2**20
 
@@ -99,26 +97,20 @@ class ModelHandle:
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __post_init__(self) -> None:
-        if self.template not in TEMPLATES:
-            raise LLMCoreError(f"unknown template {self.template!r}; expected one of {', '.join(TEMPLATES)}")
+        if self.template != "raw":
+            check_template(self.template, where="--template")
         # Requests decode in interleaved steps, and generate_steps restores the train/eval mode it found when a
         # request ends: a model in eval mode from the start keeps every request in eval mode (no dropout).
         self.model.eval()
 
     @classmethod
-    def load(cls, path: str | Path, template: str = "alpaca", device: str | torch.device = "cpu") -> ModelHandle:
-        """Load a model directory (or its ``model.safetensors``) with the ``tokenizer.json`` beside it."""
-        weights = resolve_weights(path)
-        tokenizer_path = weights.parent / TOKENIZER_FILE
-        if not tokenizer_path.is_file():
-            raise LLMCoreError(f"{weights.parent}: no {TOKENIZER_FILE} beside {weights.name}")
-        tokenizer = Tokenizer.load(tokenizer_path)
-        model = load_checkpoint(weights, device=device)
-        if tokenizer.vocab_size > model.cfg.vocab_size:
-            raise LLMCoreError(
-                f"{weights.parent}: tokenizer has {tokenizer.vocab_size} tokens but the model only "
-                f"{model.cfg.vocab_size}: they do not belong together"
-            )
+    def load(cls, path: str | Path, template: str | None = None, device: str | torch.device = "cpu") -> ModelHandle:
+        """Load a model folder (or its ``model.safetensors``); ``template`` None: the one stored with the model
+        by instruction tuning, else ``alpaca``."""
+        folder = open_model_dir(path).require_lm("serve")
+        weights, tokenizer = folder.weights, folder.tokenizer
+        model = folder.load_lm(device)
+        template = template or folder.template or "alpaca"
         with safe_open(str(weights), framework="pt") as f:
             first = next(iter(f.keys()), None)
             quantization = f.get_slice(first).get_dtype() if first else "F32"
@@ -168,14 +160,6 @@ def default_name(path: str | Path) -> str:
 def qualify(name: str) -> str:
     """Add Ollama's default tag: ``instruct`` -> ``instruct:latest``."""
     return name if ":" in name else f"{name}:latest"
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(2**20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _human_count(n: int) -> str:
@@ -300,7 +284,7 @@ def chat_prompt(messages: Sequence[dict[str, str]], template: str) -> str:
     if last["role"] != "user":
         raise RequestError(400, f"the last message must have role 'user' (got '{last['role']}')")
     context = "\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in history)
-    return format_alpaca(last["content"], context)
+    return format_prompt(template, last["content"], context)
 
 
 # ---------------------------------------------------------------------------------------------------

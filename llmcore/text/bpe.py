@@ -122,7 +122,7 @@ def train_bpe(
             ``vocab_size - 256 - len(special_tokens)``.
         pattern: ``"gpt2"``, ``"gpt4"`` (cl100k) or a raw regex (``regex`` module syntax) for pre-tokenization.
         special_tokens: strings cut out of the text before training; they get ids after the merges
-            (assigned by the caller, e.g. :class:`llmcore.tokenizer.Tokenizer`). Default ``["<|endoftext|>"]``.
+            (assigned by the caller, e.g. :class:`llmcore.text.tokenizer.Tokenizer`). Default ``["<|endoftext|>"]``.
 
     Returns:
         Mergeable ranks ``{token bytes: rank}``: ``bytes([i]) -> i`` for the 256 bytes, then the merges in

@@ -18,6 +18,10 @@ itself from Stanford Alpaca. Training and serving must build prompts byte for by
 
 from __future__ import annotations
 
+import string
+
+from llmcore.common import LLMCoreError
+
 PREAMBLE = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
 RESPONSE_MARKER = "### Response:\n"
 
@@ -50,3 +54,35 @@ def extract_response(text: str) -> str:
         text = text.split(RESPONSE_MARKER, 1)[1]
     end = section_start(text)
     return (text if end < 0 else text[:end]).strip()
+
+
+TEMPLATE_FIELDS = ("instruction", "input")
+
+
+
+SECTION = "\n###"  # a new Alpaca section: the model has finished its answer and starts another prompt
+
+
+
+def check_template(template: str, where: str = "instruct.template") -> str:
+    """Accept ``"alpaca"`` or a format string using only ``{instruction}`` (required) and ``{input}``."""
+    if template == "alpaca":
+        return template
+    try:
+        fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as e:
+        raise LLMCoreError(f"{where}: not a valid format string: {e}") from None
+    unknown = [f for f in fields if f not in TEMPLATE_FIELDS]
+    if unknown:
+        raise LLMCoreError(f"{where}: unknown placeholder {{{unknown[0]}}} (known: {{instruction}}, {{input}})")
+    if "instruction" not in fields:
+        raise LLMCoreError(f"{where}: a custom template needs an {{instruction}} placeholder, or use 'alpaca'")
+    return template
+
+
+
+def format_prompt(template: str, instruction: str, input: str = "") -> str:
+    """The prompt of one entry, ending where the response starts."""
+    if template == "alpaca":
+        return format_alpaca(instruction, input)
+    return template.format(instruction=instruction, input=input)

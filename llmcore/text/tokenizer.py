@@ -4,7 +4,7 @@ BPE kinds (``"bpe"``, ``"gpt2"``) wrap a ``tiktoken.Encoding`` built from local 
 decoding run in tiktoken's Rust core; nothing here ever downloads (``tiktoken.get_encoding`` is never
 called). The ``"char"`` kind is a plain dict lookup over the corpus' characters.
 
-    tok = Tokenizer.train(text, vocab_size=1024, pattern="gpt2")   # llmcore.bpe.train_bpe
+    tok = Tokenizer.train(text, vocab_size=1024, pattern="gpt2")   # llmcore.text.bpe.train_bpe
     tok = Tokenizer.gpt2("encoder.json", "vocab.bpe")               # GPT-2's released BPE, eot 50256
     tok = Tokenizer.char(text)                                      # sorted unique chars + <|endoftext|>
     ids = tok.encode("Hello<|endoftext|>")                         # specials -> their ids by default
@@ -41,8 +41,8 @@ from typing import Any
 import regex
 import tiktoken
 
-from llmcore.bpe import ENDOFTEXT, GPT2_PATTERN, resolve_pattern, train_bpe
 from llmcore.common import LLMCoreError, read_json, write_json_atomic
+from llmcore.text.bpe import ENDOFTEXT, GPT2_PATTERN, resolve_pattern, train_bpe
 
 FORMAT = "llmcore-tokenizer"
 VERSION = 1
@@ -126,7 +126,7 @@ class Tokenizer:
         special_tokens: Sequence[str] = (ENDOFTEXT,),
         name: str | None = None,
     ) -> Tokenizer:
-        """Train a byte-level BPE tokenizer (see :func:`llmcore.bpe.train_bpe`).
+        """Train a byte-level BPE tokenizer (see :func:`llmcore.text.bpe.train_bpe`).
 
         Args:
             text: training corpus.

@@ -2,8 +2,8 @@
 
 A stage builds the model, its data and a loss function, and calls ``fit``::
 
-    from llmcore.data import RandomWindows, load_tokens
-    from llmcore.train import HardwareConfig, TrainConfig, fit, init_runtime, lm_loss
+    from llmcore.data.tokens import RandomWindows, load_tokens
+    from llmcore.training.loop import HardwareConfig, TrainConfig, fit, init_runtime, lm_loss
 
     hw = HardwareConfig(device="cpu", threads=2)
     rt = init_runtime(hw)                            # DDP from torchrun's env, device, threads
@@ -19,7 +19,7 @@ A stage builds the model, its data and a loss function, and calls ``fit``::
 
 The two contracts
 -----------------
-``train_data`` / ``val_data`` (the ``Batches`` protocol; ``llmcore.data`` has two implementations):
+``train_data`` / ``val_data`` (the ``Batches`` protocol; ``llmcore.data.tokens`` has two implementations):
     ``next_batch()``                   the next batch for *this rank*: a tensor, or a tuple/list/dict of
                                        tensors (moved to the device by ``fit``), or anything ``loss_fn`` reads
     ``len(data)``                      batches per epoch (``next_batch`` calls, per rank); ``epochs`` and
@@ -76,102 +76,47 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
-import hashlib
-import json
 import math
 import os
 import random
 import shutil
-import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import load_model
 from tqdm.auto import tqdm
 
-from llmcore.checkpoint import unwrap
-from llmcore.common import LLMCoreError, autocast_context, print0, resolve_device
-from llmcore.ops import linear_cross_entropy
+from llmcore.common import LLMCoreError, print0
+from llmcore.device import autocast_context
+from llmcore.models.ops import linear_cross_entropy
+from llmcore.training.config import HardwareConfig, TrainConfig
+from llmcore.training.runtime import Runtime, init_runtime, move_to, out_of_time, reference_count
+from llmcore.training.state import (
+    _ckpt_name,
+    _rng_state,
+    _set_rng_state,
+    checkpoints,
+    fingerprint_of,
+    load_training_state,
+    save_training_state,
+)
+from llmcore.weights.weight_file import unwrap
 
 # ---------------------------------------------------------------------------------------------------
 # Configs (params.yaml: `hardware` and the `train` part of each training stage's section)
 # ---------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class HardwareConfig:
-    """Where and how to run; params.yaml section ``hardware``, shared by every training stage."""
-
-    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"  # auto: cuda, then mps, then cpu
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast dtype; weights stay fp32 (master copy)
-    compile: bool = False  # torch.compile the model (minutes of compile time; pays off on long GPU runs)
-    threads: int | None = None  # torch.set_num_threads (None: torch's default; 1 in torchrun workers)
-    nproc: int = 1  # processes on this machine; >1: the stage re-launches itself under torchrun (DDP)
-    peak_tflops: float | None = None  # per device, for MFU; None: measured with a matmul at startup
-
-    def __post_init__(self) -> None:
-        if self.nproc < 1:
-            raise ValueError(f"nproc: expected a positive int, got {self.nproc}")
-        if self.threads is not None and self.threads < 1:
-            raise ValueError(f"threads: expected a positive int or null, got {self.threads}")
-        if self.peak_tflops is not None and not self.peak_tflops > 0:
-            raise ValueError(f"peak_tflops: expected a positive float or null, got {self.peak_tflops}")
 
 
-@dataclass
-class TrainConfig:
-    """One training run's optimisation and bookkeeping; embedded as ``train:`` in a stage's section."""
-
-    batch_size: int = 16  # sequences (examples) per micro-batch per process
-    grad_accum: int = 1  # micro-batches per optimizer step
-    lr: float = 1e-3  # peak learning rate, reached after warmup
-    min_lr: float = 1e-4  # the cosine decays to this at the last step
-    weight_decay: float = 0.1  # AdamW decay of matmul weights (never norms, biases, embeddings)
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    warmup_steps: int = 100  # linear warmup from 0
-    max_steps: int | None = None  # optimizer steps; at least one of max_steps / epochs
-    epochs: float | None = None  # passes over train_data (len(train_data) batches each); may be fractional
-    time_budget_s: float | None = None  # stop after this much training time (summed over resumes)
-    grad_clip: float = 1.0  # max global gradient norm; 0 = off
-    eval_every: int = 100  # steps between evaluations (and one at step 0 and at the end)
-    eval_batches: int | None = 20  # validation batches per evaluation; None = len(val_data)
-    checkpoint_every: int = 100  # steps between resumable checkpoints (and one at the end)
-    log_every: int = 10  # steps between train-loss log rows
-    seed: int = 1337  # dropout / torch RNG (offset by rank); the stage seeds model init and data
-
-    def __post_init__(self) -> None:
-        self.betas = list(self.betas)
-        if self.max_steps is None and self.epochs is None:
-            raise ValueError("set max_steps or epochs (they fix the length of the learning-rate schedule)")
-        positive = ("batch_size", "grad_accum", "eval_every", "checkpoint_every", "log_every")
-        for name in positive + ("max_steps", "eval_batches"):
-            value = getattr(self, name)
-            if (value is not None or name in positive) and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name}: expected a positive int, got {value!r}")
-        for name in ("epochs", "time_budget_s"):
-            value = getattr(self, name)
-            if value is not None and not value > 0:
-                raise ValueError(f"{name}: expected a positive number or null, got {value!r}")
-        if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps: expected >= 0, got {self.warmup_steps}")
-        if not 0 <= self.min_lr <= self.lr:
-            raise ValueError(f"min_lr: expected 0 <= min_lr <= lr={self.lr}, got {self.min_lr}")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise ValueError(f"betas: expected two values in [0, 1), got {self.betas}")
-        if self.weight_decay < 0 or self.grad_clip < 0:
-            raise ValueError("weight_decay and grad_clip must be >= 0")
 
 
-# Fields that do not change the weights a run produces: not part of its fingerprint.
-BOOKKEEPING = ("time_budget_s", "eval_every", "eval_batches", "checkpoint_every", "log_every")
 
 
 class Batches(Protocol):
@@ -189,7 +134,7 @@ LossFn = Callable[[nn.Module, Any], tuple[torch.Tensor, "int | torch.Tensor"]]
 def lm_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Next-token cross-entropy of ``(idx, targets)``, both (B, T); targets of -100 are not scored.
 
-    The output head and the loss are fused (``llmcore.ops.linear_cross_entropy``): the (B, T, vocab) logits
+    The output head and the loss are fused (``llmcore.models.ops.linear_cross_entropy``): the (B, T, vocab) logits
     are never held in memory, which is most of a small model's activation memory and time.
     """
     idx, targets = batch
@@ -204,79 +149,16 @@ def lm_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple
 # ---------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Runtime:
-    device: torch.device
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def ddp(self) -> bool:
-        return self.world_size > 1
 
 
-def under_torchrun() -> bool:
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def relaunch_under_torchrun(nproc: int, module: str, args: Sequence[str]) -> int | None:
-    """Run ``python -m torch.distributed.run --standalone --nproc_per_node nproc -m module *args``.
-
-    Returns its exit status, or None (run in this process) when ``nproc`` is 1 or we already are a
-    torchrun worker. Several nodes: start torchrun yourself on each (see stages/pretrain.py).
-    """
-    if nproc <= 1 or under_torchrun():
-        return None
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    cmd += ["-m", module, *args]
-    print(f"launching {nproc} processes: {' '.join(cmd)}", flush=True)
-    return subprocess.call(cmd)
 
 
-def init_runtime(hw: HardwareConfig) -> Runtime:
-    """Threads, device and (under torchrun) the process group; safe to call more than once.
-
-    Under torchrun (RANK / WORLD_SIZE / LOCAL_RANK in the environment): nccl on CUDA, one GPU per local
-    rank; gloo on CPU. Otherwise one process on ``resolve_device(hw.device)``.
-    """
-    if hw.threads:
-        torch.set_num_threads(hw.threads)
-    device = resolve_device(hw.device)
-    if not under_torchrun():
-        return Runtime(device)
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    elif device.type == "mps" and world > 1:
-        raise LLMCoreError("hardware.nproc: several processes are not supported on mps")
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return Runtime(device, rank, local_rank, world)
 
 
-def close_runtime() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
-def move_to(batch: Any, device: torch.device) -> Any:
-    """Tensors (also inside tuples, lists, dicts) to ``device``; anything else unchanged."""
-    if isinstance(batch, torch.Tensor):
-        if device.type == "cuda":
-            return batch.pin_memory().to(device, non_blocking=True)
-        return batch.to(device)
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(move_to(b, device) for b in batch)
-    if isinstance(batch, dict):
-        return {k: move_to(v, device) for k, v in batch.items()}
-    return batch
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -337,109 +219,22 @@ def plan_steps(cfg: TrainConfig, batches_per_epoch: int) -> tuple[int, str]:
 # ---------------------------------------------------------------------------------------------------
 
 
-def split_tensors(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
-    """A JSON-able copy of ``obj`` with each tensor moved into ``tensors`` and replaced by a reference.
-
-    Tuples and dicts with non-string keys (an optimizer's ``state``) are tagged so they round-trip exactly.
-    """
-    if isinstance(obj, torch.Tensor):
-        tensors[prefix] = obj.detach().cpu().contiguous()
-        return {"__tensor__": prefix}
-    if isinstance(obj, dict):
-        if all(isinstance(k, str) for k in obj):
-            return {k: split_tensors(v, f"{prefix}.{k}", tensors) for k, v in obj.items()}
-        return {"__items__": [[k, split_tensors(v, f"{prefix}.{k}", tensors)] for k, v in obj.items()]}
-    if isinstance(obj, tuple):
-        return {"__tuple__": [split_tensors(v, f"{prefix}.{i}", tensors) for i, v in enumerate(obj)]}
-    if isinstance(obj, list):
-        return [split_tensors(v, f"{prefix}.{i}", tensors) for i, v in enumerate(obj)]
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return obj
-    raise TypeError(f"{prefix}: cannot checkpoint a {type(obj).__name__} (use tensors, numbers, str, list, dict)")
 
 
-def join_tensors(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
-    """Inverse of ``split_tensors``."""
-    if isinstance(obj, dict):
-        if set(obj) == {"__tensor__"}:
-            return tensors[obj["__tensor__"]]
-        if set(obj) == {"__tuple__"}:
-            return tuple(join_tensors(v, tensors) for v in obj["__tuple__"])
-        if set(obj) == {"__items__"}:
-            return {k: join_tensors(v, tensors) for k, v in obj["__items__"]}
-        return {k: join_tensors(v, tensors) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [join_tensors(v, tensors) for v in obj]
-    return obj
 
 
-def _ckpt_name(step: int) -> str:
-    return f"step_{step:08d}"
 
 
-def checkpoints(out_dir: Path) -> list[Path]:
-    """Complete checkpoints in ``out_dir``, oldest first (temporary folders are never named step_*)."""
-    if not out_dir.is_dir():
-        return []
-    found = [p for p in out_dir.glob("step_*") if p.is_dir() and (p / "state.json").is_file()]
-    return sorted(found, key=lambda p: p.name)
 
 
-def save_training_state(path: Path, model: nn.Module, tree: dict[str, Any], live_dir: Path | None) -> None:
-    """Write one checkpoint folder atomically: build it under a temporary name, then rename it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for leftover in path.parent.glob(".tmp-step_*"):  # from a run killed while writing
-        shutil.rmtree(leftover, ignore_errors=True)
-    tmp = path.parent / f".tmp-{path.name}-{os.getpid()}"
-    tmp.mkdir()
-    try:
-        save_model(unwrap(model), str(tmp / "model.safetensors"))  # dedupes tied tensors, load_model restores
-        tensors: dict[str, torch.Tensor] = {}
-        meta = split_tensors(tree, "state", tensors)
-        save_file(tensors, str(tmp / "state.safetensors"))
-        (tmp / "state.json").write_text(json.dumps(meta), encoding="utf-8")
-        if live_dir is not None and live_dir.is_dir():
-            shutil.copytree(live_dir, tmp / "live")
-        if path.exists():  # only after a fresh start over a stale run with the same step
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
-def load_training_state(path: Path) -> dict[str, Any]:
-    """The training-state tree of checkpoint ``path`` (the weights are read by ``load_model``)."""
-    try:
-        meta = json.loads((path / "state.json").read_text(encoding="utf-8"))
-        tensors = load_file(str(path / "state.safetensors"))
-    except (OSError, ValueError) as e:
-        raise LLMCoreError(f"{path}: unreadable checkpoint: {e}") from None
-    return join_tensors(meta, tensors)
 
 
-def fingerprint_of(model: nn.Module, cfg: TrainConfig, hw: HardwareConfig, world_size: int, n_batches: int,
-                   extra: Any) -> str:  # fmt: skip
-    """A hash of everything that decides the weights a run produces (see the module docstring)."""
-    train = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in BOOKKEEPING}
-    shapes = [[name, list(p.shape), p.requires_grad] for name, p in unwrap(model).named_parameters()]
-    blob = {"train": train, "precision": hw.precision, "world_size": world_size, "params": shapes,
-            "batches_per_epoch": n_batches, "extra": extra}  # fmt: skip
-    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _rng_state(device: torch.device) -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
 
 
-def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -708,17 +503,5 @@ def fit(
     )  # fmt: skip
 
 
-def reference_count(n: torch.Tensor, rt: Runtime) -> float:
-    """The first micro-batch's item count, the same on every rank (their max) so weights agree."""
-    if rt.ddp:
-        n = n.clone()
-        dist.all_reduce(n, op=dist.ReduceOp.MAX)
-    return max(float(n.item()), 1.0)
 
 
-def out_of_time(train_time: float, budget: float, rt: Runtime, device: torch.device) -> bool:
-    """Whether the time budget is spent; rank 0's clock decides for every rank so they stop together."""
-    flag = torch.tensor([float(train_time >= budget)], device=device)
-    if rt.ddp:
-        dist.broadcast(flag, src=0)
-    return bool(flag.item())

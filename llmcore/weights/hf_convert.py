@@ -21,10 +21,10 @@ from typing import Any
 
 import torch
 
-from llmcore.checkpoint import load_into, load_state, model_state
 from llmcore.common import LLMCoreError, atomic_path, write_json_atomic
-from llmcore.config import ConfigError, ModelConfig
-from llmcore.model import GPT
+from llmcore.models.config import ConfigError, ModelConfig
+from llmcore.models.gpt import GPT
+from llmcore.weights.weight_file import load_into, load_state, model_state
 
 # --- configs ---------------------------------------------------------------------------------------
 

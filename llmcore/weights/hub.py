@@ -11,7 +11,7 @@ inside) + ``tokenizer.json`` side by side; :func:`save_model_dir` writes one ato
 
     ckpt = KNOWN_CHECKPOINTS["gpt2-124m"]
     files = fetch_hf_checkpoint(ckpt, Path("data/hub") / ckpt.repo / ckpt.revision)
-    model = llmcore.hf.load_hf(files.directory)
+    model = llmcore.weights.hf_convert.load_hf(files.directory)
     save_model_dir("data/models/gpt2-124m", model, tokenizer)
     model, tokenizer = load_model_dir("data/models/gpt2-124m")
 
@@ -22,25 +22,14 @@ meta-llama/llama-models ``models/llama3/tokenizer.py``).
 
 from __future__ import annotations
 
-import base64
-import binascii
-import contextlib
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from safetensors import SafetensorError, safe_open
 
-from llmcore.bpe import ENDOFTEXT
-from llmcore.checkpoint import load_checkpoint, save_checkpoint
-from llmcore.common import LLMCoreError
-from llmcore.download import download, file_sha256
-from llmcore.model import GPT
-from llmcore.tokenizer import Tokenizer
+from llmcore.common import LLMCoreError, sha256_file
+from llmcore.download import download
 
 HF_BASE = "https://huggingface.co"
 
@@ -111,7 +100,7 @@ def fetch_hf_checkpoint(ckpt: HFCheckpoint, dest: str | os.PathLike) -> FetchedC
     except LLMCoreError:
         weights.unlink(missing_ok=True)
         raise
-    digest = ckpt.sha256 or file_sha256(weights)
+    digest = ckpt.sha256 or sha256_file(weights)
     return FetchedCheckpoint(dest, digest, config.stat().st_size + weights.stat().st_size)
 
 
@@ -129,66 +118,11 @@ def check_safetensors(path: Path, source: str | None = None) -> None:
 # Llama-3 tokenizer (tiktoken format)
 # ---------------------------------------------------------------------------------------------------
 
-# Meta's pre-tokenizer: case-insensitive contractions, digits in groups of at most three.
-LLAMA3_PATTERN = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
-    r"|\s+(?!\S)|\s+"
-)
 LLAMA3_NUM_SPECIAL = 256  # ids len(ranks) .. len(ranks) + 255
-# Llama 3.1+ names for the first special ids; the rest are <|reserved_special_token_{2 + i}|>.
-LLAMA3_SPECIAL = [
-    "<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
-    "<|finetune_right_pad_id|>", "<|step_id|>", "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>",
-    "<|eot_id|>", "<|python_tag|>",
-]  # fmt: skip
 
 
-def read_tiktoken_ranks(path: str | os.PathLike) -> dict[bytes, int]:
-    """Parse a tiktoken BPE file (``<base64 token> <rank>`` per line) into mergeable ranks."""
-    path = Path(path)
-    try:
-        lines = path.read_bytes().splitlines()
-    except OSError as e:
-        raise LLMCoreError(f"cannot read {path}: {e.strerror or e}") from None
-    ranks: dict[bytes, int] = {}
-    for n, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        parts = line.split()
-        try:
-            if len(parts) != 2:
-                raise ValueError
-            token, rank = base64.b64decode(parts[0], validate=True), int(parts[1])
-        except (ValueError, binascii.Error):
-            raise LLMCoreError(
-                f"{path}: line {n} is not '<base64 token> <rank>' (a tiktoken BPE file is required; "
-                "sentencepiece models such as Llama 2's are not supported)"
-            ) from None
-        if token in ranks:
-            raise LLMCoreError(f"{path}: line {n}: duplicate token")
-        ranks[token] = rank
-    if sorted(ranks.values()) != list(range(len(ranks))):
-        raise LLMCoreError(f"{path}: ranks are not exactly 0..{len(ranks) - 1}")
-    missing = [b for b in range(256) if bytes([b]) not in ranks]
-    if missing:
-        raise LLMCoreError(f"{path}: lacks {len(missing)} single-byte tokens (first: byte {missing[0]})")
-    return ranks
 
 
-def llama3_tokenizer(path: str | os.PathLike, name: str = "llama3") -> Tokenizer:
-    """A ``"bpe"`` Tokenizer from a Llama-3 ``tokenizer.model`` (tiktoken format), with Meta's 256 specials.
-
-    llmcore's Tokenizer requires an ``<|endoftext|>`` special token and takes the end-of-text id from it, so
-    Llama's ``<|end_of_text|>`` (id ``len(ranks) + 1``, the base models' document separator) is stored under
-    that name. Ids and encodings of ordinary text are Meta's; only that one special token's string differs.
-    """
-    # TODO: the string "<|end_of_text|>" encodes as plain text and id len(ranks)+1 decodes to "<|endoftext|>";
-    # fixed once Tokenizer can name its end-of-text token (e.g. an `eot_token` argument saved in the file).
-    ranks = read_tiktoken_ranks(path)
-    names = [*LLAMA3_SPECIAL, *(f"<|reserved_special_token_{2 + i}|>" for i in range(245))]
-    names[1] = ENDOFTEXT
-    specials = {s: len(ranks) + i for i, s in enumerate(names)}
-    return Tokenizer("bpe", name, specials, ranks=ranks, pattern=LLAMA3_PATTERN)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -196,72 +130,9 @@ def llama3_tokenizer(path: str | os.PathLike, name: str = "llama3") -> Tokenizer
 # ---------------------------------------------------------------------------------------------------
 
 
-def save_model_dir(
-    dest: str | os.PathLike, model: GPT, tokenizer: Tokenizer, metadata: dict[str, str] | None = None
-) -> Path:
-    """Write a model folder atomically: both files go to a temporary sibling folder renamed onto ``dest``.
-
-    A failure leaves ``dest`` as it was (or absent), never a folder with only one of the two files.
-    """
-    dest = Path(dest)
-    if tokenizer.vocab_size > model.cfg.vocab_size:
-        raise LLMCoreError(f"{dest}: tokenizer has {tokenizer.vocab_size} ids, model only {model.cfg.vocab_size}")
-    with staged_dir(dest) as tmp:
-        save_checkpoint(tmp / "model.safetensors", model, metadata)
-        tokenizer.save(tmp / "tokenizer.json")
-    return dest
 
 
-@contextlib.contextmanager
-def staged_dir(dest: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary sibling folder of ``dest``; on success it replaces ``dest``, on error it is removed."""
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
-    try:
-        tmp.chmod(0o755)  # mkdtemp makes it private; the folder is meant to be shared like any output
-        yield tmp
-        replace_dir(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
-def replace_dir(src: Path, dest: Path) -> None:
-    """Move folder ``src`` onto ``dest`` (same parent): a rename, with any old ``dest`` moved aside first."""
-    if not dest.exists():
-        os.replace(src, dest)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".old", dir=dest.parent))
-    os.replace(dest, old / dest.name)
-    try:
-        os.replace(src, dest)
-    except BaseException:
-        os.replace(old / dest.name, dest)  # put the previous folder back
-        raise
-    finally:
-        shutil.rmtree(old, ignore_errors=True)
 
 
-def load_model_dir(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer]:
-    """Load a model folder (``model.safetensors`` + ``tokenizer.json``) -> (model in eval mode, tokenizer).
-
-    Args:
-        path: e.g. ``data/models/pretrain`` or ``data/models/gpt2-124m`` (``data/models/${base_model}``).
-        device: where the weights go.
-
-    Raises:
-        LLMCoreError: naming the folder when it or one of its files is missing, or when they do not fit.
-    """
-    path = Path(path)
-    hint = "did the stage that writes it run? for GPT-2 weights add the size to import.models"
-    if not path.is_dir():
-        raise LLMCoreError(f"{path}: no such model folder ({hint})")
-    for name in ("model.safetensors", "tokenizer.json"):
-        if not (path / name).is_file():
-            raise LLMCoreError(f"{path}: no {name} ({hint})")
-    model = load_checkpoint(path / "model.safetensors", device=device)
-    tokenizer = Tokenizer.load(path / "tokenizer.json")
-    if tokenizer.vocab_size > model.cfg.vocab_size:
-        raise LLMCoreError(f"{path}: tokenizer has {tokenizer.vocab_size} ids, model only {model.cfg.vocab_size}")
-    return model, tokenizer

@@ -20,8 +20,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from llmcore.common import LLMCoreError, atomic_path
-from llmcore.config import ConfigError, ModelConfig
-from llmcore.model import GPT
+from llmcore.models.config import ConfigError, ModelConfig
+from llmcore.models.gpt import GPT
 
 FORMAT = "llmcore"
 

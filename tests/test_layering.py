@@ -1,0 +1,85 @@
+"""The package map (README "Architecture") as a test: a lower layer never imports a higher one.
+
+Every import in ``llmcore/`` counts, including imports inside functions (the late imports that keep the CLI
+fast are still dependencies). ``stages/`` and ``benchmarks/`` sit above the library and may import anything;
+the library never imports them.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO_ROOT
+
+# low -> high; a module may import its own layer and the ones below it.
+LAYERS: list[tuple[str, ...]] = [
+    ("common",),  # torch-free helpers
+    ("device", "download"),  # devices/dtypes/seeding, the downloader
+    ("text",),  # tokenizers and prompt templates
+    ("models",),  # the transformer, its ops, LoRA, the classifier head, decoding
+    ("weights",),  # weight files, model folders, HF conversion, Hub checkpoints
+    ("data",),  # datasets, token files, batches
+    ("training",),  # the loop, its state, DDP
+    ("eval",),  # judge, metrics, baselines, report
+    ("serve",),  # the HTTP server
+    ("params", "cli"),  # params.yaml -> configs of every layer (for stages), the `llmcore` command
+]
+RANK = {room: i for i, rooms in enumerate(LAYERS) for room in rooms}
+PACKAGE = REPO_ROOT / "llmcore"
+
+
+def room_of(module: str) -> str | None:
+    """'llmcore.models.gpt' -> 'models'; the package itself (``llmcore``) has no room."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[0] == "llmcore" else None
+
+
+def imported_modules(path: Path) -> set[str]:
+    package = ".".join(path.relative_to(REPO_ROOT).with_suffix("").parts[:-1])
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                module = ".".join(base + ([node.module] if node.module else []))
+            else:
+                module = node.module or ""
+            found.add(module)
+            found.update(f"{module}.{alias.name}" for alias in node.names)  # `from llmcore import models`
+    return found
+
+
+def library_modules() -> list[Path]:
+    return sorted(p for p in PACKAGE.rglob("*.py") if "__pycache__" not in p.parts)
+
+
+def test_every_room_is_in_the_map():
+    rooms = {p.relative_to(PACKAGE).with_suffix("").parts[0] for p in library_modules()} - {"__init__"}
+    assert rooms <= set(RANK), f"add these to LAYERS (and to the README's package map): {sorted(rooms - set(RANK))}"
+
+
+@pytest.mark.parametrize("path", library_modules(), ids=lambda p: str(p.relative_to(REPO_ROOT)))
+def test_lower_layers_never_import_higher_ones(path: Path):
+    me = room_of(".".join(path.relative_to(REPO_ROOT).with_suffix("").parts))
+    bad = []
+    for module in sorted(imported_modules(path)):
+        top = module.split(".")[0]
+        if top in ("stages", "benchmarks", "tests"):
+            bad.append(f"{module} (the library never imports entry points)")
+            continue
+        room = room_of(module)
+        if me is None or room is None or room not in RANK:
+            continue
+        if RANK[room] > RANK[me]:
+            bad.append(f"{module} (layer {room} is above {me})")
+    assert not bad, f"{path.relative_to(REPO_ROOT)} imports upward: {'; '.join(bad)}"
+
+
+def test_common_is_torch_free():
+    """``llmcore.common`` is what the CLI imports before deciding to load torch (fast ``--help``)."""
+    assert "torch" not in {m.split(".")[0] for m in imported_modules(PACKAGE / "common.py")}
