@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import tempfile
 from collections.abc import Iterator
@@ -81,12 +82,79 @@ def read_json(path: str | os.PathLike, missing_hint: str = "") -> Any:
         raise LLMCoreError(f"{path}: not valid JSON ({e})") from None
 
 
+def _numbers_only(obj: Any, where: str) -> Any:
+    """``obj`` with non-finite floats as None (JSON has no NaN); raises on anything that is not a number."""
+    if isinstance(obj, dict):
+        return {k: _numbers_only(v, f"{where}.{k}") for k, v in obj.items()}
+    if isinstance(obj, bool) or obj is None or isinstance(obj, int):
+        return obj
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    raise TypeError(f"{where}: DVC metrics hold numbers, got {type(obj).__name__} {obj!r}; put it in the run facts")
 
 
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    return str(obj)  # paths, devices, dtypes
 
 
+def run_environment() -> dict[str, Any]:
+    """Where a stage ran: date, host platform, CPU, Python and (when loaded) torch with its thread count."""
+    import datetime
+    import platform
+    import sys
+
+    env: dict[str, Any] = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "platform": platform.platform(terse=True),
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+    }
+    torch = sys.modules.get("torch")  # never imported here: torch-free stages stay torch-free
+    if torch is not None:
+        env["torch"] = torch.__version__
+        env["threads"] = torch.get_num_threads()
+        if torch.cuda.is_available():
+            env["gpu"] = torch.cuda.get_device_name(0)
+    return env
 
 
+def _cpu_name() -> str:
+    import platform
+
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def write_stage_reports(
+    folder: str | os.PathLike, metrics: dict[str, Any], timing: dict[str, Any] | None = None,
+    facts: dict[str, Any] | None = None,
+) -> None:  # fmt: skip
+    """A stage's three report files, each written atomically:
+
+    - ``metrics.json``: the headline numbers a user compares across runs (DVC metrics; numbers only);
+    - ``timing.json``: run-time figures that differ on every run and machine (seconds, throughput, MFU;
+      also DVC metrics, kept apart so ``dvc exp show --drop 'timing.json:.*'`` hides them);
+    - ``facts.json``: what ran and where (names, paths, digests, messages, the environment): read by the
+      report, not a DVC metric.
+
+    NaN and infinities become null (JSON has no NaN); a string in ``metrics`` or ``timing`` is a bug.
+    """
+    folder = Path(folder)
+    write_json_atomic(folder / "metrics.json", _numbers_only(metrics, "metrics"))
+    write_json_atomic(folder / "timing.json", _numbers_only(timing or {}, "timing"))
+    write_json_atomic(folder / "facts.json", _jsonable({**(facts or {}), "environment": run_environment()}))
 
 
 def is_rank0() -> bool:

@@ -37,7 +37,7 @@ from typing import Literal
 import torch
 import typer
 
-from llmcore.common import LLMCoreError, atomic_path, print0, sha256_file, stage_errors, write_json_atomic
+from llmcore.common import LLMCoreError, atomic_path, print0, sha256_file, stage_errors, write_stage_reports
 from llmcore.data.datasets import load_spam_table
 from llmcore.data.spam import ClassificationBatches, balance_classes, encode_texts, label_ids, split_table
 from llmcore.device import resolve_device
@@ -188,17 +188,18 @@ def run(
 
     (tn, fp), (fn, tp) = confusion_matrix(labels["test"], pred, len(LABELS))
     metrics = {
-        "base_model": base_model, "trainable": cfg.trainable, "trainable_params": trainable,
+        "trainable_params": trainable,
         **{f"{k}_messages": len(v) for k, v in seqs.items()}, "max_length": max_length, "truncated": truncated,
         "steps": result.step, "epochs": round(result.epochs, 3), "train_loss": round(result.train_loss, 4),
         "val_loss": round(result.val_loss, 4),
         **{split: {k: round(v, 4) for k, v in s[2].items()} for split, s in scores.items()},
         "test_confusion": {"tn": tn, "fp": fp, "fn": fn, "tp": tp},
-        "train_seconds": round(result.train_time_s, 1), "examples_per_s": round(result.items_per_s, 1),
-        "stage_seconds": round(time.perf_counter() - start, 1),
     }  # fmt: skip
-    write_json_atomic(reports / "metrics.json", metrics)
-    return metrics
+    timing = {"train_seconds": round(result.train_time_s, 1), "examples_per_s": round(result.items_per_s, 1),
+              "stage_seconds": round(time.perf_counter() - start, 1)}  # fmt: skip
+    facts = {"base_model": base_model, "trainable": cfg.trainable, "device": str(device)}
+    write_stage_reports(reports, metrics, timing, facts)
+    return {**metrics, **timing, **facts}
 
 
 app = typer.Typer(add_completion=False, help="Spam-classifier fine-tuning (stage `classify`) and `predict`.")

@@ -18,7 +18,7 @@ from urllib.parse import unquote, urlsplit
 
 import typer
 
-from llmcore.common import LLMCoreError, sha256_file, stage_errors, write_json_atomic
+from llmcore.common import LLMCoreError, sha256_file, stage_errors, write_stage_reports
 from llmcore.data.datasets import check_spam_table, check_text_corpus, load_instruction_data
 from llmcore.download import download as fetch
 from llmcore.download import extract_zip, resolve_url
@@ -83,13 +83,8 @@ def main(
         for name in names:
             print(f"{name}: {resolve_url(cfg.sources[name].url)}")
             results[name] = fetch_source(name, cfg.sources[name], raw_dir)
-        metrics = {
-            "sources": len(results),
-            "bytes": sum(r["bytes"] for r in results.values()),
-            "seconds": round(time.perf_counter() - start, 3),
-            "files": results,
-        }
-        write_json_atomic(reports / "metrics.json", metrics)
+        metrics = {"sources": len(results), "bytes": sum(r["bytes"] for r in results.values())}
+        write_stage_reports(reports, metrics, {"seconds": round(time.perf_counter() - start, 3)}, {"files": results})
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from typing import Literal
 
 import typer
 
-from llmcore.common import LLMCoreError, atomic_path, print0, read_json, stage_errors, write_json_atomic
+from llmcore.common import LLMCoreError, atomic_path, print0, read_json, stage_errors, write_stage_reports
 from llmcore.eval.judge import JudgeConfig, JudgeItem, check_judge, score_items, summarize, write_records
 from llmcore.eval.metrics import exact_match, rouge_l
 from llmcore.params import load_section
@@ -73,6 +73,9 @@ def judge_scores(items: list[JudgeItem], cfg: EvaluateParams, cache: Path, score
     }  # fmt: skip
 
 
+# what the judge was and why it did not score: run facts (facts.json), not DVC metrics
+FACT_KEYS = ("judge_status", "judge_skip_reason", "judge_model", "judge_digest", "judge_host", "n_cached")
+
 app = typer.Typer(add_completion=False)
 
 
@@ -92,11 +95,12 @@ def main(
         metrics.update(reference_loss(model_dir, responses, cfg.loss_batch_size))
         judged = judge_scores(items, cfg, cache, reports / "scores.jsonl")
         histogram = judged.pop("_histogram", [])
+        facts = {k: judged.pop(k) for k in FACT_KEYS if k in judged}
         metrics.update(judged)
         with atomic_path(reports / "score_histogram.csv") as tmp:
             tmp.write_text("bin,count\n" + "".join(f"{h['bin_low']}-{h['bin_high']},{h['count']}\n" for h in histogram))
-        write_json_atomic(reports / "metrics.json", metrics)
-        print0(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, (dict, list))}))
+        write_stage_reports(reports, metrics, None, facts)
+        print0(json.dumps({**metrics, **facts}))
 
 
 def reference_loss(model_dir: Path, responses: Path, batch_size: int) -> dict:

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 import typer
 
-from llmcore.common import LLMCoreError, print0, sha256_file, stage_errors, write_json_atomic
+from llmcore.common import LLMCoreError, print0, sha256_file, stage_errors, write_stage_reports
 from llmcore.data.datasets import check_text_corpus, find_single_file
 from llmcore.device import resolve_device
 from llmcore.download import resolve_url
@@ -200,17 +200,17 @@ def main(
 
         meta = {"source": where, "sha256": digest or "", "import_name": name}
         save_model_dir(out, model, tokenizer, meta)
+        facts = {"name": name, "family": fam, "source": where, "revision": revision, "sha256": digest,
+                 "corpus": cfg.corpus}  # fmt: skip
         metrics = {
-            "name": name, "family": fam, "source": where, "revision": revision, "sha256": digest,
             "download_bytes": n_bytes, "params": model.num_params(),
             "params_with_head": model.num_params(include_tied_head=True),
             "weight_bytes_fp32": model.cfg.weight_bytes("fp32"), "weight_bytes_bf16": model.cfg.weight_bytes("bf16"),
             "vocab_size": model.cfg.vocab_size, "context_length": model.cfg.context_length,
-            "corpus": cfg.corpus, "eval_tokens": n_tokens, "val_loss": round(loss, 4),
+            "eval_tokens": n_tokens, "val_loss": round(loss, 4),
             "val_ppl": round(math.exp(loss), 2), "val_bpb": round(nll / math.log(2) / n_text_bytes, 4),
-            "seconds": round(time.perf_counter() - start, 2),
         }  # fmt: skip
-        write_json_atomic(reports / "metrics.json", metrics)
+        write_stage_reports(reports, metrics, {"seconds": round(time.perf_counter() - start, 2)}, facts)
         print0(
             f"{name}: {metrics['params']:,} params ({fam}) -> {out}; val loss {metrics['val_loss']} "
             f"(ppl {metrics['val_ppl']}, {metrics['val_bpb']} bits/byte) over {n_tokens} tokens of {cfg.corpus}"

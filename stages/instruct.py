@@ -34,7 +34,7 @@ from typing import Literal
 import torch
 import typer
 
-from llmcore.common import LLMCoreError, print0, sha256_file, stage_errors, write_json_atomic
+from llmcore.common import LLMCoreError, print0, sha256_file, stage_errors, write_json_atomic, write_stage_reports
 from llmcore.data.datasets import find_single_file, load_instruction_data
 from llmcore.data.instruct import InstructionBatches, encode_entries, eval_batches, split_entries
 from llmcore.device import resolve_device
@@ -191,18 +191,19 @@ def run(
     save_model_dir(out, model, tok, metadata)
 
     metrics = {
-        "base_model": base_model, "finetune": cfg.finetune, "trainable_params": trainable,
+        "trainable_params": trainable,
         "train_entries": len(train_ex), "val_entries": len(val_ex), "test_entries": len(test_ex),
         "truncated_entries": truncated, "steps": result.step, "epochs": round(result.epochs, 3),
         "train_loss": _finite(result.train_loss), "val_loss": _finite(result.val_loss),
         "val_ppl": round(result.val_ppl, 3), "test_loss": round(test_loss, 4),
         "test_ppl": round(math.exp(min(test_loss, 50.0)), 3), "test_response_loss": round(answer_loss, 4),
         "empty_responses": sum(not a for a in answers),
-        "train_seconds": round(result.train_time_s, 1), "tokens_per_s": round(result.items_per_s, 1),
-        "generate_seconds": round(gen_seconds, 1), "stage_seconds": round(time.perf_counter() - start, 1),
     }  # fmt: skip
-    write_json_atomic(reports / "metrics.json", metrics)
-    return metrics
+    timing = {"train_seconds": round(result.train_time_s, 1), "tokens_per_s": round(result.items_per_s, 1),
+              "generate_seconds": round(gen_seconds, 1), "stage_seconds": round(time.perf_counter() - start, 1)}
+    facts = {"base_model": base_model, "finetune": cfg.finetune, "device": str(rt.device)}
+    write_stage_reports(reports, metrics, timing, facts)
+    return {**metrics, **timing, **facts}
 
 
 app = typer.Typer(add_completion=False, help="Instruction fine-tuning (stage `instruct`) and `ask`.")

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 import typer
 
-from llmcore.common import LLMCoreError, stage_errors, write_json_atomic, write_text_atomic
+from llmcore.common import LLMCoreError, stage_errors, write_stage_reports, write_text_atomic
 from llmcore.data.tokens import RandomWindows, SequentialWindows, load_tokens, read_meta
 from llmcore.device import DTYPES
 from llmcore.eval.baselines import DEFAULT_K, baselines
@@ -126,21 +126,26 @@ def write_samples(path: Path, model: GPT, tok: Tokenizer, p: PretrainParams, ste
     write_text_atomic(path, "\n".join(lines))
 
 
-def write_metrics(path: Path, result: FitResult, model_cfg: ModelConfig, n_params: int, base: dict,
-                  peak_flops: float, world_size: int, wall_time_s: float) -> dict:  # fmt: skip
+def write_metrics(folder: Path, result: FitResult, model_cfg: ModelConfig, n_params: int, base: dict,
+                  peak_flops: float, world_size: int, wall_time_s: float, device: str) -> dict:  # fmt: skip
+    """metrics.json (losses, baselines), timing.json (throughput, MFU, seconds), facts.json; returns all in one."""
     flops_per_token = model_cfg.flops_per_token()
     metrics = {
-        "step": result.step, "epochs": round(result.epochs, 4), "stop_reason": result.stop_reason,
+        "step": result.step, "epochs": round(result.epochs, 4),
         "train_loss": result.train_loss, "val_loss": result.val_loss, "val_ppl": result.val_ppl,
-        **base,
-        "tokens_seen": result.items_seen, "tokens_per_s": round(result.items_per_s, 1),
-        "mfu": flops_per_token * result.items_per_s / (peak_flops * world_size),
-        "peak_tflops": round(peak_flops / 1e12, 4), "flops_per_token": flops_per_token, "params": n_params,
-        "processes": world_size, "train_time_s": round(result.train_time_s, 2), "wall_time_s": round(wall_time_s, 2),
-        "resumed_from": result.resumed_from,
+        **{k: v for k, v in base.items() if k != "baseline_k"},
+        "tokens_seen": result.items_seen, "params": n_params, "flops_per_token": flops_per_token,
     }  # fmt: skip
-    write_json_atomic(path, metrics)
-    return metrics
+    timing = {
+        "tokens_per_s": round(result.items_per_s, 1),
+        "mfu": flops_per_token * result.items_per_s / (peak_flops * world_size),
+        "peak_tflops": round(peak_flops / 1e12, 4),
+        "train_time_s": round(result.train_time_s, 2), "wall_time_s": round(wall_time_s, 2),
+    }  # fmt: skip
+    facts = {"stop_reason": result.stop_reason, "resumed_from": result.resumed_from, "processes": world_size,
+             "device": device, "baseline_k": base.get("baseline_k")}  # fmt: skip
+    write_stage_reports(folder, metrics, timing, facts)
+    return {**metrics, **timing, **facts}
 
 
 app = typer.Typer(add_completion=False)
@@ -195,8 +200,8 @@ def main(
             write_samples(reports / "samples.md", model, tok, p, result.step)
             base = baselines(np.asarray(train_tokens), np.asarray(val_tokens), tok.vocab_size, p.baseline_k)
             peak = hw.peak_tflops * 1e12 if hw.peak_tflops else measure_matmul_peak(DTYPES[hw.precision], rt.device)
-            metrics = write_metrics(reports / "metrics.json", result, model_cfg, model.num_params(), base, peak,
-                                    rt.world_size, time.perf_counter() - start)  # fmt: skip
+            metrics = write_metrics(reports, result, model_cfg, model.num_params(), base, peak, rt.world_size,
+                                    time.perf_counter() - start, str(rt.device))  # fmt: skip
             live.end()
             print(
                 f"step {result.step}: val loss {result.val_loss:.4f} (unigram {base['unigram_val_loss']:.4f}, "

@@ -1,32 +1,89 @@
-"""Stage `report`: gather every stage's metrics and curves into reports/report.md and reports/report.html.
+"""Stage `report`: the report card and everything behind it, in reports/report.html and reports/report.md.
 
-The HTML file is self-contained (inline CSS and SVG, no scripts), so it can be mailed or opened offline.
+The HTML file is self-contained (inline CSS, figures embedded as SVG data, no script, no CDN): mail it or
+open it offline. report.md shows the same content on GitHub, with the figures in reports/figures/*.svg.
 """
 
 from __future__ import annotations
 
+import datetime
+import hashlib
+import subprocess
 from pathlib import Path
 
 import typer
+import yaml
 
-from llmcore.common import stage_errors, write_text_atomic
+from llmcore.common import atomic_path, stage_errors, write_text_atomic
 from llmcore.eval.report import build_report, to_html, to_markdown
 from llmcore.params import read_params
 
 app = typer.Typer(add_completion=False)
 
 
+def git(*args: str) -> str | None:
+    try:
+        proc = subprocess.run(["git", *args], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return proc.stdout if proc.returncode == 0 else None
+
+
+def pipeline_stages(dvc_yaml: Path) -> list[str] | None:
+    """The stage names dvc.yaml defines (None when there is none to read)."""
+    try:
+        stages = (yaml.safe_load(dvc_yaml.read_text(encoding="utf-8")) or {}).get("stages") or {}
+    except (OSError, yaml.YAMLError):
+        return None
+    return list(stages) if isinstance(stages, dict) else None
+
+
+def run_facts(params: Path) -> list[tuple[str, str]]:
+    commit = git("rev-parse", "--short=12", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no")
+    dirty = ""
+    if status is not None:
+        changed = [line[3:] for line in status.splitlines()]
+        dirty = f", with uncommitted changes to {', '.join(changed[:6])}" if changed else ", clean"
+    digest = hashlib.sha256(params.read_bytes()).hexdigest()[:12] if params.is_file() else "?"
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return [("git commit", (commit.strip() if commit else "not a git checkout") + dirty),
+            ("params digest", f"sha256 {digest}… of {params}"), ("report written", now)]  # fmt: skip
+
+
+def committed_params(params: Path) -> dict | None:
+    text = git("show", f"HEAD:{params.as_posix()}")
+    try:
+        return yaml.safe_load(text) if text else None
+    except yaml.YAMLError:
+        return None
+
+
 @app.command()
 def main(
     params: Path = typer.Option(Path("params.yaml"), help="params file"),
     reports: Path = typer.Option(Path("reports"), help="the stages' reports folder"),
+    dvc_yaml: Path = typer.Option(Path("dvc.yaml"), help="the pipeline (which stages exist)"),
 ) -> None:
-    """Write report.md and report.html from the stages' outputs."""
+    """Write report.md, report.html and figures/ from the stages' outputs."""
     with stage_errors():
-        report = build_report(reports, read_params(params))
-        write_text_atomic(reports / "report.md", to_markdown(report))
+        report = build_report(reports, read_params(params), pipeline=pipeline_stages(dvc_yaml),
+                              run_facts=run_facts(params), default_params=committed_params(params))  # fmt: skip
+        figures = reports / "figures"
+        figures.mkdir(parents=True, exist_ok=True)
+        wanted = {f"{fig.name}.svg" for figs in report.figures.values() for fig in figs}
+        for old in figures.glob("*.svg"):  # figures of a previous run that this one has not
+            if old.name not in wanted:
+                old.unlink()
+        for figs in report.figures.values():
+            for fig in figs:
+                with atomic_path(figures / f"{fig.name}.svg") as tmp:
+                    tmp.write_text(fig.svg, encoding="utf-8")
+        write_text_atomic(reports / "report.md", to_markdown(report, "figures"))
         write_text_atomic(reports / "report.html", to_html(report))
-        print(f"wrote {reports / 'report.md'} and {reports / 'report.html'}")
+        ok = sum(r.status == "ok" for r in report.rows)
+        print(f"wrote {reports / 'report.html'} and {reports / 'report.md'}: {ok} of {len(report.rows)} card rows "
+              f"scored, {len(wanted)} figures")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from typing import Literal
 import numpy as np
 import typer
 
-from llmcore.common import LLMCoreError, atomic_path, stage_errors, write_json_atomic
+from llmcore.common import LLMCoreError, atomic_path, stage_errors, write_json_atomic, write_stage_reports
 from llmcore.data.datasets import check_text_corpus, find_single_file
 from llmcore.params import load_section
 from llmcore.text.tokenizer import Tokenizer
@@ -93,13 +93,14 @@ def main(
         }  # fmt: skip
         write_json_atomic(out / "meta.json", meta)
         n_bytes = len(text.encode("utf-8"))
-        write_json_atomic(
-            reports / "metrics.json",
+        write_stage_reports(
+            reports,
             {
                 "vocab_size": tok.vocab_size, "train_tokens": len(train_ids), "val_tokens": len(val_ids),
                 "bytes_per_token": round(n_bytes / (len(train_ids) + len(val_ids)), 4),
-                "tokenizer_seconds": round(train_seconds, 3), "encode_seconds": round(encode_seconds, 3),
             },
+            {"tokenizer_seconds": round(train_seconds, 3), "encode_seconds": round(encode_seconds, 3)},
+            {"tokenizer": tok.kind, "corpus": cfg.corpus, "corpus_file": corpus, "corpus_bytes": n_bytes},
         )  # fmt: skip
         print(f"{tok.kind} tokenizer, vocab {tok.vocab_size}: {len(train_ids)} train / {len(val_ids)} val tokens")
 

@@ -1,50 +1,379 @@
-"""The pipeline report: Markdown and one self-contained HTML file (inline SVG plots, no scripts, no CDN).
+"""The pipeline report: a report card first, then what the model does, curves, details and params.
 
-``build_report(reports_dir, params)`` gathers what the stages wrote under ``reports/`` (metrics.json,
-dvclive/TSV curves, the spam confusion matrix, judge scores and responses) into a ``Report``;
-``to_markdown`` and ``to_html`` render it. Every figure here is also declared in dvc.yaml, so
-``dvc plots show`` / ``dvc plots diff`` render the same data.
+``build_report(reports_dir, params, ...)`` reads what the stages wrote under ``reports/<stage>/``:
+``metrics.json`` (headline numbers), ``timing.json`` (run-time figures), ``facts.json`` (names, digests,
+the environment), dvclive curves (``live/plots/metrics/**.tsv``), samples, predictions and judge scores.
+``to_markdown`` / ``to_html`` render it; the HTML is one self-contained file (CSS and figures inline, no
+script, no CDN) and the Markdown shows the same content for GitHub, with the figures as files beside it.
+
+The card is data-driven: ``CARDS`` maps a stage name to the function that turns its outputs into card rows
+(key figure, the baselines it must beat, the book's reference). A stage in the pipeline with no outputs is a
+"not run" row with the reason; a stage folder with no card function gets a generic row. Nothing a stage
+wrote (missing files, NaN losses, malformed JSON) stops the report: it says what is wrong in that row.
 """
 
 from __future__ import annotations
 
+import base64
 import csv
 import html
 import json
 import math
+import re
+import statistics
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-# The book's own run (Raschka, ch. 5-7; ../shared/README.md), shown beside ours.
-BOOK_REFERENCE = {
-    "pretrain": "124M-shaped GPT on the-verdict, context 256, 10 epochs: train loss 0.57, val loss 6.37 (overfits)",
-    "classify": "GPT-2 124M, last block + final norm + head, 5 epochs: train 97.21%, val 97.32%, test 95.67% accuracy",
-    "evaluate": "GPT-2 355M on instruction-data.json, 2 epochs, Llama 3 8B judge: mean score 49.45 over 110 entries",
+# The book's own run (Raschka, ch. 5-7; ../shared/README.md). ``comparable``: same data and task as ours.
+BOOK = {
+    "pretrain": (6.37, "124M GPT on the-verdict, ctx 256, 10 epochs (other corpus and tokenizer)", False),
+    "classify": (0.9567, "GPT-2 124M, last block + norm + head, 5 epochs", True),
+    "evaluate": (49.45, "GPT-2 355M, 2 epochs, Llama 3 8B judge, 110 entries", True),
+    "align": (0.610, "DPO of the 355M instruct model, 1 epoch, beta 0.1: val DPO loss 0.693 → 0.610", True),
 }
-STAGES = ("download", "tokenize", "pretrain", "import", "classify", "instruct", "evaluate")
+# Stages in pipeline order; a folder under reports/ not listed here comes after them.
+STAGE_ORDER = ("download", "tokenize", "pretrain", "import", "classify", "instruct", "align", "evaluate", "benchmark")
+NESTED = ("import", "benchmark")  # one folder per model: reports/<stage>/<name>/metrics.json
+MACHINE = "†"  # marks figures that depend on the machine (and its load)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading a stage's outputs
 
 
 @dataclass
-class Curve:
-    name: str  # e.g. "pretrain: train/loss"
-    steps: list[float]
-    values: list[float]
+class StageData:
+    name: str  # "pretrain", "import/gpt2-124m", "benchmark/gpt2"
+    folder: Path
+    metrics: dict[str, Any] | None = None  # None: no usable metrics.json
+    timing: dict[str, Any] = field(default_factory=dict)
+    facts: dict[str, Any] = field(default_factory=dict)
+    problem: str | None = None  # why metrics is None (missing, malformed)
+
+    def num(self, *keys: str) -> float | None:
+        """The first of ``keys`` (dotted for nested) that holds a finite number, from metrics then timing."""
+        for source in (self.metrics or {}, self.timing):
+            for key in keys:
+                v = dig(source, key)
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                    return float(v)
+        return None
+
+    def has_key(self, key: str) -> bool:
+        return dig(self.metrics or {}, key, missing=...) is not ...
+
+
+def dig(d: dict, dotted: str, missing: Any = None) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return missing
+        d = d[part]
+    return d
+
+
+def _read_json(path: Path) -> tuple[Any, str | None]:
+    if not path.is_file():
+        return None, f"no {path}"
+    try:
+        return json.loads(path.read_text(encoding="utf-8")), None  # json reads NaN as float('nan')
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return None, f"{path}: unreadable ({type(e).__name__}: {e})"
+
+
+def split_numbers(d: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(numbers, the rest): outputs written before metrics held numbers only still read the same."""
+    nums: dict[str, Any] = {}
+    rest: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            n, r = split_numbers(v)
+            if n:
+                nums[k] = n
+            if r:
+                rest[k] = r
+        elif v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)):
+            nums[k] = v
+        else:
+            rest[k] = v
+    return nums, rest
+
+
+def read_stage(folder: Path, name: str) -> StageData:
+    stage = StageData(name=name, folder=folder)
+    metrics, problem = _read_json(folder / "metrics.json")
+    if problem or not isinstance(metrics, dict):
+        stage.problem = problem or f"{folder / 'metrics.json'}: not a JSON object"
+    else:
+        stage.metrics, old_facts = split_numbers(metrics)
+        stage.facts.update(old_facts)
+    timing, _ = _read_json(folder / "timing.json")
+    if isinstance(timing, dict):
+        stage.timing = split_numbers(timing)[0]
+    facts, _ = _read_json(folder / "facts.json")
+    if isinstance(facts, dict):
+        stage.facts.update(facts)
+    return stage
+
+
+def discover_stages(reports_dir: Path, pipeline: list[str] | None) -> dict[str, StageData]:
+    """Every stage with outputs, plus every pipeline stage without (as "not run")."""
+    names = [s for s in STAGE_ORDER if pipeline is None or s in pipeline or (reports_dir / s).is_dir()]
+    extra = sorted(p.name for p in reports_dir.iterdir() if p.is_dir() and p.name not in STAGE_ORDER) \
+        if reports_dir.is_dir() else []  # fmt: skip
+    names += [n for n in extra if (reports_dir / n / "metrics.json").is_file() or n in (pipeline or [])]
+    names += [n for n in (pipeline or []) if n not in names and n != "report"]
+    out: dict[str, StageData] = {}
+    for name in names:
+        folder = reports_dir / name
+        subs = sorted(p for p in folder.iterdir() if p.is_dir() and p.name != "live") if folder.is_dir() else []
+        if name in NESTED and subs:
+            for sub in subs:
+                out[f"{name}/{sub.name}"] = read_stage(sub, f"{name}/{sub.name}")
+        elif name == "import" and not (folder / "metrics.json").is_file():
+            continue  # a foreach over import.models: none listed, none run (the notes say so)
+        else:
+            out[name] = read_stage(folder, name)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# The card
+
+
+@dataclass
+class Ref:
+    """A number to compare the key figure with: a baseline it must beat, or the book's figure."""
+
+    label: str
+    value: float | None
+    comparable: bool = True  # False: shown for context, not judged (other data or task)
+
+
+@dataclass
+class Row:
+    stage: str
+    figure: str  # what the key figure is, with its unit
+    value: float | None = None
+    kind: str = "num"  # num | pct | int
+    higher_is_better: bool = True
+    baselines: list[Ref] = field(default_factory=list)
+    book: Ref | None = None
+    detail: str = ""
+    status: str = "ok"  # ok | not run | skipped | failed
+    reason: str = ""
+
+    def verdict(self, ref: Ref | None) -> str:
+        if ref is None or ref.value is None or self.value is None:
+            return ""
+        if not ref.comparable:
+            return "not comparable"
+        if math.isclose(self.value, ref.value, rel_tol=1e-9, abs_tol=1e-12):
+            return "equal"
+        return "better" if (self.value > ref.value) == self.higher_is_better else "worse"
+
+
+def fmt(v: Any, kind: str = "num") -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, float) and not math.isfinite(v):
+        return "NaN"
+    if kind == "pct":
+        return f"{100 * v:.1f}%"
+    if kind == "int" or (isinstance(v, int) and not isinstance(v, bool)):
+        return f"{int(v):,}"
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) < 1e4 else f"{v:,.0f}"
+    return str(v)
+
+
+def _not_run(stage: StageData, figure: str) -> Row:
+    """A missing metrics.json: the stage has not run; an unreadable one: it failed."""
+    reason = stage.problem or f"no {stage.folder / 'metrics.json'}"
+    if reason.startswith("no "):
+        return Row(stage.name, figure, status="not run", reason=f"{reason} (`dvc repro {stage.name.split('/')[0]}`)")
+    return Row(stage.name, figure, status="failed", reason=reason)
+
+
+def _nan_row(stage: StageData, figure: str, key: str) -> Row | None:
+    """A row saying the key figure is not a number (a NaN loss is written as null), else None."""
+    if stage.metrics is not None and stage.has_key(key) and stage.num(key) is None:
+        return Row(stage.name, figure, status="failed",
+                   reason=f"{key} is not a number (NaN or null in {stage.folder / 'metrics.json'}: training diverged?)")
+    return None
+
+
+def card_download(s: StageData, ctx: Context) -> list[Row]:
+    if s.metrics is None:
+        return [_not_run(s, "sources verified")]
+    mb = (s.num("bytes") or 0) / 1e6
+    return [Row(s.name, "sources verified", s.num("sources"), "int", detail=f"{mb:.1f} MB, sha256 or content checked")]
+
+
+def card_tokenize(s: StageData, ctx: Context) -> list[Row]:
+    figure = "bytes per token"
+    if s.metrics is None:
+        return [_not_run(s, figure)]
+    kind = s.facts.get("tokenizer", "")
+    detail = (f"{kind} vocab {fmt(s.num('vocab_size'), 'int')}; {fmt(s.num('train_tokens'), 'int')} train / "
+              f"{fmt(s.num('val_tokens'), 'int')} val tokens")  # fmt: skip
+    return [Row(s.name, figure, s.num("bytes_per_token"), baselines=[Ref("raw bytes", 1.0)], detail=detail.strip())]
+
+
+def card_pretrain(s: StageData, ctx: Context) -> list[Row]:
+    figure = "val loss (nats/token)"
+    if s.metrics is None:
+        return [_not_run(s, figure)]
+    if bad := _nan_row(s, figure, "val_loss"):
+        return [bad]
+    loss = s.num("val_loss")
+    parts = [f"{fmt(s.num('params'), 'int')} params", f"{fmt(s.num('step'), 'int')} steps",
+             f"{fmt(s.num('tokens_seen'), 'int')} tokens", f"ppl {fmt(s.num('val_ppl'))}"]  # fmt: skip
+    bpt = ctx.stages.get("tokenize")
+    bpt = bpt.num("bytes_per_token") if bpt else None
+    if loss is not None and bpt:
+        parts.append(f"{loss / math.log(2) / bpt:.3f} bits/byte")
+    book = BOOK["pretrain"]
+    return [Row(s.name, figure, loss, higher_is_better=False,
+                baselines=[Ref("bigram", s.num("bigram_val_loss")), Ref("unigram", s.num("unigram_val_loss"))],
+                book=Ref(book[1], book[0], book[2]), detail=", ".join(parts))]  # fmt: skip
+
+
+def card_import(s: StageData, ctx: Context) -> list[Row]:
+    figure = "val loss (nats/token)"
+    if s.metrics is None:
+        return [_not_run(s, figure)]
+    if bad := _nan_row(s, figure, "val_loss"):
+        return [bad]
+    detail = (f"{s.facts.get('family', '')} {fmt(s.num('params'), 'int')} params, {fmt(s.num('val_bpb'))} bits/byte "
+              f"on {s.facts.get('corpus', 'the corpus')}")  # fmt: skip
+    return [Row(s.name, figure, s.num("val_loss"), higher_is_better=False, detail=detail.strip())]
+
+
+def card_classify(s: StageData, ctx: Context) -> list[Row]:
+    figure = "test accuracy"
+    if s.metrics is None:
+        return [_not_run(s, figure)]
+    if bad := _nan_row(s, figure, "test.accuracy"):
+        return [bad]
+    conf = [s.num(f"test_confusion.{k}") for k in ("tn", "fp", "fn", "tp")]
+    baselines = []
+    if all(c is not None for c in conf) and sum(conf):
+        tn, fp, fn, tp = conf
+        baselines.append(Ref("majority class", max(tn + fp, fn + tp) / (tn + fp + fn + tp)))
+    n = sum(c for c in conf if c is not None)
+    detail = (f"F1 {fmt(s.num('test.f1'))} (spam positive), {fmt(n, 'int')} test messages, "
+              f"{s.facts.get('trainable', '')} on {s.facts.get('base_model', 'the base model')}")  # fmt: skip
+    book = BOOK["classify"]
+    return [Row(s.name, figure, s.num("test.accuracy"), "pct", baselines=baselines, book=Ref(book[1], book[0], book[2]),
+                detail=detail)]  # fmt: skip
+
+
+def card_instruct(s: StageData, ctx: Context) -> list[Row]:
+    figure = "test loss (nats/token)"
+    if s.metrics is None:
+        return [_not_run(s, figure)]
+    if bad := _nan_row(s, figure, "test_loss"):
+        return [bad]
+    detail = (f"{s.facts.get('finetune', '')} fine-tune of {s.facts.get('base_model', 'the base')}, "
+              f"{fmt(s.num('epochs'))} epochs; response-only loss {fmt(s.num('test_response_loss'))}, "
+              f"{fmt(s.num('test_entries'), 'int')} test responses")  # fmt: skip
+    return [Row(s.name, figure, s.num("test_loss"), higher_is_better=False, detail=detail)]
+
+
+def card_align(s: StageData, ctx: Context) -> list[Row]:
+    figure = "val DPO loss"
+    if s.metrics is None:
+        return [_not_run(s, figure)]
+    key = next((k for k in ("val_dpo_loss", "val.dpo_loss", "val_loss", "dpo_loss") if s.has_key(k)), "val_loss")
+    if bad := _nan_row(s, figure, key):
+        return [bad]
+    acc = s.num("val_reward_accuracy", "val.reward_accuracy", "reward_accuracy")
+    margin = s.num("val_reward_margin", "val.reward_margin", "reward_margin")
+    detail = f"reward accuracy {fmt(acc, 'pct')}, reward margin {fmt(margin)}"
+    book = BOOK["align"]
+    return [Row(s.name, figure, s.num(key), higher_is_better=False,
+                baselines=[Ref("untrained policy (ln 2)", math.log(2))], book=Ref(book[1], book[0], book[2]),
+                detail=detail)]  # fmt: skip
+
+
+def card_evaluate(s: StageData, ctx: Context) -> list[Row]:
+    if s.metrics is None:
+        return [_not_run(s, "ROUGE-L")]
+    rows = [Row(s.name, "ROUGE-L vs reference", s.num("rouge_l"),
+                baselines=[Ref("copying the input", ctx.copy_rouge)] if ctx.copy_rouge is not None else [],
+                detail=f"exact match {fmt(s.num('exact_match'), 'pct')}, reference loss "
+                       f"{fmt(s.num('reference_loss'))}, {fmt(s.num('n_items'), 'int')} items")]  # fmt: skip
+    status = s.facts.get("judge_status")
+    book = BOOK["evaluate"]
+    judge = Row(s.name, "judge mean score (0-100)", book=Ref(book[1], book[0], book[2]))
+    if status == "scored" and s.num("mean") is not None:
+        judge.value = s.num("mean")
+        judge.detail = (f"95% CI {fmt(s.num('ci95_low'))}–{fmt(s.num('ci95_high'))}, {fmt(s.num('n_scored'), 'int')} "
+                        f"of {fmt(s.num('n_items'), 'int')} scored by {s.facts.get('judge_model', 'the judge')}")
+    elif status == "scored":
+        judge.status, judge.reason = "failed", f"the judge scored none of {fmt(s.num('n_items'), 'int')} responses"
+    else:
+        judge.status = "skipped" if status in ("skipped", "off") else "failed" if status else "not run"
+        judge.reason = s.facts.get("judge_skip_reason") or (
+            "evaluate.judge_mode is off" if status == "off" else f"judge status {status or 'not recorded'}"
+        )
+    return [*rows, judge]
+
+
+def card_generic(s: StageData, ctx: Context) -> list[Row]:
+    """A stage without a card function (e.g. benchmark/<model>): its first accuracy-like number, the rest as detail."""
+    if s.metrics is None:
+        return [_not_run(s, "key figure")]
+    flat = {k: v for k, v in flatten(s.metrics).items() if isinstance(v, (int, float)) and v is not None}
+    key = next((k for k in flat if re.search(r"acc|score|f1|rouge", k)), next(iter(flat), None))
+    if key is None:
+        return [Row(s.name, "key figure", status="failed", reason=f"{s.folder / 'metrics.json'} holds no number")]
+    chance = s.num("chance", "random_baseline")
+    others = [f"{k} {fmt(v)}" for k, v in flat.items() if k != key and not k.startswith("chance")][:4]
+    lower = bool(re.search(r"loss|ppl|perplexity|bpb|error", key))
+    return [Row(s.name, key, float(flat[key]), higher_is_better=not lower,
+                baselines=[Ref("chance", chance)] if chance is not None else [], detail=", ".join(others))]  # fmt: skip
+
+
+CARDS: dict[str, Callable[[StageData, Context], list[Row]]] = {
+    "download": card_download, "tokenize": card_tokenize, "pretrain": card_pretrain, "import": card_import,
+    "classify": card_classify, "instruct": card_instruct, "align": card_align, "evaluate": card_evaluate,
+}  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------------
+# The whole report
+
+
+@dataclass
+class Figure:
+    name: str  # file stem: figures/<name>.svg
+    caption: str
+    svg: str
+
+
+@dataclass
+class Context:
+    stages: dict[str, StageData]
+    copy_rouge: float | None = None
 
 
 @dataclass
 class Report:
     params: dict[str, Any]
-    metrics: dict[str, dict[str, Any]] = field(default_factory=dict)  # stage -> flat metrics
-    curves: dict[str, list[Curve]] = field(default_factory=dict)  # stage -> curves
-    confusion: dict[tuple[str, str], int] = field(default_factory=dict)  # (actual, predicted) -> count
-    histogram: list[tuple[str, int]] = field(default_factory=list)  # judge score bins
-    examples: dict[str, list[dict]] = field(default_factory=dict)  # "best"/"worst" -> judged responses
-    judge_note: str | None = None  # why the judge did not score, shown at the top
-
-
-# --------------------------------------------------------------------------------------------------
-# Gathering
+    rows: list[Row] = field(default_factory=list)
+    stages: dict[str, StageData] = field(default_factory=dict)
+    run_facts: list[tuple[str, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # skipped / not run, one line each
+    samples: list[tuple[str, str]] = field(default_factory=list)  # (prompt, text)
+    mistakes: list[dict[str, str]] = field(default_factory=list)
+    responses: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # "best"/"worst"
+    response_rank: str = ""  # "judge score" | "ROUGE-L"
+    judge_summary: str = ""
+    figures: dict[str, list[Figure]] = field(default_factory=dict)  # section -> figures
+    changed_params: set[str] = field(default_factory=set)
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -53,184 +382,330 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         key = f"{prefix}{k}"
         if isinstance(v, dict):
             out.update(flatten(v, key + "."))
-        elif not isinstance(v, list):
+        else:
             out[key] = v
     return out
 
 
-def read_tsv_curve(path: Path, stage_dir: Path) -> Curve | None:
+def build_report(reports_dir: Path, params: dict[str, Any], *, pipeline: list[str] | None = None,
+                 run_facts: list[tuple[str, str]] | None = None, default_params: dict[str, Any] | None = None,
+                 n_examples: int = 5) -> Report:  # fmt: skip
+    """Gather everything under ``reports_dir``.
+
+    Args:
+        params: params.yaml as a dict.
+        pipeline: the stage names dvc.yaml defines (None: unknown, every stage with outputs is shown).
+        run_facts: (label, value) lines the caller knows (git commit, params digest, report date).
+        default_params: params to diff against (the committed params.yaml); changed keys are listed first.
+    """
+    from llmcore.eval import figures as figs
+
+    report = Report(params=params, run_facts=list(run_facts or []))
+    report.stages = stages = discover_stages(reports_dir, pipeline)
+    ctx = Context(stages)
+    responses = read_responses(reports_dir / "instruct" / "responses.json")
+    if responses:
+        ctx.copy_rouge = copy_input_rouge(responses)
+    for name, stage in stages.items():
+        card = CARDS.get(name.split("/")[0], card_generic)
+        try:
+            report.rows += card(stage, ctx)
+        except Exception as e:  # a malformed output must cost one row, never the report
+            report.rows.append(Row(name, "key figure", status="failed", reason=f"{type(e).__name__}: {e}"))
+    if pipeline is not None and "import" in pipeline and not any(n.startswith("import/") for n in stages):
+        report.notes.append("import: no GPT-2 weights imported (`import.models` is empty, the offline default)")
+    for row in report.rows:
+        if row.status != "ok":
+            report.notes.append(f"{row.stage}, {row.figure}: {row.status}: {row.reason}")
+    report.run_facts += environment_facts(stages)
+
+    report.samples = read_samples(reports_dir / "pretrain" / "samples.md")
+    report.mistakes = confident_mistakes(reports_dir / "classify" / "predictions.csv", n_examples)
+    scores = read_scores(reports_dir / "evaluate" / "scores.jsonl")
+    report.responses, report.response_rank = best_and_worst(responses, scores, n_examples)
+    ev = stages.get("evaluate")
+    if ev and ev.facts.get("judge_status") == "scored" and ev.num("mean") is not None:
+        report.judge_summary = (f"mean {fmt(ev.num('mean'))} (95% CI {fmt(ev.num('ci95_low'))}–"
+                                f"{fmt(ev.num('ci95_high'))}), median {fmt(ev.num('median'))}, "
+                                f"{fmt(ev.num('n_scored'), 'int')} scored, {fmt(ev.num('n_unparsable'), 'int')} "
+                                f"unparsable, {fmt(ev.num('n_error'), 'int')} failed")  # fmt: skip
+
+    examples: list[Figure] = []
+    conf = read_confusion(reports_dir / "classify" / "confusion.csv")
+    if conf:
+        labels = sorted({a for a, _ in conf} | {p for _, p in conf})
+        matrix = [[conf.get((a, p), 0) for p in labels] for a in labels]
+        svg = figs.heatmap("Spam classifier, test split", matrix, labels, labels, "actual", "predicted")
+        if svg:
+            examples.append(Figure("classify_confusion", "Confusion matrix of the spam classifier (test split)", svg))
+    hist = [s for s in scores if s.get("status") == "scored" and isinstance(s.get("score"), (int, float))]
+    if hist:
+        counts = [0] * 10
+        for s in hist:
+            counts[min(int(s["score"]) // 10, 9)] += 1
+        svg = figs.bar_chart("Judge scores", [f"{10 * i}-{10 * i + 10}" for i in range(10)], counts,
+                             "score (0-100)", "responses")  # fmt: skip
+        if svg:
+            examples.append(Figure("judge_scores", f"Judge score histogram: {report.judge_summary}", svg))
+    report.figures["examples"] = examples
+    report.figures["curves"] = curve_figures(reports_dir, [n for n in stages if "/" not in n])
+    if default_params is not None:
+        base = flatten(default_params)
+        report.changed_params = {k for k, v in flatten(params).items() if base.get(k, ...) != v}
+    return report
+
+
+def environment_facts(stages: dict[str, StageData]) -> list[tuple[str, str]]:
+    out: list[tuple[str, str]] = []
+    env_stage = next((s for s in stages.values() if "torch" in s.facts.get("environment", {})), None)
+    if env_stage:
+        env = env_stage.facts["environment"]
+        device = env_stage.facts.get("device", "cpu")
+        out += [
+            ("trained on", f"{device}: {env.get('gpu') or env.get('cpu', '?')}, {env.get('threads', '?')} threads "
+                           f"({env.get('cpu_count', '?')} CPUs) {MACHINE}"),
+            ("software", f"torch {env.get('torch', '?')}, Python {env.get('python', '?')}, {env.get('platform', '')}"),
+            ("trained", f"{env.get('date', '?')} ({env_stage.name} stage)"),
+        ]  # fmt: skip
+    pre = stages.get("pretrain")
+    if pre and pre.metrics is not None:
+        out.append(("model", f"{fmt(pre.num('params'), 'int')} parameters, {fmt(pre.num('tokens_seen'), 'int')} "
+                             f"tokens seen in pretraining"))  # fmt: skip
+        if pre.num("mfu") is not None:
+            out.append(("pretraining throughput", f"{fmt(pre.num('tokens_per_s'))} tokens/s, MFU "
+                        f"{fmt(pre.num('mfu'), 'pct')} of {fmt(pre.num('peak_tflops'))} TFLOP/s measured peak "
+                        f"{MACHINE}"))  # fmt: skip
+    times = []
+    for name, s in stages.items():
+        t = s.num("stage_seconds", "train_time_s", "seconds")
+        if t is None and s.timing:
+            parts = [v for k, v in s.timing.items() if k.endswith("seconds") and isinstance(v, (int, float))]
+            t = sum(parts) if parts else None
+        if t is not None:
+            times.append(f"{name} {t:.1f} s")
+    if times:
+        out.append(("wall time per stage", " · ".join(times) + f" {MACHINE}"))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# What the model does
+
+
+def read_samples(path: Path, max_chars: int = 700) -> list[tuple[str, str]]:
+    """(prompt, text) pairs from pretrain's samples.md (``## n. **prompt**`` then a fenced block)."""
+    if not path.is_file():
+        return []
+    out = []
+    text = path.read_text(encoding="utf-8", errors="replace")
+    for m in re.finditer(r"^## \d+\. \*\*(.*?)\*\*\s*\n+```text\n(.*?)\n```", text, re.S | re.M):
+        body = m.group(2)
+        out.append((m.group(1), body if len(body) <= max_chars else body[:max_chars] + " …"))
+    return out
+
+
+def confident_mistakes(path: Path, n: int) -> list[dict[str, str]]:
+    """The classifier's wrong predictions on the test split, most confident first."""
+    if not path.is_file():
+        return []
+    rows = []
+    with path.open(encoding="utf-8", newline="") as f:
+        for r in csv.DictReader(f):
+            try:
+                p = float(r["probability"])
+            except (KeyError, TypeError, ValueError):
+                continue
+            if r.get("label") != r.get("prediction") and math.isfinite(p):
+                rows.append({**r, "p": p})
+    rows.sort(key=lambda r: -r["p"])
+    return [{"text": r["text"], "label": r["label"], "prediction": r["prediction"], "probability": f"{r['p']:.3f}"}
+            for r in rows[:n]]  # fmt: skip
+
+
+def read_confusion(path: Path) -> dict[tuple[str, str], int]:
+    out: dict[tuple[str, str], int] = {}
+    if not path.is_file():
+        return out
+    with path.open(encoding="utf-8", newline="") as f:
+        for r in csv.DictReader(f):
+            if r.get("actual") and r.get("predicted"):
+                key = (r["actual"], r["predicted"])
+                out[key] = out.get(key, 0) + 1
+    return out
+
+
+def read_responses(path: Path) -> list[dict[str, Any]]:
+    data, _ = _read_json(path)
+    if not isinstance(data, list):
+        return []
+    return [
+        {**r, "id": str(r.get("id", i))}
+        for i, r in enumerate(data)
+        if isinstance(r, dict) and all(isinstance(r.get(k, ""), str) for k in ("instruction", "input", "output"))
+    ]
+
+
+def read_scores(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict):
+            out.append(rec)
+    return out
+
+
+def copy_input_rouge(responses: list[dict[str, Any]]) -> float | None:
+    """ROUGE-L of answering with the prompt itself (instruction + input): what a model must beat."""
+    from llmcore.eval.metrics import rouge_l
+
+    values = [rouge_l(_prompt_text(r), r.get("output", "")) for r in responses]
+    return round(statistics.fmean(values), 4) if values else None
+
+
+def _prompt_text(r: dict[str, Any]) -> str:
+    return f"{r.get('instruction', '')} {r.get('input', '')}".strip()
+
+
+def best_and_worst(responses: list[dict[str, Any]], scores: list[dict[str, Any]], n: int):
+    """Best and worst ``n`` responses by judge score, or by ROUGE-L when nothing was judged."""
+    from llmcore.eval.metrics import rouge_l
+
+    if not responses:
+        return {}, ""
+    by_id = {r["id"]: r for r in responses}
+    judged = [
+        {**by_id[str(s["id"])], "score": float(s["score"])}
+        for s in scores
+        if s.get("status") == "scored" and str(s.get("id")) in by_id and isinstance(s.get("score"), (int, float))
+    ]
+    if judged:
+        ranked, rank = judged, "judge score"
+    else:
+        rank = "ROUGE-L"
+        ranked = [{**r, "score": round(rouge_l(str(r.get("model_response", "")), r.get("output", "")), 3)}
+                  for r in responses]  # fmt: skip
+    ranked.sort(key=lambda r: (-r["score"], r["id"]))
+    worst = sorted(ranked, key=lambda r: (r["score"], r["id"]))[:n]
+    return {"best": ranked[:n], "worst": worst}, rank
+
+
+# --------------------------------------------------------------------------------------------------
+# Curves (dvclive TSVs)
+
+
+@dataclass
+class Curve:
+    name: str  # e.g. "train/loss"
+    steps: list[float]
+    values: list[float]
+
+
+def read_tsv_curve(path: Path, live_dir: Path) -> Curve | None:
     """A dvclive metric file: tab-separated with a ``step`` column and one value column."""
-    with path.open(encoding="utf-8") as f:
-        rows = list(csv.DictReader(f, delimiter="\t"))
+    try:
+        with path.open(encoding="utf-8") as f:
+            rows = list(csv.DictReader(f, delimiter="\t"))
+    except (OSError, UnicodeDecodeError):
+        return None
     if not rows or "step" not in rows[0]:
         return None
     value_col = [c for c in rows[0] if c not in ("step", "timestamp")]
     if len(value_col) != 1:
         return None
-    try:
-        steps = [float(r["step"]) for r in rows]
-        values = [float(r[value_col[0]]) for r in rows]
-    except (TypeError, ValueError):
-        return None
-    name = str(path.relative_to(stage_dir).with_suffix("")).replace("plots/metrics/", "")
-    return Curve(name=name, steps=steps, values=values)
-
-
-def build_report(reports_dir: Path, params: dict[str, Any]) -> Report:
-    report = Report(params=params)
-    for stage in STAGES:
-        stage_dir = reports_dir / stage
-        if not stage_dir.is_dir():
+    steps, values = [], []
+    for r in rows:
+        try:
+            steps.append(float(r["step"]))
+            values.append(float(r[value_col[0]]))
+        except (TypeError, ValueError):
             continue
-        # dvclive's own summary (live/metrics.json) repeats the stage's last step: skip it
-        metrics_files = [
-            p for p in sorted(stage_dir.rglob("metrics.json")) if "live" not in p.relative_to(stage_dir).parts
-        ]
-        for path in metrics_files:
-            name = stage if path.parent == stage_dir else f"{stage}/{path.parent.relative_to(stage_dir)}"
-            data = json.loads(path.read_text(encoding="utf-8"))
-            if stage == "download":  # per-file facts are too detailed for the report
-                data = {k: v for k, v in data.items() if k != "files"}
-            report.metrics[name] = flatten(data)
-        curves = [c for p in sorted(stage_dir.rglob("*.tsv")) if (c := read_tsv_curve(p, stage_dir))]
-        if curves:
-            report.curves[stage] = curves
-    confusion = reports_dir / "classify" / "confusion.csv"
-    if confusion.is_file():
-        with confusion.open(encoding="utf-8") as f:
-            for row in csv.DictReader(f):
-                key = (row["actual"], row["predicted"])
-                report.confusion[key] = report.confusion.get(key, 0) + 1
-    histogram = reports_dir / "evaluate" / "score_histogram.csv"
-    if histogram.is_file():
-        with histogram.open(encoding="utf-8") as f:
-            report.histogram = [(r["bin"], int(r["count"])) for r in csv.DictReader(f)]
-    evaluate = report.metrics.get("evaluate", {})
-    status = evaluate.get("judge_status")
-    if status and status != "scored":
-        reason = evaluate.get("judge_skip_reason", "judge_mode is off")
-        report.judge_note = f"The LLM judge did not score this run ({status}): {reason}"
-    report.examples = best_and_worst(
-        reports_dir / "evaluate" / "scores.jsonl", reports_dir / "instruct" / "responses.json"
-    )
-    return report
+    return Curve(str(path.relative_to(live_dir).with_suffix("")), steps, values)
 
 
-def best_and_worst(scores_path: Path, responses_path: Path, n: int = 3) -> dict[str, list[dict]]:
-    if not scores_path.is_file() or not responses_path.is_file():
+def read_curves(live_dir: Path) -> dict[str, Curve]:
+    if not live_dir.is_dir():
         return {}
-    responses = json.loads(responses_path.read_text(encoding="utf-8"))
-    by_id = {str(r.get("id", i)): r for i, r in enumerate(responses)}
-    scored = []
-    for line in scores_path.read_text(encoding="utf-8").splitlines():
-        record = json.loads(line)
-        if record.get("status") == "scored" and record["id"] in by_id:
-            scored.append({**by_id[record["id"]], "score": record["score"]})
-    scored.sort(key=lambda r: r["score"])
-    return {"best": scored[::-1][:n], "worst": scored[:n]} if scored else {}
+    curves = [read_tsv_curve(p, live_dir) for p in sorted(live_dir.rglob("*.tsv"))]
+    return {c.name: c for c in curves if c is not None}
 
 
-# --------------------------------------------------------------------------------------------------
-# SVG plots (inline, so the HTML needs nothing from the network)
-
-PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b"]
-
-
-def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
-    if hi <= lo:
-        return [lo]
-    step = 10 ** math.floor(math.log10((hi - lo) / n))
-    for m in (1, 2, 5, 10):
-        if (hi - lo) / (step * m) <= n:
-            step *= m
-            break
-    start = math.ceil(lo / step) * step
-    return [start + i * step for i in range(int((hi - start) / step) + 1)]
+# (figure, y label, [(curve name, legend, style)]): one axis per figure; units in the label
+CURVE_FIGURES = [
+    ("loss", "loss (nats/token)", [("train/loss", "train", "-"), ("train/loss_avg", "train (smoothed)", "-"),
+                                    ("val/loss", "val", "o-")]),
+    ("accuracy", "accuracy (fraction)", [("val/accuracy", "val", "o-")]),
+    ("lr", "learning rate", [("train/lr", "", "-")]),
+    ("throughput", "throughput", [("train/tokens_per_s", "tokens/s", "-"),
+                                  ("train/examples_per_s", "examples/s", "-")]),
+    ("grad_norm", "gradient norm (before clipping)", [("train/grad_norm", "", "-")]),
+]  # fmt: skip
 
 
-def svg_lines(title: str, curves: list[Curve], width: int = 560, height: int = 300) -> str:
-    """A line chart of several curves sharing axes, as an inline ``<svg>`` element."""
-    pts = [(s, v) for c in curves for s, v in zip(c.steps, c.values, strict=True) if math.isfinite(v)]
-    if not pts:
-        return ""
-    x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts)
-    y0, y1 = min(p[1] for p in pts), max(p[1] for p in pts)
-    if x1 == x0:
-        x1 = x0 + 1
-    if y1 == y0:
-        y1 = y0 + 1
-    L, R, T, B = 56, 12, 28, 40  # margins
-    sx = lambda x: L + (x - x0) / (x1 - x0) * (width - L - R)
-    sy = lambda y: height - B - (y - y0) / (y1 - y0) * (height - T - B)
-    parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
-        f'aria-label="{html.escape(title)}" font-family="sans-serif" font-size="11">',
-        f'<text x="{width / 2}" y="16" text-anchor="middle" font-size="13">{html.escape(title)}</text>',
-        f'<rect x="{L}" y="{T}" width="{width - L - R}" height="{height - T - B}" fill="none" stroke="#999"/>',
-    ]
-    for t in _ticks(y0, y1):
-        parts.append(f'<line x1="{L}" x2="{width - R}" y1="{sy(t):.1f}" y2="{sy(t):.1f}" stroke="#eee"/>')
-        parts.append(f'<text x="{L - 4}" y="{sy(t) + 4:.1f}" text-anchor="end">{t:g}</text>')
-    for t in _ticks(x0, x1):
-        parts.append(f'<text x="{sx(t):.1f}" y="{height - B + 14}" text-anchor="middle">{t:g}</text>')
-    parts.append(f'<text x="{width / 2}" y="{height - 6}" text-anchor="middle">step</text>')
-    for i, c in enumerate(curves):
-        color = PALETTE[i % len(PALETTE)]
-        xy = " ".join(f"{sx(s):.1f},{sy(v):.1f}" for s, v in zip(c.steps, c.values, strict=True) if math.isfinite(v))
-        parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.5" points="{xy}"/>')
-        parts.append(f'<text x="{L + 8}" y="{T + 14 + 13 * i}" fill="{color}">{html.escape(c.name)}</text>')
-    parts.append("</svg>")
-    return "".join(parts)
+def curve_figures(reports_dir: Path, stage_names: list[str]) -> list[Figure]:
+    from llmcore.eval.figures import Series, line_chart
 
-
-def svg_bars(title: str, bars: list[tuple[str, int]], width: int = 560, height: int = 260) -> str:
-    if not bars:
-        return ""
-    top = max(v for _, v in bars) or 1
-    L, R, T, B = 40, 12, 28, 40
-    bw = (width - L - R) / len(bars)
-    parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
-        f'aria-label="{html.escape(title)}" font-family="sans-serif" font-size="11">',
-        f'<text x="{width / 2}" y="16" text-anchor="middle" font-size="13">{html.escape(title)}</text>',
-    ]
-    for i, (label, value) in enumerate(bars):
-        h = value / top * (height - T - B)
-        x = L + i * bw
-        parts.append(f'<rect x="{x + 2:.1f}" y="{height - B - h:.1f}" width="{bw - 4:.1f}" height="{h:.1f}" '
-                     f'fill="{PALETTE[0]}"/>')  # fmt: skip
-        parts.append(f'<text x="{x + bw / 2:.1f}" y="{height - B - h - 3:.1f}" text-anchor="middle">{value}</text>')
-        parts.append(
-            f'<text x="{x + bw / 2:.1f}" y="{height - B + 14}" text-anchor="middle">{html.escape(label)}</text>'
-        )
-    parts.append("</svg>")
-    return "".join(parts)
-
-
-def group_curves(curves: list[Curve]) -> dict[str, list[Curve]]:
-    """One chart per metric family: losses together, everything else on its own."""
-    groups: dict[str, list[Curve]] = {}
-    for c in curves:
-        key = "loss" if "loss" in c.name.rsplit("/", 1)[-1] else c.name
-        groups.setdefault(key, []).append(c)
-    return groups
+    out = []
+    for stage in stage_names:
+        curves = read_curves(reports_dir / stage / "live" / "plots" / "metrics")
+        for fig_name, ylabel, members in CURVE_FIGURES:
+            series = [Series(legend, curves[c].steps, curves[c].values, style) for c, legend, style in members
+                      if c in curves]  # fmt: skip
+            if not series:
+                continue
+            unit = next((legend for legend in (s.name for s in series) if "/s" in legend), "")
+            label = f"{ylabel} ({unit})" if fig_name == "throughput" and unit else ylabel
+            svg = line_chart(f"{stage}: {fig_name.replace('_', ' ')}", series, "optimizer step", label,
+                             logy=fig_name == "grad_norm")  # fmt: skip
+            if svg:
+                out.append(Figure(f"{stage}_{fig_name}", f"{stage}: {fig_name.replace('_', ' ')}", svg))
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
 # Rendering
 
-
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
+MACHINE_NOTE = (f"{MACHINE} machine-dependent: timings, throughput and MFU change with the machine and its load. "
+                "The losses and accuracies are bit-identical between runs on one machine, but differ in their last "
+                "digits across CPUs (other kernels, other float rounding).")  # fmt: skip
 
 
-def _confusion_rows(confusion: dict[tuple[str, str], int]) -> tuple[list[str], list[list[str]]]:
-    labels = sorted({a for a, _ in confusion} | {p for _, p in confusion})
-    header = ["actual \\ predicted", *labels]
-    rows = [[a, *[str(confusion.get((a, p), 0)) for p in labels]] for a in labels]
+def card_table(report: Report) -> tuple[list[str], list[list[str]]]:
+    header = ["stage", "key figure", "value", "baselines", "book", "details"]
+    rows = []
+    for r in report.rows:
+        if r.status != "ok":
+            rows.append([r.stage, r.figure, r.status, "", _book_cell(r) if r.book else "", r.reason])
+            continue
+        base = "; ".join(f"{b.label} {fmt(b.value, r.kind)} ({r.verdict(b) or 'n/a'})" for b in r.baselines)
+        rows.append([r.stage, r.figure, fmt(r.value, r.kind), base, _book_cell(r), r.detail])
     return header, rows
+
+
+def _book_cell(r: Row) -> str:
+    if r.book is None:
+        return ""
+    verdict = r.verdict(r.book)
+    mark = f" ({verdict})" if verdict else ""
+    return f"{fmt(r.book.value, r.kind)}{mark}: {r.book.label}"
+
+
+def params_rows(report: Report) -> list[list[str]]:
+    flat = {k: v for k, v in flatten(report.params).items() if not k.startswith("download.")}
+    keys = sorted(flat, key=lambda k: (k not in report.changed_params, list(flat).index(k)))
+    return [[k, json.dumps(flat[k]) if not isinstance(flat[k], str) else flat[k],
+             "changed" if k in report.changed_params else ""] for k in keys]  # fmt: skip
+
+
+def details_rows(stage: StageData) -> list[list[str]]:
+    rows = [[f"metrics: {k}", fmt(v)] for k, v in flatten(stage.metrics or {}).items()]
+    rows += [[f"timing: {k}", f"{fmt(v)} {MACHINE}"] for k, v in flatten(stage.timing).items()]
+    rows += [[f"facts: {k}", fmt(v)] for k, v in flatten(stage.facts).items() if not k.startswith("environment.")]
+    return rows
 
 
 def _md_table(header: list[str], rows: list[list[str]]) -> str:
@@ -240,86 +715,141 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def _params_summary(params: dict[str, Any]) -> list[list[str]]:
-    keep = {k: v for k, v in params.items() if k != "download"}
-    return [[k, _fmt(v)] for k, v in flatten(keep).items()]
+def _short(text: str, n: int = 300) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= n else text[:n] + " …"
 
 
-def to_markdown(report: Report) -> str:
-    out = ["# llmcore pipeline report", ""]
-    if report.judge_note:
-        out += [f"> **Judge skipped.** {report.judge_note}", ""]
-    out += ["## Params", "", _md_table(["key", "value"], _params_summary(report.params)), ""]
-    for stage, metrics in report.metrics.items():
-        out += [f"## {stage}", ""]
-        ref = BOOK_REFERENCE.get(stage)
-        if ref:
-            out += [f"Book reference: {ref}", ""]
-        out += [_md_table(["metric", "value"], [[k, _fmt(v)] for k, v in metrics.items()]), ""]
-        for c in report.curves.get(stage, []):
-            if c.values:
-                out.append(f"- curve `{c.name}`: {len(c.values)} points, last {c.values[-1]:.4g}")
-        out.append("")
-    if report.confusion:
-        out += [
-            "## Spam classifier: confusion matrix (test split)",
-            "",
-            _md_table(*_confusion_rows(report.confusion)),
-            "",
-        ]
-    if report.histogram:
-        out += ["## Judge scores", "", _md_table(["score", "count"], [[b, str(c)] for b, c in report.histogram]), ""]
+def _prompt(r: dict[str, Any]) -> str:
+    return f"{r.get('instruction', '')}" + (f" — input: {r['input']}" if r.get("input") else "")
+
+
+def all_figures(report: Report) -> list[Figure]:
+    return [f for figs in report.figures.values() for f in figs]
+
+
+def to_markdown(report: Report, figures_dir: str = "figures") -> str:
+    """The report as GitHub Markdown; figures are referenced as ``<figures_dir>/<name>.svg``."""
+    out = ["# llmcore pipeline report", "", "## Report card", ""]
+    out += [_md_table(*card_table(report)), ""]
+    if report.notes:
+        out += ["**Skipped or not run:**", ""] + [f"- {n}" for n in report.notes] + [""]
+    facts = _md_table(["fact", "value"], [[k, v] for k, v in report.run_facts])
+    out += ["**Run facts**", "", facts, "", MACHINE_NOTE, ""]
+    out += ["## What the model does", ""]
+    if report.samples:
+        out += ["### Pretraining samples", ""]
+        for prompt, text in report.samples:
+            out += [f"Prompt **{prompt}**:", "", "```text", text, "```", ""]
+    if report.mistakes:
+        out += ["### Spam classifier: most confident mistakes (test split)", "",
+                _md_table(["text", "label", "predicted", "probability"],
+                          [[_short(m["text"], 200), m["label"], m["prediction"], m["probability"]]
+                           for m in report.mistakes]), ""]  # fmt: skip
+    for fig in report.figures.get("examples", []):
+        out += [f"![{fig.caption}]({figures_dir}/{fig.name}.svg)", "", f"*{fig.caption}*", ""]
     for kind in ("best", "worst"):
-        if report.examples.get(kind):
-            out += [f"## {kind.capitalize()} scored responses", ""]
-            for ex in report.examples[kind]:
-                out += [f"- **{ex['score']}** — {ex['instruction']} {ex.get('input', '')}".rstrip(),
-                        f"  - reference: {ex['output']}", f"  - model: {ex['model_response']}"]  # fmt: skip
-            out.append("")
+        if report.responses.get(kind):
+            out += [f"### Instruction responses: {kind} {len(report.responses[kind])} by {report.response_rank}", "",
+                    _md_table([report.response_rank, "instruction", "reference", "model"],
+                              [[fmt(r["score"]), _short(_prompt(r), 200), _short(r.get("output", ""), 200),
+                                _short(r.get("model_response", ""), 200)] for r in report.responses[kind]]),
+                    ""]  # fmt: skip
+    if report.figures.get("curves"):
+        out += ["## Curves", ""]
+        for fig in report.figures["curves"]:
+            out += [f"![{fig.caption}]({figures_dir}/{fig.name}.svg)", ""]
+    out += ["## Stage details", ""]
+    for name, stage in report.stages.items():
+        rows = details_rows(stage)
+        if rows:
+            out += ["<details>", f"<summary>{name}</summary>", "", _md_table(["key", "value"], rows), "", "</details>",
+                    ""]  # fmt: skip
+    n_changed = len(report.changed_params)
+    out += ["## Params", "", "<details>", f"<summary>params.yaml ({n_changed} changed from the committed file, listed "
+            "first)</summary>", "", _md_table(["key", "value", ""], params_rows(report)), "", "</details>", ""]
     return "\n".join(out) + "\n"
 
 
-CSS = """body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;color:#222}
-table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}
-th{background:#f3f3f3}.note{background:#fff3cd;border:1px solid #e0c36c;padding:.7em 1em}
-.ref{color:#555;font-style:italic}svg{display:block;margin:.5em 0}"""
+CSS = """*{box-sizing:border-box}body{font:15px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;max-width:1100px;
+margin:0 auto;padding:1em;color:#1d1d1f}h1{font-size:1.6em;margin:.2em 0 .6em}
+h2{margin-top:1.6em;border-bottom:1px solid #ddd}h3{margin-top:1.2em}
+.scroll{overflow-x:auto;-webkit-overflow-scrolling:touch}table{border-collapse:collapse;
+margin:.4em 0 1.2em;font-size:.92em}td,th{border:1px solid #d5d5d5;padding:4px 8px;text-align:left;vertical-align:top}
+th{background:#f4f4f6}td.num{text-align:right;white-space:nowrap;font-variant-numeric:tabular-nums}
+.better{color:#17632a;font-weight:600}.worse{color:#a4161a;font-weight:600}.status{font-weight:600;color:#8a5a00}
+.notes{background:#fff7e0;border:1px solid #eed58a;padding:.5em 1em;border-radius:4px}.notes li{margin:.2em 0}
+.small{color:#555;font-size:.88em}pre{white-space:pre-wrap;background:#f6f6f6;padding:.6em;border-radius:4px;
+font-size:.88em}figure{margin:.6em 0;display:inline-block;max-width:100%;vertical-align:top}figure img{max-width:100%;
+height:auto;display:block}figcaption{font-size:.85em;color:#555}.grid{display:flex;flex-wrap:wrap;gap:.6em}
+.grid figure{flex:1 1 420px}details{margin:.4em 0}summary{cursor:pointer;font-weight:600}"""
 
 
-def _html_table(header: list[str], rows: list[list[str]]) -> str:
-    e = html.escape
-    head = "".join(f"<th>{e(str(h))}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in r) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+def _cell(text: str) -> str:
+    e = html.escape(str(text))
+    e = re.sub(r"\((better|worse)\)", r"(<span class='\1'>\1</span>)", e)
+    return e
+
+
+def _html_table(header: list[str], rows: list[list[str]], numeric: set[int] = frozenset()) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    td = lambda i: "<td class=num>" if i in numeric else "<td>"
+    body = "".join("<tr>" + "".join(f"{td(i)}{_cell(c)}</td>" for i, c in enumerate(r)) + "</tr>" for r in rows)
+    return f"<div class='scroll'><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>"
+
+
+def _img(fig: Figure) -> str:
+    data = base64.b64encode(fig.svg.encode("utf-8")).decode("ascii")
+    return (f"<figure><img src='data:image/svg+xml;base64,{data}' alt='{html.escape(fig.caption)}'>"
+            f"<figcaption>{html.escape(fig.caption)}</figcaption></figure>")  # fmt: skip
 
 
 def to_html(report: Report) -> str:
     e = html.escape
-    out = ["<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>llmcore pipeline report</title>",
-           f"<style>{CSS}</style></head><body><h1>llmcore pipeline report</h1>"]  # fmt: skip
-    if report.judge_note:
-        out.append(f"<p class='note'><strong>Judge skipped.</strong> {e(report.judge_note)}</p>")
-    out += ["<h2>Params</h2>", _html_table(["key", "value"], _params_summary(report.params))]
-    for stage, metrics in report.metrics.items():
-        out.append(f"<h2>{e(stage)}</h2>")
-        if stage in BOOK_REFERENCE:
-            out.append(f"<p class='ref'>Book reference: {e(BOOK_REFERENCE[stage])}</p>")
-        out.append(_html_table(["metric", "value"], [[k, _fmt(v)] for k, v in metrics.items()]))
-        for name, group in group_curves(report.curves.get(stage, [])).items():
-            out.append(svg_lines(f"{stage}: {name}", group))
-    if report.confusion:
-        out += [
-            "<h2>Spam classifier: confusion matrix (test split)</h2>",
-            _html_table(*_confusion_rows(report.confusion)),
-        ]
-    if report.histogram:
-        out += ["<h2>Judge scores</h2>", svg_bars("judge score histogram", report.histogram)]
+    out = ["<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
+           "<meta name='viewport' content='width=device-width, initial-scale=1'>",
+           f"<title>llmcore pipeline report</title><style>{CSS}</style></head><body>",
+           "<h1>llmcore pipeline report</h1>", "<h2>Report card</h2>"]  # fmt: skip
+    header, rows = card_table(report)
+    body = []
+    for r, cells in zip(report.rows, rows, strict=True):
+        value = f"<span class='status'>{e(cells[2])}</span>" if r.status != "ok" else e(cells[2])
+        body.append("<tr>" + "".join(
+            f"<td{' class=num' if i == 2 else ''}>{value if i == 2 else _cell(c)}</td>" for i, c in enumerate(cells)
+        ) + "</tr>")  # fmt: skip
+    out.append("<div class='scroll'><table><thead><tr>" + "".join(f"<th>{e(h)}</th>" for h in header)
+               + "</tr></thead><tbody>" + "".join(body) + "</tbody></table></div>")  # fmt: skip
+    if report.notes:
+        out.append("<div class='notes'><strong>Skipped or not run</strong><ul>"
+                   + "".join(f"<li>{e(n)}</li>" for n in report.notes) + "</ul></div>")  # fmt: skip
+    out += ["<h3>Run facts</h3>", _html_table(["fact", "value"], [[k, v] for k, v in report.run_facts]),
+            f"<p class='small'>{e(MACHINE_NOTE)}</p>", "<h2>What the model does</h2>"]  # fmt: skip
+    if report.samples:
+        out.append("<h3>Pretraining samples</h3>")
+        for prompt, text in report.samples:
+            out.append(f"<p class='small'>Prompt <strong>{e(prompt)}</strong></p><pre>{e(text)}</pre>")
+    if report.mistakes:
+        out += ["<h3>Spam classifier: most confident mistakes (test split)</h3>",
+                _html_table(["text", "label", "predicted", "probability"],
+                            [[_short(m["text"], 300), m["label"], m["prediction"], m["probability"]]
+                             for m in report.mistakes], {3})]  # fmt: skip
+    if report.figures.get("examples"):
+        out.append("<div class='grid'>" + "".join(_img(f) for f in report.figures["examples"]) + "</div>")
     for kind in ("best", "worst"):
-        if report.examples.get(kind):
-            rows = [
-                [str(x["score"]), f"{x['instruction']} {x.get('input', '')}".strip(), x["output"], x["model_response"]]
-                for x in report.examples[kind]
-            ]
-            out += [f"<h2>{kind.capitalize()} scored responses</h2>",
-                    _html_table(["score", "instruction", "reference", "model"], rows)]  # fmt: skip
-    out.append("</body></html>")
+        if report.responses.get(kind):
+            n = len(report.responses[kind])
+            out += [f"<h3>Instruction responses: {kind} {n} by {e(report.response_rank)}</h3>",
+                    _html_table([report.response_rank, "instruction", "reference", "model"],
+                                [[fmt(r["score"]), _short(_prompt(r), 400), _short(r.get("output", ""), 400),
+                                  _short(r.get("model_response", ""), 400)] for r in report.responses[kind]], {0})]
+    if report.figures.get("curves"):
+        out += ["<h2>Curves</h2>", "<div class='grid'>" + "".join(_img(f) for f in report.figures["curves"]) + "</div>"]
+    out.append("<h2>Stage details</h2>")
+    for name, stage in report.stages.items():
+        rows = details_rows(stage)
+        if rows:
+            out.append(f"<details><summary>{e(name)}</summary>{_html_table(['key', 'value'], rows, {1})}</details>")
+    out += ["<h2>Params</h2>", f"<details><summary>params.yaml ({len(report.changed_params)} changed from the "
+            "committed file, listed first)</summary>", _html_table(["key", "value", ""], params_rows(report)),
+            "</details>", "</body></html>"]  # fmt: skip
     return "\n".join(out) + "\n"
