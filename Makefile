@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # requirement on an empty venv would pull the multi-GB CUDA build from PyPI.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: venv test lint pipeline bench bench-quick clean
+.PHONY: venv test lint pipeline compare bench bench-quick clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ test: venv lint
 # The whole pipeline (`dvc repro`). Offline: LLMCORE_MIRROR=../shared/data/mirror make pipeline
 pipeline: venv
 	. $(BIN)/activate && dvc repro
+
+# DVC experiments side by side (reports/compare.html, .md): `dvc exp run -n NAME -S key=value` makes them
+compare: venv
+	$(BIN)/llmcore compare
 
 bench: venv
 	$(BIN)/pip install -q -e ".[bench]"

@@ -2,6 +2,7 @@
 
     llmcore serve --model data/models/instruct                       # Ollama API on 127.0.0.1:11434
     llmcore serve --model data/models/instruct --model data/models/base --name base --template raw
+    llmcore compare                                                  # DVC experiments side by side
 """
 
 from __future__ import annotations
@@ -90,6 +91,23 @@ def export(
         arch = family(model.cfg)
         save_hf(model, out)
     typer.echo(f"wrote {out}/config.json and {out}/model.safetensors ({arch}, {model.num_params():,} parameters)")
+
+
+@app.command()
+def compare(
+    experiments: list[str] = typer.Argument(None, help="experiment names or revs (default: every experiment)"),
+    repo: Path = typer.Option(Path("."), help="the DVC repository"),
+    out: Path = typer.Option(Path("reports"), help="where compare.html, compare.md and compare_figures/ go"),
+) -> None:
+    """Compare DVC experiments: params that differ, headline metrics with the best marked, overlaid curves."""
+    from llmcore.eval.compare import HOW_TO, compare, parse_exp_show, run_dvc_exp_show, write_comparison
+
+    with stage_errors():
+        exps = parse_exp_show(run_dvc_exp_show(repo), experiments or None)
+        md, page = write_comparison(compare(repo, exps), repo / out if not out.is_absolute() else out)
+    if not exps:
+        typer.echo(HOW_TO)
+    typer.echo(f"wrote {page} and {md}: {len(exps)} runs compared")
 
 
 if __name__ == "__main__":

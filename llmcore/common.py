@@ -141,11 +141,11 @@ def write_stage_reports(
     folder: str | os.PathLike, metrics: dict[str, Any], timing: dict[str, Any] | None = None,
     facts: dict[str, Any] | None = None,
 ) -> None:  # fmt: skip
-    """A stage's three report files, each written atomically:
+    r"""A stage's three report files, each written atomically:
 
     - ``metrics.json``: the headline numbers a user compares across runs (DVC metrics; numbers only);
     - ``timing.json``: run-time figures that differ on every run and machine (seconds, throughput, MFU;
-      also DVC metrics, kept apart so ``dvc exp show --drop 'timing.json:.*'`` hides them);
+      also DVC metrics, nested under ``"timing"`` so ``dvc exp show --drop '(.*:)?timing\.'`` hides them);
     - ``facts.json``: what ran and where (names, paths, digests, messages, the environment): read by the
       report, not a DVC metric.
 
@@ -153,7 +153,8 @@ def write_stage_reports(
     """
     folder = Path(folder)
     write_json_atomic(folder / "metrics.json", _numbers_only(metrics, "metrics"))
-    write_json_atomic(folder / "timing.json", _numbers_only(timing or {}, "timing"))
+    # nested under "timing": DVC names the columns timing.<key>, which `--drop '(.*:)?timing\.'` hides
+    write_json_atomic(folder / "timing.json", {"timing": _numbers_only(timing or {}, "timing")})
     write_json_atomic(folder / "facts.json", _jsonable({**(facts or {}), "environment": run_environment()}))
 
 

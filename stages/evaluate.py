@@ -21,7 +21,15 @@ from typing import Literal
 import typer
 
 from llmcore.common import LLMCoreError, atomic_path, print0, read_json, stage_errors, write_stage_reports
-from llmcore.eval.judge import JudgeConfig, JudgeItem, check_judge, score_items, summarize, write_records
+from llmcore.eval.judge import (
+    JudgeConfig,
+    JudgeItem,
+    ScoreRecord,
+    check_judge,
+    score_items,
+    summarize,
+    write_records,
+)
 from llmcore.eval.metrics import exact_match, rouge_l
 from llmcore.params import load_section
 
@@ -52,8 +60,11 @@ def text_metrics(items: list[JudgeItem]) -> dict:
 
 def judge_scores(items: list[JudgeItem], cfg: EvaluateParams, cache: Path, scores_path: Path) -> dict:
     """Ask the judge; returns the judge metrics (or why it was skipped)."""
+    # one record per item even when nothing is judged: every item is accounted for, and DVC never sees an
+    # empty output (it warns "'scores.jsonl' is empty" on every command)
+    skipped = [ScoreRecord(id=it.id, score=None, status="skipped") for it in items]
     if cfg.judge_mode == "off":
-        write_records(scores_path, [])
+        write_records(scores_path, skipped)
         return {"judge_status": "off"}
     try:
         judge = check_judge(cfg.judge)
@@ -61,7 +72,7 @@ def judge_scores(items: list[JudgeItem], cfg: EvaluateParams, cache: Path, score
         if cfg.judge_mode == "required":
             raise
         print0(f"warning: judge skipped: {e}")
-        write_records(scores_path, [])
+        write_records(scores_path, skipped)
         return {"judge_status": "skipped", "judge_skip_reason": str(e)}
     records = score_items(items, cfg.judge, cache_path=cache, judge=judge)
     write_records(scores_path, records)

@@ -94,7 +94,8 @@ def read_csv(path: Path) -> list[dict]:
 def test_stage_outputs(trained: Path) -> None:
     metrics = json.loads((trained / "reports" / "metrics.json").read_text())
     assert (metrics["train_messages"], metrics["val_messages"], metrics["test_messages"]) == (42, 6, 12)
-    assert metrics["steps"] == 40 and metrics["trainable"] == "all"
+    facts = json.loads((trained / "reports" / "facts.json").read_text())
+    assert metrics["steps"] == 40 and facts["trainable"] == "all" and facts["base_model"] == "base"
     train = split_table(balance_classes(load_spam_table(trained / "spam.tsv"), 123), (0.7, 0.1), 123)[0]
     assert metrics["max_length"] == max(len(t.encode()) for t in train.text)  # longest training message, in bytes
     assert metrics["train"]["accuracy"] == 1.0 and metrics["test"]["accuracy"] == 1.0  # it learned the toy task

@@ -131,7 +131,8 @@ def test_import_matches_transformers(workdir, hf_gpt2, hub_files, http_dir, monk
     assert got == ref[0, len(prompt) :].tolist()
 
     m = json.loads(Path("reports/import/tiny-gpt2/metrics.json").read_text())
-    assert m["sha256"] == digest and m["revision"] == REV and m["family"] == "gpt2"
+    facts = json.loads(Path("reports/import/tiny-gpt2/facts.json").read_text())
+    assert facts["sha256"] == digest and facts["revision"] == REV and facts["family"] == "gpt2"
     assert m["download_bytes"] == sum((hub_files / f).stat().st_size for f in ("config.json", "model.safetensors"))
     assert m["params"] == hf_gpt2.num_parameters() == model.num_params()
     # the loss, recomputed with transformers over the same 64-token windows of the corpus' tail
@@ -289,7 +290,8 @@ def test_llama_from_local_dir(workdir):
     assert tok.decode(tok.encode(text)) == text
     assert all(tok.token_bytes(i) == t for t, i in expected.items() if i % 37 == 0)
     m = json.loads(Path("reports/import/llama-tiny/metrics.json").read_text())
-    assert (m["family"], m["download_bytes"], m["sha256"]) == ("llama", 0, sha256(folder / "model.safetensors"))
+    facts = json.loads(Path("reports/import/llama-tiny/facts.json").read_text())
+    assert (facts["family"], m["download_bytes"], facts["sha256"]) == ("llama", 0, sha256(folder / "model.safetensors"))
     assert m["params"] == hf_llama.num_parameters()
 
 

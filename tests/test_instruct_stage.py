@@ -150,7 +150,8 @@ def test_lora_with_custom_template(workspace: Path) -> None:
                            for k in changed)  # fmt: skip  # only the adapted layers moved
     assert read_metadata(workspace / "models" / "lora" / "model.safetensors")["template"] == template
     metrics = json.loads((workspace / "reports-lora" / "metrics.json").read_text())
-    assert metrics["finetune"] == "lora" and metrics["trainable_params"] < base.num_params() / 4
+    facts = json.loads((workspace / "reports-lora" / "facts.json").read_text())
+    assert facts["finetune"] == "lora" and metrics["trainable_params"] < base.num_params() / 4
     ask = CliRunner().invoke(app, ["ask", "--model", str(workspace / "models" / "lora"), "Say 3."])
     assert ask.exit_code == 0, ask.output
 

@@ -97,10 +97,15 @@ def test_stage_end_to_end(tmp_path, tokens):
     result = CliRunner().invoke(app, stage_args(tmp_path, tokens))
     assert result.exit_code == 0, result.output
     metrics = json.loads((tmp_path / "reports" / "metrics.json").read_text())
-    for key in ("train_loss", "val_loss", "val_ppl", "tokens_seen", "tokens_per_s", "mfu", "wall_time_s",
-                "unigram_val_loss", "bigram_val_loss", "train_unigram_entropy", "baseline_k", "step"):  # fmt: skip
+    timing = json.loads((tmp_path / "reports" / "timing.json").read_text())["timing"]
+    facts = json.loads((tmp_path / "reports" / "facts.json").read_text())
+    for key in ("train_loss", "val_loss", "val_ppl", "tokens_seen", "unigram_val_loss", "bigram_val_loss",
+                "train_unigram_entropy", "step"):  # fmt: skip
         assert key in metrics, key
-    assert metrics["step"] == 30 and metrics["tokens_seen"] == 30 * 8 * 32 and metrics["mfu"] > 0
+    assert set(timing) == {"tokens_per_s", "mfu", "peak_tflops", "train_time_s", "wall_time_s"}
+    assert facts["stop_reason"] == "max_steps" and facts["device"] == "cpu" and facts["baseline_k"] > 0
+    assert facts["environment"]["torch"] == torch.__version__ and facts["environment"]["threads"] >= 1
+    assert metrics["step"] == 30 and metrics["tokens_seen"] == 30 * 8 * 32 and timing["mfu"] > 0
     assert metrics["val_loss"] < metrics["unigram_val_loss"], metrics  # it learned to use context
     samples = (tmp_path / "reports" / "samples.md").read_text()
     assert "HAMLET:" in samples and "(start of text)" in samples
@@ -115,7 +120,7 @@ def test_stage_end_to_end(tmp_path, tokens):
     shutil.copy(tmp_path / "model" / "model.safetensors", tmp_path / "first.safetensors")
     result = CliRunner().invoke(app, stage_args(tmp_path, tokens))
     assert result.exit_code == 0, result.output
-    assert json.loads((tmp_path / "reports" / "metrics.json").read_text())["resumed_from"] == 30
+    assert json.loads((tmp_path / "reports" / "facts.json").read_text())["resumed_from"] == 30
     assert_same_weights(tmp_path / "model" / "model.safetensors", tmp_path / "first.safetensors")
     assert [s for s, _ in curve(tmp_path, "val/loss")] == [0, 10, 20, 30]  # restored, not duplicated
 
@@ -152,7 +157,7 @@ def test_kill_9_then_rerun_resumes_bitwise(tmp_path, tokens):
     assert_same_weights(run / "model" / "model.safetensors", ref / "model" / "model.safetensors")
     assert curve(run, "train/loss") == curve(ref, "train/loss")  # one row per step, no gap, no duplicate
     assert curve(run, "val/loss") == curve(ref, "val/loss")
-    assert json.loads((run / "reports" / "metrics.json").read_text())["resumed_from"] == int(saved[-1].name[5:])
+    assert json.loads((run / "reports" / "facts.json").read_text())["resumed_from"] == int(saved[-1].name[5:])
 
 
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path, tokens):
@@ -163,7 +168,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, tokens):
     run_stage(one, tokens)
     out = run_stage(two, tokens, timeout=180)
     assert "launching 2 processes" in out.stdout and "rank 1/2" in out.stdout
-    assert json.loads((two / "reports" / "metrics.json").read_text())["processes"] == 2
+    assert json.loads((two / "reports" / "facts.json").read_text())["processes"] == 2
     for name in ("train/loss", "val/loss"):
         a, b = curve(one, name), curve(two, name)
         assert [s for s, _ in a] == [s for s, _ in b]

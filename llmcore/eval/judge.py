@@ -60,7 +60,7 @@ STRICT_PROMPT_TEMPLATE = (
 )
 _PLACEHOLDERS = ("input", "reference", "response")
 
-Status = Literal["scored", "unparsable", "error"]
+Status = Literal["scored", "unparsable", "error", "skipped"]  # skipped: the judge was off or unreachable
 
 
 @dataclass

@@ -110,6 +110,7 @@ def read_stage(folder: Path, name: str) -> StageData:
         stage.facts.update(old_facts)
     timing, _ = _read_json(folder / "timing.json")
     if isinstance(timing, dict):
+        timing = timing.get("timing", timing) if isinstance(timing.get("timing"), dict) else timing
         stage.timing = split_numbers(timing)[0]
     facts, _ = _read_json(folder / "facts.json")
     if isinstance(facts, dict):
