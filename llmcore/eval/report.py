@@ -783,7 +783,11 @@ th{background:#f4f4f6}td.num{text-align:right;white-space:nowrap;font-variant-nu
 .small{color:#555;font-size:.88em}pre{white-space:pre-wrap;background:#f6f6f6;padding:.6em;border-radius:4px;
 font-size:.88em}figure{margin:.6em 0;display:inline-block;max-width:100%;vertical-align:top}figure img{max-width:100%;
 height:auto;display:block}figcaption{font-size:.85em;color:#555}.grid{display:flex;flex-wrap:wrap;gap:.6em}
-.grid figure{flex:1 1 420px}details{margin:.4em 0}summary{cursor:pointer;font-weight:600}"""
+.grid figure{flex:1 1 420px}details{margin:.4em 0}summary{cursor:pointer;font-weight:600}
+@media (max-width:640px){table.card thead{display:none}table.card tr{display:block;border:1px solid #d5d5d5;
+margin-bottom:.6em;padding:.3em 0}table.card td{display:block;border:none;padding:1px 8px;text-align:left}
+table.card td:first-child{font-weight:700}table.card td:not(:first-child):before{content:attr(data-label) ": ";
+color:#555}table.card td:empty{display:none}}"""
 
 
 def _cell(text: str) -> str:
@@ -816,9 +820,10 @@ def to_html(report: Report) -> str:
     for r, cells in zip(report.rows, rows, strict=True):
         value = f"<span class='status'>{e(cells[2])}</span>" if r.status != "ok" else e(cells[2])
         body.append("<tr>" + "".join(
-            f"<td{' class=num' if i == 2 else ''}>{value if i == 2 else _cell(c)}</td>" for i, c in enumerate(cells)
+            f"<td data-label='{e(header[i])}'{' class=num' if i == 2 else ''}>{value if i == 2 else _cell(c)}</td>"
+            for i, c in enumerate(cells)
         ) + "</tr>")  # fmt: skip
-    out.append("<div class='scroll'><table><thead><tr>" + "".join(f"<th>{e(h)}</th>" for h in header)
+    out.append("<div class='scroll'><table class='card'><thead><tr>" + "".join(f"<th>{e(h)}</th>" for h in header)
                + "</tr></thead><tbody>" + "".join(body) + "</tbody></table></div>")  # fmt: skip
     if report.notes:
         out.append("<div class='notes'><strong>Skipped or not run</strong><ul>"

@@ -1,0 +1,373 @@
+"""The report card (stage `report`), its figures, the three report files a stage writes, and `llmcore compare`."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from llmcore.common import write_stage_reports
+from llmcore.eval import compare as cmp
+from llmcore.eval.report import build_report, to_markdown
+from stages import report as report_stage
+from tests.conftest import REPO_ROOT
+
+RESPONSES = [
+    {"id": "0", "instruction": "Name the capital of France.", "input": "", "output": "Paris is the capital.",
+     "model_response": "Paris is the capital."},
+    {"id": "1", "instruction": "Add the numbers.", "input": "2 and 3", "output": "5", "model_response": "It is 6."},
+    {"id": "2", "instruction": "Say hi.", "input": "", "output": "Hi there!", "model_response": "Hi!"},
+]  # fmt: skip
+PIPELINE = ["download", "tokenize", "pretrain", "import", "classify", "instruct", "evaluate", "report"]
+
+
+def tsv(path, column, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"timestamp\tstep\t{column}\n" + "".join(f"0\t{s}\t{v}\n" for s, v in rows))
+
+
+def make_reports(r, *, judged=False, pretrain_loss=3.76):
+    """A reports/ folder as the default pipeline writes it, small."""
+    write_stage_reports(r / "download", {"sources": 6, "bytes": 3_045_723}, {"seconds": 0.03},
+                        {"files": {"x": {"file": "data/raw/x", "sha256": "ab" * 32}}})  # fmt: skip
+    write_stage_reports(r / "tokenize", {"vocab_size": 1024, "train_tokens": 383352, "val_tokens": 45666,
+                                         "bytes_per_token": 2.6}, {"tokenizer_seconds": 0.8}, {"tokenizer": "bpe"})
+    write_stage_reports(r / "pretrain", {"step": 100, "train_loss": 3.2, "val_loss": pretrain_loss, "val_ppl": 43.0,
+                                         "unigram_val_loss": 5.99, "bigram_val_loss": 4.40, "tokens_seen": 204800,
+                                         "params": 1_000_576},
+                        {"tokens_per_s": 16000.0, "mfu": 0.4, "peak_tflops": 0.16, "train_time_s": 126.0},
+                        {"stop_reason": "max_steps", "device": "cpu"})  # fmt: skip
+    live = r / "pretrain/live/plots/metrics"
+    tsv(live / "train/loss.tsv", "loss", [(10, 6.5), (20, 5.0), (30, float("nan")), (40, 4.0)])
+    tsv(live / "val/loss.tsv", "loss", [(0, 7.0), (40, 4.2)])
+    tsv(live / "train/lr.tsv", "lr", [(10, 1e-3), (20, 3e-3), (40, 1e-4)])
+    tsv(live / "train/tokens_per_s.tsv", "tokens_per_s", [(10, 15000), (20, 16000)])
+    (r / "pretrain/samples.md").write_text("# Pretraining samples\n\nStep 100.\n\n## 1. **ROMEO:**\n\n```text\n"
+                                           "ROMEO: I am gold or his last.\n```\n")  # fmt: skip
+    write_stage_reports(r / "classify", {"test": {"accuracy": 0.96, "f1": 0.9595},
+                                         "test_confusion": {"tn": 146, "fp": 7, "fn": 5, "tp": 142}},
+                        {"stage_seconds": 5.8}, {"trainable": "lora", "base_model": "pretrain"})  # fmt: skip
+    (r / "classify/confusion.csv").write_text("actual,predicted\nspam,spam\nham,ham\nham,spam\nspam,ham\n")
+    (r / "classify/predictions.csv").write_text(
+        "text,label,prediction,probability\nWIN A PRIZE now,spam,spam,0.99\nsee you at six,ham,spam,0.91\n"
+        "\"call me, later\",ham,spam,0.97\nFREE entry,spam,ham,0.6\n"
+    )
+    tsv(r / "classify/live/plots/metrics/val/accuracy.tsv", "accuracy", [(0, 0.5), (65, 0.9)])
+    write_stage_reports(r / "instruct", {"test_loss": 1.0, "epochs": 4.0, "test_entries": 3}, {"stage_seconds": 5.0},
+                        {"finetune": "full", "base_model": "pretrain"})  # fmt: skip
+    (r / "instruct/responses.json").write_text(json.dumps(RESPONSES))
+    metrics = {"n_items": 3, "rouge_l": 0.6, "exact_match": 1 / 3, "reference_loss": 2.6}
+    if judged:
+        metrics.update(mean=55.0, median=60.0, ci95_low=20.0, ci95_high=90.0, n_scored=3, n_unparsable=0, n_error=0)
+        facts = {"judge_status": "scored", "judge_model": "llama3:8b"}
+        scores = [{"id": "0", "score": 95, "status": "scored"}, {"id": "1", "score": 5, "status": "scored"},
+                  {"id": "2", "score": 65, "status": "scored"}]  # fmt: skip
+    else:
+        facts = {"judge_status": "skipped", "judge_skip_reason": "cannot reach Ollama (start `ollama serve`)"}
+        scores = [{"id": r["id"], "score": None, "status": "skipped"} for r in RESPONSES]
+    write_stage_reports(r / "evaluate", metrics, None, facts)
+    (r / "evaluate/scores.jsonl").write_text("".join(json.dumps(s) + "\n" for s in scores))
+    return r
+
+
+def run_report(tmp_path, reports, params=None):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params or {"model": {"preset": "llama3-tiny"}}))
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {s: {"cmd": "true"} for s in PIPELINE}}))
+    args = ["--params", str(tmp_path / "params.yaml"), "--reports", str(reports),
+            "--dvc-yaml", str(tmp_path / "dvc.yaml")]  # fmt: skip
+    result = CliRunner().invoke(report_stage.app, args)
+    assert result.exit_code == 0, result.output
+    return (reports / "report.md").read_text(), (reports / "report.html").read_text()
+
+
+def card(md: str) -> dict[str, list[str]]:
+    """Report-card rows of report.md, keyed by 'stage: key figure'."""
+    start = md.index("## Report card")
+    rows = {}
+    for line in md[start:md.index("**Run facts**")].splitlines():
+        cells = [c.strip() for c in line.strip("|").split(" | ")]
+        if line.startswith("| ") and len(cells) == 6 and cells[0] != "stage":
+            rows[f"{cells[0]}: {cells[1]}"] = cells
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------
+# What a stage writes
+
+
+def test_stage_reports_split_numbers_timing_and_facts(tmp_path):
+    write_stage_reports(tmp_path, {"val_loss": float("nan"), "test": {"accuracy": 0.9}, "n": 3},
+                        {"seconds": 1.5}, {"path": tmp_path, "digest": "ab" * 32})  # fmt: skip
+    metrics = json.loads((tmp_path / "metrics.json").read_text())  # strict JSON: NaN became null
+    assert metrics == {"val_loss": None, "test": {"accuracy": 0.9}, "n": 3}
+    assert json.loads((tmp_path / "timing.json").read_text()) == {"timing": {"seconds": 1.5}}
+    facts = json.loads((tmp_path / "facts.json").read_text())
+    assert facts["path"] == str(tmp_path) and facts["environment"]["cpu_count"] == os.cpu_count()
+    assert re.match(r"\d{4}-\d\d-\d\dT", facts["environment"]["date"])
+    with pytest.raises(TypeError, match=r"metrics\.model: DVC metrics hold numbers, got str"):
+        write_stage_reports(tmp_path / "bad", {"model": "gpt2"})
+    with pytest.raises(TypeError, match=r"timing\.when"):
+        write_stage_reports(tmp_path / "bad", {}, {"when": "now"})
+
+
+def test_dvc_yaml_declares_metrics_timing_and_facts_apart():
+    spec = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]
+    for name, stage in spec.items():
+        stage = stage.get("do", stage)
+        metrics = [next(iter(m)) if isinstance(m, dict) else m for m in stage.get("metrics", [])]
+        outs = [next(iter(o)) if isinstance(o, dict) else o for o in stage.get("outs", [])]
+        if name == "report":
+            assert "reports/figures" in outs
+            continue
+        assert any(m.endswith("/metrics.json") for m in metrics) and any(m.endswith("/timing.json") for m in metrics)
+        assert any(o.endswith("/facts.json") for o in outs), name  # an output, never a metric
+        assert not any(m.endswith("facts.json") for m in metrics), name
+
+
+# --------------------------------------------------------------------------------------------------
+# The report card
+
+
+def test_card_marks_baselines_and_book_and_lists_what_was_skipped(tmp_path):
+    reports = make_reports(tmp_path / "reports")
+    md, page = run_report(tmp_path, reports)
+    rows = card(md)
+    pre = rows["pretrain: val loss (nats/token)"]
+    assert pre[2] == "3.76" and "bigram 4.4 (better)" in pre[3] and "unigram 5.99 (better)" in pre[3]
+    assert "not comparable" in pre[4]  # the book pretrained on another corpus
+    assert "2.086 bits/byte" in pre[5]  # 3.76 / ln 2 / 2.6 bytes per token
+    cls = rows["classify: test accuracy"]
+    assert cls[2] == "96.0%" and "majority class 51.0% (better)" in cls[3] and cls[4].startswith("95.7% (better)")
+    assert "copying the input" in rows["evaluate: ROUGE-L vs reference"][3]
+    judge = rows["evaluate: judge mean score (0-100)"]
+    assert judge[2] == "skipped" and "ollama serve" in judge[5]
+    assert "- import: no GPT-2 weights imported" in md and "- evaluate, judge mean score (0-100): skipped" in md
+    assert "| pretraining throughput | 16,000 tokens/s, MFU 40.0%" in md and "†" in md
+    assert re.search(r"\| git commit \| ", md) and "| params digest | sha256 " in md
+    # what the model does: samples, the classifier's most confident mistake first, responses ranked by ROUGE-L
+    assert "ROMEO: I am gold" in md
+    mistakes = md.index("most confident mistakes")
+    assert md.index("call me, later", mistakes) < md.index("see you at six", mistakes) < md.index("FREE entry")
+    assert "best 3 by ROUGE-L" in md and "worst 3 by ROUGE-L" in md
+    # library-drawn figures, referenced by the Markdown, embedded in the HTML
+    figures = sorted(p.name for p in (reports / "figures").glob("*.svg"))
+    assert figures == ["classify_accuracy.svg", "classify_confusion.svg", "pretrain_loss.svg", "pretrain_lr.svg",
+                       "pretrain_throughput.svg"]  # fmt: skip
+    svg = (reports / "figures/pretrain_loss.svg").read_text()
+    assert "matplotlib" in svg and "loss (nats/token)" in svg and "optimizer step" in svg
+    assert all(f"figures/{f}" in md for f in figures)
+    assert page.count("<img src='data:image/svg+xml;base64,") == len(figures)
+    assert "<script" not in page and "http://" not in page and "https://" not in page  # self-contained
+    # params last, collapsed
+    assert md.rindex("## Params") > md.index("## Curves") and "<details>" in md[md.rindex("## Params"):]
+
+
+def test_card_with_a_judge_ranks_responses_by_score_and_draws_the_histogram(tmp_path):
+    reports = make_reports(tmp_path / "reports", judged=True)
+    md, _ = run_report(tmp_path, reports)
+    judge = card(md)["evaluate: judge mean score (0-100)"]
+    assert judge[2] == "55" and judge[4].startswith("49.45 (better)") and "95% CI 20–90" in judge[5]
+    best = md.index("best 3 by judge score")
+    assert md.index("Name the capital", best) < md.index("Say hi.", best) < md.index("Add the numbers.", best)
+    assert (reports / "figures/judge_scores.svg").is_file()
+
+
+def test_params_changed_from_the_committed_file_come_first(tmp_path):
+    reports = make_reports(tmp_path / "reports")
+    params = {"model": {"preset": "gpt2-tiny", "n_layers": 2}, "tokenize": {"vocab_size": 512}}
+    report = build_report(reports, params, default_params={"model": {"preset": "llama3-tiny", "n_layers": 2},
+                                                           "tokenize": {"vocab_size": 512}})  # fmt: skip
+    md = to_markdown(report)
+    table = md[md.rindex("## Params"):]
+    assert "(1 changed from the committed file" in table
+    assert table.index("| model.preset | gpt2-tiny | changed |") < table.index("| model.n_layers | 2 |")
+
+
+@pytest.mark.parametrize("damage", ["missing", "nan", "null", "malformed", "garbage"])
+def test_bad_stage_outputs_never_crash_the_report(tmp_path, damage):
+    reports = make_reports(tmp_path / "reports")
+    if damage == "missing":  # stages not run at all
+        for stage in ("pretrain", "classify", "instruct", "evaluate"):
+            shutil.rmtree(reports / stage)
+    elif damage == "nan":  # a diverged run, written by an older writer as a bare NaN
+        (reports / "pretrain/metrics.json").write_text('{"val_loss": NaN, "train_loss": NaN, "step": 5}')
+    elif damage == "null":
+        write_stage_reports(reports / "pretrain", {"val_loss": float("nan"), "step": 5})
+    elif damage == "malformed":
+        (reports / "classify/metrics.json").write_text("{not json")
+        (reports / "pretrain/timing.json").write_text("[1, 2")
+    else:
+        (reports / "evaluate/scores.jsonl").write_text("not json\n{\"id\": 7}\n")
+        (reports / "instruct/responses.json").write_text('{"a": 1}')
+        (reports / "pretrain/live/plots/metrics/train/loss.tsv").write_text("step\nx\n")
+        (reports / "classify/predictions.csv").write_text("text,label\n")
+        (reports / "pretrain/samples.md").write_bytes(b"\xff\xfe")
+    md, page = run_report(tmp_path, reports)
+    rows = card(md)
+    assert "</html>" in page
+    if damage == "missing":
+        for key in ("pretrain: val loss (nats/token)", "classify: test accuracy", "instruct: test loss (nats/token)",
+                    "evaluate: ROUGE-L"):  # fmt: skip
+            assert rows[key][2] == "not run" and "`dvc repro" in rows[key][5], key
+        assert rows["tokenize: bytes per token"][2] == "2.6"
+    elif damage in ("nan", "null"):
+        row = rows["pretrain: val loss (nats/token)"]
+        assert row[2] == "failed" and "val_loss is not a number" in row[5]
+    elif damage == "malformed":
+        row = rows["classify: test accuracy"]
+        assert row[2] == "failed" and "unreadable (JSONDecodeError" in row[5]
+        assert rows["pretrain: val loss (nats/token)"][2] == "3.76"
+    else:
+        assert "copying the input" not in md and "Instruction responses" not in md
+
+
+def test_report_card_has_a_row_per_new_stage(tmp_path):
+    """Stages added later (align, benchmark) slot in: their own card, a generic one, or "not run"."""
+    reports = make_reports(tmp_path / "reports")
+    write_stage_reports(reports / "align", {"val_dpo_loss": 0.61, "val_reward_accuracy": 0.7, "reward_margin": 1.9})
+    write_stage_reports(reports / "benchmark/gpt2", {"hellaswag": {"acc_norm": 0.31}, "chance": 0.25})
+    md, _ = run_report(tmp_path, reports)
+    rows = card(md)
+    align = rows["align: val DPO loss"]
+    assert align[2] == "0.61" and "untrained policy (ln 2) 0.6931 (better)" in align[3] and "70.0%" in align[5]
+    bench = rows["benchmark/gpt2: hellaswag.acc_norm"]
+    assert bench[2] == "0.31" and "chance 0.25 (better)" in bench[3]
+    shutil.rmtree(reports / "align")
+    (tmp_path / "p.yaml").write_text("{}")
+    report = build_report(reports, {}, pipeline=[*PIPELINE, "align"])
+    row = next(r for r in report.rows if r.stage == "align")
+    assert row.status == "not run" and "align/metrics.json" in row.reason
+
+
+# --------------------------------------------------------------------------------------------------
+# In a browser
+
+
+def chromium(page, screenshot, width, script):
+    """Render ``page`` in headless Chromium with ``script`` appended; returns its console lines."""
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail("chromium not installed (.ci/run installs Debian's chromium)")
+        pytest.skip("chromium not installed (apt-get install chromium)")
+    probe = page.with_name(f"probe-{width}.html")  # the report itself has no script: the test adds one
+    probe.write_text(page.read_text().replace("</body>", f"<script>{script}</script></body>"))
+    cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+           "--disable-component-update", "--disable-sync", f"--user-data-dir={screenshot.parent / 'profile'}",
+           "--enable-logging=stderr", "--log-level=0", "--hide-scrollbars", "--virtual-time-budget=5000",
+           f"--window-size={width},2400", f"--screenshot={screenshot}", probe.as_uri()]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    return [line for line in proc.stderr.splitlines() if ":CONSOLE" in line or "Uncaught" in line]
+
+
+CHECK = """window.addEventListener('load', () => {
+  const bad = [...document.images].filter(i => !i.complete || i.naturalWidth === 0).length;
+  console.log(`images ${document.images.length - bad}/${document.images.length} loaded`);
+  console.log(`overflow ${document.documentElement.scrollWidth - window.innerWidth}px`);
+});"""
+
+
+def test_html_report_in_headless_chromium_desktop_and_phone(tmp_path):
+    reports = make_reports(tmp_path / "reports", judged=True)
+    run_report(tmp_path, reports)
+    n_images = (reports / "report.html").read_text().count("<img ")
+    for width in (1200, 390):  # a desktop, a phone
+        shot = tmp_path / f"report-{width}.png"
+        lines = chromium(reports / "report.html", shot, width, CHECK)
+        print(f"screenshot: {shot}")
+        assert any(f"images {n_images}/{n_images} loaded" in line for line in lines), lines
+        assert any("overflow 0px" in line for line in lines), lines  # no sideways scrolling of the page
+        others = [line for line in lines if "images " not in line and "overflow " not in line]
+        assert others == []  # no console errors
+        assert shot.stat().st_size > 20_000  # a real rendering, not a blank page
+    # the check can fail: a broken image and a script error are caught
+    bad = tmp_path / "bad.html"
+    bad.write_text("<html><body><img src='data:image/png;base64,AAAA'><script>undefined_fn();</script></body></html>")
+    lines = chromium(bad, tmp_path / "bad.png", 390, CHECK)
+    assert any("images 0/1 loaded" in line for line in lines) and any("undefined_fn" in line for line in lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# llmcore compare
+
+
+def fake_experiments(repo):
+    """A git repo with a baseline and two experiment commits, and the `dvc exp show --json` that lists them."""
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    revs = []
+    for name, losses in (("base", [6.0, 5.0]), ("llama", [6.0, 4.0]), ("gpt2", [6.0, 4.5])):
+        tsv(repo / "reports/pretrain/live/plots/metrics/val/loss.tsv", "loss", [(0, losses[0]), (50, losses[1])])
+        subprocess.run([*git, "add", "-A"], cwd=repo, check=True)
+        subprocess.run([*git, "commit", "-qm", name, "--allow-empty"], cwd=repo, check=True)
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True)
+        revs.append(head.stdout.strip())
+
+    def data(preset, loss, acc, seconds):
+        return {"params": {"params.yaml": {"data": {"model": {"preset": preset}, "tokenize": {"vocab_size": 1024}}}},
+                "metrics": {"reports/pretrain/metrics.json": {"data": {"val_loss": loss}},
+                            "reports/classify/metrics.json": {"data": {"test": {"accuracy": acc}}},
+                            "reports/pretrain/timing.json": {"data": {"timing": {"train_time_s": seconds}}}}}
+    shown = [
+        {"rev": "workspace", "name": None, "data": data("llama3-tiny", 5.0, 0.9, 10.0)},
+        {"rev": revs[0], "name": "main", "data": data("llama3-tiny", 5.0, 0.9, 10.0), "experiments": [
+            {"name": "llama",
+             "revs": [{"rev": revs[1], "name": "llama", "data": data("llama3-tiny", 4.0, 0.95, 11.0)}]},
+            {"name": "gpt2", "revs": [{"rev": revs[2], "name": "gpt2", "data": data("gpt2-tiny", 4.5, 0.97, 9.0)}]},
+        ]},
+    ]  # fmt: skip
+    return shown
+
+
+def test_compare_two_experiments(tmp_path):
+    repo = tmp_path / "repo"
+    shown = fake_experiments(repo)
+    exps = cmp.parse_exp_show(shown)
+    assert [e.name for e in exps] == ["main (baseline)", "llama", "gpt2"]
+    c = cmp.compare(repo, exps)
+    assert c.params == [["model.preset", "llama3-tiny", "llama3-tiny", "gpt2-tiny"]]  # vocab_size is the same
+    metrics = {k: (v, best) for k, v, best in c.metrics}
+    assert metrics["pretrain: val_loss"] == ([5.0, 4.0, 4.5], {1})  # lower loss wins
+    assert metrics["classify: test.accuracy"] == ([0.9, 0.95, 0.97], {2})  # higher accuracy wins
+    assert c.timing == [("pretrain: train_time_s", [10.0, 11.0, 9.0])]  # apart, never marked best
+    md, page = cmp.write_comparison(c, tmp_path / "out")
+    text = md.read_text()
+    assert "| pretrain: val_loss | 5 | **4** | 4.5 |" in text
+    assert "| classify: test.accuracy | 0.9 | 0.95 | **0.97** |" in text
+    assert "compare_figures/pretrain_val_loss.svg" in text
+    svg = (tmp_path / "out/compare_figures/pretrain_val_loss.svg").read_text()
+    assert all(name in svg for name in ("main (baseline)", "llama", "gpt2"))  # one line per run, in the legend
+    assert page.read_text().count("<img ") == 1 and "<strong>4</strong>" in page.read_text()
+    # only some experiments; a wrong name is one line
+    assert [e.name for e in cmp.parse_exp_show(shown, ["gpt2"])] == ["main (baseline)", "gpt2"]
+    with pytest.raises(cmp.LLMCoreError, match="no experiment named 'mistral'"):
+        cmp.parse_exp_show(shown, ["mistral"])
+
+
+def test_compare_without_experiments_says_how_to_make_some(tmp_path):
+    c = cmp.compare(tmp_path, cmp.parse_exp_show([{"rev": "workspace", "data": {}}]))
+    md, page = cmp.write_comparison(c, tmp_path)
+    assert "dvc exp run -n llama -S model.preset=llama3-tiny" in md.read_text()
+    assert "No experiments to compare yet" in page.read_text()
+
+
+def test_compare_cli_outside_a_dvc_repo_is_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "llmcore.cli", "compare", "--repo", str(tmp_path)],
+                          capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 1 and proc.stderr.startswith("error: `dvc exp show --json` failed")
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_best_marks_need_a_direction_and_a_difference():
+    assert cmp.best_of([1.0, 1.0], -1) == set() and cmp.best_of([1.0, None, 2.0], 0) == set()
+    assert cmp.best_of([1.0, math.nan, 2.0], -1) == {0}
+    assert cmp.direction("pretrain: val_loss") == -1 and cmp.direction("classify: test.f1") == 1
+    assert cmp.direction("classify: test_confusion.fp") == -1 and cmp.direction("tokenize: vocab_size") == 0
