@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -172,15 +173,29 @@ def test_full_pipeline_end_to_end_with_llmcore_serve_as_judge(tmp_path_factory, 
     for stage in ("tokenize", "pretrain", "classify", "instruct", "evaluate"):
         assert (repo / f"reports/{stage}/metrics.json").is_file(), stage
     evaluate = json.loads((repo / "reports/evaluate/metrics.json").read_text())
-    assert evaluate["judge_status"] == "scored" and evaluate["n_items"] == 110
+    assert json.loads((repo / "reports/evaluate/facts.json").read_text())["judge_status"] == "scored"
+    assert evaluate["n_items"] == 110
     assert evaluate["n_scored"] + evaluate["n_unparsable"] == 110 and evaluate["n_error"] == 0
     assert len((repo / "reports/evaluate/scores.jsonl").read_text().splitlines()) == 110
     report = (repo / "reports/report.md").read_text()
-    assert "## classify" in report and "## evaluate" in report and "Judge skipped" not in report
-    assert "<svg" in (repo / "reports/report.html").read_text()
+    assert "| classify | test accuracy | " in report and "| evaluate | judge mean score (0-100) | " in report
+    assert "skipped" not in report.split("**Run facts**")[0]
+    assert "data:image/svg+xml;base64," in (repo / "reports/report.html").read_text()
+    assert "is empty" not in first.stderr  # DVC warns on every empty output
+
+    # DVC metrics are numbers: no digests, paths or messages in `dvc metrics show`
+    shown = json.loads(run([sys.executable, "-m", "dvc", "metrics", "show", "--json"], repo, env).stdout)
+    leaves = [v for f in shown[""]["data"].values() for v in flatten(f["data"]).values()]
+    assert leaves and all(isinstance(v, (int, float)) or v is None for v in leaves)
 
     again = run([sys.executable, "-m", "dvc", "repro"], repo, env)
     assert ran_stages(again.stdout) == [], again.stdout
+
+    # a rerun on the same machine gives the same headline metrics, bit for bit; timings differ
+    before = (repo / "reports/pretrain/metrics.json").read_bytes()
+    shutil.rmtree(repo / ".cache/pretrain")  # or the stage would resume from its last checkpoint
+    run([sys.executable, "-m", "dvc", "repro", "-f", "-s", "pretrain"], repo, env)
+    assert (repo / "reports/pretrain/metrics.json").read_bytes() == before
 
     # two architectures as experiments, side by side in `dvc exp show`
     for name, preset in (("llama", "llama3-tiny"), ("gpt2", "gpt2-tiny")):
@@ -193,3 +208,23 @@ def test_full_pipeline_end_to_end_with_llmcore_serve_as_judge(tmp_path_factory, 
         data = exps[name]["data"]
         assert data["params"]["params.yaml"]["data"]["model"]["preset"] == preset
         assert data["metrics"]["reports/pretrain/metrics.json"]["data"]["val_loss"] > 0
+
+    # the README's way to hide the run-time figures from DVC's table
+    table = run([sys.executable, "-m", "dvc", "exp", "show", "--csv", "--drop", "(.*:)?timing\\."], repo, env).stdout
+    header = table.splitlines()[0].split(",")
+    assert "val_loss" in ",".join(header) and not any("timing" in h or h.endswith("mfu") for h in header), header
+
+    # and llmcore compare side by side
+    out = run([sys.executable, "-m", "llmcore.cli", "compare", "llama", "gpt2"], repo, env)
+    assert "3 runs compared" in out.stdout  # the baseline and the two experiments
+    md = (repo / "reports/compare.md").read_text()
+    assert "| model.preset | llama3-tiny | llama3-tiny | gpt2-tiny |" in md
+    assert re.search(r"\| pretrain: val_loss \|.*\*\*", md)  # the best marked
+    assert (repo / "reports/compare_figures/pretrain_val_loss.svg").is_file()
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
