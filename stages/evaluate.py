@@ -6,7 +6,7 @@ judge are always computed: ROUGE-L and exact match against the reference outputs
 and perplexity on the reference outputs (prompt tokens masked).
 
 Judge modes (``evaluate.judge_mode``): ``required`` fails with a one-line fix when Ollama is not reachable;
-``skip_if_unreachable`` records the judge as skipped (the report says so at the top); ``off`` never asks.
+``skip_if_unreachable`` records the judge as skipped (the report card says so, with the reason); ``off`` never asks.
 Judge answers are cached in ``data/cache/judge.jsonl`` (not a DVC output, so reruns reuse it).
 """
 

@@ -371,3 +371,9 @@ def test_best_marks_need_a_direction_and_a_difference():
     assert cmp.best_of([1.0, math.nan, 2.0], -1) == {0}
     assert cmp.direction("pretrain: val_loss") == -1 and cmp.direction("classify: test.f1") == 1
     assert cmp.direction("classify: test_confusion.fp") == -1 and cmp.direction("tokenize: vocab_size") == 0
+
+
+def test_dvc_plots_page_is_git_ignored():
+    """`dvc plots show` writes dvc_plots/ (a page that needs a CDN); it never shows up as a change to commit."""
+    proc = subprocess.run(["git", "check-ignore", "-q", "dvc_plots/index.html"], cwd=REPO_ROOT)
+    assert proc.returncode == 0
