@@ -478,7 +478,7 @@ def environment_facts(stages: dict[str, StageData]) -> list[tuple[str, str]]:
                         f"{MACHINE}"))  # fmt: skip
     times = []
     for name, s in stages.items():
-        t = s.num("stage_seconds", "train_time_s", "seconds")
+        t = s.num("stage_seconds", "wall_time_s", "seconds")
         if t is None and s.timing:
             parts = [v for k, v in s.timing.items() if k.endswith("seconds") and isinstance(v, (int, float))]
             t = sum(parts) if parts else None
