@@ -154,7 +154,10 @@ def params_problems() -> list[str]:
     for path, line in keys:
         g = generic(path)
         parent = g.rsplit(".", 1)[0] if "." in g else ""
-        if g not in paths:
+        if g not in paths and "." not in g:
+            problems.append(f"params.yaml line {line + 1}: {path}: no stage reads this section (no "
+                            f"load_section({path!r}, Schema) in stages/*.py)")  # fmt: skip
+        elif g not in paths:
             problems.append(f"params.yaml line {line + 1}: {path}: no such key in the code (a typo, or a field "
                             "removed from its schema?)")  # fmt: skip
         elif parent.endswith(NAME):
@@ -246,7 +249,7 @@ def test_the_checks_catch_drift(tmp_path, monkeypatch):
         problems
     )
     assert "evaluate.n_boot: no comment on its line or the line above" in problems
-    assert "fancy: no such key in the code" in problems
+    assert "fancy: no stage reads this section (no load_section('fancy', Schema) in stages/*.py)" in problems
 
     readme = README.read_text(encoding="utf-8").replace("`min_scored`", "`min_score`")
     monkeypatch.setattr(f"{__name__}.README", tmp_path / "README.md")
