@@ -117,6 +117,11 @@ def test_a_judge_that_answers_prose_fails_required_and_is_recorded_as_failed(tmp
     report_md = render_report(tmp_path, metrics)
     assert "did not score this run (failed): the judge 'prose:latest'" in report_md.splitlines()[2]
 
+    write_params(tmp_path, host=judge_url, model="prose", mode="off")  # never asked
+    assert run_evaluate(tmp_path, model_dir).exit_code == 0
+    assert json.loads((tmp_path / "reports/metrics.json").read_text())["judge_status"] == "off"
+    assert (tmp_path / "reports/scores.jsonl").read_text() == ""
+
     # the threshold is a param: 0 accepts whatever the judge says
     write_params(tmp_path, host=judge_url, model="prose", min_scored=0.0)
     result = run_evaluate(tmp_path, model_dir)
