@@ -146,11 +146,11 @@ def test_card_marks_baselines_and_book_and_lists_what_was_skipped(tmp_path):
     assert "2.086 bits/byte" in pre[5]  # 3.76 / ln 2 / 2.6 bytes per token
     cls = rows["classify: test accuracy"]
     assert cls[2] == "96.0%" and "majority class 51.0% (better)" in cls[3] and cls[4].startswith("95.7% (better)")
-    assert "copying the input" in rows["evaluate: ROUGE-L vs reference"][3]
+    assert "copying the prompt" in rows["evaluate: ROUGE-L vs reference"][3]
     judge = rows["evaluate: judge mean score (0-100)"]
     assert judge[2] == "skipped" and "ollama serve" in judge[5]
     assert "- import: no GPT-2 weights imported" in md and "- evaluate, judge mean score (0-100): skipped" in md
-    assert "| pretraining throughput | 16,000 tokens/s, MFU 40.0%" in md and "†" in md
+    assert "| pretraining throughput | 16,000 tokens/s, MFU 40.0%" in md and "†" in md and "classify 5.8 s" in md
     assert re.search(r"\| git commit \| ", md) and "| params digest | sha256 " in md
     # what the model does: samples, the classifier's most confident mistake first, responses ranked by ROUGE-L
     assert "ROMEO: I am gold" in md
@@ -226,7 +226,7 @@ def test_bad_stage_outputs_never_crash_the_report(tmp_path, damage):
         assert row[2] == "failed" and "unreadable (JSONDecodeError" in row[5]
         assert rows["pretrain: val loss (nats/token)"][2] == "3.76"
     else:
-        assert "copying the input" not in md and "Instruction responses" not in md
+        assert "copying the prompt" not in md and "Instruction responses" not in md
 
 
 def test_report_card_has_a_row_per_new_stage(tmp_path):
@@ -377,3 +377,24 @@ def test_dvc_plots_page_is_git_ignored():
     """`dvc plots show` writes dvc_plots/ (a page that needs a CDN); it never shows up as a change to commit."""
     proc = subprocess.run(["git", "check-ignore", "-q", "dvc_plots/index.html"], cwd=REPO_ROOT)
     assert proc.returncode == 0
+
+
+def test_readme_default_run_table_is_the_committed_run():
+    """Run A of the README's table is what reports/ holds: regenerate one, update the other."""
+    text = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    table = text[text.index("### What the default run gives"):text.index("Runs are bit-identical on one machine")]
+    rows = {cells[1]: cells[2] for line in table.splitlines() if line.startswith("| ")
+            and len(cells := [c.strip() for c in line.strip("|").split("|")]) == 6}  # fmt: skip
+    report = build_report(REPO_ROOT / "reports", {})
+    stage = report.stages
+    row = lambda prefix: next(v for k, v in rows.items() if k.startswith(prefix)).strip("*")
+    assert row("BPE 1024") == f"{stage['tokenize'].num('bytes_per_token'):.3f}"
+    assert row("Llama-3-style") == f"{stage['pretrain'].num('val_loss'):.3f}"
+    assert row("MFU") == f"{stage['pretrain'].num('mfu'):.0%}"
+    assert row("LoRA on the pretrained") == f"{stage['classify'].num('test.accuracy'):.1%}"
+    assert row("F1") == f"{stage['classify'].num('test.f1'):.3f}"
+    assert row("4 epochs") == f"{stage['instruct'].num('test_loss'):.3f}"
+    assert row("ROUGE-L") == f"{stage['evaluate'].num('rouge_l'):.3f}"
+    copy = next(k for k in rows if k.startswith("ROUGE-L"))
+    rouge = next(r for r in report.rows if r.figure.startswith("ROUGE-L"))
+    assert f"copying the prompt scores {rouge.baselines[0].value:.3f}" in copy

@@ -120,7 +120,7 @@ def read_stage(folder: Path, name: str) -> StageData:
 
 def discover_stages(reports_dir: Path, pipeline: list[str] | None) -> dict[str, StageData]:
     """Every stage with outputs, plus every pipeline stage without (as "not run")."""
-    names = [s for s in STAGE_ORDER if pipeline is None or s in pipeline or (reports_dir / s).is_dir()]
+    names = [s for s in STAGE_ORDER if (pipeline is not None and s in pipeline) or (reports_dir / s).is_dir()]
     extra = sorted(p.name for p in reports_dir.iterdir() if p.is_dir() and p.name not in STAGE_ORDER) \
         if reports_dir.is_dir() else []  # fmt: skip
     names += [n for n in extra if (reports_dir / n / "metrics.json").is_file() or n in (pipeline or [])]
@@ -303,7 +303,7 @@ def card_evaluate(s: StageData, ctx: Context) -> list[Row]:
     if s.metrics is None:
         return [_not_run(s, "ROUGE-L")]
     rows = [Row(s.name, "ROUGE-L vs reference", s.num("rouge_l"),
-                baselines=[Ref("copying the input", ctx.copy_rouge)] if ctx.copy_rouge is not None else [],
+                baselines=[Ref("copying the prompt", ctx.copy_rouge)] if ctx.copy_rouge is not None else [],
                 detail=f"exact match {fmt(s.num('exact_match'), 'pct')}, reference loss "
                        f"{fmt(s.num('reference_loss'))}, {fmt(s.num('n_items'), 'int')} items")]  # fmt: skip
     status = s.facts.get("judge_status")
@@ -482,7 +482,10 @@ def environment_facts(stages: dict[str, StageData]) -> list[tuple[str, str]]:
         if t is None and s.timing:
             parts = [v for k, v in s.timing.items() if k.endswith("seconds") and isinstance(v, (int, float))]
             t = sum(parts) if parts else None
-        if t is not None:
+        train = s.num("train_time_s", "train_seconds")
+        if t is not None and train is not None and train > t:  # resumed from a checkpoint: most training was earlier
+            times.append(f"{name} {t:.1f} s (resumed; {train:.0f} s of training in all)")
+        elif t is not None:
             times.append(f"{name} {t:.1f} s")
     if times:
         out.append(("wall time per stage", " · ".join(times) + f" {MACHINE}"))
