@@ -36,10 +36,12 @@ pipeline: venv
 bench: venv
 	$(BIN)/pip install -q -e ".[bench]"
 	$(BIN)/python -m benchmarks.bench
+	$(BIN)/python -m benchmarks.gguf_export
 
 bench-quick: venv
 	$(BIN)/pip install -q -e ".[bench]"
 	$(BIN)/python -m benchmarks.bench --quick
+	$(BIN)/python -m benchmarks.gguf_export --quick
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,9 +1,9 @@
 """GGUF export checked by llama.cpp itself (llama-cpp-python): tokenization, logits and greedy continuations of
 both families at every precision; the file's metadata; refusals before anything is written; the CLI.
 
-Models are tiny and random, with weights large enough that logits spread over several units (so greedy
-choices are not near-ties). llama.cpp keeps its KV cache in f16 unless told otherwise: the f32 comparisons use
-an f32 cache (``type_k``/``type_v`` = 0), as the issue's reference measurement did.
+Models are tiny and random (weights N(0, 0.05): logits spread over a few units, so greedy choices are not
+near-ties). llama.cpp keeps its KV cache in f16 unless told otherwise: the f32 comparisons use an f32 cache
+(``type_k``/``type_v`` = 0).
 """
 
 from __future__ import annotations
@@ -34,20 +34,19 @@ MIXED = (
     "ç😀 end  \n\n\n x"
 )
 PROMPT = "First Citizen: Before we proceed"
-# max |logit difference| allowed per precision (logits spread over ~±10 here); f32 is the issue's 1e-3
-TOLERANCE = {"f32": 1e-3, "f16": 0.05, "bf16": 0.3, "q8_0": 0.3}
+# max |logit difference| allowed per precision (logits within about ±2 here); f32 is the issue's 1e-3
+TOLERANCE = {"f32": 1e-3, "f16": 0.02, "bf16": 0.1, "q8_0": 0.1}
 
 
 def tokenizer(pattern: str) -> Tokenizer:
     return Tokenizer.train(CORPUS * 20, 360, pattern=pattern)
 
 
-def random_model(family: str, vocab_size: int, seed: int = 0, **overrides) -> GPT:
-    base = dict(vocab_size=vocab_size, context_length=64, emb_dim=64, n_layers=2, n_heads=4, hidden_dim=128)
+def random_model(family: str, vocab_size: int, seed: int = 0, std: float = 0.05, **overrides) -> GPT:
+    shape = dict(vocab_size=vocab_size, context_length=64, emb_dim=64, n_layers=2, n_heads=4, hidden_dim=128)
     if family == "llama":
-        cfg = ModelConfig.from_preset("llama3-tiny", **base, n_kv_heads=2, **overrides)
-    else:
-        cfg = ModelConfig.from_preset("gpt2-tiny", **base, **overrides)
+        shape["n_kv_heads"] = 2
+    cfg = ModelConfig.from_preset("llama3-tiny" if family == "llama" else "gpt2-tiny", **{**shape, **overrides})
     torch.manual_seed(seed)
     model = GPT(cfg).eval()
     with torch.no_grad():
@@ -55,7 +54,7 @@ def random_model(family: str, vocab_size: int, seed: int = 0, **overrides) -> GP
             if "norm" in name and name.endswith("weight"):
                 p.copy_(1 + 0.2 * torch.randn_like(p))
             else:
-                p.normal_(0, 0.15)
+                p.normal_(0, std)
     return model
 
 
@@ -108,7 +107,7 @@ def test_llama_cpp_tokenizes_like_llmcore(exported, family):
     llm = llama_cpp_model(path)
     for text in (MIXED, CORPUS, " leading space", "x"):
         assert llm.tokenize(text.encode(), add_bos=False, special=True) == tok.encode(text), text
-    assert llm.detokenize(tok.encode(MIXED)).decode() == MIXED
+    assert llm.detokenize(tok.encode(MIXED), special=True).decode() == MIXED
     assert llm.token_eos() == tok.eot_id
 
 
@@ -123,7 +122,8 @@ def test_llama_cpp_logits_match(exported, family, precision):
     assert theirs.shape == ours.shape
     diff = np.abs(theirs - ours).max()
     assert diff <= TOLERANCE[precision], f"{family} {precision}: max |logit diff| {diff:.2e}"
-    assert ours.std() > 1.0  # the comparison is not between near-constant logits
+    assert ours.std() > 0.3  # the comparison is not between near-constant logits
+    print(f"{family} {precision}: max |logit diff| {diff:.2e} (logit std {ours.std():.2f})")
     if precision == "f32":
         prompt = tok.encode(PROMPT)
         ours_greedy = generate(model, [prompt], SamplingConfig(max_new_tokens=20))[0]
@@ -270,3 +270,23 @@ def test_cli_refuses_classifier_and_char_model_before_writing(tmp_path):
         result = CliRunner().invoke(cli, ["export", str(tmp_path / folder), "--format", "gguf", "--out", str(out)])
         assert result.exit_code == 1 and message in result.output, result.output
         assert not out.exists()
+
+
+def test_export_stage_writes_gguf_and_modelfile(tmp_path):
+    from stages.export import app as stage
+
+    tok = tokenizer("gpt2")
+    save_model_dir(tmp_path / "models" / "base", random_model("gpt2", tok.vocab_size), tok)
+    params = tmp_path / "params.yaml"
+    params.write_text("export:\n  models: [base]\n  precision: f16\n  template: null\n")
+    args = ["--name", "base", "--params", str(params), "--models-dir", str(tmp_path / "models")]
+    result = CliRunner().invoke(stage, [*args, "--out", str(tmp_path / "export" / "base")])
+    assert result.exit_code == 0, result.output
+    modelfile = (tmp_path / "export" / "base" / "Modelfile").read_text()
+    assert "prompt template: raw" in modelfile and "PARAMETER stop" not in modelfile  # a base model: raw text
+    gguf = require_module("gguf")
+    reader = gguf.GGUFReader(tmp_path / "export" / "base" / "model.gguf")
+    assert reader.fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_F16
+    params.write_text("export:\n  models: [base]\n  precision: q4\n")
+    result = CliRunner().invoke(stage, [*args, "--out", str(tmp_path / "other")])
+    assert result.exit_code == 1 and "export.precision: expected one of f32|f16|bf16|q8_0" in result.output

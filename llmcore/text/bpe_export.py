@@ -68,14 +68,16 @@ def bpe_merges(tokens: list[bytes]) -> list[tuple[bytes, bytes]]:
     for rank, token in enumerate(tokens):
         if len(token) < 2:
             continue
-        reached = _bpe_split(token, ranks, rank)
-        first = (reached[0], reached[1]) if len(reached) == 2 else None
+        splits = [(token[:i], token[i:]) for i in range(1, len(token))]
+        splits = [(a, b) for a, b in splits if a in ranks and b in ranks]
+        older = [(a, b) for a, b in splits if ranks[a] < rank and ranks[b] < rank]
+        first = older[0] if len(older) == 1 else None  # one way to build it from older tokens: BPE takes it
+        if len(older) > 1:
+            reached = _bpe_split(token, ranks, rank)
+            first = (reached[0], reached[1]) if len(reached) == 2 else None
         if first:
             merges.append(first)
-        for i in range(1, len(token)):
-            pair = (token[:i], token[i:])
-            if pair != first and pair[0] in ranks and pair[1] in ranks:
-                merges.append(pair)
+        merges.extend(pair for pair in splits if pair != first)
     return merges
 
 
