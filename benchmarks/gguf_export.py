@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.bench import GPT2_BPE, SHAKESPEARE
+from benchmarks.bench import GPT2_BPE, MIRROR, SHAKESPEARE
 from llmcore.common import write_json_atomic
 from llmcore.models.config import ModelConfig
 from llmcore.models.generate import SamplingConfig, generate
@@ -40,7 +40,7 @@ def median_time(fn, reps: int) -> float:
     return statistics.median(times)
 
 
-def run(quick: bool, threads: int, new_tokens: int, reps: int) -> dict:
+def run(quick: bool, threads: int, new_tokens: int, reps: int, mirror: Path = MIRROR) -> dict:
     torch.set_num_threads(threads)
     if quick:
         text = "First Citizen: Before we proceed any further, hear me speak.\n" * 50
@@ -48,9 +48,10 @@ def run(quick: bool, threads: int, new_tokens: int, reps: int) -> dict:
         cfg = ModelConfig.from_preset("gpt2-tiny", vocab_size=tok.vocab_size, emb_dim=64, n_layers=2, n_heads=2)
         prompt_text = text
     else:
-        tok = Tokenizer.gpt2(GPT2_BPE / "encoder.json", GPT2_BPE / "vocab.bpe")
+        bpe, corpus = (mirror / p.relative_to(MIRROR) for p in (GPT2_BPE, SHAKESPEARE))
+        tok = Tokenizer.gpt2(bpe / "encoder.json", bpe / "vocab.bpe")
         cfg = ModelConfig.from_preset("gpt2-124m")
-        prompt_text = SHAKESPEARE.read_text(encoding="utf-8")[:2000]
+        prompt_text = corpus.read_text(encoding="utf-8")[:2000]
     torch.manual_seed(0)
     model = GPT(cfg).eval()
     prompt = tok.encode(prompt_text)[:20]
@@ -105,9 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--new-tokens", type=int, default=None, help="generated tokens (default 100, quick 10)")
     ap.add_argument("--reps", type=int, default=None, help="timed repetitions (default 3, quick 1)")
     ap.add_argument("--out", type=Path, default=Path("reports/bench_gguf.json"))
+    ap.add_argument("--mirror", type=Path, default=MIRROR, help="offline mirror with GPT-2's BPE and TinyShakespeare")
     args = ap.parse_args(argv)
     report = run(args.quick, args.threads, args.new_tokens or (10 if args.quick else 100),
-                 args.reps or (1 if args.quick else 3))  # fmt: skip
+                 args.reps or (1 if args.quick else 3), args.mirror)  # fmt: skip
     write_json_atomic(args.out, report)
     print(f"wrote {args.out}")
     return 0

@@ -138,7 +138,8 @@ def test_f16_cache_is_what_loosens_f32_agreement(exported):
         ours = model(torch.tensor([ids])).logits[0].numpy()
     default = np.abs(llama_logits(llama_cpp_model(path, f32_cache=False), ids) - ours).max()
     exact = np.abs(llama_logits(llama_cpp_model(path), ids) - ours).max()
-    assert exact < default
+    print(f"llama f32 file: max |logit diff| {exact:.2e} with an f32 KV cache, {default:.2e} with the default f16")
+    assert exact < default / 10
 
 
 def test_llama_variants_rope_scaling_bias_and_tied_head(tmp_path):
@@ -202,9 +203,12 @@ def test_metadata(exported):
     kinds = {t.name: t.tensor_type for t in reader.tensors}
     assert kinds["blk.0.attn_q.weight"] == gguf.GGMLQuantizationType.Q8_0
     assert kinds["blk.0.attn_norm.weight"] == gguf.GGMLQuantizationType.F32
-    assert value("general.file_type") != gguf.GGUFReader(exported["gpt2", "bf16"][0]).fields[
-        "general.file_type"
-    ].contents()
+    gpt2 = gguf.GGUFReader(exported["gpt2", "bf16"][0])
+    assert gpt2.fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_BF16
+    assert gpt2.fields["gpt2.attention.layer_norm_epsilon"].contents() == pytest.approx(1e-5)
+    gpt2_kinds = {t.name: t.tensor_type for t in gpt2.tensors}
+    assert gpt2_kinds["blk.1.attn_qkv.weight"] == gguf.GGMLQuantizationType.BF16
+    assert "output.weight" not in gpt2_kinds and "position_embd.weight" in gpt2_kinds  # tied head: not duplicated
 
 
 def test_sizes_shrink_with_precision(exported):
@@ -290,3 +294,25 @@ def test_export_stage_writes_gguf_and_modelfile(tmp_path):
     params.write_text("export:\n  models: [base]\n  precision: q4\n")
     result = CliRunner().invoke(stage, [*args, "--out", str(tmp_path / "other")])
     assert result.exit_code == 1 and "export.precision: expected one of f32|f16|bf16|q8_0" in result.output
+
+
+def test_gpt2_f32_gap_is_llama_cpp_gelu_table(exported, monkeypatch):
+    """GPT-2 models agree less closely than Llama ones in f32 because ggml's CPU GELU rounds its input to f16 and
+    reads the result from an f16 table; llmcore with that GELU is about three times closer to llama.cpp."""
+    import llmcore.models.gpt as gpt
+
+    path, model, tok = exported["gpt2", "f32"]
+    ids = tok.encode(CORPUS)[:48]
+    theirs = llama_logits(llama_cpp_model(path), ids)
+    exact_gelu = torch.nn.functional.gelu
+
+    def ggml_gelu(x, approximate="none"):
+        table = exact_gelu(x.half().float(), approximate=approximate).half().float()
+        return torch.where(x <= -10, torch.zeros_like(x), torch.where(x >= 10, x, table))
+
+    with torch.no_grad():
+        plain = np.abs(model(torch.tensor([ids])).logits[0].numpy() - theirs).max()
+        monkeypatch.setattr(gpt.F, "gelu", ggml_gelu)
+        emulated = np.abs(model(torch.tensor([ids])).logits[0].numpy() - theirs).max()
+    print(f"gpt2 f32: {plain:.2e} with torch's GELU, {emulated:.2e} with ggml's f16-table GELU")
+    assert emulated < plain / 2

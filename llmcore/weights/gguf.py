@@ -7,7 +7,8 @@ Architectures (llama.cpp's names):
 
 - ``gpt2`` (LayerNorm, learned positions, GELU, tied head): ``token_embd``, ``position_embd``, per block
   ``attn_norm``, ``attn_qkv`` (llmcore's fused q|k|v as it is), ``attn_output``, ``ffn_norm``, ``ffn_up``,
-  ``ffn_down``, all with biases, then ``output_norm`` and ``output`` (the tied matrix, written again).
+  ``ffn_down``, all with biases, then ``output_norm``; the head is tied, so no ``output`` (llama.cpp reuses
+  ``token_embd``, as for a tied Llama; the file is one embedding matrix smaller).
 - ``llama`` (RMSNorm, RoPE, SwiGLU, GQA): ``attn_q``/``attn_k``/``attn_v`` split from the fused projection,
   ``ffn_gate``/``ffn_up`` split from the fused ``fc``; a tied head is left out (llama.cpp reuses
   ``token_embd``). llmcore rotates the two halves of each head ("rotate half", as HF Llama); llama.cpp's
@@ -154,8 +155,8 @@ def gguf_tensors(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> Iterator[t
     for kind in ("weight", "bias"):
         if f"final_norm.{kind}" in state:
             yield f"output_norm.{kind}", state[f"final_norm.{kind}"]
-    if arch == "gpt2" or not cfg.tie_embeddings:
-        yield "output.weight", state.get("out_head.weight", state["tok_emb.weight"])
+    if not cfg.tie_embeddings:
+        yield "output.weight", state["out_head.weight"]
 
 
 def _encode(gguf, name: str, t: torch.Tensor, precision: str) -> tuple[np.ndarray, Any]:
