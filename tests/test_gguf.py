@@ -8,6 +8,8 @@ near-ties). llama.cpp keeps its KV cache in f16 unless told otherwise: the f32 c
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -316,3 +318,29 @@ def test_gpt2_f32_gap_is_llama_cpp_gelu_table(exported, monkeypatch):
         emulated = np.abs(model(torch.tensor([ids])).logits[0].numpy() - theirs).max()
     print(f"gpt2 f32: {plain:.2e} with torch's GELU, {emulated:.2e} with ggml's f16-table GELU")
     assert emulated < plain / 2
+
+
+def test_readme_export_command_runs_as_written(tmp_path, monkeypatch):
+    """README "Run your model in Ollama / llama.cpp / LM Studio": the `llmcore export` command, as written."""
+    import re
+    import shlex
+
+    from llmcore.cli import app as cli
+    from tests.conftest import REPO_ROOT
+
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    start = readme.index("\n## Run your model in Ollama / llama.cpp / LM Studio")
+    text = readme[start : readme.index("\n## ", start + 1)]
+    lines = [shlex.split(line, comments=True) for block in re.findall(r"```bash\n(.*?)```", text, re.S)
+             for line in block.splitlines()]  # fmt: skip
+    (words,) = [w for w in lines if w[:2] == ["llmcore", "export"]]
+    monkeypatch.chdir(tmp_path)
+    tok = tokenizer("gpt4")
+    save_model_dir(Path(words[2]), random_model("llama", tok.vocab_size), tok, {"template": "alpaca"})
+    result = CliRunner().invoke(cli, words[1:])
+    assert result.exit_code == 0, result.output
+    out = Path(words[words.index("--out") + 1])
+    modelfile = (out / "Modelfile").read_text()
+    (create,) = [w for w in lines if w[:2] == ["ollama", "create"]]
+    assert Path(create[create.index("-f") + 1]) == out / "Modelfile" and "FROM ./model.gguf" in modelfile
+    llama_cpp_model(out / "model.gguf")  # llama.cpp loads it
