@@ -344,3 +344,28 @@ def test_readme_export_command_runs_as_written(tmp_path, monkeypatch):
     (create,) = [w for w in lines if w[:2] == ["ollama", "create"]]
     assert Path(create[create.index("-f") + 1]) == out / "Modelfile" and "FROM ./model.gguf" in modelfile
     llama_cpp_model(out / "model.gguf")  # llama.cpp loads it
+
+
+def test_q8_0_keeps_rows_that_are_not_whole_blocks_in_f16(tmp_path):
+    gguf = require_module("gguf")
+    tok = tokenizer("gpt2")
+    model = random_model("gpt2", tok.vocab_size, emb_dim=48, hidden_dim=96)  # rows of 48 values: not 32-blocks
+    path = tmp_path / "m.gguf"
+    write_gguf(path, model, tok, precision="q8_0")
+    kinds = {t.name: t.tensor_type for t in gguf.GGUFReader(path).tensors}
+    assert kinds["blk.0.attn_qkv.weight"] == gguf.GGMLQuantizationType.F16  # rows of 48
+    assert kinds["blk.0.ffn_down.weight"] == gguf.GGMLQuantizationType.Q8_0  # rows of 96
+    ids = tok.encode(CORPUS)[:48]
+    with torch.no_grad():
+        ours = model(torch.tensor([ids])).logits[0].numpy()
+    assert np.abs(llama_logits(llama_cpp_model(path), ids) - ours).max() <= TOLERANCE["q8_0"]
+
+
+def test_f16_overflow_is_refused(tmp_path):
+    tok = tokenizer("gpt2")
+    model = random_model("gpt2", tok.vocab_size)
+    with torch.no_grad():
+        model.blocks[0].mlp.fc.weight[0, 0] = 1e6
+    with pytest.raises(LLMCoreError, match=r"blk\.0\.ffn_up\.weight: values beyond the f16 range"):
+        write_gguf(tmp_path / "m.gguf", model, tok, precision="f16")
+    assert not list(tmp_path.iterdir())

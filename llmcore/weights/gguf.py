@@ -169,7 +169,11 @@ def _encode(gguf, name: str, t: torch.Tensor, precision: str) -> tuple[np.ndarra
         return gguf.quants.quantize(x, Q.Q8_0), Q.Q8_0
     if precision == "bf16":
         return gguf.quants.quantize(x, Q.BF16), Q.BF16
-    return x.astype(np.float16), None
+    with np.errstate(over="ignore"):
+        half = x.astype(np.float16)
+    if not np.isfinite(half).all() and np.isfinite(x).all():
+        raise LLMCoreError(f"{name}: values beyond the f16 range (±65504); export as bf16 or f32")
+    return half, None
 
 
 # --- the file --------------------------------------------------------------------------------------------
