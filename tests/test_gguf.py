@@ -8,6 +8,7 @@ near-ties). llama.cpp keeps its KV cache in f16 unless told otherwise: the f32 c
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -369,3 +370,14 @@ def test_f16_overflow_is_refused(tmp_path):
     with pytest.raises(LLMCoreError, match=r"blk\.0\.ffn_up\.weight: values beyond the f16 range"):
         write_gguf(tmp_path / "m.gguf", model, tok, precision="f16")
     assert not list(tmp_path.iterdir())
+
+
+def test_benchmark_quick_runs_every_path(tmp_path):
+    """benchmarks.gguf_export at tiny shapes: every precision exported, both generators timed (no speed asserted)."""
+    require_module("llama_cpp")
+    from benchmarks import gguf_export
+
+    assert gguf_export.main(["--quick", "--threads", "1", "--new-tokens", "3", "--out", str(tmp_path / "b.json")]) == 0
+    report = json.loads((tmp_path / "b.json").read_text())
+    assert list(report["export"]) == list(PRECISIONS)
+    assert report["generate"]["new_tokens"] == 3 and report["generate"]["ratio"] > 0
