@@ -384,3 +384,21 @@ def test_benchmark_quick_runs_every_path(tmp_path):
     report = json.loads((tmp_path / "b.json").read_text())
     assert list(report["export"]) == list(PRECISIONS)
     assert report["generate"]["new_tokens"] == 3 and report["generate"]["ratio"] > 0
+
+
+def test_cli_template_override_and_hf_precision_refused(tmp_path):
+    from llmcore.cli import app as cli
+    from tests.gotemplate import render
+
+    tok = tokenizer("gpt2")
+    save_model_dir(tmp_path / "base", random_model("gpt2", tok.vocab_size), tok)
+    args = ["export", str(tmp_path / "base"), "--format", "gguf", "--out", str(tmp_path / "out")]
+    result = CliRunner().invoke(cli, [*args, "--template", "Q: {instruction}\nA:"])
+    assert result.exit_code == 0, result.output
+    modelfile = (tmp_path / "out" / "Modelfile").read_text()
+    template = modelfile.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
+    assert render(template, {"Messages": [{"Role": "user", "Content": "Hi"}]}) == "Q: Hi\nA:"
+    result = CliRunner().invoke(cli, ["export", str(tmp_path / "base"), "--out", str(tmp_path / "hf"),
+                                      "--precision", "q8_0"])  # fmt: skip
+    assert result.exit_code == 1 and "precision applies to GGUF export" in result.output
+    assert not (tmp_path / "hf").exists()
