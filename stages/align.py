@@ -133,7 +133,7 @@ def load_params(path: Path) -> tuple[AlignParams, HardwareConfig]:
 
 
 def _round(x: float, digits: int = 4) -> float | None:
-    return round(x, digits) if math.isfinite(x) else None  # JSON has no NaN
+    return round(x, digits) + 0.0 if math.isfinite(x) else None  # JSON has no NaN; + 0.0 turns -0.0 into 0.0
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -239,7 +239,7 @@ def train(cfg: AlignParams, hw: HardwareConfig, pairs_path: Path, test_prompts: 
     """DPO from ``data/models/<base_model>`` on the pairs; returns the metrics (None on ranks other than 0)."""
     start = time.perf_counter()
     records = read_json(pairs_path, "run the preferences stage first (python -m stages.align pairs)")
-    entries, identical = validate_preferences(records, str(pairs_path), cfg.identical)
+    entries, _ = validate_preferences(records, str(pairs_path), cfg.identical)
     if any(e.get("split") not in ("train", "val") for e in entries):
         raise LLMCoreError(f"{pairs_path}: every pair needs a 'split' of 'train' or 'val'")
     tests = load_instruction_data(test_prompts)  # the instruct stage's test entries (and its answers)
@@ -275,8 +275,8 @@ def train(cfg: AlignParams, hw: HardwareConfig, pairs_path: Path, test_prompts: 
         mark_trainable(model)
     trainable = count_trainable(model)
     print0(f"{cfg.base_model}: {n_params:,} parameters, {trainable:,} trained ({cfg.finetune}); {len(train_pairs)} "
-           f"train / {len(val_pairs)} val pairs, {len(train_long) + len(val_long)} longer than {max_length} dropped, "
-           f"{len(identical)} identical dropped; beta {cfg.beta}")  # fmt: skip
+           f"train / {len(val_pairs)} val pairs, {len(train_long) + len(val_long)} longer than {max_length} dropped; "
+           f"beta {cfg.beta}")  # fmt: skip
     fingerprint = {"pairs": sha256_file(pairs_path), "base": sha256_file(base.weights),
                    "align": {k: v for k, v in asdict(cfg).items() if k not in ("train", "generate", "pairs")}}
     live = None
@@ -317,7 +317,7 @@ def train(cfg: AlignParams, hw: HardwareConfig, pairs_path: Path, test_prompts: 
     x = result.extra
     metrics = {
         "beta": cfg.beta, "trainable_params": trainable, "train_pairs": len(train_pairs), "val_pairs": len(val_pairs),
-        "dropped_too_long": len(train_long) + len(val_long), "dropped_identical": len(identical),
+        "dropped_too_long": len(train_long) + len(val_long),
         "test_prompts_in_train": sum((t["instruction"], t["input"]) in train_keys for t in tests),
         "steps": result.step, "epochs": round(result.epochs, 3),
         "train_loss": _round(result.train_loss), "val_loss": _round(result.val_loss),

@@ -110,7 +110,6 @@ def compare_models(instruct: list[JudgeItem], align: list[JudgeItem], instruct_j
                          [rouge_l(i.response, i.reference) for i in align], cfg.n_boot)  # fmt: skip
     out["rouge_l"] = _named(rouge)
     if judge is None:
-        write_h2h(reports / "head_to_head.jsonl", [])
         return out
     records = score_items(align, cfg.judge, cache_path=cache, judge=judge)
     write_records(reports / "align_scores.jsonl", records)
@@ -162,6 +161,8 @@ def main(
         reached = reach_judge(cfg)
         judged = judge_scores(items, cfg, cache, reports / "scores.jsonl", reached)
         histogram = judged.pop("_histogram", [])
+        write_records(reports / "align_scores.jsonl", [])  # replaced by the comparison's, when there is one
+        write_h2h(reports / "head_to_head.jsonl", [])
         if align_responses.is_file():
             metrics["compare"] = compare_models(items, load_responses(align_responses), judged, cfg, cache, reports,
                                                 reached[0])  # fmt: skip

@@ -184,3 +184,10 @@ def test_fit_extra_metrics_are_weighted_by_items() -> None:
     rt = init_runtime(HardwareConfig(device="cpu"))
     loss, metrics = evaluate(model, Data(), loss_fn, 2, torch.device("cpu"), "fp32", rt)
     assert loss == 0.0 and metrics == {"value": pytest.approx((1 * 1 + 2 * 3) / 4)}
+
+
+def test_dpo_benchmark_runs_every_variant() -> None:
+    from benchmarks.dpo import run
+
+    results = run("llama3-tiny", batch=2, reps=1, context=64, threads=None)
+    assert set(results) == {"instruct", "dpo (cached ref)", "dpo (live ref)"} and min(results.values()) > 0

@@ -106,17 +106,20 @@ def attach_reference_logps(
     model: nn.Module, data: PreferenceBatches, batch_size: int = 16, average: bool = False
 ) -> torch.Tensor:
     """Score every pair of ``data`` with the (frozen) reference ``model`` once; stores and returns
-    ``data.ref_logps`` (n_pairs, 2): [chosen, rejected]. The model is left in its previous mode."""
+    ``data.ref_logps`` (n_pairs, 2): [chosen, rejected]. Pairs are batched by length (little padding); the
+    model is left in its previous mode."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    order = sorted(range(len(data.pairs)), key=lambda i: max(len(data.pairs[i].chosen.ids),
+                                                             len(data.pairs[i].rejected.ids)))  # fmt: skip
     try:
-        for start in range(0, len(data.pairs), batch_size):
-            rows = list(range(start, min(start + batch_size, len(data.pairs))))
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
             batch = data.batch_of(rows)
             logps, _ = sequence_logps(model, batch["inputs"].to(device), batch["targets"].to(device), average)
             B = len(rows)
-            data.ref_logps[start : start + B] = torch.stack([logps[:B], logps[B:]], dim=1).float().cpu()
+            data.ref_logps[rows] = torch.stack([logps[:B], logps[B:]], dim=1).float().cpu()
     finally:
         model.train(was_training)
     return data.ref_logps
