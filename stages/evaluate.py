@@ -9,8 +9,8 @@ Judge modes (``evaluate.judge_mode``): ``required`` fails with a one-line fix wh
 ``skip_if_unreachable`` records the judge as skipped (the report says so at the top); ``off`` never asks.
 Judge answers are cached in ``data/cache/judge.jsonl`` (not a DVC output, so reruns reuse it).
 
-Instruct vs aligned: when the align stage's answers to the same test prompts exist
-(``reports/align/responses.json``), both answer sets are judged and scored with ROUGE-L, and
+Instruct vs aligned: given the align stage's answers to the same test prompts (``--align-responses``,
+``reports/align/responses.json`` in the pipeline), both answer sets are judged and scored with ROUGE-L, and
 ``metrics.json`` gains ``compare``: for each metric the mean and bootstrap 95% interval of each model and
 of the paired difference (align - instruct), plus a head-to-head where the judge sees both answers in a
 random order and names the better one (``align_win_rate``: align's wins + half the ties, over the decided
@@ -149,8 +149,8 @@ def main(
     model_dir: Path = typer.Option(Path("data/models/instruct"), help="instruction model (for the test loss)"),
     cache: Path = typer.Option(Path("data/cache/judge.jsonl"), help="judge answer cache"),
     reports: Path = typer.Option(Path("reports/evaluate"), help="metrics folder"),
-    align_responses: Path = typer.Option(Path("reports/align/responses.json"),
-                                         help="the aligned model's answers (compared when present)"),
+    align_responses: Path = typer.Option(None, help="the aligned model's answers to the same prompts, to compare "
+                                         "with (the DVC stage passes reports/align/responses.json)"),
 ) -> None:
     """Judge every test response and compute judge-free metrics; compare with the aligned model's answers."""
     with stage_errors():
@@ -163,7 +163,7 @@ def main(
         histogram = judged.pop("_histogram", [])
         write_records(reports / "align_scores.jsonl", [])  # replaced by the comparison's, when there is one
         write_h2h(reports / "head_to_head.jsonl", [])
-        if align_responses.is_file():
+        if align_responses is not None:
             metrics["compare"] = compare_models(items, load_responses(align_responses), judged, cfg, cache, reports,
                                                 reached[0])  # fmt: skip
         judged.pop("_records", None)
