@@ -33,7 +33,7 @@ from llmcore.training.loop import fit, lm_loss
 
 # (name, preset, overrides, batch, context): the 124M GPT-2 shape and a nanochat-d12-like Llama-3-style model.
 SHAPES = [
-    ("gpt2-124m", "gpt2-124m", {}, 16, 1024),
+    ("gpt2-124m", "gpt2-124m", {}, 32, 1024),
     ("llama-d12", "llama3-tiny", dict(n_layers=12, emb_dim=768, n_heads=6, n_kv_heads=6, context_length=2048,
                                       vocab_size=65536, hidden_dim=3072), 16, 2048),  # fmt: skip
 ]
