@@ -22,6 +22,15 @@ from llmcore.training.dpo import DPOLoss, attach_reference_logps, dpo_loss, sequ
 from llmcore.training.loop import fit
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matmuls: one thread beats two (and does not fight other jobs); the others get theirs back."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def byte_tokenizer() -> Tokenizer:
     return Tokenizer("bpe", "bytes", {ENDOFTEXT: 256}, ranks={bytes([b]): b for b in range(256)}, pattern=GPT2_PATTERN)
 
@@ -115,7 +124,8 @@ def test_fit_trains_dpo_and_logs_its_metrics(tmp_path) -> None:
         attach_reference_logps(model, d)
     cfg = TrainConfig(batch_size=8, lr=3e-3, min_lr=3e-4, warmup_steps=2, max_steps=12, eval_every=6,
                       eval_batches=None, checkpoint_every=12, log_every=3, seed=1)  # fmt: skip
-    result = fit(model, train, val, DPOLoss(beta=0.5), cfg, HardwareConfig(device="cpu"), tmp_path, unit="pairs")
+    result = fit(model, train, val, DPOLoss(beta=0.5), cfg, HardwareConfig(device="cpu", threads=1), tmp_path,
+                 unit="pairs")  # fmt: skip
     assert result.val_loss < math.log(2) - 0.05
     assert result.extra["reward_accuracy"] == 1.0 and result.extra["reward_margin"] > 0
     assert result.extra["chosen_reward"] > result.extra["rejected_reward"]
