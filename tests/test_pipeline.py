@@ -121,7 +121,9 @@ TINY = {
     "instruct": {"train": {"epochs": 1, "eval_every": 100, "eval_batches": 2}, "generate": {"max_new_tokens": 12}},
     "align": {"train": {"epochs": None, "max_steps": 10, "eval_every": 10, "eval_batches": 2},
               "generate": {"max_new_tokens": 12}},
-    "evaluate": {"judge_mode": "required", "judge": {"model": "judge", "timeout": 60, "retries": 1}, "n_boot": 200},
+    # min_scored 0: the junk judge exercises the whole path (requests, parsing, cache) but never writes a number
+    "evaluate": {"judge_mode": "required", "judge": {"model": "judge", "timeout": 60, "retries": 1, "min_scored": 0.0},
+                 "n_boot": 200},
 }  # fmt: skip
 
 
