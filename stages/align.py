@@ -29,6 +29,7 @@ Outputs, each written atomically:
 
     data/align/pairs.json            (preferences) the pairs: instruction, input, output, chosen, rejected, split
     reports/align/pairs.json         (preferences) counts: entries, dropped, pairs per split, judge outcomes
+    reports/align/pairs_info.json    (preferences) the strings: preference source, dataset, judge model
     data/models/align/               model.safetensors (prompt template in its metadata) + tokenizer.json
     reports/align/responses.json     the aligned model's answers to the instruct test prompts
     reports/align/metrics.json       numbers only: DPO loss, reward accuracy and margins (first and last
