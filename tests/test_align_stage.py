@@ -237,3 +237,16 @@ def test_evaluate_compares_instruct_and_align(aligned: Path, judge_url: str, tmp
     records = [json.loads(x) for x in (tmp_path / "reports" / "head_to_head.jsonl").read_text().splitlines()]
     assert [r["id"] for r in records] == [str(i) for i in range(6)]
     assert h2h["align_shown_first"] == sum(r["b_first"] for r in records)
+
+
+def test_head_to_head_reads_the_choice_and_undoes_the_order() -> None:
+    from llmcore.eval.compare import _order, _record, paired_stats, parse_choice
+
+    assert [parse_choice(t) for t in ("1", "**2**", "Tie.", "Response 2 is better.", "1 or 2", "", None)] == [
+        "1", "2", "tie", "2", None, None, None]  # fmt: skip
+    assert _record("x", b_first=True, raw="1").winner == "b" and _record("x", b_first=False, raw="1").winner == "a"
+    assert _record("x", b_first=True, raw="2").winner == "a" and _record("x", b_first=False, raw="tie").winner == "tie"
+    orders = [_order(123, str(i)) for i in range(200)]
+    assert orders == [_order(123, str(i)) for i in range(200)] and 70 < sum(orders) < 130  # fixed, about half
+    stats = paired_stats([1.0, 2.0, 3.0], [2.0, 2.0, 5.0], n_boot=200)
+    assert stats["diff_mean"] == pytest.approx(1.0) and stats["diff_ci95_low"] >= 0.0
