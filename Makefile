@@ -36,11 +36,13 @@ pipeline: venv
 bench: venv
 	$(BIN)/pip install -q -e ".[bench]"
 	$(BIN)/python -m benchmarks.bench
+	$(BIN)/python -m benchmarks.dpo
 	$(BIN)/python -m benchmarks.gguf_export
 
 bench-quick: venv
 	$(BIN)/pip install -q -e ".[bench]"
 	$(BIN)/python -m benchmarks.bench --quick
+	$(BIN)/python -m benchmarks.dpo --quick
 	$(BIN)/python -m benchmarks.gguf_export --quick
 
 clean:
