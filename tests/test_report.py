@@ -15,7 +15,7 @@ import yaml
 from typer.testing import CliRunner
 
 from llmcore.common import write_stage_reports
-from llmcore.eval import compare as cmp
+from llmcore.eval import experiments as cmp
 from llmcore.eval.report import build_report, to_markdown
 from stages import report as report_stage
 from tests.conftest import REPO_ROOT
@@ -394,6 +394,8 @@ def test_readme_default_run_table_is_the_committed_run():
     assert row("LoRA on the pretrained") == f"{stage['classify'].num('test.accuracy'):.1%}"
     assert row("F1") == f"{stage['classify'].num('test.f1'):.3f}"
     assert row("4 epochs") == f"{stage['instruct'].num('test_loss'):.3f}"
+    assert row("DPO, 1 epoch") == f"{stage['align'].num('val_loss'):.3f}"
+    assert row("val reward accuracy") == f"{stage['align'].num('val_reward_accuracy'):.1%}"
     assert row("ROUGE-L") == f"{stage['evaluate'].num('rouge_l'):.3f}"
     copy = next(k for k in rows if k.startswith("ROUGE-L"))
     rouge = next(r for r in report.rows if r.figure.startswith("ROUGE-L"))
