@@ -29,13 +29,26 @@ def git(*args: str) -> str | None:
     return proc.stdout if proc.returncode == 0 else None
 
 
-def pipeline_stages(dvc_yaml: Path) -> list[str] | None:
-    """The stage names dvc.yaml defines (None when there is none to read)."""
+def pipeline_stages(dvc_yaml: Path) -> dict[str, str | None] | None:
+    """The stages dvc.yaml defines that write ``reports/<stage>/metrics.json``, in order: name -> None, or for a
+    ``foreach`` stage (``reports/<stage>/${item}/metrics.json``) the params key it iterates over. None when
+    there is no dvc.yaml to read."""
     try:
         stages = (yaml.safe_load(dvc_yaml.read_text(encoding="utf-8")) or {}).get("stages") or {}
     except (OSError, yaml.YAMLError):
         return None
-    return list(stages) if isinstance(stages, dict) else None
+    if not isinstance(stages, dict):
+        return None
+    out: dict[str, str | None] = {}
+    for name, spec in stages.items():
+        spec = spec if isinstance(spec, dict) else {}
+        body = spec.get("do", spec) if isinstance(spec.get("do", spec), dict) else {}
+        metrics = [next(iter(m)) if isinstance(m, dict) else str(m) for m in body.get("metrics") or []]
+        if "foreach" in spec and any(m.startswith(f"reports/{name}/${{item}}/") for m in metrics):
+            out[name] = str(spec["foreach"]).removeprefix("${").removesuffix("}")
+        elif f"reports/{name}/metrics.json" in metrics:
+            out[name] = None
+    return out
 
 
 def run_facts(params: Path) -> list[tuple[str, str]]:

@@ -80,7 +80,11 @@ def make_reports(r, *, judged=False, pretrain_loss=3.76):
 
 def run_report(tmp_path, reports, params=None):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params or {"model": {"preset": "llama3-tiny"}}))
-    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {s: {"cmd": "true"} for s in PIPELINE}}))
+    stages = {s: {"cmd": "true", "metrics": [f"reports/{s}/metrics.json"]} for s in PIPELINE if s != "import"}
+    stages["import"] = {"foreach": "${import.models}", "do": {"metrics": [{"reports/import/${item}/metrics.json": {}}]}}
+    stages["export"] = {"foreach": "${export.models}", "do": {"outs": ["data/export/${item}"]}}  # no report
+    stages["report"] = {"cmd": "true", "outs": ["reports/report.md"]}
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}))
     args = ["--params", str(tmp_path / "params.yaml"), "--reports", str(reports),
             "--dvc-yaml", str(tmp_path / "dvc.yaml")]  # fmt: skip
     result = CliRunner().invoke(report_stage.app, args)
@@ -150,7 +154,8 @@ def test_card_marks_baselines_and_book_and_lists_what_was_skipped(tmp_path):
     assert "copying the prompt" in rows["evaluate: ROUGE-L vs reference"][3]
     judge = rows["evaluate: judge mean score (0-100)"]
     assert judge[2] == "skipped" and "ollama serve" in judge[5]
-    assert "- import: no GPT-2 weights imported" in md and "- evaluate, judge mean score (0-100): skipped" in md
+    assert "- import: none run (`import.models` lists none, the default)" in md and "export" not in md
+    assert "- evaluate, judge mean score (0-100): skipped" in md
     assert "| pretraining throughput | 16,000 tokens/s, MFU 40.0%" in md and "†" in md and "classify 5.8 s" in md
     assert re.search(r"\| git commit \| ", md) and "| params digest | sha256 " in md
     # what the model does: samples, the classifier's most confident mistake first, responses ranked by ROUGE-L

@@ -118,8 +118,12 @@ def read_stage(folder: Path, name: str) -> StageData:
     return stage
 
 
-def discover_stages(reports_dir: Path, pipeline: list[str] | None) -> dict[str, StageData]:
-    """Every stage with outputs, plus every pipeline stage without (as "not run")."""
+def discover_stages(reports_dir: Path, pipeline: dict[str, str | None] | None) -> dict[str, StageData]:
+    """Every stage with outputs, plus every pipeline stage without (as "not run"), in pipeline order.
+
+    ``pipeline`` maps the stages that write ``reports/<stage>/metrics.json`` to None, or, for a ``foreach``
+    stage writing ``reports/<stage>/<item>/``, to the params key it iterates over (``import.models``).
+    """
     names = [s for s in STAGE_ORDER if (pipeline is not None and s in pipeline) or (reports_dir / s).is_dir()]
     extra = sorted(p.name for p in reports_dir.iterdir() if p.is_dir() and p.name not in STAGE_ORDER) \
         if reports_dir.is_dir() else []  # fmt: skip
@@ -129,11 +133,12 @@ def discover_stages(reports_dir: Path, pipeline: list[str] | None) -> dict[str, 
     for name in names:
         folder = reports_dir / name
         subs = sorted(p for p in folder.iterdir() if p.is_dir() and p.name != "live") if folder.is_dir() else []
-        if name in NESTED and subs:
+        per_item = name in NESTED or bool((pipeline or {}).get(name))
+        if per_item and subs:
             for sub in subs:
                 out[f"{name}/{sub.name}"] = read_stage(sub, f"{name}/{sub.name}")
-        elif name == "import" and not (folder / "metrics.json").is_file():
-            continue  # a foreach over import.models: none listed, none run (the notes say so)
+        elif (pipeline or {}).get(name) and not (folder / "metrics.json").is_file():
+            continue  # a foreach over an empty list: none listed, none run (the notes say so)
         else:
             out[name] = read_stage(folder, name)
     return out
@@ -388,20 +393,24 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def build_report(reports_dir: Path, params: dict[str, Any], *, pipeline: list[str] | None = None,
+def build_report(reports_dir: Path, params: dict[str, Any], *,
+                 pipeline: dict[str, str | None] | list[str] | None = None,
                  run_facts: list[tuple[str, str]] | None = None, default_params: dict[str, Any] | None = None,
                  n_examples: int = 5) -> Report:  # fmt: skip
     """Gather everything under ``reports_dir``.
 
     Args:
         params: params.yaml as a dict.
-        pipeline: the stage names dvc.yaml defines (None: unknown, every stage with outputs is shown).
+        pipeline: the stages dvc.yaml defines that write reports/<stage>/ (see ``discover_stages``; a list:
+            none of them a foreach); None: unknown, every stage with outputs is shown.
         run_facts: (label, value) lines the caller knows (git commit, params digest, report date).
         default_params: params to diff against (the committed params.yaml); changed keys are listed first.
     """
     from llmcore.eval import figures as figs
 
     report = Report(params=params, run_facts=list(run_facts or []))
+    if isinstance(pipeline, list):
+        pipeline = dict.fromkeys(pipeline)
     report.stages = stages = discover_stages(reports_dir, pipeline)
     ctx = Context(stages)
     responses = read_responses(reports_dir / "instruct" / "responses.json")
@@ -413,8 +422,9 @@ def build_report(reports_dir: Path, params: dict[str, Any], *, pipeline: list[st
             report.rows += card(stage, ctx)
         except Exception as e:  # a malformed output must cost one row, never the report
             report.rows.append(Row(name, "key figure", status="failed", reason=f"{type(e).__name__}: {e}"))
-    if pipeline is not None and "import" in pipeline and not any(n.startswith("import/") for n in stages):
-        report.notes.append("import: no GPT-2 weights imported (`import.models` is empty, the offline default)")
+    for name, key in (pipeline or {}).items():
+        if key and not any(n == name or n.startswith(f"{name}/") for n in stages):
+            report.notes.append(f"{name}: none run (`{key}` lists none, the default)")
     for row in report.rows:
         if row.status != "ok":
             report.notes.append(f"{row.stage}, {row.figure}: {row.status}: {row.reason}")
