@@ -240,10 +240,17 @@ def test_report_card_has_a_row_per_new_stage(tmp_path):
     reports = make_reports(tmp_path / "reports")
     write_stage_reports(reports / "align", {"val_dpo_loss": 0.61, "val_reward_accuracy": 0.7, "reward_margin": 1.9})
     write_stage_reports(reports / "benchmark/gpt2", {"hellaswag": {"acc_norm": 0.31}, "chance": 0.25})
+    evaluate = json.loads((reports / "evaluate/metrics.json").read_text())
+    evaluate["compare"] = {"rouge_l": {"n": 3, "diff_mean": -0.02, "diff_ci95_low": -0.05, "diff_ci95_high": 0.01},
+                           "head_to_head": {"align_win_rate": 0.6, "align_wins": 3, "instruct_wins": 2, "ties": 0}}
+    (reports / "evaluate/metrics.json").write_text(json.dumps(evaluate))
     md, _ = run_report(tmp_path, reports)
     rows = card(md)
     align = rows["align: val DPO loss"]
     assert align[2] == "0.61" and "untrained policy (ln 2) 0.6931 (better)" in align[3] and "70.0%" in align[5]
+    diff = rows["evaluate: ROUGE-L, align − instruct"]
+    assert diff[2] == "-0.02" and "no difference 0 (worse)" in diff[3] and "CI -0.05 to 0.01" in diff[5]
+    assert rows["evaluate: head-to-head: align's win rate"][2:4] == ["60.0%", "a coin toss 50.0% (better)"]
     bench = rows["benchmark/gpt2: hellaswag.acc_norm"]
     assert bench[2] == "0.31" and "chance 0.25 (better)" in bench[3]
     shutil.rmtree(reports / "align")

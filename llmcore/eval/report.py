@@ -325,7 +325,21 @@ def card_evaluate(s: StageData, ctx: Context) -> list[Row]:
         judge.reason = s.facts.get("judge_skip_reason") or (
             "evaluate.judge_mode is off" if status == "off" else f"judge status {status or 'not recorded'}"
         )
-    return [*rows, judge]
+    rows.append(judge)
+    # the align stage's answers to the same prompts, paired with the instruct model's (evaluate's "compare")
+    diff = s.num("compare.rouge_l.diff_mean")
+    if diff is not None:
+        rows.append(Row(s.name, "ROUGE-L, align − instruct", diff, baselines=[Ref("no difference", 0.0)],
+                        detail=f"paired 95% CI {fmt(s.num('compare.rouge_l.diff_ci95_low'))} to "
+                               f"{fmt(s.num('compare.rouge_l.diff_ci95_high'))} over "
+                               f"{fmt(s.num('compare.rouge_l.n'), 'int')} prompts"))  # fmt: skip
+    rate = s.num("compare.head_to_head.align_win_rate")
+    if rate is not None:
+        rows.append(Row(s.name, "head-to-head: align's win rate", rate, "pct", baselines=[Ref("a coin toss", 0.5)],
+                        detail=f"{fmt(s.num('compare.head_to_head.align_wins'), 'int')} wins, "
+                               f"{fmt(s.num('compare.head_to_head.instruct_wins'), 'int')} losses, "
+                               f"{fmt(s.num('compare.head_to_head.ties'), 'int')} ties, judged in a random order"))
+    return rows
 
 
 def card_generic(s: StageData, ctx: Context) -> list[Row]:
