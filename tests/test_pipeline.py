@@ -178,7 +178,8 @@ def test_full_pipeline_end_to_end_with_llmcore_serve_as_judge(tmp_path_factory, 
     assert compare["rouge_l"]["n"] == 110 and compare["head_to_head"]["n"] == 110
     report = (repo / "reports/report.md").read_text()
     card = report.split("**Run facts**")[0]
-    assert "| classify | test accuracy | " in card and "| evaluate | judge mean score (0-100) | 85 |" in card, card
+    assert re.search(r"\| classify \| test accuracy \| [\d.]+% \|", card), card
+    assert re.search(r"\| evaluate \| judge mean score \(0-100\) \| [\d.]+ \|", card), card
     assert "| align | val DPO loss | " in card, card
     assert "skipped" not in report.split("**Run facts**")[0]
     assert "data:image/svg+xml;base64," in (repo / "reports/report.html").read_text()
