@@ -343,7 +343,8 @@ def fake_experiments(repo):
 def test_compare_two_experiments(tmp_path):
     repo = tmp_path / "repo"
     shown = fake_experiments(repo)
-    exps = cmp.parse_exp_show(shown)
+    assert [e.name for e in cmp.parse_exp_show(shown)] == ["main (baseline)", "gpt2", "llama"]  # oldest first
+    exps = cmp.parse_exp_show(shown, ["llama", "gpt2"])  # as asked
     assert [e.name for e in exps] == ["main (baseline)", "llama", "gpt2"]
     c = cmp.compare(repo, exps)
     assert c.params == [["model.preset", "llama3-tiny", "llama3-tiny", "gpt2-tiny"]]  # vocab_size is the same

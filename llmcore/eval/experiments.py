@@ -83,7 +83,8 @@ def _experiment(entry: dict[str, Any], name: str, baseline: bool = False) -> Exp
 
 
 def parse_exp_show(shown: list[dict[str, Any]], names: list[str] | None = None) -> list[Experiment]:
-    """The baseline commit(s) that have experiments, then the experiments (all, or those named)."""
+    """The baseline commit(s) that have experiments, then the experiments: those named, in that order, or all,
+    oldest first (``dvc exp show`` lists the newest first)."""
     out: list[Experiment] = []
     found: set[str] = set()
     for commit in shown:
@@ -97,6 +98,9 @@ def parse_exp_show(shown: list[dict[str, Any]], names: list[str] | None = None) 
                     exps.append(_experiment(rev, name))
                     found.add(name)
         if exps:
+            exps.sort(key=lambda e: names.index(e.name) if names and e.name in names else 0)
+            if not names:
+                exps.reverse()
             base_name = commit.get("name") or str(commit.get("rev", ""))[:7]
             out.append(_experiment(commit, f"{base_name} (baseline)", baseline=True))
             out += exps
