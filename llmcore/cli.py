@@ -1,6 +1,6 @@
 """The ``llmcore`` command (a Typer app; the pipeline's stages have their own scripts in ``stages/``).
 
-    llmcore serve --model data/models/instruct                       # Ollama API on 127.0.0.1:11434
+    llmcore serve --model data/models/instruct                       # Ollama + OpenAI APIs on 127.0.0.1:11434
     llmcore serve --model data/models/instruct --model data/models/base --name base --template raw
 """
 
@@ -38,38 +38,40 @@ def serve(
         "default: the template stored with the model by instruction tuning, else alpaca",
     ),
     device: str = typer.Option("auto", help="auto | cpu | cuda | mps"),
+    max_batch: int = typer.Option(8, min=1, help="sequences of one model decoded together (continuous batching)"),
+    max_body: int = typer.Option(2**20, min=1024, help="largest request body in bytes (413 above)"),
 ) -> None:
-    """Serve llmcore checkpoints over Ollama's HTTP API (/api/generate, /api/chat, /api/tags, /api/show)."""
-    from llmcore.serve.server import ModelHandle, default_name, make_server, qualify  # torch: import late
+    """Serve llmcore checkpoints over the Ollama API (/api/*), the OpenAI API (/v1/*) and a chat page (/)."""
+    from llmcore.serve.app import make_server  # torch: import late
+    from llmcore.serve.models import ModelHandle, check_name, default_name
 
     with stage_errors():
         names = list(name or [])
         if len(names) > len(model):
             raise LLMCoreError(f"{len(names)} --name given for {len(model)} --model")
+        names = [check_name(n) for n in names]
         torch_device = resolve_device(device)
         names += [default_name(path) for path in model[len(names) :]]
-        names = [qualify(n) for n in names]
         if len(set(names)) != len(names):
             raise LLMCoreError(f"two models would share a name: {names}; tell them apart with --name")
         models = {}
         for served, path in zip(names, model, strict=True):
             typer.echo(f"loading {path} as {served} ...")
-            models[served] = ModelHandle.load(path, template=template, device=torch_device)
+            models[served] = ModelHandle.load(path, template=template, device=torch_device, max_batch=max_batch)
         try:
-            server = make_server(models, host, port)
+            server = make_server(models, host, port, max_body=max_body)
         except OSError as e:
             raise LLMCoreError(
                 f"cannot listen on {host}:{port}: {e.strerror or e} (is Ollama already running? try --port)"
             ) from None
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if host not in ("127.0.0.1", "localhost", "::1"):
         typer.echo(f"warning: listening on {host}: anyone who can reach this address can use the models", err=True)
-    typer.echo(f"serving {', '.join(names)} on {server.url} (Ollama API; Ctrl-C to stop)")
+    typer.echo(f"serving {', '.join(names)} on {server.url} (Ollama API /api, OpenAI API /v1, chat page /; "
+               "Ctrl-C to stop)")
     try:
         server.serve_forever()
-    except KeyboardInterrupt:
-        pass
     finally:
         server.server_close()
 

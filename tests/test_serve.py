@@ -27,7 +27,9 @@ from llmcore.cli import app
 from llmcore.models.config import ModelConfig
 from llmcore.models.generate import SamplingConfig, generate
 from llmcore.models.gpt import GPT
-from llmcore.serve.server import ModelHandle, TextStream, chat_prompt, make_server
+from llmcore.models.responses import TextStream
+from llmcore.serve.app import make_server
+from llmcore.serve.models import ModelHandle, chat_prompt
 from llmcore.text.prompts import extract_response, format_alpaca
 from llmcore.text.tokenizer import Tokenizer
 from llmcore.weights.weight_file import save_checkpoint
@@ -246,7 +248,7 @@ def test_concurrent_requests_match_sequential(url: str) -> None:
 
 
 def test_client_hanging_up_mid_stream(url: str, client: ollama.Client, caplog) -> None:
-    caplog.set_level(logging.INFO, logger="llmcore.serve.server")
+    caplog.set_level(logging.INFO, logger="llmcore.serve")
     host, port = url.removeprefix("http://").split(":")
     body = json.dumps({"model": "tiny-raw", "prompt": "Once upon a time", "options": {"num_predict": -1}}).encode()
     for _ in range(3):
@@ -330,11 +332,11 @@ def test_cli(model_dir: Path, monkeypatch) -> None:
         def server_close(self) -> None:
             pass
 
-    def fake_make_server(models, host, port):
+    def fake_make_server(models, host, port, max_body):
         calls.append((sorted(models), host, port))
         return FakeServer()
 
-    monkeypatch.setattr("llmcore.serve.server.make_server", fake_make_server)
+    monkeypatch.setattr("llmcore.serve.app.make_server", fake_make_server)
     result = runner.invoke(app, ["serve", "--model", str(model_dir), "--model", str(model_dir), "--name", "judge"])
     assert result.exit_code == 0, result.output
     assert calls == [(["judge:latest", "tiny:latest"], "127.0.0.1", 11434)]  # loopback by default
