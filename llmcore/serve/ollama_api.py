@@ -38,10 +38,10 @@ from llmcore.serve.protocol import (
     Stream,
     field,
     generate,
+    json_endpoint,
     json_type,
     number,
     parse_messages,
-    read_json,
     stop_strings,
 )
 from llmcore.text.prompts import format_alpaca
@@ -108,13 +108,7 @@ class OllamaAPI:
         ]
 
     def endpoint(self, handler: Callable) -> Callable:
-        async def route(request: Request) -> Response:
-            try:
-                return await handler(await read_json(request, self.max_body))
-            except RequestError as e:
-                return error_response(e)
-
-        return route
+        return json_endpoint(handler, self.max_body, error_response)
 
     def model(self, body: dict, key: str = "model") -> tuple[str, ModelHandle]:
         name = field(body, key, str, required=True)

@@ -32,7 +32,7 @@ from starlette.routing import Route
 from llmcore.models.generate import SamplingConfig
 from llmcore.serve.engine import Finished
 from llmcore.serve.models import ModelHandle, RequestError, qualify
-from llmcore.serve.protocol import Stream, field, generate, number, parse_messages, read_json, stop_strings
+from llmcore.serve.protocol import Stream, field, generate, json_endpoint, number, parse_messages, stop_strings
 
 ERROR_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 405: "invalid_request_error",
                413: "invalid_request_error", 500: "server_error"}  # fmt: skip
@@ -61,13 +61,7 @@ class OpenAIAPI:
         ]
 
     def endpoint(self, handler: Callable) -> Callable:
-        async def route(request: Request) -> Response:
-            try:
-                return await handler(await read_json(request, self.max_body))
-            except RequestError as e:
-                return error_response(e)
-
-        return route
+        return json_endpoint(handler, self.max_body, error_response)
 
     def lookup(self, name: str) -> tuple[str, ModelHandle]:
         for candidate in (name, qualify(name)):

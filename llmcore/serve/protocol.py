@@ -7,11 +7,11 @@ import asyncio
 import json
 import logging
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import StreamingResponse
+from starlette.responses import Response, StreamingResponse
 
 from llmcore.models.generate import SamplingConfig
 from llmcore.serve.engine import Finished
@@ -47,6 +47,37 @@ async def read_json(request: Request, limit: int) -> dict:
     if not isinstance(obj, dict):
         raise RequestError(400, f"request body must be a JSON object, got {json_type(obj)}")
     return obj
+
+
+def json_endpoint(handler: Callable[[dict], Awaitable[Response]], max_body: int,
+                  render: Callable[[RequestError], Response]) -> Callable[[Request], Awaitable[Response]]:  # fmt: skip
+    """A route that reads a JSON body, runs ``handler`` on it and renders a :class:`RequestError` in the API's
+    shape. A client that hangs up before a (non-streamed) answer is ready cancels the work, and its sequence."""
+
+    async def route(request: Request) -> Response:
+        try:
+            body = await read_json(request, max_body)
+        except RequestError as e:
+            return render(e)
+        work = asyncio.ensure_future(handler(body))
+        gone = asyncio.ensure_future(_disconnected(request))
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if not work.done():
+            work.cancel()
+            log.info("%s %s: the client hung up before the answer", request.method, request.url.path)
+            return Response(status_code=499)  # nobody reads it
+        gone.cancel()
+        try:
+            return work.result()
+        except RequestError as e:
+            return render(e)
+
+    return route
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _reject_constant(name: str) -> None:
