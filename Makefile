@@ -33,10 +33,12 @@ pipeline: venv
 bench: venv
 	$(BIN)/pip install -q -e ".[bench]"
 	$(BIN)/python -m benchmarks.bench
+	$(BIN)/python -m benchmarks.serve_bench
 
 bench-quick: venv
 	$(BIN)/pip install -q -e ".[bench]"
 	$(BIN)/python -m benchmarks.bench --quick
+	$(BIN)/python -m benchmarks.serve_bench --quick --out reports/serve_bench_quick.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -40,6 +40,7 @@ def serve(
     device: str = typer.Option("auto", help="auto | cpu | cuda | mps"),
     max_batch: int = typer.Option(8, min=1, help="sequences of one model decoded together (continuous batching)"),
     max_body: int = typer.Option(2**20, min=1024, help="largest request body in bytes (413 above)"),
+    threads: int = typer.Option(0, min=0, help="torch CPU threads (0: torch's default)"),
 ) -> None:
     """Serve llmcore checkpoints over the Ollama API (/api/*), the OpenAI API (/v1/*) and a chat page (/)."""
     from llmcore.serve.app import make_server  # torch: import late
@@ -51,6 +52,10 @@ def serve(
             raise LLMCoreError(f"{len(names)} --name given for {len(model)} --model")
         names = [check_name(n) for n in names]
         torch_device = resolve_device(device)
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
         names += [default_name(path) for path in model[len(names) :]]
         if len(set(names)) != len(names):
             raise LLMCoreError(f"two models would share a name: {names}; tell them apart with --name")
@@ -70,10 +75,17 @@ def serve(
         typer.echo(f"warning: listening on {host}: anyone who can reach this address can use the models", err=True)
     typer.echo(f"serving {', '.join(names)} on {server.url} (Ollama API /api, OpenAI API /v1, chat page /; "
                "Ctrl-C to stop)")
+    # uvicorn stops gracefully on SIGINT/SIGTERM, then re-raises the signal: a stop asked for is a clean exit.
+    import signal
+    import sys
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: sys.exit(0))
     try:
         server.serve_forever()
     finally:
         server.server_close()
+        typer.echo("stopped")
 
 
 @app.command()

@@ -237,3 +237,51 @@ def test_served_names_follow_ollama_rules(model_dir: Path, tmp_path: Path) -> No
 
     assert check_name("library/llama3.1:8b-q4_K_M") == "library/llama3.1:8b-q4_K_M"
     assert check_name("judge") == "judge:latest"
+
+
+# --------------------------------------------------------------------------------------------------
+# README claims: `ask` and the server agree at temperature 0; the CLI serves and stops on SIGTERM
+
+
+def test_greedy_curl_matches_ask(url: str, model_dir: Path) -> None:  # noqa: F811
+    from stages import instruct
+
+    result = CliRunner().invoke(instruct.app, ["ask", "Name a primary colour.", "--model", str(model_dir),
+                                               "--device", "cpu"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    status, r = post(url, "/api/generate", {"model": "tiny", "prompt": "Name a primary colour.", "stream": False,
+                                            "options": {"temperature": 0}})  # fmt: skip
+    assert status == 200 and r["response"] == result.output.strip()
+
+
+def test_cli_serves_every_api_and_stops_on_sigterm(model_dir: Path) -> None:  # noqa: F811
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+
+    cmd = [sys.executable, "-m", "llmcore.cli", "serve", "--model", str(model_dir), "--port", "0", "--threads", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("serving "):
+                break
+        base = lines[-1].split(" on ")[1].split()[0]
+        assert base.startswith("http://127.0.0.1:")
+        with urllib.request.urlopen(base + "/", timeout=10) as r:
+            page = r.read().decode()
+        assert "<title>llmcore chat</title>" in page and "://" not in page  # no external assets
+        with urllib.request.urlopen(base + "/v1/models", timeout=10) as r:
+            assert json.loads(r.read())["data"][0]["id"] == "tiny:latest"
+        status, answer = post(base, "/api/generate", {"model": "tiny", "prompt": "hi", "stream": False,
+                                                      "options": {"num_predict": 3}})  # fmt: skip
+        assert status == 200 and answer["done"]
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 0, rest
+        assert "POST /api/generate 200" in rest  # every request is logged with its status and time
+    finally:
+        if proc.poll() is None:
+            proc.kill()
