@@ -78,9 +78,11 @@ def serve(
     # uvicorn stops gracefully on SIGINT/SIGTERM, then re-raises the signal: a stop asked for is a clean exit.
     import signal
     import sys
+    import threading
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: sys.exit(0))
+    if threading.current_thread() is threading.main_thread():  # (a server run from a thread has no signals)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: sys.exit(0))
     try:
         server.serve_forever()
     finally:

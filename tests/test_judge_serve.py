@@ -57,7 +57,7 @@ def test_openai_judge_errors_are_one_line(url: str) -> None:
     assert "tiny-raw:latest" in str(e.value) and "\n" not in str(e.value)
     with pytest.raises(LLMCoreError, match="cannot reach the OpenAI-compatible server"):
         check_judge(JudgeConfig(api="openai", host="http://127.0.0.1:9/v1", model="x", timeout=2))
-    with pytest.raises(LLMCoreError, match="judge.api"):
+    with pytest.raises(LLMCoreError, match="api: expected"):
         JudgeConfig(api="anthropic")
 
 
