@@ -116,7 +116,8 @@ class BatchedKVCache:
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.max_len = max_len
-        self._index: tuple[torch.Tensor, torch.Tensor] | None = None  # (rows, positions) of the pass in flight
+        # where the pass in flight writes: one start position for all rows, or (rows, positions) per row
+        self._index: int | tuple[torch.Tensor, torch.Tensor] | None = None
 
     def rows(self, start: int, stop: int) -> BatchedKVCache:
         """A cache over rows ``start:stop`` that shares the buffers (writes land in this cache)."""
@@ -142,7 +143,10 @@ class BatchedKVCache:
         if max(lengths) + T > self.max_len:
             raise ValueError(f"KV cache overflow: {max(lengths) + T} > {self.max_len} positions")
         positions = self.lengths[:, None] + torch.arange(T, device=device)  # (B, T)
-        self._index = (torch.arange(B, device=device)[:, None].expand(B, T), positions)
+        if len(set(lengths)) == 1:  # every row at the same length: plain slice writes
+            self._index = lengths[0]
+        else:
+            self._index = (torch.arange(B, device=device)[:, None].expand(B, T), positions)
         if len(set(lengths)) == 1 and (T == 1 or lengths[0] == 0):
             self._width = lengths[0] + T
             return positions, None
@@ -152,9 +156,14 @@ class BatchedKVCache:
         return positions, (k_pos[None, None, :] <= positions[:, :, None])[:, None]  # (B, 1, T, S)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        rows, positions = self._index
-        self.k[layer][rows, :, positions] = k.transpose(1, 2)  # (B, T, nkv, hs) at each row's own offset
-        self.v[layer][rows, :, positions] = v.transpose(1, 2)
+        if isinstance(self._index, int):
+            start, end = self._index, self._index + k.shape[2]
+            self.k[layer][:, :, start:end] = k
+            self.v[layer][:, :, start:end] = v
+        else:
+            rows, positions = self._index
+            self.k[layer][rows, :, positions] = k.transpose(1, 2)  # (B, T, nkv, hs) at each row's own offset
+            self.v[layer][rows, :, positions] = v.transpose(1, 2)
         return self.k[layer][:, :, : self._width], self.v[layer][:, :, : self._width]
 
     def advance(self, T: int) -> None:
