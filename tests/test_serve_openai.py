@@ -104,6 +104,8 @@ def test_completions_are_raw_and_seeded(oai: openai.OpenAI, handles) -> None:  #
         ({"max_tokens": 1000}, "messages", "context_length_exceeded"),
         ({"messages": [{"role": "user", "content": "word " * 400}]}, "messages", "context_length_exceeded"),
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", None),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "stop", None),
+        ({"stop": 5}, "stop", None),
     ],
 )
 def test_chat_errors_raise_the_sdk_exceptions(oai: openai.OpenAI, kwargs, param: str, code) -> None:

@@ -97,7 +97,9 @@ class Engine:
     # -- client side --------------------------------------------------------------------------------
 
     def start(self) -> Engine:
+        """Start the loop (again, after :meth:`stop`: a model can be served by one server after another)."""
         if self._thread is None:
+            self._stopping = False
             self._thread = threading.Thread(target=self._loop, name=f"engine-{self.name}", daemon=True)
             self._thread.start()
         return self

@@ -86,6 +86,13 @@ class OpenAIAPI:
     # -- requests -----------------------------------------------------------------------------------
 
     @staticmethod
+    def stop(body: dict) -> list[str]:
+        stop = stop_strings(body.get("stop"), "stop")
+        if len(stop) > 4:
+            raise RequestError(400, f"stop takes at most 4 strings, got {len(stop)}", param="stop")
+        return stop
+
+    @staticmethod
     def refuse_unsupported(body: dict) -> None:
         n = number(body, "n", integer=True)
         if n is not None and n != 1:
@@ -142,7 +149,7 @@ class OpenAIAPI:
         if not messages:
             raise RequestError(400, "messages must not be empty", param="messages")
         stream = field(body, "stream", bool, False)
-        stop = stop_strings(body.get("stop"), "stop")
+        stop = self.stop(body)
         self.refuse_unsupported(body)
         ids = h.encode(h.chat_prompt(messages))
         sampling = self.sampling(body, len(ids), h.context_length, None, "messages")
@@ -156,7 +163,7 @@ class OpenAIAPI:
                 raise RequestError(400, "prompt must be a string (or a list of one string)", param="prompt")
             prompt = prompt[0]
         stream = field(body, "stream", bool, False)
-        stop = stop_strings(body.get("stop"), "stop")
+        stop = self.stop(body)
         self.refuse_unsupported(body)
         ids = h.encode(prompt)
         if not ids:
