@@ -12,7 +12,6 @@ from pathlib import Path
 import typer
 
 from llmcore.common import LLMCoreError, stage_errors
-from llmcore.device import resolve_device
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="llmcore: tools around the pipeline's models.")
 
@@ -43,7 +42,8 @@ def serve(
     threads: int = typer.Option(0, min=0, help="torch CPU threads (0: torch's default)"),
 ) -> None:
     """Serve llmcore checkpoints over the Ollama API (/api/*), the OpenAI API (/v1/*) and a chat page (/)."""
-    from llmcore.serve.app import make_server  # torch: import late
+    from llmcore.device import resolve_device  # torch: import late (`llmcore --help` stays fast)
+    from llmcore.serve.app import make_server
     from llmcore.serve.models import ModelHandle, check_name, default_name
 
     with stage_errors():

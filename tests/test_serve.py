@@ -372,3 +372,12 @@ def test_serving_a_classifier_is_refused_in_one_line(model_dir: Path, tmp_path: 
     result = CliRunner().invoke(app, ["serve", "--model", str(tmp_path), "--port", "0"])
     assert result.exit_code == 1
     assert "a 'classify' checkpoint, not a causal language model; serve needs one" in result.output
+
+
+def test_cli_imports_no_torch() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, llmcore.cli; print(sorted(m for m in ('torch', 'starlette', 'uvicorn') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"  # `llmcore --help` stays fast: the server's stack loads when it is used
