@@ -100,7 +100,7 @@ def field(body: dict, name: str, kind: type | tuple[type, ...], default: Any = N
         return default
     kinds = kind if isinstance(kind, tuple) else (kind,)
     ok = any(isinstance(value, k) and not (k in (int, float) and isinstance(value, bool)) for k in kinds)
-    if ok and float in kinds and not math.isfinite(value):
+    if ok and isinstance(value, float) and not math.isfinite(value):
         ok = False
     if not ok:
         expected = {str: "a string", bool: "a boolean", list: "an array", dict: "an object", int: "an integer",
