@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 
 import pytest
 import torch
@@ -135,8 +136,20 @@ def test_join_between_steps_leave_on_stop_and_cancel(model: GPT, tok: Tokenizer)
         engine.stop()
 
 
-def test_stop_ends_waiting_and_running_requests(model: GPT, tok: Tokenizer) -> None:
-    engine = Engine(model, tok, max_batch=1)
+def slowed(model: GPT, monkeypatch, seconds: float) -> GPT:
+    """The model with a pause before each forward pass, so a test can act while sequences are still running."""
+    forward = model.forward
+
+    def slow_forward(*args, **kwargs):
+        time.sleep(seconds)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", slow_forward)
+    return model
+
+
+def test_stop_ends_waiting_and_running_requests(model: GPT, tok: Tokenizer, monkeypatch) -> None:
+    engine = Engine(slowed(model, monkeypatch, 0.005), tok, max_batch=1)
     events: list[queue.Queue] = [queue.Queue() for _ in range(3)]
     for sink in events:
         engine.submit(Request(tok.encode("the"), SamplingConfig(10_000, seed=0), sink.put))

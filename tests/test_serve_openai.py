@@ -150,7 +150,7 @@ def hang_up(url: str, path: str, body: dict) -> None:  # noqa: F811
             time.sleep(0.05)
 
 
-def test_bad_input_then_the_server_still_serves(url: str, handles, caplog) -> None:  # noqa: F811
+def test_bad_input_then_the_server_still_serves(url: str, handles, caplog, monkeypatch) -> None:  # noqa: F811
     caplog.set_level(logging.INFO, logger="llmcore.serve")
     for path in ("/api/generate", "/v1/chat/completions"):
         status, answer = raw_request(url, path, b'{"model": "tiny", "prompt": ')  # malformed JSON
@@ -174,6 +174,13 @@ def test_bad_input_then_the_server_still_serves(url: str, handles, caplog) -> No
     assert post(url, "/v1/nothing", {})[0] == 404 and "error" in post(url, "/v1/nothing", {})[1]
 
     engine = handles["tiny-raw:latest"].engine
+    model, forward = engine.model, engine.model.forward  # slowed, so each generation outlasts its client
+
+    def slow_forward(*args, **kwargs):
+        time.sleep(0.01)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", slow_forward)
     long = {"model": "tiny-raw", "prompt": "Once", "options": {"num_predict": -1}}
     for path, body in (("/api/generate", long), ("/api/generate", {**long, "stream": False}),
                        ("/v1/chat/completions", {"model": "tiny-raw", "messages": MESSAGES, "stream": True})):
@@ -186,6 +193,7 @@ def test_bad_input_then_the_server_still_serves(url: str, handles, caplog) -> No
     while (engine._live or hung_up() < 3) and time.monotonic() < deadline:  # the sequences leave the batch
         time.sleep(0.05)
     assert engine._live == [] and hung_up() == 3
+    monkeypatch.setattr(model, "forward", forward)
 
     r = ollama.Client(host=url, timeout=30).generate("tiny", "Name a color.", options=GREEDY)
     assert r.done and r.eval_count > 0
