@@ -116,7 +116,8 @@ def test_version_list_show_ps(url: str, client: ollama.Client, model_dir: Path) 
 
     shown = client.show("tiny")  # the tag defaults to :latest, as in Ollama
     assert shown.modelinfo["llama.context_length"] == 128
-    assert "### Instruction:" in shown.template and "{{ .Prompt }}" in shown.template
+    assert "### Instruction:" in shown.template and "range .Messages" in shown.template  # the server's own prompts
+    assert shown.parameters == 'stop "###"'
     assert shown.capabilities == ["completion"]
     assert {m.model for m in client.ps().models} == set(listed)
 
@@ -360,6 +361,13 @@ def test_the_template_stored_with_the_model_is_served(model_dir: Path, tmp_path:
     assert chat_prompt([{"role": "user", "content": "Add 2 and 3."}], handle.template) == (
         "Q: Add 2 and 3.\nContext: \nA:"
     )
+    from starlette.testclient import TestClient
+
+    from llmcore.serve.app import create_app
+
+    with TestClient(create_app({"custom": handle})) as http:  # /api/show gives the Go template of the same prompts
+        shown = http.post("/api/show", json={"model": "custom"})
+        assert shown.status_code == 200 and "Q: {{ $content }}" in shown.json()["template"]
     assert ModelHandle.load(tmp_path, template="raw").template == "raw"  # --template still overrides it
     assert ModelHandle.load(model_dir).template == "alpaca"  # nothing stored: alpaca, as before
 

@@ -44,7 +44,8 @@ from llmcore.serve.protocol import (
     parse_messages,
     stop_strings,
 )
-from llmcore.text.prompts import format_alpaca
+from llmcore.text.chat_templates import ollama_template
+from llmcore.text.chat_templates import stop_strings as template_stops
 
 log = logging.getLogger("llmcore.serve")
 
@@ -144,12 +145,8 @@ class OllamaAPI:
     async def show(self, body: dict) -> Response:
         name, h = self.model(body, "model" if "model" in body else "name")
         cfg, arch = h.model.cfg, h.family
-        if h.template == "raw":
-            template = "{{ .Prompt }}"
-        else:
-            template = h.template.format(instruction="{{ .Prompt }}", input="") if h.template != "alpaca" else (
-                format_alpaca("{{ .Prompt }}"))  # fmt: skip
-        parameters = 'stop "###"' if h.sections else ""
+        template = ollama_template(h.template)  # the Go template that builds the prompts this server builds
+        parameters = "\n".join(f"stop {json.dumps(s)}" for s in template_stops(h.template))
         return JSONResponse({
             "license": "",
             "modelfile": f"# served by llmcore\nFROM {h.path}\nTEMPLATE \"\"\"{template}\"\"\"\n",
