@@ -163,3 +163,30 @@ def test_stop_ends_waiting_and_running_requests(model: GPT, tok: Tokenizer, monk
     assert set(finals) <= {"cancelled", "length"} and "cancelled" in finals
     with pytest.raises(RuntimeError, match="stopped"):
         engine.submit(Request(tok.encode("the"), SamplingConfig(1), lambda e: None))
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(model: GPT, tok: Tokenizer) -> None:
+    engine = Engine(model, tok, max_batch=4, prefill_chunk=8)
+    try:
+        passes_at_piece: list[int] = []
+        first: queue.Queue = queue.Queue()
+
+        def sink(event) -> None:
+            passes_at_piece.append(engine.prefill_passes)
+            first.put(event)
+
+        running = engine.submit(Request(tok.encode("the"), SamplingConfig(100, seed=0), sink))
+        first.get(timeout=30)  # it is decoding
+        before = engine.prefill_passes
+        long_ids = tok.encode("the quick brown fox jumps over the lazy dog, " * 8)[:90]
+        cfg = SamplingConfig(10, seed=0)
+        ((text, done),) = run_all(engine, [(long_ids, cfg)])
+        (expected,) = generate(model, [long_ids], cfg)
+        assert text == tok.decode(expected) and done.prompt_tokens == 90  # chunked prefill, same tokens
+        chunks = -(-90 // 8)
+        assert engine.prefill_passes - before == chunks
+        # the running request kept getting tokens while the long prompt went in
+        assert any(before < p < before + chunks for p in passes_at_piece)
+        running.cancel()
+    finally:
+        engine.stop()

@@ -4,7 +4,9 @@ One engine per served model runs a loop in its own thread over a :class:`~llmcor
 with ``max_batch`` rows (slots):
 
     admit   requests waiting for a slot join between decode steps: each one's prompt is run alone in its
-            slot (prefill), and its first token sampled;
+            slot (prefill), at most ``prefill_chunk`` prompt tokens per loop turn, so a long prompt is
+            prefilled in chunks between decode steps instead of stalling the running streams; then its first
+            token is sampled and it decodes with the others;
     decode  one forward pass over all live rows, each appending one token at its own length;
     leave   a row that is done (end-of-text, a stop string, its token budget, a full context, or a client
             that went away) leaves at once, and the last live row moves into its slot, so the live rows
@@ -79,20 +81,25 @@ class Request:
 class Engine:
     """The continuous-batching loop of one model (see the module docstring)."""
 
-    def __init__(self, model: GPT, tokenizer: Tokenizer, max_batch: int = 8, name: str = "model"):
-        if max_batch < 1:
-            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+    def __init__(self, model: GPT, tokenizer: Tokenizer, max_batch: int = 8, name: str = "model",
+                 prefill_chunk: int = 512):  # fmt: skip
+        if max_batch < 1 or prefill_chunk < 1:
+            raise ValueError(f"max_batch and prefill_chunk must be >= 1, got {max_batch}, {prefill_chunk}")
         self.model, self.tokenizer, self.max_batch, self.name = model.eval(), tokenizer, max_batch, name
+        self.prefill_chunk = prefill_chunk
         self.context_length = model.cfg.context_length
         self.device = model.tok_emb.weight.device
         self._cache: BatchedKVCache | None = None  # allocated on the first request
         self._waiting: collections.deque[Request] = collections.deque()
         self._live: list[Request] = []  # row i of the cache holds _live[i]
+        # admitted, not yet decoding; the first one, once started, holds row len(_live) of the cache
+        self._prefilling: collections.deque[Request] = collections.deque()
         self._cv = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.steps = 0  # decode passes run (for tests and logs)
         self.max_live = 0  # most rows ever decoded together
+        self.prefill_passes = 0  # prefill forward passes (chunks) run
 
     # -- client side --------------------------------------------------------------------------------
 
@@ -148,53 +155,64 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._cv:
-                while not self._stopping and not self._waiting and not self._live:
+                while not self._stopping and not self._waiting and not self._live and not self._prefilling:
                     self._cv.wait()
                 if self._stopping:
                     break
-                joining = []
-                while self._waiting and len(self._live) + len(joining) < self.max_batch:
-                    joining.append(self._waiting.popleft())
+                while self._waiting and len(self._live) + len(self._prefilling) < self.max_batch:
+                    self._prefilling.append(self._waiting.popleft())
             try:
                 with torch.no_grad():
-                    for request in joining:
-                        if request.cancelled:
-                            self._end(request, "cancelled")
-                        else:
-                            self._prefill(request)
+                    self._prefill()
                     self._drop_cancelled()
                     if self._live:
                         self._decode()
-            except Exception as e:  # a bug or out-of-memory: fail the live requests, keep the engine running
+            except Exception as e:  # a bug or out-of-memory: fail the running requests, keep the engine running
                 log.exception("engine %s failed a step", self.name)
-                for request in self._live:
+                failed = [*self._live, *([self._prefilling.popleft()] if self._prefilling else [])]
+                for request in failed:
                     self._end(request, "error", error=f"{type(e).__name__}: {e}")
                 self._live.clear()
-        for request in [*self._live, *self._waiting]:
+        for request in [*self._live, *self._prefilling, *self._waiting]:
             self._end(request, "cancelled")
         self._live.clear()
+        self._prefilling.clear()
         self._waiting.clear()
 
-    def _prefill(self, request: Request) -> None:
-        if self._cache is None:
+    def _prefill(self) -> None:
+        """Run up to ``prefill_chunk`` prompt tokens of the admitted requests, in order, each in the slot after the
+        live rows; a request whose prompt is done samples its first token and joins the live rows."""
+        if self._cache is None and self._prefilling:
             self._cache = self.model.new_batched_cache(self.max_batch)
-        cfg = request.sampling
-        slot = len(self._live)
-        self._live.append(request)
-        request._text = TextStream(self.tokenizer, request.stop, request.sections)
-        if cfg.seed is not None:
-            request._generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
-        request._budget = min(cfg.max_new_tokens, self.context_length - len(request.prompt_ids))
-        row = self._cache.rows(slot, slot + 1)
-        row.lengths.zero_()
-        if request._budget <= 0:
-            self._leave(slot, "length")
-            return
-        ids = torch.tensor([request.prompt_ids], dtype=torch.long, device=self.device)
-        logits = self.model(ids, cache=row, logits_to_keep=1).logits[:, -1]
-        request._t_first = time.perf_counter_ns()
-        token = int(sample_next(logits, cfg, request._generator)[0])
-        self._accept(slot, token)
+        room = self.prefill_chunk
+        while self._prefilling and room > 0:
+            request, slot = self._prefilling[0], len(self._live)
+            row = self._cache.rows(slot, slot + 1)
+            if request.cancelled:
+                self._end(self._prefilling.popleft(), "cancelled")
+                continue
+            if request._text is None:  # first chunk: set the request up
+                cfg = request.sampling
+                request._text = TextStream(self.tokenizer, request.stop, request.sections)
+                if cfg.seed is not None:
+                    request._generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
+                request._budget = min(cfg.max_new_tokens, self.context_length - len(request.prompt_ids))
+                row.lengths.zero_()
+                if request._budget <= 0:
+                    self._end(self._prefilling.popleft(), "length")
+                    continue
+            done = int(row.lengths[0])
+            chunk = request.prompt_ids[done : done + room]
+            ids = torch.tensor([chunk], dtype=torch.long, device=self.device)
+            logits = self.model(ids, cache=row, logits_to_keep=1).logits[:, -1]
+            self.prefill_passes += 1
+            room -= len(chunk)
+            if done + len(chunk) < len(request.prompt_ids):
+                return  # the rest of this prompt in the next turns, between decode steps
+            self._prefilling.popleft()
+            self._live.append(request)
+            request._t_first = time.perf_counter_ns()
+            self._accept(slot, int(sample_next(logits, request.sampling, request._generator)[0]))
 
     def _decode(self) -> None:
         n = len(self._live)
@@ -244,6 +262,8 @@ class Engine:
             self._cache.copy_row(last, slot)
             self._live[slot] = self._live[last]
         self._live.pop()
+        if self._prefilling and self._prefilling[0]._text is not None:  # a prompt part-way in: keep it next
+            self._cache.copy_row(last + 1, last)  # to the live rows
         self._end(request, reason)
 
     def _end(self, request: Request, reason: str, error: str | None = None) -> None:
