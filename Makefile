@@ -39,6 +39,7 @@ bench: venv
 	$(BIN)/python -m benchmarks.dpo
 	$(BIN)/python -m benchmarks.gguf_export
 	$(BIN)/python -m benchmarks.serve_bench
+	$(BIN)/python -m benchmarks.compiled_decode
 
 bench-quick: venv
 	$(BIN)/pip install -q -e ".[bench]"
