@@ -698,8 +698,8 @@ def curve_figures(reports_dir: Path, stage_names: list[str]) -> list[Figure]:
 # Rendering
 
 MACHINE_NOTE = (f"{MACHINE} machine-dependent: timings, throughput and MFU change with the machine and its load. "
-                "The losses and accuracies are bit-identical between runs on one machine, but differ in their last "
-                "digits across CPUs (other kernels, other float rounding).")  # fmt: skip
+                "The losses and accuracies are bit-identical between runs on one machine; on another CPU they can "
+                "differ in their last digits (other vector kernels, other float rounding).")  # fmt: skip
 
 
 def card_table(report: Report) -> tuple[list[str], list[list[str]]]:
