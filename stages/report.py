@@ -56,8 +56,10 @@ def run_facts(params: Path) -> list[tuple[str, str]]:
     status = git("status", "--porcelain", "--untracked-files=no")
     dirty = ""
     if status is not None:
-        changed = [line[3:] for line in status.splitlines()]
-        dirty = f", with uncommitted changes to {', '.join(changed[:6])}" if changed else ", clean"
+        # the run's own outputs (reports/, dvc.lock) are uncommitted while it runs: code and params are what count
+        changed = [line[3:] for line in status.splitlines() if not line[3:].startswith(("reports/", "dvc.lock"))]
+        more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""
+        dirty = f", with uncommitted changes to {', '.join(changed[:6])}{more}" if changed else ", clean"
     digest = hashlib.sha256(params.read_bytes()).hexdigest()[:12] if params.is_file() else "?"
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     return [("git commit", (commit.strip() if commit else "not a git checkout") + dirty),
