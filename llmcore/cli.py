@@ -2,6 +2,7 @@
 
     llmcore serve --model data/models/instruct                       # Ollama API on 127.0.0.1:11434
     llmcore serve --model data/models/instruct --model data/models/base --name base --template raw
+    llmcore benchmark data/models/gpt2-124m --tasks hellaswag,arc_easy --limit 200   # lm-evaluation-harness
 """
 
 from __future__ import annotations
@@ -90,6 +91,40 @@ def export(
         arch = family(model.cfg)
         save_hf(model, out)
     typer.echo(f"wrote {out}/config.json and {out}/model.safetensors ({arch}, {model.num_params():,} parameters)")
+
+
+@app.command()
+def benchmark(
+    model_dir: Path = typer.Argument(..., help="language-model folder (model.safetensors + tokenizer.json)"),
+    tasks: str = typer.Option(..., help="comma-separated lm-eval tasks/groups/tags or task YAML files"),
+    limit: int = typer.Option(None, min=1, help="items per task (default: all)"),
+    num_fewshot: int = typer.Option(None, min=0, help="few-shot examples (default: each task's own)"),
+    batch_size: int = typer.Option(16, min=1, help="rows per forward pass"),
+    include_path: Path = typer.Option(None, help="a folder of extra task YAML files to index"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | mps"),
+    precision: str = typer.Option("fp32", help="fp32 | bf16 | fp16 (autocast)"),
+    out: Path = typer.Option(None, "--out", "-o", help="also write the metrics JSON here"),
+) -> None:
+    """Score a model on standard benchmarks with EleutherAI's lm-evaluation-harness (needs the eval extra)."""
+    import json
+
+    from llmcore.common import write_json_atomic
+
+    with stage_errors():
+        from llmcore.eval.harness import benchmark as run_benchmark  # lm-eval and torch: import late
+
+        names = [t.strip() for t in tasks.split(",") if t.strip()]
+        metrics = run_benchmark(
+            model_dir, names, device=device, precision=precision, batch_size=batch_size, limit=limit,
+            num_fewshot=num_fewshot, include_path=include_path,
+        )  # fmt: skip
+        if out is not None:
+            write_json_atomic(out, metrics)
+    for task, row in metrics["tasks"].items():
+        typer.echo(f"{task}: {json.dumps(row)}")
+    if metrics["truncated_requests"]:
+        typer.echo(f"{metrics['truncated_requests']} requests lost context tokens on the left (context_length "
+                   f"{metrics['context_length']})")  # fmt: skip
 
 
 if __name__ == "__main__":
