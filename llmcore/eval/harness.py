@@ -41,7 +41,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from llmcore.common import LLMCoreError
 from llmcore.device import DTYPES, autocast_context, resolve_device
@@ -64,6 +63,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 log = logging.getLogger(__name__)
 
 BOS = "<|begin_of_text|>"  # Llama-3's beginning of text: the prefix of every encoding where the tokenizer has it
+HEAD_CHUNK = 1024  # positions per output-head matmul (bounds the logits held at once)
 Request = tuple[Any, list[int], list[int]]  # (cache key, context ids, continuation ids), TemplateLM's shape
 
 
@@ -227,12 +227,7 @@ class LLMCoreLM(TemplateLM):
                     targets += cont
                     owners += [i] * len(cont)
             h = hidden[torch.tensor(rows, device=device), torch.tensor(positions, device=device)]  # (N, emb)
-            with autocast_context(device, self.precision):
-                logits = self.model.out_head(h)
-            logprobs = F.log_softmax(logits.float(), dim=-1)
-            target = torch.tensor(targets, device=device)
-            token_lp = logprobs.gather(-1, target[:, None]).squeeze(-1).cpu().double()  # fp64 sums (not on mps)
-            missed = (logprobs.argmax(-1) != target).cpu().long()
+            token_lp, missed = self._head_scores(h, torch.tensor(targets, device=device))
             local = {i: k for k, i in enumerate(dict.fromkeys(owners))}  # pair index -> slot in this batch
             owner = torch.tensor([local[i] for i in owners])
             sums = torch.zeros(len(local), dtype=torch.float64).index_add_(0, owner, token_lp).tolist()
@@ -240,6 +235,21 @@ class LLMCoreLM(TemplateLM):
             for i, k in local.items():
                 results[i] = Scored(sums[k], misses[k] == 0)
         return results  # type: ignore[return-value]
+
+    def _head_scores(self, h: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probability of each target token and whether it missed the argmax, from final hidden states (N, emb).
+
+        The head runs on ``HEAD_CHUNK`` positions at a time, so rolling windows of a 1024-token model with a 50k
+        vocabulary never hold more than one chunk of logits. Returns CPU tensors: fp64 log-probs, 0/1 misses.
+        """
+        lps, misses = [], []
+        for start in range(0, h.shape[0], HEAD_CHUNK):
+            with autocast_context(self._device, self.precision):
+                logits = self.model.out_head(h[start : start + HEAD_CHUNK]).float()
+            t = target[start : start + HEAD_CHUNK]
+            lps.append((logits.gather(-1, t[:, None]).squeeze(-1) - logits.logsumexp(-1)).cpu().double())
+            misses.append((logits.argmax(-1) != t).cpu().long())
+        return torch.cat(lps), torch.cat(misses)
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """Whole-document log-likelihoods: windows of ``max_length`` tokens, each token predicted once.
@@ -299,7 +309,7 @@ class LLMCoreLM(TemplateLM):
                 stop_ids=(self.eot_token_id,),
                 seed=kwargs.get("seed", 1234),
             )
-            prompts = {i: self.tok_encode(requests[i].args[0])[-room:] for i in members}
+            prompts = {i: self.tok_encode(requests[i].args[0])[-room:] or [self.prefix_token_id] for i in members}
             order = sorted(members, key=lambda i: len(prompts[i]), reverse=True)
             for start in range(0, len(order), self.batch_size):
                 batch = order[start : start + self.batch_size]
