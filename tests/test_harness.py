@@ -309,6 +309,9 @@ def test_bad_input_is_one_line(tiny, local_tasks, tmp_path, monkeypatch):
     msg = error(run(folder, "--tasks", "toy_mcq", "--include-path", mc.parent))
     assert "unknown task 'toy_mcq'" in msg and "did you mean toy_mc" in msg
     assert "no such task file" in error(run(folder, "--tasks", tmp_path / "missing.yaml"))
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(mc.read_text().replace("mc.jsonl", "absent.jsonl").replace("toy_mc", "toy_broken"))
+    assert error(run(folder, "--tasks", broken)).startswith(f"error: tasks {broken}: FileNotFoundError: ")
 
     clf_dir = tmp_path / "classify"
     torch.manual_seed(0)

@@ -421,7 +421,9 @@ def run_tasks(
         raise
     except Exception as e:  # lm-eval and datasets raise many kinds; the first line says what happened
         first = (str(e).strip().splitlines() or [""])[0][:300]
-        raise LLMCoreError(f"tasks {','.join(tasks)}: {type(e).__name__}: {first}") from e
+        offline = isinstance(e, ConnectionError) or "Connection" in type(e).__name__ or "Offline" in type(e).__name__
+        hint = " (the task's dataset comes from the Hugging Face Hub: go online, or use a task YAML over local files)"
+        raise LLMCoreError(f"tasks {','.join(tasks)}: {type(e).__name__}: {first}{hint if offline else ''}") from e
     return results
 
 
