@@ -373,3 +373,14 @@ def test_dvc_stage_lists_what_the_stage_reads():
     assert {d for d in stage["do"]["deps"] if d.endswith(".py")} == files
     read = {f"benchmark.{f.name}" for f in fields(BenchmarkParams) if f.name != "models"}
     assert set(stage["do"]["params"]) == read | {"hardware.device", "hardware.precision", "hardware.threads"}
+
+
+def test_registered_with_lm_eval_as_llmcore(tiny):
+    from lm_eval.api.registry import get_model
+
+    _, _, folder = tiny
+    lm = get_model("llmcore").create_from_arg_string(f"pretrained={folder},batch_size=4,max_length=64",
+                                                     {"device": "cpu", "batch_size": None})  # fmt: skip
+    assert isinstance(lm, LLMCoreLM) and lm.batch_size == 4 and lm.max_length == 64 and lm.name == "tiny"
+    with pytest.raises(LLMCoreError, match=r"unknown model_args \['dtype'\]"):
+        get_model("llmcore").create_from_arg_string(f"pretrained={folder},dtype=float16")
