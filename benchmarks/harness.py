@@ -9,7 +9,7 @@ an llmcore model folder and exported with ``llmcore.weights.hf_convert.save_hf``
 ``loglikelihood`` requests, shaped like HellaSwag's (a ~60-token context, four ~25-token endings; text from
 TinyShakespeare in the offline mirror, GPT-2's BPE): batch size 16, fp32, CPU threads as torch sets them.
 
-Reported: scored requests/s of each (median of ``reps`` timed passes after one warm-up pass, peers alternated), the
+Reported: scored requests/s of each (median of ``reps`` timed passes after one untimed pass, peers alternated), the
 ratio llmcore / hf, and the largest difference between the two backends' log-likelihoods (the same numbers, so a
 parity check at the 124M shape) and whether their greedy flags agree.
 """
@@ -48,11 +48,11 @@ GPT2_BPE = MIRROR / "openaipublic.blob.core.windows.net/gpt-2/encodings/main"
 @dataclass
 class Plan:
     preset: str = "gpt2-124m"
-    docs: int = 64  # HellaSwag-shaped items; 4 requests each
+    docs: int = 24  # HellaSwag-shaped items; 4 requests each
     ctx_tokens: int = 60
     ending_tokens: int = 25
     batch_size: int = 16
-    reps: int = 3
+    reps: int = 2  # timed passes per peer (after one untimed pass), peers alternated
 
 
 FULL = Plan()
@@ -104,6 +104,7 @@ def make_peer(name: str, ours: Path, hf: Path, plan: Plan):
 
 
 def run(plan: Plan, log=print) -> dict[str, Any]:
+    """Build both backends on the same weights, score the same requests with each, return the report."""
     with tempfile.TemporaryDirectory() as tmp:
         ours, hf, tok = build(plan, Path(tmp))
         requests = requests_like_hellaswag(tok, plan)
@@ -117,6 +118,7 @@ def run(plan: Plan, log=print) -> dict[str, Any]:
                 start = time.perf_counter()
                 peers[name].loglikelihood(requests, disable_tqdm=True)
                 times[name].append(time.perf_counter() - start)
+                log(f"  pass {rep + 1}/{plan.reps} {name}: {times[name][-1]:.1f} s", flush=True)
         rate = {name: len(requests) / statistics.median(t) for name, t in times.items()}
         diffs = [abs(a[0] - b[0]) for a, b in zip(scores["llmcore"], scores["hf"], strict=True)]
         greedy_agree = sum(a[1] == b[1] for a, b in zip(scores["llmcore"], scores["hf"], strict=True))
