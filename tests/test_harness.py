@@ -110,6 +110,10 @@ def test_batching_and_padding_never_change_a_score(tiny, monkeypatch):
         ids = torch.randint(0, tok.vocab_size, (n_ctx + n_cont,), generator=g).tolist()
         pairs.append((ids[:n_ctx], ids[n_ctx:]))
     pairs += [(pairs[0][0], [9]), (pairs[0][0], [7])]  # one-token answers to one context: one input, run once
+    for n_ctx in (70, 5, 33):  # multiple-choice items: one context, endings of different lengths (shared prefill)
+        ctx = torch.randint(0, tok.vocab_size, (n_ctx,), generator=g).tolist()
+        pairs += [(ctx, torch.randint(0, tok.vocab_size, (k,), generator=g).tolist()) for k in (1, 4, 9, 2)]
+    pairs.append((pairs[-1][0][:-3], pairs[-1][0][-3:] + [11, 12]))  # a context that is a prefix of another's
     scores = {}
     for batch_size in (1, 3, 64):
         monkeypatch.setattr(harness, "HEAD_CHUNK", 5 if batch_size == 3 else 1024)  # the head in slices, or not

@@ -22,9 +22,11 @@ are comparable with published ones):
 * a context longer than the model's window loses tokens from the left: the input is the last ``context_length``
   tokens of ``context + continuation`` minus its final token (the count is kept in :attr:`LLMCoreLM.truncated`).
   A continuation longer than the window itself cannot be scored and is a one-line error naming the task.
-* identical inputs (the one-token answers of MMLU-style tasks share ``context + continuation[:-1]``) run once; the
-  rest are sorted by length and right-padded into batches of ``batch_size`` rows. Right padding needs no mask in a
-  causal model, so a score never depends on its batch (``tests/test_harness.py`` holds it to 1e-5 in fp32).
+* identical inputs (the one-token answers of MMLU-style tasks share ``context + continuation[:-1]``) run once.
+  Inputs that share a context (the four endings of a HellaSwag item) run it once, left-padded into a KV cache, and
+  each ending on top of its rows; the rest are sorted by length and right-padded into batches of ``batch_size``
+  rows (no mask needed: a causal model never looks right). Positions count real tokens only, so a score never
+  depends on its batch or its padding (``tests/test_harness.py`` holds it to 1e-5 in fp32).
 * only continuation positions go through the output head (a vocabulary-wide matmul): a HellaSwag context costs
   the transformer blocks, not the head.
 """
@@ -183,8 +185,10 @@ class LLMCoreLM(TemplateLM):
     def score(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[Scored]:
         """Score ``(context ids, continuation ids)`` pairs: the core of both loglikelihood requests.
 
-        Inputs are cut to the window from the left, merged when identical, sorted longest first (the first batch
-        is the biggest, so a memory error shows at once) and right-padded into batches.
+        Each input (``context + continuation[:-1]``, cut to the window from the left) runs once however many pairs
+        share it. Inputs that share their context with others (the endings of one HellaSwag item) run the context
+        once and each ending on top of its KV cache; the rest run whole, sorted longest first (the first batch is
+        the biggest, so a memory error shows at once) and right-padded.
         """
         window = self._max_length
         inputs: dict[tuple[int, ...], list[int]] = {}  # input ids -> indices of the pairs that share it
@@ -203,38 +207,117 @@ class LLMCoreLM(TemplateLM):
                 self.truncated += 1
             inputs.setdefault(tuple(whole[-(window + 1) : -1]), []).append(i)
 
+        # The context of an input: everything before its first scored position, plus that position's token.
+        groups: dict[tuple[int, ...], list[tuple[int, ...]]] = {}
+        for inp, owners in inputs.items():
+            longest = max(len(pairs[i][1]) for i in owners)
+            groups.setdefault(inp[: len(inp) - longest + 1], []).append(inp)
+        shared = {ctx: members for ctx, members in groups.items() if len(members) > 1}
+        alone = sorted((m[0] for ctx, m in groups.items() if ctx not in shared), key=len, reverse=True)
+
         results: list[Scored | None] = [None] * len(pairs)
-        order = sorted(inputs, key=len, reverse=True)
-        device = self._device
-        for start in range(0, len(order), self.batch_size):
-            batch = order[start : start + self.batch_size]
-            width = len(batch[0])
-            idx = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, inp in enumerate(batch):
-                idx[row, : len(inp)] = torch.tensor(inp)
-            with autocast_context(device, self.precision):
-                hidden = self.model(idx.to(device), return_hidden=True, return_logits=False).hidden
-            self.forward_rows += len(batch)
-            # One (row, position) list for every continuation token of every pair in the batch; positions of
-            # different pairs sharing an input may overlap (single-token choices), so they are gathered separately.
-            rows, positions, targets, owners = [], [], [], []
-            for row, inp in enumerate(batch):
-                for i in inputs[inp]:
-                    cont = pairs[i][1]
-                    n = len(inp)
-                    rows += [row] * len(cont)
-                    positions += range(n - len(cont), n)
-                    targets += cont
-                    owners += [i] * len(cont)
-            h = hidden[torch.tensor(rows, device=device), torch.tensor(positions, device=device)]  # (N, emb)
-            token_lp, missed = self._head_scores(h, torch.tensor(targets, device=device))
-            local = {i: k for k, i in enumerate(dict.fromkeys(owners))}  # pair index -> slot in this batch
-            owner = torch.tensor([local[i] for i in owners])
-            sums = torch.zeros(len(local), dtype=torch.float64).index_add_(0, owner, token_lp).tolist()
-            misses = torch.zeros(len(local), dtype=torch.long).index_add_(0, owner, missed).tolist()
-            for i, k in local.items():
-                results[i] = Scored(sums[k], misses[k] == 0)
+        for start in range(0, len(alone), self.batch_size):
+            self._score_whole(alone[start : start + self.batch_size], inputs, pairs, results)
+        for batch in self._shared_batches(shared):
+            self._score_shared(batch, shared, inputs, pairs, results)
         return results  # type: ignore[return-value]
+
+    def _score_whole(self, batch, inputs, pairs, results) -> None:
+        """Run whole inputs, right-padded (no mask needed: a causal model never looks right)."""
+        device = self._device
+        idx = torch.zeros((len(batch), len(batch[0])), dtype=torch.long)
+        for row, inp in enumerate(batch):
+            idx[row, : len(inp)] = torch.tensor(inp)
+        with autocast_context(device, self.precision):
+            hidden = self.model(idx.to(device), return_hidden=True, return_logits=False).hidden
+        self.forward_rows += len(batch)
+        # (row, position) of every continuation token of every pair; pairs sharing an input are gathered separately.
+        rows, positions, targets, owners = [], [], [], []
+        for row, inp in enumerate(batch):
+            for i in inputs[inp]:
+                cont = pairs[i][1]
+                rows += [row] * len(cont)
+                positions += range(len(inp) - len(cont), len(inp))
+                targets += cont
+                owners += [i] * len(cont)
+        h = hidden[torch.tensor(rows, device=device), torch.tensor(positions, device=device)]  # (N, emb)
+        self._finish(h, targets, owners, results)
+
+    def _shared_batches(self, shared: dict[tuple[int, ...], list[tuple[int, ...]]]):
+        """Contexts (longest first) in batches of at most ``batch_size`` continuation rows (a bigger group alone),
+        whose longest context plus longest continuation fits the window (the cache holds both)."""
+        batch: list[tuple[int, ...]] = []
+        rows = ctx_width = suffix_width = 0
+        for ctx in sorted(shared, key=len, reverse=True):
+            members = shared[ctx]
+            width = max(len(m) for m in members) - len(ctx)
+            if batch and (rows + len(members) > self.batch_size
+                          or max(ctx_width, len(ctx)) + max(suffix_width, width) > self._max_length):  # fmt: skip
+                yield batch
+                batch, rows, ctx_width, suffix_width = [], 0, 0, 0
+            batch.append(ctx)
+            rows, ctx_width, suffix_width = rows + len(members), max(ctx_width, len(ctx)), max(suffix_width, width)
+        if batch:
+            yield batch
+
+    def _score_shared(self, contexts, shared, inputs, pairs, results) -> None:
+        """Run each context once (left-padded, masked, into a KV cache), then every input's remaining tokens on top
+        of its context's cache rows (right-padded). Positions count real tokens only, so padding changes nothing."""
+        device = self._device
+        ctx_width = len(contexts[0])
+        ctx_idx = torch.zeros((len(contexts), ctx_width), dtype=torch.long)
+        ctx_mask = torch.zeros((len(contexts), ctx_width), dtype=torch.long)
+        for row, ctx in enumerate(contexts):
+            ctx_idx[row, ctx_width - len(ctx) :] = torch.tensor(ctx)
+            ctx_mask[row, ctx_width - len(ctx) :] = 1
+        members = [(g, inp) for g, ctx in enumerate(contexts) for inp in shared[ctx]]
+        suffixes = [inp[len(contexts[g]) :] for g, inp in members]
+        suffix_width = max(len(x) for x in suffixes)
+        cache = self.model.new_cache(len(contexts), ctx_width + suffix_width)
+        ctx_mask = ctx_mask.to(device)
+        with autocast_context(device, self.precision):
+            out = self.model(ctx_idx.to(device), attention_mask=ctx_mask, cache=cache, return_hidden=True,
+                             return_logits=False)  # fmt: skip
+        owner_ctx = torch.tensor([g for g, _ in members], device=device)
+        last = out.hidden[:, -1][owner_ctx][:, None]  # (R, 1, emb): the hidden state of each context's last token
+        if suffix_width:
+            rows = self.model.new_cache(len(members), ctx_width + suffix_width, dtype=cache.k[0].dtype)
+            for layer in range(len(cache.k)):
+                rows.k[layer][:, :, :ctx_width] = cache.k[layer][owner_ctx, :, :ctx_width]
+                rows.v[layer][:, :, :ctx_width] = cache.v[layer][owner_ctx, :, :ctx_width]
+            rows.pos = ctx_width
+            idx = torch.zeros((len(members), suffix_width), dtype=torch.long)
+            mask = torch.zeros((len(members), suffix_width), dtype=torch.long)
+            for row, suffix in enumerate(suffixes):
+                idx[row, : len(suffix)] = torch.tensor(suffix, dtype=torch.long)
+                mask[row, : len(suffix)] = 1
+            mask = torch.cat([ctx_mask[owner_ctx], mask.to(device)], dim=1)
+            with autocast_context(device, self.precision):
+                tail = self.model(idx.to(device), attention_mask=mask, cache=rows, return_hidden=True,
+                                  return_logits=False).hidden  # fmt: skip
+            last = torch.cat([last, tail], dim=1)  # (R, 1 + suffix_width, emb): position 0 = the context's last
+        self.forward_rows += len(members)
+        rows_, positions, targets, owners = [], [], [], []
+        for row, (g, inp) in enumerate(members):
+            first = len(contexts[g]) - 1  # position in inp of the context's last token: column 0 of `last`
+            for i in inputs[inp]:
+                cont = pairs[i][1]
+                rows_ += [row] * len(cont)
+                positions += range(len(inp) - len(cont) - first, len(inp) - first)
+                targets += cont
+                owners += [i] * len(cont)
+        h = last[torch.tensor(rows_, device=device), torch.tensor(positions, device=device)]
+        self._finish(h, targets, owners, results)
+
+    def _finish(self, h: torch.Tensor, targets: list[int], owners: list[int], results: list) -> None:
+        """Sum the continuation tokens' log-probs per pair and record whether each pair was greedy."""
+        token_lp, missed = self._head_scores(h, torch.tensor(targets, device=self._device))
+        local = {i: k for k, i in enumerate(dict.fromkeys(owners))}  # pair index -> slot here
+        owner = torch.tensor([local[i] for i in owners])
+        sums = torch.zeros(len(local), dtype=torch.float64).index_add_(0, owner, token_lp).tolist()
+        misses = torch.zeros(len(local), dtype=torch.long).index_add_(0, owner, missed).tolist()
+        for i, k in local.items():
+            results[i] = Scored(sums[k], misses[k] == 0)
 
     def _head_scores(self, h: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-probability of each target token and whether it missed the argmax, from final hidden states (N, emb).
