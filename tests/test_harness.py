@@ -99,10 +99,14 @@ def test_greedy_flag_and_empty_context(tiny, lm):
     assert lp_empty == pytest.approx(direct_logprob(model, [tok.eot_id], tok.encode("the cat"))[0], abs=1e-5)
 
 
-def test_batching_and_padding_never_change_a_score(tiny, monkeypatch):
+@pytest.mark.parametrize("preset", ["gpt2-tiny", "llama3-tiny"])  # learned positions, RoPE
+def test_batching_and_padding_never_change_a_score(tiny, monkeypatch, preset):
     from llmcore.eval import harness
 
     model, tok, _ = tiny
+    if preset != "gpt2-tiny":
+        torch.manual_seed(1)
+        model = GPT(ModelConfig.from_preset(preset, vocab_size=tok.vocab_size)).eval()
     g = torch.Generator().manual_seed(0)
     pairs = []
     for _ in range(24):
