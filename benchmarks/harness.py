@@ -4,7 +4,7 @@
     python -m benchmarks.harness --quick     # a tiny model, every code path, seconds (CI smoke)
 
 One GPT-2-124M-shaped model (random weights, seed 0; speed does not depend on what the weights learned) is saved as
-an llmcore model folder and exported with ``llmcore.weights.hf_convert.save_hf`` plus GPT-2's tokenizer files, so
+an llmcore model folder and exported with ``llmcore.weights.hf_convert.save_hf`` (weights and tokenizer), so
 ``lm_eval.models.huggingface.HFLM`` loads the same weights through transformers. Both backends then score the same
 ``loglikelihood`` requests, shaped like HellaSwag's (a ~60-token context, four ~25-token endings; text from
 TinyShakespeare in the offline mirror, GPT-2's BPE): batch size 16, fp32, CPU threads as torch sets them.
@@ -17,7 +17,6 @@ parity check at the 124M shape) and whether their greedy flags agree.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import random
@@ -76,21 +75,13 @@ def requests_like_hellaswag(tok: Tokenizer, plan: Plan) -> list:
 
 
 def build(plan: Plan, root: Path) -> tuple[Path, Path, Tokenizer]:
-    """The llmcore folder and its transformers export (weights + config + GPT-2 tokenizer files)."""
-    import shutil
-
+    """The llmcore folder and its transformers export (weights, config and GPT-2's tokenizer as HF files)."""
     tok = Tokenizer.gpt2(GPT2_BPE / "encoder.json", GPT2_BPE / "vocab.bpe")
     torch.manual_seed(0)
     model = GPT(ModelConfig.from_preset(plan.preset, vocab_size=tok.vocab_size, dropout=0.0))
     ours = save_model_dir(root / "llmcore", model, tok)
-    hf = save_hf(model, root / "hf")
-    shutil.copyfile(GPT2_BPE / "encoder.json", hf / "vocab.json")
-    shutil.copyfile(GPT2_BPE / "vocab.bpe", hf / "merges.txt")
-    (hf / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "GPT2Tokenizer", "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
-        "unk_token": "<|endoftext|>", "model_max_length": model.cfg.context_length, "add_prefix_space": False,
-    }))  # fmt: skip
-    return ours, hf, tok
+    save_hf(model, root / "hf", tok)
+    return ours, root / "hf", tok
 
 
 def make_peer(name: str, ours: Path, hf: Path, plan: Plan):
