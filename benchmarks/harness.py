@@ -133,13 +133,17 @@ def run(plan: Plan, log=print) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a tiny model, seconds (CI smoke)")
+    parser.add_argument("--reps", type=int, default=None, help="timed passes per backend (default: 2)")
     parser.add_argument("--out", type=Path, default=None, help="JSON report (default: reports/bench_harness.json)")
     args = parser.parse_args(argv)
     for path in (SHAKESPEARE, GPT2_BPE / "encoder.json"):
         if not path.is_file():
             print(f"error: {path}: missing (the offline mirror, ../shared/data/mirror)", file=sys.stderr)
             return 1
-    report = run(QUICK if args.quick else FULL)
+    plan = QUICK if args.quick else FULL
+    if args.reps is not None:
+        plan = Plan(**{**asdict(plan), "reps": max(1, args.reps)})
+    report = run(plan)
     out = args.out or (None if args.quick else REPO_ROOT / "reports" / "bench_harness.json")
     if out is not None:
         write_json_atomic(out, report)
