@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # requirement on an empty venv would pull the multi-GB CUDA build from PyPI.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: venv test lint pipeline bench bench-quick clean
+.PHONY: venv test lint deps pipeline bench bench-quick clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,11 @@ venv: $(BIN)/.installed
 
 lint: venv
 	$(BIN)/ruff check llmcore stages tests benchmarks
+
+# dvc.yaml's code deps (each stage's import closure) and params (the keys its loader reads), regenerated in place.
+# tests/test_deps.py fails naming the stage and file when they drift; this is the fix.
+deps: venv
+	$(BIN)/python -m stages.deps --write
 
 # pytest exits 5 when nothing was collected; treat that as a failure too.
 test: venv lint

@@ -61,6 +61,11 @@ def fetch_source(name: str, source: Source, raw_dir: Path) -> dict:
     return {"file": str(dest), "bytes": dest.stat().st_size, "sha256": sha256_file(dest), **facts}
 
 
+def load_params(path: Path) -> DownloadParams:
+    """Everything this stage reads from params.yaml: the ``download`` section."""
+    return load_section("download", DownloadParams, path)
+
+
 app = typer.Typer(add_completion=False)
 
 
@@ -73,7 +78,7 @@ def main(
 ) -> None:
     """Download, verify and check every source declared in params.yaml."""
     with stage_errors():
-        cfg = load_section("download", DownloadParams, params)
+        cfg = load_params(params)
         names = only or list(cfg.sources)
         unknown = [n for n in names if n not in cfg.sources]
         if unknown:

@@ -73,6 +73,11 @@ def judge_scores(items: list[JudgeItem], cfg: EvaluateParams, cache: Path, score
     }  # fmt: skip
 
 
+def load_params(path: Path) -> EvaluateParams:
+    """Everything this stage reads from params.yaml: the ``evaluate`` section."""
+    return load_section("evaluate", EvaluateParams, path)
+
+
 app = typer.Typer(add_completion=False)
 
 
@@ -86,7 +91,7 @@ def main(
 ) -> None:
     """Judge every test response and compute judge-free metrics."""
     with stage_errors():
-        cfg = load_section("evaluate", EvaluateParams, params)
+        cfg = load_params(params)
         items = load_responses(responses)
         metrics = {"n_items": len(items), **text_metrics(items)}
         metrics.update(reference_loss(model_dir, responses, cfg.loss_batch_size))

@@ -50,7 +50,7 @@ from llmcore.eval.baselines import DEFAULT_K, baselines
 from llmcore.models.config import ModelConfig
 from llmcore.models.generate import SamplingConfig, generate
 from llmcore.models.gpt import GPT
-from llmcore.params import ParamsError, load_section, model_config_from_params, read_params
+from llmcore.params import ParamsError, load_section, model_config_from_params, plain, read_params
 from llmcore.text.tokenizer import Tokenizer
 from llmcore.training.config import HardwareConfig, TrainConfig
 from llmcore.training.flops import measure_matmul_peak
@@ -143,6 +143,19 @@ def write_metrics(path: Path, result: FitResult, model_cfg: ModelConfig, n_param
     return metrics
 
 
+def load_params(path: Path) -> tuple[HardwareConfig, PretrainParams, dict]:
+    """Everything this stage reads from params.yaml: the ``hardware``, ``pretrain`` and ``model`` sections (the
+    model section as plain data, validated here; its vocab size comes from the tokenizer later)."""
+    hw = load_section("hardware", HardwareConfig, path)
+    p = load_section("pretrain", PretrainParams, path)
+    raw = read_params(path)
+    if "model" not in raw:
+        raise ParamsError(f"model: missing section in {path}")
+    model = plain(raw["model"])
+    model_config_from_params(model)
+    return hw, p, model
+
+
 app = typer.Typer(add_completion=False)
 
 
@@ -157,11 +170,7 @@ def main(
     """Pretrain the model on data/tokens; resumes from --ckpt after a crash."""
     start = time.perf_counter()
     with stage_errors():
-        hw = load_section("hardware", HardwareConfig, params)
-        p = load_section("pretrain", PretrainParams, params)
-        raw = read_params(params)
-        if "model" not in raw:
-            raise ParamsError(f"model: missing section in {params}")
+        hw, p, model_params = load_params(params)
         args = ["--params", params, "--tokens", tokens, "--out", out, "--reports", reports, "--ckpt", ckpt]
         code = relaunch_under_torchrun(hw.nproc, "stages.pretrain", [str(a) for a in args])
         if code is not None:
@@ -171,7 +180,7 @@ def main(
         tok = Tokenizer.load(tokens / "tokenizer.json")
         if tok.vocab_size != meta["vocab_size"]:
             raise LLMCoreError(f"{tokens}: tokenizer has {tok.vocab_size} ids but meta.json says {meta['vocab_size']}")
-        model_cfg = model_config_from_params(raw["model"], vocab_size=tok.vocab_size)
+        model_cfg = model_config_from_params(model_params, vocab_size=tok.vocab_size)
         train_tokens, val_tokens = load_tokens(tokens, "train", meta), load_tokens(tokens, "val", meta)
 
         rt = init_runtime(hw)

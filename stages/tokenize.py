@@ -55,6 +55,11 @@ def write_tokens(path: Path, ids: list[int], dtype: np.dtype) -> None:
         np.asarray(ids, dtype=dtype).tofile(tmp)
 
 
+def load_params(path: Path) -> TokenizeParams:
+    """Everything this stage reads from params.yaml: the ``tokenize`` section."""
+    return load_section("tokenize", TokenizeParams, path)
+
+
 app = typer.Typer(add_completion=False)
 
 
@@ -67,7 +72,7 @@ def main(
 ) -> None:
     """Train/load the tokenizer and encode the corpus into train.bin / val.bin."""
     with stage_errors():
-        cfg = load_section("tokenize", TokenizeParams, params)
+        cfg = load_params(params)
         corpus = find_single_file(raw_dir / cfg.corpus, "tokenize.corpus")
         text = check_text_corpus(corpus)
         split = int(len(text) * (1 - cfg.val_fraction))
