@@ -72,7 +72,7 @@ def read_params(path: str | os.PathLike = DEFAULT_PATH) -> dict[str, Any]:
 def declared_sections(dvc_yaml: Path) -> set[str] | None:
     """The top-level params.yaml sections that the stages of ``dvc_yaml`` declare; None without that file."""
     try:
-        spec = yaml.safe_load(dvc_yaml.read_text(encoding="utf-8"))
+        spec = yaml.load(dvc_yaml.read_text(encoding="utf-8"), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     except FileNotFoundError:
         return None
     except yaml.YAMLError as e:

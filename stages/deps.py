@@ -69,7 +69,8 @@ def imported_modules(path: Path, root: Path = ROOT) -> set[str]:
             else:
                 module = node.module or ""
             found.add(module)
-            found.update(f"{module}.{alias.name}" for alias in node.names if alias.name != "*")
+            names = [alias.name for alias in node.names if alias.name != "*"]
+            found.update(f"{module}.{name}" if module else name for name in names)
     found.discard("")
     return found
 
