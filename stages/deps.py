@@ -6,9 +6,9 @@
 Code: a stage runs ``python -m stages.<name>``; its code is that script plus every project module it imports,
 followed transitively: ``import a.b``, ``from a import b`` (``b`` a module or a name), relative imports
 (``from . import x``, ``from ..models import gpt``), imports inside functions, and the ``__init__.py`` of every
-package on the way (Python runs them). Anything outside the project's own packages (torch, yaml) is not code
-DVC should hash. The listed code deps (entries under a project package folder) must equal that closure, file
-for file; data deps are left alone, after the code.
+package on the way (Python runs them; empty ones run nothing and are left out). Anything outside the project's
+own packages (torch, yaml) is not code DVC should hash. The listed code deps (entries under a project package
+folder) must equal that closure, file for file; data deps are left alone, after the code.
 
 Params: every stage script has ``load_params(path)``, the only place it reads params.yaml. Loading the
 repository's params.yaml through it under ``llmcore.params.track_reads`` gives the key paths it reads; the
@@ -122,6 +122,12 @@ def import_chain(closure: dict[Path, Path | None], path: Path, root: Path = ROOT
     return " -> ".join(reversed(chain))
 
 
+def is_empty(path: Path) -> bool:
+    """An empty file (a bare package marker) runs nothing; DVC warns about empty deps, so they are left out
+    (the day one gets code, the check asks for it)."""
+    return path.stat().st_size == 0
+
+
 def rel(path: Path, root: Path = ROOT) -> str:
     return path.resolve().relative_to(root.resolve()).as_posix()
 
@@ -178,7 +184,7 @@ def code_problems(stage: Stage, root: Path = ROOT, packages: tuple[str, ...] = P
     if not script.is_file():
         return [f"dvc.yaml: stage '{stage.name}' runs {stage.module}, but {rel(script, root)} does not exist"]
     closure = import_closure(script, root, packages)
-    want = {rel(f, root) for f in closure}
+    want = {rel(f, root) for f in closure if not is_empty(f)}
     have = {d for d in stage.deps if is_code_dep(d, packages)}
     problems = [
         f"dvc.yaml: stage '{stage.name}' misses {f} ({import_chain(closure, root / f, root)})"
@@ -356,7 +362,7 @@ def generate(dvc_yaml: Path = ROOT / "dvc.yaml", params: Path = ROOT / "params.y
     for stage in load_stages(spec):
         if stage.module is None or not stage.script.is_file():
             continue
-        code = sorted(rel(f) for f in import_closure(stage.script))
+        code = sorted(rel(f) for f in import_closure(stage.script) if not is_empty(f))
         wanted[stage.name] = {"deps": code, "params": compact(read_keys(stage, params), data)}
     new = rewrite(text, wanted)
     _check_only_managed_changed(spec, yaml.safe_load(new), dvc_yaml)
