@@ -9,6 +9,7 @@ Sampling order follows common practice (HF, llama.cpp): temperature, then top-k,
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -44,6 +45,20 @@ def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Gene
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = logits.softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def decode_attention(device: torch.device):
+    """The attention kernels for decoding steps on ``device``.
+
+    On CUDA, cuDNN's attention (which PyTorch prefers for bf16/fp16) builds an execution plan for every new key
+    length; decoding grows the length by one each step, so every step would pay for a new plan. Flash,
+    memory-efficient and math kernels have no such cost. Elsewhere: PyTorch's choice.
+    """
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,10 +103,11 @@ def generate_steps(
         for _ in range(steps):
             # The head only for the last position: the prefill needs one row of logits, not T.
             step_mask = mask if padded else None
-            if cache is not None:
-                logits = model(step_input, attention_mask=step_mask, cache=cache, logits_to_keep=1).logits[:, -1]
-            else:
-                logits = model(idx, attention_mask=step_mask, logits_to_keep=1).logits[:, -1]
+            with decode_attention(device):
+                if cache is not None:
+                    logits = model(step_input, attention_mask=step_mask, cache=cache, logits_to_keep=1).logits[:, -1]
+                else:
+                    logits = model(idx, attention_mask=step_mask, logits_to_keep=1).logits[:, -1]
             nxt = sample_next(logits, cfg, generator)
             if stop.numel():
                 alive = alive & ~torch.isin(nxt, stop)

@@ -79,7 +79,6 @@ import copy
 import math
 import os
 import random
-import shutil
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -89,7 +88,6 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from safetensors.torch import load_model
 from tqdm.auto import tqdm
 
 from llmcore.common import LLMCoreError, print0
@@ -97,26 +95,8 @@ from llmcore.device import autocast_context
 from llmcore.models.ops import linear_cross_entropy
 from llmcore.training.config import HardwareConfig, TrainConfig
 from llmcore.training.runtime import Runtime, init_runtime, move_to, out_of_time, reference_count
-from llmcore.training.state import (
-    _ckpt_name,
-    _rng_state,
-    _set_rng_state,
-    checkpoints,
-    fingerprint_of,
-    load_training_state,
-    save_training_state,
-)
+from llmcore.training.state import TrainState, ckpt_name, fingerprint_of, restore_checkpoint, save_checkpoint
 from llmcore.weights.weight_file import unwrap
-
-# ---------------------------------------------------------------------------------------------------
-# Configs (params.yaml: `hardware` and the `train` part of each training stage's section)
-# ---------------------------------------------------------------------------------------------------
-
-
-
-
-
-
 
 
 class Batches(Protocol):
@@ -322,7 +302,80 @@ def fit(
     wall_start = time.perf_counter()
     out_dir = Path(out_dir)
     rt = init_runtime(hw)
-    device = rt.device
+    params = prepare_model(model, trainable, rt.device)
+    optimizer = make_optimizer(model, cfg, rt.device)
+    scaler = torch.amp.GradScaler(rt.device.type, enabled=hw.precision == "fp16")
+    total_steps, stop_reason = plan_steps(cfg, len(train_data))
+    fp = fingerprint_of(model, cfg, hw, rt.world_size, len(train_data), fingerprint)
+    live_dir = Path(live.plots_dir) if live is not None else None
+    evaluator = Evaluator(val_data, loss_fn, cfg.eval_batches or len(val_data), hw.precision, rt, live, on_eval)
+
+    # Per-rank RNG streams (dropout): the stage seeded model init identically on every rank already.
+    torch.manual_seed(cfg.seed + rt.rank)
+    random.seed(cfg.seed + rt.rank)
+
+    state = restore_checkpoint(out_dir, fp, model, optimizer, scaler, train_data, rt, live_dir)
+    resumed_from = None if state is None else state.step
+    if state is None:
+        state = TrainState()
+    else:
+        print0(f"resuming from {out_dir / ckpt_name(state.step)} (step {state.step} of {total_steps})")
+
+    wrapped = wrap_model(model, hw, rt)
+    save = lambda: save_checkpoint(out_dir, model, state, fp, optimizer, scaler, train_data, rt, live_dir)  # noqa: E731
+    last_save = resumed_from
+    if resumed_from is None:
+        evaluator.run(wrapped, model, state)
+    bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", disable=not rt.is_main,
+               dynamic_ncols=True)  # fmt: skip
+    interval_items, interval_time = 0, 0.0
+    while state.step < total_steps:
+        if cfg.time_budget_s is not None and out_of_time(state.train_time_s, cfg.time_budget_s, rt, rt.device):
+            stop_reason = "time_budget"
+            break
+        t0 = time.perf_counter()
+        lr = get_lr(state.step, cfg, total_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        step_loss, step_items, grad_norm = train_step(wrapped, train_data, loss_fn, optimizer, scaler, params, cfg,
+                                                      hw, rt, state)  # fmt: skip
+        dt = time.perf_counter() - t0
+        state.step += 1
+        state.train_time_s += dt
+        state.items_seen += step_items
+        state.recent_losses.append(step_loss)
+        interval_items, interval_time = interval_items + step_items, interval_time + dt
+        bar.update(1)
+        if state.step % cfg.log_every == 0 or state.step == total_steps:
+            per_s = interval_items / max(interval_time, 1e-9)
+            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", **{f"{unit}/s": f"{per_s:.0f}"})
+            log_metrics(live, {"train/loss": step_loss, "train/lr": lr, f"train/{unit}_per_s": per_s,
+                               "train/grad_norm": grad_norm}, state.step)  # fmt: skip
+            interval_items, interval_time = 0, 0.0
+        if not math.isfinite(step_loss):
+            raise LLMCoreError(f"training diverged: loss is {step_loss} at step {state.step} (lower train.lr?)")
+        if state.step % cfg.eval_every == 0 or state.step == total_steps:
+            evaluator.run(wrapped, model, state)
+        if state.step % cfg.checkpoint_every == 0 or state.step == total_steps:
+            save()
+            last_save = state.step
+    bar.close()
+
+    if state.last_eval != state.step:
+        evaluator.run(wrapped, model, state)
+    if last_save != state.step:
+        save()
+    return FitResult(
+        step=state.step, train_loss=state.train_loss, val_loss=state.val_loss,
+        val_ppl=math.exp(min(state.val_loss, 50.0)), items_seen=state.items_seen,
+        items_per_s=state.items_seen / max(state.train_time_s, 1e-9), train_time_s=state.train_time_s,
+        wall_time_s=time.perf_counter() - wall_start, stop_reason=stop_reason, resumed_from=resumed_from,
+        epochs=state.step * cfg.grad_accum / max(1, len(train_data)), extra=state.extra,
+    )  # fmt: skip
+
+
+def prepare_model(model: nn.Module, trainable: Iterable[nn.Parameter] | None, device: torch.device) -> list:
+    """Freeze what is not ``trainable``, move to ``device``, train mode; returns the trained parameters."""
     if trainable is not None:
         keep = {id(p) for p in trainable}
         for p in model.parameters():
@@ -332,176 +385,96 @@ def fit(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise LLMCoreError("fit: the model has no trainable parameters")
-    optimizer = make_optimizer(model, cfg, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=hw.precision == "fp16")
-    total_steps, horizon = plan_steps(cfg, len(train_data))
-    eval_batches = cfg.eval_batches or len(val_data)
-    if eval_batches < 1:
-        raise LLMCoreError("fit: the validation data has no batches (fewer examples than one global batch?)")
-    fp = fingerprint_of(model, cfg, hw, rt.world_size, len(train_data), fingerprint)
-    live_dir = Path(live.plots_dir) if live is not None else None
+    return params
 
-    # Per-rank RNG streams (dropout): the stage seeded model init identically on every rank already.
-    torch.manual_seed(cfg.seed + rt.rank)
-    random.seed(cfg.seed + rt.rank)
-    val_start = copy.deepcopy(val_data.state_dict())
 
-    # --- resume or start fresh ----------------------------------------------------------------------
-    step, items_seen, train_time, n_ref, recent = 0, 0, 0.0, None, []
-    train_loss, val_loss, extra, last_eval = float("nan"), float("nan"), {}, None
-    resumed_from, tree = None, None
-    found = checkpoints(out_dir)
-    if found:
-        tree = load_training_state(found[-1])
-        if tree["fingerprint"] != fp:
-            print0(f"{found[-1]}: made with other params (fingerprint {tree['fingerprint']} != {fp}); starting fresh")
-            tree = None
+def wrap_model(model: nn.Module, hw: HardwareConfig, rt: Runtime) -> nn.Module:
+    """torch.compile, then DistributedDataParallel (nanoGPT's order); the bare model when neither applies."""
+    wrapped = torch.compile(model) if hw.compile else model
     if rt.ddp:
-        dist.barrier()  # every rank has read the checkpoint before rank 0 may remove stale ones
-    if tree is None and found and rt.is_main:
-        for path in found:
-            shutil.rmtree(path)
-    if tree is not None:
-        load_model(unwrap(model), str(found[-1] / "model.safetensors"), strict=True, device=str(device))
-        optimizer.load_state_dict(tree["optimizer"])
-        if tree["scaler"]:
-            scaler.load_state_dict(tree["scaler"])
-        train_data.load_state_dict(tree["train_data"])
-        _set_rng_state(tree["rng"][rt.rank], device)
-        step, items_seen, train_time = tree["step"], tree["items_seen"], tree["train_time_s"]
-        n_ref, recent, resumed_from = tree["n_ref"], tree["recent_losses"], tree["step"]
-        train_loss, val_loss, extra, last_eval = tree["train_loss"], tree["val_loss"], tree["extra"], tree["last_eval"]
-        if live is not None and (found[-1] / "live").is_dir():
-            shutil.rmtree(live_dir, ignore_errors=True)
-            shutil.copytree(found[-1] / "live", live_dir)
-        print0(f"resuming from {found[-1]} (step {step} of {total_steps})")
+        device_ids = [rt.local_rank] if rt.device.type == "cuda" else None
+        wrapped = nn.parallel.DistributedDataParallel(wrapped, device_ids=device_ids)
+    return wrapped
 
-    # --- wrap: compile, then DDP (nanoGPT's order) ---------------------------------------------------
-    wrapped = model
-    if hw.compile:
-        wrapped = torch.compile(wrapped)
+
+def train_step(wrapped: nn.Module, train_data: Batches, loss_fn: LossFn, optimizer: torch.optim.Optimizer,
+               scaler: torch.amp.GradScaler, params: list, cfg: TrainConfig, hw: HardwareConfig, rt: Runtime,
+               state: TrainState) -> tuple[float, int, float]:  # fmt: skip
+    """One optimizer step over ``grad_accum`` micro-batches -> (mean loss, items, gradient norm).
+
+    Sets ``state.n_ref`` on the very first micro-batch of a run.
+    """
+    device = rt.device
+    totals = torch.zeros(2, device=device)  # [sum of loss*n, n] over this rank's micro-batches
+    for micro in range(cfg.grad_accum):
+        batch = move_to(train_data.next_batch(), device)
+        # DDP all-reduces gradients in backward; only the last micro-batch needs that.
+        last = micro == cfg.grad_accum - 1
+        sync = wrapped.no_sync() if rt.ddp and not last else contextlib.nullcontext()
+        with sync:
+            with autocast_context(device, hw.precision):
+                loss, n = loss_fn(wrapped, batch)
+            n = torch.as_tensor(n, device=device, dtype=torch.float32)
+            if state.n_ref is None:
+                state.n_ref = reference_count(n, rt)
+            # Weight by items: a micro-batch counts in proportion to what it holds. Dividing by a fixed
+            # n_ref (the first batch's count) keeps magnitudes as usual for fp16's GradScaler.
+            scaler.scale(loss * (n / state.n_ref)).backward()
+        totals += torch.stack([loss.detach().float() * n, n])
     if rt.ddp:
-        wrapped = nn.parallel.DistributedDataParallel(wrapped, device_ids=[rt.local_rank] if device.type == "cuda"
-                                                      else None)  # fmt: skip
+        dist.all_reduce(totals)
+    # Gradients now hold (1/W) * sum_i (n_i / n_ref) * grad(mean loss_i); make it the mean over all N items.
+    scaler.unscale_(optimizer)
+    torch._foreach_mul_([p.grad for p in params if p.grad is not None], rt.world_size * state.n_ref / totals[1])
+    grad_norm = nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    step_loss = (totals[0] / totals[1].clamp_min(1)).item()  # syncs the device: step timing is honest
+    return step_loss, int(totals[1].item()), float(grad_norm)
 
-    def log(metrics: dict[str, float], at: int) -> None:
-        if live is not None:
-            live.step = at
-            for name, value in metrics.items():
-                live.log_metric(name, value)
 
-    def run_eval(at: int) -> None:
-        nonlocal train_loss, val_loss, extra, last_eval, recent
-        val_data.load_state_dict(copy.deepcopy(val_start))  # the same batches at every evaluation
-        val_loss = evaluate(wrapped, val_data, loss_fn, eval_batches, device, hw.precision, rt)
-        extra = {k: float(v) for k, v in ((on_eval(unwrap(model), at) or {}) if on_eval else {}).items()}
-        metrics = {"val/loss": val_loss, "val/ppl": math.exp(min(val_loss, 50.0))}
-        metrics.update({f"val/{k}": v for k, v in extra.items()})
+def log_metrics(live: Any | None, metrics: dict[str, float], at: int) -> None:
+    if live is not None:
+        live.step = at
+        for name, value in metrics.items():
+            live.log_metric(name, value)
+
+
+@dataclass
+class Evaluator:
+    """Periodic evaluation: the same validation batches every time, extra metrics, logging."""
+
+    val_data: Batches
+    loss_fn: LossFn
+    n_batches: int
+    precision: str
+    rt: Runtime
+    live: Any | None
+    on_eval: Callable[[nn.Module, int], dict[str, float] | None] | None
+
+    def __post_init__(self) -> None:
+        if self.n_batches < 1:
+            raise LLMCoreError("fit: the validation data has no batches (fewer examples than one global batch?)")
+        self.val_start = copy.deepcopy(self.val_data.state_dict())  # restored before every evaluation
+
+    def run(self, wrapped: nn.Module, model: nn.Module, state: TrainState) -> None:
+        """Evaluate at ``state.step``; updates the state's losses, extra metrics and ``last_eval``."""
+        at = state.step
+        self.val_data.load_state_dict(copy.deepcopy(self.val_start))
+        state.val_loss = evaluate(wrapped, self.val_data, self.loss_fn, self.n_batches, self.rt.device,
+                                  self.precision, self.rt)  # fmt: skip
+        extra = (self.on_eval(unwrap(model), at) or {}) if self.on_eval else {}
+        state.extra = {k: float(v) for k, v in extra.items()}
+        metrics = {"val/loss": state.val_loss, "val/ppl": math.exp(min(state.val_loss, 50.0))}
+        metrics.update({f"val/{k}": v for k, v in state.extra.items()})
+        recent = state.recent_losses
         if recent:  # the training loss over the interval since the previous evaluation
-            train_loss = metrics["train/loss_avg"] = sum(recent) / len(recent)
-        log(metrics, at)
-        if live is not None:
-            live.make_summary()
-        if rt.is_main:
-            train_msg = f"train {train_loss:.4f}, " if recent else ""
-            tqdm.write(f"step {at}: {train_msg}val {val_loss:.4f} (ppl {metrics['val/ppl']:.2f})")
-        last_eval, recent = at, []
-
-    def save(at: int) -> None:
-        rng = _rng_state(device)
-        if rt.ddp:  # every rank's RNG streams, gathered in memory (rank 0 writes them all)
-            all_rng: list[Any] = [None] * rt.world_size
-            dist.all_gather_object(all_rng, rng)
-        else:
-            all_rng = [rng]
-        if not rt.is_main:
-            return
-        state = {
-            "step": at, "fingerprint": fp, "items_seen": items_seen, "train_time_s": train_time, "n_ref": n_ref,
-            "recent_losses": recent, "train_loss": train_loss, "val_loss": val_loss, "extra": extra,
-            "last_eval": last_eval, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-            "train_data": train_data.state_dict(), "rng": all_rng,
-        }  # fmt: skip
-        path = out_dir / _ckpt_name(at)
-        save_training_state(path, model, state, live_dir)
-        for old in checkpoints(out_dir):
-            if old != path:
-                shutil.rmtree(old, ignore_errors=True)
-
-    last_save = resumed_from
-    if resumed_from is None:
-        run_eval(0)
-    stop_reason = horizon
-    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not rt.is_main, dynamic_ncols=True)
-    interval_items, interval_time = 0, 0.0
-    while step < total_steps:
-        if cfg.time_budget_s is not None and out_of_time(train_time, cfg.time_budget_s, rt, device):
-            stop_reason = "time_budget"
-            break
-        t0 = time.perf_counter()
-        lr = get_lr(step, cfg, total_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        totals = torch.zeros(2, device=device)  # [sum of loss*n, n] over this rank's micro-batches
-        for micro in range(cfg.grad_accum):
-            batch = move_to(train_data.next_batch(), device)
-            # DDP all-reduces gradients in backward; only the last micro-batch needs that.
-            last = micro == cfg.grad_accum - 1
-            sync = wrapped.no_sync() if rt.ddp and not last else contextlib.nullcontext()
-            with sync:
-                with autocast_context(device, hw.precision):
-                    loss, n = loss_fn(wrapped, batch)
-                n = torch.as_tensor(n, device=device, dtype=torch.float32)
-                if n_ref is None:
-                    n_ref = reference_count(n, rt)
-                # Weight by items: a micro-batch counts in proportion to what it holds. Dividing by a
-                # fixed n_ref (the first batch's count) keeps magnitudes as usual for fp16's GradScaler.
-                scaler.scale(loss * (n / n_ref)).backward()
-            totals += torch.stack([loss.detach().float() * n, n])
-        if rt.ddp:
-            dist.all_reduce(totals)
-        # Gradients now hold (1/W) * sum_i (n_i / n_ref) * grad(mean loss_i); make it the mean over all N items.
-        scaler.unscale_(optimizer)
-        torch._foreach_mul_([p.grad for p in params if p.grad is not None], rt.world_size * n_ref / totals[1])
-        grad_norm = nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        step_loss = (totals[0] / totals[1].clamp_min(1)).item()  # syncs the device: step timing is honest
-        dt = time.perf_counter() - t0
-        step += 1
-        train_time += dt
-        step_items = int(totals[1].item())
-        items_seen += step_items
-        interval_items, interval_time = interval_items + step_items, interval_time + dt
-        recent.append(step_loss)
-        bar.update(1)
-        if step % cfg.log_every == 0 or step == total_steps:
-            per_s = interval_items / max(interval_time, 1e-9)
-            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", **{f"{unit}/s": f"{per_s:.0f}"})
-            log({"train/loss": step_loss, "train/lr": lr, f"train/{unit}_per_s": per_s,
-                 "train/grad_norm": float(grad_norm)}, step)  # fmt: skip
-            interval_items, interval_time = 0, 0.0
-        if not math.isfinite(step_loss):
-            raise LLMCoreError(f"training diverged: loss is {step_loss} at step {step} (lower train.lr?)")
-        if step % cfg.eval_every == 0 or step == total_steps:
-            run_eval(step)
-        if step % cfg.checkpoint_every == 0 or step == total_steps:
-            save(step)
-            last_save = step
-    bar.close()
-
-    if last_eval != step:
-        run_eval(step)
-    if last_save != step:
-        save(step)
-    return FitResult(
-        step=step, train_loss=train_loss, val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50.0)),
-        items_seen=items_seen, items_per_s=items_seen / max(train_time, 1e-9), train_time_s=train_time,
-        wall_time_s=time.perf_counter() - wall_start, stop_reason=stop_reason, resumed_from=resumed_from,
-        epochs=step * cfg.grad_accum / max(1, len(train_data)), extra=extra,
-    )  # fmt: skip
-
-
-
-
+            state.train_loss = metrics["train/loss_avg"] = sum(recent) / len(recent)
+        log_metrics(self.live, metrics, at)
+        if self.live is not None:
+            self.live.make_summary()
+        if self.rt.is_main:
+            train_msg = f"train {state.train_loss:.4f}, " if recent else ""
+            tqdm.write(f"step {at}: {train_msg}val {state.val_loss:.4f} (ppl {metrics['val/ppl']:.2f})")
+        state.last_eval, state.recent_losses = at, []
