@@ -220,13 +220,15 @@ def test_full_pipeline_end_to_end_with_llmcore_serve_as_judge(tiny):
 
 
 def cached_artifacts(repo: Path) -> list[str]:
-    """Every stage output that is not a metric, a plot or the report (which shows timings): the artifacts that
-    must come out byte-identical."""
+    """Every stage output but metrics, curves and the report (which show timings): the artifacts that must come
+    out byte-identical. Plots that are single tables (the confusion matrix, the score histogram) count."""
     spec = yaml.safe_load((repo / "dvc.yaml").read_text())
     paths = []
     for name, body in spec["stages"].items():
         if name != "report":
-            paths += [next(iter(o)) if isinstance(o, dict) else o for o in body.get("outs", [])]
+            outs = [next(iter(o)) if isinstance(o, dict) else o for o in body.get("outs", [])]
+            plots = [next(iter(o)) if isinstance(o, dict) else o for o in body.get("plots", [])]
+            paths += outs + [p for p in plots if p.endswith(".csv")]
     return paths
 
 
@@ -240,7 +242,8 @@ def test_forced_rerun_gives_identical_bytes(tiny):
     assert ran_stages(forced.stdout) == ran_stages(tiny.first)
     artifacts = cached_artifacts(repo)
     assert {"data/tokens", "data/models/pretrain", "data/models/classify", "data/models/instruct",
-            "reports/instruct/responses.json", "reports/evaluate/scores.jsonl"} <= set(artifacts)  # fmt: skip
+            "reports/instruct/responses.json", "reports/evaluate/scores.jsonl", "reports/classify/confusion.csv",
+            "reports/pretrain/samples.md", "reports/classify/predictions.csv"} <= set(artifacts)  # fmt: skip
     second = lock_outs(repo)
     differ = [p for p in artifacts if second[p] != tiny.outs[p]]
     assert not differ, f"not byte-identical across two forced runs: {differ}"
@@ -258,6 +261,8 @@ def test_touching_a_library_file_changes_exactly_the_stages_that_run_it(tiny, to
         and (REPO_ROOT / touched).resolve() in deps.import_closure(stage.script)
     )  # fmt: skip
     assert expected  # every file here is some stage's code
+    if touched == "llmcore/data/spam.py":
+        assert expected == ["classify"]  # as the README says
     path = repo / touched
     original = path.read_bytes()
     try:
