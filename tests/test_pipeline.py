@@ -136,24 +136,14 @@ def merge(base: dict, over: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def judge_server(tmp_path_factory):
-    """`llmcore serve` as the judge, on loopback: a tiny random model with a short context (fast, junk replies)."""
+    """`llmcore serve` as the judge, on loopback: a model whose answer to any prompt is "85" (fast, parsable)."""
     import threading
 
-    import torch
-
-    from llmcore.models.config import ModelConfig
-    from llmcore.models.gpt import GPT
     from llmcore.serve.server import ModelHandle, make_server
-    from llmcore.text.tokenizer import Tokenizer
-    from llmcore.weights.weight_file import save_checkpoint
+    from tests.fixed_reply import save_fixed_reply_model
 
-    path = tmp_path_factory.mktemp("judge")
-    tok = Tokenizer.train("Score: 85 out of 100. The response is good. " * 50, 270)  # byte-level: any text
-    torch.manual_seed(0)
-    cfg = ModelConfig.from_preset("llama3-tiny", vocab_size=tok.vocab_size, context_length=64)
-    save_checkpoint(path / "model.safetensors", GPT(cfg))
-    tok.save(path / "tokenizer.json")
-    server = make_server({"judge:latest": ModelHandle.load(path, template="raw")}, port=0)
+    folder = save_fixed_reply_model(tmp_path_factory.mktemp("judge"), "85")
+    server = make_server({"judge:latest": ModelHandle.load(folder, template="raw")}, port=0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield server.url
     server.shutdown()
