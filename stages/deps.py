@@ -224,15 +224,18 @@ def compact(read: set[str], data: dict) -> list[str]:
     return walk(data, "")
 
 
+class MissingLoader(Exception):
+    """A stage script without ``load_params``: its params cannot be checked."""
+
+
 def read_keys(stage: Stage, params_path: Path) -> set[str]:
     """The key paths of ``params_path`` that the stage's ``load_params`` reads."""
     from llmcore.params import track_reads
 
-    module = importlib.import_module(stage.module)
-    loader = getattr(module, "load_params", None)
+    loader = getattr(importlib.import_module(stage.module), "load_params", None)
     if loader is None:
-        raise SystemExit(f"{stage.script and rel(stage.script)}: no load_params(path): every stage script reads "
-                         f"params.yaml through one (see stages/deps.py)")  # fmt: skip
+        raise MissingLoader(f"dvc.yaml: stage '{stage.name}' runs {rel(stage.script)}, which has no load_params(path): "
+                            f"every stage script reads params.yaml through one (see stages/deps.py)")  # fmt: skip
     with track_reads() as reads:
         loader(params_path)
     return set(reads)
@@ -348,8 +351,11 @@ def check(dvc_yaml: Path = ROOT / "dvc.yaml", params: Path = ROOT / "params.yaml
     problems = []
     for stage in load_stages(spec):
         problems += code_problems(stage)
-        if stage.module is not None:
-            problems += params_problems(stage, data, read_keys(stage, params))
+        if stage.module is not None and stage.script.is_file():
+            try:
+                problems += params_problems(stage, data, read_keys(stage, params))
+            except MissingLoader as e:
+                problems.append(str(e))
     return problems
 
 
@@ -363,7 +369,10 @@ def generate(dvc_yaml: Path = ROOT / "dvc.yaml", params: Path = ROOT / "params.y
         if stage.module is None or not stage.script.is_file():
             continue
         code = sorted(rel(f) for f in import_closure(stage.script) if not is_empty(f))
-        wanted[stage.name] = {"deps": code, "params": compact(read_keys(stage, params), data)}
+        try:
+            wanted[stage.name] = {"deps": code, "params": compact(read_keys(stage, params), data)}
+        except MissingLoader as e:
+            raise SystemExit(str(e)) from None
     new = rewrite(text, wanted)
     _check_only_managed_changed(spec, yaml.safe_load(new), dvc_yaml)
     return new

@@ -241,3 +241,11 @@ def test_known_sections_come_from_the_stages_declarations(tmp_path):
     # outside a pipeline (no dvc.yaml beside the file) sections are not checked
     (tmp_path / "dvc.yaml").unlink()
     assert read_params(params)["bogus_section_xyz"] == 1
+
+
+def test_a_stage_script_without_load_params_is_named(tmp_path):
+    text = (REPO_ROOT / "dvc.yaml").read_text() + "\n  lint:\n    cmd: python -m stages.deps --check\n"
+    (tmp_path / "dvc.yaml").write_text(text)
+    problems = deps.check(tmp_path / "dvc.yaml", REPO_ROOT / "params.yaml")
+    assert problems[-1].startswith("dvc.yaml: stage 'lint' runs stages/deps.py, which has no load_params(path)")
+    assert "dvc.yaml: stage 'lint' misses stages/deps.py (stages/deps.py)" in problems
