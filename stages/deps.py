@@ -10,7 +10,8 @@ package on the way (Python runs them; empty ones run nothing and are left out). 
 own packages (torch, yaml) is not code DVC should hash. The listed code deps (entries under a project package
 folder) must equal that closure, file for file; data deps are left alone, after the code.
 
-Params: every stage script has ``load_params(path)``, the only place it reads params.yaml. Loading the
+Params: every stage script has ``load_params(path)``, the only place it reads params.yaml (a script serving
+several stages through subcommands may have ``load_<subcommand>_params(path)`` for some of them). Loading the
 repository's params.yaml through it under ``llmcore.params.track_reads`` gives the key paths it reads; the
 stage's ``params:`` must cover exactly those keys (a whole section when every key in it is read). Keys a schema
 marks ``NOT_A_DEP`` are validated but not dependencies (``import.models``: dvc.yaml's ``foreach`` expands it).
@@ -141,12 +142,25 @@ class Stage:
     name: str  # as in dvc.yaml (a foreach stage's name, without @item)
     body: dict  # the stage's definition (a foreach stage's `do`)
     module: str | None  # the `python -m` module its command runs, if one of ours
+    command: str | None = None  # its subcommand (`python -m stages.align pairs` -> "pairs"), if any
     deps: list = field(default_factory=list)
     params: list = field(default_factory=list)
 
     @property
     def script(self) -> Path | None:
         return ROOT.joinpath(*self.module.split(".")).with_suffix(".py") if self.module else None
+
+
+def subcommand(cmd: Any, module: str | None) -> str | None:
+    """The first word after the module that is not an option: a Typer subcommand such as ``pairs``."""
+    if module is None:
+        return None
+    words = shlex.split(str(cmd[0] if isinstance(cmd, list) else cmd))
+    for i, word in enumerate(words):
+        if word in (module, module.replace(".", "/") + ".py"):
+            rest = words[i + 1 :]
+            return rest[0] if rest and re.fullmatch(r"[a-z][a-z0-9_-]*", rest[0]) else None
+    return None
 
 
 def command_module(cmd: Any, packages: tuple[str, ...] = PACKAGES) -> str | None:
@@ -167,8 +181,9 @@ def load_stages(spec: dict, packages: tuple[str, ...] = PACKAGES) -> list[Stage]
     stages = []
     for name, body in (spec.get("stages") or {}).items():
         body = body.get("do", body)  # foreach/do: the template stands for every item
-        stages.append(Stage(name, body, command_module(body.get("cmd", ""), packages), list(body.get("deps") or []),
-                            list(body.get("params") or [])))  # fmt: skip
+        module = command_module(body.get("cmd", ""), packages)
+        stages.append(Stage(name, body, module, subcommand(body.get("cmd", ""), module),
+                            list(body.get("deps") or []), list(body.get("params") or [])))  # fmt: skip
     return stages
 
 
@@ -232,10 +247,13 @@ def read_keys(stage: Stage, params_path: Path) -> set[str]:
     """The key paths of ``params_path`` that the stage's ``load_params`` reads."""
     from llmcore.params import track_reads
 
-    loader = getattr(importlib.import_module(stage.module), "load_params", None)
+    module = importlib.import_module(stage.module)
+    names = ([f"load_{stage.command.replace('-', '_')}_params"] if stage.command else []) + ["load_params"]
+    loader = next((getattr(module, n) for n in names if hasattr(module, n)), None)
     if loader is None:
-        raise MissingLoader(f"dvc.yaml: stage '{stage.name}' runs {rel(stage.script)}, which has no load_params(path): "
-                            f"every stage script reads params.yaml through one (see stages/deps.py)")  # fmt: skip
+        raise MissingLoader(f"dvc.yaml: stage '{stage.name}' runs {rel(stage.script)}, which has no "
+                            f"{' or '.join(f'{n}(path)' for n in names)}: every stage script reads params.yaml "
+                            f"through one (see stages/deps.py)")  # fmt: skip
     with track_reads() as reads:
         loader(params_path)
     return set(reads)

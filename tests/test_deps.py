@@ -7,6 +7,7 @@ A drift fails here naming the stage and the file (or key); `make deps` fixes it.
 from __future__ import annotations
 
 import ast
+import re
 import shlex
 import shutil
 from pathlib import Path
@@ -50,9 +51,9 @@ def test_stage_reads_params_only_in_load_params(stage):
     """The params check loads through ``load_params``; a read elsewhere in the script would escape it."""
     readers = {"read_params", "load_section", "load_base_model"}
     tree = ast.parse(stage.script.read_text())
-    loader = next((n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "load_params"), None)
-    assert loader is not None, f"{stage.script.name}: no load_params(path)"
-    inside = {id(n) for n in ast.walk(loader)}
+    loaders = [n for n in tree.body if isinstance(n, ast.FunctionDef) and re.fullmatch(r"load_(\w+_)?params", n.name)]
+    assert loaders, f"{stage.script.name}: no load_params(path)"
+    inside = {id(n) for loader in loaders for n in ast.walk(loader)}
     stray = [n.lineno for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", None) in readers
              and id(n) not in inside]  # fmt: skip
     assert not stray, f"{stage.script.name}: params.yaml read outside load_params at lines {stray}"
@@ -249,3 +250,10 @@ def test_a_stage_script_without_load_params_is_named(tmp_path):
     problems = deps.check(tmp_path / "dvc.yaml", REPO_ROOT / "params.yaml")
     assert problems[-1].startswith("dvc.yaml: stage 'lint' runs stages/deps.py, which has no load_params(path)")
     assert "dvc.yaml: stage 'lint' misses stages/deps.py (stages/deps.py)" in problems
+
+
+def test_a_subcommand_may_have_its_own_loader():
+    stage = next(s for s in STAGES if s.name == "preferences")
+    assert (stage.module, stage.command) == ("stages.align", "pairs")
+    read = deps.read_keys(stage, REPO_ROOT / "params.yaml")
+    assert "evaluate.judge.model" in read and not any(k.startswith("evaluate.n_boot") for k in read)

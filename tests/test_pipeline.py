@@ -125,6 +125,8 @@ TINY = {
     "classify": {"train": {"epochs": 1, "max_steps": 20, "eval_every": 20, "eval_batches": 2, "checkpoint_every": 20}},
     "instruct": {"train": {"epochs": 1, "max_steps": 20, "eval_every": 20, "eval_batches": 2},
                  "generate": {"max_new_tokens": 12}},
+    "align": {"train": {"epochs": None, "max_steps": 10, "eval_every": 10, "eval_batches": 2},
+              "generate": {"max_new_tokens": 12}},
     "evaluate": {"judge_mode": "required", "judge": {"model": "judge", "timeout": 60, "retries": 1}, "n_boot": 200},
 }  # fmt: skip
 
@@ -195,14 +197,20 @@ def tiny(tmp_path_factory, mirror_url, judge_server) -> Tiny:
 def test_full_pipeline_end_to_end_with_llmcore_serve_as_judge(tiny):
     repo, env = tiny.repo, tiny.env
     assert ran_stages(tiny.first) == [
-        "download", "tokenize", "pretrain", "classify", "instruct", "evaluate", "report",
+        "download", "tokenize", "pretrain", "classify", "instruct", "preferences", "align", "evaluate", "report",
     ]  # fmt: skip
-    for stage in ("tokenize", "pretrain", "classify", "instruct", "evaluate"):
+    for stage in ("tokenize", "pretrain", "classify", "instruct", "align", "evaluate"):
         assert (repo / f"reports/{stage}/metrics.json").is_file(), stage
     evaluate = json.loads((repo / "reports/evaluate/metrics.json").read_text())
     assert evaluate["judge_status"] == "scored" and evaluate["n_items"] == 110
-    assert evaluate["n_scored"] + evaluate["n_unparsable"] == 110 and evaluate["n_error"] == 0
+    assert evaluate["n_scored"] == 110 and evaluate["n_error"] == 0  # the fixed-reply judge always says 85
     assert len((repo / "reports/evaluate/scores.jsonl").read_text().splitlines()) == 110
+    align = json.loads((repo / "reports/align/metrics.json").read_text())
+    assert align["steps"] == 10 and align["test_responses"] == 110
+    # the book's 985 usable pairs; at context 128 the longer ones are dropped and counted
+    assert align["train_pairs"] + align["val_pairs"] + align["dropped_too_long"] == 930 + 55
+    compare = evaluate["compare"]
+    assert compare["rouge_l"]["n"] == 110 and compare["head_to_head"]["n"] == 110
     report = (repo / "reports/report.md").read_text()
     assert "## classify" in report and "## evaluate" in report and "Judge skipped" not in report
     assert "<svg" in (repo / "reports/report.html").read_text()
@@ -226,14 +234,15 @@ def cached_artifacts(repo: Path) -> list[str]:
 
 def test_forced_rerun_gives_identical_bytes(tiny):
     """`dvc repro -f` from scratch (no resumable checkpoints, no judge cache): every artifact's hash in dvc.lock is
-    the first run's (token files, tokenizer, the three models, samples, predictions, responses, scores)."""
+    the first run's (token files, tokenizer, the four models, samples, predictions, pairs, responses, scores)."""
     repo = tiny.repo
     shutil.rmtree(repo / ".cache")  # else the trainers resume from their final checkpoints instead of training
     shutil.rmtree(repo / "data" / "cache")  # the judge's answers
     forced = dvc(repo, tiny.env, "repro", "-f")
     assert ran_stages(forced.stdout) == ran_stages(tiny.first)
     artifacts = cached_artifacts(repo)
-    assert {"data/tokens", "data/models/pretrain", "data/models/classify", "data/models/instruct",
+    assert {"data/tokens", "data/models/pretrain", "data/models/classify", "data/models/instruct", "data/models/align",
+            "data/align/pairs.json", "reports/align/responses.json", "reports/evaluate/head_to_head.jsonl",
             "reports/instruct/responses.json", "reports/evaluate/scores.jsonl", "reports/classify/confusion.csv",
             "reports/pretrain/samples.md", "reports/classify/predictions.csv"} <= set(artifacts)  # fmt: skip
     second = lock_outs(repo)
