@@ -143,7 +143,8 @@ def judge_server(tmp_path_factory):
     """`llmcore serve` as the judge, on loopback: a model whose answer to any prompt is "85" (fast, parsable)."""
     import threading
 
-    from llmcore.serve.server import ModelHandle, make_server
+    from llmcore.serve.app import make_server
+    from llmcore.serve.models import ModelHandle
     from tests.fixed_reply import save_fixed_reply_model
 
     folder = save_fixed_reply_model(tmp_path_factory.mktemp("judge"), "85")
