@@ -33,10 +33,12 @@ pipeline: venv
 bench: venv
 	$(BIN)/pip install -q -e ".[bench]"
 	$(BIN)/python -m benchmarks.bench
+	$(BIN)/python -m benchmarks.data
 
 bench-quick: venv
 	$(BIN)/pip install -q -e ".[bench]"
 	$(BIN)/python -m benchmarks.bench --quick
+	$(BIN)/python -m benchmarks.data --quick
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -378,3 +378,18 @@ def test_parquet_corpus_through_download_tokenize_pretrain(tmp_path, corpus, htt
                                       str(tmp_path / "w2"), "--reports", str(tmp_path / "rep" / "t2")])  # fmt: skip
     assert r.exit_code == 1 and "003_00000.parquet: no column 'text'" in r.output
     assert not (tmp_path / "t2").exists()
+
+
+def test_data_benchmark_runs_and_its_shards_equal_tiktoken():
+    """The benchmark's logic on a tiny corpus (no speed asserted): the shards hold exactly tiktoken's ids."""
+    from benchmarks import data as bench_data
+    from tests.conftest import require_shared
+
+    require_shared(bench_data.SHAKESPEARE)
+    encode = bench_data.job_encode(0.2, reps=1)
+    assert encode["same_tokens_as_tiktoken"] and encode["scaling_1_to_2"] > 0
+    loader = bench_data.job_loader(steps=1, batches=20)
+    assert loader["loader_tokens_per_s"] > 0 and loader["train_tokens_per_s_1_thread"] > 0
+    table = bench_data.format_table({"encode": encode, "loader": loader, "rss": {
+        "text_mb": 1.0, "peak_rss_mb_main": 1.0, "peak_rss_mb_largest_child": 1.0}})
+    assert "tiktoken" in table and "loader vs training" in table
