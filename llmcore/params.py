@@ -75,11 +75,13 @@ def from_dict(schema: type[T], data: Any, where: str) -> T:
             raise ParamsError(f"{where}.{name}: missing required key")
     try:
         return schema(**values)
-    except LLMCoreError:
-        raise
-    except (ValueError, TypeError) as e:  # __post_init__ checks of the schema itself
+    except (LLMCoreError, ValueError, TypeError) as e:  # __post_init__ checks of the schema itself
         msg = str(e)
-        raise ParamsError(msg if msg.startswith(where) else f"{where}: {msg}") from None
+        if msg.startswith(where):  # already names the full key
+            raise ParamsError(msg) from None
+        # A library schema names its own field ("retries: expected >= 0"): make it the full key path.
+        field_first = any(msg.startswith(name) and msg[len(name) : len(name) + 1] in (":", " ") for name in fields)
+        raise ParamsError(f"{where}.{msg}" if field_first else f"{where}: {msg}") from None
 
 
 def convert(tp: Any, value: Any, where: str) -> Any:

@@ -105,6 +105,7 @@ def run(
 ) -> dict | None:  # fmt: skip
     """The stage: returns its metrics (None on ranks other than 0, which only train)."""
     start = time.perf_counter()
+    base = open_model_dir(models_dir / base_model).require_lm("the classify stage's base_model")  # before any work
     table = load_spam_table(data)
     if cfg.balance:
         table = balance_classes(table, cfg.split_seed)
@@ -116,8 +117,7 @@ def run(
 
     rt = init_runtime(hw)
     torch.manual_seed(cfg.train.seed)  # head and LoRA init: the same on every rank
-    base = open_model_dir(models_dir / base_model)
-    gpt, tok = base.load_lm(use="the classify stage"), base.tokenizer
+    gpt, tok = base.load_lm(), base.tokenizer
     ctx = gpt.cfg.context_length
     lengths = [len(ids) for ids in encode_texts(tok, splits["train"]["text"].tolist(), max_length=sys.maxsize)]
     max_length = cfg.max_length or min(max(lengths), ctx)

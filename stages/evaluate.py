@@ -5,8 +5,10 @@ chapter 7 evaluation); unparsable and failed items are counted, never dropped. M
 judge are always computed: ROUGE-L and exact match against the reference outputs, and the model's loss
 and perplexity on the reference outputs (prompt tokens masked).
 
-Judge modes (``evaluate.judge_mode``): ``required`` fails with a one-line fix when Ollama is not reachable;
-``skip_if_unreachable`` records the judge as skipped (the report says so at the top); ``off`` never asks.
+Judge modes (``evaluate.judge_mode``): ``required`` fails with a one-line fix when Ollama is not reachable,
+and when fewer than ``evaluate.judge.min_scored`` of the responses got a score (a judge that answers prose is
+reachable but useless); ``skip_if_unreachable`` records the first case as ``judge_status: skipped`` and the
+second as ``failed`` (no mean reported; the report says so at the top); ``off`` never asks.
 Judge answers are cached in ``data/cache/judge.jsonl`` (not a DVC output, so reruns reuse it).
 """
 
@@ -21,7 +23,15 @@ from typing import Literal
 import typer
 
 from llmcore.common import LLMCoreError, atomic_path, print0, read_json, stage_errors, write_json_atomic
-from llmcore.eval.judge import JudgeConfig, JudgeItem, check_judge, score_items, summarize, write_records
+from llmcore.eval.judge import (
+    JudgeConfig,
+    JudgeItem,
+    check_judge,
+    score_items,
+    shortfall,
+    summarize,
+    write_records,
+)
 from llmcore.eval.metrics import exact_match, rouge_l
 from llmcore.params import load_section
 
@@ -64,13 +74,19 @@ def judge_scores(items: list[JudgeItem], cfg: EvaluateParams, cache: Path, score
         write_records(scores_path, [])
         return {"judge_status": "skipped", "judge_skip_reason": str(e)}
     records = score_items(items, cfg.judge, cache_path=cache, judge=judge)
-    write_records(scores_path, records)
+    write_records(scores_path, records)  # kept either way: the replies show what the judge said
     summary = summarize(records, n_boot=cfg.n_boot)
     histogram = summary.pop("histogram")
-    return {
-        "judge_status": "scored", "judge_model": judge["model"], "judge_digest": judge["digest"],
-        "judge_host": judge["host"], **summary, "_histogram": histogram,
-    }  # fmt: skip
+    facts = {"judge_model": judge["model"], "judge_digest": judge["digest"], "judge_host": judge["host"]}
+    problem = shortfall(summary, cfg.judge.min_scored, f"the judge '{judge['model']}' at {judge['host']}")
+    if problem is None:
+        return {"judge_status": "scored", **facts, **summary, "_histogram": histogram}
+    if cfg.judge_mode == "required":
+        raise LLMCoreError(problem)
+    print0(f"warning: judge failed: {problem}")
+    # The counts stay; the statistics over too few items are not reported as the run's score.
+    summary.update(mean=None, median=None, std=None, ci95_low=None, ci95_high=None)
+    return {"judge_status": "failed", "judge_skip_reason": problem, **facts, **summary}
 
 
 app = typer.Typer(add_completion=False)

@@ -173,6 +173,11 @@ def main(
         else:
             if not source.is_dir():
                 raise LLMCoreError(f"{source}: no such folder")
+            if not (source / "config.json").is_file() and (source / "tokenizer.json").is_file():
+                raise LLMCoreError(
+                    f"{source}: an llmcore model folder, not a Hugging Face one (no config.json); import reads the "
+                    "Hugging Face layout (`llmcore export` writes it from an llmcore language model)"
+                )
             model_dir, n_bytes, where, revision = source, 0, str(source), None
             single = source / "model.safetensors"
             digest = sha256_file(single) if single.is_file() else None  # sharded: no single digest

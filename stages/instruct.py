@@ -120,14 +120,14 @@ def run(
 ) -> dict | None:  # fmt: skip
     """The stage: returns its metrics (None on ranks other than 0, which only train)."""
     start = time.perf_counter()
+    base = open_model_dir(models_dir / base_model).require_lm("the instruct stage's base_model")  # before any work
     data_path = find_single_file(raw_dir / cfg.dataset, "instruct.dataset", "*.json")
     entries = load_instruction_data(data_path)
     splits = split_entries(entries, cfg.train_fraction, cfg.test_fraction, cfg.split_seed)  # train, val, test
 
     rt = init_runtime(hw)
     torch.manual_seed(cfg.train.seed)  # LoRA's init: the same on every rank
-    base = open_model_dir(models_dir / base_model)
-    model, tok = base.load_lm(use="the instruct stage"), base.tokenizer
+    model, tok = base.load_lm(), base.tokenizer
     ctx = model.cfg.context_length
     max_length = cfg.max_length or ctx
     if max_length > ctx:
@@ -250,7 +250,7 @@ def ask(
         text = sys.stdin.read() if prompt is None else prompt
         if not text.strip():
             raise LLMCoreError("ask: empty instruction (pass it as an argument or on stdin)")
-        model, tok, template = load_instruct_model(model_dir, device=resolve_device(device))
+        model, tok, template = load_instruct_model(model_dir, device=resolve_device(device), use="ask")
         sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                   seed=seed)  # fmt: skip
         for piece in stream_response(model, tok, format_prompt(template, text.strip(), input), sampling):

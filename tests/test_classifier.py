@@ -184,7 +184,7 @@ def test_save_refuses_unmerged_lora_and_load_refuses_a_plain_model(tmp_path):
     from llmcore.weights.model_dir import save_model_dir
 
     save_model_dir(tmp_path / "lm", tiny_classifier().gpt, byte_tokenizer())
-    with pytest.raises(LLMCoreError, match="not a classifier checkpoint"):
+    with pytest.raises(LLMCoreError, match="a causal language model, not a classifier"):
         load_classifier(tmp_path / "lm")
     with pytest.raises(LLMCoreError, match="no such model folder"):
         load_classifier(tmp_path / "missing")

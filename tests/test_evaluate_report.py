@@ -18,6 +18,7 @@ from llmcore.serve.server import ModelHandle, make_server
 from llmcore.text.tokenizer import Tokenizer
 from llmcore.weights.weight_file import save_checkpoint
 from stages import evaluate, report
+from tests.fixed_reply import save_fixed_reply_model
 
 TEXT = "Below is an instruction. ### Response: The capital of France is Paris. Score: 85 " * 20
 
@@ -39,8 +40,12 @@ def model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def judge_url(model_dir):
-    server = make_server({"judge:latest": ModelHandle.load(model_dir, template="raw")}, port=0)
+def judge_url(tmp_path_factory):
+    """`llmcore serve` as the Ollama judge: "judge" answers 85 to everything, "prose" answers a word."""
+    root = tmp_path_factory.mktemp("judges")
+    models = {"judge:latest": save_fixed_reply_model(root / "judge", "85"),
+              "prose:latest": save_fixed_reply_model(root / "prose", "Fine")}  # fmt: skip
+    server = make_server({name: ModelHandle.load(path, template="raw") for name, path in models.items()}, port=0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield server.url
     server.shutdown()
@@ -74,10 +79,10 @@ def test_evaluate_with_llmcore_serve_as_judge(tmp_path, model_dir, judge_url):
     metrics = json.loads((tmp_path / "reports/metrics.json").read_text())
     assert metrics["judge_status"] == "scored" and metrics["judge_model"] == "judge:latest"
     assert len(metrics["judge_digest"]) == 64
-    # a random tiny judge rarely writes a number: whatever it does, every item is accounted for
-    assert metrics["n_scored"] + metrics["n_unparsable"] + metrics["n_error"] == len(RESPONSES)
+    assert (metrics["n_scored"], metrics["n_unparsable"], metrics["n_error"]) == (len(RESPONSES), 0, 0)
+    assert metrics["mean"] == 85.0 and metrics["ci95_low"] == metrics["ci95_high"] == 85.0
     records = [json.loads(line) for line in (tmp_path / "reports/scores.jsonl").read_text().splitlines()]
-    assert [r["id"] for r in records] == ["0", "1", "2"]
+    assert [r["id"] for r in records] == ["0", "1", "2"] and {r["raw"] for r in records} == {"85"}
     # judge-free metrics
     assert metrics["exact_match"] == pytest.approx(1 / 3, abs=1e-3) and metrics["empty_responses"] == 1
     assert metrics["reference_loss"] > 0 and metrics["reference_perplexity"] > 1
@@ -85,6 +90,64 @@ def test_evaluate_with_llmcore_serve_as_judge(tmp_path, model_dir, judge_url):
     again = run_evaluate(tmp_path, model_dir)  # the cache answers everything that was parsed
     assert again.exit_code == 0
     assert json.loads((tmp_path / "reports/metrics.json").read_text())["n_cached"] >= metrics["n_scored"]
+
+
+def test_a_judge_that_answers_prose_fails_required_and_is_recorded_as_failed(tmp_path, model_dir, judge_url):
+    # reachable, has the model, answers every request: but nothing it says is a score
+    write_params(tmp_path, host=judge_url, model="prose")
+    result = run_evaluate(tmp_path, model_dir)
+    assert result.exit_code == 1
+    error = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert error == [
+        f"error: the judge 'prose:latest' at {judge_url} scored 0 of 3 responses (3 unparsable, 0 failed), "
+        "under evaluate.judge.min_scored = 0.9: does it answer with a number?"
+    ], result.output
+    assert not (tmp_path / "reports/metrics.json").exists()
+    assert {json.loads(line)["raw"] for line in (tmp_path / "reports/scores.jsonl").read_text().splitlines()} == {
+        "Fine"
+    }  # its replies are kept to look at
+
+    write_params(tmp_path, host=judge_url, model="prose", mode="skip_if_unreachable")
+    result = run_evaluate(tmp_path, model_dir)
+    assert result.exit_code == 0, result.output
+    assert "warning: judge failed: the judge 'prose:latest'" in result.output
+    metrics = json.loads((tmp_path / "reports/metrics.json").read_text())
+    assert metrics["judge_status"] == "failed" and metrics["mean"] is None
+    assert (metrics["n_scored"], metrics["n_unparsable"]) == (0, 3) and "0 of 3" in metrics["judge_skip_reason"]
+    report_md = render_report(tmp_path, metrics)
+    assert "did not score this run (failed): the judge 'prose:latest'" in report_md.splitlines()[2]
+
+    write_params(tmp_path, host=judge_url, model="prose", mode="off")  # never asked
+    assert run_evaluate(tmp_path, model_dir).exit_code == 0
+    assert json.loads((tmp_path / "reports/metrics.json").read_text())["judge_status"] == "off"
+    assert (tmp_path / "reports/scores.jsonl").read_text() == ""
+
+    # the threshold is a param: 0 accepts whatever the judge says
+    write_params(tmp_path, host=judge_url, model="prose", min_scored=0.0)
+    result = run_evaluate(tmp_path, model_dir)
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "reports/metrics.json").read_text())["judge_status"] == "scored"
+
+
+def render_report(tmp_path, evaluate_metrics: dict) -> str:
+    reports = tmp_path / "reports_all"
+    (reports / "evaluate").mkdir(parents=True, exist_ok=True)
+    (reports / "evaluate/metrics.json").write_text(json.dumps(evaluate_metrics))
+    (tmp_path / "p.yaml").write_text("evaluate: {judge_mode: skip_if_unreachable}\n")
+    result = CliRunner().invoke(report.app, ["--params", str(tmp_path / "p.yaml"), "--reports", str(reports)])
+    assert result.exit_code == 0, result.output
+    return (reports / "report.md").read_text()
+
+
+def test_min_scored_is_checked_and_errors_name_the_full_key(tmp_path, model_dir):
+    write_params(tmp_path, min_scored=1.5)
+    result = run_evaluate(tmp_path, model_dir)
+    assert result.exit_code == 1 and "error: evaluate.judge.min_scored: expected a fraction in [0, 1], got 1.5" in (
+        result.output
+    )
+    write_params(tmp_path, prompt_template="Score {response}")
+    result = run_evaluate(tmp_path, model_dir)
+    assert "error: evaluate.judge.prompt_template: lacks the placeholder(s) {input}, {reference}" in result.output
 
 
 def test_unreachable_judge_fails_with_fix_or_is_recorded_as_skipped(tmp_path, model_dir):

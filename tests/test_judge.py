@@ -31,6 +31,7 @@ from llmcore.eval.judge import (
     parse_score,
     render_prompt,
     score_items,
+    shortfall,
     summarize,
     write_records,
 )
@@ -487,6 +488,19 @@ def test_summarize_nothing_scored():
     assert s["mean"] is None and s["ci95_low"] is None and s["n_unparsable"] == 1
     assert sum(row["count"] for row in s["histogram"]) == 0
     assert summarize(_records([42]))["std"] == 0.0
+
+
+def test_shortfall_names_the_count_and_the_threshold():
+    records = _records([80, 90]) + [ScoreRecord("u", None, "unparsable"), ScoreRecord("e", None, "error")]
+    summary = summarize(records)
+    assert shortfall(summary, 0.5) is None  # 2 of 4 scored: enough at 0.5
+    assert shortfall(summary, 0.9) == (
+        "the judge scored 2 of 4 responses (1 unparsable, 1 failed), under evaluate.judge.min_scored = 0.9: "
+        "does it answer with a number?"
+    )
+    assert shortfall(summarize([]), 0.9) is not None and shortfall(summarize([]), 0.0) is None
+    with pytest.raises(LLMCoreError, match=r"min_scored: expected a fraction in \[0, 1\], got -0.1"):
+        JudgeConfig(min_scored=-0.1)
 
 
 def test_write_records_roundtrip(tmp_path):

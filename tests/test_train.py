@@ -105,9 +105,9 @@ def test_adamw_is_fused_on_cpu_when_torch_has_it():
 def test_config_errors_name_the_key():
     with pytest.raises(ParamsError, match="set max_steps or epochs"):
         from_dict(TrainConfig, {"lr": 0.1}, "pretrain.train")
-    with pytest.raises(ParamsError, match=r"pretrain\.train: batch_size: expected a positive int"):
+    with pytest.raises(ParamsError, match=r"pretrain\.train\.batch_size: expected a positive int"):
         from_dict(TrainConfig, {"max_steps": 3, "batch_size": 0}, "pretrain.train")
-    with pytest.raises(ParamsError, match=r"hardware: nproc"):
+    with pytest.raises(ParamsError, match=r"hardware\.nproc: expected"):
         from_dict(HardwareConfig, {"nproc": 0}, "hardware")
 
 

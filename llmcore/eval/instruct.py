@@ -46,7 +46,7 @@ def reference_loss(model_dir: str | os.PathLike, responses: str | os.PathLike, b
     Returns:
         ``{"reference_loss": float, "reference_perplexity": float, "reference_tokens": int}``
     """
-    model, tok, template = load_instruct_model(model_dir)
+    model, tok, template = load_instruct_model(model_dir, use="the loss on the reference answers (evaluate)")
     path = Path(responses)
     entries = load_instruction_data(path)  # the same keys, checked entry by entry
     examples = encode_entries(entries, tok, template)

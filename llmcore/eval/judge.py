@@ -78,20 +78,24 @@ class JudgeConfig:
     backoff: float = 1.0  # seconds before the first retry, doubled before each further one
     prompt_template: str = DEFAULT_PROMPT_TEMPLATE  # placeholders: {input} {reference} {response}
     strict_prompt_template: str = STRICT_PROMPT_TEMPLATE  # the single re-ask for unparsable replies
+    min_scored: float = 0.9  # fraction of the items that must get a score for the judge's verdict to count
 
     def __post_init__(self) -> None:
+        # Messages start with the field name: params.from_dict prefixes the section (evaluate.judge.retries: ...).
         if self.max_concurrency < 1:
-            raise LLMCoreError(f"judge.max_concurrency must be >= 1, got {self.max_concurrency}")
+            raise LLMCoreError(f"max_concurrency: expected >= 1, got {self.max_concurrency}")
         if self.retries < 0:
-            raise LLMCoreError(f"judge.retries must be >= 0, got {self.retries}")
-        if self.timeout <= 0 or self.backoff < 0:
-            raise LLMCoreError(f"judge.timeout must be > 0 and judge.backoff >= 0, got {self.timeout}, "
-                               f"{self.backoff}")
+            raise LLMCoreError(f"retries: expected >= 0, got {self.retries}")
+        if self.timeout <= 0:
+            raise LLMCoreError(f"timeout: expected > 0 seconds, got {self.timeout}")
+        if self.backoff < 0:
+            raise LLMCoreError(f"backoff: expected >= 0 seconds, got {self.backoff}")
+        if not 0.0 <= self.min_scored <= 1.0:
+            raise LLMCoreError(f"min_scored: expected a fraction in [0, 1], got {self.min_scored}")
         for name in ("prompt_template", "strict_prompt_template"):
             missing = [p for p in _PLACEHOLDERS if "{" + p + "}" not in getattr(self, name)]
             if missing:
-                raise LLMCoreError(f"judge.{name} lacks the placeholder(s) "
-                                   + ", ".join("{" + p + "}" for p in missing))
+                raise LLMCoreError(f"{name}: lacks the placeholder(s) " + ", ".join("{" + p + "}" for p in missing))
 
     @property
     def resolved_host(self) -> str:
@@ -524,14 +528,17 @@ def summarize(records: Sequence[ScoreRecord], n_boot: int = 1000, seed: int = 0)
     return out
 
 
-# --------------------------------------------------------------------------------------------------
-# Judge-free metrics
 
+def shortfall(summary: Mapping[str, Any], min_scored: float, judge: str = "the judge") -> str | None:
+    """Why a judged run has no usable score, in one line; None when at least ``min_scored`` of the items got one.
 
-
-
-
-
-
-
-
+    A judge that answers every request with prose (or errors) is reachable yet useless: its mean is over
+    nothing, or over a few lucky items. ``summary`` is the output of ``summarize``.
+    """
+    n, scored = summary["n_items"], summary["n_scored"]
+    if (scored / n if n else 0.0) >= min_scored:
+        return None
+    return (
+        f"{judge} scored {scored} of {n} responses ({summary['n_unparsable']} unparsable, {summary['n_error']} "
+        f"failed), under evaluate.judge.min_scored = {min_scored:g}: does it answer with a number?"
+    )

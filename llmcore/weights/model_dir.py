@@ -161,7 +161,11 @@ class ModelFolder:
         """The classifier (base GPT + ``cls_head``) in eval mode."""
         path = self.weights
         if self.task != "classify":
-            raise LLMCoreError(f"{path}: not a classifier checkpoint (metadata task={self.metadata.get(TASK_KEY)!r})")
+            holds = "a causal language model" if self.task == "lm" else f"a '{self.task}' checkpoint"
+            raise LLMCoreError(
+                f"{path}: {holds}, not a classifier; this needs a folder written by the classify stage "
+                "(data/models/classify)"
+            )
         if self.metadata.get("pooling") != POOLING:
             raise LLMCoreError(f"{path}: unsupported pooling {self.metadata.get('pooling')!r} (expected {POOLING})")
         labels = self.labels
@@ -213,16 +217,20 @@ def check_fits(tokenizer: Tokenizer, config: ModelConfig, where: str | os.PathLi
         )
 
 
-def load_model_dir(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer]:
-    """A language-model folder -> (model in eval mode, tokenizer). Refuses a classifier folder."""
+def load_model_dir(
+    path: str | os.PathLike, device: str | torch.device = "cpu", use: str = "this command"
+) -> tuple[GPT, Tokenizer]:
+    """A language-model folder -> (model in eval mode, tokenizer). Refuses a classifier folder, naming ``use``."""
     folder = open_model_dir(path)
-    return folder.load_lm(device), folder.tokenizer
+    return folder.load_lm(device, use=use), folder.tokenizer
 
 
-def load_instruct_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer, str]:
+def load_instruct_model(
+    path: str | os.PathLike, device: str | torch.device = "cpu", use: str = "this command"
+) -> tuple[GPT, Tokenizer, str]:
     """An instruction-model folder -> (model, tokenizer, its prompt template; ``alpaca`` when none is stored)."""
     folder = open_model_dir(path)
-    return folder.load_lm(device), folder.tokenizer, folder.template or "alpaca"
+    return folder.load_lm(device, use=use), folder.tokenizer, folder.template or "alpaca"
 
 
 def save_classifier(
