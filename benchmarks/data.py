@@ -152,12 +152,14 @@ def job_rss(mb: float) -> dict[str, Any]:
                         str(folder)], check=True, cwd=REPO_ROOT)  # fmt: skip
         paths = sorted(folder.glob("*.parquet"))
         corpus_mb = sum(p.stat().st_size for p in paths) / 1e6
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         wall, meta = tokenize_once(paths, 2, Path(tmp))
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # the largest child's peak
     text_mb = sum(meta["bytes"].values()) / 1e6
     return {"text_mb": text_mb, "parquet_mb": corpus_mb, "tokens": meta["train_tokens"] + meta["val_tokens"],
-            "wall_s": wall, "peak_rss_mb_main": own, "peak_rss_mb_largest_child": workers}  # fmt: skip
+            "wall_s": wall, "peak_rss_mb_main": own, "peak_rss_mb_main_before": before,
+            "peak_rss_mb_largest_child": workers}  # fmt: skip
 
 
 def job_loader(steps: int, batches: int = 500) -> dict[str, Any]:
