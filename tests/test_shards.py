@@ -391,5 +391,5 @@ def test_data_benchmark_runs_and_its_shards_equal_tiktoken():
     loader = bench_data.job_loader(steps=1, batches=20)
     assert loader["loader_tokens_per_s"] > 0 and loader["train_tokens_per_s_1_thread"] > 0
     table = bench_data.format_table({"encode": encode, "loader": loader, "rss": {
-        "text_mb": 1.0, "peak_rss_mb_main": 1.0, "peak_rss_mb_largest_child": 1.0}})
+        "text_mb": 1.0, "peak_rss_mb_main": 1.0, "peak_rss_mb_largest_worker": 1.0}})
     assert "tiktoken" in table and "loader vs training" in table
