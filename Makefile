@@ -5,6 +5,9 @@ BIN := $(VENV)/bin
 # torch first, pinned: a CPU wheel on machines that have one locally; a bare `torch`
 # requirement on an empty venv would pull the multi-GB CUDA build from PyPI.
 TORCH_SPEC ?= torch==2.13.0
+# llama-cpp-python (the `export` extra) compiles llama.cpp: portable CPU code, built once per machine
+# (pip keeps the wheel in its cache).
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 
 .PHONY: venv test lint pipeline bench bench-quick clean
 
@@ -12,7 +15,7 @@ $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH_SPEC)" || $(BIN)/pip install -q torch
-	$(BIN)/pip install -q -e ".[dev,data]"
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install -q -e ".[dev,data,export]"
 	# the book's reference model, a peer in benchmarks and their tests; its own deps are heavy and unneeded
 	$(BIN)/pip install -q --no-deps llms-from-scratch
 	touch $@
@@ -33,11 +36,15 @@ pipeline: venv
 bench: venv
 	$(BIN)/pip install -q -e ".[bench]"
 	$(BIN)/python -m benchmarks.bench
+	$(BIN)/python -m benchmarks.dpo
+	$(BIN)/python -m benchmarks.gguf_export
 	$(BIN)/python -m benchmarks.data
 
 bench-quick: venv
 	$(BIN)/pip install -q -e ".[bench]"
 	$(BIN)/python -m benchmarks.bench --quick
+	$(BIN)/python -m benchmarks.dpo --quick
+	$(BIN)/python -m benchmarks.gguf_export --quick
 	$(BIN)/python -m benchmarks.data --quick
 
 clean:

@@ -2,6 +2,7 @@
 
     llmcore serve --model data/models/instruct                       # Ollama API on 127.0.0.1:11434
     llmcore serve --model data/models/instruct --model data/models/base --name base --template raw
+    llmcore export data/models/instruct --format gguf --precision q8_0 --out data/export/instruct
     llmcore profile params/fineweb-d12.yaml --run -n d12        # dvc exp run with the profile's params
     llmcore profile params/fineweb-d12.yaml --write run.yaml    # the merged params file, for stages by hand
 """
@@ -111,19 +112,28 @@ def serve(
 @app.command()
 def export(
     model_dir: Path = typer.Argument(..., help="model folder (model.safetensors + tokenizer.json)"),
-    out: Path = typer.Option(..., "--out", "-o", help="folder for the HF layout (config.json + model.safetensors)"),
+    out: Path = typer.Option(..., "--out", "-o", help="folder to write (created if missing)"),
+    format: str = typer.Option(
+        "hf", "--format", "-f", help="gguf: model.gguf + an Ollama Modelfile (llama.cpp, Ollama, LM Studio) | "
+        "hf: the Hugging Face layout (config.json, model.safetensors, tokenizer files)"
+    ),
+    precision: str = typer.Option(None, help="GGUF weights: f32 | f16 (default) | bf16 | q8_0"),
+    template: str = typer.Option(
+        None, help="prompt template for the Modelfile / chat template: alpaca | raw | a format string with "
+        "{instruction} and {input}; default: the one stored with the model by instruction tuning, else raw"
+    ),
+    name: str = typer.Option(None, help="model name inside the GGUF file and the Modelfile (default: the folder's)"),
 ) -> None:
-    """Write a GPT-2- or Llama-family language model in the Hugging Face layout, which transformers loads with
-    AutoModelForCausalLM.from_pretrained(OUT). LoRA fine-tunes are saved merged, so they export as they are."""
-    from llmcore.weights.hf_convert import family, save_hf  # torch: import late
-    from llmcore.weights.model_dir import open_model_dir
+    """Export a GPT-2- or Llama-family language model for other tools. LoRA fine-tunes are saved merged.
+
+    --format gguf: `ollama create NAME -f OUT/Modelfile`, `llama-cli -m OUT/model.gguf`, or load OUT/model.gguf in
+    LM Studio. --format hf: AutoModelForCausalLM / AutoTokenizer.from_pretrained(OUT)."""
+    from llmcore.weights.export import export_model  # torch: import late
 
     with stage_errors():
-        # The classifier is refused: HF's GPT2ForSequenceClassification has no head bias to hold ours.
-        model = open_model_dir(model_dir).load_lm(use="export")
-        arch = family(model.cfg)
-        save_hf(model, out)
-    typer.echo(f"wrote {out}/config.json and {out}/model.safetensors ({arch}, {model.num_params():,} parameters)")
+        result = export_model(model_dir, out, fmt=format, precision=precision, template=template, name=name)
+    files = ", ".join(f"{out}/{f}" for f in result.files)
+    typer.echo(f"wrote {files} ({result.arch}, {result.n_params:,} parameters, template {result.template})")
 
 
 if __name__ == "__main__":

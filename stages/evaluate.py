@@ -10,6 +10,13 @@ and when fewer than ``evaluate.judge.min_scored`` of the responses got a score (
 reachable but useless); ``skip_if_unreachable`` records the first case as ``judge_status: skipped`` and the
 second as ``failed`` (no mean reported; the report says so at the top); ``off`` never asks.
 Judge answers are cached in ``data/cache/judge.jsonl`` (not a DVC output, so reruns reuse it).
+
+Instruct vs aligned: given the align stage's answers to the same test prompts (``--align-responses``,
+``reports/align/responses.json`` in the pipeline), both answer sets are judged and scored with ROUGE-L, and
+``metrics.json`` gains ``compare``: for each metric the mean and bootstrap 95% interval of each model and
+of the paired difference (align - instruct), plus a head-to-head where the judge sees both answers in a
+random order and names the better one (``align_win_rate``: align's wins + half the ties, over the decided
+items). Per-item outcomes go to ``reports/evaluate/head_to_head.jsonl``.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from typing import Literal
 import typer
 
 from llmcore.common import LLMCoreError, atomic_path, print0, read_json, stage_errors, write_json_atomic
+from llmcore.eval.compare import PairItem, head_to_head, paired_stats, summarize_head_to_head
 from llmcore.eval.judge import (
     JudgeConfig,
     JudgeItem,
@@ -60,19 +68,26 @@ def text_metrics(items: list[JudgeItem]) -> dict:
     }
 
 
-def judge_scores(items: list[JudgeItem], cfg: EvaluateParams, cache: Path, scores_path: Path) -> dict:
-    """Ask the judge; returns the judge metrics (or why it was skipped)."""
+def reach_judge(cfg: EvaluateParams) -> tuple[dict | None, dict]:
+    """(``check_judge``'s answer or None, the status metrics when there is no judge)."""
     if cfg.judge_mode == "off":
-        write_records(scores_path, [])
-        return {"judge_status": "off"}
+        return None, {"judge_status": "off"}
     try:
-        judge = check_judge(cfg.judge)
+        return check_judge(cfg.judge), {}
     except LLMCoreError as e:
         if cfg.judge_mode == "required":
             raise
         print0(f"warning: judge skipped: {e}")
+        return None, {"judge_status": "skipped", "judge_skip_reason": str(e)}
+
+
+def judge_scores(items: list[JudgeItem], cfg: EvaluateParams, cache: Path, scores_path: Path,
+                 reached: tuple[dict | None, dict] | None = None) -> dict:  # fmt: skip
+    """Ask the judge; returns the judge metrics (or why it was skipped)."""
+    judge, status = reached or reach_judge(cfg)
+    if judge is None:
         write_records(scores_path, [])
-        return {"judge_status": "skipped", "judge_skip_reason": str(e)}
+        return status
     records = score_items(items, cfg.judge, cache_path=cache, judge=judge)
     write_records(scores_path, records)  # kept either way: the replies show what the judge said
     summary = summarize(records, n_boot=cfg.n_boot)
@@ -80,13 +95,64 @@ def judge_scores(items: list[JudgeItem], cfg: EvaluateParams, cache: Path, score
     facts = {"judge_model": judge["model"], "judge_digest": judge["digest"], "judge_host": judge["host"]}
     problem = shortfall(summary, cfg.judge.min_scored, f"the judge '{judge['model']}' at {judge['host']}")
     if problem is None:
-        return {"judge_status": "scored", **facts, **summary, "_histogram": histogram}
+        return {"judge_status": "scored", **facts, **summary, "_histogram": histogram, "_records": records}
     if cfg.judge_mode == "required":
         raise LLMCoreError(problem)
     print0(f"warning: judge failed: {problem}")
     # The counts stay; the statistics over too few items are not reported as the run's score.
     summary.update(mean=None, median=None, std=None, ci95_low=None, ci95_high=None)
-    return {"judge_status": "failed", "judge_skip_reason": problem, **facts, **summary}
+    return {"judge_status": "failed", "judge_skip_reason": problem, **facts, **summary, "_records": records}
+
+
+def _rounded(d: dict, digits: int = 4) -> dict:
+    return {k: round(v, digits) if isinstance(v, float) else v for k, v in d.items()}
+
+
+def _named(stats: dict) -> dict:
+    """paired_stats' a_/b_ keys as instruct_/align_, rounded."""
+    renamed = {k.replace("a_", "instruct_", 1) if k.startswith("a_") else k.replace("b_", "align_", 1)
+               if k.startswith("b_") else k: v for k, v in stats.items()}  # fmt: skip
+    return _rounded(renamed)
+
+
+def compare_models(instruct: list[JudgeItem], align: list[JudgeItem], instruct_judged: dict, cfg: EvaluateParams,
+                   cache: Path, reports: Path, judge: dict | None) -> dict:  # fmt: skip
+    """Instruct (a) vs align (b) on the same prompts: ROUGE-L and judge scores paired, and a head-to-head."""
+    if [(a.instruction, a.input) for a in instruct] != [(b.instruction, b.input) for b in align]:
+        raise LLMCoreError("evaluate: the align responses do not answer the instruct test prompts in the same order "
+                           "(rerun the align stage)")  # fmt: skip
+    out: dict = {"n_items": len(align), **{f"align_{k}": v for k, v in text_metrics(align).items()}}
+    rouge = paired_stats([rouge_l(i.response, i.reference) for i in instruct],
+                         [rouge_l(i.response, i.reference) for i in align], cfg.n_boot)  # fmt: skip
+    out["rouge_l"] = _named(rouge)
+    if judge is None:
+        return out
+    records = score_items(align, cfg.judge, cache_path=cache, judge=judge)
+    write_records(reports / "align_scores.jsonl", records)
+    a_records = instruct_judged["_records"]
+    both = [(a.score, b.score) for a, b in zip(a_records, records, strict=True)
+            if a.status == "scored" and b.status == "scored"]  # fmt: skip
+    out["judge_unscored_pairs"] = len(records) - len(both)
+    if both:
+        stats = paired_stats([a for a, _ in both], [b for _, b in both], cfg.n_boot)
+        out["judge"] = _named(stats)
+    pairs = [PairItem(a.id, a.instruction, a.input, a.reference, a.response, b.response)
+             for a, b in zip(instruct, align, strict=True)]  # fmt: skip
+    h2h = head_to_head(pairs, cfg.judge, judge, cache_path=cache, seed=cfg.judge.seed)
+    write_h2h(reports / "head_to_head.jsonl", h2h)
+    summary = summarize_head_to_head(h2h)
+    out["head_to_head"] = _rounded({"n": summary["n"], "align_wins": summary["b_wins"],
+                                    "instruct_wins": summary["a_wins"], "ties": summary["ties"],
+                                    "undecided": summary["undecided"], "align_shown_first": summary["b_shown_first"],
+                                    "align_win_rate": summary["b_win_rate"]})  # fmt: skip
+    return out
+
+
+def write_h2h(path: Path, records: list) -> None:
+    from dataclasses import asdict
+
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(json.dumps(asdict(r), ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
 
 
 app = typer.Typer(add_completion=False)
@@ -99,15 +165,25 @@ def main(
     model_dir: Path = typer.Option(Path("data/models/instruct"), help="instruction model (for the test loss)"),
     cache: Path = typer.Option(Path("data/cache/judge.jsonl"), help="judge answer cache"),
     reports: Path = typer.Option(Path("reports/evaluate"), help="metrics folder"),
+    align_responses: Path = typer.Option(None, help="the aligned model's answers to the same prompts, to compare "
+                                         "with (the DVC stage passes reports/align/responses.json)"),
 ) -> None:
-    """Judge every test response and compute judge-free metrics."""
+    """Judge every test response and compute judge-free metrics; compare with the aligned model's answers."""
     with stage_errors():
         cfg = load_section("evaluate", EvaluateParams, params)
         items = load_responses(responses)
         metrics = {"n_items": len(items), **text_metrics(items)}
         metrics.update(reference_loss(model_dir, responses, cfg.loss_batch_size))
-        judged = judge_scores(items, cfg, cache, reports / "scores.jsonl")
+        reached = reach_judge(cfg)
+        judged = judge_scores(items, cfg, cache, reports / "scores.jsonl", reached)
         histogram = judged.pop("_histogram", [])
+        write_records(reports / "align_scores.jsonl", [])  # replaced by the comparison's, when there is one
+        write_h2h(reports / "head_to_head.jsonl", [])
+        if align_responses is not None:
+            judge = reached[0] if judged.get("judge_status") == "scored" else None  # not a judge that failed
+            metrics["compare"] = compare_models(items, load_responses(align_responses), judged, cfg, cache, reports,
+                                                judge)  # fmt: skip
+        judged.pop("_records", None)
         metrics.update(judged)
         with atomic_path(reports / "score_histogram.csv") as tmp:
             tmp.write_text("bin,count\n" + "".join(f"{h['bin_low']}-{h['bin_high']},{h['count']}\n" for h in histogram))

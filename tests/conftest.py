@@ -30,6 +30,19 @@ def require_shared(path: Path) -> Path:
     pytest.skip(msg)
 
 
+def require_module(name: str):
+    """Import and return module ``name``; if it is not installed, fail in CI and skip elsewhere."""
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        msg = f"{name} is not installed ({e}); `make venv` installs it"
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+
+
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, *args) -> None:  # keep pytest output clean
         pass

@@ -119,7 +119,10 @@ TINY = {
                  "sample": {"max_new_tokens": 20}},
     "classify": {"train": {"epochs": 1, "eval_every": 65, "checkpoint_every": 65}},
     "instruct": {"train": {"epochs": 1, "eval_every": 100, "eval_batches": 2}, "generate": {"max_new_tokens": 12}},
-    "evaluate": {"judge_mode": "required", "judge": {"model": "judge", "timeout": 60, "retries": 1}, "n_boot": 200},
+    "align": {"train": {"epochs": None, "max_steps": 10, "eval_every": 10, "eval_batches": 2},
+              "generate": {"max_new_tokens": 12}},
+    "evaluate": {"judge_mode": "required", "judge": {"model": "judge", "timeout": 60, "retries": 1},
+                 "n_boot": 200},
 }  # fmt: skip
 
 
@@ -132,23 +135,13 @@ def merge(base: dict, over: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def judge_server(tmp_path_factory):
-    """`llmcore serve` as the judge, on loopback: a tiny random model with a short context (fast, junk replies)."""
+    """`llmcore serve` as the judge, on loopback: a tiny model whose every answer is "85" (a usable score)."""
     import threading
 
-    import torch
-
-    from llmcore.models.config import ModelConfig
-    from llmcore.models.gpt import GPT
     from llmcore.serve.server import ModelHandle, make_server
-    from llmcore.text.tokenizer import Tokenizer
-    from llmcore.weights.weight_file import save_checkpoint
+    from tests.fixed_reply import save_fixed_reply_model
 
-    path = tmp_path_factory.mktemp("judge")
-    tok = Tokenizer.train("Score: 85 out of 100. The response is good. " * 50, 270)  # byte-level: any text
-    torch.manual_seed(0)
-    cfg = ModelConfig.from_preset("llama3-tiny", vocab_size=tok.vocab_size, context_length=64)
-    save_checkpoint(path / "model.safetensors", GPT(cfg))
-    tok.save(path / "tokenizer.json")
+    path = save_fixed_reply_model(tmp_path_factory.mktemp("judge"), "85")
     server = make_server({"judge:latest": ModelHandle.load(path, template="raw")}, port=0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield server.url
@@ -167,14 +160,20 @@ def test_full_pipeline_end_to_end_with_llmcore_serve_as_judge(tmp_path_factory, 
 
     first = run([sys.executable, "-m", "dvc", "repro"], repo, env)
     assert ran_stages(first.stdout) == [
-        "download", "tokenize", "pretrain", "classify", "instruct", "evaluate", "report",
+        "download", "tokenize", "pretrain", "classify", "instruct", "preferences", "align", "evaluate", "report",
     ]  # fmt: skip
-    for stage in ("tokenize", "pretrain", "classify", "instruct", "evaluate"):
+    for stage in ("tokenize", "pretrain", "classify", "instruct", "align", "evaluate"):
         assert (repo / f"reports/{stage}/metrics.json").is_file(), stage
     evaluate = json.loads((repo / "reports/evaluate/metrics.json").read_text())
     assert evaluate["judge_status"] == "scored" and evaluate["n_items"] == 110
-    assert evaluate["n_scored"] + evaluate["n_unparsable"] == 110 and evaluate["n_error"] == 0
+    assert evaluate["n_scored"] == 110 and evaluate["n_error"] == 0  # the fixed-reply judge always says 85
     assert len((repo / "reports/evaluate/scores.jsonl").read_text().splitlines()) == 110
+    align = json.loads((repo / "reports/align/metrics.json").read_text())
+    assert align["steps"] == 10 and align["test_responses"] == 110
+    # the book's 985 usable pairs; at context 128 the longer ones are dropped and counted
+    assert align["train_pairs"] + align["val_pairs"] + align["dropped_too_long"] == 930 + 55
+    compare = evaluate["compare"]
+    assert compare["rouge_l"]["n"] == 110 and compare["head_to_head"]["n"] == 110
     report = (repo / "reports/report.md").read_text()
     assert "## classify" in report and "## evaluate" in report and "Judge skipped" not in report
     assert "<svg" in (repo / "reports/report.html").read_text()

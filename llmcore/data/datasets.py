@@ -6,6 +6,7 @@ failure is an :class:`LLMCoreError` naming the file and the row or entry at faul
 
 - ``SMSSpamCollection`` (UCI SMS Spam Collection): ``label<TAB>text`` per line, no header, 5574 rows.
 - ``instruction-data.json`` (LLMs-from-scratch ch07): a JSON list of Alpaca-style entries.
+- ``instruction-data-with-preference.json`` (ch07 DPO): the same entries plus ``chosen`` and ``rejected`` answers.
 - plain-text pretraining corpora (the-verdict.txt, TinyShakespeare).
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Literal
 
 import pandas as pd
 
@@ -22,6 +24,7 @@ from llmcore.common import LLMCoreError
 SPAM_LABELS = ("ham", "spam")
 SPAM_ROWS = 5574  # the real file: 4827 ham, 747 spam
 INSTRUCTION_KEYS = ("instruction", "input", "output")
+PREFERENCE_KEYS = ("instruction", "input", "chosen", "rejected")  # ``output`` (a reference) is optional
 
 
 def _read_bytes(path: Path) -> bytes:
@@ -102,6 +105,62 @@ def load_instruction_data(path: str | os.PathLike) -> list[dict]:
             if not entry[key].strip():
                 raise LLMCoreError(f"{path}: entry {i}: key '{key}' is empty")
     return data
+
+
+PREFERENCE_KEYS = ("instruction", "input", "chosen", "rejected")  # ``output`` (a reference) is optional
+
+
+def validate_preferences(
+    data: object, where: str, identical: Literal["error", "drop"] = "drop"
+) -> tuple[list[dict], list[int]]:
+    """Check a parsed JSON list of preference entries -> (kept entries, indices of dropped identical pairs).
+
+    Every entry needs string ``instruction``, ``input`` (may be empty), ``chosen`` and ``rejected``; the
+    instruction and both answers must be non-empty, and ``output`` is a string when present. An entry
+    whose chosen and rejected answers are the same text (up to surrounding whitespace) carries no
+    preference: with ``identical="drop"`` it is dropped and its index returned, with ``"error"`` it stops.
+
+    Raises:
+        LLMCoreError: ``<where>: entry <i>: ...`` naming the 0-based entry index and the field at fault.
+    """
+    if not isinstance(data, list):
+        raise LLMCoreError(f"{where}: expected a JSON list of preference entries, got {type(data).__name__}")
+    if not data:
+        raise LLMCoreError(f"{where}: no preference entries")
+    kept, dropped = [], []
+    for i, entry in enumerate(data):
+        if not isinstance(entry, dict):
+            raise LLMCoreError(f"{where}: entry {i}: expected an object, got {type(entry).__name__}")
+        for key in PREFERENCE_KEYS + (("output",) if "output" in entry else ()):
+            if key not in entry:
+                raise LLMCoreError(f"{where}: entry {i}: missing key '{key}'")
+            if not isinstance(entry[key], str):
+                raise LLMCoreError(f"{where}: entry {i}: key '{key}' must be a string, got {type(entry[key]).__name__}")
+        for key in ("instruction", "chosen", "rejected"):
+            if not entry[key].strip():
+                raise LLMCoreError(f"{where}: entry {i}: key '{key}' is empty")
+        if entry["chosen"].strip() == entry["rejected"].strip():
+            if identical == "error":
+                raise LLMCoreError(f"{where}: entry {i}: 'chosen' and 'rejected' are the same text")
+            dropped.append(i)
+            continue
+        kept.append(entry)
+    if not kept:
+        raise LLMCoreError(f"{where}: every entry has identical chosen and rejected answers")
+    return kept, dropped
+
+
+def load_preferences(
+    path: str | os.PathLike, identical: Literal["error", "drop"] = "drop"
+) -> tuple[list[dict], list[int]]:
+    """Read and validate a preference file (a JSON list; see ``validate_preferences``)."""
+    path = Path(path)
+    text = _decode_utf8(path, _read_bytes(path))
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise LLMCoreError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    return validate_preferences(data, str(path), identical)
 
 
 def find_single_file(folder: str | os.PathLike, key: str, pattern: str = "*") -> Path:

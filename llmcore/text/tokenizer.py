@@ -65,6 +65,11 @@ def _gpt2_byte_decoder() -> dict[str, int]:
     return {c: b for b, c in chars.items()}
 
 
+def gpt2_byte_encoder() -> dict[int, str]:
+    """GPT-2's printable stand-in character for each byte (how HF ``tokenizers`` and GGUF files spell tokens)."""
+    return {b: c for c, b in _gpt2_byte_decoder().items()}
+
+
 class Tokenizer:
     """A tokenizer with one interface for every kind.
 

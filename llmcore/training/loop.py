@@ -37,6 +37,9 @@ The two contracts
     micro-batches hold different numbers of items (instruction tuning's ``-100`` labels). ``lm_loss`` is
     next-token cross-entropy with ``-100`` ignored; a classifier returns ``(F.cross_entropy(logits, y),
     len(y))``. ``model`` is the wrapped model (compiled / DDP): call it, do not reach inside.
+    It may return a third element, ``{name: 0-dim tensor}`` of further means over the same ``n`` items
+    (DPO's reward accuracy and margins): they are averaged like the loss and logged as ``train/<name>``
+    and ``val/<name>``.
 
 One optimizer step
 ------------------
@@ -108,7 +111,19 @@ class Batches(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
-LossFn = Callable[[nn.Module, Any], tuple[torch.Tensor, "int | torch.Tensor"]]
+LossFn = Callable[[nn.Module, Any], tuple]  # (mean loss, n items[, {name: mean over the n items}])
+
+
+def split_loss_output(out: tuple) -> tuple[torch.Tensor, Any, dict[str, torch.Tensor]]:
+    """``loss_fn``'s result as (loss, n, metrics); metrics is empty for a plain ``(loss, n)``."""
+    return out[0], out[1], (out[2] if len(out) > 2 else {})
+
+
+def _weighted(loss: torch.Tensor, n: torch.Tensor, metrics: dict[str, torch.Tensor], dtype) -> torch.Tensor:
+    """[loss*n, n, metric_1*n, ...]: what is summed over micro-batches and ranks."""
+    values = [loss.detach().to(dtype) * n, n] + [torch.as_tensor(v).detach().to(n.device, dtype) * n
+                                                 for v in metrics.values()]  # fmt: skip
+    return torch.stack(values)
 
 
 def lm_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -224,22 +239,24 @@ def plan_steps(cfg: TrainConfig, batches_per_epoch: int) -> tuple[int, str]:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: Batches, loss_fn: LossFn, n_batches: int, device: torch.device,
-             precision: str, rt: Runtime) -> float:  # fmt: skip
-    """Mean loss over ``n_batches`` batches (weighted by item count, over every rank)."""
+             precision: str, rt: Runtime) -> tuple[float, dict[str, float]]:  # fmt: skip
+    """(mean loss, {metric: mean}) over ``n_batches`` batches (weighted by item count, over every rank)."""
     was_training = model.training
     model.eval()
     dtype = torch.float32 if device.type == "mps" else torch.float64  # mps has no float64
-    total = torch.zeros(2, device=device, dtype=dtype)  # [sum of loss*n, n]
+    total, names = None, []  # [sum of loss*n, n, sum of metric*n, ...]
     for _ in range(n_batches):
         batch = move_to(data.next_batch(), device)
         with autocast_context(device, precision):
-            loss, n = loss_fn(model, batch)
+            loss, n, metrics = split_loss_output(loss_fn(model, batch))
         n = torch.as_tensor(n, device=device, dtype=dtype)
-        total += torch.stack([loss.detach().to(dtype) * n, n])
+        row = _weighted(loss, n, metrics, dtype)
+        total, names = (row, list(metrics)) if total is None else (total + row, names)
     if rt.ddp:
         dist.all_reduce(total)
     model.train(was_training)
-    return (total[0] / total[1].clamp_min(1)).item()
+    means = (total / total[1].clamp_min(1)).tolist()
+    return means[0], dict(zip(names, means[2:], strict=True))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -260,7 +277,7 @@ class FitResult:
     stop_reason: str  # max_steps | epochs | time_budget
     resumed_from: int | None  # the step the run resumed from, None for a fresh start
     epochs: float  # passes over train_data
-    extra: dict[str, float] = field(default_factory=dict)  # the last on_eval metrics
+    extra: dict[str, float] = field(default_factory=dict)  # the last evaluation's loss_fn and on_eval metrics
 
 
 def fit(
@@ -353,7 +370,8 @@ def fit(
             per_s = interval_items / max(interval_time, 1e-9)
             bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", **{f"{unit}/s": f"{per_s:.0f}"})
             log_metrics(live, {"train/loss": step_loss, "train/lr": lr, f"train/{unit}_per_s": per_s,
-                               "train/grad_norm": grad_norm}, state.step)  # fmt: skip
+                               "train/grad_norm": grad_norm,
+                               **{f"train/{k}": v for k, v in state.step_metrics.items()}}, state.step)  # fmt: skip
             interval_items, interval_time = 0, 0.0
         if not math.isfinite(step_loss):
             raise LLMCoreError(f"training diverged: loss is {step_loss} at step {state.step} (lower train.lr?)")
@@ -405,10 +423,11 @@ def train_step(wrapped: nn.Module, train_data: Batches, loss_fn: LossFn, optimiz
                state: TrainState) -> tuple[float, int, float]:  # fmt: skip
     """One optimizer step over ``grad_accum`` micro-batches -> (mean loss, items, gradient norm).
 
-    Sets ``state.n_ref`` on the very first micro-batch of a run.
+    Sets ``state.n_ref`` on the very first micro-batch of a run, and ``state.step_metrics`` to the step's
+    means of ``loss_fn``'s extra metrics.
     """
     device = rt.device
-    totals = torch.zeros(2, device=device)  # [sum of loss*n, n] over this rank's micro-batches
+    totals, names = None, []  # [sum of loss*n, n, sum of metric*n, ...] over this rank's micro-batches
     for micro in range(cfg.grad_accum):
         batch = move_to(train_data.next_batch(), device)
         # DDP all-reduces gradients in backward; only the last micro-batch needs that.
@@ -416,14 +435,15 @@ def train_step(wrapped: nn.Module, train_data: Batches, loss_fn: LossFn, optimiz
         sync = wrapped.no_sync() if rt.ddp and not last else contextlib.nullcontext()
         with sync:
             with autocast_context(device, hw.precision):
-                loss, n = loss_fn(wrapped, batch)
+                loss, n, metrics = split_loss_output(loss_fn(wrapped, batch))
             n = torch.as_tensor(n, device=device, dtype=torch.float32)
             if state.n_ref is None:
                 state.n_ref = reference_count(n, rt)
             # Weight by items: a micro-batch counts in proportion to what it holds. Dividing by a fixed
             # n_ref (the first batch's count) keeps magnitudes as usual for fp16's GradScaler.
             scaler.scale(loss * (n / state.n_ref)).backward()
-        totals += torch.stack([loss.detach().float() * n, n])
+        row = _weighted(loss, n, metrics, torch.float32)
+        totals, names = (row, list(metrics)) if totals is None else (totals + row, names)
     if rt.ddp:
         dist.all_reduce(totals)
     # Gradients now hold (1/W) * sum_i (n_i / n_ref) * grad(mean loss_i); make it the mean over all N items.
@@ -433,8 +453,9 @@ def train_step(wrapped: nn.Module, train_data: Batches, loss_fn: LossFn, optimiz
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    step_loss = (totals[0] / totals[1].clamp_min(1)).item()  # syncs the device: step timing is honest
-    return step_loss, int(totals[1].item()), float(grad_norm)
+    means = (totals / totals[1].clamp_min(1)).tolist()  # syncs the device: step timing is honest
+    state.step_metrics = dict(zip(names, means[2:], strict=True))
+    return means[0], int(totals[1].item()), float(grad_norm)
 
 
 def log_metrics(live: Any | None, metrics: dict[str, float], at: int) -> None:
@@ -465,10 +486,10 @@ class Evaluator:
         """Evaluate at ``state.step``; updates the state's losses, extra metrics and ``last_eval``."""
         at = state.step
         self.val_data.load_state_dict(copy.deepcopy(self.val_start))
-        state.val_loss = evaluate(wrapped, self.val_data, self.loss_fn, self.n_batches, self.rt.device,
-                                  self.precision, self.rt)  # fmt: skip
+        state.val_loss, loss_metrics = evaluate(wrapped, self.val_data, self.loss_fn, self.n_batches,
+                                                self.rt.device, self.precision, self.rt)  # fmt: skip
         extra = (self.on_eval(unwrap(model), at) or {}) if self.on_eval else {}
-        state.extra = {k: float(v) for k, v in extra.items()}
+        state.extra = {k: float(v) for k, v in {**loss_metrics, **extra}.items()}
         metrics = {"val/loss": state.val_loss, "val/ppl": math.exp(min(state.val_loss, 50.0))}
         metrics.update({f"val/{k}": v for k, v in state.extra.items()})
         recent = state.recent_losses

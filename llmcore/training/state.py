@@ -140,7 +140,8 @@ class TrainState:
     recent_losses: list[float] = field(default_factory=list)  # step losses since the last evaluation
     train_loss: float = math.nan  # mean of recent_losses at the last evaluation
     val_loss: float = math.nan
-    extra: dict[str, float] = field(default_factory=dict)  # the last on_eval metrics
+    extra: dict[str, float] = field(default_factory=dict)  # the last evaluation's loss_fn and on_eval metrics
+    step_metrics: dict[str, float] = field(default_factory=dict)  # the last step's loss_fn metrics
     last_eval: int | None = None  # the step of the last evaluation
 
 
@@ -192,4 +193,4 @@ def restore_checkpoint(out_dir: Path, fingerprint: str, model: nn.Module, optimi
     if live_dir is not None and (found[-1] / "live").is_dir():
         shutil.rmtree(live_dir, ignore_errors=True)
         shutil.copytree(found[-1] / "live", live_dir)
-    return TrainState(**{f.name: tree[f.name] for f in dataclasses.fields(TrainState)})
+    return TrainState(**{f.name: tree[f.name] for f in dataclasses.fields(TrainState) if f.name in tree})

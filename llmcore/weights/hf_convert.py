@@ -24,6 +24,9 @@ import torch
 from llmcore.common import LLMCoreError, atomic_path, write_json_atomic
 from llmcore.models.config import ConfigError, ModelConfig
 from llmcore.models.gpt import GPT
+from llmcore.text.bpe_export import hf_tokenizer_files
+from llmcore.text.chat_templates import jinja_chat_template
+from llmcore.text.tokenizer import Tokenizer
 from llmcore.weights.weight_file import load_state, model_from_state, model_state
 
 # --- configs ---------------------------------------------------------------------------------------
@@ -79,16 +82,18 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     raise LLMCoreError(f"config.json: unsupported model_type {model_type!r} (supported: gpt2, llama)")
 
 
-def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
-    """The HF ``config.json`` for a GPT-2- or Llama-family llmcore config."""
+def config_to_hf(cfg: ModelConfig, eot_id: int | None = None) -> dict[str, Any]:
+    """The HF ``config.json`` for a GPT-2- or Llama-family llmcore config; ``eot_id`` (the tokenizer's end-of-text
+    id) is bos and eos, GPT-2's 50256 when not given for a GPT-2-family model."""
     if family(cfg) == "gpt2":
+        eot = 50256 if eot_id is None else eot_id
         return {
             "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": cfg.vocab_size,
             "n_positions": cfg.context_length, "n_ctx": cfg.context_length, "n_embd": cfg.emb_dim,
             "n_layer": cfg.n_layers, "n_head": cfg.n_heads, "n_inner": cfg.hidden_dim,
             "activation_function": "gelu_new", "layer_norm_epsilon": cfg.norm_eps,
             "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "tie_word_embeddings": True,
-            "bos_token_id": 50256, "eos_token_id": 50256, "torch_dtype": "float32",
+            "bos_token_id": eot, "eos_token_id": eot, "torch_dtype": "float32",
         }  # fmt: skip
     out = {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": cfg.vocab_size,
@@ -99,6 +104,8 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         "attention_bias": cfg.qkv_bias, "mlp_bias": cfg.bias, "tie_word_embeddings": cfg.tie_embeddings,
         "torch_dtype": "float32",
     }  # fmt: skip
+    if eot_id is not None:
+        out |= {"bos_token_id": eot_id, "eos_token_id": eot_id}
     if cfg.rope_scaling:
         sc = cfg.rope_scaling
         out["rope_scaling"] = {
@@ -288,14 +295,34 @@ def load_hf(directory: str | os.PathLike, device: str = "cpu") -> GPT:
     return model_from_state(cfg, state, directory).to(device).eval()
 
 
-def save_hf(model: GPT, directory: str | os.PathLike) -> Path:
-    """Write ``model`` as an HF checkpoint directory that ``from_pretrained`` loads."""
+def save_hf(
+    model: GPT, directory: str | os.PathLike, tokenizer: Tokenizer | None = None, template: str | None = None
+) -> list[str]:
+    """Write ``model`` as an HF checkpoint directory that ``from_pretrained`` loads; returns the file names.
+
+    With a byte-level BPE ``tokenizer`` the folder also gets ``tokenizer.json``, ``tokenizer_config.json`` (with a
+    chat template reproducing ``template`` when given), ``special_tokens_map.json`` and ``generation_config.json``
+    (end-of-text as bos/eos/pad), so ``AutoTokenizer`` and ``generate`` work without llmcore. A char tokenizer has
+    no HF equivalent: only the weights and config are written.
+    """
     from safetensors.torch import save_file
 
+    cfg = model.cfg
+    bpe = tokenizer is not None and tokenizer.kind != "char"
+    family(cfg)  # refuse an architecture HF has no class for before writing anything
+    files: dict[str, Any] = {}
+    if bpe:
+        files = hf_tokenizer_files(tokenizer, cfg.context_length)
+        if template:
+            files["tokenizer_config.json"]["chat_template"] = jinja_chat_template(template)
+        eot = tokenizer.eot_id
+        files["generation_config.json"] = {"bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot}
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = state_to_hf(model.cfg, model_state(model))
+    state = state_to_hf(cfg, model_state(model))
     with atomic_path(directory / "model.safetensors") as tmp:
         save_file({k: v.cpu() for k, v in state.items()}, str(tmp), metadata={"format": "pt"})
-    write_json_atomic(directory / "config.json", config_to_hf(model.cfg))
-    return directory
+    files["config.json"] = config_to_hf(cfg, tokenizer.eot_id if bpe else None)
+    for name, obj in files.items():
+        write_json_atomic(directory / name, obj)
+    return ["model.safetensors", *files]
