@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 import typer
 
@@ -198,7 +199,8 @@ def main(
         if tok.vocab_size != meta["vocab_size"]:
             raise LLMCoreError(f"{tokens}: tokenizer has {tok.vocab_size} ids but meta.json says {meta['vocab_size']}")
         model_cfg = model_config_from_params(raw["model"], vocab_size=tok.vocab_size)
-        n_bytes = sum(e.get("tokens", 0) for s in meta.get("splits", {}).values() for e in s) * 4
+        itemsize = np.dtype(meta["dtype"]).itemsize
+        n_bytes = sum(e.get("tokens", 0) for s in meta.get("splits", {}).values() for e in s) * itemsize
         train_tokens = load_tokens(tokens, "train", meta, verify=n_bytes <= VERIFY_BYTES)
         val_tokens = load_tokens(tokens, "val", meta, verify=n_bytes <= VERIFY_BYTES)
 
