@@ -1,4 +1,4 @@
-"""Stage `evaluate`: score the instruction model's test responses with an LLM judge through Ollama.
+"""Stage `evaluate`: score the instruction model's test responses with an LLM judge (Ollama or OpenAI API).
 
 Every response in ``reports/instruct/responses.json`` is scored 0-100 by the judge model (the book's
 chapter 7 evaluation); unparsable and failed items are counted, never dropped. Metrics that need no

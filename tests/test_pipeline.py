@@ -138,7 +138,8 @@ def judge_server(tmp_path_factory):
     """`llmcore serve` as the judge, on loopback: a tiny model whose every answer is "85" (a usable score)."""
     import threading
 
-    from llmcore.serve.server import ModelHandle, make_server
+    from llmcore.serve.app import make_server
+    from llmcore.serve.models import ModelHandle
     from tests.fixed_reply import save_fixed_reply_model
 
     path = save_fixed_reply_model(tmp_path_factory.mktemp("judge"), "85")
