@@ -15,7 +15,7 @@ $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH_SPEC)" || $(BIN)/pip install -q torch
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install -q -e ".[dev,export,serve]"
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install -q -e ".[dev,data,export,serve]"
 	# the book's reference model, a peer in benchmarks and their tests; its own deps are heavy and unneeded
 	$(BIN)/pip install -q --no-deps llms-from-scratch
 	touch $@
@@ -45,6 +45,7 @@ bench: venv
 	$(BIN)/python -m benchmarks.gguf_export
 	$(BIN)/python -m benchmarks.serve_bench
 	$(BIN)/python -m benchmarks.compiled_decode
+	$(BIN)/python -m benchmarks.data
 
 bench-quick: venv
 	$(BIN)/pip install -q -e ".[bench]"
@@ -52,6 +53,7 @@ bench-quick: venv
 	$(BIN)/python -m benchmarks.dpo --quick
 	$(BIN)/python -m benchmarks.gguf_export --quick
 	$(BIN)/python -m benchmarks.serve_bench --quick --out reports/serve_bench_quick.json
+	$(BIN)/python -m benchmarks.data --quick
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -3,6 +3,8 @@
     llmcore serve --model data/models/instruct                       # Ollama + OpenAI APIs on 127.0.0.1:11434
     llmcore serve --model data/models/instruct --model data/models/base --name base --template raw
     llmcore export data/models/instruct --format gguf --precision q8_0 --out data/export/instruct
+    llmcore profile params/fineweb-d12.yaml --run -n d12        # dvc exp run with the profile's params
+    llmcore profile params/fineweb-d12.yaml --write run.yaml    # the merged params file, for stages by hand
 """
 
 from __future__ import annotations
@@ -20,6 +22,38 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, help="llmcore: too
 @app.callback()
 def main() -> None:
     """llmcore: tools around the pipeline's models."""  # a callback keeps `serve` a subcommand while it is alone
+
+
+@app.command()
+def profile(
+    path: Path = typer.Argument(..., help="a profile: a partial params file (params/*.yaml)"),
+    params: Path = typer.Option(Path("params.yaml"), help="the params file it is merged over"),
+    write: Path = typer.Option(None, help="write the merged params here (python -m stages.X --params FILE)"),
+    run: bool = typer.Option(False, "--run", help="run `dvc exp run` with the profile as --set-param arguments"),
+    name: str = typer.Option(None, "-n", "--name", help="experiment name for --run"),
+) -> None:
+    """Merge a params profile over params.yaml: print the `dvc exp run` command, write the file, or run it."""
+    import shlex
+    import subprocess
+
+    import yaml
+
+    from llmcore.common import write_text_atomic
+    from llmcore.params import merge_params, profile_overrides, read_params
+
+    with stage_errors():
+        base, overrides = read_params(params), read_params(path)
+        if write is not None:
+            write_text_atomic(write, yaml.safe_dump(merge_params(base, overrides), sort_keys=False))
+            typer.echo(f"wrote {write}")
+        cmd = ["dvc", "exp", "run", *(["-n", name] if name else [])]
+        for arg in profile_overrides(base, overrides):
+            cmd += ["-S", arg]
+        if not run:
+            if write is None:
+                typer.echo(shlex.join(cmd))
+            return
+        raise SystemExit(subprocess.call(cmd))
 
 
 @app.command()

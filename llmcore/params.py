@@ -296,3 +296,54 @@ def model_config_from_params(data: Any, where: str = "model", **fixed: Any):
         return ModelConfig.from_dict({**base, **data, **fixed})
     except ConfigError as e:
         raise ParamsError(str(e)) from None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Profiles: params files (``params/*.yaml``) merged over params.yaml
+# ---------------------------------------------------------------------------------------------------
+
+
+def merge_params(base: dict[str, Any], profile: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``profile`` merged in: mappings merge key by key, anything else (lists too) replaces."""
+    out = dict(base)
+    for key, value in profile.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_params(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _override_value(value: Any) -> str:
+    """A value in the override grammar of ``dvc exp run --set-param`` (Hydra's): quoted strings, flow lists."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    if isinstance(value, list):
+        return "[" + ",".join(_override_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{_override_value(v)}" for k, v in value.items()) + "}"
+    raise ParamsError(f"profile: cannot express {value!r} as a --set-param value")
+
+
+def profile_overrides(base: dict[str, Any], profile: dict[str, Any], prefix: str = "") -> list[str]:
+    """``--set-param`` arguments that turn ``base`` into ``merge_params(base, profile)``, one per leaf.
+
+    A key that ``base`` lacks is added with ``+key=value`` (Hydra's syntax for a new key), a whole new
+    mapping at once.
+    """
+    args = []
+    for key, value in profile.items():
+        path = f"{prefix}{key}"
+        if key not in base:
+            args.append(f"+{path}={_override_value(value)}")
+        elif isinstance(value, dict) and isinstance(base[key], dict):
+            args += profile_overrides(base[key], value, f"{path}.")
+        else:
+            args.append(f"{path}={_override_value(value)}")
+    return args
