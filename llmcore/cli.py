@@ -1,8 +1,10 @@
 """The ``llmcore`` command (a Typer app; the pipeline's stages have their own scripts in ``stages/``).
 
-    llmcore serve --model data/models/instruct                       # Ollama API on 127.0.0.1:11434
+    llmcore serve --model data/models/instruct                       # Ollama + OpenAI APIs on 127.0.0.1:11434
     llmcore serve --model data/models/instruct --model data/models/base --name base --template raw
     llmcore export data/models/instruct --format gguf --precision q8_0 --out data/export/instruct
+    llmcore profile params/fineweb-d12.yaml --run -n d12        # dvc exp run with the profile's params
+    llmcore profile params/fineweb-d12.yaml --write run.yaml    # the merged params file, for stages by hand
     llmcore benchmark data/models/gpt2-124m --tasks hellaswag,arc_easy --limit 200   # lm-evaluation-harness
 """
 
@@ -14,7 +16,6 @@ from pathlib import Path
 import typer
 
 from llmcore.common import LLMCoreError, stage_errors
-from llmcore.device import resolve_device
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="llmcore: tools around the pipeline's models.")
 
@@ -22,6 +23,38 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, help="llmcore: too
 @app.callback()
 def main() -> None:
     """llmcore: tools around the pipeline's models."""  # a callback keeps `serve` a subcommand while it is alone
+
+
+@app.command()
+def profile(
+    path: Path = typer.Argument(..., help="a profile: a partial params file (params/*.yaml)"),
+    params: Path = typer.Option(Path("params.yaml"), help="the params file it is merged over"),
+    write: Path = typer.Option(None, help="write the merged params here (python -m stages.X --params FILE)"),
+    run: bool = typer.Option(False, "--run", help="run `dvc exp run` with the profile as --set-param arguments"),
+    name: str = typer.Option(None, "-n", "--name", help="experiment name for --run"),
+) -> None:
+    """Merge a params profile over params.yaml: print the `dvc exp run` command, write the file, or run it."""
+    import shlex
+    import subprocess
+
+    import yaml
+
+    from llmcore.common import write_text_atomic
+    from llmcore.params import merge_params, profile_overrides, read_params
+
+    with stage_errors():
+        base, overrides = read_params(params), read_params(path)
+        if write is not None:
+            write_text_atomic(write, yaml.safe_dump(merge_params(base, overrides), sort_keys=False))
+            typer.echo(f"wrote {write}")
+        cmd = ["dvc", "exp", "run", *(["-n", name] if name else [])]
+        for arg in profile_overrides(base, overrides):
+            cmd += ["-S", arg]
+        if not run:
+            if write is None:
+                typer.echo(shlex.join(cmd))
+            return
+        raise SystemExit(subprocess.call(cmd))
 
 
 @app.command()
@@ -40,40 +73,57 @@ def serve(
         "default: the template stored with the model by instruction tuning, else alpaca",
     ),
     device: str = typer.Option("auto", help="auto | cpu | cuda | mps"),
+    max_batch: int = typer.Option(8, min=1, help="sequences of one model decoded together (continuous batching)"),
+    max_body: int = typer.Option(2**20, min=1024, help="largest request body in bytes (413 above)"),
+    threads: int = typer.Option(0, min=0, help="torch CPU threads (0: torch's default)"),
 ) -> None:
-    """Serve llmcore checkpoints over Ollama's HTTP API (/api/generate, /api/chat, /api/tags, /api/show)."""
-    from llmcore.serve.server import ModelHandle, default_name, make_server, qualify  # torch: import late
+    """Serve llmcore checkpoints over the Ollama API (/api/*), the OpenAI API (/v1/*) and a chat page (/)."""
+    from llmcore.device import resolve_device  # torch: import late (`llmcore --help` stays fast)
+    from llmcore.serve.app import make_server
+    from llmcore.serve.models import ModelHandle, check_name, default_name
 
     with stage_errors():
         names = list(name or [])
         if len(names) > len(model):
             raise LLMCoreError(f"{len(names)} --name given for {len(model)} --model")
+        names = [check_name(n) for n in names]
         torch_device = resolve_device(device)
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
         names += [default_name(path) for path in model[len(names) :]]
-        names = [qualify(n) for n in names]
         if len(set(names)) != len(names):
             raise LLMCoreError(f"two models would share a name: {names}; tell them apart with --name")
         models = {}
         for served, path in zip(names, model, strict=True):
             typer.echo(f"loading {path} as {served} ...")
-            models[served] = ModelHandle.load(path, template=template, device=torch_device)
+            models[served] = ModelHandle.load(path, template=template, device=torch_device, max_batch=max_batch)
         try:
-            server = make_server(models, host, port)
+            server = make_server(models, host, port, max_body=max_body)
         except OSError as e:
             raise LLMCoreError(
                 f"cannot listen on {host}:{port}: {e.strerror or e} (is Ollama already running? try --port)"
             ) from None
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if host not in ("127.0.0.1", "localhost", "::1"):
         typer.echo(f"warning: listening on {host}: anyone who can reach this address can use the models", err=True)
-    typer.echo(f"serving {', '.join(names)} on {server.url} (Ollama API; Ctrl-C to stop)")
+    typer.echo(f"serving {', '.join(names)} on {server.url} (Ollama API /api, OpenAI API /v1, chat page /; "
+               "Ctrl-C to stop)")
+    # uvicorn stops gracefully on SIGINT/SIGTERM, then re-raises the signal: a stop asked for is a clean exit.
+    import signal
+    import sys
+    import threading
+
+    if threading.current_thread() is threading.main_thread():  # (a server run from a thread has no signals)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: sys.exit(0))
     try:
         server.serve_forever()
-    except KeyboardInterrupt:
-        pass
     finally:
         server.server_close()
+        typer.echo("stopped")
 
 
 @app.command()

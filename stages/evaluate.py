@@ -1,4 +1,4 @@
-"""Stage `evaluate`: score the instruction model's test responses with an LLM judge through Ollama.
+"""Stage `evaluate`: score the instruction model's test responses with an LLM judge (Ollama or OpenAI API).
 
 Every response in ``reports/instruct/responses.json`` is scored 0-100 by the judge model (the book's
 chapter 7 evaluation); unparsable and failed items are counted, never dropped. Metrics that need no
@@ -155,6 +155,11 @@ def write_h2h(path: Path, records: list) -> None:
         tmp.write_text("".join(json.dumps(asdict(r), ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
 
 
+def load_params(path: Path) -> EvaluateParams:
+    """Everything this stage reads from params.yaml: the ``evaluate`` section."""
+    return load_section("evaluate", EvaluateParams, path)
+
+
 app = typer.Typer(add_completion=False)
 
 
@@ -170,7 +175,7 @@ def main(
 ) -> None:
     """Judge every test response and compute judge-free metrics; compare with the aligned model's answers."""
     with stage_errors():
-        cfg = load_section("evaluate", EvaluateParams, params)
+        cfg = load_params(params)
         items = load_responses(responses)
         metrics = {"n_items": len(items), **text_metrics(items)}
         metrics.update(reference_loss(model_dir, responses, cfg.loss_batch_size))

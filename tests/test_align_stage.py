@@ -22,7 +22,8 @@ from typer.testing import CliRunner
 from llmcore.data.instruct import split_entries
 from llmcore.models.config import ModelConfig
 from llmcore.models.gpt import GPT
-from llmcore.serve.server import ModelHandle, make_server
+from llmcore.serve.app import make_server
+from llmcore.serve.models import ModelHandle
 from llmcore.text.bpe import ENDOFTEXT, GPT2_PATTERN
 from llmcore.text.tokenizer import Tokenizer
 from llmcore.weights.model_dir import save_model_dir

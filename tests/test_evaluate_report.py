@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 from llmcore.eval.report import Curve, svg_lines
 from llmcore.models.config import ModelConfig
 from llmcore.models.gpt import GPT
-from llmcore.serve.server import ModelHandle, make_server
+from llmcore.serve.app import make_server
+from llmcore.serve.models import ModelHandle
 from llmcore.text.tokenizer import Tokenizer
 from llmcore.weights.weight_file import save_checkpoint
 from stages import evaluate, report

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from llmcore.models.config import ModelConfig
 from llmcore.models.gpt import GPT
-from llmcore.serve.server import chat_prompt
+from llmcore.serve.models import chat_prompt
 from llmcore.text.tokenizer import Tokenizer
 from llmcore.weights.model_dir import save_model_dir
 from tests.conftest import MIRROR_DIR, require_module, require_shared

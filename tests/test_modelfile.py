@@ -11,7 +11,7 @@ import jinja2
 import pytest
 
 from llmcore.common import LLMCoreError
-from llmcore.serve.server import chat_prompt
+from llmcore.serve.models import chat_prompt
 from llmcore.text.chat_templates import jinja_chat_template, ollama_template
 from llmcore.text.prompts import format_alpaca
 from llmcore.weights.modelfile import modelfile_text

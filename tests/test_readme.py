@@ -21,8 +21,10 @@ from llmcore.eval.judge import shortfall
 from llmcore.models.classifier import GPTClassifier
 from llmcore.models.config import ModelConfig
 from llmcore.models.gpt import GPT
-from llmcore.serve import server as serve_module
-from llmcore.serve.server import ModelHandle, make_server, parse_options
+from llmcore.serve import app as serve_module
+from llmcore.serve.app import make_server
+from llmcore.serve.models import ModelHandle
+from llmcore.serve.ollama_api import sampling_from_options
 from llmcore.text.tokenizer import Tokenizer
 from llmcore.weights.model_dir import save_classifier, save_model_dir
 from stages import classify, evaluate, instruct
@@ -63,8 +65,8 @@ def running_cli_server(monkeypatch):
     """Runs `llmcore serve ARGS` (the real CLI) in a thread; yields a function that starts it and returns its URL."""
     servers, threads = [], []
 
-    def spy(models, host, port):
-        servers.append(make_server(models, host, port))
+    def spy(models, host, port, max_body):
+        servers.append(make_server(models, host, port, max_body))
         return servers[-1]
 
     monkeypatch.setattr(serve_module, "make_server", spy)
@@ -139,12 +141,13 @@ def tiny_lm() -> tuple[GPT, Tokenizer]:
 
 def test_deterministic_curl_example_equals_ask(tmp_path):
     text = section("Chat with your model: `llmcore serve`")
-    curl = command(text, "curl")
+    (curl,) = [c for c in commands(text) if c[0] == "curl" and "/api/generate" in c[1]]
     body = json.loads(option(curl, "-d"))  # valid JSON, as a shell would pass it
     assert body["options"]["temperature"] == 0 and body["stream"] is False
     ask = command(text, "python", "-m", "stages.instruct", "ask")
     assert ask[4] == body["prompt"]
-    assert parse_options({}).temperature == 0.8  # "like Ollama, the server samples at 0.8 unless told otherwise"
+    # "like Ollama, the server samples at 0.8 unless told otherwise"
+    assert sampling_from_options({}, 256)[0].temperature == 0.8
 
     folder = tmp_path / body["model"]
     save_model_dir(folder, *tiny_lm())

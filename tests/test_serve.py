@@ -27,7 +27,9 @@ from llmcore.cli import app
 from llmcore.models.config import ModelConfig
 from llmcore.models.generate import SamplingConfig, generate
 from llmcore.models.gpt import GPT
-from llmcore.serve.server import ModelHandle, TextStream, chat_prompt, make_server
+from llmcore.models.responses import TextStream
+from llmcore.serve.app import make_server
+from llmcore.serve.models import ModelHandle, chat_prompt
 from llmcore.text.prompts import extract_response, format_alpaca
 from llmcore.text.tokenizer import Tokenizer
 from llmcore.weights.weight_file import save_checkpoint
@@ -114,7 +116,8 @@ def test_version_list_show_ps(url: str, client: ollama.Client, model_dir: Path) 
 
     shown = client.show("tiny")  # the tag defaults to :latest, as in Ollama
     assert shown.modelinfo["llama.context_length"] == 128
-    assert "### Instruction:" in shown.template and "{{ .Prompt }}" in shown.template
+    assert "### Instruction:" in shown.template and "range .Messages" in shown.template  # the server's own prompts
+    assert shown.parameters == 'stop "###"'
     assert shown.capabilities == ["completion"]
     assert {m.model for m in client.ps().models} == set(listed)
 
@@ -246,7 +249,7 @@ def test_concurrent_requests_match_sequential(url: str) -> None:
 
 
 def test_client_hanging_up_mid_stream(url: str, client: ollama.Client, caplog) -> None:
-    caplog.set_level(logging.INFO, logger="llmcore.serve.server")
+    caplog.set_level(logging.INFO, logger="llmcore.serve")
     host, port = url.removeprefix("http://").split(":")
     body = json.dumps({"model": "tiny-raw", "prompt": "Once upon a time", "options": {"num_predict": -1}}).encode()
     for _ in range(3):
@@ -330,11 +333,11 @@ def test_cli(model_dir: Path, monkeypatch) -> None:
         def server_close(self) -> None:
             pass
 
-    def fake_make_server(models, host, port):
+    def fake_make_server(models, host, port, max_body):
         calls.append((sorted(models), host, port))
         return FakeServer()
 
-    monkeypatch.setattr("llmcore.serve.server.make_server", fake_make_server)
+    monkeypatch.setattr("llmcore.serve.app.make_server", fake_make_server)
     result = runner.invoke(app, ["serve", "--model", str(model_dir), "--model", str(model_dir), "--name", "judge"])
     assert result.exit_code == 0, result.output
     assert calls == [(["judge:latest", "tiny:latest"], "127.0.0.1", 11434)]  # loopback by default
@@ -358,6 +361,13 @@ def test_the_template_stored_with_the_model_is_served(model_dir: Path, tmp_path:
     assert chat_prompt([{"role": "user", "content": "Add 2 and 3."}], handle.template) == (
         "Q: Add 2 and 3.\nContext: \nA:"
     )
+    from starlette.testclient import TestClient
+
+    from llmcore.serve.app import create_app
+
+    with TestClient(create_app({"custom": handle})) as http:  # /api/show gives the Go template of the same prompts
+        shown = http.post("/api/show", json={"model": "custom"})
+        assert shown.status_code == 200 and "Q: {{ $content }}" in shown.json()["template"]
     assert ModelHandle.load(tmp_path, template="raw").template == "raw"  # --template still overrides it
     assert ModelHandle.load(model_dir).template == "alpaca"  # nothing stored: alpaca, as before
 
@@ -370,3 +380,12 @@ def test_serving_a_classifier_is_refused_in_one_line(model_dir: Path, tmp_path: 
     result = CliRunner().invoke(app, ["serve", "--model", str(tmp_path), "--port", "0"])
     assert result.exit_code == 1
     assert "a 'classify' checkpoint, not a causal language model; serve needs one" in result.output
+
+
+def test_cli_imports_no_torch() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, llmcore.cli; print(sorted(m for m in ('torch', 'starlette', 'uvicorn') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"  # `llmcore --help` stays fast: the server's stack loads when it is used

@@ -1,11 +1,13 @@
-"""LLM-as-a-judge scoring through Ollama, plus judge-free metrics (ROUGE-L, exact match).
+"""LLM-as-a-judge scoring through Ollama or an OpenAI-compatible server, plus judge-free metrics (ROUGE-L, EM).
 
 This is the evaluation of the book's chapter 7 (Raschka, *Build a Large Language Model (From Scratch)*,
 section 7.8): a larger model served by Ollama reads the instruction, the reference answer and the
 fine-tuned model's response, and answers with a score from 0 to 100. Done here with what a
 pipeline needs on top of the book's loop:
 
-- the official ``ollama`` client with fixed ``seed``/``temperature``/``num_ctx`` options, so reruns agree;
+- the official ``ollama`` client with fixed ``seed``/``temperature``/``num_ctx`` options, so reruns agree; or, with
+  ``api: openai``, the official ``openai`` client (chat completions with ``seed``/``temperature``) against any
+  OpenAI-compatible server (vLLM, llama.cpp's server, LM Studio, ``llmcore serve``, Ollama's ``/v1``);
 - bounded concurrency, retries with exponential backoff on transient failures (connection refused or
   dropped, timeouts, HTTP 5xx/429), and one re-ask with a stricter prompt when a reply has no usable score;
 - every item gets a record (``scored``, ``unparsable`` or ``error``), in item order; nothing is dropped;
@@ -44,6 +46,7 @@ from llmcore.common import LLMCoreError, atomic_path
 from llmcore.text.prompts import RESPONSE_MARKER, format_alpaca
 
 DEFAULT_HOST = "http://127.0.0.1:11434"
+DEFAULT_OPENAI_BASE_URL = "http://127.0.0.1:11434/v1"  # `llmcore serve` (or Ollama) on its default port
 
 # The book's prompt (ch. 7, `generate_model_scores`), with placeholders instead of f-string fields.
 DEFAULT_PROMPT_TEMPLATE = (
@@ -67,8 +70,9 @@ Status = Literal["scored", "unparsable", "error"]
 class JudgeConfig:
     """How to reach the judge and how to ask it (one ``judge`` section of params.yaml)."""
 
-    host: str | None = None  # None: $OLLAMA_HOST, else http://127.0.0.1:11434
-    model: str = "llama3"  # Ollama model name; "llama3" means "llama3:latest"
+    api: Literal["ollama", "openai"] = "ollama"  # which API the judge server speaks
+    host: str | None = None  # None: $OLLAMA_HOST (ollama) or $OPENAI_BASE_URL (openai), else 127.0.0.1:11434
+    model: str = "llama3"  # model name on the server; for Ollama "llama3" means "llama3:latest"
     seed: int = 123  # sampling seed sent in the options, so reruns give the same replies
     temperature: float = 0.0  # greedy decoding: the score should not depend on luck
     num_ctx: int = 2048  # context window the judge runs with (Ollama's default is model dependent)
@@ -82,6 +86,8 @@ class JudgeConfig:
 
     def __post_init__(self) -> None:
         # Messages start with the field name: params.from_dict prefixes the section (evaluate.judge.retries: ...).
+        if self.api not in ("ollama", "openai"):
+            raise LLMCoreError(f"api: expected 'ollama' or 'openai', got {self.api!r}")
         if self.max_concurrency < 1:
             raise LLMCoreError(f"max_concurrency: expected >= 1, got {self.max_concurrency}")
         if self.retries < 0:
@@ -99,6 +105,8 @@ class JudgeConfig:
 
     @property
     def resolved_host(self) -> str:
+        if self.api == "openai":
+            return self.host or os.environ.get("OPENAI_BASE_URL") or DEFAULT_OPENAI_BASE_URL
         return self.host or os.environ.get("OLLAMA_HOST") or DEFAULT_HOST
 
     @property
@@ -258,8 +266,37 @@ def parse_score(text: str | None) -> int | None:
 # Talking to Ollama
 
 
-def _client(config: JudgeConfig) -> ollama.Client:
+def _client(config: JudgeConfig):
+    if config.api == "openai":
+        import openai
+
+        key = os.environ.get("OPENAI_API_KEY") or "unused"  # local servers take any key
+        return openai.OpenAI(base_url=config.resolved_host, api_key=key, timeout=config.timeout, max_retries=0)
     return ollama.Client(host=config.resolved_host, timeout=config.timeout)
+
+
+def _check_openai(config: JudgeConfig) -> dict[str, Any]:
+    import openai
+
+    host = config.resolved_host
+    with _client(config) as client:
+        try:
+            listed = [m.id for m in client.models.list()]
+        except (openai.APIConnectionError, openai.APITimeoutError) as e:
+            raise LLMCoreError(
+                f"cannot reach the OpenAI-compatible server at {host} ({type(e).__name__}): start it (e.g. "
+                "`llmcore serve --model DIR`) or point judge.host / OPENAI_BASE_URL at a running one"
+            ) from None
+        except openai.APIStatusError as e:
+            raise LLMCoreError(f"the OpenAI-compatible server at {host} failed to list models: "
+                               f"HTTP {e.status_code}") from None  # fmt: skip
+    name = next((m for m in (config.model, f"{config.model}:latest") if m in listed), None)
+    if name is None:
+        raise LLMCoreError(f"judge model '{config.model}' is not on the OpenAI-compatible server at {host} "
+                           f"(it serves: {', '.join(listed) or 'nothing'})")  # fmt: skip
+    # The OpenAI API has no weight digest: the cache keys on the name (and the server's fingerprint is not stable).
+    return {"host": host, "model": name, "digest": None, "family": None, "parameter_size": None,
+            "quantization_level": None}  # fmt: skip
 
 
 def check_judge(config: JudgeConfig) -> dict[str, Any]:
@@ -269,6 +306,8 @@ def check_judge(config: JudgeConfig) -> dict[str, Any]:
         ``{"host", "model", "digest", "family", "parameter_size", "quantization_level"}``; ``model`` is the
         name the server lists (``llama3:latest``), ``digest`` its sha256 (None if the server did not list it).
     """
+    if config.api == "openai":
+        return _check_openai(config)
     host = config.resolved_host
     with _client(config) as client:
         try:
@@ -315,12 +354,29 @@ def _is_transient(e: Exception) -> bool:
     """Worth retrying: the server was down, slow, dropped us, or failed on its side (5xx, 429)."""
     if isinstance(e, ollama.ResponseError):
         return e.status_code >= 500 or e.status_code == 429
+    if type(e).__module__.startswith("openai"):
+        import openai
+
+        if isinstance(e, openai.APIStatusError):
+            return e.status_code >= 500 or e.status_code == 429
+        return isinstance(e, (openai.APIConnectionError, openai.APITimeoutError))
     # ollama turns httpx.ConnectError into the builtin ConnectionError; timeouts, resets and
     # "server disconnected" arrive as raw httpx.TransportError subclasses.
     return isinstance(e, (ConnectionError, TimeoutError, httpx.TransportError))
 
 
-def _judge_one(client: ollama.Client, item: JudgeItem, config: JudgeConfig) -> ScoreRecord:
+def _complete(client, config: JudgeConfig, prompt: str) -> str:
+    """The judge's reply to one prompt: Ollama's generate (the model's own template), or an OpenAI chat turn."""
+    if config.api == "openai":
+        reply = client.chat.completions.create(
+            model=config.model, messages=[{"role": "user", "content": prompt}], temperature=config.temperature,
+            seed=config.seed,
+        )  # fmt: skip
+        return reply.choices[0].message.content or ""
+    return client.generate(config.model, prompt, options=config.options, stream=False).response or ""
+
+
+def _judge_one(client, item: JudgeItem, config: JudgeConfig) -> ScoreRecord:
     attempts = 0
 
     def ask(prompt: str) -> str:
@@ -328,8 +384,7 @@ def _judge_one(client: ollama.Client, item: JudgeItem, config: JudgeConfig) -> S
         for k in range(config.retries + 1):
             attempts += 1
             try:
-                reply = client.generate(config.model, prompt, options=config.options, stream=False)
-                return reply.response or ""
+                return _complete(client, config, prompt)
             except Exception as e:
                 if k == config.retries or not _is_transient(e):
                     raise
@@ -364,6 +419,8 @@ def cache_key(config: JudgeConfig, digest: str | None, item: JudgeItem) -> str:
         "strict_prompt_template": config.strict_prompt_template,
         "prompt": render_prompt(config.prompt_template, item),  # instruction, input, reference, response
     }
+    if config.api != "ollama":  # Ollama keys stay as they were, so existing caches still hit
+        payload["api"] = config.api
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode("utf-8")).hexdigest()
 
 

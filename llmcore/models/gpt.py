@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from llmcore.models.config import ModelConfig
 
@@ -98,6 +99,77 @@ class KVCache:
         self.v[layer][:, :, self.pos : self.pos + T] = v
         end = self.pos + T
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class BatchedKVCache:
+    """Keys/values of independent sequences, one row (slot) each, every row with its own length.
+
+    This is the cache of continuous batching: sequences start and finish at different times, so row ``b``
+    holds ``lengths[b]`` positions and a forward pass appends ``T`` new tokens to each row at that row's own
+    offset. Stale entries past a row's length are never read (the mask stops at the row's length), so a
+    slot is reused without clearing. :meth:`rows` is a view over a slice of rows sharing the buffers: the
+    server prefills one new sequence in its slot, and decodes all live rows in one pass.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device, dtype):
+        shape = (batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.max_len = max_len
+        # where the pass in flight writes: one start position for all rows, or (rows, positions) per row
+        self._index: int | tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def rows(self, start: int, stop: int) -> BatchedKVCache:
+        """A cache over rows ``start:stop`` that shares the buffers (writes land in this cache)."""
+        view = object.__new__(BatchedKVCache)
+        view.k = [k[start:stop] for k in self.k]
+        view.v = [v[start:stop] for v in self.v]
+        view.lengths = self.lengths[start:stop]
+        view.max_len, view._index = self.max_len, None
+        return view
+
+    def copy_row(self, src: int, dst: int) -> None:
+        """Move sequence ``src`` into slot ``dst`` (keeps the live rows contiguous when one leaves)."""
+        n = int(self.lengths[src])
+        for buf in (*self.k, *self.v):
+            buf[dst, :, :n] = buf[src, :, :n]
+        self.lengths[dst] = n
+
+    def layout(self, T: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Positions (B, T) of the new tokens and the attention mask (B, 1, T, S), or None where every row is
+        full-length and plain causal attention is exact (one row: the same kernels as ``KVCache``)."""
+        B, device = self.lengths.shape[0], self.lengths.device
+        lengths = self.lengths.tolist()
+        if max(lengths) + T > self.max_len:
+            raise ValueError(f"KV cache overflow: {max(lengths) + T} > {self.max_len} positions")
+        positions = self.lengths[:, None] + torch.arange(T, device=device)  # (B, T)
+        if len(set(lengths)) == 1:  # every row at the same length: plain slice writes
+            self._index = lengths[0]
+        else:
+            self._index = (torch.arange(B, device=device)[:, None].expand(B, T), positions)
+        if len(set(lengths)) == 1 and (T == 1 or lengths[0] == 0):
+            self._width = lengths[0] + T
+            return positions, None
+        S = max(lengths) + T
+        self._width = S
+        k_pos = torch.arange(S, device=device)
+        return positions, (k_pos[None, None, :] <= positions[:, :, None])[:, None]  # (B, 1, T, S)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(self._index, int):
+            start, end = self._index, self._index + k.shape[2]
+            self.k[layer][:, :, start:end] = k
+            self.v[layer][:, :, start:end] = v
+        else:
+            rows, positions = self._index
+            self.k[layer][rows, :, positions] = k.transpose(1, 2)  # (B, T, nkv, hs) at each row's own offset
+            self.v[layer][rows, :, positions] = v.transpose(1, 2)
+        return self.k[layer][:, :, : self._width], self.v[layer][:, :, : self._width]
+
+    def advance(self, T: int) -> None:
+        self.lengths += T
+        self._index = None
 
 
 class CausalSelfAttention(nn.Module):
@@ -208,6 +280,10 @@ class GPT(nn.Module):
         if cfg.pos_emb == "rope":
             inv_freq = rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
             self.register_buffer("inv_freq", inv_freq, persistent=False)
+        # Activation checkpointing (training only): keep each block's input, recompute its activations in the
+        # backward pass. Memory for activations drops from ~all blocks' internals to one block's, for ~1/3
+        # more compute (one extra forward). Set by ``fit`` from ``hardware.activation_checkpointing``.
+        self.checkpointing = False
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -233,6 +309,10 @@ class GPT(nn.Module):
         w = self.tok_emb.weight
         return KVCache(self.cfg, batch_size, max_len or self.cfg.context_length, w.device, dtype or w.dtype)
 
+    def new_batched_cache(self, batch_size: int, max_len: int | None = None, dtype=None) -> BatchedKVCache:
+        w = self.tok_emb.weight
+        return BatchedKVCache(self.cfg, batch_size, max_len or self.cfg.context_length, w.device, dtype or w.dtype)
+
     def forward(
         self,
         idx: torch.Tensor,
@@ -250,17 +330,21 @@ class GPT(nn.Module):
             attention_mask: (B, S) with 1 for real tokens and 0 for padding, covering the cached and the
                 new positions (S = cache.pos + T). Positions are counted over real tokens only, so a
                 left-padded prompt gets the same positions (and outputs) as the prompt alone.
-            cache: a ``KVCache``; its position offset places the new tokens after the cached ones.
+            cache: a ``KVCache``, whose position offset places the new tokens after the cached ones, or a
+                ``BatchedKVCache``, whose rows each append at their own length (``attention_mask`` unused).
             return_hidden: also return the final-norm hidden states (classifier heads pool them).
             return_logits: set False to skip the output head (saves the vocab-wide matmul).
             logits_to_keep: if > 0, run the head on the last ``logits_to_keep`` positions only (decoding needs
                 one row of logits, not T).
         """
         B, T = idx.shape
-        offset = cache.pos if cache is not None else 0
-        if offset + T > self.cfg.context_length:
+        if isinstance(cache, BatchedKVCache):  # per-row lengths: the cache lays out positions and the mask
+            if int(cache.lengths.max()) + T > self.cfg.context_length:
+                raise ValueError(f"a row would exceed context_length={self.cfg.context_length}")
+            positions, mask = cache.layout(T)
+        elif (offset := cache.pos if cache is not None else 0) + T > self.cfg.context_length:
             raise ValueError(f"sequence of {offset + T} tokens exceeds context_length={self.cfg.context_length}")
-        if attention_mask is not None:
+        elif attention_mask is not None:
             attention_mask = attention_mask.to(torch.bool)
             positions = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, offset : offset + T]  # (B, T)
             mask = self._padding_mask(attention_mask, offset, T)
@@ -278,9 +362,15 @@ class GPT(nn.Module):
             freqs = torch.cat((freqs, freqs), dim=-1)
             rope = (freqs.cos().to(x.dtype), freqs.sin().to(x.dtype))
         x = self.drop(x)
+        recompute = self.checkpointing and self.training and cache is None and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
-            x = block(x, rope, mask, cache, i)
-        if cache is not None:
+            if recompute:
+                x = torch.utils.checkpoint.checkpoint(block, x, rope, mask, cache, i, use_reentrant=False)
+            else:
+                x = block(x, rope, mask, cache, i)
+        if isinstance(cache, BatchedKVCache):
+            cache.advance(T)
+        elif cache is not None:
             cache.pos += T
         x = self.final_norm(x)
         logits = None

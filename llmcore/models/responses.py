@@ -8,7 +8,7 @@ from dataclasses import replace
 
 from llmcore.models.generate import SamplingConfig, generate_steps, stream
 from llmcore.models.gpt import GPT
-from llmcore.text.prompts import SECTION, extract_response, section_start
+from llmcore.text.prompts import extract_response, section_start
 from llmcore.text.tokenizer import Tokenizer
 
 
@@ -61,48 +61,79 @@ def generate_responses(
 
 
 
-def _held_back(text: str) -> int:
-    """How many trailing characters of ``text`` may not be shown yet: whitespace and a partial ``###`` that
-    starts a line could still turn out to be the end of the answer (``extract_response`` strips both)."""
-    padded = "\n" + text
-    hold = 0
-    for k in (3, 2):  # "\n##", "\n#": the start of a possible section marker
-        if padded.endswith(SECTION[:k]):
-            hold = k - 1
-            break
-    return len(text) - len(text[: len(text) - hold].rstrip())
+def _cut(text: str, stops: Sequence[str], final: bool) -> tuple[str, bool]:
+    """``(shown, stopped)``: ``text`` up to the first stop string; unless ``final``, also hold back a tail
+    that could still grow into a stop string."""
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    if hits:
+        return text[: min(hits)], True
+    if final:
+        return text, False
+    held = max((k for s in stops for k in range(len(s) - 1, 0, -1) if text.endswith(s[:k])), default=0)
+    return text[: len(text) - held], False
 
+
+class TextStream:
+    """Turns generated token ids into text pieces: incremental UTF-8, stop strings, Alpaca sections.
+
+    Token bytes go through an incremental UTF-8 decoder, so a character split over several byte-level tokens
+    is emitted once complete. Text that might be the start of a stop string (or, with ``sections``, of a new
+    ``###`` section, or trailing whitespace) is held back until it is not, so the concatenated pieces always
+    equal the final text: streaming and non-streaming answers agree. With ``sections`` the pieces join to
+    exactly ``extract_response`` of the generated text.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = (), sections: bool = False):
+        self.tokenizer = tokenizer
+        self.stop = [s for s in stop if s]
+        self.sections = sections  # Alpaca: stop at a new "###" section, strip surrounding whitespace
+        self.stopped = False  # a stop string or section marker was reached
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._text = ""
+        self._sent = 0  # characters of the visible text already returned
+
+    def push(self, token_id: int) -> str:
+        """Add one token; return the newly visible text (often empty)."""
+        if token_id < self.tokenizer.vocab_size:  # a padded model vocab can name ids the tokenizer lacks
+            self._text += self._decoder.decode(self.tokenizer.decode_bytes([token_id]))
+        return self._advance(final=False)
+
+    def finish(self) -> str:
+        """No more tokens: return what was held back (a cut-off character becomes U+FFFD)."""
+        if not self.stopped:
+            self._text += self._decoder.decode(b"", final=True)
+        return self._advance(final=True)
+
+    def _advance(self, final: bool) -> str:
+        text, stopped = _cut(self._text, self.stop, final)
+        if self.sections:
+            final = final or stopped
+            end = section_start(text)
+            if end >= 0:
+                text, stopped = text[:end], True
+            elif not final:
+                text = _cut("\n" + text, ("\n###",), final=False)[0][1:]
+            text = text.strip()
+        self.stopped = self.stopped or stopped
+        piece = text[self._sent :]
+        self._sent = len(text)
+        return piece
 
 
 def stream_response(model: GPT, tok: Tokenizer, prompt: str, cfg: SamplingConfig) -> Iterator[str]:
-    """Yield the answer to ``prompt`` as text pieces while it is generated (for ``ask`` and serving).
+    """Yield the answer to ``prompt`` as text pieces while it is generated (for ``ask``).
 
-    Bytes are decoded incrementally, so a character split over tokens is shown whole once complete; the
-    output stops at the end-of-text token or at a new ``###`` section. The pieces join to exactly
-    ``extract_response`` of the whole generated text (leading and trailing whitespace dropped).
+    The output stops at the end-of-text token or at a new ``###`` section; the pieces join to exactly
+    ``extract_response`` of the whole generated text (see :class:`TextStream`).
     """
     cfg = replace(cfg, stop_ids=tuple({*cfg.stop_ids, tok.eot_id}))
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    text = ""  # all text decoded so far
-    sent = None  # index in ``text`` up to which pieces were yielded; None before the first non-space character
+    text = TextStream(tok, sections=True)
     for token in stream(model, tok.encode(prompt, allow_special=False), cfg):
-        text += decoder.decode(tok.token_bytes(token))
-        end = section_start(text)
-        if end >= 0:
-            text = text[:end]
+        piece = text.push(token)
+        if piece:
+            yield piece
+        if text.stopped:
             break
-        if sent is None:
-            if not text.strip():
-                continue
-            sent = len(text) - len(text.lstrip())
-        ready = len(text) - _held_back(text)
-        if ready > sent:
-            yield text[sent:ready]
-            sent = ready
-    else:
-        text += decoder.decode(b"", final=True)
-        end = section_start(text)
-        text = text if end < 0 else text[:end]
-    rest = text.strip() if sent is None else text[sent:].rstrip()
+    rest = text.finish()
     if rest:
         yield rest

@@ -1,0 +1,265 @@
+"""Serving benchmarks: continuous batching over HTTP, time to first token, and single-stream decode vs transformers.
+
+    python -m benchmarks.serve_bench            # tiny and 124M-shaped random models (a few minutes on 2 cores)
+    python -m benchmarks.serve_bench --quick    # tiny shapes only, seconds (CI smoke)
+
+What is measured, each figure the median of ``reps`` runs in the same process:
+
+- aggregate decode tokens/s of ``llmcore serve`` (in-process uvicorn on loopback, the Ollama API, streaming, greedy,
+  a fixed number of tokens per request) with 1 client and with 8 concurrent clients; the ratio is what continuous
+  batching buys (8 requests share each forward pass). Tokens are the server's own ``eval_count``s; the wall clock
+  runs from the first request sent to the last stream closed.
+- time to first token (TTFT) of every request in those runs: p50 and p95, from sending the request to reading
+  the first non-empty piece.
+- single-stream decode tokens/s: the engine alone (no HTTP) and ``llmcore.models.generate`` vs Hugging Face
+  ``transformers`` ``generate`` with its KV cache, batch 1, greedy, same random GPT-2-shaped weights layout.
+
+Models are random (the speed of a forward pass does not depend on the weights); prompts are random token ids.
+Nothing here is asserted: the figures and ratios are printed and written to ``reports/serve_bench.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llmcore.common import write_json_atomic
+from llmcore.models.config import ModelConfig
+from llmcore.models.generate import SamplingConfig, generate
+from llmcore.models.gpt import GPT
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Case:
+    name: str
+    preset: str  # a ModelConfig preset (random weights)
+    overrides: dict
+    prompt: int  # prompt tokens
+    new: int  # tokens per request
+    clients: tuple[int, ...] = (1, 8)
+    reps: int = 3
+
+
+CASES = [
+    Case("tiny (llama3-tiny, 0.6M)", "llama3-tiny", {"vocab_size": 1024}, prompt=16, new=64),
+    # 96 new tokens: the 16-token prefills stay a small share of the work, as in a chat
+    Case("124M (gpt2-124m shape)", "gpt2-124m", {"context_length": 256}, prompt=16, new=96, reps=2),
+]
+QUICK = [Case("tiny (llama3-tiny)", "llama3-tiny", {"vocab_size": 512}, prompt=8, new=16, reps=1)]
+
+
+class _Tokens:
+    """A stand-in tokenizer: the engine only needs ``eot_id``, ``vocab_size`` and token bytes."""
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+        self.eot_id = vocab_size - 1
+        self.name = "bench"
+
+    def decode_bytes(self, ids: list[int]) -> bytes:
+        return b"".join(b"t%d " % i for i in ids)
+
+    def encode(self, text: str, allow_special: bool = False) -> list[int]:
+        return [int(t[1:]) for t in text.split()]
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    k = (len(ordered) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+def _stream_once(url: str, prompt: str, new: int) -> tuple[int, float]:
+    """One streaming /api/generate request: (eval_count, seconds to the first piece)."""
+    import http.client
+
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=600)
+    body = {"model": "bench", "prompt": prompt, "raw": True, "stream": True,
+            "options": {"temperature": 0, "num_predict": new, "seed": 0}}  # fmt: skip
+    start = time.perf_counter()
+    conn.request("POST", "/api/generate", json.dumps(body), {"Content-Type": "application/json"})
+    response = conn.getresponse()
+    ttft, count = None, 0
+    for line in response:
+        msg = json.loads(line)
+        if ttft is None and msg.get("response"):
+            ttft = time.perf_counter() - start
+        if msg.get("done"):
+            count = msg["eval_count"]
+    conn.close()
+    return count, ttft if ttft is not None else time.perf_counter() - start
+
+
+def bench_server(case: Case, model: GPT, log=print) -> dict[str, Any]:
+    from llmcore.serve.app import make_server
+    from llmcore.serve.models import ModelHandle
+
+    tok = _Tokens(model.cfg.vocab_size)
+    handle = ModelHandle(model=model, tokenizer=tok, template="raw", max_batch=max(case.clients))
+    server = make_server({"bench": handle}, port=0).start()
+    g = torch.Generator().manual_seed(0)
+    results: dict[str, Any] = {}
+    try:
+        _stream_once(server.url, " ".join(f"t{i}" for i in range(case.prompt)), 4)  # warm-up
+        for n in case.clients:
+            rates, ttfts = [], []
+            for _ in range(case.reps):
+                prompts = [" ".join(f"t{int(t)}" for t in torch.randint(0, tok.eot_id, (case.prompt,), generator=g))
+                           for _ in range(n)]  # fmt: skip
+                out: list[tuple[int, float]] = [(0, 0.0)] * n
+
+                def client(i: int, prompts=prompts, out=out) -> None:
+                    out[i] = _stream_once(server.url, prompts[i], case.new)
+
+                threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
+                start = time.perf_counter()
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+                wall = time.perf_counter() - start
+                rates.append(sum(c for c, _ in out) / wall)
+                ttfts += [t for _, t in out]
+            results[f"clients_{n}"] = {
+                "tokens_per_s": statistics.median(rates),
+                "ttft_p50_ms": 1000 * _percentile(ttfts, 0.5),
+                "ttft_p95_ms": 1000 * _percentile(ttfts, 0.95),
+                "runs": rates,
+            }
+            log(f"  {n} client(s): {results[f'clients_{n}']['tokens_per_s']:.1f} tokens/s aggregate, TTFT p50 "
+                f"{results[f'clients_{n}']['ttft_p50_ms']:.0f} ms, p95 {results[f'clients_{n}']['ttft_p95_ms']:.0f} ms")
+        results["max_live"] = handle.engine.max_live
+    finally:
+        server.shutdown()
+        server.server_close()
+    lo, hi = min(case.clients), max(case.clients)
+    results["batching_speedup"] = results[f"clients_{hi}"]["tokens_per_s"] / results[f"clients_{lo}"]["tokens_per_s"]
+    return results
+
+
+def bench_single_stream(case: Case, model: GPT, log=print) -> dict[str, Any]:
+    """Batch-1 greedy decode tokens/s: the engine (no HTTP), llmcore ``generate``, transformers ``generate``."""
+    from llmcore.serve.engine import Engine, Finished
+
+    torch.manual_seed(1)
+    prompt = torch.randint(0, model.cfg.vocab_size - 1, (case.prompt,)).tolist()
+    cfg = SamplingConfig(max_new_tokens=case.new)  # no stop ids: always case.new tokens
+
+    def timed(fn) -> float:
+        fn()  # warm-up
+        times = []
+        for _ in range(case.reps):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return case.new / statistics.median(times)
+
+    engine = Engine(model, _Tokens(model.cfg.vocab_size), max_batch=1)
+    try:
+        engine_rate = timed(lambda: [e for e in engine.generate(prompt, cfg) if isinstance(e, Finished)])
+    finally:
+        engine.stop()
+    library_rate = timed(lambda: generate(model, [prompt], cfg))
+    results = {"engine_tokens_per_s": engine_rate, "generate_tokens_per_s": library_rate}
+    hf = _hf_twin(model)
+    if hf is None:
+        results["transformers"] = "skipped: transformers not installed"
+    else:
+        ids = torch.tensor([prompt])
+
+        def hf_generate() -> None:
+            hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=case.new, min_new_tokens=case.new,
+                        do_sample=False, use_cache=True, pad_token_id=0)  # fmt: skip
+
+        results["transformers_tokens_per_s"] = timed(hf_generate)
+        results["engine_vs_transformers"] = engine_rate / results["transformers_tokens_per_s"]
+        results["generate_vs_transformers"] = library_rate / results["transformers_tokens_per_s"]
+    log(f"  single stream: engine {engine_rate:.1f}, generate {library_rate:.1f}, transformers "
+        f"{results.get('transformers_tokens_per_s', float('nan')):.1f} tokens/s")
+    return results
+
+
+def _hf_twin(model: GPT):
+    """A transformers model of the same family and shape (random weights; only speed is compared)."""
+    try:
+        import transformers
+    except ImportError:
+        return None
+    cfg = model.cfg
+    if cfg.pos_emb == "learned":
+        config = transformers.GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.context_length, n_embd=cfg.emb_dim,
+                                         n_layer=cfg.n_layers, n_head=cfg.n_heads, resid_pdrop=0, embd_pdrop=0,
+                                         attn_pdrop=0)  # fmt: skip
+        return transformers.GPT2LMHeadModel(config).eval()
+    config = transformers.LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.emb_dim, intermediate_size=cfg.hidden_dim,
+        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
+        max_position_embeddings=cfg.context_length, rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_embeddings,
+    )  # fmt: skip
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def run(cases: list[Case], log=print) -> dict[str, Any]:
+    report: dict[str, Any] = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cases": []}
+    for case in cases:
+        log(f"{case.name}: prompt {case.prompt}, {case.new} new tokens per request")
+        torch.manual_seed(0)
+        model = GPT(ModelConfig.from_preset(case.preset, **case.overrides, dropout=0.0)).eval()
+        entry = {"case": asdict(case), "params": model.num_params()}
+        entry["server"] = bench_server(case, model, log)
+        entry["single_stream"] = bench_single_stream(case, model, log)
+        report["cases"].append(entry)
+    report["table"] = format_table(report)
+    return report
+
+
+def format_table(report: dict[str, Any]) -> str:
+    rows = ["| model | 1 client tok/s | 8 clients tok/s | ratio | TTFT p50 / p95 (8 clients) | single stream: engine / "
+            "generate / transformers tok/s | generate vs transformers |", "|---|---|---|---|---|---|---|"]
+    for entry in report["cases"]:
+        s, one = entry["server"], entry["single_stream"]
+        lo, hi = (f"clients_{n}" for n in (min(entry["case"]["clients"]), max(entry["case"]["clients"])))
+        hf = one.get("transformers_tokens_per_s")
+        hf_rate = f"{hf:.0f}" if hf else "n/a"
+        hf_ratio = f"{one['generate_vs_transformers']:.2f}x" if hf else "n/a"
+        rows.append(
+            f"| {entry['case']['name']} | {s[lo]['tokens_per_s']:.0f} | {s[hi]['tokens_per_s']:.0f} | "
+            f"{s['batching_speedup']:.2f}x | {s[hi]['ttft_p50_ms']:.0f} / {s[hi]['ttft_p95_ms']:.0f} ms | "
+            f"{one['engine_tokens_per_s']:.0f} / {one['generate_tokens_per_s']:.0f} / {hf_rate} | {hf_ratio} |"
+        )
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.serve_bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny shapes only (CI smoke)")
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "reports" / "serve_bench.json", help="report JSON")
+    parser.add_argument("--case", default="", help="run only the cases whose name starts with this (tiny, 124M)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (default: torch's); 1 is steadier on a busy shared machine")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cases = [c for c in (QUICK if args.quick else CASES) if c.name.startswith(args.case)]
+    if not cases:
+        parser.error(f"--case {args.case!r}: no such case")
+    report = run(cases)
+    write_json_atomic(args.out, report)
+    print("\n" + report["table"] + f"\n\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,291 @@
+"""Continuous batching: concurrent requests to one model share its forward passes.
+
+One engine per served model runs a loop in its own thread over a :class:`~llmcore.models.gpt.BatchedKVCache`
+with ``max_batch`` rows (slots):
+
+    admit   requests waiting for a slot join between decode steps: each one's prompt is run alone in its
+            slot (prefill), at most ``prefill_chunk`` prompt tokens per loop turn, so a long prompt is
+            prefilled in chunks between decode steps instead of stalling the running streams; then its first
+            token is sampled and it decodes with the others;
+    decode  one forward pass over all live rows, each appending one token at its own length;
+    leave   a row that is done (end-of-text, a stop string, its token budget, a full context, or a client
+            that went away) leaves at once, and the last live row moves into its slot, so the live rows
+            stay contiguous and every decode step is one pass over ``cache.rows(0, n)``.
+
+Sampling is per request: each has its own :class:`~llmcore.models.generate.SamplingConfig` and its own
+seeded ``torch.Generator``, and draws from its own row of logits, so what a seeded request produces does not
+depend on which other requests share its batch (up to float rounding in batched matmuls, which does not
+change tokens in practice; a single request runs the same kernels as :func:`llmcore.models.generate.generate`).
+
+Text is made in the engine thread too (:class:`~llmcore.models.responses.TextStream`), so a stop string ends
+a sequence at the step that completes it. Results go to each request's ``sink`` callable as events:
+``str`` pieces, then one :class:`Finished`; the HTTP layer turns those into NDJSON or SSE.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from llmcore.models.generate import SamplingConfig, sample_next
+from llmcore.models.gpt import GPT, BatchedKVCache
+from llmcore.models.responses import TextStream
+from llmcore.text.tokenizer import Tokenizer
+
+log = logging.getLogger("llmcore.serve")
+
+
+@dataclass
+class Finished:
+    """The last event of a request: why it ended and its counts (durations in nanoseconds)."""
+
+    reason: str  # stop | length | cancelled | error
+    prompt_tokens: int
+    completion_tokens: int
+    prompt_eval_duration: int = 0
+    eval_duration: int = 0
+    total_duration: int = 0
+    error: str | None = None
+
+
+@dataclass(eq=False)
+class Request:
+    """One generation: token ids in, text pieces out through ``sink`` (called from the engine thread)."""
+
+    prompt_ids: list[int]
+    sampling: SamplingConfig  # max_new_tokens, temperature, top_k, top_p, seed; stop_ids get the end-of-text id
+    sink: Callable[[str | Finished], None]
+    stop: Sequence[str] = ()  # stop strings: the text is cut before the first one and generation ends
+    sections: bool = False  # Alpaca: end at a new "###" section, strip surrounding whitespace
+    cancelled: bool = False  # set by the client side (disconnect); the engine drops the row next step
+    # engine state
+    _text: TextStream | None = field(default=None, repr=False)
+    _generator: torch.Generator | None = field(default=None, repr=False)
+    _last: int = 0
+    _generated: int = 0
+    _budget: int = 0
+    _t_submit: int = 0
+    _t_first: int = 0
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class Engine:
+    """The continuous-batching loop of one model (see the module docstring)."""
+
+    def __init__(self, model: GPT, tokenizer: Tokenizer, max_batch: int = 8, name: str = "model",
+                 prefill_chunk: int = 512):  # fmt: skip
+        if max_batch < 1 or prefill_chunk < 1:
+            raise ValueError(f"max_batch and prefill_chunk must be >= 1, got {max_batch}, {prefill_chunk}")
+        self.model, self.tokenizer, self.max_batch, self.name = model.eval(), tokenizer, max_batch, name
+        self.prefill_chunk = prefill_chunk
+        self.context_length = model.cfg.context_length
+        self.device = model.tok_emb.weight.device
+        self._cache: BatchedKVCache | None = None  # allocated on the first request
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._live: list[Request] = []  # row i of the cache holds _live[i]
+        # admitted, not yet decoding; the first one, once started, holds row len(_live) of the cache
+        self._prefilling: collections.deque[Request] = collections.deque()
+        self._cv = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.steps = 0  # decode passes run (for tests and logs)
+        self.max_live = 0  # most rows ever decoded together
+        self.prefill_passes = 0  # prefill forward passes (chunks) run
+
+    # -- client side --------------------------------------------------------------------------------
+
+    def start(self) -> Engine:
+        """Start the loop (again, after :meth:`stop`: a model can be served by one server after another)."""
+        if self._thread is None:
+            self._stopping = False
+            self._thread = threading.Thread(target=self._loop, name=f"engine-{self.name}", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Finish: requests still waiting or running end with reason ``cancelled``."""
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def submit(self, request: Request) -> Request:
+        if not request.prompt_ids:
+            raise ValueError("a request needs at least one prompt token")
+        if len(request.prompt_ids) >= self.context_length:
+            raise ValueError(f"prompt of {len(request.prompt_ids)} tokens leaves no room in a context of "
+                             f"{self.context_length}")  # fmt: skip
+        request._t_submit = time.perf_counter_ns()
+        with self._cv:
+            if self._stopping:
+                raise RuntimeError("the engine is stopped")
+            self._waiting.append(request)
+            self._cv.notify()
+        self.start()
+        return request
+
+    def generate(self, prompt_ids: list[int], sampling: SamplingConfig, **kwargs: Any) -> Iterator[str | Finished]:
+        """Blocking convenience for scripts and benchmarks: yield the request's events as they come."""
+        import queue
+
+        events: queue.Queue = queue.Queue()
+        request = self.submit(Request(list(prompt_ids), sampling, events.put, **kwargs))
+        try:
+            while True:
+                event = events.get()
+                yield event
+                if isinstance(event, Finished):
+                    return
+        finally:
+            request.cancel()
+
+    # -- the loop -----------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._stopping and not self._waiting and not self._live and not self._prefilling:
+                    self._cv.wait()
+                if self._stopping:
+                    break
+                while self._waiting and len(self._live) + len(self._prefilling) < self.max_batch:
+                    self._prefilling.append(self._waiting.popleft())
+            try:
+                with torch.no_grad():
+                    self._prefill()
+                    self._drop_cancelled()
+                    if self._live:
+                        self._decode()
+            except Exception as e:  # a bug or out-of-memory: fail the running requests, keep the engine running
+                log.exception("engine %s failed a step", self.name)
+                failed = [*self._live, *([self._prefilling.popleft()] if self._prefilling else [])]
+                for request in failed:
+                    self._end(request, "error", error=f"{type(e).__name__}: {e}")
+                self._live.clear()
+        for request in [*self._live, *self._prefilling, *self._waiting]:
+            self._end(request, "cancelled")
+        self._live.clear()
+        self._prefilling.clear()
+        self._waiting.clear()
+
+    def _prefill(self) -> None:
+        """Run up to ``prefill_chunk`` prompt tokens of the admitted requests, in order, each in the slot after the
+        live rows; a request whose prompt is done samples its first token and joins the live rows."""
+        if self._cache is None and self._prefilling:
+            self._cache = self.model.new_batched_cache(self.max_batch)
+        room = self.prefill_chunk
+        while self._prefilling and room > 0:
+            request, slot = self._prefilling[0], len(self._live)
+            row = self._cache.rows(slot, slot + 1)
+            if request.cancelled:
+                self._end(self._prefilling.popleft(), "cancelled")
+                continue
+            if request._text is None:  # first chunk: set the request up
+                cfg = request.sampling
+                request._text = TextStream(self.tokenizer, request.stop, request.sections)
+                if cfg.seed is not None:
+                    request._generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
+                request._budget = min(cfg.max_new_tokens, self.context_length - len(request.prompt_ids))
+                row.lengths.zero_()
+                if request._budget <= 0:
+                    self._end(self._prefilling.popleft(), "length")
+                    continue
+            done = int(row.lengths[0])
+            chunk = request.prompt_ids[done : done + room]
+            ids = torch.tensor([chunk], dtype=torch.long, device=self.device)
+            logits = self.model(ids, cache=row, logits_to_keep=1).logits[:, -1]
+            self.prefill_passes += 1
+            room -= len(chunk)
+            if done + len(chunk) < len(request.prompt_ids):
+                return  # the rest of this prompt in the next turns, between decode steps
+            self._prefilling.popleft()
+            self._live.append(request)
+            request._t_first = time.perf_counter_ns()
+            self._accept(slot, int(sample_next(logits, request.sampling, request._generator)[0]))
+
+    def _decode(self) -> None:
+        n = len(self._live)
+        self.max_live = max(self.max_live, n)
+        ids = torch.tensor([[r._last] for r in self._live], dtype=torch.long, device=self.device)
+        logits = self.model(ids, cache=self._cache.rows(0, n), logits_to_keep=1).logits[:, -1]
+        self.steps += 1
+        tokens = self._sample(logits)
+        for slot in reversed(range(n)):  # from the end: a row leaving moves the last row into its slot
+            self._accept(slot, tokens[slot])
+
+    def _sample(self, logits: torch.Tensor) -> list[int]:
+        """One token per row, each from its own request's sampling config and generator."""
+        greedy = [i for i, r in enumerate(self._live) if r.sampling.temperature <= 0]
+        tokens = [0] * len(self._live)
+        if greedy:
+            for i, t in zip(greedy, logits[greedy].argmax(-1).tolist(), strict=True):
+                tokens[i] = t
+        for i, r in enumerate(self._live):
+            if r.sampling.temperature > 0:
+                tokens[i] = int(sample_next(logits[i : i + 1], r.sampling, r._generator)[0])
+        return tokens
+
+    def _accept(self, slot: int, token: int) -> None:
+        request = self._live[slot]
+        request._generated += 1
+        if token in request.sampling.stop_ids:
+            return self._leave(slot, "stop")
+        request._last = token
+        piece = request._text.push(token)
+        if piece:
+            self._emit(request, piece)
+        if request._text.stopped:
+            return self._leave(slot, "stop")
+        if request._generated >= request._budget:
+            return self._leave(slot, "length")
+
+    def _drop_cancelled(self) -> None:
+        for slot in reversed(range(len(self._live))):
+            if self._live[slot].cancelled:
+                self._leave(slot, "cancelled")
+
+    def _leave(self, slot: int, reason: str) -> None:
+        request = self._live[slot]
+        last = len(self._live) - 1
+        if slot != last:
+            self._cache.copy_row(last, slot)
+            self._live[slot] = self._live[last]
+        self._live.pop()
+        if self._prefilling and self._prefilling[0]._text is not None:  # a prompt part-way in: keep it next
+            self._cache.copy_row(last + 1, last)  # to the live rows
+        self._end(request, reason)
+
+    def _end(self, request: Request, reason: str, error: str | None = None) -> None:
+        if reason not in ("cancelled", "error") and request._text is not None:
+            tail = request._text.finish()
+            if tail:
+                self._emit(request, tail)
+        now = time.perf_counter_ns()
+        first = request._t_first or now
+        self._emit(request, Finished(
+            reason=reason,
+            prompt_tokens=len(request.prompt_ids),
+            completion_tokens=request._generated,
+            prompt_eval_duration=first - request._t_submit,
+            eval_duration=now - first,
+            total_duration=now - request._t_submit,
+            error=error,
+        ))  # fmt: skip
+
+    @staticmethod
+    def _emit(request: Request, event: str | Finished) -> None:
+        try:
+            request.sink(event)
+        except Exception:  # a client whose event loop is gone: it went away, drop its row next step
+            request.cancelled = True

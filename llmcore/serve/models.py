@@ -1,0 +1,174 @@
+"""The served models: a loaded network with its tokenizer, prompt template, batching engine and listing facts.
+
+Names follow Ollama's model-name rules (``namespace/model:tag``; letters, digits, ``_``, ``-`` and ``.``; each
+part starts with a letter, digit or ``_``; at most 80 characters a part), and an untagged name means ``:latest``.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from llmcore.common import LLMCoreError, sha256_file
+from llmcore.models.gpt import GPT
+from llmcore.serve.engine import Engine
+from llmcore.text.prompts import check_template, format_prompt
+from llmcore.text.tokenizer import Tokenizer
+from llmcore.weights.model_dir import open_model_dir
+
+_PART = r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,79}"
+_NAME = re.compile(rf"(?:{_PART}/)?{_PART}(?::{_PART})?")
+
+
+class RequestError(Exception):
+    """A request the server refuses; each API renders it in its own error shape with this HTTP status.
+
+    ``param`` names the offending field and ``code`` is a machine-readable reason (OpenAI's error object).
+    """
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.param, self.code = status, param, code
+
+
+def check_name(name: str, where: str = "--name") -> str:
+    """``name`` with Ollama's default tag added, or an error naming the rule it breaks."""
+    if not _NAME.fullmatch(name):
+        raise LLMCoreError(
+            f"{where} {name!r} is not a valid model name: use [namespace/]model[:tag], each part letters, digits, "
+            "'_', '-' or '.', starting with a letter, digit or '_', at most 80 characters"
+        )
+    return qualify(name)
+
+
+def qualify(name: str) -> str:
+    """Add Ollama's default tag: ``instruct`` -> ``instruct:latest``."""
+    return name if ":" in name else f"{name}:latest"
+
+
+def default_name(path: str | Path) -> str:
+    """Ollama-style name of a model directory: ``data/models/instruct`` -> ``instruct:latest``."""
+    path = Path(path)
+    folder = path.parent if path.suffix == ".safetensors" else path
+    return check_name(folder.resolve().name, where=f"the folder name of {path} (pick another with --name)")
+
+
+def rfc3339(timestamp: float | None = None) -> str:
+    when = datetime.fromtimestamp(time.time() if timestamp is None else timestamp, tz=timezone.utc)
+    return when.isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def _human_count(n: int) -> str:
+    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= scale:
+            return f"{n / scale:.1f}{suffix}"
+    return str(n)
+
+
+@dataclass(eq=False)
+class ModelHandle:
+    """One served model: the network, its tokenizer, how prompts are built, and what the listings say.
+
+    ``template``: ``alpaca`` or a stored format string with ``{instruction}``/``{input}`` (instruction models: the
+    reply ends at a new ``###`` section and is stripped), or ``raw`` (the prompt as given; the end-of-text token
+    alone ends the reply).
+    """
+
+    model: GPT
+    tokenizer: Tokenizer
+    template: str = "alpaca"
+    path: Path | None = None  # the model.safetensors file
+    digest: str = ""  # sha256 hex of model.safetensors
+    size: int = 0  # bytes of model.safetensors
+    modified_at: str = ""  # RFC 3339 mtime of model.safetensors
+    quantization: str = "F32"  # dtype of the stored weights, as Ollama names it (F32, BF16, F16)
+    max_batch: int = 8  # sequences decoded together (continuous batching slots)
+    created: int = field(default_factory=lambda: int(time.time()))
+    engine: Engine = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.template != "raw":
+            check_template(self.template, where="--template")
+        self.model.eval()
+        self.engine = Engine(self.model, self.tokenizer, max_batch=self.max_batch)
+
+    @classmethod
+    def load(
+        cls, path: str | Path, template: str | None = None, device: str | torch.device = "cpu", max_batch: int = 8
+    ) -> ModelHandle:
+        """Load a model folder; ``template`` None: the one stored with the model by instruction tuning, else
+        ``alpaca``."""
+        folder = open_model_dir(path).require_lm("serve")
+        weights = folder.weights
+        model = folder.load_lm(device)
+        with safe_open(str(weights), framework="pt") as f:
+            first = next(iter(f.keys()), None)
+            quantization = f.get_slice(first).get_dtype() if first else "F32"
+        stat = weights.stat()
+        return cls(
+            model=model,
+            tokenizer=folder.tokenizer,
+            template=template or folder.template or "alpaca",
+            path=weights,
+            digest=sha256_file(weights),
+            size=stat.st_size,
+            modified_at=rfc3339(stat.st_mtime),
+            quantization=quantization,
+            max_batch=max_batch,
+        )
+
+    @property
+    def context_length(self) -> int:
+        return self.model.cfg.context_length
+
+    @property
+    def sections(self) -> bool:
+        """Instruction templates end the reply at a new ``###`` section and strip it."""
+        return self.template != "raw"
+
+    @property
+    def family(self) -> str:
+        return "llama" if self.model.cfg.pos_emb == "rope" else "gpt2"
+
+    def details(self) -> dict[str, Any]:
+        return {
+            "parent_model": "",
+            "format": "safetensors",
+            "family": self.family,
+            "families": [self.family],
+            "parameter_size": _human_count(self.model.num_params()),
+            "quantization_level": self.quantization,
+        }
+
+    def encode(self, prompt: str) -> list[int]:
+        try:
+            return self.tokenizer.encode(prompt, allow_special=False)  # as in training: "<|endoftext|>" is text
+        except LLMCoreError as e:
+            raise RequestError(400, str(e), param="prompt") from None
+
+    def chat_prompt(self, messages: Sequence[dict[str, str]]) -> str:
+        return chat_prompt(messages, self.template)
+
+
+def chat_prompt(messages: Sequence[dict[str, str]], template: str) -> str:
+    """The prompt text for a conversation.
+
+    ``raw``: the messages' contents joined by blank lines. An instruction template: the last message (which must
+    come from the user) is the instruction; system messages and earlier turns become the input text, one
+    ``Role: content`` line per message, so the model sees the conversation as context.
+    """
+    if template == "raw":
+        return "\n\n".join(m["content"] for m in messages if m["content"])
+    *history, last = messages
+    if last["role"] != "user":
+        raise RequestError(400, f"the last message must have role 'user' (got '{last['role']}')", param="messages")
+    context = "\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in history)
+    return format_prompt(template, last["content"], context)

@@ -1,0 +1,198 @@
+"""What both APIs share: reading a capped JSON body, typed fields, chat messages, and running a request on the
+engine from the event loop (pieces arrive on an asyncio queue; a client that goes away cancels its sequence)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response, StreamingResponse
+
+from llmcore.models.generate import SamplingConfig
+from llmcore.serve.engine import Finished
+from llmcore.serve.engine import Request as Generation
+from llmcore.serve.models import ModelHandle, RequestError
+
+log = logging.getLogger("llmcore.serve")
+
+MAX_BODY_BYTES = 2**20  # 1 MiB: a request body over this is answered 413
+DISCARD_BYTES = 16 * 2**20  # an over-limit body is read and dropped up to here, so the client sees the 413
+
+
+async def read_json(request: Request, limit: int) -> dict:
+    """The request body as a JSON object; 413 over ``limit`` bytes, 400 for anything that is not a JSON object."""
+    body, seen = bytearray(), 0
+    try:
+        async for chunk in request.stream():
+            seen += len(chunk)
+            if seen <= limit:
+                body += chunk
+            elif seen > DISCARD_BYTES:
+                break
+    except ClientDisconnect:
+        raise RequestError(400, "the client closed the request body early") from None
+    if seen > limit:
+        raise RequestError(413, f"request body over {limit} bytes", code="request_too_large")
+    if not body.strip():
+        raise RequestError(400, "missing request body")
+    try:
+        obj = json.loads(body, parse_constant=_reject_constant)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise RequestError(400, f"invalid JSON in request body: {e}") from None
+    if not isinstance(obj, dict):
+        raise RequestError(400, f"request body must be a JSON object, got {json_type(obj)}")
+    return obj
+
+
+def json_endpoint(handler: Callable[[dict], Awaitable[Response]], max_body: int,
+                  render: Callable[[RequestError], Response]) -> Callable[[Request], Awaitable[Response]]:  # fmt: skip
+    """A route that reads a JSON body, runs ``handler`` on it and renders a :class:`RequestError` in the API's
+    shape. A client that hangs up before a (non-streamed) answer is ready cancels the work, and its sequence."""
+
+    async def route(request: Request) -> Response:
+        try:
+            body = await read_json(request, max_body)
+        except RequestError as e:
+            return render(e)
+        work = asyncio.ensure_future(handler(body))
+        gone = asyncio.ensure_future(_disconnected(request))
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if not work.done():
+            work.cancel()
+            log.info("%s %s: the client hung up before the answer", request.method, request.url.path)
+            return Response(status_code=499)  # nobody reads it
+        gone.cancel()
+        try:
+            return work.result()
+        except RequestError as e:
+            return render(e)
+
+    return route
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not valid JSON")  # Python's json would accept NaN and Infinity
+
+
+def json_type(value: Any) -> str:
+    names = {str: "a string", bool: "a boolean", int: "a number", float: "a number", list: "an array"}
+    return "null" if value is None else names.get(type(value), "an object")
+
+
+def field(body: dict, name: str, kind: type | tuple[type, ...], default: Any = None, required: bool = False,
+          where: str = "") -> Any:  # fmt: skip
+    """``body[name]`` if it has type ``kind``; missing/null -> ``default``; else a 400 naming the field."""
+    value = body.get(name)
+    label = where + name
+    if value is None:
+        if required:
+            raise RequestError(400, f"{label} is required", param=label)
+        return default
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    ok = any(isinstance(value, k) and not (k in (int, float) and isinstance(value, bool)) for k in kinds)
+    if ok and isinstance(value, float) and not math.isfinite(value):
+        ok = False
+    if not ok:
+        expected = {str: "a string", bool: "a boolean", list: "an array", dict: "an object", int: "an integer",
+                    float: "a number"}  # fmt: skip
+        raise RequestError(400, f"{label} must be {' or '.join(expected[k] for k in kinds)}, got {json_type(value)}",
+                           param=label)  # fmt: skip
+    return value
+
+
+def number(body: dict, name: str, where: str = "", integer: bool = False) -> float | int | None:
+    """A finite number (an integer when ``integer``) or None; a 400 naming the field otherwise."""
+    value = body.get(name)
+    label = where + name
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise RequestError(400, f"{label} must be a number, got {json.dumps(value)}", param=label)
+    if integer:
+        if value != int(value):
+            raise RequestError(400, f"{label} must be an integer, got {value!r}", param=label)
+        return int(value)
+    return float(value)
+
+
+def stop_strings(value: Any, label: str) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+        raise RequestError(400, f"{label} must be a string or a list of strings, got {json.dumps(value)}",
+                           param=label)  # fmt: skip
+    return [s for s in value if s]
+
+
+def parse_messages(raw: list) -> list[dict[str, str]]:
+    """Chat messages as ``{"role", "content"}`` dicts. OpenAI's content parts are joined when all are text."""
+    messages = []
+    for i, m in enumerate(raw):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not m["role"]:
+            raise RequestError(400, f"messages[{i}] must be an object with a string 'role'", param=f"messages[{i}]")
+        content = m.get("content")
+        if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+            content = "".join(str(p.get("text", "")) for p in content)
+        if content is not None and not isinstance(content, str):
+            raise RequestError(400, f"messages[{i}].content must be a string, got {json_type(content)}",
+                               param=f"messages[{i}].content")  # fmt: skip
+        messages.append({"role": m["role"], "content": content or ""})
+    return messages
+
+
+class Stream(StreamingResponse):
+    """A streamed response whose generator is always closed (its ``finally`` cancels the sequence), and a client
+    that hangs up is not an error."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        except (ClientDisconnect, OSError):
+            pass
+        finally:
+            await self.body_iterator.aclose()
+
+
+async def generate(handle: ModelHandle, prompt_ids: list[int], sampling: SamplingConfig, stop: list[str],
+                   what: str) -> AsyncIterator[str | Finished]:  # fmt: skip
+    """Run one request on the model's engine; yield text pieces, then the :class:`Finished` event.
+
+    Leaving early (the client went away, the response task was cancelled) cancels the sequence, so its batch
+    slot frees at the next decode step.
+    """
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue = asyncio.Queue()
+
+    def sink(event: str | Finished) -> None:
+        loop.call_soon_threadsafe(events.put_nowait, event)
+
+    sampling.stop_ids = (*sampling.stop_ids, handle.tokenizer.eot_id)
+    job = Generation(prompt_ids, sampling, sink, stop=stop, sections=handle.sections)
+    handle.engine.submit(job)
+    done = False
+    try:
+        while True:
+            event = await events.get()
+            if isinstance(event, Finished):
+                done = True
+                if event.reason == "error":
+                    raise RuntimeError(event.error)
+                yield event
+                return
+            yield event
+    finally:
+        if not done:
+            job.cancel()
+            log.info("%s: the client hung up; its sequence was cancelled", what)
