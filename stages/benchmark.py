@@ -29,13 +29,14 @@ from pathlib import Path
 import typer
 
 from llmcore.common import LLMCoreError, print0, stage_errors, write_json_atomic
-from llmcore.params import load_section
+from llmcore.params import NOT_A_DEP, load_section
 from llmcore.training.config import HardwareConfig
 
 
 @dataclass
 class BenchmarkParams:
-    models: list[str] = field(default_factory=list)  # model folders under data/models; dvc.yaml's foreach reads it
+    # model folders under data/models, one stage each
+    models: list[str] = field(default_factory=list, metadata={NOT_A_DEP: "expanded by dvc.yaml's foreach"})
     tasks: list[str] = field(default_factory=list)  # lm-eval task/group/tag names or task YAML files
     limit: int | None = None  # items per task (null = all); a quick look: 200
     num_fewshot: int | None = None  # few-shot examples (null = each task's default, 0 for most)
@@ -49,6 +50,11 @@ class BenchmarkParams:
             raise LLMCoreError(f"benchmark.num_fewshot: expected an int >= 0 or null, got {self.num_fewshot}")
         if self.batch_size < 1:
             raise LLMCoreError(f"benchmark.batch_size: expected a positive int, got {self.batch_size}")
+
+
+def load_params(path: Path) -> tuple[BenchmarkParams, HardwareConfig]:
+    """Everything this stage reads from params.yaml: the ``benchmark`` section (``models`` aside) and ``hardware``."""
+    return load_section("benchmark", BenchmarkParams, path), load_section("hardware", HardwareConfig, path)
 
 
 app = typer.Typer(add_completion=False)
@@ -65,8 +71,7 @@ def main(
     with stage_errors():
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
             raise LLMCoreError(f"--name {name!r}: use letters, digits, '.', '_' and '-' only")
-        cfg = load_section("benchmark", BenchmarkParams, params)
-        hw = load_section("hardware", HardwareConfig, params)
+        cfg, hw = load_params(params)
         if not cfg.tasks:
             raise LLMCoreError("benchmark.tasks: empty; list lm-eval tasks (e.g. [hellaswag, arc_easy]) or YAML files")
         if hw.threads is not None:

@@ -361,29 +361,6 @@ def test_sampled_generation_follows_the_seed(tiny):
     assert text != greedy  # 10 tokens sampled at temperature 1 from a random model: not the greedy ones
 
 
-def test_dvc_stage_lists_what_the_stage_reads():
-    """dvc.yaml's benchmark stage: its deps are the llmcore modules the stage imports, its params the keys it reads."""
-    import subprocess
-    import sys
-    from dataclasses import fields
-
-    import yaml
-
-    from stages.benchmark import BenchmarkParams
-    from tests.conftest import REPO_ROOT
-
-    stage = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]["benchmark"]
-    assert stage["foreach"] == "${benchmark.models}"
-    code = "import sys, stages.benchmark, llmcore.eval.harness; print(' '.join(sorted(m for m in sys.modules)))"
-    loaded = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
-    modules = {m for m in loaded.stdout.split() if m.split(".")[0] == "llmcore"}
-    files = {f"llmcore/{m.split('.', 1)[1].replace('.', '/')}.py" for m in modules if "." in m}
-    files = {f for f in files if (REPO_ROOT / f).is_file()} | {"llmcore/__init__.py", "stages/benchmark.py"}
-    assert {d for d in stage["do"]["deps"] if d.endswith(".py")} == files
-    read = {f"benchmark.{f.name}" for f in fields(BenchmarkParams) if f.name != "models"}
-    assert set(stage["do"]["params"]) == read | {"hardware.device", "hardware.precision", "hardware.threads"}
-
-
 def test_registered_with_lm_eval_as_llmcore(tiny):
     from lm_eval.api.registry import get_model
 
