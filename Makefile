@@ -9,13 +9,13 @@ TORCH_SPEC ?= torch==2.13.0
 # (pip keeps the wheel in its cache).
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 
-.PHONY: venv test lint pipeline compare bench bench-quick clean
+.PHONY: venv test lint deps pipeline compare bench bench-quick clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH_SPEC)" || $(BIN)/pip install -q torch
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install -q -e ".[dev,export,serve]"
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install -q -e ".[dev,data,eval,export,serve]"
 	# the book's reference model, a peer in benchmarks and their tests; its own deps are heavy and unneeded
 	$(BIN)/pip install -q --no-deps llms-from-scratch
 	touch $@
@@ -24,6 +24,11 @@ venv: $(BIN)/.installed
 
 lint: venv
 	$(BIN)/ruff check llmcore stages tests benchmarks
+
+# dvc.yaml's code deps (each stage's import closure) and params (the keys its loader reads), regenerated in place.
+# tests/test_deps.py fails naming the stage and file when they drift; this is the fix.
+deps: venv
+	$(BIN)/python -m stages.deps --write
 
 # pytest exits 5 when nothing was collected; treat that as a failure too.
 test: venv lint
@@ -44,6 +49,8 @@ bench: venv
 	$(BIN)/python -m benchmarks.gguf_export
 	$(BIN)/python -m benchmarks.serve_bench
 	$(BIN)/python -m benchmarks.compiled_decode
+	$(BIN)/python -m benchmarks.data
+	$(BIN)/python -m benchmarks.harness
 
 bench-quick: venv
 	$(BIN)/pip install -q -e ".[bench]"
@@ -51,6 +58,8 @@ bench-quick: venv
 	$(BIN)/python -m benchmarks.dpo --quick
 	$(BIN)/python -m benchmarks.gguf_export --quick
 	$(BIN)/python -m benchmarks.serve_bench --quick --out reports/serve_bench_quick.json
+	$(BIN)/python -m benchmarks.data --quick
+	$(BIN)/python -m benchmarks.harness --quick
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

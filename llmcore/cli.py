@@ -3,6 +3,9 @@
     llmcore serve --model data/models/instruct                       # Ollama + OpenAI APIs on 127.0.0.1:11434
     llmcore serve --model data/models/instruct --model data/models/base --name base --template raw
     llmcore export data/models/instruct --format gguf --precision q8_0 --out data/export/instruct
+    llmcore profile params/fineweb-d12.yaml --run -n d12        # dvc exp run with the profile's params
+    llmcore profile params/fineweb-d12.yaml --write run.yaml    # the merged params file, for stages by hand
+    llmcore benchmark data/models/gpt2-124m --tasks hellaswag,arc_easy --limit 200   # lm-evaluation-harness
     llmcore compare                                                  # DVC experiments side by side
 """
 
@@ -21,6 +24,38 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, help="llmcore: too
 @app.callback()
 def main() -> None:
     """llmcore: tools around the pipeline's models."""  # a callback keeps `serve` a subcommand while it is alone
+
+
+@app.command()
+def profile(
+    path: Path = typer.Argument(..., help="a profile: a partial params file (params/*.yaml)"),
+    params: Path = typer.Option(Path("params.yaml"), help="the params file it is merged over"),
+    write: Path = typer.Option(None, help="write the merged params here (python -m stages.X --params FILE)"),
+    run: bool = typer.Option(False, "--run", help="run `dvc exp run` with the profile as --set-param arguments"),
+    name: str = typer.Option(None, "-n", "--name", help="experiment name for --run"),
+) -> None:
+    """Merge a params profile over params.yaml: print the `dvc exp run` command, write the file, or run it."""
+    import shlex
+    import subprocess
+
+    import yaml
+
+    from llmcore.common import write_text_atomic
+    from llmcore.params import merge_params, profile_overrides, read_params
+
+    with stage_errors():
+        base, overrides = read_params(params), read_params(path)
+        if write is not None:
+            write_text_atomic(write, yaml.safe_dump(merge_params(base, overrides), sort_keys=False))
+            typer.echo(f"wrote {write}")
+        cmd = ["dvc", "exp", "run", *(["-n", name] if name else [])]
+        for arg in profile_overrides(base, overrides):
+            cmd += ["-S", arg]
+        if not run:
+            if write is None:
+                typer.echo(shlex.join(cmd))
+            return
+        raise SystemExit(subprocess.call(cmd))
 
 
 @app.command()
@@ -117,6 +152,40 @@ def export(
         result = export_model(model_dir, out, fmt=format, precision=precision, template=template, name=name)
     files = ", ".join(f"{out}/{f}" for f in result.files)
     typer.echo(f"wrote {files} ({result.arch}, {result.n_params:,} parameters, template {result.template})")
+
+
+@app.command()
+def benchmark(
+    model_dir: Path = typer.Argument(..., help="language-model folder (model.safetensors + tokenizer.json)"),
+    tasks: str = typer.Option(..., help="comma-separated lm-eval tasks/groups/tags or task YAML files"),
+    limit: int = typer.Option(None, min=1, help="items per task (default: all)"),
+    num_fewshot: int = typer.Option(None, min=0, help="few-shot examples (default: each task's own)"),
+    batch_size: int = typer.Option(16, min=1, help="rows per forward pass"),
+    include_path: Path = typer.Option(None, help="a folder of extra task YAML files to index"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | mps"),
+    precision: str = typer.Option("fp32", help="fp32 | bf16 | fp16 (autocast)"),
+    out: Path = typer.Option(None, "--out", "-o", help="also write the metrics JSON here"),
+) -> None:
+    """Score a model on standard benchmarks with EleutherAI's lm-evaluation-harness (needs the eval extra)."""
+    import json
+
+    from llmcore.common import write_json_atomic
+
+    with stage_errors():
+        from llmcore.eval.harness import benchmark as run_benchmark  # lm-eval and torch: import late
+
+        names = [t.strip() for t in tasks.split(",") if t.strip()]
+        metrics = run_benchmark(
+            model_dir, names, device=device, precision=precision, batch_size=batch_size, limit=limit,
+            num_fewshot=num_fewshot, include_path=include_path,
+        )  # fmt: skip
+        if out is not None:
+            write_json_atomic(out, metrics)
+    for task, row in metrics["tasks"].items():
+        typer.echo(f"{task}: {json.dumps(row)}")
+    if metrics["truncated_requests"]:
+        typer.echo(f"{metrics['truncated_requests']} requests lost context tokens on the left (context_length "
+                   f"{metrics['context_length']})")  # fmt: skip
 
 
 @app.command()

@@ -10,14 +10,27 @@ the sections it uses into dataclasses (each defined next to the code that uses i
 
 Supported field types: int, float, str, bool, ``Literal[...]``, ``X | None``, ``list[X]``,
 ``dict[str, X]``, ``Any`` and nested dataclasses. Fields without defaults are required.
+
+The file is also checked as a whole: its top-level sections must be ones the pipeline's stages declare as
+params in the ``dvc.yaml`` beside it (``stages/deps.py`` keeps those declarations equal to what each stage's
+loader reads), so a typo such as ``pretrian:`` stops every stage with one line naming the closest section:
+
+    params.yaml: unknown section 'pretrian' (did you mean 'pretrain'?)
+
+``track_reads()`` records which keys a loader reads (``dvc.yaml``'s ``params:`` are checked against it).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
+import difflib
 import os
 import types
 import typing
+from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union
 
@@ -27,6 +40,9 @@ from llmcore.common import LLMCoreError
 
 T = TypeVar("T")
 DEFAULT_PATH = Path("params.yaml")
+# dataclass field metadata: ``field(..., metadata={NOT_A_DEP: "why"})`` marks a key the loader validates but
+# the stage's outputs do not depend on (e.g. a list dvc.yaml's ``foreach`` expands); it is not recorded as read.
+NOT_A_DEP = "not_a_dep"
 
 
 class ParamsError(LLMCoreError):
@@ -34,6 +50,7 @@ class ParamsError(LLMCoreError):
 
 
 def read_params(path: str | os.PathLike = DEFAULT_PATH) -> dict[str, Any]:
+    """The whole file as plain data, after checking its top-level sections (see the module docstring)."""
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -45,7 +62,110 @@ def read_params(path: str | os.PathLike = DEFAULT_PATH) -> dict[str, Any]:
         raise ParamsError(f"{path}:{where} invalid YAML: {getattr(e, 'problem', e)}") from None
     if not isinstance(data, dict):
         raise ParamsError(f"{path}: expected a mapping of sections at the top level")
-    return data
+    known = declared_sections(path.parent / "dvc.yaml")
+    if known is not None:
+        check_sections(data, known, path)
+    recorder = _RECORDER.get()
+    return TrackedDict(data, "", recorder) if recorder is not None else data
+
+
+def declared_sections(dvc_yaml: Path) -> set[str] | None:
+    """The top-level params.yaml sections that the stages of ``dvc_yaml`` declare; None without that file."""
+    try:
+        spec = yaml.load(dvc_yaml.read_text(encoding="utf-8"), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    except FileNotFoundError:
+        return None
+    except yaml.YAMLError as e:
+        raise ParamsError(f"{dvc_yaml}: invalid YAML: {getattr(e, 'problem', e)}") from None
+    sections = set()
+    for body in ((spec or {}).get("stages") or {}).values():
+        body = body.get("do", body) if isinstance(body, dict) else {}
+        for item in body.get("params") or []:
+            if isinstance(item, str):
+                sections.add(item.split(".", 1)[0])
+            elif isinstance(item, dict):  # {params.yaml: [keys]}; other params files are not ours
+                for file, keys in item.items():
+                    if Path(file).name == DEFAULT_PATH.name:
+                        sections.update(str(k).split(".", 1)[0] for k in keys or [])
+    return sections
+
+
+def check_sections(data: dict[str, Any], known: set[str], path: Path) -> None:
+    """An unknown top-level section is an error naming it and the closest known section."""
+    for name in data:
+        if name in known:
+            continue
+        close = difflib.get_close_matches(str(name), sorted(known), n=1, cutoff=0.6)
+        hint = f"did you mean '{close[0]}'?" if close else f"known: {', '.join(sorted(known))}"
+        raise ParamsError(f"{path}: unknown section '{name}' ({hint})")
+
+
+def plain(value: Any, record: bool = True) -> Any:
+    """A plain deep copy of params data; under ``track_reads`` it reads (records) every value unless ``record``
+    is false."""
+    if isinstance(value, dict):
+        get = value.__getitem__ if record else partial(dict.__getitem__, value)
+        return {k: plain(get(k), record) for k in list(dict.keys(value))}
+    if isinstance(value, list):
+        return [plain(v, record) for v in value]
+    return value
+
+
+# --------------------------------------------------------------------------------------------------
+# Which keys does a loader read? (tests/test_deps.py compares that with dvc.yaml's `params:`)
+
+_RECORDER: contextvars.ContextVar[set[str] | None] = contextvars.ContextVar("params_recorder", default=None)
+
+
+@contextlib.contextmanager
+def track_reads() -> Iterator[set[str]]:
+    """Record the key paths (``pretrain.train.lr``) whose values are read from ``read_params`` while active.
+
+    A value counts as read when it is taken out of its mapping (indexing, ``get``, ``items``, ``values``,
+    copying); listing key names or ``in`` tests do not count. Lists and empty mappings are single values.
+    """
+    reads: set[str] = set()
+    token = _RECORDER.set(reads)
+    try:
+        yield reads
+    finally:
+        _RECORDER.reset(token)
+
+
+class TrackedDict(dict):
+    """A read-only view of a params mapping that records every value taken out of it."""
+
+    def __init__(self, data: dict, prefix: str, reads: set[str]):
+        super().__init__({k: self._wrap(v, f"{prefix}{k}", reads) for k, v in data.items()})
+        self._prefix, self._reads = prefix, reads
+
+    @staticmethod
+    def _wrap(value: Any, path: str, reads: set[str]) -> Any:
+        return TrackedDict(value, path + ".", reads) if isinstance(value, dict) and value else value
+
+    def _read(self, key: Any) -> Any:
+        value = super().__getitem__(key)
+        if not isinstance(value, TrackedDict):  # a leaf; a non-empty mapping is read key by key
+            self._reads.add(f"{self._prefix}{key}")
+        return value
+
+    def __getitem__(self, key: Any) -> Any:
+        return self._read(key)
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        return self._read(key) if key in self else default
+
+    def __iter__(self):  # not dict's own iterator: dict(tracked) / {**tracked} then go through __getitem__
+        return iter(list(dict.keys(self)))
+
+    def items(self):
+        return [(k, self._read(k)) for k in dict.keys(self)]
+
+    def values(self):
+        return [self._read(k) for k in dict.keys(self)]
+
+    def copy(self) -> dict:
+        return dict(self.items())
 
 
 def load_section(section: str, schema: type[T], path: str | os.PathLike = DEFAULT_PATH) -> T:
@@ -70,7 +190,8 @@ def from_dict(schema: type[T], data: Any, where: str) -> T:
     values = {}
     for name, f in fields.items():
         if name in data:
-            values[name] = convert(hints[name], data[name], f"{where}.{name}")
+            value = plain(dict.__getitem__(data, name), record=False) if f.metadata.get(NOT_A_DEP) else data[name]
+            values[name] = convert(hints[name], value, f"{where}.{name}")
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ParamsError(f"{where}.{name}: missing required key")
     try:
@@ -175,3 +296,54 @@ def model_config_from_params(data: Any, where: str = "model", **fixed: Any):
         return ModelConfig.from_dict({**base, **data, **fixed})
     except ConfigError as e:
         raise ParamsError(str(e)) from None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Profiles: params files (``params/*.yaml``) merged over params.yaml
+# ---------------------------------------------------------------------------------------------------
+
+
+def merge_params(base: dict[str, Any], profile: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``profile`` merged in: mappings merge key by key, anything else (lists too) replaces."""
+    out = dict(base)
+    for key, value in profile.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_params(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _override_value(value: Any) -> str:
+    """A value in the override grammar of ``dvc exp run --set-param`` (Hydra's): quoted strings, flow lists."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    if isinstance(value, list):
+        return "[" + ",".join(_override_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{_override_value(v)}" for k, v in value.items()) + "}"
+    raise ParamsError(f"profile: cannot express {value!r} as a --set-param value")
+
+
+def profile_overrides(base: dict[str, Any], profile: dict[str, Any], prefix: str = "") -> list[str]:
+    """``--set-param`` arguments that turn ``base`` into ``merge_params(base, profile)``, one per leaf.
+
+    A key that ``base`` lacks is added with ``+key=value`` (Hydra's syntax for a new key), a whole new
+    mapping at once.
+    """
+    args = []
+    for key, value in profile.items():
+        path = f"{prefix}{key}"
+        if key not in base:
+            args.append(f"+{path}={_override_value(value)}")
+        elif isinstance(value, dict) and isinstance(base[key], dict):
+            args += profile_overrides(base[key], value, f"{path}.")
+        else:
+            args.append(f"{path}={_override_value(value)}")
+    return args

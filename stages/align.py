@@ -67,14 +67,13 @@ from llmcore.eval.judge import JudgeConfig, JudgeItem, check_judge, score_items
 from llmcore.models.generate import SamplingConfig
 from llmcore.models.lora import LoRAParams, apply_lora, count_trainable, mark_trainable, merge_lora
 from llmcore.models.responses import generate_responses
-from llmcore.params import load_section
+from llmcore.params import from_dict, load_section, read_params
 from llmcore.text.prompts import format_prompt
 from llmcore.training.config import HardwareConfig, TrainConfig
 from llmcore.training.dpo import DPOLoss, attach_reference_logps
 from llmcore.training.loop import fit
 from llmcore.training.runtime import close_runtime, init_runtime, relaunch_under_torchrun
 from llmcore.weights.model_dir import TEMPLATE_KEY, open_model_dir, save_model_dir
-from stages.evaluate import EvaluateParams
 from stages.instruct import GenerateParams
 
 
@@ -136,6 +135,13 @@ class AlignParams:
             raise LLMCoreError("align.test_fraction: train_fraction + test_fraction must leave some validation data")
         if self.max_length is not None and self.max_length < 2:
             raise LLMCoreError(f"align.max_length: expected an int >= 2 or null, got {self.max_length}")
+
+
+def load_pairs_params(path: Path) -> tuple[AlignParams, JudgeConfig]:
+    """What the ``pairs`` command (stage ``preferences``) reads: the ``align`` section and the evaluate stage's
+    judge (``evaluate.judge``; the rest of ``evaluate`` is the evaluate stage's)."""
+    evaluate = read_params(path).get("evaluate") or {}
+    return load_section("align", AlignParams, path), from_dict(JudgeConfig, evaluate.get("judge"), "evaluate.judge")
 
 
 def load_params(path: Path) -> tuple[AlignParams, HardwareConfig]:
@@ -378,8 +384,7 @@ def pairs(
 ) -> None:
     """Build the train/validation preference pairs (from the dataset or by asking the judge)."""
     with stage_errors():
-        cfg = load_section("align", AlignParams, params)
-        judge_cfg = load_section("evaluate", EvaluateParams, params).judge  # the evaluate stage's judge
+        cfg, judge_cfg = load_pairs_params(params)
         counts = make_pairs(cfg, judge_cfg, raw_dir, models_dir, out, reports, cache)
         print0(json.dumps(counts))
 

@@ -169,6 +169,12 @@ def write_h2h(path: Path, records: list) -> None:
 # what the judge was and why it did not score: run facts (facts.json), not DVC metrics
 FACT_KEYS = ("judge_status", "judge_skip_reason", "judge_model", "judge_digest", "judge_host", "n_cached")
 
+
+def load_params(path: Path) -> EvaluateParams:
+    """Everything this stage reads from params.yaml: the ``evaluate`` section."""
+    return load_section("evaluate", EvaluateParams, path)
+
+
 app = typer.Typer(add_completion=False)
 
 
@@ -184,7 +190,7 @@ def main(
 ) -> None:
     """Judge every test response and compute judge-free metrics; compare with the aligned model's answers."""
     with stage_errors():
-        cfg = load_section("evaluate", EvaluateParams, params)
+        cfg = load_params(params)
         items = load_responses(responses)
         metrics = {"n_items": len(items), **text_metrics(items)}
         metrics.update(reference_loss(model_dir, responses, cfg.loss_batch_size))

@@ -21,20 +21,26 @@ from pathlib import Path
 import typer
 
 from llmcore.common import LLMCoreError, print0, stage_errors
-from llmcore.params import load_section
+from llmcore.params import NOT_A_DEP, load_section
 from llmcore.weights.export import export_model
 from llmcore.weights.gguf import PRECISIONS
 
 
 @dataclass
 class ExportParams:
-    models: list[str] = field(default_factory=list)  # folders under data/models; dvc.yaml's foreach reads it
+    # folders under data/models: dvc.yaml's foreach expands it; each export@<name> depends on its own name only
+    models: list[str] = field(default_factory=list, metadata={NOT_A_DEP: "expanded by dvc.yaml's foreach"})
     precision: str = "q8_0"  # GGUF weights: f32 | f16 | bf16 | q8_0
     template: str | None = None  # prompt template; None: the one stored with the model, else raw
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise LLMCoreError(f"export.precision: expected one of {'|'.join(PRECISIONS)}, got {self.precision!r}")
+
+
+def load_params(path: Path) -> ExportParams:
+    """Everything this stage reads from params.yaml: the ``export`` section (``models`` aside, see above)."""
+    return load_section("export", ExportParams, path)
 
 
 app = typer.Typer(add_completion=False)
@@ -51,7 +57,7 @@ def main(
     with stage_errors():
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
             raise LLMCoreError(f"--name {name!r}: use letters, digits, '.', '_' and '-' only")
-        p = load_section("export", ExportParams, params)
+        p = load_params(params)
         out = out or Path("data/export") / name
         start = time.perf_counter()
         result = export_model(models_dir / name, out, fmt="gguf", precision=p.precision, template=p.template, name=name)

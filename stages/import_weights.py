@@ -36,7 +36,7 @@ from llmcore.device import resolve_device
 from llmcore.download import resolve_url
 from llmcore.models.config import ModelConfig
 from llmcore.models.gpt import GPT
-from llmcore.params import load_section
+from llmcore.params import NOT_A_DEP, load_section
 from llmcore.text.llama3 import llama3_tokenizer
 from llmcore.text.tokenizer import Tokenizer
 from llmcore.weights.hf_convert import family, load_hf
@@ -56,7 +56,8 @@ class Source:
 
 @dataclass
 class ImportParams:
-    models: list[str] = field(default_factory=list)  # names to import; dvc.yaml's foreach reads it
+    # names to import: dvc.yaml's foreach expands it; each import@<name> stage depends on its own name only
+    models: list[str] = field(default_factory=list, metadata={NOT_A_DEP: "expanded by dvc.yaml's foreach"})
     sources: dict[str, Source] = field(default_factory=dict)  # overrides/additions to KNOWN_CHECKPOINTS
     corpus: str = "tinyshakespeare"  # a download source (folder of data/raw) to measure the loss on
     val_fraction: float = 0.1  # its tail, as the tokenize stage splits it
@@ -139,6 +140,11 @@ def evaluate(model: GPT, ids: list[int], context: int) -> tuple[float, int]:
     return total, count
 
 
+def load_params(path: Path) -> ImportParams:
+    """Everything this stage reads from params.yaml: the ``import`` section (``models`` aside, see above)."""
+    return load_section("import", ImportParams, path)
+
+
 app = typer.Typer(add_completion=False)
 
 
@@ -156,7 +162,7 @@ def main(
     with stage_errors():
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
             raise LLMCoreError(f"--name {name!r}: use letters, digits, '.', '_' and '-' only")
-        cfg = load_section("import", ImportParams, params)
+        cfg = load_params(params)
         out = out or Path("data/models") / name
         reports = reports or Path("reports/import") / name
         device = resolve_device(cfg.device)

@@ -4,9 +4,11 @@
     python -m stages.pretrain --help
 
 Reads   params.yaml sections ``model`` (preset + overrides; vocab_size comes from the tokenizer),
-        ``hardware`` and ``pretrain``; data/tokens/{train.bin, val.bin, meta.json, tokenizer.json}
+        ``hardware`` and ``pretrain``; data/tokens/{meta.json, tokenizer.json, train_*.bin, val_*.bin}
+        (the token shards, memory-mapped and read as one stream per split; llmcore/data/tokens.py)
 Writes  data/models/pretrain/{model.safetensors, tokenizer.json}     the model folder downstream stages load
-        reports/pretrain/metrics.json                                 losses, baselines, throughput, MFU
+        reports/pretrain/metrics.json                                 losses, bits per byte, baselines,
+                                                                      throughput, MFU
         reports/pretrain/samples.md                                   generations from ``pretrain.prompts``
         reports/pretrain/live/plots/metrics/{train,val}/*.tsv         dvclive curves (DVC plots)
 Resume  .cache/pretrain/step_XXXXXXXX/ (``--ckpt``), deliberately *not* a DVC out: DVC deletes outs before
@@ -44,19 +46,27 @@ import torch
 import typer
 
 from llmcore.common import LLMCoreError, stage_errors, write_stage_reports, write_text_atomic
-from llmcore.data.tokens import RandomWindows, SequentialWindows, load_tokens, read_meta
-from llmcore.device import DTYPES
+from llmcore.data.tokens import RandomWindows, SequentialWindows, load_tokens, read_meta, shard_entries
+from llmcore.device import DTYPES, autocast_context
 from llmcore.eval.baselines import DEFAULT_K, baselines
+from llmcore.eval.bpb import evaluate_bpb, token_byte_lengths
 from llmcore.models.config import ModelConfig
 from llmcore.models.generate import SamplingConfig, generate
 from llmcore.models.gpt import GPT
-from llmcore.params import ParamsError, load_section, model_config_from_params, read_params
+from llmcore.params import ParamsError, load_section, model_config_from_params, plain, read_params
 from llmcore.text.tokenizer import Tokenizer
 from llmcore.training.config import HardwareConfig, TrainConfig
 from llmcore.training.flops import measure_matmul_peak
 from llmcore.training.loop import FitResult, fit, lm_loss
 from llmcore.training.runtime import Runtime, close_runtime, init_runtime, relaunch_under_torchrun
 from llmcore.weights.model_dir import save_model_dir
+
+# Count baselines read at most this many tokens of each split (exact counts; O(N) memory): all of a small
+# corpus, a prefix of a 10B-token one.
+BASELINE_TOKENS = 20_000_000
+# Shards are checked against their manifest sha256 when a split is at most this large (reads every byte);
+# above it, against their sizes only (DVC verifies its cache; ``load_tokens(verify=True)`` does it by hand).
+VERIFY_BYTES = 2 << 30
 
 
 @dataclass
@@ -107,6 +117,23 @@ def build_data(p: PretrainParams, train_tokens, val_tokens, T: int, rt: Runtime)
     return train, val
 
 
+def make_bpb_eval(p: PretrainParams, val_tokens, tok: Tokenizer, T: int, hw: HardwareConfig, rt: Runtime):
+    """``fit``'s ``on_eval``: bits per byte over the very batches the validation loss is measured on."""
+    cfg = p.train
+    _, val = build_data(p, val_tokens, val_tokens, T, rt)  # the validation sampler, built the same way
+    start = val.state_dict()
+    n_batches = cfg.eval_batches or len(val)
+    token_bytes = token_byte_lengths(tok)
+
+    def on_eval(model: GPT, step: int) -> dict[str, float]:
+        val.load_state_dict(start)
+        bpb = evaluate_bpb(model, val, n_batches, token_bytes, rt.device,
+                           autocast=lambda: autocast_context(rt.device, hw.precision), ddp=rt.ddp)  # fmt: skip
+        return {"bpb": bpb}
+
+    return on_eval
+
+
 def write_samples(path: Path, model: GPT, tok: Tokenizer, p: PretrainParams, step: int) -> None:
     s = p.sample
     cfg = SamplingConfig(
@@ -133,7 +160,7 @@ def write_metrics(folder: Path, result: FitResult, model_cfg: ModelConfig, n_par
     metrics = {
         "step": result.step, "epochs": round(result.epochs, 4),
         "train_loss": result.train_loss, "val_loss": result.val_loss, "val_ppl": result.val_ppl,
-        **{k: v for k, v in base.items() if k != "baseline_k"},
+        "val_bpb": result.extra.get("bpb"), **{k: v for k, v in base.items() if k != "baseline_k"},
         "tokens_seen": result.items_seen, "params": n_params, "flops_per_token": flops_per_token,
     }  # fmt: skip
     timing = {
@@ -146,6 +173,19 @@ def write_metrics(folder: Path, result: FitResult, model_cfg: ModelConfig, n_par
              "device": device, "baseline_k": base.get("baseline_k")}  # fmt: skip
     write_stage_reports(folder, metrics, timing, facts)
     return {**metrics, **timing, **facts}
+
+
+def load_params(path: Path) -> tuple[HardwareConfig, PretrainParams, dict]:
+    """Everything this stage reads from params.yaml: the ``hardware``, ``pretrain`` and ``model`` sections (the
+    model section as plain data, validated here; its vocab size comes from the tokenizer later)."""
+    hw = load_section("hardware", HardwareConfig, path)
+    p = load_section("pretrain", PretrainParams, path)
+    raw = read_params(path)
+    if "model" not in raw:
+        raise ParamsError(f"model: missing section in {path}")
+    model = plain(raw["model"])
+    model_config_from_params(model)
+    return hw, p, model
 
 
 app = typer.Typer(add_completion=False)
@@ -162,11 +202,7 @@ def main(
     """Pretrain the model on data/tokens; resumes from --ckpt after a crash."""
     start = time.perf_counter()
     with stage_errors():
-        hw = load_section("hardware", HardwareConfig, params)
-        p = load_section("pretrain", PretrainParams, params)
-        raw = read_params(params)
-        if "model" not in raw:
-            raise ParamsError(f"model: missing section in {params}")
+        hw, p, model_params = load_params(params)
         args = ["--params", params, "--tokens", tokens, "--out", out, "--reports", reports, "--ckpt", ckpt]
         code = relaunch_under_torchrun(hw.nproc, "stages.pretrain", [str(a) for a in args])
         if code is not None:
@@ -176,11 +212,15 @@ def main(
         tok = Tokenizer.load(tokens / "tokenizer.json")
         if tok.vocab_size != meta["vocab_size"]:
             raise LLMCoreError(f"{tokens}: tokenizer has {tok.vocab_size} ids but meta.json says {meta['vocab_size']}")
-        model_cfg = model_config_from_params(raw["model"], vocab_size=tok.vocab_size)
-        train_tokens, val_tokens = load_tokens(tokens, "train", meta), load_tokens(tokens, "val", meta)
+        model_cfg = model_config_from_params(model_params, vocab_size=tok.vocab_size)
+        itemsize = np.dtype(meta["dtype"]).itemsize
+        n_bytes = sum(e.get("tokens", 0) for s in meta.get("splits", {}).values() for e in s) * itemsize
+        train_tokens = load_tokens(tokens, "train", meta, verify=n_bytes <= VERIFY_BYTES)
+        val_tokens = load_tokens(tokens, "val", meta, verify=n_bytes <= VERIFY_BYTES)
 
         rt = init_runtime(hw)
         train, val = build_data(p, train_tokens, val_tokens, model_cfg.context_length, rt)
+        on_eval = make_bpb_eval(p, val_tokens, tok, model_cfg.context_length, hw, rt)
         torch.manual_seed(p.train.seed)  # the same initial weights on every rank
         model = GPT(model_cfg)
         live = None
@@ -188,23 +228,27 @@ def main(
             from dvclive import Live  # imported late: it pulls in dvc
 
             live = Live(dir=str(reports / "live"), dvcyaml=False, save_dvc_exp=False)
+        shards = {split: [[e["file"], e.get("tokens"), e.get("sha256")] for e in shard_entries(tokens, split, meta)]
+                  for split in ("train", "val")}  # fmt: skip
         data_id = {"model": model_cfg.to_dict(), "windows": p.windows, "stride": p.stride, "meta": meta,
-                   "bytes": [(tokens / f"{s}.bin").stat().st_size for s in ("train", "val")]}  # fmt: skip
+                   "shards": shards, "lengths": [len(train_tokens), len(val_tokens)]}  # fmt: skip
         print(f"rank {rt.rank}/{rt.world_size} on {rt.device}: {model.num_params() / 1e6:.2f}M params, "
-              f"{len(train_tokens)} train / {len(val_tokens)} val tokens", flush=True)  # fmt: skip
-        result = fit(model, train, val, lm_loss, p.train, hw, ckpt, live=live, fingerprint=data_id)
+              f"{len(train_tokens)} train / {len(val_tokens)} val tokens in "
+              f"{len(train_tokens.shards)} + {len(val_tokens.shards)} shard(s)", flush=True)  # fmt: skip
+        result = fit(model, train, val, lm_loss, p.train, hw, ckpt, live=live, fingerprint=data_id, on_eval=on_eval)
 
         if rt.is_main:
             model.eval()
             save_model_dir(out, model, tok, {"stage": "pretrain", "step": str(result.step)})
             write_samples(reports / "samples.md", model, tok, p, result.step)
-            base = baselines(np.asarray(train_tokens), np.asarray(val_tokens), tok.vocab_size, p.baseline_k)
+            base = baselines(train_tokens[:BASELINE_TOKENS], val_tokens[:BASELINE_TOKENS], tok.vocab_size, p.baseline_k)
             peak = hw.peak_tflops * 1e12 if hw.peak_tflops else measure_matmul_peak(DTYPES[hw.precision], rt.device)
             metrics = write_metrics(reports, result, model_cfg, model.num_params(), base, peak, rt.world_size,
                                     time.perf_counter() - start, str(rt.device))  # fmt: skip
             live.end()
             print(
-                f"step {result.step}: val loss {result.val_loss:.4f} (unigram {base['unigram_val_loss']:.4f}, "
+                f"step {result.step}: val loss {result.val_loss:.4f}, {metrics['val_bpb']:.4f} bits/byte "
+                f"(unigram {base['unigram_val_loss']:.4f}, "
                 f"bigram {base['bigram_val_loss']:.4f}), {metrics['tokens_per_s']:.0f} tokens/s, "
                 f"MFU {metrics['mfu']:.1%}, {metrics['wall_time_s']:.0f} s"
             )

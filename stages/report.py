@@ -16,7 +16,14 @@ import yaml
 
 from llmcore.common import atomic_path, stage_errors, write_text_atomic
 from llmcore.eval.report import build_report, to_html, to_markdown
-from llmcore.params import read_params
+from llmcore.params import plain, read_params
+
+
+def load_params(path: Path) -> dict:
+    """Everything this stage reads from params.yaml: every section but ``download`` (the report's params table)."""
+    raw = read_params(path)
+    return {name: plain(raw[name]) for name in raw if name != "download"}
+
 
 app = typer.Typer(add_completion=False)
 
@@ -82,7 +89,7 @@ def main(
 ) -> None:
     """Write report.md, report.html and figures/ from the stages' outputs."""
     with stage_errors():
-        report = build_report(reports, read_params(params), pipeline=pipeline_stages(dvc_yaml),
+        report = build_report(reports, load_params(params), pipeline=pipeline_stages(dvc_yaml),
                               run_facts=run_facts(params), default_params=committed_params(params))  # fmt: skip
         figures = reports / "figures"
         figures.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import random
+import sys
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,7 @@ from llmcore.text.tokenizer import Tokenizer
 from llmcore.weights.model_dir import load_classifier, save_model_dir
 from llmcore.weights.weight_file import load_state, read_metadata
 from stages.classify import app
+from tests.resume import curves, kill_after_first_checkpoint, without_timings
 
 N_HAM, N_SPAM = 60, 30  # balanced to 30 + 30 -> 42 train / 6 val / 12 test with the book's fractions
 
@@ -72,11 +74,14 @@ def workspace(tmp_path_factory) -> Path:
     return root
 
 
-def invoke(root: Path, params: Path, data: Path | None = None, out: str = "classify", reports: str = "reports"):
-    args = ["--params", str(params), "--data", str(data or root / "spam.tsv"), "--models-dir", str(root / "models"),
+def stage_args(root: Path, params: Path, data: Path | None = None, out: str = "classify", reports: str = "reports"):
+    return ["--params", str(params), "--data", str(data or root / "spam.tsv"), "--models-dir", str(root / "models"),
             "--out", str(root / "models" / out), "--reports", str(root / reports), "--work-dir",
             str(root / f"work-{out}")]  # fmt: skip
-    return CliRunner().invoke(app, args)
+
+
+def invoke(root: Path, params: Path, data: Path | None = None, out: str = "classify", reports: str = "reports"):
+    return CliRunner().invoke(app, stage_args(root, params, data, out, reports))
 
 
 @pytest.fixture(scope="module")
@@ -204,3 +209,29 @@ def test_missing_base_model(workspace: Path) -> None:
     params.write_text(params.read_text().replace("base_model: base", "base_model: pretrain"))
     result = invoke(workspace, params, out="bad", reports="reports-bad")
     assert result.exit_code == 1 and "pretrain: no such model folder" in result.output
+
+
+def test_kill_9_then_rerun_writes_the_bytes_of_an_uninterrupted_run(workspace: Path, tmp_path: Path) -> None:
+    """SIGKILL mid-training, then the same command again: it resumes from the last checkpoint and every output
+    (weights, tokenizer, predictions.csv, confusion.csv, metrics but timings, curves) equals a run never killed."""
+    train = {"batch_size": 8, "lr": 0.003, "min_lr": 0.0003, "warmup_steps": 5, "max_steps": 50,
+             "eval_every": 25, "eval_batches": None, "checkpoint_every": 10, "log_every": 10, "seed": 1}  # fmt: skip
+    params = write_params(tmp_path / "params.yaml", train=train)
+    result = invoke(workspace, params, out="ref", reports="ref-reports")
+    assert result.exit_code == 0, result.output
+    args = stage_args(workspace, params, out="killed", reports="killed-reports")
+    cmd = [sys.executable, "-m", "stages.classify", *args]
+    saved = kill_after_first_checkpoint(cmd, workspace / "work-killed", tmp_path / "killed.log")
+    assert saved[-1].name < "step_00000050" and not (workspace / "models" / "killed").exists()
+
+    result = invoke(workspace, params, out="killed", reports="killed-reports")
+    assert result.exit_code == 0, result.output
+    assert f"resuming from {saved[-1]}" in result.output
+    ref, run = workspace / "models" / "ref", workspace / "models" / "killed"
+    for name in ("model.safetensors", "tokenizer.json"):
+        assert (run / name).read_bytes() == (ref / name).read_bytes(), name
+    for name in ("predictions.csv", "confusion.csv"):
+        assert (workspace / "killed-reports" / name).read_bytes() == (workspace / "ref-reports" / name).read_bytes()
+    metrics = [json.loads((workspace / d / "metrics.json").read_text()) for d in ("ref-reports", "killed-reports")]
+    assert without_timings(metrics[1]) == without_timings(metrics[0])
+    assert curves(workspace / "killed-reports") == curves(workspace / "ref-reports")

@@ -8,6 +8,7 @@ and the test can check the answers themselves rather than just their presence.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ from llmcore.text.tokenizer import Tokenizer
 from llmcore.weights.model_dir import load_model_dir, save_model_dir
 from llmcore.weights.weight_file import read_metadata
 from stages.instruct import app
+from tests.resume import curves, kill_after_first_checkpoint, without_timings
 
 N_ENTRIES = 60  # 51 train / 6 test / 3 validation with the book's fractions
 
@@ -72,11 +74,14 @@ def workspace(tmp_path_factory) -> Path:
     return root
 
 
-def invoke(root: Path, params: Path, *extra: str, out: str = "instruct", reports: str = "reports"):
-    args = ["--params", str(params), "--raw-dir", str(root / "raw"), "--models-dir", str(root / "models"),
+def stage_args(root: Path, params: Path, *extra: str, out: str = "instruct", reports: str = "reports"):
+    return ["--params", str(params), "--raw-dir", str(root / "raw"), "--models-dir", str(root / "models"),
             "--out", str(root / "models" / out), "--reports", str(root / reports), "--work-dir",
             str(root / f"work-{out}"), *extra]  # fmt: skip
-    return CliRunner().invoke(app, args)
+
+
+def invoke(root: Path, params: Path, *extra: str, out: str = "instruct", reports: str = "reports"):
+    return CliRunner().invoke(app, stage_args(root, params, *extra, out=out, reports=reports))
 
 
 @pytest.fixture(scope="module")
@@ -190,3 +195,29 @@ def test_bad_input_is_one_line_and_writes_nothing(workspace: Path, tmp_path: Pat
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.output
     assert not (tmp_path / "out").exists() and not (tmp_path / "reports").exists()
+
+
+def test_kill_9_then_rerun_writes_the_bytes_of_an_uninterrupted_run(workspace: Path, tmp_path: Path) -> None:
+    """SIGKILL mid-training, then the same command again: it resumes from the last checkpoint and every output
+    (weights, tokenizer, responses.json, metrics but timings, curves) equals a run never killed."""
+    train = {"batch_size": 8, "lr": 0.01, "min_lr": 0.001, "warmup_steps": 5, "max_steps": 50,
+             "eval_every": 25, "eval_batches": None, "checkpoint_every": 10, "log_every": 10, "seed": 1}  # fmt: skip
+    params = write_params(tmp_path / "params.yaml", train=train)
+    result = invoke(workspace, params, out="ref", reports="ref-reports")
+    assert result.exit_code == 0, result.output
+    args = stage_args(workspace, params, out="killed", reports="killed-reports")
+    cmd = [sys.executable, "-m", "stages.instruct", *args]
+    saved = kill_after_first_checkpoint(cmd, workspace / "work-killed", tmp_path / "killed.log")
+    assert saved[-1].name < "step_00000050" and not (workspace / "models" / "killed").exists()
+
+    result = invoke(workspace, params, out="killed", reports="killed-reports")
+    assert result.exit_code == 0, result.output
+    assert f"resuming from {saved[-1]}" in result.output
+    ref, run = workspace / "models" / "ref", workspace / "models" / "killed"
+    for name in ("model.safetensors", "tokenizer.json"):
+        assert (run / name).read_bytes() == (ref / name).read_bytes(), name
+    for name in ("responses.json",):
+        assert (workspace / "killed-reports" / name).read_bytes() == (workspace / "ref-reports" / name).read_bytes()
+    metrics = [json.loads((workspace / d / "metrics.json").read_text()) for d in ("ref-reports", "killed-reports")]
+    assert without_timings(metrics[1]) == without_timings(metrics[0])
+    assert curves(workspace / "killed-reports") == curves(workspace / "ref-reports")

@@ -7,11 +7,11 @@ the library never imports them.
 
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 
 import pytest
 
+from stages.deps import imported_modules  # the walker that also keeps dvc.yaml's code deps
 from tests.conftest import REPO_ROOT
 
 # low -> high; a module may import its own layer and the ones below it.
@@ -35,23 +35,6 @@ def room_of(module: str) -> str | None:
     """'llmcore.models.gpt' -> 'models'; the package itself (``llmcore``) has no room."""
     parts = module.split(".")
     return parts[1] if len(parts) > 1 and parts[0] == "llmcore" else None
-
-
-def imported_modules(path: Path) -> set[str]:
-    package = ".".join(path.relative_to(REPO_ROOT).with_suffix("").parts[:-1])
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.Import):
-            found.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package.split(".")[: len(package.split(".")) - node.level + 1]
-                module = ".".join(base + ([node.module] if node.module else []))
-            else:
-                module = node.module or ""
-            found.add(module)
-            found.update(f"{module}.{alias.name}" for alias in node.names)  # `from llmcore import models`
-    return found
 
 
 def library_modules() -> list[Path]:

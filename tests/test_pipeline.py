@@ -10,13 +10,18 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import yaml
 
+from llmcore.training.state import checkpoints
+from stages import deps
 from tests.conftest import REPO_ROOT
 
 pytestmark = pytest.mark.slow
@@ -118,12 +123,12 @@ TINY = {
     "hardware": {"threads": 1},
     "pretrain": {"train": {"max_steps": 30, "eval_every": 15, "eval_batches": 2, "checkpoint_every": 15},
                  "sample": {"max_new_tokens": 20}},
-    "classify": {"train": {"epochs": 1, "eval_every": 65, "checkpoint_every": 65}},
-    "instruct": {"train": {"epochs": 1, "eval_every": 100, "eval_batches": 2}, "generate": {"max_new_tokens": 12}},
+    "classify": {"train": {"epochs": 1, "max_steps": 20, "eval_every": 20, "eval_batches": 2, "checkpoint_every": 20}},
+    "instruct": {"train": {"epochs": 1, "max_steps": 20, "eval_every": 20, "eval_batches": 2},
+                 "generate": {"max_new_tokens": 12}},
     "align": {"train": {"epochs": None, "max_steps": 10, "eval_every": 10, "eval_batches": 2},
               "generate": {"max_new_tokens": 12}},
-    "evaluate": {"judge_mode": "required", "judge": {"model": "judge", "timeout": 60, "retries": 1},
-                 "n_boot": 200},
+    "evaluate": {"judge_mode": "required", "judge": {"model": "judge", "timeout": 60, "retries": 1}, "n_boot": 200},
 }  # fmt: skip
 
 
@@ -136,32 +141,65 @@ def merge(base: dict, over: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def judge_server(tmp_path_factory):
-    """`llmcore serve` as the judge, on loopback: a tiny model whose every answer is "85" (a usable score)."""
+    """`llmcore serve` as the judge, on loopback: a model whose answer to any prompt is "85" (fast, parsable)."""
     import threading
 
     from llmcore.serve.app import make_server
     from llmcore.serve.models import ModelHandle
     from tests.fixed_reply import save_fixed_reply_model
 
-    path = save_fixed_reply_model(tmp_path_factory.mktemp("judge"), "85")
-    server = make_server({"judge:latest": ModelHandle.load(path, template="raw")}, port=0)
+    folder = save_fixed_reply_model(tmp_path_factory.mktemp("judge"), "85")
+    server = make_server({"judge:latest": ModelHandle.load(folder, template="raw")}, port=0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield server.url
     server.shutdown()
 
 
-def test_full_pipeline_end_to_end_with_llmcore_serve_as_judge(tmp_path_factory, mirror_url, judge_server):
+@dataclass
+class Tiny:
+    repo: Path
+    env: dict[str, str]
+    first: str  # `dvc repro`'s output
+    outs: dict[str, str]  # dvc.lock after it: out path -> md5
+    sweep: dict = field(default_factory=dict)  # (preset, lr) -> (experiment name, rev, val loss)
+
+
+def lock_outs(repo: Path) -> dict[str, str]:
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    return {o["path"]: o["md5"] for stage in lock["stages"].values() for o in stage.get("outs", [])}
+
+
+def commit(repo: Path, message: str) -> None:
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
+    subprocess.run([*git, "commit", "-qm", message], cwd=repo, check=True)
+
+
+def dvc(repo: Path, env: dict[str, str], *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return run([sys.executable, "-m", "dvc", *args], repo, env, check=check)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, mirror_url, judge_server) -> Tiny:
+    """The whole pipeline on TINY params from a clean copy, run once (`dvc repro`) and committed; the tests below
+    share it, in file order (a forced rerun, touched files, a queued sweep, the run cache)."""
     repo = clean_copy(tmp_path_factory.mktemp("e2e"))
     params = merge(yaml.safe_load((repo / "params.yaml").read_text()), TINY)
     params["evaluate"]["judge"]["host"] = judge_server
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
-    subprocess.run([*git, "commit", "-qam", "tiny params"], cwd=repo, check=True)
+    commit(repo, "tiny params")
     env = dict(os.environ, LLMCORE_MIRROR=mirror_url, DVC_NO_ANALYTICS="1")
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    first = dvc(repo, env, "repro")
+    assert "is empty" not in first.stderr  # DVC warns about every empty output, on every command
+    outs = lock_outs(repo)
+    commit(repo, "first run")  # dvc.lock and the metrics: experiments start from here
+    return Tiny(repo, env, first.stdout, outs)
 
-    first = run([sys.executable, "-m", "dvc", "repro"], repo, env)
-    assert ran_stages(first.stdout) == [
+
+def test_full_pipeline_end_to_end_with_llmcore_serve_as_judge(tiny):
+    repo, env = tiny.repo, tiny.env
+    assert ran_stages(tiny.first) == [
         "download", "tokenize", "pretrain", "classify", "instruct", "preferences", "align", "evaluate", "report",
     ]  # fmt: skip
     for stage in ("tokenize", "pretrain", "classify", "instruct", "align", "evaluate"):
@@ -181,50 +219,151 @@ def test_full_pipeline_end_to_end_with_llmcore_serve_as_judge(tmp_path_factory, 
     card = report.split("**Run facts**")[0]
     assert re.search(r"\| classify \| test accuracy \| [\d.]+% \|", card), card
     assert re.search(r"\| evaluate \| judge mean score \(0-100\) \| [\d.]+ \|", card), card
-    assert "| align | val DPO loss | " in card, card
-    assert "skipped" not in report.split("**Run facts**")[0]
+    assert "| align | val DPO loss | " in card and "skipped" not in card, card
     assert "data:image/svg+xml;base64," in (repo / "reports/report.html").read_text()
-    assert "is empty" not in first.stderr  # DVC warns on every empty output
 
     # DVC metrics are numbers: no digests, paths or messages in `dvc metrics show`
-    shown = json.loads(run([sys.executable, "-m", "dvc", "metrics", "show", "--json"], repo, env).stdout)
+    shown = json.loads(dvc(repo, env, "metrics", "show", "--json").stdout)
     leaves = [v for f in shown[""]["data"].values() for v in flatten(f["data"]).values()]
     assert leaves and all(isinstance(v, (int, float)) or v is None for v in leaves)
 
-    again = run([sys.executable, "-m", "dvc", "repro"], repo, env)
+    again = dvc(repo, env, "repro")
     assert ran_stages(again.stdout) == [], again.stdout
 
-    # a rerun on the same machine gives the same headline metrics, bit for bit; timings differ
-    before = (repo / "reports/pretrain/metrics.json").read_bytes()
-    shutil.rmtree(repo / ".cache/pretrain")  # or the stage would resume from its last checkpoint
-    run([sys.executable, "-m", "dvc", "repro", "-f", "-s", "pretrain"], repo, env)
-    assert (repo / "reports/pretrain/metrics.json").read_bytes() == before
 
-    # two architectures as experiments, side by side in `dvc exp show`
-    for name, preset in (("llama", "llama3-tiny"), ("gpt2", "gpt2-tiny")):
-        run([sys.executable, "-m", "dvc", "exp", "run", "-n", name, "-S", f"model.preset={preset}", "pretrain"],
-            repo, env)  # fmt: skip
-    shown = json.loads(run([sys.executable, "-m", "dvc", "exp", "show", "--json"], repo, env).stdout)
-    exps = {e["name"]: e for commit in shown for e in commit.get("experiments") or [] for e in e["revs"]}
-    assert {"llama", "gpt2"} <= set(exps)
-    for name, preset in (("llama", "llama3-tiny"), ("gpt2", "gpt2-tiny")):
-        data = exps[name]["data"]
-        assert data["params"]["params.yaml"]["data"]["model"]["preset"] == preset
-        assert data["metrics"]["reports/pretrain/metrics.json"]["data"]["val_loss"] > 0
+def cached_artifacts(repo: Path) -> list[str]:
+    """Every stage output but metrics, curves and the report (which show timings): the artifacts that must come
+    out byte-identical. Plots that are single tables (the confusion matrix, the score histogram) count."""
+    spec = yaml.safe_load((repo / "dvc.yaml").read_text())
+    paths = []
+    for name, body in spec["stages"].items():
+        if name != "report":
+            outs = [next(iter(o)) if isinstance(o, dict) else o for o in body.get("outs", [])]
+            outs = [o for o in outs if not o.endswith("facts.json")]  # what ran where and when: a date, a host
+            plots = [next(iter(o)) if isinstance(o, dict) else o for o in body.get("plots", [])]
+            paths += outs + [p for p in plots if p.endswith(".csv")]
+    return paths
+
+
+def test_forced_rerun_gives_identical_bytes(tiny):
+    """`dvc repro -f` from scratch (no resumable checkpoints, no judge cache): every artifact's hash in dvc.lock is
+    the first run's (token files, tokenizer, the four models, samples, predictions, pairs, responses, scores)."""
+    repo = tiny.repo
+    shutil.rmtree(repo / ".cache")  # else the trainers resume from their final checkpoints instead of training
+    shutil.rmtree(repo / "data" / "cache")  # the judge's answers
+    forced = dvc(repo, tiny.env, "repro", "-f")
+    assert ran_stages(forced.stdout) == ran_stages(tiny.first)
+    artifacts = cached_artifacts(repo)
+    assert {"data/tokens", "data/models/pretrain", "data/models/classify", "data/models/instruct", "data/models/align",
+            "data/align/pairs.json", "reports/align/responses.json", "reports/evaluate/head_to_head.jsonl",
+            "reports/instruct/responses.json", "reports/evaluate/scores.jsonl", "reports/classify/confusion.csv",
+            "reports/pretrain/samples.md", "reports/classify/predictions.csv"} <= set(artifacts)  # fmt: skip
+    second = lock_outs(repo)
+    differ = [p for p in artifacts if second[p] != tiny.outs[p]]
+    assert not differ, f"not byte-identical across two forced runs: {differ}"
+    commit(repo, "forced rerun")
+
+
+# one stage, most stages, the last stage alone
+@pytest.mark.parametrize("touched", ["llmcore/data/spam.py", "llmcore/text/bpe.py", "llmcore/eval/report.py"])
+def test_touching_a_library_file_changes_exactly_the_stages_that_run_it(tiny, touched):
+    repo = tiny.repo
+    spec = yaml.safe_load((repo / "dvc.yaml").read_text())
+    expected = sorted(
+        stage.name for stage in deps.load_stages(spec)
+        if stage.name in spec["stages"] and "foreach" not in spec["stages"][stage.name]  # import@: none by default
+        and (REPO_ROOT / touched).resolve() in deps.import_closure(stage.script)
+    )  # fmt: skip
+    assert expected  # every file here is some stage's code
+    if touched == "llmcore/data/spam.py":
+        assert expected == ["classify"]  # as the README says
+    path = repo / touched
+    original = path.read_bytes()
+    try:
+        path.write_bytes(original + b"\n# touched\n")
+        status = json.loads(dvc(repo, tiny.env, "status", "--json").stdout)
+    finally:
+        path.write_bytes(original)
+    assert sorted(status) == expected, status
+    for name in expected:
+        assert {"changed deps": {touched: "modified"}} in status[name], status[name]
+    assert json.loads(dvc(repo, tiny.env, "status", "--json").stdout) == {}
+
+
+def test_dvc_repro_killed_mid_stage_then_rerun_gives_identical_bytes(tiny):
+    """SIGKILL to `dvc repro` and the stage under it after pretrain's first checkpoint; the rerun resumes there
+    (DVC clears the dead process's lock) and writes the first run's artifacts."""
+    repo = tiny.repo
+    shutil.rmtree(repo / ".cache")
+    with (repo.parent / "killed.log").open("w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "-f", "-s", "pretrain"], cwd=repo, env=tiny.env,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        deadline = time.monotonic() + 300
+        while proc.poll() is None and not checkpoints(repo / ".cache/pretrain") and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    saved = checkpoints(repo / ".cache/pretrain")
+    assert proc.returncode == -signal.SIGKILL and saved, (repo.parent / "killed.log").read_text()
+    assert not (repo / "data/models/pretrain").exists()  # DVC removed the out before running the stage
+
+    again = dvc(repo, tiny.env, "repro", "-f", "-s", "pretrain")
+    assert f"resuming from {saved[-1].relative_to(repo)}" in again.stdout, again.stdout
+    after = lock_outs(repo)
+    for path in ("data/models/pretrain", "reports/pretrain/samples.md"):
+        assert after[path] == tiny.outs[path], path
+    commit(repo, "killed and resumed")  # (the report is now stale: pretrain's metrics hold new timings)
+
+
+SWEEP = [("llama3-tiny", 0.002), ("gpt2-tiny", 0.002)]  # a grid of 2 x 1: neither point is the committed run
+
+
+def test_queued_sweep_runs_and_reads_back(tiny):
+    """The README's sweep: `dvc exp run --queue` over a grid, `dvc queue start`, `dvc exp show --json`."""
+    repo, env = tiny.repo, tiny.env
+    start = time.monotonic()
+    dvc(repo, env, "exp", "run", "--queue", "-S", "model.preset=llama3-tiny,gpt2-tiny", "-S",
+        "pretrain.train.lr=0.002", "pretrain")  # fmt: skip
+    dvc(repo, env, "queue", "start")
+    deadline = time.monotonic() + 480
+    while time.monotonic() < deadline:
+        status = dvc(repo, env, "queue", "status").stdout
+        if not any(word in status for word in ("Queued", "Running")):
+            break
+        time.sleep(3)
+    print(f"2-point sweep: {time.monotonic() - start:.0f} s")
+    assert status.count("Success") == 2, status
+
+    shown = json.loads(dvc(repo, env, "exp", "show", "--json").stdout)
+    exps = [e for commit in shown for exp in commit.get("experiments") or [] for e in exp["revs"]]
+    points = {}
+    for exp in exps:
+        params = exp["data"]["params"]["params.yaml"]["data"]
+        val_loss = exp["data"]["metrics"]["reports/pretrain/metrics.json"]["data"]["val_loss"]
+        points[(params["model"]["preset"], params["pretrain"]["train"]["lr"])] = (exp["name"], exp["rev"], val_loss)
+    assert set(points) == set(SWEEP), points
+    (a, _, loss_a), (b, _, loss_b) = points[SWEEP[0]], points[SWEEP[1]]
+    assert loss_a > 0 and loss_b > 0 and loss_a != loss_b
+    diff = json.loads(dvc(repo, env, "exp", "diff", a, b, "--json").stdout)
+    assert "model.preset" in diff["params"]["params.yaml"]
+    plots = dvc(repo, env, "plots", "diff", a, b, "--json").stdout
+    assert a in plots and b in plots and "reports/pretrain/live/plots/metrics" in plots
+    tiny.sweep = points
 
     # the README's way to hide the run-time figures from DVC's table
     def timing_cols(args: list[str]) -> list[str]:
-        table = run([sys.executable, "-m", "dvc", "exp", "show", "--csv", *args], repo, env).stdout
+        table = dvc(repo, env, "exp", "show", "--csv", *args).stdout
         return [h for h in table.splitlines()[0].split(",") if h.split(":")[-1].startswith("timing.")]
 
     assert "timing.mfu" in timing_cols([])
     assert timing_cols(["--drop", "(.*:)?timing\\."]) == []
 
-    # and llmcore compare side by side
-    out = run([sys.executable, "-m", "llmcore.cli", "compare", "llama", "gpt2"], repo, env)
-    assert "3 runs compared" in out.stdout  # the baseline and the two experiments
+    # and `llmcore compare` on the sweep: the baseline and the two points, side by side
+    out = run([sys.executable, "-m", "llmcore.cli", "compare", a, b], repo, env)
+    assert "3 runs compared" in out.stdout, out.stdout
     md = (repo / "reports/compare.md").read_text()
-    assert "| model.preset | llama3-tiny | llama3-tiny | gpt2-tiny |" in md
+    presets = {name: preset for (preset, _), (name, _, _) in points.items()}
+    assert f"| model.preset | llama3-tiny | {presets[a]} | {presets[b]} |" in md, md
     assert re.search(r"\| pretrain: val_loss \|.*\*\*", md)  # the best marked
     assert (repo / "reports/compare_figures/pretrain_val_loss.svg").is_file()
 
@@ -234,3 +373,17 @@ def flatten(d: dict, prefix: str = "") -> dict:
     for k, v in d.items():
         out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
     return out
+
+
+def test_a_seen_param_set_is_restored_from_the_run_cache(tiny):
+    """Rerunning a point of the sweep checks its outputs out of DVC's run cache: the stage does not run."""
+    repo, env = tiny.repo, tiny.env
+    preset, lr = SWEEP[1]
+    name, rev, _ = tiny.sweep[SWEEP[1]]
+    again = dvc(repo, env, "exp", "run", "-S", f"model.preset={preset}", "-S", f"pretrain.train.lr={lr}", "pretrain")
+    assert "Stage 'pretrain' is cached - skipping run, checking out outputs" in again.stdout, again.stdout
+    assert ran_stages(again.stdout) == [] and "rank 0/1" not in again.stdout + again.stderr  # no training
+    swept = yaml.safe_load(subprocess.run(["git", "show", f"{rev}:dvc.lock"], cwd=repo, check=True,
+                                          capture_output=True, text=True).stdout)  # fmt: skip
+    restored = yaml.safe_load((repo / "dvc.lock").read_text())
+    assert restored["stages"]["pretrain"]["outs"] == swept["stages"]["pretrain"]["outs"]

@@ -1,8 +1,11 @@
-"""Token batches for language-model training: random or strided windows over memory-mapped token files.
+"""Token batches for language-model training: random or strided windows over memory-mapped token shards.
 
-The tokenize stage writes ``train.bin`` / ``val.bin`` (flat token ids, dtype named in ``meta.json``);
-``load_tokens`` maps them without reading them into memory. Two samplers turn a token stream into (x, y)
-batches of next-token prediction, (B, T) int64 each, ``y`` being ``x`` shifted left by one:
+The tokenize stage writes each split as shards of flat token ids (``train_000000.bin`` ...; format and
+manifest in ``llmcore.data.shards``). ``load_tokens`` maps a split's shards without reading them into memory
+and joins them into one :class:`TokenShards` stream that slices across shard boundaries; a folder with a
+plain ``<split>.bin`` and a ``meta.json`` without shard list is the one-shard case of the same thing.
+Two samplers turn a token stream into (x, y) batches of next-token prediction, (B, T) int64 each, ``y``
+being ``x`` shifted left by one:
 
     RandomWindows      nanoGPT's ``get_batch``: B windows at uniformly random offsets, drawn from a seeded
                        ``torch.Generator``. An "epoch" is nominal: as many tokens as the stream holds.
@@ -28,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from llmcore.common import LLMCoreError, read_json
+from llmcore.common import LLMCoreError, read_json, sha256_file
 
 TOKEN_DTYPES = ("uint16", "uint32")
 
@@ -47,22 +50,96 @@ def read_meta(tokens_dir: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
-def load_tokens(tokens_dir: str | os.PathLike, split: str, meta: dict[str, Any] | None = None) -> np.ndarray:
-    """Memory-map ``<tokens_dir>/<split>.bin`` (read-only) with the dtype from ``meta.json``."""
+class TokenShards:
+    """Several token files read as one stream: ``len()``, ``[i]`` and ``[a:b]`` across shard boundaries.
+
+    Each shard is an ``np.memmap`` (pages are read on demand and live in the OS page cache, shared between
+    processes), so a 10B-token corpus costs no memory up front.
+    """
+
+    def __init__(self, shards: list[np.ndarray], names: list[str] | None = None) -> None:
+        if not shards:
+            raise LLMCoreError("no token shards")
+        self.shards, self.names = shards, names or [f"shard {i}" for i in range(len(shards))]
+        self.offsets = np.cumsum([0] + [len(s) for s in shards])  # shard i holds [offsets[i], offsets[i+1])
+        self.dtype = shards[0].dtype
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitem__(self, key: int | slice) -> np.ndarray:
+        n = len(self)
+        if isinstance(key, slice):
+            start, stop, step = key.indices(n)
+            if step != 1:
+                raise IndexError("TokenShards: slices with a step are not supported")
+            if stop <= start:
+                return np.empty(0, dtype=self.dtype)
+            i = int(np.searchsorted(self.offsets, start, "right")) - 1
+            pieces = []
+            while start < stop:
+                lo = start - int(self.offsets[i])
+                hi = min(stop, int(self.offsets[i + 1])) - int(self.offsets[i])
+                pieces.append(self.shards[i][lo:hi])
+                start += hi - lo
+                i += 1
+            return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+        index = int(key) + n if int(key) < 0 else int(key)
+        if not 0 <= index < n:
+            raise IndexError(f"token {key} is out of range for {n} tokens")
+        i = int(np.searchsorted(self.offsets, index, "right")) - 1
+        return self.shards[i][index - int(self.offsets[i])]
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        whole = self[:]
+        return whole if dtype is None else whole.astype(dtype)
+
+
+def shard_entries(tokens_dir: str | os.PathLike, split: str, meta: dict[str, Any]) -> list[dict[str, Any]]:
+    """The manifest's shard list of ``split``; for a folder without one, ``<split>.bin`` as the only shard."""
+    splits = meta.get("splits")
+    if splits is None:
+        return [{"file": f"{split}.bin"}]
+    path = Path(tokens_dir) / "meta.json"
+    entries = splits.get(split) if isinstance(splits, dict) else None
+    if not isinstance(entries, list) or not entries:
+        raise LLMCoreError(f"{path}: splits.{split}: expected a non-empty list of shards")
+    for i, e in enumerate(entries):
+        ok = isinstance(e, dict) and isinstance(e.get("file"), str) and isinstance(e.get("tokens"), int)
+        if not ok or "/" in e["file"] or e["file"].startswith("."):
+            raise LLMCoreError(f"{path}: splits.{split}[{i}]: expected {{file, tokens, ...}} naming a file here")
+    return entries
+
+
+def load_tokens(tokens_dir: str | os.PathLike, split: str, meta: dict[str, Any] | None = None, *,
+                verify: bool = False) -> TokenShards:  # fmt: skip
+    """Memory-map ``split``'s shards (read-only) with the dtype from ``meta.json``, as one stream.
+
+    Every shard must exist and hold exactly the tokens the manifest records (checked from its size);
+    with ``verify`` its sha256 is checked too (reads every byte). Errors name the file.
+    """
     meta = meta or read_meta(tokens_dir)
-    path = Path(tokens_dir) / f"{split}.bin"
-    if not path.is_file():
-        raise LLMCoreError(f"{path}: not found (did the tokenize stage run?)")
     dtype = np.dtype(meta["dtype"])
-    size = path.stat().st_size
-    if size % dtype.itemsize:
-        raise LLMCoreError(f"{path}: {size} bytes is not a whole number of {dtype.name} tokens (truncated?)")
-    if size == 0:
-        raise LLMCoreError(f"{path}: empty token file")
-    return np.memmap(path, dtype=dtype, mode="r")
+    maps, names = [], []
+    for entry in shard_entries(tokens_dir, split, meta):
+        path = Path(tokens_dir) / entry["file"]
+        if not path.is_file():
+            raise LLMCoreError(f"{path}: not found (did the tokenize stage run?)")
+        size = path.stat().st_size
+        if size % dtype.itemsize:
+            raise LLMCoreError(f"{path}: {size} bytes is not a whole number of {dtype.name} tokens (truncated?)")
+        if size == 0:
+            raise LLMCoreError(f"{path}: empty token file")
+        if "tokens" in entry and size != entry["tokens"] * dtype.itemsize:
+            raise LLMCoreError(f"{path}: holds {size // dtype.itemsize} tokens but meta.json says {entry['tokens']}")
+        if verify and entry.get("sha256") and sha256_file(path) != entry["sha256"]:
+            raise LLMCoreError(f"{path}: sha256 differs from meta.json (corrupt shard)")
+        maps.append(np.memmap(path, dtype=dtype, mode="r"))
+        names.append(str(path))
+    return TokenShards(maps, names)
 
 
-def _windows(tokens: np.ndarray, starts: torch.Tensor, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _windows(tokens: TokenShards | np.ndarray, starts: torch.Tensor, T: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(x, y) for windows beginning at ``starts``: x = tokens[s : s+T], y = tokens[s+1 : s+T+1]."""
     buf = np.stack([tokens[s : s + T + 1] for s in starts.tolist()]).astype(np.int64)  # (B, T+1)
     buf = torch.from_numpy(buf)

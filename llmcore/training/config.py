@@ -16,6 +16,7 @@ class HardwareConfig:
     threads: int | None = None  # torch.set_num_threads (None: torch's default; 1 in torchrun workers)
     nproc: int = 1  # processes on this machine; >1: the stage re-launches itself under torchrun (DDP)
     peak_tflops: float | None = None  # per device, for MFU; None: measured with a matmul at startup
+    activation_checkpointing: bool = False  # recompute block activations in backward: less memory, ~1/3 more compute
 
     def __post_init__(self) -> None:
         if self.nproc < 1:

@@ -320,6 +320,9 @@ def fit(
     out_dir = Path(out_dir)
     rt = init_runtime(hw)
     params = prepare_model(model, trainable, rt.device)
+    for module in model.modules():  # the GPT itself, or the one inside a classifier
+        if hasattr(module, "checkpointing"):
+            module.checkpointing = hw.activation_checkpointing
     optimizer = make_optimizer(model, cfg, rt.device)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=hw.precision == "fp16")
     total_steps, stop_reason = plan_steps(cfg, len(train_data))

@@ -27,7 +27,7 @@ from llmcore.models.gpt import GPT
 from llmcore.text.bpe_export import hf_tokenizer_files
 from llmcore.text.chat_templates import jinja_chat_template
 from llmcore.text.tokenizer import Tokenizer
-from llmcore.weights.weight_file import load_into, load_state, model_state
+from llmcore.weights.weight_file import load_state, model_from_state, model_state
 
 # --- configs ---------------------------------------------------------------------------------------
 
@@ -180,14 +180,21 @@ def _fused_sizes(cfg: ModelConfig, name: str) -> list[int]:
     return [cfg.hidden_dim, cfg.hidden_dim]
 
 
-def state_from_hf(cfg: ModelConfig, hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def state_from_hf(cfg: ModelConfig, hf_state: dict[str, torch.Tensor], *, consume: bool = False
+                  ) -> dict[str, torch.Tensor]:  # fmt: skip
     """HF state dict -> llmcore state dict (for ``cfg``, from ``config_from_hf``). Unused HF tensors
-    other than known buffers are an error, so a silently dropped weight cannot pass."""
+    other than known buffers are an error, so a silently dropped weight cannot pass.
+
+    With ``consume``, ``hf_state`` is used up: tensors that are transposed or fused are dropped from it as their
+    copies are made, so the conversion needs about one tensor of extra memory, not a second copy of the model."""
+    if not consume:
+        hf_state = dict(hf_state)
     fam = family(cfg)
     out: dict[str, torch.Tensor] = {}
     if fam == "gpt2":
         # transformers' GPT2LMHeadModel prefixes "transformer."; the Hub's safetensors file does not.
-        hf_state = {k.removeprefix("transformer."): v for k, v in hf_state.items()}
+        for key in [k for k in hf_state if k.startswith("transformer.")]:
+            hf_state[key.removeprefix("transformer.")] = hf_state.pop(key)
         used = set()
         for ours, theirs in _GPT2_MAP.items():
             for name, i in _layer_names(ours, cfg.n_layers):
@@ -195,7 +202,11 @@ def state_from_hf(cfg: ModelConfig, hf_state: dict[str, torch.Tensor]) -> dict[s
                 if src not in hf_state:
                     raise LLMCoreError(f"GPT-2 checkpoint: missing tensor {src}")
                 t = hf_state[src]
-                out[name] = t.t().contiguous() if _CONV1D.search(src) else t
+                if _CONV1D.search(src):  # the transposed copy replaces the original, one tensor at a time
+                    out[name] = t.t().contiguous()
+                    hf_state[src] = t = None
+                else:
+                    out[name] = t
                 used.add(src)
         ignorable = re.compile(r"(\.attn\.bias|\.attn\.masked_bias|^lm_head\.weight)$")
     else:
@@ -211,6 +222,8 @@ def state_from_hf(cfg: ModelConfig, hf_state: dict[str, torch.Tensor]) -> dict[s
                 srcs = [p.format(i) for p in parts]
                 if all(s in hf_state for s in srcs):
                     out[name] = torch.cat([hf_state[s] for s in srcs], dim=0)
+                    for s in srcs:  # the fused copy replaces its parts
+                        hf_state[s] = None
                     used.update(srcs)
         if cfg.tie_embeddings:
             out.pop("out_head.weight", None)
@@ -274,12 +287,12 @@ def load_hf(directory: str | os.PathLike, device: str = "cpu") -> GPT:
     except (OSError, json.JSONDecodeError) as e:
         raise LLMCoreError(f"{config_path}: cannot read config: {e}") from None
     cfg = config_from_hf(hf_config)
-    state = {k: v.float() for k, v in read_hf_state(directory).items()}
-    state = state_from_hf(cfg, state)
-    with torch.device(device):
-        model = GPT(cfg)
-    load_into(model, state, directory)
-    return model.eval()
+    state = read_hf_state(directory)
+    for k in list(state):  # one tensor at a time: a bf16 file never sits beside its whole fp32 copy
+        state[k] = state.pop(k).float()
+    state = state_from_hf(cfg, state, consume=True)  # drops each HF tensor once converted
+    # built on the meta device with the converted tensors as its parameters: RAM peaks near 1x the weights
+    return model_from_state(cfg, state, directory).to(device).eval()
 
 
 def save_hf(

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 from llmcore.common import LLMCoreError, atomic_path
 from llmcore.models.config import ConfigError, ModelConfig
-from llmcore.models.gpt import GPT
+from llmcore.models.gpt import GPT, rope_frequencies
 
 FORMAT = "llmcore"
 
@@ -112,6 +112,38 @@ def load_into(model: GPT, state: dict[str, torch.Tensor], source: str | os.PathL
     model.load_state_dict(state, strict=False)  # the tied head is the same tensor as tok_emb
 
 
+def model_from_state(cfg: ModelConfig, state: dict[str, torch.Tensor], source: str | os.PathLike) -> GPT:
+    """The model whose parameters *are* ``state``'s tensors (on their device): built on the meta device, so no
+    memory is allocated and no random init is run, then the tensors are assigned. Peak memory is the state
+    itself (about 1x the weights) instead of state + a freshly initialised model (2x, 3x with the conversion).
+
+    ``state`` is checked as in :func:`load_into` (names, shapes); the tied head is re-tied and buffers that are
+    not stored (RoPE's inverse frequencies) are computed.
+    """
+    with torch.device("meta"):
+        model = GPT(cfg)
+    expected = model_state(model)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+        raise LLMCoreError(f"{source}: checkpoint does not match the model config: {what}")
+    for name, tensor in state.items():
+        if tensor.shape != expected[name].shape:
+            raise LLMCoreError(f"{source}: shape mismatch for {name}: file has {tuple(tensor.shape)}, "
+                               f"model expects {tuple(expected[name].shape)}")  # fmt: skip
+    model.load_state_dict(state, strict=False, assign=True)
+    if cfg.tie_embeddings:
+        model.out_head.weight = model.tok_emb.weight
+    device = model.tok_emb.weight.device
+    if cfg.pos_emb == "rope":
+        model.inv_freq = rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling).to(device)
+    leftover = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if leftover:  # a parameter or buffer nothing filled: a bug here, not in the file
+        raise RuntimeError(f"model_from_state: {leftover[:3]} left on the meta device")
+    return model
+
+
 def load_checkpoint(
     path: str | os.PathLike, device: str | torch.device = "cpu", config: ModelConfig | None = None
 ) -> GPT:
@@ -121,9 +153,9 @@ def load_checkpoint(
     """
     cfg = config or read_config(path)
     state = load_state(path, device)
-    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-    with torch.device(device):
-        model = GPT(cfg)
-    load_into(model, state, path)
+    for k in list(state):  # one tensor at a time: a bf16 file never sits beside its whole fp32 copy
+        if state[k].is_floating_point():
+            state[k] = state.pop(k).float()
+    model = model_from_state(cfg, state, path)
     model.eval()
     return model

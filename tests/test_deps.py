@@ -1,0 +1,259 @@
+"""dvc.yaml tracks exactly the code and params each stage uses (stages/deps.py), and params.yaml has only the
+sections the stages declare.
+
+A drift fails here naming the stage and the file (or key); `make deps` fixes it.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+import shlex
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from llmcore.params import ParamsError, load_section, read_params, track_reads
+from stages import deps
+from tests.conftest import REPO_ROOT
+
+SPEC = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())
+STAGES = deps.load_stages(SPEC)
+SCRIPTED = [s for s in STAGES if s.module is not None]
+PARAMS = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+
+
+# --------------------------------------------------------------------------------------------------
+# dvc.yaml against the repository's code
+
+
+@pytest.mark.parametrize("stage", SCRIPTED, ids=lambda s: s.name)
+def test_code_deps_are_the_import_closure(stage):
+    problems = deps.code_problems(stage)
+    assert not problems, "\n".join([*problems, deps.FIX])
+
+
+@pytest.mark.parametrize("stage", SCRIPTED, ids=lambda s: s.name)
+def test_params_are_exactly_what_the_loader_reads(stage):
+    problems = deps.params_problems(stage, PARAMS, deps.read_keys(stage, REPO_ROOT / "params.yaml"))
+    assert not problems, "\n".join([*problems, deps.FIX])
+
+
+def test_every_stage_runs_a_project_script():
+    assert {s.name for s in SCRIPTED} == {s.name for s in STAGES}, "a stage whose command runs no stages/ script"
+
+
+@pytest.mark.parametrize("stage", SCRIPTED, ids=lambda s: s.name)
+def test_stage_reads_params_only_in_load_params(stage):
+    """The params check loads through ``load_params``; a read elsewhere in the script would escape it."""
+    readers = {"read_params", "load_section", "load_base_model"}
+    tree = ast.parse(stage.script.read_text())
+    loaders = [n for n in tree.body if isinstance(n, ast.FunctionDef) and re.fullmatch(r"load_(\w+_)?params", n.name)]
+    assert loaders, f"{stage.script.name}: no load_params(path)"
+    inside = {id(n) for loader in loaders for n in ast.walk(loader)}
+    stray = [n.lineno for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", None) in readers
+             and id(n) not in inside]  # fmt: skip
+    assert not stray, f"{stage.script.name}: params.yaml read outside load_params at lines {stray}"
+
+
+def test_write_is_a_no_op_on_the_repository():
+    assert deps.generate() == (REPO_ROOT / "dvc.yaml").read_text()
+
+
+# --------------------------------------------------------------------------------------------------
+# A drifted dvc.yaml: the check names stage and file, --write repairs it
+
+
+def test_drift_is_named_and_make_deps_fixes_it(tmp_path, capsys):
+    text = (REPO_ROOT / "dvc.yaml").read_text()
+    assert text.count("      - llmcore/data/spam.py\n") == 1  # classify's alone
+    drifted = text.replace("      - llmcore/data/spam.py\n", "")
+    extra = "      - stages/classify.py\n      - llmcore/serve/server.py\n"
+    drifted = drifted.replace("      - stages/classify.py\n", extra)
+    drifted = drifted.replace("      - base_model\n", "", 1)  # the first one is classify's
+    drifted = drifted.replace("    cmd: python -m stages.report\n", "    cmd: python -m stages.report\n    # hi\n")
+    (tmp_path / "dvc.yaml").write_text(drifted)
+    shutil.copy(REPO_ROOT / "params.yaml", tmp_path / "params.yaml")
+    args = ["--dvc-yaml", str(tmp_path / "dvc.yaml"), "--params", str(tmp_path / "params.yaml")]
+    assert deps.main(["--check", *args]) == 1  # python -m stages.deps --check
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert ("dvc.yaml: stage 'classify' misses llmcore/data/spam.py (stages/classify.py -> llmcore/data/spam.py)"
+            in lines), err  # fmt: skip
+    assert "dvc.yaml: stage 'classify' lists llmcore/serve/server.py, which its code never imports" in lines
+    assert "dvc.yaml: stage 'classify' reads param base_model but does not declare it" in lines
+    assert lines[-1].startswith("fix: make deps")
+    assert len(lines) == 4, err  # nothing about the other stages
+
+    assert deps.main(["--write", *args]) == 0  # make deps
+    assert capsys.readouterr().out == "dvc.yaml: code deps and params regenerated\n"
+    assert (tmp_path / "dvc.yaml").read_text() == text.replace(
+        "    cmd: python -m stages.report\n", "    cmd: python -m stages.report\n    # hi\n")  # comments kept
+    assert deps.check(tmp_path / "dvc.yaml", tmp_path / "params.yaml") == []
+
+
+def test_write_adds_lists_to_a_new_stage(tmp_path):
+    """A stage added with only its command gets its code deps and params from `make deps`."""
+    text = (REPO_ROOT / "dvc.yaml").read_text()
+    text += "\n  retokenize:\n    cmd: python -m stages.tokenize --out data/tokens2\n    outs:\n      - data/tokens2\n"
+    (tmp_path / "dvc.yaml").write_text(text)
+    shutil.copy(REPO_ROOT / "params.yaml", tmp_path / "params.yaml")
+    new = yaml.safe_load(deps.generate(tmp_path / "dvc.yaml", tmp_path / "params.yaml"))["stages"]
+    assert new["retokenize"]["params"] == ["tokenize"]
+    assert new["retokenize"]["deps"] == [d for d in new["tokenize"]["deps"] if not d.startswith("data/")]
+    assert new["retokenize"]["outs"] == ["data/tokens2"]
+
+
+# --------------------------------------------------------------------------------------------------
+# The import walker on a made-up project
+
+
+def write(root: Path, files: dict[str, str]) -> None:
+    for name, body in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(body)
+
+
+def test_closure_follows_every_kind_of_import(tmp_path):
+    write(tmp_path, {
+        "lib/__init__.py": "",
+        "lib/a/__init__.py": "from . import b  # the package runs b\n",
+        "lib/a/b.py": "from ..c import helper\n",
+        "lib/a/unused.py": "",
+        "lib/c.py": "import os\ndef helper():\n    from lib.d.e import thing  # late import\n    import lib.f\n",
+        "lib/d/__init__.py": "",
+        "lib/d/e.py": "thing = 1\n",
+        "lib/f.py": "from lib.a import b as again\n",
+        "lib/g.py": "",
+        "app/__init__.py": "",
+        "app/run.py": "import numpy\nfrom lib.a import b\nfrom lib.g import *\n",
+    })  # fmt: skip
+    closure = deps.import_closure(tmp_path / "app/run.py", tmp_path, packages=("lib", "app"))
+    got = sorted(deps.rel(f, tmp_path) for f in closure)
+    assert got == ["app/__init__.py", "app/run.py", "lib/__init__.py", "lib/a/__init__.py", "lib/a/b.py", "lib/c.py",
+                   "lib/d/__init__.py", "lib/d/e.py", "lib/f.py", "lib/g.py"]  # fmt: skip
+    chain = deps.import_chain(closure, (tmp_path / "lib/d/e.py").resolve(), tmp_path)
+    assert chain.startswith("app/run.py -> ") and chain.endswith("lib/c.py -> lib/d/e.py")
+
+
+def test_relative_imports_resolve_against_the_package(tmp_path):
+    write(tmp_path, {"p/__init__.py": "from .q import x\n", "p/q.py": "from . import r\nfrom .. import p\n",
+                     "p/r.py": ""})  # fmt: skip
+    assert deps.imported_modules(tmp_path / "p/__init__.py", tmp_path) == {"p.q", "p.q.x"}
+    assert deps.imported_modules(tmp_path / "p/q.py", tmp_path) == {"p", "p.r"}
+
+
+@pytest.mark.parametrize(
+    "cmd, module",
+    [
+        ("python -m stages.pretrain", "stages.pretrain"),
+        ("python -m stages.import_weights --name ${item}", "stages.import_weights"),
+        ("torchrun --standalone --nproc_per_node=2 -m stages.pretrain", "stages.pretrain"),
+        ("python stages/report.py --x 1", "stages.report"),
+        ("python -m dvc --version", None),
+        ("echo hi", None),
+    ],
+)
+def test_command_module(cmd, module):
+    assert deps.command_module(cmd) == module
+
+
+def test_compact_declares_whole_sections_only_when_every_key_is_read():
+    data = {"a": {"x": 1, "y": {"z": 2, "w": 3}}, "b": 1, "c": {"k": [1, 2], "e": {}}}
+    assert deps.compact({"a.x", "a.y.z", "a.y.w", "b"}, data) == ["a", "b"]
+    assert deps.compact({"a.x", "a.y.z", "c.k", "c.e"}, data) == ["a.x", "a.y.z", "c"]
+    assert deps.leaves(data) == ["a.x", "a.y.z", "a.y.w", "b", "c.k", "c.e"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Tracking what a loader reads
+
+
+def test_track_reads_records_values_taken_not_names_listed(tmp_path):
+    (tmp_path / "params.yaml").write_text("s: {a: 1, b: {c: 2, d: [1, 2]}, e: {}}\nt: {u: 1}\n")
+    with track_reads() as reads:
+        raw = read_params(tmp_path / "params.yaml")
+        assert "t" in raw and list(raw["s"]) == ["a", "b", "e"]  # names only: nothing read yet
+        assert reads == set()
+        copy = dict(raw["s"]["b"])
+        assert copy == {"c": 2, "d": [1, 2]} and reads == {"s.b.c", "s.b.d"}
+        raw["s"].get("e")
+        assert reads == {"s.b.c", "s.b.d", "s.e"}
+    assert isinstance(read_params(tmp_path / "params.yaml")["s"], dict)
+
+
+def test_not_a_dep_fields_are_validated_but_not_recorded(tmp_path):
+    from stages.import_weights import ImportParams
+
+    (tmp_path / "params.yaml").write_text("import: {models: [gpt2-124m], corpus: the-verdict}\n")
+    with track_reads() as reads:
+        cfg = load_section("import", ImportParams, tmp_path / "params.yaml")
+    assert cfg.models == ["gpt2-124m"] and reads == {"import.corpus"}
+    (tmp_path / "params.yaml").write_text("import: {models: [3]}\n")
+    with pytest.raises(ParamsError, match=r"import.models\[0\]: expected str, got 3"):
+        load_section("import", ImportParams, tmp_path / "params.yaml")
+
+
+# --------------------------------------------------------------------------------------------------
+# params.yaml as a whole: an unknown section stops every stage
+
+
+def stage_args(stage: deps.Stage) -> list[str]:
+    """The stage's command line after its module, as DVC would run it (foreach items filled in)."""
+    words = shlex.split(stage.body["cmd"].replace("${item}", "gpt2-124m"))
+    return words[words.index(stage.module) + 1 :]
+
+
+@pytest.fixture
+def typo_workspace(tmp_path, monkeypatch):
+    """params.yaml with `pretrian:` beside the repository's dvc.yaml; the stages run with it as cwd."""
+    text = (REPO_ROOT / "params.yaml").read_text()
+    (tmp_path / "params.yaml").write_text(text + "\npretrian:\n  train: {lr: 1.0e-3}\n")
+    shutil.copy(REPO_ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LLMCORE_MIRROR", str(tmp_path / "no-mirror"))  # never the network, whatever happens
+    return tmp_path
+
+
+@pytest.mark.parametrize("stage", SCRIPTED, ids=lambda s: s.name)
+def test_unknown_section_stops_every_stage_with_one_line(typo_workspace, stage):
+    import importlib
+
+    app = importlib.import_module(stage.module).app
+    result = CliRunner().invoke(app, stage_args(stage))
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert lines == ["error: params.yaml: unknown section 'pretrian' (did you mean 'pretrain'?)"], result.output
+    assert sorted(p.name for p in typo_workspace.iterdir()) == ["dvc.yaml", "params.yaml"]  # nothing written
+
+
+def test_known_sections_come_from_the_stages_declarations(tmp_path):
+    shutil.copy(REPO_ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
+    params = tmp_path / "params.yaml"
+    params.write_text((REPO_ROOT / "params.yaml").read_text() + "bogus_section_xyz: 1\n")
+    with pytest.raises(ParamsError) as err:
+        read_params(params)
+    declared = sorted({p.split(".")[0] for s in STAGES for p in s.params})
+    assert str(err.value) == f"{params}: unknown section 'bogus_section_xyz' (known: {', '.join(declared)})"
+    assert set(declared) == set(PARAMS)  # every section of the repository's params.yaml is some stage's
+    # outside a pipeline (no dvc.yaml beside the file) sections are not checked
+    (tmp_path / "dvc.yaml").unlink()
+    assert read_params(params)["bogus_section_xyz"] == 1
+
+
+def test_a_stage_script_without_load_params_is_named(tmp_path):
+    text = (REPO_ROOT / "dvc.yaml").read_text() + "\n  lint:\n    cmd: python -m stages.deps --check\n"
+    (tmp_path / "dvc.yaml").write_text(text)
+    problems = deps.check(tmp_path / "dvc.yaml", REPO_ROOT / "params.yaml")
+    assert problems[-1].startswith("dvc.yaml: stage 'lint' runs stages/deps.py, which has no load_params(path)")
+    assert "dvc.yaml: stage 'lint' misses stages/deps.py (stages/deps.py)" in problems
+
+
+def test_a_subcommand_may_have_its_own_loader():
+    stage = next(s for s in STAGES if s.name == "preferences")
+    assert (stage.module, stage.command) == ("stages.align", "pairs")
+    read = deps.read_keys(stage, REPO_ROOT / "params.yaml")
+    assert "evaluate.judge.model" in read and not any(k.startswith("evaluate.n_boot") for k in read)
