@@ -79,12 +79,13 @@ def make_reports(r, *, judged=False, pretrain_loss=3.76):
 
 
 def run_report(tmp_path, reports, params=None):
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params or {"model": {"preset": "llama3-tiny"}}))
     stages = {s: {"cmd": "true", "metrics": [f"reports/{s}/metrics.json"]} for s in PIPELINE if s != "import"}
     stages["import"] = {"foreach": "${import.models}", "do": {"metrics": [{"reports/import/${item}/metrics.json": {}}]}}
     stages["export"] = {"foreach": "${export.models}", "do": {"outs": ["data/export/${item}"]}}  # no report
-    stages["report"] = {"cmd": "true", "outs": ["reports/report.md"]}
+    params = params or {"model": {"preset": "llama3-tiny"}}
+    stages["report"] = {"cmd": "true", "params": list(params), "outs": ["reports/report.md"]}
     (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     args = ["--params", str(tmp_path / "params.yaml"), "--reports", str(reports),
             "--dvc-yaml", str(tmp_path / "dvc.yaml")]  # fmt: skip
     result = CliRunner().invoke(report_stage.app, args)
@@ -123,18 +124,23 @@ def test_stage_reports_split_numbers_timing_and_facts(tmp_path):
 
 
 def test_dvc_yaml_declares_metrics_timing_and_facts_apart():
+    """Every stage whose script writes its reports with write_stage_reports declares timing.json as a metric and
+    facts.json as an output (never a metric); the report's figures travel with report.md (git, not the cache)."""
     spec = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]
+    checked = []
     for name, stage in spec.items():
         stage = stage.get("do", stage)
         metrics = [next(iter(m)) if isinstance(m, dict) else m for m in stage.get("metrics", [])]
         outs = [next(iter(o)) if isinstance(o, dict) else o for o in stage.get("outs", [])]
-        if name == "report":
-            assert "reports/figures" in outs
-            continue
-        assert not any(m.endswith("facts.json") for m in metrics), name  # an output, never a metric
-        if any(m.endswith("/metrics.json") for m in metrics):  # a stage written by write_stage_reports
+        assert not any(m.endswith(("facts.json", "info.json")) for m in metrics), name
+        script = REPO_ROOT / (stage["cmd"].split()[2].replace(".", "/") + ".py")
+        if "write_stage_reports(" in script.read_text() and any(m.endswith("/metrics.json") for m in metrics):
             assert any(m.endswith("/timing.json") for m in metrics), name
             assert any(o.endswith("/facts.json") for o in outs), name
+            checked.append(name)
+    assert {"download", "tokenize", "pretrain", "import", "classify", "instruct", "align", "evaluate"} <= set(checked)
+    report_outs = {next(iter(o)): o[next(iter(o))] for o in spec["report"]["outs"]}
+    assert report_outs["reports/figures"] == {"cache": False}
 
 
 # --------------------------------------------------------------------------------------------------
