@@ -245,7 +245,8 @@ def test_report_card_has_a_row_per_new_stage(tmp_path):
     """Stages added later (align, benchmark) slot in: their own card, a generic one, or "not run"."""
     reports = make_reports(tmp_path / "reports")
     write_stage_reports(reports / "align", {"val_dpo_loss": 0.61, "val_reward_accuracy": 0.7, "reward_margin": 1.9})
-    write_stage_reports(reports / "benchmark/gpt2", {"hellaswag": {"acc_norm": 0.31}, "chance": 0.25})
+    write_stage_reports(reports / "benchmark/gpt2", {"tasks": {"hellaswag": {"acc": 0.30, "acc_stderr": 0.01,
+                                                                          "acc_norm": 0.32}, "arc_easy": {"acc": 0.4}}})
     evaluate = json.loads((reports / "evaluate/metrics.json").read_text())
     evaluate["compare"] = {"rouge_l": {"n": 3, "diff_mean": -0.02, "diff_ci95_low": -0.05, "diff_ci95_high": 0.01},
                            "head_to_head": {"align_win_rate": 0.6, "align_wins": 3, "instruct_wins": 2, "ties": 0}}
@@ -257,8 +258,12 @@ def test_report_card_has_a_row_per_new_stage(tmp_path):
     diff = rows["evaluate: ROUGE-L, align − instruct"]
     assert diff[2] == "-0.02" and "no difference 0 (worse)" in diff[3] and "CI -0.05 to 0.01" in diff[5]
     assert rows["evaluate: head-to-head: align's win rate"][2:4] == ["60.0%", "a coin toss 50.0% (better)"]
-    bench = rows["benchmark/gpt2: hellaswag.acc_norm"]
-    assert bench[2] == "0.31" and "chance 0.25 (better)" in bench[3]
+    # lm-eval scores beside llm.c's published GPT-2 124M figures (the harness protocol), stderr as detail
+    bench = rows["benchmark/gpt2: hellaswag acc_norm"]
+    assert bench[2] == "32.0%" and "31.1%" in bench[4] and "better" in bench[4], bench
+    acc = rows["benchmark/gpt2: hellaswag acc"]
+    assert acc[2] == "30.0%" and "28.9%" in acc[4] and "better" in acc[4] and "1.0%" in acc[5], acc
+    assert rows["benchmark/gpt2: arc_easy acc"][4] in ("", "—"), rows["benchmark/gpt2: arc_easy acc"]
     shutil.rmtree(reports / "align")
     (tmp_path / "p.yaml").write_text("{}")
     report = build_report(reports, {}, pipeline=[*PIPELINE, "align"])

@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llmcore.eval.published import benchmark_rows
+
 # The book's own run (Raschka, ch. 5-7; ../shared/README.md). ``comparable``: same data and task as ours.
 BOOK = {
     "pretrain": (6.37, "124M GPT on the-verdict, ctx 256, 10 epochs (other corpus and tokenizer)", False),
@@ -357,9 +359,33 @@ def card_generic(s: StageData, ctx: Context) -> list[Row]:
                 baselines=[Ref("chance", chance)] if chance is not None else [], detail=", ".join(others))]  # fmt: skip
 
 
+def card_benchmark(s: StageData, ctx: Context) -> list[Row]:
+    """lm-eval scores of one model (benchmark/<model>), each beside the published GPT-2 124M figure of the same
+    task and metric where one exists (``llmcore.eval.published``: the lm-evaluation-harness protocol first)."""
+    if s.metrics is None or not isinstance(s.metrics.get("tasks"), dict):
+        return [_not_run(s, "benchmark accuracy")]
+    published: dict[tuple[str, str], dict] = {}
+    for ref in benchmark_rows(s.metrics):
+        published.setdefault((ref["task"], ref["metric"]), ref)
+    rows = []
+    for task, scores in s.metrics["tasks"].items():
+        for metric in ("acc_norm", "acc", "exact_match"):
+            value = scores.get(metric) if isinstance(scores, dict) else None
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                continue
+            ref = published.get((task, metric))
+            stderr = scores.get(f"{metric}_stderr")
+            rows.append(Row(s.name, f"{task} {metric}", float(value), "pct",
+                            book=Ref(f"{ref['model']} ({ref['source']})", ref["published"]) if ref else None,
+                            detail=f"± {fmt(stderr, 'pct')} (stderr)" if isinstance(stderr, (int, float)) else ""))
+    return rows or [Row(s.name, "benchmark accuracy", status="failed", reason=f"{s.folder / 'metrics.json'} holds no "
+                        "acc, acc_norm or exact_match")]  # fmt: skip
+
+
 CARDS: dict[str, Callable[[StageData, Context], list[Row]]] = {
     "download": card_download, "tokenize": card_tokenize, "pretrain": card_pretrain, "import": card_import,
     "classify": card_classify, "instruct": card_instruct, "align": card_align, "evaluate": card_evaluate,
+    "benchmark": card_benchmark,
 }  # fmt: skip
 
 
