@@ -351,7 +351,7 @@ def test_parquet_corpus_through_download_tokenize_pretrain(tmp_path, corpus, htt
     p, raw, tokens = ["--params", str(tmp_path / "params.yaml")], tmp_path / "raw", tmp_path / "tokens"
     r = CliRunner().invoke(download, [*p, "--raw-dir", str(raw), "--reports", str(tmp_path / "rep" / "dl")])
     assert r.exit_code == 0, r.output
-    dl = json.loads((tmp_path / "rep" / "dl" / "metrics.json").read_text())["files"]["edu"]
+    dl = json.loads((tmp_path / "rep" / "dl" / "facts.json").read_text())["files"]["edu"]  # names: run facts
     assert dl["files"] == 3 and dl["rows"] == sum(map(len, docs))
 
     r = CliRunner().invoke(tokenize, [*p, "--raw-dir", str(raw), "--out", str(tokens), "--work", str(tmp_path / "w"),
