@@ -36,6 +36,7 @@ from llmcore.serve.engine import Finished
 from llmcore.serve.models import ModelHandle, RequestError, qualify, rfc3339
 from llmcore.serve.protocol import (
     Stream,
+    collect,
     field,
     generate,
     json_endpoint,
@@ -236,16 +237,8 @@ class OllamaAPI:
             }
 
         if not stream:
-            pieces, done = [], None
-            try:
-                async for event in events:
-                    if isinstance(event, Finished):
-                        done = event
-                    else:
-                        pieces.append(event)
-            finally:
-                await events.aclose()
-            return JSONResponse({"model": name, "created_at": rfc3339(), **content("".join(pieces)), **stats(done)})
+            text, done = await collect(events)
+            return JSONResponse({"model": name, "created_at": rfc3339(), **content(text), **stats(done)})
 
         async def lines():
             try:

@@ -32,7 +32,7 @@ from starlette.routing import Route
 from llmcore.models.generate import SamplingConfig
 from llmcore.serve.engine import Finished
 from llmcore.serve.models import ModelHandle, RequestError, qualify
-from llmcore.serve.protocol import Stream, field, generate, json_endpoint, number, parse_messages, stop_strings
+from llmcore.serve.protocol import Stream, collect, field, generate, json_endpoint, number, parse_messages, stop_strings
 
 ERROR_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 405: "invalid_request_error",
                413: "invalid_request_error", 500: "server_error"}  # fmt: skip
@@ -183,16 +183,7 @@ class OpenAIAPI:
                     "total_tokens": done.prompt_tokens + done.completion_tokens}  # fmt: skip
 
         if not stream:
-            pieces, done = [], None
-            try:
-                async for event in events:
-                    if isinstance(event, Finished):
-                        done = event
-                    else:
-                        pieces.append(event)
-            finally:
-                await events.aclose()
-            text = "".join(pieces)
+            text, done = await collect(events)
             if chat:
                 choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
                           "finish_reason": finish.get(done.reason, "stop")}  # fmt: skip

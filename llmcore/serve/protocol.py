@@ -165,6 +165,20 @@ class Stream(StreamingResponse):
             await self.body_iterator.aclose()
 
 
+async def collect(events: AsyncIterator[str | Finished]) -> tuple[str, Finished | None]:
+    """A non-streamed answer: the whole text and the final event (None if the stream ended without one)."""
+    pieces, done = [], None
+    try:
+        async for event in events:
+            if isinstance(event, Finished):
+                done = event
+            else:
+                pieces.append(event)
+    finally:
+        await events.aclose()
+    return "".join(pieces), done
+
+
 async def generate(handle: ModelHandle, prompt_ids: list[int], sampling: SamplingConfig, stop: list[str],
                    what: str) -> AsyncIterator[str | Finished]:  # fmt: skip
     """Run one request on the model's engine; yield text pieces, then the :class:`Finished` event.

@@ -95,8 +95,8 @@ def load_state(path: str | os.PathLike, device: str | torch.device = "cpu") -> d
         raise LLMCoreError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from None
 
 
-def load_into(model: GPT, state: dict[str, torch.Tensor], source: str | os.PathLike) -> None:
-    """Copy ``state`` into ``model``; any missing, unexpected or mis-shaped tensor is a one-line error."""
+def check_state(model: GPT, state: dict[str, torch.Tensor], source: str | os.PathLike) -> None:
+    """Any missing, unexpected or mis-shaped tensor of ``state`` for ``model`` is a one-line error."""
     expected = model_state(model)
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -109,6 +109,11 @@ def load_into(model: GPT, state: dict[str, torch.Tensor], source: str | os.PathL
                 f"{source}: shape mismatch for {name}: file has {tuple(tensor.shape)}, "
                 f"model expects {tuple(expected[name].shape)}"
             )
+
+
+def load_into(model: GPT, state: dict[str, torch.Tensor], source: str | os.PathLike) -> None:
+    """Copy ``state`` into ``model`` after :func:`check_state`."""
+    check_state(model, state, source)
     model.load_state_dict(state, strict=False)  # the tied head is the same tensor as tok_emb
 
 
@@ -122,16 +127,7 @@ def model_from_state(cfg: ModelConfig, state: dict[str, torch.Tensor], source: s
     """
     with torch.device("meta"):
         model = GPT(cfg)
-    expected = model_state(model)
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
-        raise LLMCoreError(f"{source}: checkpoint does not match the model config: {what}")
-    for name, tensor in state.items():
-        if tensor.shape != expected[name].shape:
-            raise LLMCoreError(f"{source}: shape mismatch for {name}: file has {tuple(tensor.shape)}, "
-                               f"model expects {tuple(expected[name].shape)}")  # fmt: skip
+    check_state(model, state, source)
     model.load_state_dict(state, strict=False, assign=True)
     if cfg.tie_embeddings:
         model.out_head.weight = model.tok_emb.weight
