@@ -193,6 +193,10 @@ def main(
         cfg = load_params(params)
         items = load_responses(responses)
         metrics = {"n_items": len(items), **text_metrics(items)}
+        # the baseline a model must beat: answering with the prompt itself (kept as a metric, so a fresh clone's
+        # report has it without the instruct stage's cached responses)
+        copies = [rouge_l(f"{it.instruction} {it.input}".strip(), it.reference) for it in items]
+        metrics["copy_prompt_rouge_l"] = round(statistics.fmean(copies), 4) if copies else None
         metrics.update(reference_loss(model_dir, responses, cfg.loss_batch_size))
         reached = reach_judge(cfg)
         judged = judge_scores(items, cfg, cache, reports / "scores.jsonl", reached)

@@ -454,7 +454,8 @@ def build_report(reports_dir: Path, params: dict[str, Any], *,
     report.stages = stages = discover_stages(reports_dir, pipeline)
     ctx = Context(stages)
     responses = read_responses(reports_dir / "instruct" / "responses.json")
-    if responses:
+    ctx.copy_rouge = stages["evaluate"].num("copy_prompt_rouge_l") if "evaluate" in stages else None
+    if ctx.copy_rouge is None and responses:  # an evaluate run from before the metric existed
         ctx.copy_rouge = copy_input_rouge(responses)
     for name, stage in stages.items():
         card = CARDS.get(name.split("/")[0], card_generic)
