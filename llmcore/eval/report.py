@@ -446,7 +446,7 @@ def build_report(reports_dir: Path, params: dict[str, Any], *,
         run_facts: (label, value) lines the caller knows (git commit, params digest, report date).
         default_params: params to diff against (the committed params.yaml); changed keys are listed first.
     """
-    from llmcore.eval import figures as figs
+    import llmcore.eval.figures as figs
 
     report = Report(params=params, run_facts=list(run_facts or []))
     if isinstance(pipeline, list):
