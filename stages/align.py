@@ -61,7 +61,7 @@ from llmcore.common import (
     write_stage_reports,
 )
 from llmcore.data.datasets import find_single_file, load_instruction_data, validate_preferences
-from llmcore.data.instruct import split_entries
+from llmcore.data.instruct import check_split, split_entries
 from llmcore.data.preferences import PreferenceBatches, encode_pairs
 from llmcore.eval.judge import JudgeConfig, JudgeItem, check_judge, score_items
 from llmcore.models.generate import SamplingConfig
@@ -128,11 +128,7 @@ class AlignParams:
     def __post_init__(self) -> None:
         if not self.beta > 0:
             raise LLMCoreError(f"align.beta: expected > 0, got {self.beta}")
-        for key in ("train_fraction", "test_fraction"):
-            if not 0 < getattr(self, key) < 1:
-                raise LLMCoreError(f"align.{key}: expected a value in (0, 1), got {getattr(self, key)}")
-        if self.train_fraction + self.test_fraction >= 1:
-            raise LLMCoreError("align.test_fraction: train_fraction + test_fraction must leave some validation data")
+        check_split(self.train_fraction, self.test_fraction, "align")
         if self.max_length is not None and self.max_length < 2:
             raise LLMCoreError(f"align.max_length: expected an int >= 2 or null, got {self.max_length}")
 

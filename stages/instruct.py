@@ -36,7 +36,7 @@ import typer
 
 from llmcore.common import LLMCoreError, print0, sha256_file, stage_errors, write_json_atomic, write_stage_reports
 from llmcore.data.datasets import find_single_file, load_instruction_data
-from llmcore.data.instruct import InstructionBatches, encode_entries, eval_batches, split_entries
+from llmcore.data.instruct import InstructionBatches, check_split, encode_entries, eval_batches, split_entries
 from llmcore.device import resolve_device
 from llmcore.eval.instruct import evaluate_loss
 from llmcore.models.generate import SamplingConfig
@@ -95,11 +95,7 @@ class InstructParams:
 
     def __post_init__(self) -> None:
         check_template(self.template)
-        for key in ("train_fraction", "test_fraction"):
-            if not 0 < getattr(self, key) < 1:
-                raise LLMCoreError(f"instruct.{key}: expected a value in (0, 1), got {getattr(self, key)}")
-        if self.train_fraction + self.test_fraction >= 1:
-            raise LLMCoreError("instruct.test_fraction: train_fraction + test_fraction must leave some validation data")
+        check_split(self.train_fraction, self.test_fraction, "instruct")
         if self.max_length is not None and self.max_length < 1:
             raise LLMCoreError(f"instruct.max_length: expected a positive int or null, got {self.max_length}")
 

@@ -37,6 +37,15 @@ from llmcore.text.tokenizer import Tokenizer
 # ---------------------------------------------------------------------------------------------------
 
 
+def check_split(train_fraction: float, test_fraction: float, where: str) -> None:
+    """The fractions ``split_entries`` takes: each in (0, 1), leaving some validation data (``where``: the section)."""
+    for key, value in (("train_fraction", train_fraction), ("test_fraction", test_fraction)):
+        if not 0 < value < 1:
+            raise LLMCoreError(f"{where}.{key}: expected a value in (0, 1), got {value}")
+    if train_fraction + test_fraction >= 1:
+        raise LLMCoreError(f"{where}.test_fraction: train_fraction + test_fraction must leave some validation data")
+
+
 def split_entries(
     entries: Sequence[dict], train_fraction: float, test_fraction: float, seed: int
 ) -> tuple[list[dict], list[dict], list[dict]]:
