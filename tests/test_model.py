@@ -154,3 +154,29 @@ def test_shape_mismatched_checkpoint_fails_with_one_line_error(tmp_path):
     with pytest.raises(LLMCoreError, match="shape mismatch for .*file has") as err:
         load_checkpoint(path, config=other)
     assert "\n" not in str(err.value)
+
+
+# --- forward + loss: one graph for torch.compile -------------------------------------------------
+
+
+@pytest.mark.parametrize("preset", FAMILIES)
+@pytest.mark.parametrize("pad", [None, 64])
+def test_forward_and_loss_compile_to_one_graph(preset, pad):
+    """The CUDA path's head + loss (full logits, F.cross_entropy), traced on the CPU: no graph break, so
+    torch.compile sees the blocks, the head and the loss as one graph it can fuse."""
+    model = tiny(preset, pad_vocab_multiple=pad).train()
+    model.head_loss = "full"
+    idx = torch.randint(0, 97, (2, 16))
+    targets = torch.roll(idx, -1, 1).masked_fill(torch.rand(2, 16) < 0.2, -100)
+
+    def step(idx, targets):
+        return model(idx, targets=targets, loss_reduction="sum").loss
+
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(step)(idx, targets)
+    torch._dynamo.reset()
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1
+    eager = step(idx, targets)
+    model.head_loss = "chunked"
+    torch.testing.assert_close(step(idx, targets), eager, rtol=1e-5, atol=1e-5)  # the CPU path, same loss

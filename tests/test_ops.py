@@ -1,10 +1,11 @@
-"""llmcore.models.ops.linear_cross_entropy equals the unfused head + F.cross_entropy, in value and in gradients."""
+"""llmcore.models.ops: linear_cross_entropy equals the unfused head + F.cross_entropy, in value and in gradients;
+head_loss gives the same loss both ways and is picked per device."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from llmcore.models.ops import linear_cross_entropy
+from llmcore.models.ops import head_loss, linear_cross_entropy, pick_head_loss
 
 
 def inputs(N=37, C=16, V=101, seed=0):
@@ -73,3 +74,36 @@ def test_bad_arguments_are_named():
         linear_cross_entropy(h, W, y, reduction="none")
     with pytest.raises(ValueError, match="targets"):
         linear_cross_entropy(h, W, y[:-1])
+
+
+# --- head_loss: chunked on a CPU, full logits on CUDA ------------------------------------------------
+
+
+def test_pick_head_loss_by_device_and_override():
+    assert pick_head_loss("auto", "cpu") == "chunked"
+    assert pick_head_loss("auto", torch.device("cuda", 0)) == "full"  # decided from the device type alone
+    assert pick_head_loss("chunked", "cuda") == "chunked" and pick_head_loss("full", "cpu") == "full"
+    with pytest.raises(ValueError, match="head_loss"):
+        pick_head_loss("fused", "cpu")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("padded_rows", [0, 27])
+def test_head_loss_full_and_chunked_agree_and_skip_padded_rows(reduction, padded_rows):
+    h, W, y = inputs()
+    V = W.shape[0]
+    Wp = torch.cat([W.detach(), torch.full((padded_rows, W.shape[1]), 30.0)]).requires_grad_()  # rows no loss sees
+    ref = F.cross_entropy(h @ W.t(), y, ignore_index=-100, reduction=reduction)
+    (g_ref,) = grads(ref, h)
+    for impl in ("chunked", "full"):
+        out = head_loss(h, Wp, y, impl, V, reduction=reduction)
+        torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+        g_h, g_w = grads(out, h, Wp)
+        torch.testing.assert_close(g_h, g_ref, rtol=1e-5, atol=1e-6)
+        assert torch.count_nonzero(g_w[V:]) == 0, impl
+
+
+def test_head_loss_all_ignored_is_zero_both_ways():
+    h, W, y = inputs()
+    for impl in ("chunked", "full"):
+        assert head_loss(h, W, torch.full_like(y, -100), impl, reduction="mean").item() == 0.0

@@ -38,6 +38,9 @@ def nats_and_bytes(model: torch.nn.Module, idx: torch.Tensor, targets: torch.Ten
     """(summed loss in nats, summed bytes) over the scored targets of one batch; both 0-dim float64."""
     hidden = model(idx, return_hidden=True, return_logits=False).hidden  # (B, T, C)
     weight = model.out_head.weight
+    cfg = getattr(model, "cfg", None)
+    if cfg is not None and weight.shape[0] != cfg.vocab_size:
+        weight = weight[: cfg.vocab_size]  # a padded vocabulary: its extra rows are never scored
     x, y = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
     nbytes = torch.where(y >= 0, token_bytes.to(y.device)[y.clamp_min(0)], 0)  # (N,)
     nats = torch.zeros((), dtype=torch.float64, device=x.device)

@@ -328,7 +328,7 @@ class LLMCoreLM(TemplateLM):
         lps, misses = [], []
         for start in range(0, h.shape[0], HEAD_CHUNK):
             with autocast_context(self._device, self.precision):
-                logits = self.model.out_head(h[start : start + HEAD_CHUNK]).float()
+                logits = self.model.head(h[start : start + HEAD_CHUNK]).float()
             t = target[start : start + HEAD_CHUNK]
             lps.append((logits.gather(-1, t[:, None]).squeeze(-1) - logits.logsumexp(-1)).cpu().double())
             misses.append((logits.argmax(-1) != t).cpu().long())

@@ -47,6 +47,10 @@ class ModelConfig:
     bias: bool = True  # bias on the other linear layers and on LayerNorm
     dropout: float = 0.0  # on embeddings, attention weights and residual branches
     tie_embeddings: bool = True  # output head shares the token-embedding matrix
+    # Round the embedding and head rows up to a multiple of this (GPT-2's 50,257 -> 50,304 with 64): aligned matmul
+    # shapes for GPU kernels. The extra rows are never scored, sampled or exported (``vocab_size`` stays the real
+    # vocabulary everywhere outside the model); None keeps the rows at vocab_size.
+    pad_vocab_multiple: int | None = None
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -72,6 +76,9 @@ class ModelConfig:
             raise ConfigError(f"model.n_kv_heads: n_heads={self.n_heads} is not divisible by {self.n_kv_heads}")
         if self.pos_emb == "rope" and self.head_dim % 2:
             raise ConfigError(f"model.emb_dim: RoPE needs an even head size, got {self.head_dim}")
+        m = self.pad_vocab_multiple
+        if m is not None and (not isinstance(m, int) or isinstance(m, bool) or m <= 0):
+            raise ConfigError(f"model.pad_vocab_multiple: expected a positive int or null, got {m!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout: expected a value in [0, 1), got {self.dropout!r}")
         if not self.norm_eps > 0:
@@ -88,9 +95,22 @@ class ModelConfig:
     def head_dim(self) -> int:
         return self.emb_dim // self.n_heads
 
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the embedding and the output head: ``vocab_size`` rounded up to ``pad_vocab_multiple``."""
+        m = self.pad_vocab_multiple or 1
+        return -(-self.vocab_size // m) * m
+
+    def unpadded(self) -> ModelConfig:
+        """This config without vocabulary padding: what exports and model folders carry."""
+        return dataclasses.replace(self, pad_vocab_multiple=None) if self.pad_vocab_multiple else self
+
     # --- serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        if data["pad_vocab_multiple"] is None:  # unpadded configs serialise as they did before the field existed
+            del data["pad_vocab_multiple"]
+        return data
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -118,7 +138,8 @@ class ModelConfig:
         """Parameter count computed from the shapes (equals ``sum(p.numel())`` of the built model).
 
         With tied embeddings the head shares the embedding matrix: ``include_tied_head=True`` counts
-        it a second time, which is the number papers quote for untied models (e.g. GPT-2's "163M").
+        it a second time, which is the number papers quote for untied models (e.g. GPT-2's "163M"). A padded
+        vocabulary counts its padded rows (the parameters the model holds).
         """
         C, H = self.emb_dim, self.hidden_dim
         kv = self.n_kv_heads * self.head_dim
@@ -128,8 +149,9 @@ class ModelConfig:
         mlp = (2 * C * H + H * self.bias) if self.mlp == "swiglu" else (C * H + H * self.bias)
         mlp += H * C + C * self.bias
         block = 2 * norm + attn + mlp
-        emb = self.vocab_size * C + (self.context_length * C if self.pos_emb == "learned" else 0)
-        head = self.vocab_size * C
+        V = self.padded_vocab_size
+        emb = V * C + (self.context_length * C if self.pos_emb == "learned" else 0)
+        head = V * C
         total = emb + self.n_layers * block + norm
         if not self.tie_embeddings or include_tied_head:
             total += head
@@ -143,10 +165,10 @@ class ModelConfig:
         """Training FLOPs per token (forward + backward): 6N + 12·L·C·T (PaLM appendix B, as nanoGPT).
 
         N excludes the position table, which costs no matmul FLOPs; the output head is included (it is
-        a real matmul even when tied).
+        a real matmul even when tied), at the real vocabulary: padded rows are not model FLOPs.
         """
         T = seq_len or self.context_length
-        n = self.num_params(include_tied_head=True)
+        n = self.unpadded().num_params(include_tied_head=True)
         if self.pos_emb == "learned":
             n -= self.context_length * self.emb_dim
         n -= self.vocab_size * self.emb_dim  # the embedding lookup itself is not a matmul

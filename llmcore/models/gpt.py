@@ -26,6 +26,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from llmcore.models.config import ModelConfig
+from llmcore.models.ops import head_loss
 
 # ---------------------------------------------------------------------------------------------------
 # Small blocks
@@ -261,6 +262,7 @@ class Block(nn.Module):
 class ModelOutput:
     logits: torch.Tensor | None  # (B, T, vocab_size)
     hidden: torch.Tensor | None = None  # (B, T, emb_dim), after the final norm
+    loss: torch.Tensor | None = None  # next-token cross-entropy of ``targets`` (fp32 scalar), when given
 
 
 class GPT(nn.Module):
@@ -275,6 +277,14 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.final_norm = make_norm(cfg, cfg.emb_dim)
         self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
+        if cfg.padded_vocab_size != cfg.vocab_size:
+            # Rows appended after construction, so module init drew exactly the random numbers of an unpadded
+            # model (reset_parameters below then draws for the real rows only).
+            for module in (self.tok_emb, self.out_head):
+                w = module.weight.data
+                module.weight = nn.Parameter(torch.cat([w, w.new_zeros(cfg.padded_vocab_size - cfg.vocab_size,
+                                                                       cfg.emb_dim)]))  # fmt: skip
+            self.tok_emb.num_embeddings = self.out_head.out_features = cfg.padded_vocab_size
         if cfg.tie_embeddings:
             self.out_head.weight = self.tok_emb.weight
         if cfg.pos_emb == "rope":
@@ -284,12 +294,22 @@ class GPT(nn.Module):
         # backward pass. Memory for activations drops from ~all blocks' internals to one block's, for ~1/3
         # more compute (one extra forward). Set by ``fit`` from ``hardware.activation_checkpointing``.
         self.checkpointing = False
+        # How ``forward(idx, targets=...)`` computes the head and the loss: auto | chunked | full
+        # (``llmcore.models.ops.pick_head_loss``). Set by ``fit`` from ``hardware.head_loss``.
+        self.head_loss = "auto"
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """GPT-2 init: N(0, 0.02) weights, zero biases, and residual output projections scaled by
-        1/sqrt(2·n_layers) so the residual stream's variance does not grow with depth."""
+        1/sqrt(2·n_layers) so the residual stream's variance does not grow with depth.
+
+        Padded vocabulary rows are zeros, and the real rows draw exactly the random numbers of an unpadded
+        model: the same seed gives the same real weights with or without ``pad_vocab_multiple``."""
+        V = self.cfg.vocab_size
         for name, p in self.named_parameters():
+            if p.shape[0] != V and name in ("tok_emb.weight", "out_head.weight"):
+                nn.init.zeros_(p[V:])
+                p = p[:V]
             if name.endswith("bias"):
                 nn.init.zeros_(p)
             elif "norm" in name:
@@ -322,6 +342,8 @@ class GPT(nn.Module):
         return_hidden: bool = False,
         return_logits: bool = True,
         logits_to_keep: int = 0,
+        targets: torch.Tensor | None = None,
+        loss_reduction: str = "mean",
     ) -> ModelOutput:
         """Run the model on token ids.
 
@@ -336,6 +358,12 @@ class GPT(nn.Module):
             return_logits: set False to skip the output head (saves the vocab-wide matmul).
             logits_to_keep: if > 0, run the head on the last ``logits_to_keep`` positions only (decoding needs
                 one row of logits, not T).
+            targets: (B, T) next-token ids, -100 where no loss is taken: the head runs inside the loss
+                (``llmcore.models.ops.head_loss``, as ``self.head_loss`` picks) and ``loss`` is returned instead of
+                logits, so ``torch.compile`` of the model covers the head and the loss in one graph.
+            loss_reduction: ``mean`` over the scored targets (0 when there are none) or ``sum``.
+
+        Logits cover the real vocabulary only (``cfg.vocab_size`` columns), also when the rows are padded.
         """
         B, T = idx.shape
         if isinstance(cache, BatchedKVCache):  # per-row lengths: the cache lays out positions and the mask
@@ -373,10 +401,20 @@ class GPT(nn.Module):
         elif cache is not None:
             cache.pos += T
         x = self.final_norm(x)
+        hidden = x if return_hidden else None
+        if targets is not None:
+            loss = head_loss(x, self.out_head.weight, targets, self.head_loss, self.cfg.vocab_size,
+                             reduction=loss_reduction)  # fmt: skip
+            return ModelOutput(logits=None, hidden=hidden, loss=loss)
         logits = None
         if return_logits:
-            logits = self.out_head(x[:, -logits_to_keep:] if logits_to_keep else x)
-        return ModelOutput(logits=logits, hidden=x if return_hidden else None)
+            logits = self.head(x[:, -logits_to_keep:] if logits_to_keep else x)
+        return ModelOutput(logits=logits, hidden=hidden)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (..., vocab_size) of final hidden states: the output head, padded rows cut off (a view)."""
+        logits = self.out_head(x)
+        return logits if logits.shape[-1] == self.cfg.vocab_size else logits[..., : self.cfg.vocab_size]
 
     @staticmethod
     def _padding_mask(attention_mask, offset: int, T: int, device=None) -> torch.Tensor:

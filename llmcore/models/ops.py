@@ -14,11 +14,25 @@ chunk's logits stay hot in cache and are turned into their gradient in place.
 
 Under autocast the matmuls run in the autocast dtype and the softmax in fp32, as autocast would do
 for ``linear`` followed by ``cross_entropy``; the weight gradient accumulates in fp32.
+
+``head_loss`` is what the model's ``forward(idx, targets=...)`` calls: the chunked function above, or the plain
+formulation (full logits, then ``F.cross_entropy``), picked per device by ``pick_head_loss``.
+
+- CPU: chunked. ``python -m benchmarks.head_loss --device cpu --threads N`` (forward + backward of the head and
+  the loss alone, fp32, median of 9, the 2-core VM): at the benchmark's 50,257-token vocabulary (4 x 256 tokens,
+  emb 384) chunked 0.93 s vs full 1.49 s with 1 thread, 0.52 s vs 0.55-0.62 s with 2, and it never holds the
+  206 MB of logits; at the default model's 1,024-token vocabulary full is a little faster (6.8 vs 7.8 ms, 2
+  threads), a small part of that step. One CPU path also keeps the default pipeline's outputs byte-identical.
+- CUDA: full. ``torch.compile`` fuses the logits' cast, log-softmax and loss (and their backward) into the
+  model's one graph; the chunked function is a Python loop of small kernels whose count grows with the batch.
+  ``hardware.head_loss: chunked`` keeps it where the (N, vocab) logits do not fit in memory. Timed on the GPU
+  by ``benchmarks/gpu.py``.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 IGNORE_INDEX = -100  # F.cross_entropy's default ignore_index: a target (or label) that no loss scores
 
@@ -110,3 +124,57 @@ def linear_cross_entropy(
         return _LinearCrossEntropy.apply(
             x, weight, targets.reshape(-1), ignore_index, reduction, chunk_rows, compute_dtype
         )
+
+
+HEAD_LOSSES = ("auto", "chunked", "full")  # hardware.head_loss: how the output head and the loss are computed
+
+
+def pick_head_loss(choice: str, device: torch.device | str) -> str:
+    """``chunked`` or ``full`` for ``choice`` (one of ``HEAD_LOSSES``) on ``device``.
+
+    ``auto``: ``full`` on CUDA (full logits + ``F.cross_entropy``, fused by ``torch.compile``), ``chunked``
+    elsewhere (CPU, where it was measured faster; MPS, untimed, keeps what it had).
+    """
+    if choice not in HEAD_LOSSES:
+        raise ValueError(f"head_loss: expected one of {'|'.join(HEAD_LOSSES)}, got {choice!r}")
+    if choice != "auto":
+        return choice
+    return "full" if torch.device(device).type == "cuda" else "chunked"
+
+
+def head_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    impl: str = "auto",
+    vocab_size: int | None = None,
+    *,
+    ignore_index: int = IGNORE_INDEX,
+    reduction: str = "sum",
+) -> torch.Tensor:
+    """Next-token cross-entropy of the logits ``hidden @ weight[:vocab_size].T`` (fp32 scalar).
+
+    Args:
+        hidden: (..., C) final hidden states; targets: (...) ids, ``ignore_index`` where no loss is taken.
+        weight: (V, C) output head weight; its rows past ``vocab_size`` (a padded vocabulary) are never scored.
+        impl: ``chunked`` (``linear_cross_entropy``), ``full`` (the logits, then ``F.cross_entropy``) or ``auto``
+            (``pick_head_loss`` by the device of ``hidden``).
+        vocab_size: the real vocabulary (None: every row of ``weight``).
+        reduction: ``sum``, or ``mean`` over the scored targets (0 when there are none).
+    """
+    impl = pick_head_loss(impl, hidden.device)
+    padded = vocab_size is not None and vocab_size < weight.shape[0]
+    if impl == "chunked":
+        return linear_cross_entropy(hidden, weight[:vocab_size] if padded else weight, targets,
+                                    ignore_index=ignore_index, reduction=reduction)  # fmt: skip
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    logits = F.linear(hidden, weight)  # all rows: the padded width is the matmul shape the hardware wants
+    if padded:
+        logits = logits[..., :vocab_size]  # a view; the padded logits never reach the softmax
+    logits = logits.reshape(-1, logits.shape[-1]).float()  # softmax in fp32, as autocast does for cross_entropy
+    flat = targets.reshape(-1)
+    loss = F.cross_entropy(logits, flat, ignore_index=ignore_index, reduction="sum")
+    if reduction == "mean":
+        loss = loss / (flat != ignore_index).sum().clamp_min(1)
+    return loss

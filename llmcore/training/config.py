@@ -17,6 +17,8 @@ class HardwareConfig:
     nproc: int = 1  # processes on this machine; >1: the stage re-launches itself under torchrun (DDP)
     peak_tflops: float | None = None  # per device, for MFU; None: measured with a matmul at startup
     activation_checkpointing: bool = False  # recompute block activations in backward: less memory, ~1/3 more compute
+    # output head + loss: auto (full on CUDA, chunked elsewhere) | chunked (never holds the (N, vocab) logits) | full
+    head_loss: Literal["auto", "chunked", "full"] = "auto"
 
     def __post_init__(self) -> None:
         if self.nproc < 1:

@@ -95,7 +95,7 @@ from tqdm.auto import tqdm
 
 from llmcore.common import LLMCoreError, print0
 from llmcore.device import autocast_context
-from llmcore.models.ops import linear_cross_entropy
+from llmcore.models.ops import pick_head_loss
 from llmcore.training.config import HardwareConfig, TrainConfig
 from llmcore.training.runtime import Runtime, init_runtime, move_to, out_of_time, reference_count
 from llmcore.training.state import TrainState, ckpt_name, fingerprint_of, restore_checkpoint, save_checkpoint
@@ -129,12 +129,13 @@ def _weighted(loss: torch.Tensor, n: torch.Tensor, metrics: dict[str, torch.Tens
 def lm_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Next-token cross-entropy of ``(idx, targets)``, both (B, T); targets of -100 are not scored.
 
-    The output head and the loss are fused (``llmcore.models.ops.linear_cross_entropy``): the (B, T, vocab) logits
-    are never held in memory, which is most of a small model's activation memory and time.
+    The model computes the head and the loss in its own forward (``GPT.forward(idx, targets=...)``), so a
+    compiled model compiles them with the blocks: on CUDA full logits + ``F.cross_entropy``, which inductor
+    fuses; on a CPU the chunked ``llmcore.models.ops.linear_cross_entropy``, which never holds the (B, T, vocab)
+    logits (``hardware.head_loss`` overrides the choice).
     """
     idx, targets = batch
-    hidden = model(idx, return_hidden=True, return_logits=False).hidden  # (B, T, C)
-    loss = linear_cross_entropy(hidden, unwrap(model).out_head.weight, targets, ignore_index=-100, reduction="sum")
+    loss = model(idx, targets=targets, loss_reduction="sum").loss
     n = (targets != -100).sum()
     return loss / n.clamp_min(1), n  # a batch of nothing but -100 weighs 0 instead of giving NaN
 
@@ -323,6 +324,8 @@ def fit(
     for module in model.modules():  # the GPT itself, or the one inside a classifier
         if hasattr(module, "checkpointing"):
             module.checkpointing = hw.activation_checkpointing
+        if hasattr(module, "head_loss"):
+            module.head_loss = pick_head_loss(hw.head_loss, rt.device)
     optimizer = make_optimizer(model, cfg, rt.device)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=hw.precision == "fp16")
     total_steps, stop_reason = plan_steps(cfg, len(train_data))

@@ -252,7 +252,7 @@ def save_classifier(
     for name, tensor in model.head.state_dict().items():
         state[HEAD_PREFIX + name] = tensor.detach().contiguous()
     meta = {
-        "format": FORMAT, "config": model.cfg.to_json(), TASK_KEY: "classify",
+        "format": FORMAT, "config": model.cfg.unpadded().to_json(), TASK_KEY: "classify",
         "labels": json.dumps(list(labels)), "pooling": POOLING, **(metadata or {}),
     }  # fmt: skip
     with staged_dir(out_dir) as tmp:

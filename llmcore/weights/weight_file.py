@@ -6,7 +6,9 @@ safetensors writes several metadata keys in a random order per process, and one 
 identical weights identical (so DVC sees the same hash). Loading never unpickles anything. Writes are atomic: a crash
 leaves the previous file or none, never a partial one.
 
-A tied output head is stored once (as ``tok_emb.weight``), the way the model holds it.
+A tied output head is stored once (as ``tok_emb.weight``), the way the model holds it. A model with a padded
+vocabulary (``ModelConfig.pad_vocab_multiple``) is written without its padded rows and with the unpadded config:
+the file is byte for byte that of the same weights trained unpadded, and loading pads the rows again (zeros).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from llmcore.models.config import ConfigError, ModelConfig
 from llmcore.models.gpt import GPT, rope_frequencies
 
 FORMAT = "llmcore"
+VOCAB_ROWS = ("tok_emb.weight", "out_head.weight")  # the tensors with one row per vocabulary id
 
 
 def unwrap(model: torch.nn.Module) -> GPT:
@@ -34,12 +37,24 @@ def unwrap(model: torch.nn.Module) -> GPT:
 
 
 def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict without the duplicate tied head, contiguous and detached, as safetensors wants."""
+    """The state dict without the duplicate tied head and without padded vocabulary rows, contiguous and detached,
+    as safetensors wants: what every export (weight file, Hugging Face, GGUF) writes."""
     model = unwrap(model)
     state = model.state_dict()
-    if getattr(model, "cfg", None) is not None and model.cfg.tie_embeddings:
+    cfg = getattr(model, "cfg", None)
+    if cfg is not None and cfg.tie_embeddings:
         state.pop("out_head.weight", None)
+    if cfg is not None and cfg.padded_vocab_size != cfg.vocab_size:
+        state = {k: v[: cfg.vocab_size] if k in VOCAB_ROWS else v for k, v in state.items()}
     return {k: v.detach().contiguous() for k, v in state.items()}
+
+
+def pad_vocab_rows(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` (real vocabulary rows) with zero rows appended up to ``cfg.padded_vocab_size``."""
+    extra = cfg.padded_vocab_size - cfg.vocab_size
+    if not extra:
+        return state
+    return {k: torch.cat([v, v.new_zeros(extra, *v.shape[1:])]) if k in VOCAB_ROWS else v for k, v in state.items()}
 
 
 def save_checkpoint(
@@ -49,7 +64,7 @@ def save_checkpoint(
     state = model_state(model)
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-    meta = {"format": FORMAT, "config": unwrap(model).cfg.to_json(), **(metadata or {})}
+    meta = {"format": FORMAT, "config": unwrap(model).cfg.unpadded().to_json(), **(metadata or {})}
     return write_weights(path, state, meta)
 
 
@@ -114,6 +129,7 @@ def check_state(model: GPT, state: dict[str, torch.Tensor], source: str | os.Pat
 def load_into(model: GPT, state: dict[str, torch.Tensor], source: str | os.PathLike) -> None:
     """Copy ``state`` into ``model`` after :func:`check_state`."""
     check_state(model, state, source)
+    state = pad_vocab_rows(model.cfg, state)
     model.load_state_dict(state, strict=False)  # the tied head is the same tensor as tok_emb
 
 
@@ -128,6 +144,7 @@ def model_from_state(cfg: ModelConfig, state: dict[str, torch.Tensor], source: s
     with torch.device("meta"):
         model = GPT(cfg)
     check_state(model, state, source)
+    state = pad_vocab_rows(cfg, state)
     model.load_state_dict(state, strict=False, assign=True)
     if cfg.tie_embeddings:
         model.out_head.weight = model.tok_emb.weight
