@@ -180,6 +180,84 @@ def test_trainable_subset_leaves_the_rest_untouched(tmp_path):
     assert changed and all(k.startswith(("blocks.1.", "final_norm.")) for k in changed)
 
 
+# --- host-device syncs -----------------------------------------------------------------------------
+
+# Every way a tensor's value reaches Python: on CUDA each one waits for the device to catch up.
+CONVERSIONS = ("item", "tolist", "__float__", "__int__", "__bool__", "__index__")
+
+
+class FixedBatches:
+    """Batches drawn up front, so the sampler's own index lists do not count as conversions."""
+
+    def __init__(self, batches):
+        self.batches, self.i = batches, 0
+
+    def next_batch(self):
+        self.i += 1
+        return self.batches[(self.i - 1) % len(self.batches)]
+
+    def __len__(self):
+        return len(self.batches)
+
+    def state_dict(self):
+        return {"i": self.i}
+
+    def load_state_dict(self, state):
+        self.i = state["i"]
+
+
+def count_conversions(tmp, monkeypatch, **overrides) -> int:
+    sampler = RandomWindows(TOKENS, 4, T, seed=1)
+    batches = [sampler.next_batch() for _ in range(8)]
+    counts = {"n": 0}
+    for name in CONVERSIONS:
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, **kwargs):
+            counts["n"] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    cfg = train_cfg(**{"eval_every": 1000, "checkpoint_every": 1000, "log_every": 1000, **overrides})
+    fit(tiny_model(), FixedBatches(batches), FixedBatches(batches[:2]), lm_loss, cfg, CPU, tmp, live=FakeLive(tmp))
+    monkeypatch.undo()
+    return counts["n"]
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_steps_between_log_intervals_never_sync(tmp_path, monkeypatch, grad_accum):
+    """A step reads nothing back from the device: its loss, item count and gradient norm stay there until the
+    next log, evaluation or checkpoint, which reads every pending step in one go."""
+    short = count_conversions(tmp_path / "a", monkeypatch, max_steps=4, grad_accum=grad_accum)
+    long = count_conversions(tmp_path / "b", monkeypatch, max_steps=12, grad_accum=grad_accum)
+    assert long == short  # 8 more steps, not one more conversion
+    logged = count_conversions(tmp_path / "c", monkeypatch, max_steps=12, grad_accum=grad_accum, log_every=4)
+    assert logged - long == 2  # one read-back each at steps 4 and 8 (step 12 is read back in both runs)
+
+
+def test_time_budget_and_read_back_keep_every_step(tmp_path):
+    """Steps stopped by the time budget between read-backs still count: items and losses of each one."""
+    _, r, live = run(tmp_path, train_cfg(max_steps=100_000, time_budget_s=0.3, eval_every=1000, log_every=1000,
+                                         checkpoint_every=1000))  # fmt: skip
+    assert r.stop_reason == "time_budget" and r.items_seen == r.step * 4 * T
+    assert math.isfinite(r.train_loss)
+
+
+def test_divergence_is_reported_at_the_next_read_back(tmp_path):
+    def exploding(model, batch):
+        loss, n = lm_loss(model, batch)
+        return loss * (math.nan if torch.is_grad_enabled() and state["calls"] >= 2 else 1.0), n
+
+    state = {"calls": 0}
+
+    def counting(model, batch):
+        state["calls"] += torch.is_grad_enabled()
+        return exploding(model, batch)
+
+    with pytest.raises(LLMCoreError, match="training diverged: loss is nan at step 2"):
+        run(tmp_path, train_cfg(max_steps=6, log_every=5, eval_every=100, checkpoint_every=100), loss_fn=counting)
+
+
 # --- resume ----------------------------------------------------------------------------------------
 
 

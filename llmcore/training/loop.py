@@ -352,38 +352,50 @@ def fit(
     bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", disable=not rt.is_main,
                dynamic_ncols=True)  # fmt: skip
     interval_items, interval_time = 0, 0.0
+    pending: list[torch.Tensor] = []  # the steps' rows not yet read back to the host (see read_back)
+    metric_names: list[str] = []
+    step_loss, grad_norm = math.nan, math.nan
     while state.step < total_steps:
-        if cfg.time_budget_s is not None and out_of_time(state.train_time_s, cfg.time_budget_s, rt, rt.device):
+        # The budget is a host clock: no device sync. Under DDP rank 0's clock decides for every rank (a
+        # broadcast, which syncs), so ranks check right after a read-back only (at most log_every steps late).
+        budget_check = cfg.time_budget_s is not None and (not rt.ddp or state.step % cfg.log_every == 0)
+        if budget_check and out_of_time(state.train_time_s, cfg.time_budget_s, rt, rt.device):
             stop_reason = "time_budget"
             break
         t0 = time.perf_counter()
         lr = get_lr(state.step, cfg, total_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        step_loss, step_items, grad_norm = train_step(wrapped, train_data, loss_fn, optimizer, scaler, params, cfg,
-                                                      hw, rt, state)  # fmt: skip
-        dt = time.perf_counter() - t0
+        row, metric_names = train_step(wrapped, train_data, loss_fn, optimizer, scaler, params, cfg, hw, rt, state)
+        pending.append(row)
         state.step += 1
-        state.train_time_s += dt
-        state.items_seen += step_items
-        state.recent_losses.append(step_loss)
-        interval_items, interval_time = interval_items + step_items, interval_time + dt
         bar.update(1)
-        if state.step % cfg.log_every == 0 or state.step == total_steps:
+        log_now = state.step % cfg.log_every == 0 or state.step == total_steps
+        eval_now = state.step % cfg.eval_every == 0 or state.step == total_steps
+        save_now = state.step % cfg.checkpoint_every == 0 or state.step == total_steps
+        items = 0
+        if log_now or eval_now or save_now:  # the loop's only host-device sync; a step before it only queues work
+            step_loss, grad_norm, items = read_back(pending, metric_names, state)
+        dt = time.perf_counter() - t0  # with the read-back: an interval's time covers its steps' device work
+        state.train_time_s += dt
+        interval_items, interval_time = interval_items + items, interval_time + dt
+        if log_now:
             per_s = interval_items / max(interval_time, 1e-9)
             bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", **{f"{unit}/s": f"{per_s:.0f}"})
             log_metrics(live, {"train/loss": step_loss, "train/lr": lr, f"train/{unit}_per_s": per_s,
                                "train/grad_norm": grad_norm,
                                **{f"train/{k}": v for k, v in state.step_metrics.items()}}, state.step)  # fmt: skip
             interval_items, interval_time = 0, 0.0
-        if not math.isfinite(step_loss):
-            raise LLMCoreError(f"training diverged: loss is {step_loss} at step {state.step} (lower train.lr?)")
-        if state.step % cfg.eval_every == 0 or state.step == total_steps:
+        if eval_now:
             evaluator.run(wrapped, model, state)
-        if state.step % cfg.checkpoint_every == 0 or state.step == total_steps:
+        if save_now:
             save()
             last_save = state.step
     bar.close()
+    if pending:  # steps run before a time-budget stop
+        t0 = time.perf_counter()
+        read_back(pending, metric_names, state)
+        state.train_time_s += time.perf_counter() - t0
 
     if state.last_eval != state.step:
         evaluator.run(wrapped, model, state)
@@ -423,11 +435,13 @@ def wrap_model(model: nn.Module, hw: HardwareConfig, rt: Runtime) -> nn.Module:
 
 def train_step(wrapped: nn.Module, train_data: Batches, loss_fn: LossFn, optimizer: torch.optim.Optimizer,
                scaler: torch.amp.GradScaler, params: list, cfg: TrainConfig, hw: HardwareConfig, rt: Runtime,
-               state: TrainState) -> tuple[float, int, float]:  # fmt: skip
-    """One optimizer step over ``grad_accum`` micro-batches -> (mean loss, items, gradient norm).
+               state: TrainState) -> tuple[torch.Tensor, list[str]]:  # fmt: skip
+    """One optimizer step over ``grad_accum`` micro-batches -> (its row ``[mean loss, metric means..., items,
+    gradient norm]``, a float32 tensor on the device; the names of ``loss_fn``'s extra metrics).
 
-    Sets ``state.n_ref`` on the very first micro-batch of a run, and ``state.step_metrics`` to the step's
-    means of ``loss_fn``'s extra metrics.
+    Nothing here waits for the device: on CUDA the step is queued and the host moves on to the next one
+    (``read_back`` brings rows to the host). Sets ``state.n_ref`` on the very first micro-batch of a run (one
+    sync, once per run).
     """
     device = rt.device
     totals, names = None, []  # [sum of loss*n, n, sum of metric*n, ...] over this rank's micro-batches
@@ -456,9 +470,32 @@ def train_step(wrapped: nn.Module, train_data: Batches, loss_fn: LossFn, optimiz
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    means = (totals / totals[1].clamp_min(1)).tolist()  # syncs the device: step timing is honest
-    state.step_metrics = dict(zip(names, means[2:], strict=True))
-    return means[0], int(totals[1].item()), float(grad_norm)
+    means = totals / totals[1].clamp_min(1)
+    return torch.cat([means[:1], means[2:], totals[1:2], grad_norm.reshape(1).to(totals.dtype)]), names
+
+
+def read_back(pending: list[torch.Tensor], metric_names: list[str], state: TrainState) -> tuple[float, float, int]:
+    """Bring the rows of the steps since the last read-back to the host in one sync, and empty ``pending``.
+
+    Appends their losses to ``state.recent_losses``, adds their items to ``state.items_seen``, sets
+    ``state.step_metrics`` to the newest step's; raises on a non-finite loss, naming its step. Returns the newest
+    step's (loss, gradient norm) and the items of all of them. The values are those a per-step ``.tolist()``
+    gave: the same float32 numbers, read later.
+    """
+    if not pending:
+        return math.nan, math.nan, 0
+    rows = torch.stack(pending).tolist()
+    first = state.step - len(rows) + 1
+    pending.clear()
+    items = 0
+    for i, row in enumerate(rows):
+        if not math.isfinite(row[0]):
+            raise LLMCoreError(f"training diverged: loss is {row[0]} at step {first + i} (lower train.lr?)")
+        state.recent_losses.append(row[0])
+        items += int(row[-2])
+    state.items_seen += items
+    state.step_metrics = dict(zip(metric_names, rows[-1][1:-2], strict=True))
+    return rows[-1][0], rows[-1][-1], items
 
 
 def log_metrics(live: Any | None, metrics: dict[str, float], at: int) -> None:

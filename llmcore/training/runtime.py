@@ -108,8 +108,12 @@ def reference_count(n: torch.Tensor, rt: Runtime) -> float:
 
 
 def out_of_time(train_time: float, budget: float, rt: Runtime, device: torch.device) -> bool:
-    """Whether the time budget is spent; rank 0's clock decides for every rank so they stop together."""
+    """Whether the time budget is spent; rank 0's clock decides for every rank so they stop together.
+
+    One process: a comparison on the host, nothing on the device. Several: a broadcast, which waits for the
+    device (``fit`` calls it right after a read-back only)."""
+    if not rt.ddp:
+        return train_time >= budget
     flag = torch.tensor([float(train_time >= budget)], device=device)
-    if rt.ddp:
-        dist.broadcast(flag, src=0)
+    dist.broadcast(flag, src=0)
     return bool(flag.item())
