@@ -107,7 +107,8 @@ class PretrainParams:
 def build_data(p: PretrainParams, train_tokens, val_tokens, T: int, rt: Runtime):
     """Training and validation batches; every rank draws the global batch and keeps its slice."""
     cfg = p.train
-    ranks = dict(rank=rt.rank, world_size=rt.world_size)
+    # on CUDA the batches are built in pinned memory: fit copies them to the device asynchronously
+    ranks = dict(rank=rt.rank, world_size=rt.world_size, pin_memory=rt.device.type == "cuda")
     if p.windows == "random":
         train = RandomWindows(train_tokens, cfg.batch_size, T, seed=cfg.seed, **ranks)
         val = RandomWindows(val_tokens, cfg.batch_size, T, seed=cfg.seed + 1, **ranks)

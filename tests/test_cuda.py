@@ -61,3 +61,18 @@ def test_cuda_training_learns(tmp_path, precision, compile):
     result = fit(model, train, val, lm_loss, cfg, HardwareConfig(device="cuda", precision=precision, compile=compile),
                  tmp_path / "ckpt")  # fmt: skip
     assert result.val_loss < 1.0, result  # from ln(64) = 4.16
+
+
+def test_pinned_batches_copy_without_another_pin_and_tf32_is_on():
+    from llmcore.training.runtime import init_runtime, move_to
+
+    tokens = np.arange(5000, dtype=np.uint16)
+    plain, pinned = RandomWindows(tokens, 4, 32, seed=1), RandomWindows(tokens, 4, 32, seed=1, pin_memory=True)
+    x, y = pinned.next_batch()
+    assert x.is_pinned() and y.is_pinned()
+    assert all(torch.equal(a, b) for a, b in zip(plain.next_batch(), (x, y), strict=True))
+    moved = move_to((x, y), torch.device("cuda"))
+    torch.cuda.synchronize()
+    assert torch.equal(moved[0].cpu(), x) and moved[0].device.type == "cuda"
+    init_runtime(HardwareConfig(device="cuda"))
+    assert torch.get_float32_matmul_precision() == "high"

@@ -139,11 +139,20 @@ def load_tokens(tokens_dir: str | os.PathLike, split: str, meta: dict[str, Any] 
     return TokenShards(maps, names)
 
 
-def _windows(tokens: TokenShards | np.ndarray, starts: torch.Tensor, T: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x, y) for windows beginning at ``starts``: x = tokens[s : s+T], y = tokens[s+1 : s+T+1]."""
-    buf = np.stack([tokens[s : s + T + 1] for s in starts.tolist()]).astype(np.int64)  # (B, T+1)
-    buf = torch.from_numpy(buf)
-    return buf[:, :-1].contiguous(), buf[:, 1:].contiguous()
+def _windows(tokens: TokenShards | np.ndarray, starts: torch.Tensor, T: int,
+             pin_memory: bool = False) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(x, y) for windows beginning at ``starts``: x = tokens[s : s+T], y = tokens[s+1 : s+T+1].
+
+    ``pin_memory``: both are allocated in pinned (page-locked) host memory and filled there, so a
+    ``.to("cuda", non_blocking=True)`` copies them asynchronously without another copy into a pinned buffer
+    (torch's caching host allocator hands the same blocks back once their copies are done).
+    """
+    buf = np.stack([tokens[s : s + T + 1] for s in starts.tolist()])  # (B, T+1), the token dtype
+    x = torch.empty((len(buf), T), dtype=torch.int64, pin_memory=pin_memory)
+    y = torch.empty((len(buf), T), dtype=torch.int64, pin_memory=pin_memory)
+    x.numpy()[:] = buf[:, :-1]  # widened to int64 in place: one copy per tensor
+    y.numpy()[:] = buf[:, 1:]
+    return x, y
 
 
 def _check(tokens: np.ndarray, batch_size: int, context_length: int, rank: int, world_size: int) -> None:
@@ -164,15 +173,16 @@ class RandomWindows:
         context_length: T, tokens per window.
         seed: seeds the generator; the same on every rank.
         rank, world_size: this process's slice of the global batch.
+        pin_memory: build batches in pinned host memory (for asynchronous copies to a CUDA device).
     """
 
     def __init__(
         self, tokens: np.ndarray, batch_size: int, context_length: int, *, seed: int, rank: int = 0,
-        world_size: int = 1,
+        world_size: int = 1, pin_memory: bool = False,
     ) -> None:  # fmt: skip
         _check(tokens, batch_size, context_length, rank, world_size)
         self.tokens, self.batch_size, self.T = tokens, batch_size, context_length
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.pin_memory = rank, world_size, pin_memory
         self.n_starts = len(tokens) - context_length  # window s needs tokens[s : s+T+1]
         self.generator = torch.Generator().manual_seed(seed)
 
@@ -183,7 +193,7 @@ class RandomWindows:
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         B = self.batch_size
         starts = torch.randint(self.n_starts, (B * self.world_size,), generator=self.generator)
-        return _windows(self.tokens, starts[self.rank * B : (self.rank + 1) * B], self.T)
+        return _windows(self.tokens, starts[self.rank * B : (self.rank + 1) * B], self.T, self.pin_memory)
 
     def state_dict(self) -> dict[str, Any]:
         return {"generator": self.generator.get_state()}
@@ -198,18 +208,19 @@ class SequentialWindows:
     Each epoch visits the windows in a fresh random order drawn from a seeded generator (or in order with
     ``shuffle=False``); the last ``n_windows % global_batch`` windows of an epoch's order are dropped so
     every batch is full. ``stride = context_length`` gives non-overlapping windows; smaller overlaps them.
+    ``pin_memory`` as in :class:`RandomWindows`.
     """
 
     def __init__(
         self, tokens: np.ndarray, batch_size: int, context_length: int, *, stride: int | None = None,
-        seed: int = 0, shuffle: bool = True, rank: int = 0, world_size: int = 1,
+        seed: int = 0, shuffle: bool = True, rank: int = 0, world_size: int = 1, pin_memory: bool = False,
     ) -> None:  # fmt: skip
         _check(tokens, batch_size, context_length, rank, world_size)
         self.stride = stride or context_length
         if self.stride < 1:
             raise LLMCoreError(f"stride must be positive, got {self.stride}")
         self.tokens, self.batch_size, self.T = tokens, batch_size, context_length
-        self.rank, self.world_size, self.shuffle = rank, world_size, shuffle
+        self.rank, self.world_size, self.shuffle, self.pin_memory = rank, world_size, shuffle, pin_memory
         self.n_windows = (len(tokens) - context_length - 1) // self.stride + 1
         if self.n_windows < batch_size * world_size:
             raise LLMCoreError(
@@ -238,7 +249,7 @@ class SequentialWindows:
         B, G = self.batch_size, self.batch_size * self.world_size
         first = self.batch * G + self.rank * B
         self.batch += 1
-        return _windows(self.tokens, self.order[first : first + B] * self.stride, self.T)
+        return _windows(self.tokens, self.order[first : first + B] * self.stride, self.T, self.pin_memory)
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "batch": self.batch, "generator": self._epoch_start}

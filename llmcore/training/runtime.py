@@ -58,11 +58,14 @@ def init_runtime(hw: HardwareConfig) -> Runtime:
     """Threads, device and (under torchrun) the process group; safe to call more than once.
 
     Under torchrun (RANK / WORLD_SIZE / LOCAL_RANK in the environment): nccl on CUDA, one GPU per local
-    rank; gloo on CPU. Otherwise one process on ``resolve_device(hw.device)``.
+    rank; gloo on CPU. Otherwise one process on ``resolve_device(hw.device)``. On CUDA fp32 matmuls may use
+    TF32 tensor cores (``torch.set_float32_matmul_precision("high")``, as nanoGPT); CPU matmuls are untouched.
     """
     if hw.threads:
         torch.set_num_threads(hw.threads)
     device = resolve_device(hw.device)
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")
     if not under_torchrun():
         return Runtime(device)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -85,10 +88,14 @@ def close_runtime() -> None:
 
 
 def move_to(batch: Any, device: torch.device) -> Any:
-    """Tensors (also inside tuples, lists, dicts) to ``device``; anything else unchanged."""
+    """Tensors (also inside tuples, lists, dicts) to ``device``; anything else unchanged.
+
+    To CUDA the copy is asynchronous from pinned host memory: a batch the loader built pinned
+    (``RandomWindows(..., pin_memory=True)``) goes as it is, any other is first copied into pinned memory.
+    """
     if isinstance(batch, torch.Tensor):
-        if device.type == "cuda":
-            return batch.pin_memory().to(device, non_blocking=True)
+        if device.type == "cuda" and batch.device.type == "cpu":
+            return (batch if batch.is_pinned() else batch.pin_memory()).to(device, non_blocking=True)
         return batch.to(device)
     if isinstance(batch, (tuple, list)):
         return type(batch)(move_to(b, device) for b in batch)
