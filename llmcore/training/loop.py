@@ -50,6 +50,10 @@ else foreach) steps with the scheduled learning rate: linear warmup from 0 over 
 cosine decay to ``min_lr`` at the last step. Weight decay applies to matmul weights only, not to norms,
 biases or embeddings. Global batch = ``batch_size * grad_accum * world_size``.
 
+A step never waits for the device: its loss, item count and gradient norm stay there as one row, and the
+host reads the pending rows back in one sync at log, evaluation and checkpoint steps (``read_back``), so on a
+GPU the host queues the next step while the device runs this one.
+
 Stopping: at ``max_steps`` or after ``epochs`` passes over ``train_data`` (whichever is fewer steps; the
 cosine schedule spans that number), or earlier when ``time_budget_s`` of training time has passed.
 
