@@ -76,12 +76,16 @@ def serve(
     device: str = typer.Option("auto", help="auto | cpu | cuda | mps"),
     max_batch: int = typer.Option(8, min=1, help="sequences of one model decoded together (continuous batching)"),
     max_body: int = typer.Option(2**20, min=1024, help="largest request body in bytes (413 above)"),
-    threads: int = typer.Option(0, min=0, help="torch CPU threads (0: torch's default)"),
+    threads: str = typer.Option(
+        "auto", help="CPU threads per model: auto (one for small models, every available CPU for wide ones; "
+        "llmcore/threads.py) or a number"
+    ),
 ) -> None:
     """Serve llmcore checkpoints over the Ollama API (/api/*), the OpenAI API (/v1/*) and a chat page (/)."""
     from llmcore.device import resolve_device  # torch: import late (`llmcore --help` stays fast)
     from llmcore.serve.app import make_server
     from llmcore.serve.models import ModelHandle, check_name, default_name
+    from llmcore.threads import inference_threads, parse_threads
 
     with stage_errors():
         names = list(name or [])
@@ -89,17 +93,23 @@ def serve(
             raise LLMCoreError(f"{len(names)} --name given for {len(model)} --model")
         names = [check_name(n) for n in names]
         torch_device = resolve_device(device)
-        if threads:
-            import torch
-
-            torch.set_num_threads(threads)
+        try:
+            parse_threads(threads, "--threads")
+        except ValueError as e:
+            raise LLMCoreError(str(e)) from None
         names += [default_name(path) for path in model[len(names) :]]
         if len(set(names)) != len(names):
             raise LLMCoreError(f"two models would share a name: {names}; tell them apart with --name")
         models = {}
         for served, path in zip(names, model, strict=True):
             typer.echo(f"loading {path} as {served} ...")
-            models[served] = ModelHandle.load(path, template=template, device=torch_device, max_batch=max_batch)
+            models[served] = ModelHandle.load(path, template=template, device=torch_device, max_batch=max_batch,
+                                              threads=threads)  # fmt: skip
+        # torch's thread count is process-wide: every engine gets the count of the widest model
+        count = max(inference_threads(threads, handle.model.cfg) for handle in models.values())
+        for handle in models.values():
+            handle.engine.threads = count
+        typer.echo(f"{count} CPU thread{'s' * (count > 1)} (--threads {threads})")
         try:
             server = make_server(models, host, port, max_body=max_body)
         except OSError as e:

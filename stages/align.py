@@ -69,6 +69,7 @@ from llmcore.models.lora import LoRAParams, apply_lora, count_trainable, mark_tr
 from llmcore.models.responses import generate_responses
 from llmcore.params import from_dict, load_section, read_params
 from llmcore.text.prompts import format_prompt
+from llmcore.threads import threads_for_inference
 from llmcore.training.config import HardwareConfig, TrainConfig
 from llmcore.training.dpo import DPOLoss, attach_reference_logps
 from llmcore.training.loop import fit
@@ -179,11 +180,12 @@ def judge_pairs(cfg: AlignParams, data_path: Path, models_dir: Path, judge_cfg: 
     prompts = [(name, e) for name, part in (("train", train), ("val", val)) for e in part]
     texts = [format_prompt(template, e["instruction"], e["input"]) for _, e in prompts]
     p = cfg.pairs
-    answers = [
-        generate_responses(model, tok, texts, SamplingConfig(max_new_tokens=p.max_new_tokens, temperature=p.temperature,
-                           top_k=p.top_k, top_p=p.top_p, seed=seed), p.batch_size)  # fmt: skip
-        for seed in p.seeds
-    ]
+    with threads_for_inference("auto", model.cfg):
+        answers = [
+            generate_responses(model, tok, texts, SamplingConfig(max_new_tokens=p.max_new_tokens,
+                               temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, seed=seed), p.batch_size)
+            for seed in p.seeds
+        ]  # fmt: skip
     # an empty answer, or two identical ones, make no pair: not worth asking the judge about
     counts = {"empty_answers": 0, "identical_answers": 0, "ties": 0, "unparsable": 0, "errors": 0}
     asked = []
@@ -312,8 +314,9 @@ def train(cfg: AlignParams, hw: HardwareConfig, pairs_path: Path, test_prompts: 
 
     gen_start = time.perf_counter()
     prompts = [format_prompt(template, t["instruction"], t["input"]) for t in tests]
-    answers = generate_responses(model, tok, prompts, cfg.generate.sampling(), cfg.generate.batch_size,
-                                 cfg.generate.stop_at_section)  # fmt: skip
+    with threads_for_inference(hw.threads, model.cfg):
+        answers = generate_responses(model, tok, prompts, cfg.generate.sampling(), cfg.generate.batch_size,
+                                     cfg.generate.stop_at_section)  # fmt: skip
     gen_seconds = time.perf_counter() - gen_start
     responses = [
         {"id": t.get("id", str(i)), "instruction": t["instruction"], "input": t["input"], "output": t["output"],

@@ -30,6 +30,7 @@ import typer
 
 from llmcore.common import LLMCoreError, print0, stage_errors, write_json_atomic
 from llmcore.params import NOT_A_DEP, load_section
+from llmcore.threads import training_threads
 from llmcore.training.config import HardwareConfig
 
 
@@ -74,10 +75,9 @@ def main(
         cfg, hw = load_params(params)
         if not cfg.tasks:
             raise LLMCoreError("benchmark.tasks: empty; list lm-eval tasks (e.g. [hellaswag, arc_easy]) or YAML files")
-        if hw.threads is not None:
-            import torch
+        import torch
 
-            torch.set_num_threads(hw.threads)
+        torch.set_num_threads(training_threads(hw.threads))  # scoring runs batches of whole prompts: all CPUs
         from llmcore.eval.harness import benchmark  # lm-eval: only when the stage runs
 
         metrics = benchmark(

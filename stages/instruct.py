@@ -44,6 +44,7 @@ from llmcore.models.lora import LoRAParams, apply_lora, count_trainable, mark_tr
 from llmcore.models.responses import generate_responses, stream_response
 from llmcore.params import load_base_model, load_section
 from llmcore.text.prompts import check_template, format_prompt
+from llmcore.threads import threads_for_inference
 from llmcore.training.config import HardwareConfig, TrainConfig
 from llmcore.training.loop import fit, lm_loss
 from llmcore.training.runtime import close_runtime, init_runtime, relaunch_under_torchrun
@@ -174,8 +175,9 @@ def run(
     gen_start = time.perf_counter()
     test_entries = splits[2]
     prompts = [format_prompt(cfg.template, e["instruction"], e["input"]) for e in test_entries]
-    answers = generate_responses(model, tok, prompts, cfg.generate.sampling(), cfg.generate.batch_size,
-                                 cfg.generate.stop_at_section)  # fmt: skip
+    with threads_for_inference(hw.threads, model.cfg):
+        answers = generate_responses(model, tok, prompts, cfg.generate.sampling(), cfg.generate.batch_size,
+                                     cfg.generate.stop_at_section)  # fmt: skip
     gen_seconds = time.perf_counter() - gen_start
     records = [
         {"id": str(i), "instruction": e["instruction"], "input": e["input"], "output": e["output"],

@@ -55,6 +55,7 @@ from llmcore.models.generate import SamplingConfig, generate
 from llmcore.models.gpt import GPT
 from llmcore.params import ParamsError, load_section, model_config_from_params, plain, read_params
 from llmcore.text.tokenizer import Tokenizer
+from llmcore.threads import threads_for_inference
 from llmcore.training.config import HardwareConfig, TrainConfig
 from llmcore.training.flops import measure_matmul_peak
 from llmcore.training.loop import FitResult, fit, lm_loss
@@ -135,14 +136,16 @@ def make_bpb_eval(p: PretrainParams, val_tokens, tok: Tokenizer, T: int, hw: Har
     return on_eval
 
 
-def write_samples(path: Path, model: GPT, tok: Tokenizer, p: PretrainParams, step: int) -> None:
+def write_samples(path: Path, model: GPT, tok: Tokenizer, p: PretrainParams, step: int,
+                  threads: int | str = "auto") -> None:  # fmt: skip
     s = p.sample
     cfg = SamplingConfig(
         max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
         stop_ids=(tok.eot_id,), seed=s.seed,
     )  # fmt: skip
     prompts = [tok.encode(text) or [tok.eot_id] for text in p.prompts]  # "" starts a fresh document
-    outputs = generate(model, prompts, cfg)
+    with threads_for_inference(threads, model.cfg):
+        outputs = generate(model, prompts, cfg)
     lines = [
         "# Pretraining samples", "",
         f"Step {step}; temperature {s.temperature}, top_k {s.top_k}, top_p {s.top_p}, seed {s.seed}, "
@@ -241,7 +244,7 @@ def main(
         if rt.is_main:
             model.eval()
             save_model_dir(out, model, tok, {"stage": "pretrain", "step": str(result.step)})
-            write_samples(reports / "samples.md", model, tok, p, result.step)
+            write_samples(reports / "samples.md", model, tok, p, result.step, hw.threads)
             base = baselines(train_tokens[:BASELINE_TOKENS], val_tokens[:BASELINE_TOKENS], tok.vocab_size, p.baseline_k)
             peak = hw.peak_tflops * 1e12 if hw.peak_tflops else measure_matmul_peak(DTYPES[hw.precision], rt.device)
             metrics = write_metrics(reports, result, model_cfg, model.num_params(), base, peak, rt.world_size,

@@ -82,11 +82,12 @@ class Engine:
     """The continuous-batching loop of one model (see the module docstring)."""
 
     def __init__(self, model: GPT, tokenizer: Tokenizer, max_batch: int = 8, name: str = "model",
-                 prefill_chunk: int = 512):  # fmt: skip
+                 prefill_chunk: int = 512, threads: int | None = None):  # fmt: skip
         if max_batch < 1 or prefill_chunk < 1:
             raise ValueError(f"max_batch and prefill_chunk must be >= 1, got {max_batch}, {prefill_chunk}")
         self.model, self.tokenizer, self.max_batch, self.name = model.eval(), tokenizer, max_batch, name
         self.prefill_chunk = prefill_chunk
+        self.threads = threads  # torch CPU threads, set when the loop starts (process-wide; None: leave as is)
         self.context_length = model.cfg.context_length
         self.device = model.tok_emb.weight.device
         self._cache: BatchedKVCache | None = None  # allocated on the first request
@@ -153,6 +154,8 @@ class Engine:
     # -- the loop -----------------------------------------------------------------------------------
 
     def _loop(self) -> None:
+        if self.threads and self.device.type == "cpu":
+            torch.set_num_threads(self.threads)
         while True:
             with self._cv:
                 while not self._stopping and not self._waiting and not self._live and not self._prefilling:

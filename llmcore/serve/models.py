@@ -22,6 +22,7 @@ from llmcore.models.gpt import GPT
 from llmcore.serve.engine import Engine
 from llmcore.text.prompts import check_template, format_prompt
 from llmcore.text.tokenizer import Tokenizer
+from llmcore.threads import inference_threads
 from llmcore.weights.model_dir import open_model_dir
 
 _PART = r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,79}"
@@ -91,6 +92,7 @@ class ModelHandle:
     modified_at: str = ""  # RFC 3339 mtime of model.safetensors
     quantization: str = "F32"  # dtype of the stored weights, as Ollama names it (F32, BF16, F16)
     max_batch: int = 8  # sequences decoded together (continuous batching slots)
+    threads: int | str = "auto"  # CPU threads of the engine (llmcore.threads.inference_threads)
     created: int = field(default_factory=lambda: int(time.time()))
     engine: Engine = field(init=False, repr=False)
 
@@ -98,11 +100,13 @@ class ModelHandle:
         if self.template != "raw":
             check_template(self.template, where="--template")
         self.model.eval()
-        self.engine = Engine(self.model, self.tokenizer, max_batch=self.max_batch)
+        self.engine = Engine(self.model, self.tokenizer, max_batch=self.max_batch,
+                             threads=inference_threads(self.threads, self.model.cfg))  # fmt: skip
 
     @classmethod
     def load(
-        cls, path: str | Path, template: str | None = None, device: str | torch.device = "cpu", max_batch: int = 8
+        cls, path: str | Path, template: str | None = None, device: str | torch.device = "cpu", max_batch: int = 8,
+        threads: int | str = "auto",
     ) -> ModelHandle:
         """Load a model folder; ``template`` None: the one stored with the model by instruction tuning, else
         ``alpaca``."""
@@ -123,6 +127,7 @@ class ModelHandle:
             modified_at=rfc3339(stat.st_mtime),
             quantization=quantization,
             max_batch=max_batch,
+            threads=threads,
         )
 
     @property

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from llmcore.threads import parse_threads
+
 
 @dataclass
 class HardwareConfig:
@@ -13,7 +15,9 @@ class HardwareConfig:
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"  # auto: cuda, then mps, then cpu
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast dtype; weights stay fp32 (master copy)
     compile: bool = False  # torch.compile the model (minutes of compile time; pays off on long GPU runs)
-    threads: int | None = None  # torch.set_num_threads (None: torch's default; 1 in torchrun workers)
+    # CPU threads per process: auto (the CPUs this process may use, shared by torchrun's local processes; see
+    # llmcore/threads.py) or a number. A different count is a different run (reduction order) for training.
+    threads: int | str | None = "auto"
     nproc: int = 1  # processes on this machine; >1: the stage re-launches itself under torchrun (DDP)
     peak_tflops: float | None = None  # per device, for MFU; None: measured with a matmul at startup
     activation_checkpointing: bool = False  # recompute block activations in backward: less memory, ~1/3 more compute
@@ -23,8 +27,7 @@ class HardwareConfig:
     def __post_init__(self) -> None:
         if self.nproc < 1:
             raise ValueError(f"nproc: expected a positive int, got {self.nproc}")
-        if self.threads is not None and self.threads < 1:
-            raise ValueError(f"threads: expected a positive int or null, got {self.threads}")
+        self.threads = parse_threads(self.threads) or "auto"
         if self.peak_tflops is not None and not self.peak_tflops > 0:
             raise ValueError(f"peak_tflops: expected a positive float or null, got {self.peak_tflops}")
 

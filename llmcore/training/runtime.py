@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from llmcore.common import LLMCoreError
 from llmcore.device import resolve_device
+from llmcore.threads import training_threads
 from llmcore.training.config import HardwareConfig
 
 
@@ -55,15 +56,15 @@ def relaunch_under_torchrun(nproc: int, module: str, args: Sequence[str]) -> int
 
 
 def init_runtime(hw: HardwareConfig) -> Runtime:
-    """Threads, device and (under torchrun) the process group; safe to call more than once.
+    """Threads (``llmcore.threads.training_threads``), device and (under torchrun) the process group; idempotent.
 
     Under torchrun (RANK / WORLD_SIZE / LOCAL_RANK in the environment): nccl on CUDA, one GPU per local
     rank; gloo on CPU. Otherwise one process on ``resolve_device(hw.device)``. On CUDA fp32 matmuls may use
     TF32 tensor cores (``torch.set_float32_matmul_precision("high")``, as nanoGPT); CPU matmuls are untouched.
     """
-    if hw.threads:
-        torch.set_num_threads(hw.threads)
     device = resolve_device(hw.device)
+    # torchrun's local processes share this machine's CPUs (torchrun itself would give each one thread)
+    torch.set_num_threads(training_threads(hw.threads, processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")
     if not under_torchrun():
