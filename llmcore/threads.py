@@ -33,10 +33,7 @@ import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from llmcore.models.config import ModelConfig
+from typing import Any
 
 # libgomp spin iterations before a waiting worker sleeps (default 300,000). 1000 measured best for the ratio
 # busy/idle in training (1000: 0.57, 3000: 0.46, 10000: 0.35, default: 0.10) at 85% of the idle speed.
@@ -137,9 +134,10 @@ def training_threads(setting: int | str | None = "auto", processes: int = 1) -> 
     return env or max(1, available_cpus() // max(1, processes))
 
 
-def inference_threads(setting: int | str | None, cfg: ModelConfig) -> int:
-    """Threads for decoding / serving ``cfg``'s model: the explicit setting, else ``OMP_NUM_THREADS`` when set,
-    else one for narrow models and the available CPUs for wide ones (see the module docstring)."""
+def inference_threads(setting: int | str | None, cfg: Any) -> int:
+    """Threads for decoding / serving the model of ``cfg`` (a ``ModelConfig``; this module sits below models/):
+    the explicit setting, else ``OMP_NUM_THREADS`` when set, else one for narrow models and the available CPUs for
+    wide ones (see the module docstring)."""
     explicit = parse_threads(setting) or _env_threads()
     if explicit is not None:
         return explicit
@@ -152,7 +150,7 @@ def _env_threads() -> int | None:
 
 
 @contextlib.contextmanager
-def threads_for_inference(setting: int | str | None, cfg: ModelConfig) -> Iterator[int]:
+def threads_for_inference(setting: int | str | None, cfg: Any) -> Iterator[int]:
     """Run the block with :func:`inference_threads` torch threads (CPU), then restore the previous count.
 
     For a stage that trained with all CPUs and then decodes samples with a narrow model. The count is

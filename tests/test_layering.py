@@ -16,7 +16,7 @@ from tests.conftest import REPO_ROOT
 
 # low -> high; a module may import its own layer and the ones below it.
 LAYERS: list[tuple[str, ...]] = [
-    ("common",),  # torch-free helpers
+    ("common", "threads"),  # torch-free helpers; the CPU thread policy (set before torch loads)
     ("device", "download"),  # devices/dtypes/seeding, the downloader
     ("text",),  # tokenizers and prompt templates
     ("models",),  # the transformer, its ops, LoRA, the classifier head, decoding
@@ -34,7 +34,7 @@ PACKAGE = REPO_ROOT / "llmcore"
 def room_of(module: str) -> str | None:
     """'llmcore.models.gpt' -> 'models'; the package itself (``llmcore``) has no room."""
     parts = module.split(".")
-    return parts[1] if len(parts) > 1 and parts[0] == "llmcore" else None
+    return parts[1] if len(parts) > 1 and parts[0] == "llmcore" and parts[1] != "__init__" else None
 
 
 def library_modules() -> list[Path]:
