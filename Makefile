@@ -51,6 +51,7 @@ bench: venv
 	$(BIN)/python -m benchmarks.compiled_decode
 	$(BIN)/python -m benchmarks.data
 	$(BIN)/python -m benchmarks.harness
+	$(BIN)/python -m benchmarks.busy
 
 bench-quick: venv
 	$(BIN)/pip install -q -e ".[bench]"
@@ -60,6 +61,7 @@ bench-quick: venv
 	$(BIN)/python -m benchmarks.serve_bench --quick --out reports/serve_bench_quick.json
 	$(BIN)/python -m benchmarks.data --quick
 	$(BIN)/python -m benchmarks.harness --quick
+	$(BIN)/python -m benchmarks.busy --quick --out reports/busy_bench_quick.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
