@@ -569,7 +569,7 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
             for state in ("idle", "busy"):
                 add(f"{key}: llmcore / llama.cpp f32 at llmcore's threads ({state})",
                     ratio["llama.cpp-same-threads"][state], goal)  # fmt: skip
-    for shape in {k.split()[1] for k in w if k.startswith("serve")}:
+    for shape in dict.fromkeys(k.split()[1] for k in w if k.startswith("serve")):  # in run order
         one, eight = ours(f"serve {shape} (1 client)"), ours(f"serve {shape} (8 clients)")
         ttft1, p95 = ours(f"serve {shape} (TTFT, 1 client)"), ours(f"serve {shape} (TTFT p95, 8 clients)")
         for state in ("idle", "busy"):
