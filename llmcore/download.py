@@ -196,7 +196,7 @@ def download(
     source = resolve_url(url)
     dest.parent.mkdir(parents=True, exist_ok=True)
     t = _Transfer(url, source, Path(), time.monotonic() + deadline, min(timeout[0], timeout[1]), timeout[1])
-    t.tmp = _adopt_partial(dest, record, t) or new_temp(dest, ".part")
+    t.tmp = _adopt_partial(dest, record, record_path, t) or new_temp(dest, ".part")
     with _IN_USE_LOCK:
         _IN_USE.add(str(t.tmp))
     keep_partial = False
@@ -223,7 +223,7 @@ def download(
     except BaseException:
         if not keep_partial:
             t.tmp.unlink(missing_ok=True)
-            if not record.get("complete") or not dest.is_file():
+            if _read_record(record_path).get("partial") == t.tmp.name:
                 record_path.unlink(missing_ok=True)
         raise
     finally:
@@ -240,21 +240,23 @@ def _read_record(path: Path) -> dict:
     return record if isinstance(record, dict) else {}
 
 
-def _adopt_partial(dest: Path, record: dict, t: _Transfer) -> Path | None:
+def _adopt_partial(dest: Path, record: dict, record_path: Path, t: _Transfer) -> Path | None:
     """Take over the partial body an interrupted run left for the same URL, when it can be resumed safely.
 
     Only the partial named by the record, only with a strong ETag (sent as If-Range: a changed file restarts),
     and only when its writer is gone (a dead process, or this process's own failed call). It is renamed to a
-    name of ours (an atomic claim: a second claimant finds it gone).
+    name of ours (an atomic claim: a second claimant finds it gone), and the record then names that.
     """
     name, etag = record.get("partial"), record.get("etag")
     if record.get("complete") or record.get("url") != t.url or not isinstance(name, str) or not isinstance(etag, str):
         return None
     partial = dest.parent / name
+    if not partial.name.endswith(".part.tmp"):
+        return None
     owner = temp_owner(partial, dest.name)
     with _IN_USE_LOCK:
-        mine = owner is not None and owner[0] == os.getpid() and str(partial) not in _IN_USE
-    if not (mine or is_stale_temp(partial, dest.name)) or not partial.name.endswith(".part.tmp"):
+        mine = owner is not None and f"{owner[0]}-{owner[1]}" == temp_owner_tag() and str(partial) not in _IN_USE
+    if not (mine or is_stale_temp(partial, dest.name)):
         return None
     claimed = dest.parent / f".{dest.name}.{temp_owner_tag()}.{secrets.token_hex(4)}.part.tmp"
     try:
@@ -262,7 +264,9 @@ def _adopt_partial(dest: Path, record: dict, t: _Transfer) -> Path | None:
     except OSError:
         return None
     remove_stale_temps(dest)  # any other leftovers
-    t.etag, t.total = etag, record.get("bytes") if isinstance(record.get("bytes"), int) else None
+    t.tmp, t.etag = claimed, etag
+    t.total = record.get("bytes") if isinstance(record.get("bytes"), int) else None
+    _record_partial(t, record_path)
     return claimed
 
 
@@ -329,6 +333,8 @@ def _check_deadline(t: _Transfer, f, reason: str) -> None:
 
 
 def _reason(e: BaseException, t: _Transfer) -> str:
+    if isinstance(e, (requests.ConnectTimeout, urllib3.exceptions.ConnectTimeoutError)):
+        return f"no connection within {t.connect_timeout:g} s"
     if isinstance(e, (requests.Timeout, urllib3.exceptions.TimeoutError, TimeoutError)):
         return f"stalled: no data for {t.stall_timeout:g} s"
     return _first_line(e) or type(e).__name__
