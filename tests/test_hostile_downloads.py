@@ -160,11 +160,15 @@ def test_encoded_dotdot_in_the_file_name_is_refused(hostile, tmp_path: Path, nam
     assert files_under(tmp_path) == []  # nothing written, inside data/raw or outside it
 
 
-def test_folder_param_cannot_leave_data_raw(hostile, tmp_path: Path) -> None:
+@pytest.mark.parametrize("folder", ["../../outside", "/abs/olute", "link"])
+def test_folder_param_cannot_leave_data_raw(hostile, tmp_path: Path, folder: str) -> None:
     url = hostile(Plan(["ok"]), "/a/x.bin")
     raw = tmp_path / "data" / "raw"
+    raw.mkdir(parents=True)
+    (tmp_path / "outside").mkdir()
+    (raw / "link").symlink_to(tmp_path / "outside")  # a folder of data/raw that leads out of it
     with pytest.raises(LLMCoreError) as err:
-        download_stage.fetch_source("s", download_stage.Source(url=url, folder="../../outside"), raw)
+        download_stage.fetch_source("s", download_stage.Source(url=url, folder=folder), raw)
     one_line(err, "download.sources.s.folder")
     assert files_under(tmp_path) == []
 

@@ -7,6 +7,7 @@ a property test then feeds the loader arbitrary documents and bytes.
 
 from __future__ import annotations
 
+import re
 import string
 import tempfile
 import time
@@ -178,3 +179,39 @@ def test_fuzz_documents(train: dict, pretrain: dict, sample: dict, hardware: dic
 def test_fuzz_text(pieces: list[str], raw: bytes) -> None:
     text = BASE + "  " + "".join(pieces)
     assert_one_line_or_valid(text.encode("utf-8", "surrogateescape") + raw)
+
+
+# --- the README's "Hostile input" table: every test it names exists, every default it quotes is the code's --------
+
+
+def test_readme_hostile_input_table() -> None:
+    from llmcore import download, params
+    from llmcore.training.config import MAX_BATCH_SIZE
+    from tests.conftest import REPO_ROOT
+
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    start = readme.index("\n## Hostile input")
+    section = readme[start : readme.index("\n## ", start + 1)]
+    defined = set()
+    for path in (REPO_ROOT / "tests").glob("test_*.py"):
+        defined |= set(re.findall(r"^def (test_\w+)\(", path.read_text(encoding="utf-8"), re.MULTILINE))
+    named = set(re.findall(r"`(test_\w+)`", section))
+    assert named and named <= defined, sorted(named - defined)
+    ids = {c[0] for c in CASES}
+    for group in re.findall(r"`test_hostile_params_are_one_line` \(([^)]*)\)", section):
+        assert set(group.split(", ")) <= ids, group
+    d = download_stage.DownloadParams()
+    quoted = [  # (the README's words, the code agreeing with them)
+        ("`download.stall_timeout_s` (30 s)", d.stall_timeout_s == 30),
+        ("under 1 KiB", download.STALL_BYTES == 1024),
+        ("`retries` (5)", d.retries == 5),
+        ("`file_deadline_s` (2 h)", d.file_deadline_s == 7200),
+        ("`download.max_unzip_mb` (2048)", d.max_unzip_mb == 2048),
+        ("`max_unzip_ratio` (100:1, for archives over 1 MiB)", d.max_unzip_ratio == 100 and download.RATIO_FLOOR == 2**20),
+        ("nesting past 50 levels", params.MAX_DEPTH == 50),
+        ("at most 100,000 values", params.MAX_NODES == 100_000),
+        ("`batch_size` at most 2^20", MAX_BATCH_SIZE == 2**20),
+        ("`shards` at most 100,000", download_stage.MAX_SHARDS == 100_000),
+    ]
+    for text, holds in quoted:
+        assert text in section and holds, text
