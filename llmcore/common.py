@@ -45,8 +45,17 @@ def atomic_path(dest: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
 # Temporary names: ``.<dest name>.<pid>-<host>.<random><suffix>.tmp`` (or ``.old`` for a folder moved aside).
 # A kill (SIGKILL, OOM, power) leaves one behind; the next writer of the same ``dest`` removes those whose owner
 # is a dead process of this host. Another writer's live file, another destination's, and files from other
-# hosts (a shared disk, a container with its own pids) are never touched.
-_HOST = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+# hosts are never touched; "host" is the host name and the pid namespace (a container sharing the disk has its
+# own pids, which this process cannot see).
+def _host_id() -> str:
+    try:
+        pid_namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        pid_namespace = ""
+    return hashlib.sha1(f"{socket.gethostname()}\0{pid_namespace}".encode()).hexdigest()[:8]
+
+
+_HOST = _host_id()
 
 
 def temp_owner_tag() -> str:

@@ -29,7 +29,7 @@ import typer
 from llmcore.common import LLMCoreError, sha256_file, stage_errors, write_stage_reports
 from llmcore.data.datasets import check_spam_table, check_text_corpus, load_instruction_data, load_preferences
 from llmcore.data.parquet import parquet_info
-from llmcore.download import MAX_BACKOFF, extract_zip, resolve_url, safe_path
+from llmcore.download import DEADLINE, MAX_BACKOFF, extract_zip, resolve_url, safe_path
 from llmcore.download import download as fetch
 from llmcore.params import load_section
 
@@ -81,7 +81,7 @@ def check_template(url: str) -> None:
 class DownloadParams:
     sources: dict[str, Source] = field(default_factory=dict)
     stall_timeout_s: float = 30.0  # a transfer receiving (almost) nothing this long is cut and retried
-    file_deadline_s: float = 7200.0  # the most one file may take, retries and waits included
+    file_deadline_s: float = DEADLINE  # the most one file may take (6 h), retries and waits included
     retries: int = 5  # extra attempts per file after a stall, a dropped connection, a 5xx or a 429
     backoff_s: float = 1.0  # the first wait between attempts, doubled each time (at most 30 s)
     max_unzip_mb: float = 2048.0  # an archive may unpack to at most this many MB ...

@@ -205,7 +205,7 @@ def test_readme_hostile_input_table() -> None:
         ("`download.stall_timeout_s` (30 s)", d.stall_timeout_s == 30),
         ("under 1 KiB", download.STALL_BYTES == 1024),
         ("`retries` (5)", d.retries == 5),
-        ("`file_deadline_s` (2 h)", d.file_deadline_s == 7200),
+        ("`file_deadline_s` (6 h)", d.file_deadline_s == 6 * 3600),
         ("`download.max_unzip_mb` (2048)", d.max_unzip_mb == 2048),
         ("`max_unzip_ratio` (100:1, for archives over 1 MiB)", d.max_unzip_ratio == 100),
         ("for archives over 1 MiB", download.RATIO_FLOOR == 2**20),
