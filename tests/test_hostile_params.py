@@ -7,6 +7,8 @@ a property test then feeds the loader arbitrary documents and bytes.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import re
 import string
 import tempfile
@@ -16,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from llmcore.common import LLMCoreError
@@ -157,12 +159,31 @@ def assert_one_line_or_valid(content: bytes) -> None:
         path = Path(d) / "params.yaml"
         path.write_bytes(content)
         try:
-            pretrain_stage.load_params(path)
+            loaded = pretrain_stage.load_params(path)
         except LLMCoreError as e:
             assert "\n" not in str(e) and str(e), repr(str(e))
+        else:
+            assert_finite(loaded, "params")
+
+
+def assert_finite(value, where: str) -> None:
+    """What a valid config means here: no NaN or infinity anywhere in what the loader returned."""
+    if dataclasses.is_dataclass(value):
+        for f in dataclasses.fields(value):
+            assert_finite(getattr(value, f.name), f"{where}.{f.name}")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            assert_finite(v, f"{where}.{k}")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            assert_finite(v, f"{where}[{i}]")
+    elif isinstance(value, float):
+        assert math.isfinite(value), f"{where} = {value} was accepted"
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@example(train={}, pretrain={}, sample={}, hardware={}, model={"preset": []})  # once a TypeError
+@example(train={"grad_clip": math.nan}, pretrain={}, sample={}, hardware={}, model={})  # once accepted
 @given(train=section(TRAIN_KEYS), pretrain=section(PRETRAIN_KEYS), sample=section(SAMPLE_KEYS),
        hardware=section(HARDWARE_KEYS), model=section(MODEL_KEYS))  # fmt: skip
 def test_fuzz_documents(train: dict, pretrain: dict, sample: dict, hardware: dict, model: dict) -> None:
