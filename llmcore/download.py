@@ -251,7 +251,7 @@ def _adopt_partial(dest: Path, record: dict, record_path: Path, t: _Transfer) ->
     if record.get("complete") or record.get("url") != t.url or not isinstance(name, str) or not isinstance(etag, str):
         return None
     partial = dest.parent / name
-    if not partial.name.endswith(".part.tmp"):
+    if partial.name != name or not name.endswith(".part.tmp"):  # a name beside dest, nothing else
         return None
     owner = temp_owner(partial, dest.name)
     with _IN_USE_LOCK:
