@@ -422,3 +422,23 @@ def test_stale_model_folders_of_dead_owners_are_removed(tmp_path: Path) -> None:
     assert not stale.exists()
     assert other_stage.exists() and live.exists()  # another stage's, and a live run's: left alone
     assert (models / "pretrain" / "model.safetensors").read_bytes() == b"w"
+
+
+def test_a_record_cannot_point_the_resume_outside(hostile, tmp_path: Path) -> None:
+    import json
+
+    from llmcore.common import temp_owner_tag
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    host = temp_owner_tag().split("-", 1)[1]
+    victim = outside / f".data.bin.{dead_pid()}-{host}.abcd1234.part.tmp"
+    victim.write_bytes(b"someone else's")
+    out = tmp_path / "out"
+    out.mkdir()
+    record = {"url": "u", "partial": f"../outside/{victim.name}", "etag": '"v1"', "bytes": 10, "complete": False}
+    plan = Plan(["ok"], etag='"v1"')
+    url = hostile(plan)
+    (out / ".data.bin.download.json").write_text(json.dumps({**record, "url": url}))
+    assert download(url, out / "data.bin", **FAST).read_bytes() == BODY
+    assert victim.read_bytes() == b"someone else's" and plan.header(0, "Range") is None
