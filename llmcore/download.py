@@ -399,8 +399,9 @@ def _fetch_once(t: _Transfer, f, bar: tqdm, record_path: Path, probe: bool) -> b
 def _read_body(t: _Transfer, r: requests.Response, f, bar: tqdm) -> None:
     """Copy the body as it arrives (``read1``: whatever one socket read gives), cutting it off on a stall."""
     window_start, window_bytes = time.monotonic(), 0
+    read1 = getattr(r.raw, "read1", None)  # urllib3 >= 2.3; before it, small reads (which wait until they fill)
     while True:
-        chunk = r.raw.read1(CHUNK_SIZE, decode_content=True)
+        chunk = read1(CHUNK_SIZE, decode_content=True) if read1 else r.raw.read(STALL_BYTES, decode_content=True)
         if not chunk:
             return
         f.write(chunk)
