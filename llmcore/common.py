@@ -7,6 +7,9 @@ import hashlib
 import json
 import math
 import os
+import re
+import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,13 +28,10 @@ def atomic_path(dest: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path beside ``dest``; on success rename it onto ``dest``, on error remove it.
 
     The temporary file lives in the same directory so the final ``os.replace`` is atomic: readers see
-    either the old file or the complete new one, never a partial write.
+    either the old file or the complete new one, never a partial write. Its name carries its owner
+    (:func:`new_temp`), so the next writer of ``dest`` removes it if a kill left it behind.
     """
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=suffix + ".tmp", dir=dest.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = new_temp(dest, suffix)
     try:
         yield tmp_path
         # mkstemp makes the file private (and some writers replace it): give it the mode open() would
@@ -40,6 +40,84 @@ def atomic_path(dest: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+# Temporary names: ``.<dest name>.<pid>-<host>.<random><suffix>.tmp`` (or ``.old`` for a folder moved aside).
+# A kill (SIGKILL, OOM, power) leaves one behind; the next writer of the same ``dest`` removes those whose owner
+# is a dead process of this host. Another writer's live file, another destination's, and files from other
+# hosts are never touched; "host" is the host name and the pid namespace (a container sharing the disk has its
+# own pids, which this process cannot see).
+def _host_id() -> str:
+    try:
+        pid_namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        pid_namespace = ""
+    return hashlib.sha1(f"{socket.gethostname()}\0{pid_namespace}".encode()).hexdigest()[:8]
+
+
+_HOST = _host_id()
+
+
+def temp_owner_tag() -> str:
+    """``<pid>-<host hash>``: who owns a temporary name (read at call time: a forked child is a new owner)."""
+    return f"{os.getpid()}-{_HOST}"
+
+
+def new_temp(dest: str | os.PathLike, suffix: str = "", directory: bool = False) -> Path:
+    """Create an empty temporary file (or folder) beside ``dest``, named for its owner; stale ones go first."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(dest)
+    prefix = f".{dest.name}.{temp_owner_tag()}."
+    if directory:
+        return Path(tempfile.mkdtemp(prefix=prefix, suffix=suffix + ".tmp", dir=dest.parent))
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix + ".tmp", dir=dest.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def temp_owner(path: Path, dest_name: str) -> tuple[int, str] | None:
+    """``(pid, host hash)`` if ``path`` is a temporary name of ``dest_name`` (see :func:`new_temp`), else None."""
+    m = re.fullmatch(rf"\.{re.escape(dest_name)}\.(\d+)-([0-9a-f]{{8}})\.[^.]+(\..*)?\.(tmp|old)", path.name)
+    return (int(m.group(1)), m.group(2)) if m else None
+
+
+def is_stale_temp(path: Path, dest_name: str) -> bool:
+    """True for a temporary name of ``dest_name`` whose owner is a process of this host that no longer runs."""
+    owner = temp_owner(path, dest_name)
+    return owner is not None and owner[1] == _HOST and not pid_alive(owner[0])
+
+
+def pid_alive(pid: int) -> bool:
+    if pid == os.getpid() or os.name == "nt":  # on Windows os.kill(pid, 0) would end the process
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: alive, another user's
+        return True
+    return True
+
+
+def remove_stale_temps(dest: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files and folders of ``dest`` that a killed process left; returns them."""
+    dest = Path(dest)
+    removed = []
+    try:
+        entries = list(os.scandir(dest.parent))
+    except OSError:
+        return removed
+    for entry in entries:
+        path = Path(entry.path)
+        if entry.name.startswith(f".{dest.name}.") and is_stale_temp(path, dest.name):
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+            removed.append(path)
+    return removed
 
 
 def current_umask() -> int:

@@ -18,6 +18,12 @@ loader reads), so a typo such as ``pretrian:`` stops every stage with one line n
     params.yaml: unknown section 'pretrian' (did you mean 'pretrain'?)
 
 ``track_reads()`` records which keys a loader reads (``dvc.yaml``'s ``params:`` are checked against it).
+
+Hostile files (README "Hostile input") end in one line too: bytes that are not UTF-8, a path that is a folder,
+duplicate keys in a mapping (YAML would let the last one win silently), nesting past ``MAX_DEPTH``, anchors and
+aliases that expand past ``MAX_NODES`` values (a "billion laughs" is a few hundred bytes on disk and gigabytes
+once copied) or refer to themselves, all refused while the file is parsed, before anything is expanded; and a
+float that is NaN or infinite (``.nan``, ``.inf``, ``1e999``), refused by ``convert`` wherever a float is read.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import contextlib
 import contextvars
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -45,6 +52,10 @@ DEFAULT_PATH = Path("params.yaml")
 NOT_A_DEP = "not_a_dep"
 
 
+MAX_DEPTH = 50  # nesting levels a params file may have (params.yaml has 4)
+MAX_NODES = 100_000  # values a params file may hold once its aliases are expanded (params.yaml: ~600)
+
+
 class ParamsError(LLMCoreError):
     """A bad value in params.yaml; the message starts with the key path."""
 
@@ -52,14 +63,7 @@ class ParamsError(LLMCoreError):
 def read_params(path: str | os.PathLike = DEFAULT_PATH) -> dict[str, Any]:
     """The whole file as plain data, after checking its top-level sections (see the module docstring)."""
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ParamsError(f"{path}: file not found") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise ParamsError(f"{path}:{where} invalid YAML: {getattr(e, 'problem', e)}") from None
+    data = load_yaml(path)
     if not isinstance(data, dict):
         raise ParamsError(f"{path}: expected a mapping of sections at the top level")
     known = declared_sections(path.parent / "dvc.yaml")
@@ -67,6 +71,103 @@ def read_params(path: str | os.PathLike = DEFAULT_PATH) -> dict[str, Any]:
         check_sections(data, known, path)
     recorder = _RECORDER.get()
     return TrackedDict(data, "", recorder) if recorder is not None else data
+
+
+def load_yaml(path: Path) -> Any:
+    """Parse a params file with :class:`ParamsLoader`; every failure is a ``ParamsError`` naming the file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: file not found") from None
+    except UnicodeDecodeError as e:
+        raise ParamsError(f"{path}: not valid UTF-8 (byte 0x{e.object[e.start]:02x} at offset {e.start})") from None
+    except OSError as e:  # a folder, no permission, ...
+        raise ParamsError(f"cannot read {path}: {e.strerror or e}") from None
+    loader = None
+    try:
+        loader = ParamsLoader(text)  # the reader refuses unprintable characters here
+        return loader.get_single_data()
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ParamsError(f"{path}:{where} invalid YAML: {problem}") from None
+    except RecursionError:  # MAX_DEPTH should stop it first; never a traceback
+        raise ParamsError(f"{path}: nested deeper than {MAX_DEPTH} levels") from None
+    except ValueError as e:  # e.g. an int of more digits than Python converts
+        raise ParamsError(f"{path}: invalid value: {str(e).splitlines()[0]}") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
+class ParamsLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing what no params file needs, while the file is parsed (nothing is expanded):
+    duplicate keys in a mapping, nesting deeper than ``MAX_DEPTH``, and aliases that expand past ``MAX_NODES``
+    values or refer to themselves."""
+
+    def __init__(self, stream: str):
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent, index):  # the composer recurses once per level of nesting
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise _Refused(f"nested deeper than {MAX_DEPTH} levels", self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def compose_document(self):
+        node = super().compose_document()
+        _check_expansion(node)
+        return node
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value if isinstance(node, yaml.MappingNode) else []:
+            if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                continue  # merged keys may be overridden: that is what `<<` is for
+            key = self.construct_object(key_node)
+            if key in seen:
+                raise _Refused(f"duplicate key {key!r} in a mapping", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+class _Refused(yaml.MarkedYAMLError):
+    def __init__(self, problem: str, mark):
+        super().__init__(problem=problem, problem_mark=mark)
+
+
+def _check_expansion(root: yaml.Node | None) -> None:
+    """Count the values of the composed document as if every alias were copied out, without copying anything
+    (sizes are memoised per node); refuse past ``MAX_NODES``, and refuse an alias inside its own anchor."""
+    if root is None:
+        return
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()  # being counted: their children are on the stack
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        if id(node) in sizes:
+            continue
+        children = [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else \
+            node.value if isinstance(node, yaml.SequenceNode) else []  # fmt: skip
+        if children_done:
+            open_nodes.discard(id(node))
+            sizes[id(node)] = size = 1 + sum(sizes[id(c)] for c in children)
+            if size > MAX_NODES:
+                raise _Refused(f"aliases expand to more than {MAX_NODES} values (an alias bomb?)", node.start_mark)
+            continue
+        open_nodes.add(id(node))
+        stack.append((node, True))
+        for child in children:
+            if id(child) in open_nodes:
+                raise _Refused("an alias refers to itself (a recursive structure)", child.start_mark)
+            if id(child) not in sizes:
+                stack.append((child, False))
 
 
 def declared_sections(dvc_yaml: Path) -> set[str] | None:
@@ -249,7 +350,10 @@ def convert(tp: Any, value: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ParamsError(f"{where}: expected float, got {_show(value)}")
-        return float(value)
+        number = float(value) if isinstance(value, float) or abs(value) < 2**1000 else math.inf
+        if not math.isfinite(number):  # .nan, .inf, 1e999: no param means any of them
+            raise ParamsError(f"{where}: expected a finite number, got {_show(value)}")
+        return number
     if tp is str:
         if not isinstance(value, str):
             raise ParamsError(f"{where}: expected str, got {_show(value)}")
@@ -284,7 +388,7 @@ def model_config_from_params(data: Any, where: str = "model", **fixed: Any):
         raise ParamsError(f"{where}: expected a mapping, got {_show(data)}")
     data = dict(data)
     preset = data.pop("preset", None)
-    if preset is not None and preset not in PRESETS:
+    if preset is not None and (not isinstance(preset, str) or preset not in PRESETS):
         raise ParamsError(f"{where}.preset: expected one of {'|'.join(PRESETS)}, got {_show(preset)}")
     hints = typing.get_type_hints(ModelConfig)
     for key, value in data.items():

@@ -33,7 +33,7 @@ import typer
 from llmcore.common import LLMCoreError, print0, sha256_file, stage_errors, write_stage_reports
 from llmcore.data.datasets import check_text_corpus, find_single_file
 from llmcore.device import resolve_device
-from llmcore.download import resolve_url
+from llmcore.download import resolve_url, safe_path
 from llmcore.models.config import ModelConfig
 from llmcore.models.gpt import GPT
 from llmcore.params import NOT_A_DEP, load_section
@@ -172,8 +172,10 @@ def main(
         over, known = cfg.sources.get(name), KNOWN_CHECKPOINTS.get(name)
         preset = (over.preset if over else None) or (known.preset if known else None)
         if isinstance(source, HFCheckpoint):
+            key = f"import.sources.{name}.repo/revision"  # both name folders under --cache-dir: keep them there
+            cached = safe_path(cache_dir, f"{source.repo}/{source.revision}", key)
             print0(f"{name}: {resolve_url(source.url('model.safetensors'))}")
-            fetched = fetch_hf_checkpoint(source, cache_dir / source.repo / source.revision)
+            fetched = fetch_hf_checkpoint(source, cached)
             model_dir, digest, n_bytes = fetched.directory, fetched.sha256, fetched.bytes
             where, revision = source.url("model.safetensors"), source.revision
         else:

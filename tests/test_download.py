@@ -261,12 +261,15 @@ def test_existing_verified_dest_is_kept(flaky, tmp_path: Path) -> None:
     assert len(script.seen) == 1
 
 
-def test_existing_dest_without_digest_is_kept(flaky, tmp_path: Path) -> None:
+def test_existing_dest_without_digest_is_kept_while_it_matches_its_record(flaky, tmp_path: Path) -> None:
     script = Script(["ok"])
-    dest = tmp_path / "data.bin"
-    dest.write_bytes(b"anything")
-    download(flaky(script), dest, **FAST)
-    assert script.seen == [] and dest.read_bytes() == b"anything"
+    url, dest = flaky(script), tmp_path / "data.bin"
+    download(url, dest, **FAST)  # writes .data.bin.download.json: URL and size
+    download(url, dest, **FAST)
+    assert len(script.seen) == 1
+    dest.write_bytes(b"anything")  # no longer what was downloaded (tests/test_hostile_downloads.py: more cases)
+    download(url, dest, **FAST)
+    assert len(script.seen) == 2 and dest.read_bytes() == BODY
 
 
 def test_existing_corrupt_dest_is_replaced(flaky, tmp_path: Path) -> None:

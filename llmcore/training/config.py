@@ -33,6 +33,9 @@ class HardwareConfig:
 
 
 
+MAX_BATCH_SIZE = 1 << 20  # sequences per micro-batch: far past any memory (a typo such as 1e12 is caught at load)
+
+
 @dataclass
 class TrainConfig:
     """One training run's optimisation and bookkeeping; embedded as ``train:`` in a stage's section."""
@@ -63,6 +66,8 @@ class TrainConfig:
             value = getattr(self, name)
             if (value is not None or name in positive) and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name}: expected a positive int, got {value!r}")
+        if self.batch_size > MAX_BATCH_SIZE:  # refused here, not as an out-of-memory traceback at the first batch
+            raise ValueError(f"batch_size: expected a positive int up to {MAX_BATCH_SIZE}, got {self.batch_size}")
         for name in ("epochs", "time_budget_s"):
             value = getattr(self, name)
             if value is not None and not value > 0:

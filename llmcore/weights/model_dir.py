@@ -22,7 +22,6 @@ import contextlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -30,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from llmcore.common import LLMCoreError, current_umask
+from llmcore.common import LLMCoreError, current_umask, new_temp
 from llmcore.models.classifier import HEAD_PREFIX, POOLING, GPTClassifier
 from llmcore.models.config import ModelConfig
 from llmcore.models.gpt import GPT
@@ -66,10 +65,13 @@ def save_model_dir(
 
 @contextlib.contextmanager
 def staged_dir(dest: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary sibling folder of ``dest``; on success it replaces ``dest``, on error it is removed."""
+    """Yield a temporary sibling folder of ``dest``; on success it replaces ``dest``, on error it is removed.
+
+    The folder is named for its owner (``llmcore.common.new_temp``): one a killed run left (``.<name>.<pid>-...``
+    whose process is gone) is removed here, by the next writer of the same ``dest``, and by no one else.
+    """
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    tmp = new_temp(dest, directory=True)
     try:
         tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes it private; give it the mode mkdir() would
         yield tmp
@@ -84,7 +86,7 @@ def replace_dir(src: Path, dest: Path) -> None:
     if not dest.exists():
         os.replace(src, dest)
         return
-    old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".old", dir=dest.parent))
+    old = new_temp(dest, ".old", directory=True)
     os.replace(dest, old / dest.name)
     try:
         os.replace(src, dest)
