@@ -62,11 +62,13 @@ class GenerateParams:
     stop_at_section: bool = True  # stop a row as soon as it starts a new "###" section
 
     def __post_init__(self) -> None:
+        # Messages start with the field name: params.from_dict prefixes the section the user wrote it in
+        # (instruct.generate or align.generate, which shares this class).
         for key in ("max_new_tokens", "batch_size"):
             if getattr(self, key) < 1:
-                raise LLMCoreError(f"instruct.generate.{key}: expected a positive int, got {getattr(self, key)}")
+                raise LLMCoreError(f"{key}: expected a positive int, got {getattr(self, key)}")
         if self.temperature < 0:
-            raise LLMCoreError(f"instruct.generate.temperature: expected >= 0, got {self.temperature}")
+            raise LLMCoreError(f"temperature: expected >= 0, got {self.temperature}")
 
     def sampling(self) -> SamplingConfig:
         return SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
