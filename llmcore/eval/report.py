@@ -525,8 +525,8 @@ def environment_facts(stages: dict[str, StageData]) -> list[tuple[str, str]]:
                              f"tokens seen in pretraining"))  # fmt: skip
         if pre.num("mfu") is not None:
             out.append(("pretraining throughput", f"{fmt(pre.num('tokens_per_s'))} tokens/s, MFU "
-                        f"{fmt(pre.num('mfu'), 'pct')} of {fmt(pre.num('peak_tflops'))} TFLOP/s measured peak "
-                        f"{MACHINE}"))  # fmt: skip
+                        f"{fmt(pre.num('mfu'), 'pct')} of a {fmt(pre.num('peak_tflops'))} TFLOP/s peak (all three over "
+                        f"the same training seconds, resumes included) {MACHINE}"))  # fmt: skip
     times = []
     for name, s in stages.items():
         t = s.num("stage_seconds", "wall_time_s", "seconds")
