@@ -216,7 +216,7 @@ def test_full_pipeline_end_to_end_with_llmcore_serve_as_judge(tiny):
     compare = evaluate["compare"]
     assert compare["rouge_l"]["n"] == 110 and compare["head_to_head"]["n"] == 110
     base = evaluate["compare_base"]  # the model instruct tuned from, answering the same prompts, judged the same way
-    assert base["rouge_l"]["n"] == 110 and base["judge"]["n"] == 110 and base["judge"]["base_mean"] == 85.0
+    assert base["rouge_l"]["n"] == 110 and base["judge"]["n"] == 110 and base["judge"]["instruct_mean"] == 85.0
     assert len(json.loads((repo / "reports/instruct/base_responses.json").read_text())) == 110
     report = (repo / "reports/report.md").read_text()
     card = report.split("**Run facts**")[0]
