@@ -398,8 +398,9 @@ def model_config_from_params(data: Any, where: str = "model", **fixed: Any):
     try:
         base = PRESETS[preset] if preset else {}
         return ModelConfig.from_dict({**base, **data, **fixed})
-    except ConfigError as e:
-        raise ParamsError(str(e)) from None
+    except ConfigError as e:  # ModelConfig names its fields "model.<field>": name the section they came from
+        msg = str(e)
+        raise ParamsError(f"{where}.{msg[6:]}" if msg.startswith("model.") else f"{where}: {msg}") from None
 
 
 # ---------------------------------------------------------------------------------------------------

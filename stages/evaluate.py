@@ -17,6 +17,11 @@ Instruct vs aligned: given the align stage's answers to the same test prompts (`
 of the paired difference (align - instruct), plus a head-to-head where the judge sees both answers in a
 random order and names the better one (``align_win_rate``: align's wins + half the ties, over the decided
 items). Per-item outcomes go to ``reports/evaluate/head_to_head.jsonl``.
+
+Base vs instruct: given the base model's answers to the same prompts (``--base-responses``, written by the
+instruct stage to ``reports/instruct/base_responses.json`` with the same template and decoding), they are
+judged by the same judge with the same prompt and seed, and ``compare_base`` holds the same paired statistics
+(difference: instruct - base); the base model's scores go to ``reports/evaluate/base_scores.jsonl``.
 """
 
 from __future__ import annotations
@@ -119,44 +124,56 @@ def _rounded(d: dict, digits: int = 4) -> dict:
     return {k: round(v, digits) if isinstance(v, float) else v for k, v in d.items()}
 
 
-def _named(stats: dict) -> dict:
-    """paired_stats' a_/b_ keys as instruct_/align_, rounded."""
-    renamed = {k.replace("a_", "instruct_", 1) if k.startswith("a_") else k.replace("b_", "align_", 1)
-               if k.startswith("b_") else k: v for k, v in stats.items()}  # fmt: skip
+def _named(stats: dict, names: tuple[str, str]) -> dict:
+    """paired_stats' a_/b_ keys under the models' names (base_, instruct_, align_), rounded."""
+    a, b = names
+    renamed = {f"{a}_{k[2:]}" if k.startswith("a_") else f"{b}_{k[2:]}" if k.startswith("b_") else k: v
+               for k, v in stats.items()}  # fmt: skip
     return _rounded(renamed)
 
 
-def compare_models(instruct: list[JudgeItem], align: list[JudgeItem], instruct_judged: dict, cfg: EvaluateParams,
-                   cache: Path, reports: Path, judge: dict | None) -> dict:  # fmt: skip
-    """Instruct (a) vs align (b) on the same prompts: ROUGE-L and judge scores paired, and a head-to-head."""
-    if [(a.instruction, a.input) for a in instruct] != [(b.instruction, b.input) for b in align]:
-        raise LLMCoreError("evaluate: the align responses do not answer the instruct test prompts in the same order "
-                           "(rerun the align stage)")  # fmt: skip
-    out: dict = {"n_items": len(align), **{f"align_{k}": v for k, v in text_metrics(align).items()}}
-    rouge = paired_stats([rouge_l(i.response, i.reference) for i in instruct],
-                         [rouge_l(i.response, i.reference) for i in align], cfg.n_boot)  # fmt: skip
-    out["rouge_l"] = _named(rouge)
+def compare_models(a: list[JudgeItem], b: list[JudgeItem], names: tuple[str, str], instruct_judged: dict,
+                   cfg: EvaluateParams, cache: Path, reports: Path, judge: dict | None) -> dict:  # fmt: skip
+    """Model a vs model b on the same prompts, one of them the instruct model (judged already): the other's
+    judge-free metrics, and ROUGE-L and judge scores paired (b - a). The other's judge records go to
+    ``reports/<other>_scores.jsonl``; ``judge`` None: ROUGE-L only."""
+    other, items = (names[1], b) if names[0] == "instruct" else (names[0], a)
+    if [(x.instruction, x.input) for x in a] != [(y.instruction, y.input) for y in b]:
+        stage = "instruct" if other == "base" else other
+        raise LLMCoreError(f"evaluate: the {other} responses do not answer the instruct test prompts in the same "
+                           f"order (rerun the {stage} stage)")  # fmt: skip
+    out: dict = {"n_items": len(items), **{f"{other}_{k}": v for k, v in text_metrics(items).items()}}
+    rouge = paired_stats([rouge_l(i.response, i.reference) for i in a],
+                         [rouge_l(i.response, i.reference) for i in b], cfg.n_boot)  # fmt: skip
+    out["rouge_l"] = _named(rouge, names)
     if judge is None:
         return out
-    records = score_items(align, cfg.judge, cache_path=cache, judge=judge)
-    write_records(reports / "align_scores.jsonl", records)
-    a_records = instruct_judged["_records"]
-    both = [(a.score, b.score) for a, b in zip(a_records, records, strict=True)
-            if a.status == "scored" and b.status == "scored"]  # fmt: skip
+    records = score_items(items, cfg.judge, cache_path=cache, judge=judge)
+    write_records(reports / f"{other}_scores.jsonl", records)
+    a_records, b_records = ((instruct_judged["_records"], records) if other == names[1]
+                            else (records, instruct_judged["_records"]))  # fmt: skip
+    both = [(x.score, y.score) for x, y in zip(a_records, b_records, strict=True)
+            if x.status == "scored" and y.status == "scored"]  # fmt: skip
     out["judge_unscored_pairs"] = len(records) - len(both)
     if both:
-        stats = paired_stats([a for a, _ in both], [b for _, b in both], cfg.n_boot)
-        out["judge"] = _named(stats)
+        stats = paired_stats([x for x, _ in both], [y for _, y in both], cfg.n_boot)
+        out["judge"] = _named(stats, names)
+    return out
+
+
+def compare_head_to_head(instruct: list[JudgeItem], align: list[JudgeItem], cfg: EvaluateParams, cache: Path,
+                         reports: Path, judge: dict) -> dict:  # fmt: skip
+    """The judge sees both answers in a random order per item and names the better one."""
     pairs = [PairItem(a.id, a.instruction, a.input, a.reference, a.response, b.response)
              for a, b in zip(instruct, align, strict=True)]  # fmt: skip
     h2h = head_to_head(pairs, cfg.judge, judge, cache_path=cache, seed=cfg.judge.seed)
     write_h2h(reports / "head_to_head.jsonl", h2h)
     summary = summarize_head_to_head(h2h)
-    out["head_to_head"] = _rounded({"n": summary["n"], "align_wins": summary["b_wins"],
-                                    "instruct_wins": summary["a_wins"], "ties": summary["ties"],
-                                    "undecided": summary["undecided"], "align_shown_first": summary["b_shown_first"],
-                                    "align_win_rate": summary["b_win_rate"]})  # fmt: skip
-    return out
+    return _rounded({
+        "n": summary["n"], "align_wins": summary["b_wins"], "instruct_wins": summary["a_wins"], "ties": summary["ties"],
+        "undecided": summary["undecided"], "align_shown_first": summary["b_shown_first"],
+        "align_win_rate": summary["b_win_rate"],
+    })  # fmt: skip
 
 
 def write_h2h(path: Path, records: list) -> None:
@@ -185,10 +202,12 @@ def main(
     model_dir: Path = typer.Option(Path("data/models/instruct"), help="instruction model (for the test loss)"),
     cache: Path = typer.Option(Path("data/cache/judge.jsonl"), help="judge answer cache"),
     reports: Path = typer.Option(Path("reports/evaluate"), help="metrics folder"),
+    base_responses: Path = typer.Option(None, help="the base model's answers to the same prompts, to compare with "
+                                        "(the DVC stage passes reports/instruct/base_responses.json)"),
     align_responses: Path = typer.Option(None, help="the aligned model's answers to the same prompts, to compare "
                                          "with (the DVC stage passes reports/align/responses.json)"),
 ) -> None:
-    """Judge every test response and compute judge-free metrics; compare with the aligned model's answers."""
+    """Judge every test response and compute judge-free metrics; compare with the base and aligned models'."""
     with stage_errors():
         cfg = load_params(params)
         items = load_responses(responses)
@@ -201,13 +220,20 @@ def main(
         reached = reach_judge(cfg)
         judged = judge_scores(items, cfg, cache, reports / "scores.jsonl", reached)
         histogram = judged.pop("_histogram", [])
-        # placeholders, replaced by the comparison's records when there is one
+        # placeholders, replaced by the comparisons' records when there are some
+        write_records(reports / "base_scores.jsonl", not_judged(items))
         write_records(reports / "align_scores.jsonl", not_judged(items))
         write_h2h(reports / "head_to_head.jsonl", not_compared(items, f"not judged (judge {judged['judge_status']})"))
-        if align_responses is not None:
-            judge = reached[0] if judged.get("judge_status") == "scored" else None  # not a judge that failed
-            metrics["compare"] = compare_models(items, load_responses(align_responses), judged, cfg, cache, reports,
+        judge = reached[0] if judged.get("judge_status") == "scored" else None  # not a judge that failed
+        if base_responses is not None:  # instruct - base: what instruction tuning bought
+            metrics["compare_base"] = compare_models(load_responses(base_responses), items, ("base", "instruct"),
+                                                     judged, cfg, cache, reports, judge)  # fmt: skip
+        if align_responses is not None:  # align - instruct: what DPO bought
+            align = load_responses(align_responses)
+            metrics["compare"] = compare_models(items, align, ("instruct", "align"), judged, cfg, cache, reports,
                                                 judge)  # fmt: skip
+            if judge is not None:
+                metrics["compare"]["head_to_head"] = compare_head_to_head(items, align, cfg, cache, reports, judge)
         judged.pop("_records", None)
         facts = {k: judged.pop(k) for k in FACT_KEYS if k in judged}
         metrics.update(judged)

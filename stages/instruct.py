@@ -9,12 +9,13 @@ The dataset (``instruct.dataset``: a download source, i.e. a folder of ``data/ra
 10% test, the remaining 5% validation) and formatted with the prompt template (``alpaca`` or a custom format
 string). The base model ``data/models/${base_model}`` is fine-tuned by ``llmcore.training.loop.fit``: every weight, or
 LoRA adapters that are merged back afterwards. The tuned model then answers every test entry (KV cache; stops
-at end-of-text or at a new ``###`` section).
+at end-of-text or at a new ``###`` section), and so does the base model, with the same prompts and decoding.
 
 Outputs, each written atomically:
 
     data/models/instruct/            model.safetensors (prompt template in its metadata) + tokenizer.json
     reports/instruct/responses.json  per test entry: id, instruction, input, output (reference), model_response
+    reports/instruct/base_responses.json   the same for the base model (same prompts, template and decoding)
     reports/instruct/metrics.json    train/val/test loss and perplexity, sizes, timings
     reports/instruct/live/           dvclive curves by step (plots/metrics/{train,val}/*.tsv: loss, lr, ppl, ...)
 
@@ -62,11 +63,13 @@ class GenerateParams:
     stop_at_section: bool = True  # stop a row as soon as it starts a new "###" section
 
     def __post_init__(self) -> None:
+        # Messages start with the field name: params.from_dict prefixes the section the user wrote it in
+        # (instruct.generate or align.generate, which shares this class).
         for key in ("max_new_tokens", "batch_size"):
             if getattr(self, key) < 1:
-                raise LLMCoreError(f"instruct.generate.{key}: expected a positive int, got {getattr(self, key)}")
+                raise LLMCoreError(f"{key}: expected a positive int, got {getattr(self, key)}")
         if self.temperature < 0:
-            raise LLMCoreError(f"instruct.generate.temperature: expected >= 0, got {self.temperature}")
+            raise LLMCoreError(f"temperature: expected >= 0, got {self.temperature}")
 
     def sampling(self) -> SamplingConfig:
         return SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
@@ -179,12 +182,21 @@ def run(
         answers = generate_responses(model, tok, prompts, cfg.generate.sampling(), cfg.generate.batch_size,
                                      cfg.generate.stop_at_section)  # fmt: skip
     gen_seconds = time.perf_counter() - gen_start
-    records = [
-        {"id": str(i), "instruction": e["instruction"], "input": e["input"], "output": e["output"],
-         "model_response": answer}
-        for i, (e, answer) in enumerate(zip(test_entries, answers, strict=True))
-    ]  # fmt: skip
-    write_json_atomic(reports / "responses.json", records)
+    # The model tuned from answers the same formatted prompts the same way: the evaluate stage judges both, so
+    # the report can say what tuning bought (a pretrained model never saw the template; that is the comparison).
+    base_start = time.perf_counter()
+    base_lm = base.load_lm(device=rt.device)
+    with threads_for_inference(hw.threads, base_lm.cfg):
+        base_answers = generate_responses(base_lm, tok, prompts, cfg.generate.sampling(), cfg.generate.batch_size,
+                                          cfg.generate.stop_at_section)  # fmt: skip
+    base_seconds = time.perf_counter() - base_start
+    for name, outputs in (("responses.json", answers), ("base_responses.json", base_answers)):
+        records = [
+            {"id": str(i), "instruction": e["instruction"], "input": e["input"], "output": e["output"],
+             "model_response": answer}
+            for i, (e, answer) in enumerate(zip(test_entries, outputs, strict=True))
+        ]  # fmt: skip
+        write_json_atomic(reports / name, records)
     metadata = {TEMPLATE_KEY: cfg.template, "stage": "instruct", "base_model": base_model, "finetune": cfg.finetune}
     save_model_dir(out, model, tok, metadata)
 
@@ -198,7 +210,8 @@ def run(
         "empty_responses": sum(not a for a in answers),
     }  # fmt: skip
     timing = {"train_seconds": round(result.train_time_s, 1), "tokens_per_s": round(result.items_per_s, 1),
-              "generate_seconds": round(gen_seconds, 1), "stage_seconds": round(time.perf_counter() - start, 1)}
+              "generate_seconds": round(gen_seconds, 1), "base_generate_seconds": round(base_seconds, 1),
+              "stage_seconds": round(time.perf_counter() - start, 1)}  # fmt: skip
     facts = {"base_model": base_model, "finetune": cfg.finetune, "device": str(rt.device)}
     write_stage_reports(reports, metrics, timing, facts)
     return {**metrics, **timing, **facts}

@@ -158,9 +158,14 @@ def write_samples(path: Path, model: GPT, tok: Tokenizer, p: PretrainParams, ste
 
 
 def write_metrics(folder: Path, result: FitResult, model_cfg: ModelConfig, n_params: int, base: dict,
-                  peak_flops: float, world_size: int, wall_time_s: float, device: str) -> dict:  # fmt: skip
-    """metrics.json (losses, baselines), timing.json (throughput, MFU, seconds), facts.json; returns all in one."""
+                  world_size: int, wall_time_s: float, device: str) -> dict:  # fmt: skip
+    """metrics.json (losses, baselines), timing.json (throughput, MFU, seconds), facts.json; returns all in one.
+
+    Throughput, peak and MFU are one measurement: the tokens and training seconds of every segment of the run
+    (summed over resumes) and each segment's own peak, weighted by its seconds (``FitResult.peak_flops``).
+    """
     flops_per_token = model_cfg.flops_per_token()
+    peak = result.peak_flops
     metrics = {
         "step": result.step, "epochs": round(result.epochs, 4),
         "train_loss": result.train_loss, "val_loss": result.val_loss, "val_ppl": result.val_ppl,
@@ -169,8 +174,8 @@ def write_metrics(folder: Path, result: FitResult, model_cfg: ModelConfig, n_par
     }  # fmt: skip
     timing = {
         "tokens_per_s": round(result.items_per_s, 1),
-        "mfu": flops_per_token * result.items_per_s / (peak_flops * world_size),
-        "peak_tflops": round(peak_flops / 1e12, 4),
+        "mfu": flops_per_token * result.items_per_s / (peak * world_size),
+        "peak_tflops": float(f"{peak / 1e12:.6g}"),
         "train_time_s": round(result.train_time_s, 2), "wall_time_s": round(wall_time_s, 2),
     }  # fmt: skip
     facts = {"stop_reason": result.stop_reason, "resumed_from": result.resumed_from, "processes": world_size,
@@ -239,15 +244,20 @@ def main(
         print(f"rank {rt.rank}/{rt.world_size} on {rt.device}: {model.num_params() / 1e6:.2f}M params, "
               f"{len(train_tokens)} train / {len(val_tokens)} val tokens in "
               f"{len(train_tokens.shards)} + {len(val_tokens.shards)} shard(s)", flush=True)  # fmt: skip
-        result = fit(model, train, val, lm_loss, p.train, hw, ckpt, live=live, fingerprint=data_id, on_eval=on_eval)
+        # MFU's denominator, measured before training, under the load this segment trains in; fit saves it with
+        # every checkpoint, so a resumed run weights each segment's peak by that segment's time
+        peak = None
+        if rt.is_main:
+            peak = hw.peak_tflops * 1e12 if hw.peak_tflops else measure_matmul_peak(DTYPES[hw.precision], rt.device)
+        result = fit(model, train, val, lm_loss, p.train, hw, ckpt, live=live, fingerprint=data_id, on_eval=on_eval,
+                     peak_flops=peak)  # fmt: skip
 
         if rt.is_main:
             model.eval()
             save_model_dir(out, model, tok, {"stage": "pretrain", "step": str(result.step)})
             write_samples(reports / "samples.md", model, tok, p, result.step, hw.threads)
             base = baselines(train_tokens[:BASELINE_TOKENS], val_tokens[:BASELINE_TOKENS], tok.vocab_size, p.baseline_k)
-            peak = hw.peak_tflops * 1e12 if hw.peak_tflops else measure_matmul_peak(DTYPES[hw.precision], rt.device)
-            metrics = write_metrics(reports, result, model_cfg, model.num_params(), base, peak, rt.world_size,
+            metrics = write_metrics(reports, result, model_cfg, model.num_params(), base, rt.world_size,
                                     time.perf_counter() - start, str(rt.device))  # fmt: skip
             live.end()
             print(

@@ -219,15 +219,21 @@ def test_judge_mode_builds_pairs_from_judged_samples_and_caches_them(workspace: 
         k: v for k, v in counts.items() if not k.startswith("judge_")}
 
 
-def test_evaluate_compares_instruct_and_align(aligned: Path, judge_url: str, tmp_path: Path) -> None:
+def test_evaluate_compares_base_instruct_and_align(aligned: Path, judge_url: str, tmp_path: Path) -> None:
     params = write_params(tmp_path, "eval", judge_url)
+    instruct = json.loads((aligned / "instruct_responses.json").read_text())
+    # the base model's answers: half the instruct model's own ("Nope.", judged 6), half "Hm" (judged 9)
+    base = [dict(r, model_response="Nope." if i % 2 else "Hm") for i, r in enumerate(instruct)]
+    (tmp_path / "base_responses.json").write_text(json.dumps(base))
     args = ["--params", str(params), "--responses", str(aligned / "instruct_responses.json"),
             "--model-dir", str(aligned / "models" / "instruct"), "--cache", str(tmp_path / "cache.jsonl"),
             "--reports", str(tmp_path / "reports"),
+            "--base-responses", str(tmp_path / "base_responses.json"),
             "--align-responses", str(aligned / "dataset" / "reports" / "responses.json")]  # fmt: skip
     result = CliRunner().invoke(evaluate.app, args)
     assert result.exit_code == 0, result.output
-    compare = json.loads((tmp_path / "reports" / "metrics.json").read_text())["compare"]
+    metrics = json.loads((tmp_path / "reports" / "metrics.json").read_text())
+    compare = metrics["compare"]
     rouge = compare["rouge_l"]
     assert rouge["n"] == 6 and rouge["instruct_mean"] == 0.0  # "Nope." shares no word with "OK."
     assert rouge["diff_mean"] == pytest.approx(rouge["align_mean"] - rouge["instruct_mean"], abs=1e-4)
@@ -239,6 +245,21 @@ def test_evaluate_compares_instruct_and_align(aligned: Path, judge_url: str, tmp
     records = [json.loads(x) for x in (tmp_path / "reports" / "head_to_head.jsonl").read_text().splitlines()]
     assert [r["id"] for r in records] == [str(i) for i in range(6)]
     assert h2h["align_shown_first"] == sum(r["b_first"] for r in records)
+
+    # base vs instruct: the same judge, prompt template and seed (an answer both gave is one cached request),
+    # paired statistics of instruct - base
+    base_vs = metrics["compare_base"]
+    assert base_vs["n_items"] == 6 and base_vs["base_rouge_l"] == 0.0 and base_vs["judge_unscored_pairs"] == 0
+    assert base_vs["judge"] == pytest.approx({
+        "n": 6, "base_mean": 7.5, "instruct_mean": 6.0, "diff_mean": -1.5, "instruct_ci95_low": 6.0,
+        "instruct_ci95_high": 6.0, "base_ci95_low": base_vs["judge"]["base_ci95_low"],
+        "base_ci95_high": base_vs["judge"]["base_ci95_high"], "diff_ci95_low": base_vs["judge"]["diff_ci95_low"],
+        "diff_ci95_high": base_vs["judge"]["diff_ci95_high"]})  # fmt: skip
+    assert 6.0 <= base_vs["judge"]["base_ci95_low"] <= 7.5 <= base_vs["judge"]["base_ci95_high"] <= 9.0
+    assert base_vs["judge"]["diff_ci95_low"] <= -1.5 <= base_vs["judge"]["diff_ci95_high"] <= 0.0
+    scored = [json.loads(x) for x in (tmp_path / "reports" / "base_scores.jsonl").read_text().splitlines()]
+    assert [(r["id"], r["score"], r["cached"]) for r in scored] == [
+        (str(i), 6 if i % 2 else 9, bool(i % 2)) for i in range(6)]  # fmt: skip
 
 
 def test_head_to_head_reads_the_choice_and_undoes_the_order() -> None:

@@ -20,11 +20,13 @@ from llmcore.data.instruct import encode_entries, eval_batches
 from llmcore.eval.instruct import evaluate_loss, reference_loss
 from llmcore.models.config import ModelConfig
 from llmcore.models.gpt import GPT
+from llmcore.models.responses import generate_responses
 from llmcore.text.bpe import ENDOFTEXT, GPT2_PATTERN
+from llmcore.text.prompts import format_prompt
 from llmcore.text.tokenizer import Tokenizer
 from llmcore.weights.model_dir import load_model_dir, save_model_dir
 from llmcore.weights.weight_file import read_metadata
-from stages.instruct import app
+from stages.instruct import GenerateParams, app
 from tests.resume import curves, kill_after_first_checkpoint, without_timings
 
 N_ENTRIES = 60  # 51 train / 6 test / 3 validation with the book's fractions
@@ -113,6 +115,23 @@ def test_stage_outputs(trained: Path) -> None:
     for curve in ("train/loss", "val/loss", "val/ppl"):
         rows = (trained / "reports" / "live" / "plots" / "metrics" / f"{curve}.tsv").read_text().splitlines()
         assert rows[0].split("\t")[:2] == ["step", curve.split("/")[1]] and len(rows) > 2
+
+
+def test_the_base_model_answers_the_same_test_prompts(trained: Path) -> None:
+    """base_responses.json: the model instruct tuned from answers the same formatted test prompts with the same
+    generation params (the evaluate stage judges both, so the report says what tuning bought)."""
+    responses = json.loads((trained / "reports" / "responses.json").read_text())
+    base_responses = json.loads((trained / "reports" / "base_responses.json").read_text())
+    prompts_of = lambda rows: [{k: r[k] for k in ("id", "instruction", "input", "output")} for r in rows]  # noqa: E731
+    assert prompts_of(base_responses) == prompts_of(responses)
+    model, tok = load_model_dir(trained / "models" / "base")
+    gen = GenerateParams(max_new_tokens=12, batch_size=4)  # write_params' instruct.generate
+    prompts = [format_prompt("alpaca", r["instruction"], r["input"]) for r in responses]
+    expected = generate_responses(model, tok, prompts, gen.sampling(), gen.batch_size, gen.stop_at_section)
+    assert [r["model_response"] for r in base_responses] == expected
+    assert expected != ["OK."] * 6  # the untuned model does not answer like the tuned one
+    timing = json.loads((trained / "reports" / "timing.json").read_text())["timing"]
+    assert timing["base_generate_seconds"] >= 0
 
 
 def test_ask_streams_the_answer(trained: Path) -> None:
@@ -216,7 +235,7 @@ def test_kill_9_then_rerun_writes_the_bytes_of_an_uninterrupted_run(workspace: P
     ref, run = workspace / "models" / "ref", workspace / "models" / "killed"
     for name in ("model.safetensors", "tokenizer.json"):
         assert (run / name).read_bytes() == (ref / name).read_bytes(), name
-    for name in ("responses.json",):
+    for name in ("responses.json", "base_responses.json"):
         assert (workspace / "killed-reports" / name).read_bytes() == (workspace / "ref-reports" / name).read_bytes()
     metrics = [json.loads((workspace / d / "metrics.json").read_text()) for d in ("ref-reports", "killed-reports")]
     assert without_timings(metrics[1]) == without_timings(metrics[0])

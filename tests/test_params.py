@@ -4,6 +4,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import pytest
+import yaml
 
 from llmcore.params import ParamsError, load_section, model_config_from_params
 
@@ -67,3 +68,31 @@ def test_model_section_preset_and_overrides():
         model_config_from_params({"preset": "gpt5"})
     with pytest.raises(ParamsError, match=r"model.emb_dim: 130 is not divisible"):
         model_config_from_params({"preset": "gpt2-tiny", "emb_dim": 130})
+
+
+@pytest.mark.parametrize("section", ["instruct", "align"])
+@pytest.mark.parametrize(
+    "block, value, message",
+    [
+        ("generate", {"max_new_tokens": 0}, "generate.max_new_tokens: expected a positive int, got 0"),
+        ("generate", {"batch_size": 0}, "generate.batch_size: expected a positive int, got 0"),
+        ("generate", {"temperature": -1}, "generate.temperature: expected >= 0, got -1.0"),
+        ("lora", {"rank": 0}, "lora.rank: expected a positive int, got 0"),
+        ("train", {"epochs": 1, "warmup_steps": -1}, "train.warmup_steps: expected >= 0, got -1"),
+    ],
+)
+def test_a_shared_param_class_names_the_section_it_sits_in(tmp_path, section, block, value, message):
+    """align.generate is instruct's GenerateParams (lora, train: shared too): an error names the key the user wrote."""
+    from stages.align import AlignParams
+    from stages.instruct import InstructParams
+
+    schema = {"instruct": InstructParams, "align": AlignParams}[section]
+    path = write(tmp_path, yaml.safe_dump({section: {block: value}}))
+    with pytest.raises(ParamsError) as err:
+        load_section(section, schema, path)
+    assert str(err.value) == f"{section}.{message}"
+
+
+def test_model_config_errors_name_the_section_they_come_from():
+    with pytest.raises(ParamsError, match=r"^import.sources.x.emb_dim: 130 is not divisible"):
+        model_config_from_params({"preset": "gpt2-tiny", "emb_dim": 130}, where="import.sources.x")

@@ -215,10 +215,14 @@ def test_full_pipeline_end_to_end_with_llmcore_serve_as_judge(tiny):
     assert align["train_pairs"] + align["val_pairs"] + align["dropped_too_long"] == 930 + 55
     compare = evaluate["compare"]
     assert compare["rouge_l"]["n"] == 110 and compare["head_to_head"]["n"] == 110
+    base = evaluate["compare_base"]  # the model instruct tuned from, answering the same prompts, judged the same way
+    assert base["rouge_l"]["n"] == 110 and base["judge"]["n"] == 110 and base["judge"]["instruct_mean"] == 85.0
+    assert len(json.loads((repo / "reports/instruct/base_responses.json").read_text())) == 110
     report = (repo / "reports/report.md").read_text()
     card = report.split("**Run facts**")[0]
     assert re.search(r"\| classify \| test accuracy \| [\d.]+% \|", card), card
     assert re.search(r"\| evaluate \| judge mean score \(0-100\) \| [\d.]+ \|", card), card
+    assert re.search(r"\| evaluate \| judge mean score \(0-100\), base model \| [\d.]+ \|", card), card
     assert "| align | val DPO loss | " in card and "skipped" not in card, card
     assert "data:image/svg+xml;base64," in (repo / "reports/report.html").read_text()
 
@@ -257,6 +261,7 @@ def test_forced_rerun_gives_identical_bytes(tiny):
     assert {"data/tokens", "data/models/pretrain", "data/models/classify", "data/models/instruct", "data/models/align",
             "data/align/pairs.json", "reports/align/responses.json", "reports/evaluate/head_to_head.jsonl",
             "reports/instruct/responses.json", "reports/evaluate/scores.jsonl", "reports/classify/confusion.csv",
+            "reports/instruct/base_responses.json", "reports/evaluate/base_scores.jsonl",
             "reports/pretrain/samples.md", "reports/classify/predictions.csv"} <= set(artifacts)  # fmt: skip
     second = lock_outs(repo)
     differ = [p for p in artifacts if second[p] != tiny.outs[p]]

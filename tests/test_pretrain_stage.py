@@ -125,6 +125,53 @@ def test_stage_end_to_end(tmp_path, tokens):
     assert [s for s, _ in curve(tmp_path, "val/loss")] == [0, 10, 20, 30]  # restored, not duplicated
 
 
+class FakeClock:
+    """``time`` for llmcore.training.loop: every ``perf_counter()`` call advances by ``tick`` seconds, so each
+    optimizer step takes exactly ``tick``."""
+
+    def __init__(self, tick: float):
+        self.now, self.tick = 0.0, tick
+
+    def perf_counter(self) -> float:
+        self.now += self.tick
+        return self.now
+
+
+def test_a_resumed_run_reports_one_consistent_mfu(tmp_path, tokens, monkeypatch):
+    """Segment 1 (10 steps) runs 4x faster than segment 2 (20 steps) on a machine whose measured peak is 4x
+    higher; each segment is at 90% MFU, so the whole run is too, and tokens/s, peak and MFU agree."""
+    from llmcore.params import model_config_from_params
+    from llmcore.training import loop
+
+    params = write_params(tmp_path, {"peak_tflops": None}, max_steps=30, time_budget_s=9.5)
+    raw = yaml.safe_load(params.read_text())
+    vocab = Tokenizer.load(tokens / "tokenizer.json").vocab_size
+    fpt = model_config_from_params(raw["model"], vocab_size=vocab).flops_per_token()
+    step_tokens = 8 * 32
+    peak = fpt * step_tokens / 1.0 / 0.9  # FLOP/s at which a 1 s step is 90% MFU
+    peaks = iter([peak, peak / 4])  # the matmul peak of each segment: the second one shares the machine
+    monkeypatch.setattr("stages.pretrain.measure_matmul_peak", lambda *a, **k: next(peaks))
+
+    monkeypatch.setattr(loop, "time", FakeClock(1.0))
+    result = CliRunner().invoke(app, stage_args(tmp_path, tokens))
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "reports" / "metrics.json").read_text())["step"] == 10
+
+    raw["pretrain"]["train"]["time_budget_s"] = None
+    params.write_text(yaml.safe_dump(raw))
+    monkeypatch.setattr(loop, "time", FakeClock(4.0))
+    result = CliRunner().invoke(app, stage_args(tmp_path, tokens))
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "reports" / "facts.json").read_text())["resumed_from"] == 10
+    timing = json.loads((tmp_path / "reports" / "timing.json").read_text())["timing"]
+    assert timing["train_time_s"] == 10 * 1.0 + 20 * 4.0
+    assert timing["tokens_per_s"] == pytest.approx(30 * step_tokens / 90, abs=0.05)
+    assert timing["mfu"] <= 1.0
+    assert timing["mfu"] == pytest.approx(0.9)
+    # one measurement: tokens/s x FLOPs per token / peak is the MFU, over the same tokens and time
+    assert timing["tokens_per_s"] * fpt / (timing["peak_tflops"] * 1e12) == pytest.approx(timing["mfu"], rel=1e-3)
+
+
 def test_bad_params_stop_with_one_line(tmp_path, tokens):
     write_params(tmp_path, batch_size="eight")
     result = CliRunner().invoke(app, stage_args(tmp_path, tokens))

@@ -186,10 +186,47 @@ def test_card_with_a_judge_ranks_responses_by_score_and_draws_the_histogram(tmp_
     reports = make_reports(tmp_path / "reports", judged=True)
     md, _ = run_report(tmp_path, reports)
     judge = card(md)["evaluate: judge mean score (0-100)"]
-    assert judge[2] == "55" and judge[4].startswith("49.45 (better)") and "95% CI 20–90" in judge[5]
+    assert judge[2] == "55" and judge[4].startswith("49.45 (not comparable)") and "95% CI 20–90" in judge[5]
     best = md.index("best 3 by judge score")
     assert md.index("Name the capital", best) < md.index("Say hi.", best) < md.index("Add the numbers.", best)
     assert (reports / "figures/judge_scores.svg").is_file()
+
+
+def paired(a: str, b: str, a_mean: float, b_mean: float, lo: float, hi: float, n: int = 3) -> dict:
+    """compare.py's paired_stats under the evaluate stage's names: each model's mean and 95% CI, and b - a's."""
+    return {"n": n, f"{a}_mean": a_mean, f"{a}_ci95_low": a_mean - 10, f"{a}_ci95_high": a_mean + 10,
+            f"{b}_mean": b_mean, f"{b}_ci95_low": b_mean - 10, f"{b}_ci95_high": b_mean + 10,
+            "diff_mean": b_mean - a_mean, "diff_ci95_low": lo, "diff_ci95_high": hi}  # fmt: skip
+
+
+def test_card_shows_base_instruct_and_align_judged_side_by_side(tmp_path):
+    """Did instruction tuning help by the judge's measure? The base model's answers are judged beside
+    instruct's and align's, with paired intervals; the book's figure stays, marked as another model's."""
+    reports = make_reports(tmp_path / "reports", judged=True)
+    metrics = json.loads((reports / "evaluate/metrics.json").read_text())
+    metrics["compare_base"] = {"n_items": 3, "base_rouge_l": 0.2, "judge_unscored_pairs": 0,
+                               "rouge_l": paired("base", "instruct", 0.2, 0.6, 0.1, 0.7),
+                               "judge": paired("base", "instruct", 20.0, 55.0, 15.0, 50.0)}  # fmt: skip
+    metrics["compare"] = {"n_items": 3, "align_rouge_l": 0.55, "judge_unscored_pairs": 0,
+                          "rouge_l": paired("instruct", "align", 0.6, 0.55, -0.1, 0.02),
+                          "judge": paired("instruct", "align", 55.0, 60.0, -5.0, 12.0)}  # fmt: skip
+    (reports / "evaluate/metrics.json").write_text(json.dumps(metrics))
+    md, _ = run_report(tmp_path, reports)
+    rows = card(md)
+    names = [k for k in rows if k.startswith("evaluate: judge")]
+    assert names == ["evaluate: judge mean score (0-100), base model", "evaluate: judge mean score (0-100)",
+                     "evaluate: judge mean score (0-100), align"]  # fmt: skip
+    base, instruct, align = (rows[k] for k in names)
+    assert base[2] == "20" and "95% CI 10–30" in base[5] and base[4] == ""
+    assert instruct[2] == "55" and "base model 20 (better)" in instruct[3]
+    assert "instruct − base 35, paired 95% CI 15 to 50 over 3 prompts" in instruct[5]
+    assert instruct[4].startswith("49.45 (not comparable)") and "a different model" in instruct[4]
+    assert align[2] == "60" and "instruct 55 (better)" in align[3]
+    assert "align − instruct 5, paired 95% CI -5 to 12 over 3 prompts" in align[5]
+    rouge = rows["evaluate: ROUGE-L vs reference"]
+    assert "base model 0.2 (better)" in rouge[3] and "copying the prompt" in rouge[3]
+    gain = rows["evaluate: ROUGE-L, instruct − base"]
+    assert gain[2] == "0.4" and "paired 95% CI 0.1 to 0.7 over 3 prompts" in gain[5]
 
 
 def test_params_changed_from_the_committed_file_come_first(tmp_path):

@@ -32,7 +32,7 @@ from llmcore.eval.published import benchmark_rows
 BOOK = {
     "pretrain": (6.37, "124M GPT on the-verdict, ctx 256, 10 epochs (other corpus and tokenizer)", False),
     "classify": (0.9567, "GPT-2 124M, last block + norm + head, 5 epochs", True),
-    "evaluate": (49.45, "GPT-2 355M, 2 epochs, Llama 3 8B judge, 110 entries", True),
+    "evaluate": (49.45, "GPT-2 355M (a different model), 2 epochs, Llama 3 8B judge, 110 entries", False),
     "align": (0.610, "DPO of the 355M instruct model, 1 epoch, beta 0.1: val DPO loss 0.693 → 0.610", True),
 }
 # Stages in pipeline order; a folder under reports/ not listed here comes after them.
@@ -306,13 +306,34 @@ def card_align(s: StageData, ctx: Context) -> list[Row]:
                 detail=detail)]  # fmt: skip
 
 
+def _paired_ci(s: StageData, key: str) -> str:
+    """The paired difference's interval of evaluate's ``key`` (compare.rouge_l, compare_base.judge, ...)."""
+    return (f"paired 95% CI {fmt(s.num(f'{key}.diff_ci95_low'))} to {fmt(s.num(f'{key}.diff_ci95_high'))} over "
+            f"{fmt(s.num(f'{key}.n'), 'int')} prompts")
+
+
+def _judged_row(s: StageData, key: str, name: str, label: str) -> Row:
+    """Model ``name``'s judge mean and 95% CI over the prompts judged for it and for the instruct model."""
+    return Row(s.name, f"judge mean score (0-100), {label}", s.num(f"{key}.{name}_mean"),
+               detail=f"95% CI {fmt(s.num(f'{key}.{name}_ci95_low'))}–{fmt(s.num(f'{key}.{name}_ci95_high'))} "
+                      f"over {fmt(s.num(f'{key}.n'), 'int')} prompts judged for both")  # fmt: skip
+
+
 def card_evaluate(s: StageData, ctx: Context) -> list[Row]:
+    """ROUGE-L and the judge's mean for the instruct model, beside the base model it was tuned from (compare_base:
+    instruct - base, paired) and the aligned model (compare: align - instruct, paired, and a head-to-head)."""
     if s.metrics is None:
         return [_not_run(s, "ROUGE-L")]
-    rows = [Row(s.name, "ROUGE-L vs reference", s.num("rouge_l"),
-                baselines=[Ref("copying the prompt", ctx.copy_rouge)] if ctx.copy_rouge is not None else [],
+    baselines = [Ref("copying the prompt", ctx.copy_rouge)] if ctx.copy_rouge is not None else []
+    if s.num("compare_base.rouge_l.base_mean") is not None:
+        baselines.append(Ref("base model", s.num("compare_base.rouge_l.base_mean")))
+    rows = [Row(s.name, "ROUGE-L vs reference", s.num("rouge_l"), baselines=baselines,
                 detail=f"exact match {fmt(s.num('exact_match'), 'pct')}, reference loss "
                        f"{fmt(s.num('reference_loss'))}, {fmt(s.num('n_items'), 'int')} items")]  # fmt: skip
+    if s.num("compare_base.rouge_l.diff_mean") is not None:
+        rows.append(Row(s.name, "ROUGE-L, instruct − base", s.num("compare_base.rouge_l.diff_mean"),
+                        baselines=[Ref("no difference", 0.0)],
+                        detail=_paired_ci(s, "compare_base.rouge_l")))  # fmt: skip
     status = s.facts.get("judge_status")
     book = BOOK["evaluate"]
     judge = Row(s.name, "judge mean score (0-100)", book=Ref(book[1], book[0], book[2]))
@@ -320,6 +341,11 @@ def card_evaluate(s: StageData, ctx: Context) -> list[Row]:
         judge.value = s.num("mean")
         judge.detail = (f"95% CI {fmt(s.num('ci95_low'))}–{fmt(s.num('ci95_high'))}, {fmt(s.num('n_scored'), 'int')} "
                         f"of {fmt(s.num('n_items'), 'int')} scored by {s.facts.get('judge_model', 'the judge')}")
+        if s.num("compare_base.judge.base_mean") is not None:  # the base model's row, then instruct's beside it
+            rows.append(_judged_row(s, "compare_base.judge", "base", "base model"))
+            judge.baselines = [Ref("base model", s.num("compare_base.judge.base_mean"))]
+            judge.detail += (f"; instruct − base {fmt(s.num('compare_base.judge.diff_mean'))}, "
+                             f"{_paired_ci(s, 'compare_base.judge')}")  # fmt: skip
     elif status == "scored":
         judge.status, judge.reason = "failed", f"the judge scored none of {fmt(s.num('n_items'), 'int')} responses"
     else:
@@ -329,12 +355,16 @@ def card_evaluate(s: StageData, ctx: Context) -> list[Row]:
         )
     rows.append(judge)
     # the align stage's answers to the same prompts, paired with the instruct model's (evaluate's "compare")
+    if judge.status == "ok" and s.num("compare.judge.align_mean") is not None:
+        aligned = _judged_row(s, "compare.judge", "align", "align")
+        aligned.baselines = [Ref("instruct", s.num("compare.judge.instruct_mean"))]
+        aligned.detail += (f"; align − instruct {fmt(s.num('compare.judge.diff_mean'))}, "
+                           f"{_paired_ci(s, 'compare.judge')}")  # fmt: skip
+        rows.append(aligned)
     diff = s.num("compare.rouge_l.diff_mean")
     if diff is not None:
         rows.append(Row(s.name, "ROUGE-L, align − instruct", diff, baselines=[Ref("no difference", 0.0)],
-                        detail=f"paired 95% CI {fmt(s.num('compare.rouge_l.diff_ci95_low'))} to "
-                               f"{fmt(s.num('compare.rouge_l.diff_ci95_high'))} over "
-                               f"{fmt(s.num('compare.rouge_l.n'), 'int')} prompts"))  # fmt: skip
+                        detail=_paired_ci(s, "compare.rouge_l")))  # fmt: skip
     rate = s.num("compare.head_to_head.align_win_rate")
     if rate is not None:
         rows.append(Row(s.name, "head-to-head: align's win rate", rate, "pct", baselines=[Ref("a coin toss", 0.5)],
@@ -525,8 +555,8 @@ def environment_facts(stages: dict[str, StageData]) -> list[tuple[str, str]]:
                              f"tokens seen in pretraining"))  # fmt: skip
         if pre.num("mfu") is not None:
             out.append(("pretraining throughput", f"{fmt(pre.num('tokens_per_s'))} tokens/s, MFU "
-                        f"{fmt(pre.num('mfu'), 'pct')} of {fmt(pre.num('peak_tflops'))} TFLOP/s measured peak "
-                        f"{MACHINE}"))  # fmt: skip
+                        f"{fmt(pre.num('mfu'), 'pct')} of a {fmt(pre.num('peak_tflops'))} TFLOP/s peak (all three over "
+                        f"the same training seconds, resumes included) {MACHINE}"))  # fmt: skip
     times = []
     for name, s in stages.items():
         t = s.num("stage_seconds", "wall_time_s", "seconds")

@@ -278,6 +278,8 @@ class FitResult:
     items_seen: int  # items (tokens / examples, as counted by loss_fn) trained on, every rank
     items_per_s: float  # items_seen / train_time_s
     train_time_s: float  # time in optimizer steps, summed over resumes (no eval, no checkpoints)
+    # fit's peak_flops of every segment, weighted by its time (this call's when no saved time carries one)
+    peak_flops: float | None
     wall_time_s: float  # this call, start to end
     stop_reason: str  # max_steps | epochs | time_budget
     resumed_from: int | None  # the step the run resumed from, None for a fresh start
@@ -299,6 +301,7 @@ def fit(
     on_eval: Callable[[nn.Module, int], dict[str, float] | None] | None = None,
     fingerprint: Any = None,
     unit: str = "tokens",
+    peak_flops: float | None = None,
 ) -> FitResult:
     """Train ``model`` in place; resume from ``out_dir`` when a matching checkpoint is there.
 
@@ -320,6 +323,10 @@ def fit(
         fingerprint: JSON-able description of the data and anything else outside ``cfg`` that decides the
             result; a checkpoint made with a different one is not resumed.
         unit: what ``n`` counts, for the throughput metric's name.
+        peak_flops: the device's peak FLOP/s for this call (MFU's denominator), measured by the caller under
+            the conditions this segment trains in. Saved with the state as FLOPs available (peak x time), so
+            after a resume ``FitResult.peak_flops`` is every segment's peak weighted by its training time: it
+            covers the same seconds as ``items_per_s``, and MFU from the two never mixes measurements.
     """
     wall_start = time.perf_counter()
     out_dir = Path(out_dir)
@@ -382,6 +389,7 @@ def fit(
             step_loss, grad_norm, items = read_back(pending, metric_names, state)
         dt = time.perf_counter() - t0  # with the read-back: an interval's time covers its steps' device work
         state.train_time_s += dt
+        state.available_flops += (peak_flops or 0.0) * dt
         interval_items, interval_time = interval_items + items, interval_time + dt
         if log_now:
             per_s = interval_items / max(interval_time, 1e-9)
@@ -399,7 +407,9 @@ def fit(
     if pending:  # steps run before a time-budget stop
         t0 = time.perf_counter()
         read_back(pending, metric_names, state)
-        state.train_time_s += time.perf_counter() - t0
+        dt = time.perf_counter() - t0
+        state.train_time_s += dt
+        state.available_flops += (peak_flops or 0.0) * dt
 
     if state.last_eval != state.step:
         evaluator.run(wrapped, model, state)
@@ -409,6 +419,7 @@ def fit(
         step=state.step, train_loss=state.train_loss, val_loss=state.val_loss,
         val_ppl=math.exp(min(state.val_loss, 50.0)), items_seen=state.items_seen,
         items_per_s=state.items_seen / max(state.train_time_s, 1e-9), train_time_s=state.train_time_s,
+        peak_flops=state.available_flops / state.train_time_s if state.available_flops > 0 else peak_flops,
         wall_time_s=time.perf_counter() - wall_start, stop_reason=stop_reason, resumed_from=resumed_from,
         epochs=state.step * cfg.grad_accum / max(1, len(train_data)), extra=state.extra,
     )  # fmt: skip

@@ -136,6 +136,8 @@ class TrainState:
     step: int = 0  # optimizer steps done
     items_seen: int = 0  # items (tokens, examples) trained on, every rank
     train_time_s: float = 0.0  # time in optimizer steps, summed over resumes
+    # the FLOPs the device could have done in that time: each segment's peak FLOP/s (fit's peak_flops) x its time
+    available_flops: float = 0.0
     n_ref: float | None = None  # the first micro-batch's item count: the fixed scale of loss weights
     recent_losses: list[float] = field(default_factory=list)  # step losses since the last evaluation
     train_loss: float = math.nan  # mean of recent_losses at the last evaluation
