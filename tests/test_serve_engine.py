@@ -3,6 +3,7 @@ leave between steps, and a seeded request's tokens do not depend on what else is
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
@@ -37,18 +38,27 @@ def model(tok) -> GPT:
     return GPT(ModelConfig.from_preset("llama3-tiny", vocab_size=tok.vocab_size)).eval()
 
 
-def run_all(engine: Engine, jobs: list[tuple[list[int], SamplingConfig]], **kwargs) -> list[tuple[str, Finished]]:
-    """Submit every job at once; collect each one's text and final event."""
+def run_all(engine: Engine, jobs: list[tuple[list[int], SamplingConfig]], together: bool = False,
+            **kwargs) -> list[tuple[str, Finished]]:  # fmt: skip
+    """Submit every job at once (``together``: in one engine turn); collect each one's text and final event."""
     sinks = [queue.Queue() for _ in jobs]
-    for (ids, cfg), sink in zip(jobs, sinks, strict=True):
-        engine.submit(Request(ids, cfg, sink.put, **kwargs))
-    results = []
-    for sink in sinks:
-        pieces = []
-        while not isinstance(event := sink.get(timeout=30), Finished):
-            pieces.append(event)
-        results.append(("".join(pieces), event))
-    return results
+    with engine._cv if together else contextlib.nullcontext():  # the engine thread admits after the lock is free
+        for (ids, cfg), sink in zip(jobs, sinks, strict=True):
+            engine.submit(Request(ids, cfg, sink.put, **kwargs))
+    return [collect(sink) for sink in sinks]
+
+
+def collect(sink: queue.Queue) -> tuple[str, Finished]:
+    pieces = []
+    while not isinstance(event := sink.get(timeout=30), Finished):
+        pieces.append(event)
+    return "".join(pieces), event
+
+
+def prompts(tok: Tokenizer, lengths: list[int]) -> list[list[int]]:
+    """Different prompts of the given token lengths."""
+    ids = tok.encode("the quick brown fox jumps over the lazy dog, again and again. " * 12)
+    return [ids[3 * i : 3 * i + n] for i, n in enumerate(lengths)]
 
 
 def test_batched_cache_rows_match_single_sequences(family: GPT) -> None:
@@ -188,5 +198,141 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(model: GPT, t
         # the running request kept getting tokens while the long prompt went in
         assert any(before < p < before + chunks for p in passes_at_piece)
         running.cancel()
+    finally:
+        engine.stop()
+
+
+def test_right_padded_rows_prefill_in_one_pass(family: GPT) -> None:
+    """Rows of different lengths prefilled in one right-padded pass, each length then set to its real one, decode
+    as each sequence alone: the padding past a row's length is never attended to."""
+    model = family
+    torch.manual_seed(1)
+    seqs = [torch.randint(0, 200, (n,)) for n in (5, 2, 9)]
+    cache = model.new_batched_cache(3)
+    ids = torch.zeros(3, 9, dtype=torch.long)
+    for row, p in enumerate(seqs):
+        ids[row, : len(p)] = p
+    hidden = model(ids, cache=cache, return_logits=False, return_hidden=True).hidden
+    cache.lengths.copy_(torch.tensor([len(p) for p in seqs]))
+    for row, p in enumerate(seqs):
+        alone = model(p[None]).logits[0, -1]
+        torch.testing.assert_close(model.head(hidden[row, len(p) - 1]), alone, atol=1e-5, rtol=1e-4)
+    nxt = torch.tensor([[7], [8], [9]])
+    batched = model(nxt, cache=cache).logits[:, -1]
+    for row, p in enumerate(seqs):
+        alone = model(torch.cat([p, nxt[row]])[None]).logits[:, -1]
+        torch.testing.assert_close(batched[row], alone[0], atol=1e-5, rtol=1e-4)
+
+
+def test_requests_admitted_together_prefill_in_one_pass(family: GPT, tok: Tokenizer) -> None:
+    """8 prompts of different lengths admitted in one turn: one padded prefill pass, and each request's tokens are
+    those of the request alone, greedy and seeded sampling."""
+    model = family
+    engine = Engine(model, tok, max_batch=8)
+    try:
+        ids = prompts(tok, [3, 17, 1, 9, 30, 5, 12, 2])
+        greedy = [(p, SamplingConfig(12)) for p in ids]
+        sampled = [(p, SamplingConfig(12, temperature=1.0, top_k=None if i % 2 else 40,
+                                      top_p=0.9 if i % 3 == 0 else None, seed=i))
+                   for i, p in enumerate(ids)]  # fmt: skip
+        for passes, jobs in enumerate([greedy, sampled], start=1):
+            results = run_all(engine, jobs, together=True)
+            assert engine.prefill_passes == passes and engine.max_live == 8
+            for (p, cfg), (text, done) in zip(jobs, results, strict=True):
+                (expected,) = generate(model, [p], cfg)
+                assert text == tok.decode(expected)
+                assert done.reason == "length" and done.completion_tokens == 12
+    finally:
+        engine.stop()
+
+
+def test_a_long_prompt_admitted_with_short_ones_is_chunked_between_decode_steps(model: GPT, tok: Tokenizer) -> None:
+    """prefill_chunk=16 bounds rows x width: three short prompts and the first part of a long one share a pass,
+    the long one goes on in chunks while the first short one decodes, and rows that leave (after 1 and 2 tokens)
+    while the long prompt is part-way in move it down with them."""
+    engine = Engine(model, tok, max_batch=8, prefill_chunk=16)
+    try:
+        s0, s1, s3, long, s2 = prompts(tok, [4, 4, 4, 40, 4])
+        jobs = [(s0, SamplingConfig(20)), (s1, SamplingConfig(1)), (s3, SamplingConfig(2)), (long, SamplingConfig(10)),
+                (s2, SamplingConfig(10))]  # fmt: skip
+        passes_at_piece: list[int] = []
+        sinks = [queue.Queue() for _ in jobs]
+
+        def first_sink(event) -> None:
+            passes_at_piece.append(engine.prefill_passes)
+            sinks[0].put(event)
+
+        with engine._cv:
+            for i, ((ids, cfg), sink) in enumerate(zip(jobs, sinks, strict=True)):
+                engine.submit(Request(ids, cfg, first_sink if i == 0 else sink.put))
+        results = [collect(sink) for sink in sinks]
+        # s0 s1 s3 + 4 of long | 16 of long | 16 of long | last 4 of long + s2
+        assert engine.prefill_passes == 4
+        assert {2, 3} <= set(passes_at_piece)  # s0 got tokens while the long prompt went in
+        for (ids, cfg), (text, done) in zip(jobs, results, strict=True):
+            (expected,) = generate(model, [ids], cfg)
+            assert text == tok.decode(expected) and done.completion_tokens == cfg.max_new_tokens
+    finally:
+        engine.stop()
+
+
+def test_cancel_and_zero_budget_during_a_batched_prefill(model: GPT, tok: Tokenizer) -> None:
+    engine = Engine(model, tok, max_batch=8, prefill_chunk=16)
+    try:
+        # cancelled before its pass and a budget of 0: they end without a slot, the others share one pass
+        a, b, c, d = prompts(tok, [5, 7, 3, 6])
+        sinks = [queue.Queue() for _ in range(4)]
+        cfgs = [SamplingConfig(6), SamplingConfig(6), SamplingConfig(0), SamplingConfig(6)]
+        with engine._cv:
+            requests = [engine.submit(Request(p, cfg, sink.put))
+                        for p, cfg, sink in zip((a, b, c, d), cfgs, sinks, strict=True)]  # fmt: skip
+            requests[1].cancel()
+        results = [collect(sink) for sink in sinks]
+        assert [done.reason for _, done in results] == ["length", "cancelled", "length", "length"]
+        assert results[1][1].completion_tokens == results[2][1].completion_tokens == 0
+        for p, (text, _) in ((a, results[0]), (d, results[3])):
+            assert text == tok.decode(generate(model, [p], SamplingConfig(6))[0])
+        assert engine.prefill_passes == 1
+
+        # cancelled part-way in: its row is reused by the next prompt
+        s0, long, s2 = prompts(tok, [4, 40, 4])
+        sinks = [queue.Queue() for _ in range(3)]
+
+        def cancel_long(event) -> None:
+            long_request.cancel()
+            sinks[0].put(event)
+
+        with engine._cv:
+            engine.submit(Request(s0, SamplingConfig(10), cancel_long))
+            long_request = engine.submit(Request(long, SamplingConfig(10), sinks[1].put))
+            engine.submit(Request(s2, SamplingConfig(10), sinks[2].put))
+        (t0, _), (_, cancelled), (t2, _) = (collect(sink) for sink in sinks)
+        assert cancelled.reason == "cancelled" and cancelled.completion_tokens == 0
+        assert t0 == tok.decode(generate(model, [s0], SamplingConfig(10))[0])
+        assert t2 == tok.decode(generate(model, [s2], SamplingConfig(10))[0])
+        assert engine.prefill_passes == 1 + 2  # s0 and part of the long prompt, then s2
+    finally:
+        engine.stop()
+
+
+def test_a_failed_prefill_pass_fails_its_requests_and_the_engine_keeps_serving(model: GPT, tok: Tokenizer,
+                                                                             monkeypatch) -> None:  # fmt: skip
+    forward, failed = model.forward, []
+
+    def failing_forward(idx, **kwargs):
+        if idx.shape[0] > 1 and not failed:  # the first batched pass
+            failed.append(True)
+            raise RuntimeError("boom")
+        return forward(idx, **kwargs)
+
+    monkeypatch.setattr(model, "forward", failing_forward)
+    engine = Engine(model, tok, max_batch=8)
+    try:
+        jobs = [(p, SamplingConfig(5)) for p in prompts(tok, [4, 6, 2])]
+        results = run_all(engine, jobs, together=True)
+        assert all(done.reason == "error" and "boom" in done.error for _, done in results)
+        results = run_all(engine, jobs, together=True)
+        for (p, cfg), (text, done) in zip(jobs, results, strict=True):
+            assert done.reason == "length" and text == tok.decode(generate(model, [p], cfg)[0])
     finally:
         engine.stop()

@@ -109,7 +109,8 @@ class BatchedKVCache:
     holds ``lengths[b]`` positions and a forward pass appends ``T`` new tokens to each row at that row's own
     offset. Stale entries past a row's length are never read (the mask stops at the row's length), so a
     slot is reused without clearing. :meth:`rows` is a view over a slice of rows sharing the buffers: the
-    server prefills one new sequence in its slot, and decodes all live rows in one pass.
+    server prefills new sequences in their slots in one right-padded pass (then sets each row's length to its
+    real one, so the padding is stale), and decodes all live rows in one pass.
     """
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device, dtype):

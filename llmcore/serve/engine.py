@@ -3,10 +3,12 @@
 One engine per served model runs a loop in its own thread over a :class:`~llmcore.models.gpt.BatchedKVCache`
 with ``max_batch`` rows (slots):
 
-    admit   requests waiting for a slot join between decode steps: each one's prompt is run alone in its
-            slot (prefill), at most ``prefill_chunk`` prompt tokens per loop turn, so a long prompt is
-            prefilled in chunks between decode steps instead of stalling the running streams; then its first
-            token is sampled and it decodes with the others;
+    admit   requests waiting for a slot join between decode steps. Their prompts are prefilled together in
+            one right-padded forward pass over their consecutive slots after the live rows (each row keeps
+            only its real length, so the padding is never attended to), at most ``prefill_chunk`` padded
+            tokens (rows x width) per loop turn: a long prompt is prefilled in chunks between decode steps
+            instead of stalling the running streams. A request whose prompt is done samples its first token
+            from its last real position and decodes with the others;
     decode  one forward pass over all live rows, each appending one token at its own length;
     leave   a row that is done (end-of-text, a stop string, its token budget, a full context, or a client
             that went away) leaves at once, and the last live row moves into its slot, so the live rows
@@ -69,6 +71,7 @@ class Request:
     _text: TextStream | None = field(default=None, repr=False)
     _generator: torch.Generator | None = field(default=None, repr=False)
     _last: int = 0
+    _prefilled: int = 0  # prompt tokens in the cache so far
     _generated: int = 0
     _budget: int = 0
     _t_submit: int = 0
@@ -93,7 +96,7 @@ class Engine:
         self._cache: BatchedKVCache | None = None  # allocated on the first request
         self._waiting: collections.deque[Request] = collections.deque()
         self._live: list[Request] = []  # row i of the cache holds _live[i]
-        # admitted, not yet decoding; the first one, once started, holds row len(_live) of the cache
+        # admitted, not yet decoding; prompts part-way in hold rows len(_live), len(_live) + 1, ... (in order)
         self._prefilling: collections.deque[Request] = collections.deque()
         self._cv = threading.Condition()
         self._stopping = False
@@ -172,8 +175,9 @@ class Engine:
                         self._decode()
             except Exception as e:  # a bug or out-of-memory: fail the running requests, keep the engine running
                 log.exception("engine %s failed a step", self.name)
-                failed = [*self._live, *([self._prefilling.popleft()] if self._prefilling else [])]
-                for request in failed:
+                started = [r for r in self._prefilling if r._text is not None]  # in the failed pass, or part-way
+                self._prefilling = collections.deque(r for r in self._prefilling if r._text is None)
+                for request in [*self._live, *started]:
                     self._end(request, "error", error=f"{type(e).__name__}: {e}")
                 self._live.clear()
         for request in [*self._live, *self._prefilling, *self._waiting]:
@@ -183,39 +187,78 @@ class Engine:
         self._waiting.clear()
 
     def _prefill(self) -> None:
-        """Run up to ``prefill_chunk`` prompt tokens of the admitted requests, in order, each in the slot after the
-        live rows; a request whose prompt is done samples its first token and joins the live rows."""
+        """One forward pass over the next admitted requests, each in its slot after the live rows (see
+        :meth:`_next_prefill`); the prompts are right-padded to one width, and each row's cache length is then set
+        to its real length, so the padding is never attended to. A request whose prompt is done samples its first
+        token from its last real position and joins the live rows."""
         if self._cache is None and self._prefilling:
             self._cache = self.model.new_batched_cache(self.max_batch)
-        room = self.prefill_chunk
-        while self._prefilling and room > 0:
-            request, slot = self._prefilling[0], len(self._live)
-            row = self._cache.rows(slot, slot + 1)
+        group = self._next_prefill()
+        if not group:
+            return
+        start, width = len(self._live), max(chunk for _, chunk in group)
+        rows = self._cache.rows(start, start + len(group))
+        ids = [r.prompt_ids[r._prefilled : r._prefilled + chunk] + [0] * (width - chunk) for r, chunk in group]
+        ids = torch.tensor(ids, dtype=torch.long, device=self.device)
+        rows.lengths.copy_(torch.tensor([r._prefilled for r, _ in group], device=self.device))
+        if all(chunk == width for _, chunk in group):  # no padding (one row alone: the path of ``generate``)
+            logits = self.model(ids, cache=rows, logits_to_keep=1).logits[:, -1]
+        else:  # causal attention keeps each row's real positions off the padding after them
+            hidden = self.model(ids, cache=rows, return_logits=False, return_hidden=True).hidden
+            last = torch.tensor([chunk - 1 for _, chunk in group], device=self.device)
+            logits = self.model.head(hidden[torch.arange(len(group), device=self.device), last])
+        self.prefill_passes += 1
+        for request, chunk in group:
+            request._prefilled += chunk
+        if width > min(chunk for _, chunk in group):  # the padded rows: keys past their real length are unread
+            rows.lengths.copy_(torch.tensor([r._prefilled for r, _ in group], device=self.device))
+        done = [r for r, _ in group if r._prefilled == len(r.prompt_ids)]  # all but maybe the last one
+        for request in done:
+            self._prefilling.popleft()
+            self._live.append(request)
+            request._t_first = time.perf_counter_ns()
+        tokens = [int(sample_next(logits[i : i + 1], r.sampling, r._generator)[0]) for i, r in enumerate(done)]
+        for i in reversed(range(len(done))):  # from the end, as in _decode: a row leaving moves the last one in
+            self._accept(start + i, tokens[i])
+
+    def _next_prefill(self) -> list[tuple[Request, int]]:
+        """The leading admitted requests for the next prefill pass, each with its number of prompt tokens.
+
+        A row costs the pass's width whatever its own length, so rows x width stays within ``prefill_chunk``, and
+        each row's padded positions stay inside the context. Only the last request may be taken part-way: the ones
+        before it finish and join the live rows in slot order, and a prompt part-way in stays next to them.
+        Cancelled and zero-budget requests end here, before they take a slot.
+        """
+        group: list[tuple[Request, int]] = []
+        width = furthest = 0
+        i = 0
+        while i < len(self._prefilling):
+            request = self._prefilling[i]
             if request.cancelled:
-                self._end(self._prefilling.popleft(), "cancelled")
+                del self._prefilling[i]
+                self._end(request, "cancelled")
                 continue
+            furthest = max(furthest, request._prefilled)
+            cap = min(self.prefill_chunk // (len(group) + 1), self.context_length - furthest)
+            if cap < width:
+                break
             if request._text is None:  # first chunk: set the request up
                 cfg = request.sampling
                 request._text = TextStream(self.tokenizer, request.stop, request.sections)
                 if cfg.seed is not None:
                     request._generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
                 request._budget = min(cfg.max_new_tokens, self.context_length - len(request.prompt_ids))
-                row.lengths.zero_()
                 if request._budget <= 0:
-                    self._end(self._prefilling.popleft(), "length")
+                    del self._prefilling[i]
+                    self._end(request, "length")
                     continue
-            done = int(row.lengths[0])
-            chunk = request.prompt_ids[done : done + room]
-            ids = torch.tensor([chunk], dtype=torch.long, device=self.device)
-            logits = self.model(ids, cache=row, logits_to_keep=1).logits[:, -1]
-            self.prefill_passes += 1
-            room -= len(chunk)
-            if done + len(chunk) < len(request.prompt_ids):
-                return  # the rest of this prompt in the next turns, between decode steps
-            self._prefilling.popleft()
-            self._live.append(request)
-            request._t_first = time.perf_counter_ns()
-            self._accept(slot, int(sample_next(logits, request.sampling, request._generator)[0]))
+            chunk = min(len(request.prompt_ids) - request._prefilled, cap)
+            group.append((request, chunk))
+            width = max(width, chunk)
+            i += 1
+            if request._prefilled + chunk < len(request.prompt_ids):
+                break  # the rest of this prompt in the next turns, between decode steps
+        return group
 
     def _decode(self) -> None:
         n = len(self._live)
@@ -265,8 +308,10 @@ class Engine:
             self._cache.copy_row(last, slot)
             self._live[slot] = self._live[last]
         self._live.pop()
-        if self._prefilling and self._prefilling[0]._text is not None:  # a prompt part-way in: keep it next
-            self._cache.copy_row(last + 1, last)  # to the live rows
+        for i, waiting in enumerate(self._prefilling):  # prompts part-way in move down one, to stay next to the
+            if not waiting._prefilled:  # live rows in order
+                break
+            self._cache.copy_row(last + 1 + i, last + i)
         self._end(request, reason)
 
     def _end(self, request: Request, reason: str, error: str | None = None) -> None:
