@@ -105,7 +105,7 @@ def serve(
             typer.echo(f"loading {path} as {served} ...")
             models[served] = ModelHandle.load(path, template=template, device=torch_device, max_batch=max_batch,
                                               threads=threads)  # fmt: skip
-        # torch's thread count is process-wide: every engine gets the count of the widest model
+        # torch threads may be shared by all threads of the process (libgomp): every engine gets the widest count
         count = max(inference_threads(threads, handle.model.cfg) for handle in models.values())
         for handle in models.values():
             handle.engine.threads = count

@@ -153,8 +153,8 @@ def _env_threads() -> int | None:
 def threads_for_inference(setting: int | str | None, cfg: Any) -> Iterator[int]:
     """Run the block with :func:`inference_threads` torch threads (CPU), then restore the previous count.
 
-    For a stage that trained with all CPUs and then decodes samples with a narrow model. The count is
-    process-wide (torch with libgomp), so do not overlap it with work in other threads."""
+    For a stage that trained with all CPUs and then decodes samples with a narrow model. The count may be
+    shared by every thread of the process (torch with libgomp), so do not overlap it with work in other threads."""
     import torch
 
     n, previous = inference_threads(setting, cfg), torch.get_num_threads()

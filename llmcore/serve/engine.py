@@ -39,6 +39,7 @@ import torch
 from llmcore.models.generate import SamplingConfig, sample_next
 from llmcore.models.gpt import GPT, BatchedKVCache
 from llmcore.models.responses import TextStream
+from llmcore.models.static_decode import decoder_for, width_for
 from llmcore.text.tokenizer import Tokenizer
 
 log = logging.getLogger("llmcore.serve")
@@ -85,14 +86,23 @@ class Engine:
     """The continuous-batching loop of one model (see the module docstring)."""
 
     def __init__(self, model: GPT, tokenizer: Tokenizer, max_batch: int = 8, name: str = "model",
-                 prefill_chunk: int = 512, threads: int | None = None):  # fmt: skip
+                 prefill_chunk: int = 512, threads: int | None = None,
+                 compiled_decode: bool | None = None):  # fmt: skip
         if max_batch < 1 or prefill_chunk < 1:
             raise ValueError(f"max_batch and prefill_chunk must be >= 1, got {max_batch}, {prefill_chunk}")
         self.model, self.tokenizer, self.max_batch, self.name = model.eval(), tokenizer, max_batch, name
         self.prefill_chunk = prefill_chunk
-        self.threads = threads  # torch CPU threads, set when the loop starts (process-wide; None: leave as is)
+        self.threads = threads  # torch CPU threads, set in the loop's thread when it starts (None: leave as is)
         self.context_length = model.cfg.context_length
         self.device = model.tok_emb.weight.device
+        # Decode steps run compiled (llmcore.models.static_decode) on CPU unless compiled_decode=False or the
+        # policy is ``never``: graphs compile in a background thread while the steps run eagerly, so no request
+        # waits for the compiler. None: the process policy (auto: compile, then keep whichever way times faster per
+        # batch size; a server runs long enough to pay for it). True: compiled whenever a graph is ready.
+        self._decode_policy = None if compiled_decode is None else ("always" if compiled_decode else "never")
+        self._decoder = decoder_for(model, self._decode_policy)
+        self._start_rows = torch.zeros(max_batch, dtype=torch.long, device=self.device)  # a packed cache: no padding
+        self._views: dict[tuple[int, int], tuple] = {}  # (rows, width) -> the compiled step's views of the cache
         self._cache: BatchedKVCache | None = None  # allocated on the first request
         self._waiting: collections.deque[Request] = collections.deque()
         self._live: list[Request] = []  # row i of the cache holds _live[i]
@@ -264,7 +274,22 @@ class Engine:
         n = len(self._live)
         self.max_live = max(self.max_live, n)
         ids = torch.tensor([[r._last] for r in self._live], dtype=torch.long, device=self.device)
-        logits = self.model(ids, cache=self._cache.rows(0, n), logits_to_keep=1).logits[:, -1]
+        out, decoder, began = None, self._decoder, time.perf_counter()
+        if decoder is not None:  # the compiled step where its graph is ready and faster, on the same cache buffers
+            lengths = self._cache.lengths[:n]
+            width = width_for(int(lengths.max()) + 1, self.context_length)
+            if decoder.compile(n, width, background=True) and decoder.prefer(n, width, self._decode_policy):
+                if (n, width) not in self._views:
+                    self._views[n, width] = decoder.views(self._cache.k, self._cache.v, n, width)
+                out = decoder.step(*self._views[n, width], ids, lengths, self._start_rows[:n])
+            if out is not None:
+                lengths += 1
+        if out is None:
+            logits = self.model(ids, cache=self._cache.rows(0, n), logits_to_keep=1).logits[:, -1]
+        else:
+            logits = out[0]
+        if decoder is not None:
+            decoder.record(n, width, out is not None, time.perf_counter() - began)
         self.steps += 1
         tokens = self._sample(logits)
         for slot in reversed(range(n)):  # from the end: a row leaving moves the last row into its slot
