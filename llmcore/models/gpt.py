@@ -191,7 +191,8 @@ class CausalSelfAttention(nn.Module):
         self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, rope, mask, cache: KVCache | None, layer: int):
+    def heads(self, x, rope) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries (B, nh, T, hs), keys and values (B, nkv, T, hs) of ``x``, normed and rotated."""
         B, T, _ = x.shape
         q, k, v = self.qkv(x).split(
             [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim],
@@ -204,6 +205,11 @@ class CausalSelfAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        return q, k, v
+
+    def forward(self, x, rope, mask, cache: KVCache | None, layer: int):
+        B, T, _ = x.shape
+        q, k, v = self.heads(x, rope)
         if cache is not None:
             k, v = cache.update(layer, k, v)
         y = F.scaled_dot_product_attention(
@@ -381,14 +387,7 @@ class GPT(nn.Module):
             # SDPA's is_causal aligns the mask top-left, which is wrong for T>1 after a prefix in cache.
             mask = self._padding_mask(None, offset, T, idx.device) if offset and T > 1 else None
 
-        x = self.tok_emb(idx)
-        rope = None
-        if self.pos_emb is not None:
-            x = x + self.pos_emb(positions)
-        else:
-            freqs = positions[:, None, :, None].float() * self.inv_freq  # (B, 1, T, hs/2)
-            freqs = torch.cat((freqs, freqs), dim=-1)
-            rope = (freqs.cos().to(x.dtype), freqs.sin().to(x.dtype))
+        x, rope = self.embed(idx, positions)
         x = self.drop(x)
         recompute = self.checkpointing and self.training and cache is None and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
@@ -410,6 +409,16 @@ class GPT(nn.Module):
         if return_logits:
             logits = self.head(x[:, -logits_to_keep:] if logits_to_keep else x)
         return ModelOutput(logits=logits, hidden=hidden)
+
+    def embed(self, idx: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, tuple | None]:
+        """Token embeddings (B, T, C) of ``idx`` at ``positions`` (B, T): plus the learned position table, or with
+        the RoPE (cos, sin) pair, each (B, 1, T, hs), that attention applies to queries and keys."""
+        x = self.tok_emb(idx)
+        if self.pos_emb is not None:
+            return x + self.pos_emb(positions), None
+        freqs = positions[:, None, :, None].float() * self.inv_freq  # (B, 1, T, hs/2)
+        freqs = torch.cat((freqs, freqs), dim=-1)
+        return x, (freqs.cos().to(x.dtype), freqs.sin().to(x.dtype))
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (..., vocab_size) of final hidden states: the output head, padded rows cut off (a view)."""
