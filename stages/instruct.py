@@ -39,6 +39,7 @@ from llmcore.data.datasets import find_single_file, load_instruction_data
 from llmcore.data.instruct import InstructionBatches, check_split, encode_entries, eval_batches, split_entries
 from llmcore.device import resolve_device
 from llmcore.eval.instruct import evaluate_loss
+from llmcore.models import static_decode
 from llmcore.models.generate import SamplingConfig
 from llmcore.models.lora import LoRAParams, apply_lora, count_trainable, mark_trainable, merge_lora
 from llmcore.models.responses import generate_responses, stream_response
@@ -241,18 +242,31 @@ def ask(
     top_p: float = typer.Option(None, help="nucleus sampling mass"),
     seed: int = typer.Option(None, help="sampling seed"),
     device: str = typer.Option("auto", help="auto | cpu | cuda | mps"),
+    compiled_decode: str = typer.Option(
+        None, help="auto | always | never: decode with the compiled step (CPU; seconds to compile). auto (the default, "
+        "or $LLMCORE_COMPILED_DECODE) compiles only where it pays, which one answer does not"
+    ),
 ) -> None:
     """Answer one instruction with the tuned model, streaming the answer as it is generated."""
     with stage_errors():
         text = sys.stdin.read() if prompt is None else prompt
         if not text.strip():
             raise LLMCoreError("ask: empty instruction (pass it as an argument or on stdin)")
+        if compiled_decode is not None and compiled_decode not in static_decode.POLICIES:
+            raise LLMCoreError(f"ask: --compiled-decode must be one of {'|'.join(static_decode.POLICIES)}, "
+                               f"got {compiled_decode!r}")  # fmt: skip
         model, tok, template = load_instruct_model(model_dir, device=resolve_device(device), use="ask")
         sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                   seed=seed)  # fmt: skip
-        for piece in stream_response(model, tok, format_prompt(template, text.strip(), input), sampling):
-            sys.stdout.write(piece)
-            sys.stdout.flush()
+        if compiled_decode is not None:
+            static_decode.set_policy(compiled_decode)
+        try:
+            for piece in stream_response(model, tok, format_prompt(template, text.strip(), input), sampling):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        finally:
+            if compiled_decode is not None:
+                static_decode.set_policy(None)
         sys.stdout.write("\n")
 
 

@@ -16,6 +16,11 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# Compiled decoding (llmcore.models.static_decode) costs seconds of compile per model, and every server a test starts
+# would compile in the background: the suite decodes eagerly, except the tests that ask for it
+# (test_static_decode.py). LLMCORE_COMPILED_DECODE=auto runs the whole suite the way a user's process would.
+os.environ.setdefault("LLMCORE_COMPILED_DECODE", "never")
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 MIRROR_DIR = SHARED_DATA / "mirror"
 

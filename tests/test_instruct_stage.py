@@ -126,6 +126,10 @@ def test_ask_streams_the_answer(trained: Path) -> None:
     assert empty.exit_code == 1 and "error: ask: empty instruction" in empty.output
     missing = CliRunner().invoke(app, ["ask", "--model", str(trained / "nowhere"), "Hi"])
     assert missing.exit_code == 1 and "nowhere: no such model folder" in missing.output
+    eager = CliRunner().invoke(app, ["ask", "--model", model, "--compiled-decode", "never", "Say 7."])
+    assert eager.exit_code == 0 and eager.output == "OK.\n"
+    odd = CliRunner().invoke(app, ["ask", "--model", model, "--compiled-decode", "sometimes", "Say 7."])
+    assert odd.exit_code == 1 and "--compiled-decode must be one of auto|always|never" in odd.output
 
 
 def test_reference_loss_scores_only_the_response(trained: Path) -> None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from llmcore.models.gpt import GPT
+from llmcore.models.static_decode import decoder_for, pays, width_for
 
 
 @dataclass
@@ -95,20 +96,40 @@ def generate_steps(
     padded = len({len(p) for p in prompts}) > 1
     stop = torch.tensor(sorted(set(cfg.stop_ids)), dtype=torch.long, device=device)
     alive = torch.ones(len(prompts), dtype=torch.bool, device=device)
+    B, width = len(prompts), width_for(idx.shape[1] + steps, ctx)
     was_training = model.training
     model.eval()
     try:
-        cache = model.new_cache(len(prompts), idx.shape[1] + steps) if use_cache else None
+        # Decode steps after the prefill run compiled where that pays (llmcore.models.static_decode), else eagerly;
+        # ``history`` counts the eager ones, which is how ``auto`` learns that a process decodes a lot.
+        history = decoder = decoder_for(model) if use_cache and steps > 1 else None
+        if decoder is not None and not (pays(decoder, B, width, steps - 1) and decoder.compile(B, width)):
+            decoder = None
+        # The compiled step reads full-context buffers (its graph serves any cache of that layout).
+        cache = model.new_cache(B, ctx if decoder else idx.shape[1] + steps) if use_cache else None
+        if decoder is not None:
+            views = decoder.views(cache.k, cache.v, B, width)
+            slot = torch.full((B,), idx.shape[1], dtype=torch.long, device=device)  # where each new token goes
+            start = (1 - mask).sum(1)  # left padding: a row's keys start after it, its positions count from it
         step_input = idx
-        for _ in range(steps):
+        for i in range(steps):
             # The head only for the last position: the prefill needs one row of logits, not T.
             step_mask = mask if padded else None
-            with decode_attention(device):
-                if cache is not None:
-                    logits = model(step_input, attention_mask=step_mask, cache=cache, logits_to_keep=1).logits[:, -1]
-                else:
-                    logits = model(idx, attention_mask=step_mask, logits_to_keep=1).logits[:, -1]
-            nxt = sample_next(logits, cfg, generator)
+            out = decoder.step(*views, step_input, slot, start) if decoder and i else None
+            if out is not None:
+                logits, greedy = out
+                cache.pos += 1
+                slot += 1
+            else:
+                if history is not None and i:
+                    history.eager_steps += 1
+                with decode_attention(device):
+                    if cache is not None:
+                        logits = model(step_input, attention_mask=step_mask, cache=cache, logits_to_keep=1).logits
+                    else:
+                        logits = model(idx, attention_mask=step_mask, logits_to_keep=1).logits
+                logits, greedy = logits[:, -1], None
+            nxt = greedy if greedy is not None and cfg.temperature <= 0 else sample_next(logits, cfg, generator)
             if stop.numel():
                 alive = alive & ~torch.isin(nxt, stop)
             yield nxt, alive.clone()

@@ -37,6 +37,7 @@ import torch
 from llmcore.models.generate import SamplingConfig, sample_next
 from llmcore.models.gpt import GPT, BatchedKVCache
 from llmcore.models.responses import TextStream
+from llmcore.models.static_decode import decoder_for, width_for
 from llmcore.text.tokenizer import Tokenizer
 
 log = logging.getLogger("llmcore.serve")
@@ -82,13 +83,20 @@ class Engine:
     """The continuous-batching loop of one model (see the module docstring)."""
 
     def __init__(self, model: GPT, tokenizer: Tokenizer, max_batch: int = 8, name: str = "model",
-                 prefill_chunk: int = 512):  # fmt: skip
+                 prefill_chunk: int = 512, compiled_decode: bool | None = None):  # fmt: skip
         if max_batch < 1 or prefill_chunk < 1:
             raise ValueError(f"max_batch and prefill_chunk must be >= 1, got {max_batch}, {prefill_chunk}")
         self.model, self.tokenizer, self.max_batch, self.name = model.eval(), tokenizer, max_batch, name
         self.prefill_chunk = prefill_chunk
         self.context_length = model.cfg.context_length
         self.device = model.tok_emb.weight.device
+        # Decode steps run compiled (llmcore.models.static_decode) on CPU unless compiled_decode=False or the
+        # policy is ``never``: graphs compile in a background thread while the steps run eagerly, so no request
+        # waits for the compiler. None: the process policy (auto = on; a server runs long enough to pay for it).
+        policy = None if compiled_decode is None else ("always" if compiled_decode else "never")
+        self._decoder = decoder_for(model, policy)
+        self._start_rows = torch.zeros(max_batch, dtype=torch.long, device=self.device)  # a packed cache: no padding
+        self._views: dict[tuple[int, int], tuple] = {}  # (rows, width) -> the compiled step's views of the cache
         self._cache: BatchedKVCache | None = None  # allocated on the first request
         self._waiting: collections.deque[Request] = collections.deque()
         self._live: list[Request] = []  # row i of the cache holds _live[i]
@@ -218,7 +226,20 @@ class Engine:
         n = len(self._live)
         self.max_live = max(self.max_live, n)
         ids = torch.tensor([[r._last] for r in self._live], dtype=torch.long, device=self.device)
-        logits = self.model(ids, cache=self._cache.rows(0, n), logits_to_keep=1).logits[:, -1]
+        out = None
+        if self._decoder is not None:  # the compiled step, once its graph is ready, on the same cache buffers
+            lengths = self._cache.lengths[:n]
+            width = width_for(int(lengths.max()) + 1, self.context_length)
+            if self._decoder.compile(n, width, background=True):
+                if (n, width) not in self._views:
+                    self._views[n, width] = self._decoder.views(self._cache.k, self._cache.v, n, width)
+                out = self._decoder.step(*self._views[n, width], ids, lengths, self._start_rows[:n])
+            if out is not None:
+                lengths += 1
+        if out is None:
+            logits = self.model(ids, cache=self._cache.rows(0, n), logits_to_keep=1).logits[:, -1]
+        else:
+            logits = out[0]
         self.steps += 1
         tokens = self._sample(logits)
         for slot in reversed(range(n)):  # from the end: a row leaving moves the last row into its slot

@@ -1,0 +1,312 @@
+"""Compiled decoding: one token per row over a static-shape KV cache, fused by ``torch.compile``.
+
+A small model spends most of a decode step in Python and op launches, not arithmetic: on llama3-tiny (1M
+parameters) an eager ``generate`` step costs about 0.9 ms, of which the matmuls are a few µs each. The step here is
+written with static shapes only, so inductor (C++ on CPU) traces it once and fuses it into a few kernels:
+
+    cache   the caller's full-context buffers (B, n_kv_heads, context_length, head_dim) per layer, read through a
+            view of a fixed width W (a bucket of the longest row, see :func:`width_for`);
+    write   each row's new key/value lands at its own cache index ``slot[b]`` (a tensor, not a Python int);
+    attend  over all W keys with a mask ``start[b] <= j <= slot[b]``, so rows of different lengths and left-padded
+            rows share one graph; the row's position (RoPE or the learned table) is ``slot - start``;
+    out     logits (B, vocab_size) and their argmax (greedy decoding needs no extra op).
+
+The step reuses the model's modules and reads its current weights at every call (no freezing), so in-place weight
+updates are seen; it expects an eval-mode model (no dropout) whose blocks are llmcore's own ``Block`` and
+``CausalSelfAttention``. Prefill stays eager (``GPT.forward`` writes the same buffers), so the cache is shared by
+both. One decoder per model (and torch thread count), with one compiled graph per (width, batch 1 | batch >= 2):
+the batch dimension is dynamic above 1, so the serve engine's rows come and go without recompiling.
+
+Where it pays (measured on the 2-core VM, 1 thread; ``python -m benchmarks.compiled_decode`` has the table):
+compiling costs ~10-20 s cold and ~3-5 s with inductor's on-disk cache warm (on by default, under
+``$TORCHINDUCTOR_CACHE_DIR``), and saves ~0.4-0.5 ms per decode step. Hence:
+
+- the serve engine (:class:`llmcore.serve.engine.Engine`) compiles on CPU by default, in a background thread, and
+  decodes eagerly until the graph is ready: a server runs long, and no request waits for the compiler;
+- ``generate`` (and ``llmcore ask``, which streams through it) compiles only once the model's decode steps in this
+  process, past and expected, reach ``COMPILE_AFTER_STEPS`` (~the steps whose saving pays for a compile), or
+  when the graph is already compiled; one ``ask`` answer (<= 256 steps, ~0.25 s) never pays for ~4 s of compile;
+- ``LLMCORE_COMPILED_DECODE=always|never`` (or :func:`set_policy`) overrides ``auto``;
+- CUDA and other devices decode eagerly (CUDA graphs are another piece of work: :data:`COMPILE_SETTINGS` is where a
+  ``mode="reduce-overhead"`` entry plugs in); anything that cannot be compiled falls back to eager with one log line
+  on the ``llmcore.decode`` logger.
+
+Reference: the static-cache decode recipe of pytorch-labs/gpt-fast (written anew for llmcore's model).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import types
+import weakref
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from llmcore.models.gpt import GPT, Block, CausalSelfAttention
+
+log = logging.getLogger("llmcore.decode")
+
+POLICIES = ("auto", "always", "never")
+POLICY_ENV = "LLMCORE_COMPILED_DECODE"
+# ``auto`` compiles once a model's decode steps in this process (run + about to run) reach this many: the compile
+# (~4 s with a warm inductor cache, up to ~20 s cold) over the saving per step (~0.45 ms on llama3-tiny, 1 thread).
+COMPILE_AFTER_STEPS = 10_000
+# Cache widths: the full context when it is short, else powers of two from MIN_WIDTH (attention reads W keys per
+# row: at the 124M shape a 1024-wide cache costs +30% per step over a 128-wide one at batch 1, 2x at batch 8).
+MIN_WIDTH = 256
+# torch.compile settings per device type; a device type missing here decodes eagerly. CPU, measured by
+# ``python -m benchmarks.compiled_decode --options`` (llama3-tiny, 1 thread, batch 1 / 8, against neither):
+# inductor's cpp_wrapper (the graph's launcher in C++, not Python) +15% / +5%; no dynamo guards on the model's modules
+# +8% / +2% (safe because decoder_for checks the model's structure at every call, see _fingerprint); both +26% / +7%.
+# Not used: freezing (weights as constants: -2% / -4%, and it would miss weight updates).
+COMPILE_SETTINGS: dict[str, dict[str, Any]] = {
+    "cpu": {"mode": None, "options": {"cpp_wrapper": True,
+                                      "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}},
+}  # fmt: skip
+
+_policy: str | None = None  # set_policy() over the environment variable
+
+
+def set_policy(policy: str | None) -> None:
+    """``auto`` | ``always`` | ``never`` for this process (None: back to ``$LLMCORE_COMPILED_DECODE``, else auto)."""
+    global _policy
+    if policy is not None and policy not in POLICIES:
+        raise ValueError(f"compiled decode policy must be one of {'|'.join(POLICIES)}, got {policy!r}")
+    _policy = policy
+
+
+def policy() -> str:
+    if _policy is not None:
+        return _policy
+    value = os.environ.get(POLICY_ENV, "auto").strip().lower()
+    value = {"1": "always", "true": "always", "on": "always", "0": "never", "false": "never", "off": "never"}.get(
+        value, value
+    )
+    return value if value in POLICIES else "auto"
+
+
+def width_for(need: int, context_length: int) -> int:
+    """The cache width a step attends over when rows hold up to ``need`` positions (the new token included)."""
+    if context_length <= MIN_WIDTH:
+        return context_length
+    w = MIN_WIDTH
+    while w < need:
+        w *= 2
+    return min(w, context_length)
+
+
+def unsupported(model: torch.nn.Module) -> str | None:
+    """Why ``model`` cannot use the compiled step (None if it can)."""
+    if not isinstance(model, GPT):
+        return f"{type(model).__name__} is not llmcore's GPT"
+    device = model.tok_emb.weight.device
+    if device.type not in COMPILE_SETTINGS:
+        return f"compiled decode is set up for CPU only (device {device.type})"
+    for i, block in enumerate(model.blocks):
+        if type(block) is not Block or type(block.attn) is not CausalSelfAttention:
+            return f"block {i} is a {type(block).__name__}/{type(block.attn).__name__}, not the stock one"
+    return None
+
+
+def _fingerprint(model: GPT) -> tuple:
+    """What the compiled graphs assume of ``model`` beyond its weights' values, which dynamo no longer guards (the
+    guard filter above): the same module objects, and parameters of the same identity, shape, dtype and device."""
+    return (tuple(map(id, model.modules())),
+            tuple((id(p), p.shape, p.dtype, p.device) for p in model.parameters()))  # fmt: skip
+
+
+def _decode_step(model: GPT, k: list[torch.Tensor], v: list[torch.Tensor], ids: torch.Tensor, slot: torch.Tensor,
+                 start: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """One token per row: ids (B, 1) at cache index slot (B,), keys from start (B,) on -> logits (B, V), argmax (B,).
+
+    ``k``/``v`` are per-layer (B, n_kv_heads, W, head_dim) cache views; the new keys/values are written into them.
+    """
+    B, W = ids.shape[0], k[0].shape[2]
+    x, rope = model.embed(ids, (slot - start)[:, None])
+    keys = torch.arange(W, device=ids.device)
+    mask = ((keys >= start[:, None]) & (keys <= slot[:, None]))[:, None, None, :]  # (B, 1, 1, W)
+    rows = torch.arange(B, device=ids.device)
+    for i, block in enumerate(model.blocks):
+        a = block.attn
+        q, k_new, v_new = a.heads(block.norm1(x), rope)  # (B, nh | nkv, 1, hs)
+        k[i][rows, :, slot] = k_new[:, :, 0]
+        v[i][rows, :, slot] = v_new[:, :, 0]
+        y = F.scaled_dot_product_attention(q, k[i], v[i], attn_mask=mask, enable_gqa=a.n_kv_heads != a.n_heads)
+        x = x + a.proj(y.transpose(1, 2).reshape(B, 1, a.n_heads * a.head_dim))
+        x = x + block.mlp(block.norm2(x))
+    logits = model.head(model.final_norm(x))[:, -1]
+    return logits, logits.argmax(-1)
+
+
+def _own_copy(fn: types.FunctionType) -> types.FunctionType:
+    """``fn`` with a code object of its own. Dynamo keeps compiled graphs, and its limit of recompiles, per code
+    object: a copy per (decoder, width) keeps models and widths from evicting each other's graphs."""
+    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+
+
+class StaticDecoder:
+    """The compiled decode step of one model (see the module docstring); get it with :func:`decoder_for`.
+
+    ``step`` runs a compiled graph when one is ready for the batch and width and returns None otherwise (the caller
+    then runs its eager step); ``compile`` builds one, in the calling thread or (``background=True``) in a worker
+    thread on scratch buffers, so a server keeps decoding eagerly meanwhile.
+    """
+
+    def __init__(self, model: GPT, mode: str | None = None, options: dict[str, Any] | None = None):
+        self._model = weakref.ref(model)
+        self.name = f"GPT {model.cfg.n_layers}x{model.cfg.emb_dim} ({model.cfg.pos_emb} positions)"
+        self.cfg, self.fingerprint = model.cfg, _fingerprint(model)
+        self.mode, self.options = mode, dict(options or {})
+        self.eager_steps = 0  # decode steps run eagerly on this model (the ``auto`` policy's history)
+        self.compiled_steps = 0  # decode steps run compiled
+        self.failed: str | None = None  # a compile or a compiled call failed: eager from then on
+        self._steps: dict[tuple[int, int], Any] = {}  # (width, threads) -> the compiled function
+        self._ready: set[tuple[bool, int, int]] = set()  # (batched, width, threads) compiled
+        self._pending: set[tuple[bool, int, int]] = set()
+        self._lock = threading.Lock()
+
+    # -- state ----------------------------------------------------------------------------------------
+
+    def _key(self, n: int, width: int) -> tuple[bool, int, int]:
+        return n > 1, width, torch.get_num_threads()
+
+    def ready(self, n: int, width: int) -> bool:
+        return self.failed is None and self._key(n, width) in self._ready
+
+    def _fn(self, width: int, threads: int):
+        with self._lock:
+            if (width, threads) not in self._steps:
+                self._steps[width, threads] = torch.compile(
+                    _own_copy(_decode_step), fullgraph=True, dynamic=False, mode=self.mode, options=self.options
+                )
+            return self._steps[width, threads]
+
+    def _fail(self, what: str, e: BaseException) -> None:
+        self.failed = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        log.warning("compiled decode of %s failed (%s): %s; decoding eagerly", self.name, what, self.failed)
+
+    # -- compiling ------------------------------------------------------------------------------------
+
+    def compile(self, n: int, width: int, background: bool = False) -> bool:
+        """Compile the graph for ``n`` rows (1, or any n > 1) at ``width``; True once it is ready. In the background
+        it returns at once (False until the worker is done; one worker at a time, a call while one runs does
+        nothing)."""
+        key = self._key(n, width)
+        if self.failed is not None or key in self._ready:
+            return self.failed is None
+        with self._lock:
+            if key in self._pending or (background and self._pending):  # one background compile at a time
+                return False
+            self._pending.add(key)
+        if not background:
+            self._compile(key)
+            return self.ready(n, width)
+        # Not a daemon: the interpreter waits for a compile in flight at exit (one killed mid-way aborts the process).
+        threading.Thread(target=self._compile, args=(key,), name=f"compile-decode-{width}").start()
+        return False
+
+    def _compile(self, key: tuple[bool, int, int]) -> None:
+        """Trace and compile on scratch buffers laid out like a ``BatchedKVCache``'s (the guards match on shapes
+        and strides, so the graph then serves any cache of that layout)."""
+        batched, width, threads = key
+        model = self._model()
+        if model is None:
+            return
+        torch.set_num_threads(threads)  # inductor's C++ kernels are built for the thread count they run at
+        cfg, w = self.cfg, model.tok_emb.weight
+        n = 2 if batched else 1
+        shape = (n, cfg.n_kv_heads, cfg.context_length, cfg.head_dim)
+        k = [torch.zeros(shape, dtype=w.dtype, device=w.device)[:, :, :width] for _ in range(cfg.n_layers)]
+        v = [torch.zeros(shape, dtype=w.dtype, device=w.device)[:, :, :width] for _ in range(cfg.n_layers)]
+        ids = torch.zeros(n, 1, dtype=torch.long, device=w.device)
+        slot, start = torch.zeros(n, dtype=torch.long, device=w.device), torch.zeros_like(ids[:, 0])
+        if batched:
+            for t in (*k, *v, ids, slot, start):
+                torch._dynamo.mark_dynamic(t, 0, min=2, max=1 << 16)
+        what = f"batch {'>= 2' if batched else 1}, width {width}, {threads} thread{'s' * (threads > 1)}"
+        began = time.perf_counter()
+        try:
+            with torch.no_grad():
+                self._fn(width, threads)(model, k, v, ids, slot, start)
+        except Exception as e:  # no C++ compiler, an op inductor cannot lower, ...: eager from now on
+            self._fail(f"compiling for {what}", e)
+        else:
+            log.info("compiled the decode step of %s for %s in %.1f s", self.name, what, time.perf_counter() - began)
+            with self._lock:
+                self._ready.add(key)
+        with self._lock:
+            self._pending.discard(key)
+
+    # -- running --------------------------------------------------------------------------------------
+
+    @staticmethod
+    def views(k: list[torch.Tensor], v: list[torch.Tensor], n: int, width: int) -> tuple[list, list]:
+        """What :meth:`step` reads: the first ``n`` rows and ``width`` positions of per-layer cache buffers ``k``/``v``
+        ((>= n, n_kv_heads, context_length, head_dim), a ``KVCache``'s or ``BatchedKVCache``'s), as views. Made once
+        and reused step after step where the rows and width stay (no slicing of every layer per step)."""
+        return [t[:n, :, :width] for t in k], [t[:n, :, :width] for t in v]
+
+    def step(self, k: list[torch.Tensor], v: list[torch.Tensor], ids: torch.Tensor, slot: torch.Tensor,
+             start: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:  # fmt: skip
+        """Decode one token for each of ``n = len(ids)`` rows, or return None if no graph is ready for (n, width).
+
+        Args:
+            k, v: :meth:`views` of the cache, (n, n_kv_heads, width, head_dim) per layer; width is :func:`width_for`
+                the longest row, the new token included.
+            ids: (n, 1) the rows' last tokens.
+            slot: (n,) cache index each row writes its new key/value at (its length so far).
+            start: (n,) first cache index each row attends to (left padding before it; zeros for a packed cache).
+
+        Returns:
+            (logits (n, vocab_size), argmax tokens (n,)); the keys/values are written, ``slot`` is not advanced.
+        """
+        n, width = ids.shape[0], k[0].shape[2]
+        if not self.ready(n, width):
+            return None
+        try:
+            out = self._steps[width, torch.get_num_threads()](self._model(), k, v, ids, slot, start)
+        except Exception as e:
+            self._fail(f"a decode step at batch {n}, width {width}", e)
+            return None
+        self.compiled_steps += 1
+        return out
+
+
+_decoders: weakref.WeakKeyDictionary[GPT, StaticDecoder] = weakref.WeakKeyDictionary()
+_refused: weakref.WeakKeyDictionary[torch.nn.Module, str] = weakref.WeakKeyDictionary()
+
+
+def decoder_for(model: torch.nn.Module, policy_override: str | None = None) -> StaticDecoder | None:
+    """The model's compiled decoder, made on first use; None (after one log line per model) where it cannot be used:
+    the ``never`` policy (``policy_override``, else the process's), an unsupported model or device, or an earlier
+    compile failure."""
+    if (policy_override or policy()) == "never":
+        return None
+    reason = unsupported(model)
+    decoder = _decoders.get(model) if reason is None else None
+    if decoder is not None and decoder.fingerprint != _fingerprint(model):  # e.g. LoRA merged, or .to(bfloat16)
+        log.info("the model behind %s changed (modules or parameters); compiling anew", decoder.name)
+        decoder = None
+    if reason is None and decoder is None:
+        settings = COMPILE_SETTINGS[model.tok_emb.weight.device.type]
+        decoder = _decoders[model] = StaticDecoder(model, **settings)
+    if decoder is not None and decoder.failed is not None:
+        reason = f"an earlier compile failed ({decoder.failed})"
+    if reason is None:
+        return decoder
+    if _refused.get(model) != reason:
+        _refused[model] = reason
+        log.info("compiled decode off for %s: %s; decoding eagerly", type(model).__name__, reason)
+    return None
+
+
+def pays(decoder: StaticDecoder, n: int, width: int, steps: int) -> bool:
+    """Whether ``generate`` should run ``steps`` decode steps of ``n`` rows compiled (see the module docstring)."""
+    if decoder.ready(n, width) or policy() == "always":
+        return True
+    return decoder.eager_steps + steps >= COMPILE_AFTER_STEPS

@@ -1,0 +1,197 @@
+"""Compiled decoding (llmcore.models.static_decode): the same tokens as eager decoding, greedy and seeded sampling,
+batch 1 and rows of different lengths, in ``generate`` and in the serve engine; one log line where it falls back.
+
+Compiling costs seconds, so the models are tiny, module-scoped and reused: four graphs in all (two families x batch 1
+and batch >= 2, the engine's model repeating the llama ones), ~40 s cold on 2 cores, ~15 s with inductor's on-disk
+cache warm.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+
+import pytest
+import torch
+
+from llmcore.models import static_decode
+from llmcore.models.config import ModelConfig
+from llmcore.models.generate import SamplingConfig, generate
+from llmcore.models.gpt import GPT, Block
+from llmcore.serve.engine import Engine, Finished, Request
+from llmcore.text.tokenizer import Tokenizer
+
+pytestmark = pytest.mark.timeout(300)
+
+CTX = 64
+CONFIGS = {
+    # Llama parts plus every switch the step must honour: GQA, QK-norm, qkv bias, a padded vocabulary
+    "llama": dict(preset="llama3-tiny", n_heads=4, n_kv_heads=2, hidden_dim=64, qk_norm=True, qkv_bias=True,
+                  pad_vocab_multiple=64),
+    "gpt2": dict(preset="gpt2-tiny", n_heads=2),  # learned positions, LayerNorm, GELU, tied head
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return Tokenizer.train("the quick brown fox jumps over the lazy dog, again and again. " * 30, vocab_size=280)
+
+
+@pytest.fixture(scope="module")
+def models(tok) -> dict[str, GPT]:
+    out = {}
+    for name, c in CONFIGS.items():
+        torch.manual_seed(0)
+        overrides = {k: v for k, v in c.items() if k != "preset"}
+        cfg = ModelConfig.from_preset(c["preset"], **overrides, vocab_size=tok.vocab_size, context_length=CTX,
+                                      emb_dim=32, n_layers=2)  # fmt: skip
+        out[name] = GPT(cfg).eval()
+    return out
+
+
+@pytest.fixture
+def policy():
+    """Set the process's compiled-decode policy for one test (conftest's default is ``never``)."""
+    yield static_decode.set_policy
+    static_decode.set_policy(None)
+
+
+def prompts_of(n: int) -> list[list[int]]:
+    torch.manual_seed(1)
+    return [torch.randint(0, 250, (length,)).tolist() for length in (5, 2, 9, 14)[:n]]
+
+
+def eager_and_compiled(model: GPT, prompts, cfg: SamplingConfig, policy) -> tuple[list, list]:
+    policy("never")
+    eager = generate(model, prompts, cfg)
+    policy("always")
+    before = static_decode.decoder_for(model).compiled_steps
+    compiled = generate(model, prompts, cfg)
+    assert static_decode.decoder_for(model).compiled_steps > before  # it did run compiled
+    return eager, compiled
+
+
+@pytest.mark.parametrize("rows", [1, 3], ids=["batch1", "ragged-batch"])
+@pytest.mark.parametrize("family", list(CONFIGS))
+def test_compiled_greedy_decoding_gives_the_eager_tokens(models, family, rows, policy) -> None:
+    eager, compiled = eager_and_compiled(models[family], prompts_of(rows), SamplingConfig(24), policy)
+    assert compiled == eager
+
+
+@pytest.mark.parametrize("family", list(CONFIGS))
+def test_compiled_seeded_sampling_gives_the_eager_tokens(models, family, policy) -> None:
+    cfg = SamplingConfig(24, temperature=0.9, top_k=40, top_p=0.95, seed=7)
+    eager, compiled = eager_and_compiled(models[family], prompts_of(3), cfg, policy)
+    assert compiled == eager
+
+
+def test_the_step_reads_the_current_weights(models, policy) -> None:
+    """No freezing: an in-place weight update (a training step) is seen by the next compiled step."""
+    model = models["llama"]
+    w = model.blocks[0].mlp.proj.weight
+    saved = w.detach().clone()
+    try:
+        with torch.no_grad():
+            w.mul_(-3.0)
+        eager, compiled = eager_and_compiled(model, prompts_of(1), SamplingConfig(16), policy)
+        assert compiled == eager
+    finally:
+        with torch.no_grad():
+            w.copy_(saved)
+
+
+def run_jobs(engine: Engine, jobs) -> list[str]:
+    sinks = [queue.Queue() for _ in jobs]
+    for (ids, cfg), sink in zip(jobs, sinks, strict=True):
+        engine.submit(Request(ids, cfg, sink.put))
+    texts = []
+    for sink in sinks:
+        pieces = []
+        while not isinstance(event := sink.get(timeout=60), Finished):
+            pieces.append(event)
+        texts.append("".join(pieces))
+    return texts
+
+
+def test_engine_compiles_in_the_background_and_decodes_on_its_own_cache(models, tok, policy) -> None:
+    """The engine decodes eagerly while its graphs compile in a background thread, then compiled, in the cache it
+    prefills eagerly: rows of different lengths join, leave and move (copy_row), and each request gets what it gets
+    alone from eager ``generate``."""
+    model = GPT(models["llama"].cfg).eval()  # a model of its own: a decoder of its own, compiled by the engine
+    model.load_state_dict(models["llama"].state_dict())
+    engine = Engine(model, tok, max_batch=3, compiled_decode=True)
+    decoder = engine._decoder
+    torch.manual_seed(2)
+    lengths, budgets = torch.randint(2, 20, (6,)).tolist(), torch.randint(3, 30, (6,)).tolist()
+    jobs = [(torch.randint(0, 250, (n,)).tolist(), SamplingConfig(m, temperature=0.8 * (i % 2), seed=i))
+            for i, (n, m) in enumerate(zip(lengths, budgets, strict=True))]  # fmt: skip
+    policy("never")
+    expected = [tok.decode(generate(model, [ids], cfg)[0]) for ids, cfg in jobs]
+    try:
+        rounds = 0
+        while decoder.compiled_steps < 20 and rounds < 200:  # eager rounds until both graphs are ready
+            assert run_jobs(engine, jobs) == expected
+            rounds += 1
+        assert decoder.ready(1, CTX) and decoder.ready(2, CTX) and engine.max_live > 1
+        assert run_jobs(engine, jobs) == expected
+    finally:
+        engine.stop()
+
+
+def test_auto_compiles_once_the_decode_steps_pay_for_it(models) -> None:
+    decoder = static_decode.decoder_for(models["gpt2"], "auto")
+    assert decoder.compile(1, CTX)  # (compiled by the tests above already)
+    fresh = static_decode.StaticDecoder(models["gpt2"])
+    assert not static_decode.pays(fresh, 1, CTX, 256)  # one `ask` answer: eager
+    fresh.eager_steps = static_decode.COMPILE_AFTER_STEPS - 100
+    assert static_decode.pays(fresh, 1, CTX, 100)  # a process that keeps decoding: compile
+    assert decoder.ready(1, CTX) and static_decode.pays(decoder, 1, CTX, 1)  # compiled already: free
+
+
+def test_a_changed_model_gets_a_new_decoder(models, caplog) -> None:
+    """The graphs skip dynamo's guards on the model's modules; the decoder checks the structure itself instead."""
+    from llmcore.models.lora import apply_lora
+
+    model = GPT(models["gpt2"].cfg).eval()
+    first = static_decode.decoder_for(model, "auto")
+    assert static_decode.decoder_for(model, "auto") is first
+    apply_lora(model, rank=2, alpha=4)
+    with caplog.at_level(logging.INFO, logger="llmcore.decode"):
+        second = static_decode.decoder_for(model, "auto")
+    assert second is not first and "changed (modules or parameters); compiling anew" in caplog.text
+
+
+def test_width_buckets() -> None:
+    assert static_decode.width_for(10, 128) == 128  # short contexts: one width
+    assert [static_decode.width_for(n, 1024) for n in (1, 256, 257, 600, 1024)] == [256, 256, 512, 1024, 1024]
+
+
+def test_fallbacks_decode_eagerly_with_one_log_line(models, policy, caplog, monkeypatch) -> None:
+    policy("always")
+    odd = GPT(models["gpt2"].cfg).eval()
+    odd.blocks[0].__class__ = type("MyBlock", (Block,), {})
+    prompts, cfg = prompts_of(1), SamplingConfig(4)
+    with caplog.at_level(logging.INFO, logger="llmcore.decode"):
+        generate(odd, prompts, cfg)
+        generate(odd, prompts, cfg)  # logged once per model
+    lines = [r.getMessage() for r in caplog.records if r.name == "llmcore.decode"]
+    assert lines == ["compiled decode off for GPT: block 0 is a MyBlock/CausalSelfAttention, not the stock one; "
+                     "decoding eagerly"]  # fmt: skip
+
+    caplog.clear()  # a compile that fails (no C++ compiler, say): a warning, then eager tokens
+    broken = GPT(models["gpt2"].cfg).eval()
+
+    def no_compiler(fn, **kwargs):
+        def raise_(*args):
+            raise RuntimeError("no C++ compiler found\ndetails")
+
+        return raise_
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    with caplog.at_level(logging.INFO, logger="llmcore.decode"):
+        tokens = generate(broken, prompts, cfg)
+    policy("never")
+    assert tokens == generate(broken, prompts, cfg)
+    lines = [r.getMessage() for r in caplog.records if r.name == "llmcore.decode"]
+    assert len(lines) == 1 and "failed" in lines[0], lines
+    assert lines[0].endswith("RuntimeError: no C++ compiler found; decoding eagerly")  # one line of the error
