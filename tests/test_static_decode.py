@@ -136,6 +136,36 @@ def test_engine_compiles_in_the_background_and_decodes_on_its_own_cache(models, 
         assert run_jobs(engine, jobs) == expected
     finally:
         engine.stop()
+    policy("auto")  # the default of a server: both ways timed per batch size, the faster kept; the same tokens
+    decoder._timing.clear()
+    engine = Engine(model, tok, max_batch=3)
+    try:
+        for _ in range(3):
+            assert run_jobs(engine, jobs) == expected
+    finally:
+        engine.stop()
+    timed = [(t[1], t[3]) for t in decoder._timing.values()]  # (eager, compiled) steps timed per batch size
+    assert any(eager >= static_decode.MEASURE_STEPS and compiled > 0 for eager, compiled in timed), timed
+
+
+def test_auto_times_both_ways_and_keeps_the_faster(models, policy, monkeypatch) -> None:
+    """``auto`` with a graph ready: the first steps run eagerly and the next compiled, timed, within one call (the
+    cache handed between the two ways), then the faster way stays; the tokens are the eager ones throughout."""
+    model = models["llama"]
+    prompts, cfg = prompts_of(3), SamplingConfig(30)
+    policy("never")
+    eager = generate(model, prompts, cfg)
+    policy("auto")
+    decoder = static_decode.decoder_for(model)
+    assert decoder.ready(3, CTX)  # (compiled by the tests above)
+    decoder._timing.clear()
+    before = decoder.compiled_steps
+    assert generate(model, prompts, cfg) == eager
+    best_eager, n_eager, best_compiled, n_compiled = decoder._timing[3, CTX, torch.get_num_threads()]
+    assert n_eager >= static_decode.MEASURE_STEPS and n_compiled == decoder.compiled_steps - before > 0
+    assert decoder.prefer(3, CTX) == (n_compiled < static_decode.MEASURE_STEPS or best_compiled < best_eager)
+    decoder._timing[3, CTX, torch.get_num_threads()] = [1.0, 8, 2.0, 8]  # a model where compiled is slower
+    assert not decoder.prefer(3, CTX) and decoder.prefer(3, CTX, "always")
 
 
 def test_auto_compiles_once_the_decode_steps_pay_for_it(models) -> None:
@@ -178,7 +208,14 @@ def test_fallbacks_decode_eagerly_with_one_log_line(models, policy, caplog, monk
     assert lines == ["compiled decode off for GPT: block 0 is a MyBlock/CausalSelfAttention, not the stock one; "
                      "decoding eagerly"]  # fmt: skip
 
-    caplog.clear()  # a compile that fails (no C++ compiler, say): a warning, then eager tokens
+    caplog.clear()  # no C++ compiler on the PATH (the Docker image): off from the start
+    monkeypatch.setattr(static_decode, "_cxx", lambda: None)
+    with caplog.at_level(logging.INFO, logger="llmcore.decode"):
+        generate(GPT(models["gpt2"].cfg).eval(), prompts, cfg)
+    assert "no C++ compiler" in caplog.text
+    monkeypatch.undo()
+
+    caplog.clear()  # a compile that fails anyway (an op inductor cannot lower, say): a warning, then eager tokens
     broken = GPT(models["gpt2"].cfg).eval()
 
     def no_compiler(fn, **kwargs):

@@ -10,6 +10,7 @@ Sampling order follows common practice (HF, llama.cpp): temperature, then top-k,
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -115,20 +116,22 @@ def generate_steps(
         for i in range(steps):
             # The head only for the last position: the prefill needs one row of logits, not T.
             step_mask = mask if padded else None
-            out = decoder.step(*views, step_input, slot, start) if decoder and i else None
+            began = time.perf_counter()
+            out = decoder.step(*views, step_input, slot, start) if decoder and i and decoder.prefer(B, width) else None
             if out is not None:
                 logits, greedy = out
                 cache.pos += 1
-                slot += 1
             else:
-                if history is not None and i:
-                    history.eager_steps += 1
                 with decode_attention(device):
                     if cache is not None:
                         logits = model(step_input, attention_mask=step_mask, cache=cache, logits_to_keep=1).logits
                     else:
                         logits = model(idx, attention_mask=step_mask, logits_to_keep=1).logits
                 logits, greedy = logits[:, -1], None
+            if history is not None and i:
+                history.record(B, width, out is not None, time.perf_counter() - began)
+            if decoder is not None and i:
+                slot += 1  # either way, the step wrote the cache at slot (== cache.pos before it)
             nxt = greedy if greedy is not None and cfg.temperature <= 0 else sample_next(logits, cfg, generator)
             if stop.numel():
                 alive = alive & ~torch.isin(nxt, stop)

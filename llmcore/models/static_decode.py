@@ -1,7 +1,7 @@
 """Compiled decoding: one token per row over a static-shape KV cache, fused by ``torch.compile``.
 
 A small model spends most of a decode step in Python and op launches, not arithmetic: on llama3-tiny (1M
-parameters) an eager ``generate`` step costs about 0.9 ms, of which the matmuls are a few µs each. The step here is
+parameters) an eager ``generate`` step costs about 0.9 ms, of which each matmul is a few µs. The step here is
 written with static shapes only, so inductor (C++ on CPU) traces it once and fuses it into a few kernels:
 
     cache   the caller's full-context buffers (B, n_kv_heads, context_length, head_dim) per layer, read through a
@@ -17,27 +17,39 @@ updates are seen; it expects an eval-mode model (no dropout) whose blocks are ll
 both. One decoder per model (and torch thread count), with one compiled graph per (width, batch 1 | batch >= 2):
 the batch dimension is dynamic above 1, so the serve engine's rows come and go without recompiling.
 
-Where it pays (measured on the 2-core VM, 1 thread; ``python -m benchmarks.compiled_decode`` has the table):
-compiling costs ~10-20 s cold and ~3-5 s with inductor's on-disk cache warm (on by default, under
-``$TORCHINDUCTOR_CACHE_DIR``), and saves ~0.4-0.5 ms per decode step. Hence:
+Where it pays (the 2-core VM, 1 thread, 16-token prompts; ``python -m benchmarks.compiled_decode`` has the table).
+Compiling one graph costs 15 s cold and 3.5 s with inductor's on-disk cache warm (on by default, under
+``$TORCHINDUCTOR_CACHE_DIR``). ``generate`` compiled over eager: llama3-tiny (1M parameters) 2.0x at batch 1, 1.6x at
+batch 8 (0.46 ms saved per step); llama3-small-cpu (5M) 1.7x / 1.2x; gpt2-small-cpu (5M) 1.2x / 0.9x; the gpt2-124m
+shape 1.0x / 0.9x: once the matmuls dominate a step there is little launch overhead left to save, and the fixed-width
+attention reads more keys than the eager step. Hence the ``auto`` policy:
 
 - the serve engine (:class:`llmcore.serve.engine.Engine`) compiles on CPU by default, in a background thread, and
-  decodes eagerly until the graph is ready: a server runs long, and no request waits for the compiler;
+  decodes eagerly until the graph is ready (a server runs long, and no request waits for the compiler); then it
+  times ``MEASURE_STEPS`` steps each way per batch size and width and keeps the faster;
 - ``generate`` (and ``llmcore ask``, which streams through it) compiles only once the model's decode steps in this
-  process, past and expected, reach ``COMPILE_AFTER_STEPS`` (~the steps whose saving pays for a compile), or
-  when the graph is already compiled; one ``ask`` answer (<= 256 steps, ~0.25 s) never pays for ~4 s of compile;
-- ``LLMCORE_COMPILED_DECODE=always|never`` (or :func:`set_policy`) overrides ``auto``;
-- CUDA and other devices decode eagerly (CUDA graphs are another piece of work: :data:`COMPILE_SETTINGS` is where a
-  ``mode="reduce-overhead"`` entry plugs in); anything that cannot be compiled falls back to eager with one log line
-  on the ``llmcore.decode`` logger.
+  process, past and expected, reach ``COMPILE_AFTER_STEPS`` (what a warm compile buys back on llama3-tiny), or when
+  the graph exists already, then chooses by timing as the engine does; one ``ask`` answer (<= 256 steps, ~0.25 s)
+  never pays for a compile;
+- ``always`` (``LLMCORE_COMPILED_DECODE=always``, :func:`set_policy`, ``ask --compiled-decode``,
+  ``Engine(compiled_decode=True)``) compiles at once and never times; ``never`` decodes eagerly;
+- CUDA and other devices decode eagerly (CUDA graphs are another piece of work: a ``"cuda"`` entry in
+  :data:`COMPILE_SETTINGS` with ``mode="reduce-overhead"`` plugs them in); anything that cannot be compiled (no C++
+  compiler, a non-stock block, a failed compile) decodes eagerly after one log line on the ``llmcore.decode`` logger.
+
+Batch shapes (``--batch-shapes``, per decode step): one graph for batch 1 and one with a dynamic batch >= 2 per width,
+not a graph per batch size (static batch 8 is 2-5% faster than the dynamic graph at 8 rows, for up to ``max_batch``
+compiles) nor always ``max_batch`` rows (1 stream would pay for 8: 1.75x the step on llama3-tiny, 3.1x at 124M).
 
 Reference: the static-cache decode recipe of pytorch-labs/gpt-fast (written anew for llmcore's model).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import shutil
 import threading
 import time
 import types
@@ -54,16 +66,20 @@ log = logging.getLogger("llmcore.decode")
 POLICIES = ("auto", "always", "never")
 POLICY_ENV = "LLMCORE_COMPILED_DECODE"
 # ``auto`` compiles once a model's decode steps in this process (run + about to run) reach this many: the compile
-# (~4 s with a warm inductor cache, up to ~20 s cold) over the saving per step (~0.45 ms on llama3-tiny, 1 thread).
+# (3.5 s with a warm inductor cache, 15 s cold) over the saving per step (0.46 ms on llama3-tiny, 1 thread).
 COMPILE_AFTER_STEPS = 10_000
+# ``auto`` then times this many steps each way per (rows, width) and keeps the faster (compiled wins on small models,
+# not always on bigger ones or full batches: see the module docstring).
+MEASURE_STEPS = 8
 # Cache widths: the full context when it is short, else powers of two from MIN_WIDTH (attention reads W keys per
 # row: at the 124M shape a 1024-wide cache costs +30% per step over a 128-wide one at batch 1, 2x at batch 8).
 MIN_WIDTH = 256
 # torch.compile settings per device type; a device type missing here decodes eagerly. CPU, measured by
 # ``python -m benchmarks.compiled_decode --options`` (llama3-tiny, 1 thread, batch 1 / 8, against neither):
-# inductor's cpp_wrapper (the graph's launcher in C++, not Python) +15% / +5%; no dynamo guards on the model's modules
-# +8% / +2% (safe because decoder_for checks the model's structure at every call, see _fingerprint); both +26% / +7%.
-# Not used: freezing (weights as constants: -2% / -4%, and it would miss weight updates).
+# inductor's cpp_wrapper (the graph's launcher in C++, not Python) +18% / +8%; no dynamo guards on the model's modules
+# +9% / +4% (safe because decoder_for checks the model's structure at every call, see _fingerprint); both +26% / +12%.
+# Not used: freezing (weights as constants: no faster, and it would miss weight updates). A "cuda" entry would also
+# need its steps synchronized before StaticDecoder.record times them (CPU steps are synchronous).
 COMPILE_SETTINGS: dict[str, dict[str, Any]] = {
     "cpu": {"mode": None, "options": {"cpp_wrapper": True,
                                       "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}},
@@ -107,10 +123,18 @@ def unsupported(model: torch.nn.Module) -> str | None:
     device = model.tok_emb.weight.device
     if device.type not in COMPILE_SETTINGS:
         return f"compiled decode is set up for CPU only (device {device.type})"
+    if device.type == "cpu" and not _cxx():
+        return "no C++ compiler (inductor builds the CPU kernels with one; $CXX, g++, c++ or clang++)"
     for i, block in enumerate(model.blocks):
         if type(block) is not Block or type(block.attn) is not CausalSelfAttention:
             return f"block {i} is a {type(block).__name__}/{type(block.attn).__name__}, not the stock one"
     return None
+
+
+@functools.cache
+def _cxx() -> str | None:
+    """A C++ compiler inductor can use (python:3.11-slim, the Docker image's base, has none)."""
+    return next(filter(None, map(shutil.which, (os.environ.get("CXX", ""), "g++", "c++", "clang++"))), None)
 
 
 def _fingerprint(model: GPT) -> tuple:
@@ -164,6 +188,8 @@ class StaticDecoder:
         self.mode, self.options = mode, dict(options or {})
         self.eager_steps = 0  # decode steps run eagerly on this model (the ``auto`` policy's history)
         self.compiled_steps = 0  # decode steps run compiled
+        # (rows, width, threads) -> [best eager seconds, eager steps timed, best compiled seconds, compiled steps timed]
+        self._timing: dict[tuple[int, int, int], list] = {}
         self.failed: str | None = None  # a compile or a compiled call failed: eager from then on
         self._steps: dict[tuple[int, int], Any] = {}  # (width, threads) -> the compiled function
         self._ready: set[tuple[bool, int, int]] = set()  # (batched, width, threads) compiled
@@ -242,6 +268,33 @@ class StaticDecoder:
         with self._lock:
             self._pending.discard(key)
 
+    # -- choosing by measurement ----------------------------------------------------------------------
+
+    def prefer(self, n: int, width: int, policy_override: str | None = None) -> bool:
+        """Whether a step of ``n`` rows at ``width`` should run compiled, its graph being ready. ``always``: yes.
+        ``auto``: the first ``MEASURE_STEPS`` steps each way are timed (eager ones possibly before the graph was
+        ready), then the faster way stays for this process."""
+        if (policy_override or policy()) == "always":
+            return True
+        t = self._timing.get((n, width, torch.get_num_threads()))
+        if t is None or t[1] < MEASURE_STEPS:
+            return False
+        return t[3] < MEASURE_STEPS or t[2] < t[0]
+
+    def record(self, n: int, width: int, compiled: bool, seconds: float) -> None:
+        """Time one decode step (either way); the ``auto`` policy's evidence."""
+        if not compiled:
+            self.eager_steps += 1
+        key = (n, width, torch.get_num_threads())
+        t = self._timing.setdefault(key, [float("inf"), 0, float("inf"), 0])
+        i = 2 if compiled else 0
+        t[i], t[i + 1] = min(t[i], seconds), t[i + 1] + 1
+        if compiled and t[3] == MEASURE_STEPS and t[1] >= MEASURE_STEPS:
+            faster = "compiled" if t[2] < t[0] else "eager"
+            log.log(logging.INFO if faster == "eager" else logging.DEBUG,
+                    "%s, %d rows, width %d: compiled step %.0f us, eager %.0f us: decoding %s", self.name, n, width,
+                    t[2] * 1e6, t[0] * 1e6, faster)  # fmt: skip
+
     # -- running --------------------------------------------------------------------------------------
 
     @staticmethod
@@ -306,7 +359,8 @@ def decoder_for(model: torch.nn.Module, policy_override: str | None = None) -> S
 
 
 def pays(decoder: StaticDecoder, n: int, width: int, steps: int) -> bool:
-    """Whether ``generate`` should run ``steps`` decode steps of ``n`` rows compiled (see the module docstring)."""
+    """Whether ``generate`` should have a graph for ``steps`` decode steps of ``n`` rows (see the module docstring);
+    :meth:`StaticDecoder.prefer` then picks each step's way."""
     if decoder.ready(n, width) or policy() == "always":
         return True
     return decoder.eager_steps + steps >= COMPILE_AFTER_STEPS

@@ -92,9 +92,10 @@ class Engine:
         self.device = model.tok_emb.weight.device
         # Decode steps run compiled (llmcore.models.static_decode) on CPU unless compiled_decode=False or the
         # policy is ``never``: graphs compile in a background thread while the steps run eagerly, so no request
-        # waits for the compiler. None: the process policy (auto = on; a server runs long enough to pay for it).
-        policy = None if compiled_decode is None else ("always" if compiled_decode else "never")
-        self._decoder = decoder_for(model, policy)
+        # waits for the compiler. None: the process policy (auto: compile, then keep whichever way times faster per
+        # batch size; a server runs long enough to pay for it). True: compiled whenever a graph is ready.
+        self._decode_policy = None if compiled_decode is None else ("always" if compiled_decode else "never")
+        self._decoder = decoder_for(model, self._decode_policy)
         self._start_rows = torch.zeros(max_batch, dtype=torch.long, device=self.device)  # a packed cache: no padding
         self._views: dict[tuple[int, int], tuple] = {}  # (rows, width) -> the compiled step's views of the cache
         self._cache: BatchedKVCache | None = None  # allocated on the first request
@@ -226,20 +227,22 @@ class Engine:
         n = len(self._live)
         self.max_live = max(self.max_live, n)
         ids = torch.tensor([[r._last] for r in self._live], dtype=torch.long, device=self.device)
-        out = None
-        if self._decoder is not None:  # the compiled step, once its graph is ready, on the same cache buffers
+        out, decoder, began = None, self._decoder, time.perf_counter()
+        if decoder is not None:  # the compiled step where its graph is ready and faster, on the same cache buffers
             lengths = self._cache.lengths[:n]
             width = width_for(int(lengths.max()) + 1, self.context_length)
-            if self._decoder.compile(n, width, background=True):
+            if decoder.compile(n, width, background=True) and decoder.prefer(n, width, self._decode_policy):
                 if (n, width) not in self._views:
-                    self._views[n, width] = self._decoder.views(self._cache.k, self._cache.v, n, width)
-                out = self._decoder.step(*self._views[n, width], ids, lengths, self._start_rows[:n])
+                    self._views[n, width] = decoder.views(self._cache.k, self._cache.v, n, width)
+                out = decoder.step(*self._views[n, width], ids, lengths, self._start_rows[:n])
             if out is not None:
                 lengths += 1
         if out is None:
             logits = self.model(ids, cache=self._cache.rows(0, n), logits_to_keep=1).logits[:, -1]
         else:
             logits = out[0]
+        if decoder is not None:
+            decoder.record(n, width, out is not None, time.perf_counter() - began)
         self.steps += 1
         tokens = self._sample(logits)
         for slot in reversed(range(n)):  # from the end: a row leaving moves the last row into its slot
