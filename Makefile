@@ -58,6 +58,7 @@ bench-quick: venv
 	$(BIN)/python -m benchmarks.dpo --quick
 	$(BIN)/python -m benchmarks.gguf_export --quick
 	$(BIN)/python -m benchmarks.serve_bench --quick --out reports/serve_bench_quick.json
+	$(BIN)/python -m benchmarks.compiled_decode --quick --out reports/compiled_decode_quick.json
 	$(BIN)/python -m benchmarks.data --quick
 	$(BIN)/python -m benchmarks.harness --quick
 
