@@ -4,7 +4,7 @@
 #   docker run --rm -p 127.0.0.1:11434:11434 -v "$PWD/data/models/instruct:/models/instruct:ro" llmcore
 #
 # Other models: mount them under /models and pass the arguments of `llmcore serve`, e.g.
-#   docker run ... -v "$PWD/data/models:/models:ro" llmcore --model /models/instruct --model /models/base --name base
+#   docker run ... -v "$PWD/data/models:/models:ro" llmcore --model /models/instruct --model /models/pretrain --name instruct --name base
 FROM python:3.11-slim
 
 ARG TORCH_VERSION=2.13.0

@@ -1,7 +1,7 @@
 """The ``llmcore`` command (a Typer app; the pipeline's stages have their own scripts in ``stages/``).
 
     llmcore serve --model data/models/instruct                       # Ollama + OpenAI APIs on 127.0.0.1:11434
-    llmcore serve --model data/models/instruct --model data/models/base --name base --template raw
+    llmcore serve --model data/models/instruct --model data/models/pretrain --name instruct --name base
     llmcore export data/models/instruct --format gguf --precision q8_0 --out data/export/instruct
     llmcore profile params/fineweb-d12.yaml --run -n d12        # dvc exp run with the profile's params
     llmcore profile params/fineweb-d12.yaml --write run.yaml    # the merged params file, for stages by hand
@@ -71,7 +71,7 @@ def serve(
     template: str = typer.Option(
         None,
         help="prompt template: alpaca | raw (the prompt as given) | a format string with {instruction} and {input}; "
-        "default: the template stored with the model by instruction tuning, else alpaca",
+        "default: the template stored with the model by instruction tuning, else raw (base models)",
     ),
     device: str = typer.Option("auto", help="auto | cpu | cuda | mps"),
     max_batch: int = typer.Option(8, min=1, help="sequences of one model decoded together (continuous batching)"),
@@ -84,22 +84,16 @@ def serve(
     """Serve llmcore checkpoints over the Ollama API (/api/*), the OpenAI API (/v1/*) and a chat page (/)."""
     from llmcore.device import resolve_device  # torch: import late (`llmcore --help` stays fast)
     from llmcore.serve.app import make_server
-    from llmcore.serve.models import ModelHandle, check_name, default_name
+    from llmcore.serve.models import ModelHandle, served_names
     from llmcore.threads import inference_threads, parse_threads
 
     with stage_errors():
-        names = list(name or [])
-        if len(names) > len(model):
-            raise LLMCoreError(f"{len(names)} --name given for {len(model)} --model")
-        names = [check_name(n) for n in names]
+        names = served_names(model, name or [])
         torch_device = resolve_device(device)
         try:
             parse_threads(threads, "--threads")
         except ValueError as e:
             raise LLMCoreError(str(e)) from None
-        names += [default_name(path) for path in model[len(names) :]]
-        if len(set(names)) != len(names):
-            raise LLMCoreError(f"two models would share a name: {names}; tell them apart with --name")
         models = {}
         for served, path in zip(names, model, strict=True):
             typer.echo(f"loading {path} as {served} ...")

@@ -151,7 +151,7 @@ def test_deterministic_curl_example_equals_ask(tmp_path):
     assert sampling_from_options({}, 256)[0].temperature == 0.8
 
     folder = tmp_path / body["model"]
-    save_model_dir(folder, *tiny_lm())
+    save_model_dir(folder, *tiny_lm(), metadata={"template": "alpaca"})  # as the instruct stage stores it
     server = make_server({f"{body['model']}:latest": ModelHandle.load(folder)}, port=0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:

@@ -10,6 +10,7 @@ import hashlib
 import inspect
 import json
 import logging
+import shlex
 import socket
 import threading
 import time
@@ -24,12 +25,13 @@ import torch
 from typer.testing import CliRunner
 
 from llmcore.cli import app
+from llmcore.common import LLMCoreError
 from llmcore.models.config import ModelConfig
 from llmcore.models.generate import SamplingConfig, generate
 from llmcore.models.gpt import GPT
 from llmcore.models.responses import TextStream
 from llmcore.serve.app import make_server
-from llmcore.serve.models import ModelHandle, chat_prompt
+from llmcore.serve.models import ModelHandle, chat_prompt, served_names
 from llmcore.text.prompts import extract_response, format_alpaca
 from llmcore.text.tokenizer import Tokenizer
 from llmcore.weights.weight_file import save_checkpoint
@@ -62,7 +64,7 @@ def model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def handles(model_dir: Path) -> dict[str, ModelHandle]:
     # the same checkpoint twice: as an instruction model (Alpaca template) and as a raw completion model
-    return {"tiny": ModelHandle.load(model_dir), "tiny-raw:latest": ModelHandle.load(model_dir, template="raw")}
+    return {"tiny": ModelHandle.load(model_dir, template="alpaca"), "tiny-raw:latest": ModelHandle.load(model_dir)}
 
 
 @pytest.fixture(scope="module")
@@ -369,7 +371,8 @@ def test_the_template_stored_with_the_model_is_served(model_dir: Path, tmp_path:
         shown = http.post("/api/show", json={"model": "custom"})
         assert shown.status_code == 200 and "Q: {{ $content }}" in shown.json()["template"]
     assert ModelHandle.load(tmp_path, template="raw").template == "raw"  # --template still overrides it
-    assert ModelHandle.load(model_dir).template == "alpaca"  # nothing stored: alpaca, as before
+    assert ModelHandle.load(model_dir).template == "raw"  # nothing stored: a base model, raw (as its GGUF export)
+    assert ModelHandle.load(model_dir, template="alpaca").template == "alpaca"
 
 
 def test_serving_a_classifier_is_refused_in_one_line(model_dir: Path, tmp_path: Path) -> None:
@@ -389,3 +392,37 @@ def test_cli_imports_no_torch() -> None:
     code = "import sys, llmcore.cli; print(sorted(m for m in ('torch', 'starlette', 'uvicorn') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"  # `llmcore --help` stays fast: the server's stack loads when it is used
+
+
+def _serve_args(line: str) -> tuple[list[str], list[str]]:
+    """The --model and --name values of one documented command line, in order."""
+    words = shlex.split(line, comments=True)
+    models = [words[i + 1] for i, w in enumerate(words) if w in ("--model", "-m")]
+    names = [words[i + 1] for i, w in enumerate(words) if w == "--name"]
+    return models, names
+
+
+def test_documented_multi_model_names_work() -> None:
+    """Every documented `serve` line with several --model gives each model its own name (the Dockerfile's, the
+    command's docstring and the README's examples once named two models alike)."""
+    root = Path(__file__).resolve().parents[1]
+    docs = {
+        "Dockerfile": (root / "Dockerfile").read_text(),
+        "llmcore/cli.py": (root / "llmcore" / "cli.py").read_text(),
+        "README.md": (root / "README.md").read_text(),
+    }
+    checked = 0
+    for doc, text in docs.items():
+        for line in text.splitlines():
+            line = line.lstrip("#").strip()
+            if "--model" not in line or "--name" not in line or line.count("--model") < 2:
+                continue
+            models, names = _serve_args(line[line.index("llmcore") :])
+            served = served_names(models, names)
+            assert len(set(served)) == len(models) >= 2, (doc, line, served)
+            checked += 1
+    assert checked >= 3
+    with pytest.raises(LLMCoreError, match="two models would share a name"):
+        served_names(["/models/instruct", "/models/base"], ["base"])
+    with pytest.raises(LLMCoreError, match="2 --name given for 1 --model"):
+        served_names(["/models/instruct"], ["a", "b"])

@@ -62,6 +62,17 @@ def default_name(path: str | Path) -> str:
     return check_name(folder.resolve().name, where=f"the folder name of {path} (pick another with --name)")
 
 
+def served_names(models: Sequence[str | Path], names: Sequence[str] = ()) -> list[str]:
+    """The name each of ``models`` is served under: the n-th of ``names`` for the n-th model (``--name`` repeated
+    in order), the folder name for the rest; an error when names are left over or two models would share one."""
+    if len(names) > len(models):
+        raise LLMCoreError(f"{len(names)} --name given for {len(models)} --model")
+    served = [check_name(n) for n in names] + [default_name(path) for path in models[len(names) :]]
+    if len(set(served)) != len(served):
+        raise LLMCoreError(f"two models would share a name: {served}; tell them apart with --name")
+    return served
+
+
 def rfc3339(timestamp: float | None = None) -> str:
     when = datetime.fromtimestamp(time.time() if timestamp is None else timestamp, tz=timezone.utc)
     return when.isoformat(timespec="microseconds").replace("+00:00", "Z")
@@ -108,8 +119,8 @@ class ModelHandle:
         cls, path: str | Path, template: str | None = None, device: str | torch.device = "cpu", max_batch: int = 8,
         threads: int | str = "auto",
     ) -> ModelHandle:
-        """Load a model folder; ``template`` None: the one stored with the model by instruction tuning, else
-        ``alpaca``."""
+        """Load a model folder; ``template`` None: the one stored with the model by instruction tuning, else ``raw``
+        (a base model never learned a template; its GGUF export says raw too)."""
         folder = open_model_dir(path).require_lm("serve")
         weights = folder.weights
         model = folder.load_lm(device)
@@ -120,7 +131,7 @@ class ModelHandle:
         return cls(
             model=model,
             tokenizer=folder.tokenizer,
-            template=template or folder.template or "alpaca",
+            template=template or folder.template or "raw",
             path=weights,
             digest=sha256_file(weights),
             size=stat.st_size,
