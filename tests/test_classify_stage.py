@@ -245,7 +245,8 @@ def test_kill_9_then_rerun_writes_the_bytes_of_an_uninterrupted_run(workspace: P
 def test_rerun_resumes_only_its_own_run_and_fresh_env_trains_again(workspace: Path, tmp_path: Path, monkeypatch):
     """`dvc repro -f -s classify` reruns the command with the same params: the finished checkpoint is reloaded, not
     trained again, unless LLMCORE_FRESH=1 (DVC's -f does not reach the stage). A changed param or base tokenizer
-    never resumes the stale run; each case says what it does in one line."""
+    never resumes the stale run, and a checkpoint cut short is skipped (no SafetensorError on every rerun); each case
+    says what it does in one line."""
     monkeypatch.delenv("LLMCORE_FRESH", raising=False)
     train = {"batch_size": 8, "lr": 0.003, "min_lr": 0.0003, "warmup_steps": 2, "max_steps": 6, "eval_every": 6,
              "eval_batches": None, "checkpoint_every": 6, "log_every": 6, "seed": 1}  # fmt: skip
@@ -257,6 +258,14 @@ def test_rerun_resumes_only_its_own_run_and_fresh_env_trains_again(workspace: Pa
 
     again = invoke(workspace, params, out="rerun", reports="rerun-reports")
     assert again.exit_code == 0 and f"resuming from {work / 'step_00000006'}" in again.output, again.output
+
+    newest = work / "step_00000006" / "model.safetensors"  # the only checkpoint, cut short: one warning, trained again
+    newest.write_bytes(newest.read_bytes()[:100])
+    repaired = invoke(workspace, params, out="rerun", reports="rerun-reports")
+    assert repaired.exit_code == 0 and "resuming" not in repaired.output, repaired.output
+    warnings = [line for line in repaired.output.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and str(newest) in warnings[0]
+    assert (workspace / "models" / "rerun" / "model.safetensors").read_bytes() == weights
 
     monkeypatch.setenv("LLMCORE_FRESH", "1")
     fresh = invoke(workspace, params, out="rerun", reports="rerun-reports")
