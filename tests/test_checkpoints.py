@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 
 import pytest
@@ -26,9 +27,15 @@ def no_fresh(monkeypatch):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """An uninterrupted run's final weights."""
-    model, result, _ = run(tmp_path_factory.mktemp("ref"), train_cfg(**CFG))
-    return {k: v.clone() for k, v in model.state_dict().items()}, result
+    """An uninterrupted run's final weights and result; its checkpoints are copied by ``finished``."""
+    folder = tmp_path_factory.mktemp("ref")
+    model, result, _ = run(folder, train_cfg(**CFG))
+    return {k: v.clone() for k, v in model.state_dict().items()}, result, folder / "ckpt"
+
+
+def finished(tmp_path, reference):
+    """``tmp_path/ckpt`` as the uninterrupted run left it (the same as running it here, without the time)."""
+    shutil.copytree(reference[2], tmp_path / "ckpt")
 
 
 def same_weights(model, weights) -> bool:
@@ -59,9 +66,9 @@ CORRUPTIONS = {
 
 @pytest.mark.parametrize("corruption", list(CORRUPTIONS))
 def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys, reference, corruption):
-    weights, ref = reference
-    run(tmp_path, train_cfg(**CFG))
-    assert names(tmp_path / "ckpt") == ["step_00000003", "step_00000006"]  # the newest and the one before
+    weights, ref, _ = reference
+    assert names(reference[2]) == ["step_00000003", "step_00000006"]  # the newest and the one before
+    finished(tmp_path, reference)
     from safetensors.torch import save_model
 
     save_model(tiny_model("gpt2-tiny"), str(tmp_path / "ckpt" / "other.safetensors"))
@@ -81,8 +88,8 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, ca
 
 
 def test_no_readable_checkpoint_starts_fresh_with_a_warning(tmp_path, capsys, reference):
-    weights, _ = reference
-    run(tmp_path, train_cfg(**CFG))
+    weights, _, _ = reference
+    finished(tmp_path, reference)
     for ck in checkpoints(tmp_path / "ckpt"):
         (ck / "state.json").write_text('"not an object"')
     capsys.readouterr()
@@ -93,8 +100,8 @@ def test_no_readable_checkpoint_starts_fresh_with_a_warning(tmp_path, capsys, re
     assert "state.json: expected a JSON object" in out
 
 
-def test_the_last_good_checkpoint_survives_until_the_next_is_complete(tmp_path, monkeypatch):
-    run(tmp_path, train_cfg(**CFG))
+def test_the_last_good_checkpoint_survives_until_the_next_is_complete(tmp_path, monkeypatch, reference):
+    finished(tmp_path, reference)
     assert names(tmp_path / "ckpt") == ["step_00000003", "step_00000006"]
 
     def crash_at_first_step(model, batch):
@@ -139,8 +146,8 @@ def test_checkpoint_files_follow_the_umask(tmp_path, mask, file_mode, dir_mode):
 
 
 def test_fresh_env_trains_again_instead_of_resuming(tmp_path, capsys, monkeypatch, reference):
-    weights, ref = reference
-    run(tmp_path, train_cfg(**CFG))
+    weights, _, _ = reference
+    finished(tmp_path, reference)
     _, r, _ = run(tmp_path, train_cfg(**CFG))
     assert r.resumed_from == 6  # a finished run only reloads: what `dvc repro -f` alone gives
     monkeypatch.setenv(FRESH_ENV, "1")
@@ -164,8 +171,8 @@ def test_fresh_env_trains_again_instead_of_resuming(tmp_path, capsys, monkeypatc
         HardwareConfig(device="cpu", precision="bf16"),
     ],
 )
-def test_hardware_params_that_change_the_weights_never_resume_a_stale_run(tmp_path, capsys, hw):
-    run(tmp_path, train_cfg(**CFG))
+def test_hardware_params_that_change_the_weights_never_resume_a_stale_run(tmp_path, capsys, hw, reference):
+    finished(tmp_path, reference)
     capsys.readouterr()
     _, r, _ = run(tmp_path, train_cfg(**CFG), hw=hw)
     out = capsys.readouterr().out
@@ -173,7 +180,7 @@ def test_hardware_params_that_change_the_weights_never_resume_a_stale_run(tmp_pa
     assert sum("starting fresh" in line for line in out.splitlines()) == 1, out
 
 
-def test_hardware_params_that_keep_the_weights_resume(tmp_path):
-    run(tmp_path, train_cfg(**CFG))
+def test_hardware_params_that_keep_the_weights_resume(tmp_path, reference):
+    finished(tmp_path, reference)
     _, r, _ = run(tmp_path, train_cfg(**CFG), hw=HardwareConfig(device="cpu", peak_tflops=1.0))
     assert r.resumed_from == 6
