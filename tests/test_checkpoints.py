@@ -127,6 +127,12 @@ def test_the_last_good_checkpoint_survives_until_the_next_is_complete(tmp_path, 
         run(tmp_path, train_cfg(**CFG, lr=5e-3))
     monkeypatch.setattr(state_module, "save_file", real_save_file)
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["step_00000003", "step_00000006"]
+    old_run = json.loads((tmp_path / "ckpt" / "step_00000006" / "state.json").read_text())["fingerprint"]
+
+    # the new params' run, complete: the old run's checkpoints are gone, only its own two stay
+    run(tmp_path, train_cfg(**CFG, lr=5e-3))
+    kept = [json.loads((ck / "state.json").read_text())["fingerprint"] for ck in checkpoints(tmp_path / "ckpt")]
+    assert len(kept) == 2 and old_run not in kept
 
 
 @pytest.mark.parametrize(("mask", "file_mode", "dir_mode"), [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700)])
