@@ -37,6 +37,9 @@ Outputs, each written atomically:
     reports/align/timing.json        run-time figures: seconds, pairs/s
     reports/align/facts.json         the strings: preference source, base model, fine-tune kind
     reports/align/live/              dvclive curves: {train,val}/{loss,reward_accuracy,reward_margin,...}
+
+Resumable training checkpoints go to ``.cache/align`` (not a DVC output: a killed run continues; only a run with the
+same params and inputs resumes). ``LLMCORE_FRESH=1`` trains from scratch instead of reloading a finished run.
 """
 
 from __future__ import annotations
@@ -74,7 +77,7 @@ from llmcore.training.config import HardwareConfig, TrainConfig
 from llmcore.training.dpo import DPOLoss, attach_reference_logps
 from llmcore.training.loop import fit
 from llmcore.training.runtime import close_runtime, init_runtime, relaunch_under_torchrun
-from llmcore.weights.model_dir import TEMPLATE_KEY, open_model_dir, save_model_dir
+from llmcore.weights.model_dir import TEMPLATE_KEY, TOKENIZER_FILE, open_model_dir, save_model_dir
 from stages.instruct import GenerateParams
 
 
@@ -217,9 +220,15 @@ def judge_pairs(cfg: AlignParams, data_path: Path, models_dir: Path, judge_cfg: 
                 "chosen": answers[0 if first else 1][k], "rejected": answers[1 if first else 0][k],
                 "chosen_score": max(a.score, b.score), "rejected_score": min(a.score, b.score), "split": name,
             })  # fmt: skip
-    counts = {"entries": len(entries), "prompts": len(prompts), "test_entries": len(test), **counts,
-              "judged_answers": len(items), "judge_requests": sum(r.attempts for r in records),
-              "judge_cached": sum(r.cached for r in records)}
+    counts = {
+        "entries": len(entries),
+        "prompts": len(prompts),
+        "test_entries": len(test),
+        **counts,
+        "judged_answers": len(items),
+        "judge_requests": sum(r.attempts for r in records),
+        "judge_cached": sum(r.cached for r in records),
+    }
     return pairs, {**counts, "_judge_model": judge["model"]}
 
 
@@ -291,8 +300,11 @@ def train(cfg: AlignParams, hw: HardwareConfig, pairs_path: Path, test_prompts: 
     print0(f"{cfg.base_model}: {n_params:,} parameters, {trainable:,} trained ({cfg.finetune}); {len(train_pairs)} "
            f"train / {len(val_pairs)} val pairs, {len(train_long) + len(val_long)} longer than {max_length} dropped; "
            f"beta {cfg.beta}")  # fmt: skip
-    fingerprint = {"pairs": sha256_file(pairs_path), "base": sha256_file(base.weights),
-                   "align": {k: v for k, v in asdict(cfg).items() if k not in ("train", "generate", "pairs")}}
+    fingerprint = {
+        "pairs": sha256_file(pairs_path),
+        "base": [sha256_file(base.weights), sha256_file(base.path / TOKENIZER_FILE)],
+        "align": {k: v for k, v in asdict(cfg).items() if k not in ("train", "generate", "pairs")},
+    }
     live = None
     if rt.is_main:
         from dvclive import Live

@@ -20,7 +20,9 @@ Outputs, each written atomically:
     reports/classify/confusion.csv   test split: actual, predicted (DVC's confusion-matrix template)
     reports/classify/live/           dvclive curves by step (plots/metrics/{train,val}/*.tsv: loss, accuracy)
 
-Resumable training checkpoints go to ``.cache/classify`` (not a DVC out: a killed run continues).
+Resumable training checkpoints go to ``.cache/classify`` (not a DVC out: a killed run continues; only a run with the
+same params and inputs resumes). A finished run is reloaded, not trained again, even by ``dvc repro -f``:
+``LLMCORE_FRESH=1 dvc repro -f -s classify`` trains from scratch.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ from llmcore.params import load_base_model, load_section
 from llmcore.training.config import HardwareConfig, TrainConfig
 from llmcore.training.loop import fit
 from llmcore.training.runtime import close_runtime, init_runtime, relaunch_under_torchrun
-from llmcore.weights.model_dir import open_model_dir, save_classifier
+from llmcore.weights.model_dir import TOKENIZER_FILE, open_model_dir, save_classifier
 
 
 def _default_train() -> TrainConfig:
@@ -154,7 +156,7 @@ def run(
 
     # Anything outside cfg.train that decides the weights: a checkpoint made with other inputs is not resumed.
     fingerprint = {
-        "data": sha256_file(data), "base": sha256_file(base.weights),
+        "data": sha256_file(data), "base": [sha256_file(base.weights), sha256_file(base.path / TOKENIZER_FILE)],
         "classify": {k: v for k, v in asdict(cfg).items() if k not in ("train", "eval_batch_size")},
     }  # fmt: skip
     live = None

@@ -19,7 +19,8 @@ Outputs, each written atomically:
     reports/instruct/metrics.json    train/val/test loss and perplexity, sizes, timings
     reports/instruct/live/           dvclive curves by step (plots/metrics/{train,val}/*.tsv: loss, lr, ppl, ...)
 
-Resumable training checkpoints go to ``.cache/instruct`` (not a DVC output: a killed run continues).
+Resumable training checkpoints go to ``.cache/instruct`` (not a DVC output: a killed run continues; only a run with
+the same params and inputs resumes). ``LLMCORE_FRESH=1`` trains from scratch instead of reloading a finished run.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ from llmcore.threads import parse_threads, threads_for_inference
 from llmcore.training.config import HardwareConfig, TrainConfig
 from llmcore.training.loop import fit, lm_loss
 from llmcore.training.runtime import close_runtime, init_runtime, relaunch_under_torchrun
-from llmcore.weights.model_dir import TEMPLATE_KEY, load_instruct_model, open_model_dir, save_model_dir
+from llmcore.weights.model_dir import TEMPLATE_KEY, TOKENIZER_FILE, load_instruct_model, open_model_dir, save_model_dir
 
 
 @dataclass
@@ -153,7 +154,7 @@ def run(
     )
     # Anything outside cfg.train that decides the weights: a checkpoint made with other inputs is not resumed.
     fingerprint = {
-        "data": sha256_file(data_path), "base": sha256_file(base.weights),
+        "data": sha256_file(data_path), "base": [sha256_file(base.weights), sha256_file(base.path / TOKENIZER_FILE)],
         "instruct": {k: v for k, v in asdict(cfg).items() if k not in ("train", "generate")},
     }  # fmt: skip
     live = None

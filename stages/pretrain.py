@@ -13,7 +13,8 @@ Writes  data/models/pretrain/{model.safetensors, tokenizer.json}     the model f
         reports/pretrain/live/plots/metrics/{train,val}/*.tsv         dvclive curves (DVC plots)
 Resume  .cache/pretrain/step_XXXXXXXX/ (``--ckpt``), deliberately *not* a DVC out: DVC deletes outs before
         it runs a stage. Rerun a killed stage and it continues from the last checkpoint; change a
-        param that shapes the weights and it starts fresh (see llmcore/train.py).
+        param that shapes the weights and it starts fresh (see llmcore/training/loop.py). A finished run
+        is reloaded, not trained again: ``LLMCORE_FRESH=1 dvc repro -f -s pretrain`` trains from scratch.
 
 Several processes (DistributedDataParallel; global batch = batch_size * grad_accum * processes):
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import random
+import shutil
 import sys
 from pathlib import Path
 
@@ -124,7 +125,11 @@ def test_stage_outputs(trained: Path) -> None:
     model_dir = trained / "models" / "classify"
     meta = read_metadata(model_dir / "model.safetensors")
     assert (meta["task"], meta["pooling"], meta["trainable"], meta["base_model"]) == (
-        "classify", "last_token", "all", "base")
+        "classify",
+        "last_token",
+        "all",
+        "base",
+    )
     model, tok, labels = load_classifier(model_dir)
     assert labels == ["ham", "spam"] and tok.vocab_size == 257 and model.cfg.n_layers == 2
 
@@ -235,3 +240,53 @@ def test_kill_9_then_rerun_writes_the_bytes_of_an_uninterrupted_run(workspace: P
     metrics = [json.loads((workspace / d / "metrics.json").read_text()) for d in ("ref-reports", "killed-reports")]
     assert without_timings(metrics[1]) == without_timings(metrics[0])
     assert curves(workspace / "killed-reports") == curves(workspace / "ref-reports")
+
+
+def test_rerun_resumes_only_its_own_run_and_fresh_env_trains_again(workspace: Path, tmp_path: Path, monkeypatch):
+    """`dvc repro -f -s classify` reruns the command with the same params: the finished checkpoint is reloaded, not
+    trained again, unless LLMCORE_FRESH=1 (DVC's -f does not reach the stage). A changed param or base tokenizer
+    never resumes the stale run, and a checkpoint cut short is skipped (no SafetensorError on every rerun); each case
+    says what it does in one line."""
+    monkeypatch.delenv("LLMCORE_FRESH", raising=False)
+    train = {"batch_size": 8, "lr": 0.003, "min_lr": 0.0003, "warmup_steps": 2, "max_steps": 6, "eval_every": 6,
+             "eval_batches": None, "checkpoint_every": 6, "log_every": 6, "seed": 1}  # fmt: skip
+    params = write_params(tmp_path / "params.yaml", train=train)
+    first = invoke(workspace, params, out="rerun", reports="rerun-reports")
+    assert first.exit_code == 0 and "resuming" not in first.output, first.output
+    weights = (workspace / "models" / "rerun" / "model.safetensors").read_bytes()
+    work = workspace / "work-rerun"
+
+    again = invoke(workspace, params, out="rerun", reports="rerun-reports")
+    assert again.exit_code == 0 and f"resuming from {work / 'step_00000006'}" in again.output, again.output
+
+    newest = work / "step_00000006" / "model.safetensors"  # the only checkpoint, cut short: one warning, trained again
+    newest.write_bytes(newest.read_bytes()[:100])
+    repaired = invoke(workspace, params, out="rerun", reports="rerun-reports")
+    assert repaired.exit_code == 0 and "resuming" not in repaired.output, repaired.output
+    warnings = [line for line in repaired.output.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and str(newest) in warnings[0]
+    assert (workspace / "models" / "rerun" / "model.safetensors").read_bytes() == weights
+
+    monkeypatch.setenv("LLMCORE_FRESH", "1")
+    fresh = invoke(workspace, params, out="rerun", reports="rerun-reports")
+    assert fresh.exit_code == 0 and "resuming" not in fresh.output, fresh.output
+    assert sum("LLMCORE_FRESH" in line for line in fresh.output.splitlines()) == 1
+    assert (workspace / "models" / "rerun" / "model.safetensors").read_bytes() == weights  # trained again, same bytes
+    monkeypatch.delenv("LLMCORE_FRESH")
+
+    changed = invoke(workspace, write_params(tmp_path / "p2.yaml", train={**train, "lr": 0.002}), out="rerun",
+                     reports="rerun-reports")  # fmt: skip
+    assert changed.exit_code == 0 and "resuming" not in changed.output, changed.output
+    assert sum("starting fresh" in line for line in changed.output.splitlines()) == 1
+
+    # the same weights with another tokenizer in the base folder: other inputs, so not the checkpoint's run
+    other = workspace / "models" / "base-other-tok"
+    shutil.copytree(workspace / "models" / "base", other)
+    tok = json.loads((other / "tokenizer.json").read_text())
+    (other / "tokenizer.json").write_text(json.dumps({**tok, "name": "bytes-renamed"}))
+    base_swapped = tmp_path / "p3.yaml"
+    base_swapped.write_text(params.read_text().replace("base_model: base", "base_model: base-other-tok"))
+    invoke(workspace, params, out="rerun", reports="rerun-reports")  # the lr of `params` again: a fresh run
+    swapped = invoke(workspace, base_swapped, out="rerun", reports="rerun-reports")
+    assert swapped.exit_code == 0 and "resuming" not in swapped.output, swapped.output
+    assert sum("starting fresh" in line for line in swapped.output.splitlines()) == 1

@@ -158,6 +158,25 @@ def test_a_text_corpus_is_one_document_in_one_shard(tmp_path, tok):
     assert train[:].tolist() == tok.encode(text[:2000], allow_special=False)  # no end-of-text added
 
 
+@pytest.mark.parametrize("batch_rows", [1, 16])
+def test_an_empty_first_document_is_counted(tmp_path, tok, batch_rows):
+    """The first document of a split has no end-of-text before it, so an empty one holds no token at all: it
+    still counts in meta.json (alone in its batch, or the first of a batch), and so do empty ones later on."""
+    docs = ["", *make_docs(40, 6)]
+    docs[7] = ""
+    write_parquet(tmp_path / "train.parquet", docs, row_group_size=13)
+    splits = {"train": [Source("train", path=tmp_path / "train.parquet")],
+              "val": [Source("empty", text=""), Source("v", text="a river flows")]}  # fmt: skip
+    meta = tokenize_to_shards(splits, tok, tmp_path / "out", tmp_path / "work", shard_tokens=200,
+                              batch_rows=batch_rows, progress_bar=False, log=lambda _: None)  # fmt: skip
+    assert meta["documents"] == {"train": len(docs), "val": 2}
+    assert sum(e["documents"] for e in meta["splits"]["train"]) == len(docs)
+    assert meta["bytes"]["train"] == sum(len(d.encode()) for d in docs)
+    out = tmp_path / "out"
+    stream = np.concatenate([np.fromfile(out / e["file"], dtype=np.uint16) for e in meta["splits"]["train"]])
+    np.testing.assert_array_equal(stream, reference_stream(tok, docs))
+
+
 KILL_SCRIPT = """
 import sys
 from pathlib import Path
@@ -390,6 +409,11 @@ def test_data_benchmark_runs_and_its_shards_equal_tiktoken():
     assert encode["same_tokens_as_tiktoken"] and encode["scaling_1_to_2"] > 0
     loader = bench_data.job_loader(steps=1, batches=20)
     assert loader["loader_tokens_per_s"] > 0 and loader["train_tokens_per_s_1_thread"] > 0
-    table = bench_data.format_table({"encode": encode, "loader": loader, "rss": {
-        "text_mb": 1.0, "peak_rss_mb_main": 1.0, "peak_rss_mb_largest_worker": 1.0}})
+    table = bench_data.format_table(
+        {
+            "encode": encode,
+            "loader": loader,
+            "rss": {"text_mb": 1.0, "peak_rss_mb_main": 1.0, "peak_rss_mb_largest_worker": 1.0},
+        }
+    )
     assert "tiktoken" in table and "loader vs training" in table

@@ -35,7 +35,8 @@ Manifest (``meta.json``)::
                            "bytes": 401234567, "sha256": "..."}, ...], "val": [...]},
      ... whatever the caller adds (tokenizer kind, corpus, source files)}
 
-A document (and its bytes) counts in the shard that holds its last token.
+A document (and its bytes) counts in the shard that holds its last token; an empty first document, which holds
+no token, counts in the split's first shard.
 """
 
 from __future__ import annotations
@@ -256,6 +257,11 @@ def write_split(
             skip = 0
         ends = np.cumsum(lengths)  # where each document's tokens end in ``ids``
         bytes_before = np.concatenate([[0], np.cumsum(n_bytes)])
+        # A split's empty first document has no token left (not even an end-of-text): it ends at 0, before
+        # any token the loop below sees, so it counts in the open shard here.
+        empty = int(np.searchsorted(ends, 0, "right"))
+        shard.documents += empty
+        shard.bytes += int(bytes_before[empty])
         cursor = 0
         while cursor < len(ids):
             take = min(len(ids) - cursor, shard_tokens - shard.tokens)

@@ -67,14 +67,19 @@ Every ``checkpoint_every`` steps and at the end, rank 0 writes ``<out_dir>/step_
                         Python RNG state, with {"__tensor__": key} pointing into state.safetensors
     live/               a copy of dvclive's plots folder as of this step (when ``live`` is given)
 
-It is built in a temporary folder and renamed into place (atomic), then older checkpoints are removed,
-so a kill at any moment leaves one complete checkpoint. The learning-rate "scheduler" is a pure
-function of the step, so the step is its state (numpy's global RNG is never used, so it is not saved).
-``fit`` resumes from the newest checkpoint whose fingerprint (a hash of the training config, precision,
-world size, parameter names and shapes, the number of batches per epoch and the caller's ``fingerprint``)
-matches; otherwise it removes the stale checkpoints and starts fresh. Bookkeeping fields (``eval_*``,
-``log_every``, ``checkpoint_every``, ``time_budget_s``) are not in the fingerprint: raising the time budget
-continues a run. On one device in fp32 a resumed run's weights are bitwise those of an uninterrupted one.
+It is built in a temporary folder, synced to disk and renamed into place (atomic); its files get the modes
+the umask gives. Only then are older checkpoints removed, all but the one before it, so a kill at any moment
+leaves a complete checkpoint and an unreadable newest one has a predecessor. The learning-rate "scheduler" is a
+pure function of the step, so the step is its state (numpy's global RNG is never used, so it is not saved).
+``fit`` resumes from the newest checkpoint that loads and whose fingerprint (a hash of the training config,
+the hardware params that change the arithmetic: device, precision, compile, threads, head_loss; world size,
+parameter names and shapes, the number of batches per epoch and the caller's ``fingerprint``) matches. One that
+does not load is skipped with a warning line; if none matches it starts fresh, saying so, and the stale
+checkpoints go when its first checkpoint is complete. ``LLMCORE_FRESH=1`` in the environment starts fresh
+whatever is there (``dvc repro -f`` alone resumes a finished run: DVC does not tell the stage it was forced).
+Bookkeeping fields (``eval_*``, ``log_every``, ``checkpoint_every``, ``time_budget_s``) are not in the
+fingerprint: raising the time budget continues a run. On one device in fp32 a resumed run's weights are bitwise
+those of an uninterrupted one.
 
 References: nanoGPT ``train.py`` (loop, schedule, DDP), nanochat ``base_train.py``, litgpt ``pretrain.py``.
 """
@@ -102,7 +107,7 @@ from llmcore.device import autocast_context
 from llmcore.models.ops import pick_head_loss
 from llmcore.training.config import HardwareConfig, TrainConfig
 from llmcore.training.runtime import Runtime, init_runtime, move_to, out_of_time, reference_count
-from llmcore.training.state import TrainState, ckpt_name, fingerprint_of, restore_checkpoint, save_checkpoint
+from llmcore.training.state import TrainState, fingerprint_of, restore_checkpoint, save_checkpoint
 from llmcore.weights.weight_file import unwrap
 
 
@@ -147,18 +152,6 @@ def lm_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple
 # ---------------------------------------------------------------------------------------------------
 # Processes and devices
 # ---------------------------------------------------------------------------------------------------
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -217,24 +210,6 @@ def plan_steps(cfg: TrainConfig, batches_per_epoch: int) -> tuple[int, str]:
 # ---------------------------------------------------------------------------------------------------
 # Checkpoints: safetensors for tensors, JSON for everything else (nothing is ever pickled)
 # ---------------------------------------------------------------------------------------------------
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -348,15 +323,19 @@ def fit(
     torch.manual_seed(cfg.seed + rt.rank)
     random.seed(cfg.seed + rt.rank)
 
-    state = restore_checkpoint(out_dir, fp, model, optimizer, scaler, train_data, rt, live_dir)
-    resumed_from = None if state is None else state.step
-    if state is None:
-        state = TrainState()
-    else:
-        print0(f"resuming from {out_dir / ckpt_name(state.step)} (step {state.step} of {total_steps})")
+    restored = restore_checkpoint(out_dir, fp, model, optimizer, scaler, train_data, rt, live_dir)
+    state, last_checkpoint = restored if restored is not None else (TrainState(), None)
+    resumed_from = None if restored is None else state.step
+    if last_checkpoint is not None:
+        print0(f"resuming from {last_checkpoint} (step {state.step} of {total_steps})")
 
     wrapped = wrap_model(model, hw, rt)
-    save = lambda: save_checkpoint(out_dir, model, state, fp, optimizer, scaler, train_data, rt, live_dir)  # noqa: E731
+
+    def save() -> None:  # the previous checkpoint stays until this one is complete (and then one save longer)
+        nonlocal last_checkpoint
+        last_checkpoint = save_checkpoint(out_dir, model, state, fp, optimizer, scaler, train_data, rt, live_dir,
+                                          keep=last_checkpoint)  # fmt: skip
+
     last_save = resumed_from
     if resumed_from is None:
         evaluator.run(wrapped, model, state)

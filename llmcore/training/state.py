@@ -1,4 +1,11 @@
-"""Resumable training state: checkpoint folders of safetensors (tensors) + JSON (the rest), never pickled."""
+"""Resumable training state: checkpoint folders of safetensors (tensors) + JSON (the rest), never pickled.
+
+Which checkpoint a run resumes: the newest one that loads and carries the run's fingerprint (``fingerprint_of``).
+A checkpoint that does not load (truncated, garbage, a ``state.json`` of the wrong shape) is skipped with one
+warning line; one of another run (other params or inputs) is never resumed. ``LLMCORE_FRESH=1`` starts fresh
+whatever is there (DVC's ``repro -f`` cannot tell the stage). A run keeps its newest checkpoint and the one
+before; older ones and other runs' are removed only once the run's next checkpoint is complete on disk.
+"""
 
 from __future__ import annotations
 
@@ -16,12 +23,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-from llmcore.common import LLMCoreError, print0
+from llmcore.common import LLMCoreError, current_umask, print0
 from llmcore.training.config import BOOKKEEPING, HardwareConfig, TrainConfig
 from llmcore.training.runtime import Runtime
 from llmcore.weights.weight_file import unwrap
+
+FRESH_ENV = "LLMCORE_FRESH"  # 1: train from scratch, never resume (the documented switch; DVC's -f does not reach us)
 
 
 def split_tensors(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
@@ -73,7 +83,11 @@ def checkpoints(out_dir: Path) -> list[Path]:
 
 
 def save_training_state(path: Path, model: nn.Module, tree: dict[str, Any], live_dir: Path | None) -> None:
-    """Write one checkpoint folder atomically: build it under a temporary name, then rename it."""
+    """Write one checkpoint folder atomically: build it under a temporary name, sync it to disk, then rename it.
+
+    Files and folders get the modes ``open()`` and ``mkdir()`` would give under the umask (safetensors writes
+    its files private).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     for leftover in path.parent.glob(".tmp-step_*"):  # from a run killed while writing
         shutil.rmtree(leftover, ignore_errors=True)
@@ -87,30 +101,131 @@ def save_training_state(path: Path, model: nn.Module, tree: dict[str, Any], live
         (tmp / "state.json").write_text(json.dumps(meta), encoding="utf-8")
         if live_dir is not None and live_dir.is_dir():
             shutil.copytree(live_dir, tmp / "live")
-        if path.exists():  # only after a fresh start over a stale run with the same step
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        _share_and_sync(tmp)
+        if path.exists():  # a stale run's (or an unreadable) checkpoint of the same step: moved aside, then gone
+            old = path.parent / f".tmp-{path.name}-{os.getpid()}-old"
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+        _sync_dir(path.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def load_training_state(path: Path) -> dict[str, Any]:
-    """The training-state tree of checkpoint ``path`` (the weights are read by ``load_model``)."""
+def _share_and_sync(folder: Path) -> None:
+    """Give every file and folder under ``folder`` its umask mode and flush it to disk (before the rename that
+    makes the checkpoint count as complete)."""
+    mask = current_umask()
+    for root, dirs, files in os.walk(folder, topdown=False):
+        for name in files:
+            file = Path(root) / name
+            os.chmod(file, 0o666 & ~mask)
+            with open(file, "rb") as f:
+                os.fsync(f.fileno())
+        for name in dirs:
+            os.chmod(Path(root) / name, 0o777 & ~mask)
+        _sync_dir(Path(root))
+    os.chmod(folder, 0o777 & ~mask)
+
+
+def _sync_dir(folder: Path) -> None:
+    if os.name == "nt":  # no directory handles to flush
+        return
     try:
-        meta = json.loads((path / "state.json").read_text(encoding="utf-8"))
-        tensors = load_file(str(path / "state.safetensors"))
-    except (OSError, ValueError) as e:
-        raise LLMCoreError(f"{path}: unreadable checkpoint: {e}") from None
-    return join_tensors(meta, tensors)
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse to sync a directory
+        pass
+    finally:
+        os.close(fd)
+
+
+# What state.json must hold, and of which type, for a checkpoint to count as loadable.
+REQUIRED = {"fingerprint": str, "step": int, "optimizer": dict, "scaler": dict, "train_data": dict, "rng": list}
+
+
+def load_training_state(path: Path, model: nn.Module | None = None) -> dict[str, Any]:
+    """The training-state tree of checkpoint ``path``; with ``model``, also check that the weights file loads
+    into it (names and shapes; the weights are read by ``load_model``). Anything unreadable is an
+    ``LLMCoreError`` naming the file."""
+    state_json = path / "state.json"
+    try:
+        meta = json.loads(state_json.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:
+        raise LLMCoreError(f"{state_json}: unreadable ({e})") from None
+    if not isinstance(meta, dict):
+        raise LLMCoreError(f"{state_json}: expected a JSON object, got {type(meta).__name__}")
+    for key, kind in REQUIRED.items():
+        if key not in meta:
+            raise LLMCoreError(f"{state_json}: no {key!r}")
+        value = meta[key]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise LLMCoreError(f"{state_json}: {key!r} should be a {kind.__name__}, got {type(value).__name__}")
+    if meta["step"] < 0:
+        raise LLMCoreError(f"{state_json}: 'step' is {meta['step']}")
+    tensors_file = path / "state.safetensors"
+    try:
+        tensors = load_file(str(tensors_file))
+    except (OSError, SafetensorError) as e:
+        raise LLMCoreError(f"{tensors_file}: unreadable ({e})") from None
+    try:
+        tree = join_tensors(meta, tensors)
+    except (KeyError, TypeError, ValueError) as e:
+        raise LLMCoreError(f"{state_json}: does not match state.safetensors ({e!r})") from None
+    if model is not None:
+        check_weights_file(path / "model.safetensors", model)
+    return tree
+
+
+def check_weights_file(file: Path, model: nn.Module) -> None:
+    """Raise ``LLMCoreError`` unless ``file``'s header is readable and its tensors are ``model``'s (names, shapes;
+    a tied tensor is stored once). Reads the header only."""
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            shapes = {name: list(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118
+    except (OSError, SafetensorError) as e:
+        raise LLMCoreError(f"{file}: unreadable ({e})") from None
+    expected = unwrap(model).state_dict()
+    unexpected = sorted(set(shapes) - set(expected))
+    wrong = sorted(k for k in shapes if k in expected and shapes[k] != list(expected[k].shape))
+    stored = {expected[k].untyped_storage().data_ptr() for k in shapes if k in expected}
+    missing = sorted(k for k in expected if k not in shapes and expected[k].untyped_storage().data_ptr() not in stored)
+    if unexpected or wrong or missing:
+        first = (wrong or missing or unexpected)[0]
+        raise LLMCoreError(f"{file}: not this model's weights ({len(wrong)} shapes differ, {len(missing)} missing, "
+                           f"{len(unexpected)} unknown, e.g. {first!r})")  # fmt: skip
+
+
+def fresh_start_requested() -> bool:
+    """``LLMCORE_FRESH``: 1 (true, yes) starts fresh; unset, empty or 0 (false, no) resumes; else refused."""
+    value = os.environ.get(FRESH_ENV, "").strip()
+    if value.lower() in ("", "0", "false", "no"):
+        return False
+    if value.lower() in ("1", "true", "yes"):
+        return True
+    raise LLMCoreError(f"{FRESH_ENV}: expected 1 or 0, got {value!r}")
+
+
+# hardware fields that change the numbers a run computes (precision, kernels, reduction order); nproc is in the
+# world size, and peak_tflops (MFU) and activation_checkpointing (recomputes the same values) leave weights alone
+HARDWARE_FINGERPRINT = ("device", "precision", "compile", "threads", "head_loss")
 
 
 def fingerprint_of(model: nn.Module, cfg: TrainConfig, hw: HardwareConfig, world_size: int, n_batches: int,
                    extra: Any) -> str:  # fmt: skip
-    """A hash of everything that decides the weights a run produces (see the module docstring)."""
+    """A hash of everything that decides the weights a run produces: the training config but its bookkeeping,
+    the hardware params that change the arithmetic (as written: ``threads: auto`` stays ``auto``), the world size,
+    parameter names and shapes, batches per epoch and the caller's ``extra`` (data and stage params)."""
     train = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in BOOKKEEPING}
     shapes = [[name, list(p.shape), p.requires_grad] for name, p in unwrap(model).named_parameters()]
-    blob = {"train": train, "precision": hw.precision, "world_size": world_size, "params": shapes,
+    hardware = {k: getattr(hw, k) for k in HARDWARE_FINGERPRINT}
+    blob = {"train": train, "hardware": hardware, "world_size": world_size, "params": shapes,
             "batches_per_epoch": n_batches, "extra": extra}  # fmt: skip
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -148,51 +263,73 @@ class TrainState:
 
 
 def save_checkpoint(out_dir: Path, model: nn.Module, state: TrainState, fingerprint: str, optimizer: Any,
-                    scaler: Any, train_data: Any, rt: Runtime, live_dir: Path | None) -> None:  # fmt: skip
-    """Rank 0 writes ``<out_dir>/step_XXXXXXXX/`` (every rank's RNG gathered to it), then drops older ones."""
+                    scaler: Any, train_data: Any, rt: Runtime, live_dir: Path | None,
+                    keep: Path | None = None) -> Path:  # fmt: skip
+    """Rank 0 writes ``<out_dir>/step_XXXXXXXX/`` (every rank's RNG gathered to it); once it is complete, every
+    other checkpoint but ``keep`` (this run's previous one) is removed. Returns the new checkpoint's path."""
     rng = rng_state(rt.device)
     if rt.ddp:  # every rank's RNG streams, gathered in memory (rank 0 writes them all)
         all_rng: list[Any] = [None] * rt.world_size
         dist.all_gather_object(all_rng, rng)
     else:
         all_rng = [rng]
+    path = out_dir / ckpt_name(state.step)
     if not rt.is_main:
-        return
+        return path
     tree = {
         **dataclasses.asdict(state), "fingerprint": fingerprint, "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict(), "train_data": train_data.state_dict(), "rng": all_rng,
     }  # fmt: skip
-    path = out_dir / ckpt_name(state.step)
     save_training_state(path, model, tree, live_dir)
     for old in checkpoints(out_dir):
-        if old != path:
+        if old not in (path, keep):
             shutil.rmtree(old, ignore_errors=True)
+    return path
 
 
-def restore_checkpoint(out_dir: Path, fingerprint: str, model: nn.Module, optimizer: Any, scaler: Any,
-                       train_data: Any, rt: Runtime, live_dir: Path | None) -> TrainState | None:  # fmt: skip
-    """Load the newest checkpoint made with the same ``fingerprint`` into the given objects and return its
-    ``TrainState``; None (and stale checkpoints removed) when there is none to resume."""
+def restore_checkpoint(out_dir: Path, fingerprint: str, model: nn.Module, optimizer: Any, scaler: Any, train_data: Any,
+                       rt: Runtime, live_dir: Path | None) -> tuple[TrainState, Path] | None:  # fmt: skip
+    """Load the newest readable checkpoint made with the same ``fingerprint`` into the given objects and return its
+    ``TrainState`` and path; None when there is none to resume, or ``LLMCORE_FRESH`` asks for a fresh start.
+
+    An unreadable checkpoint is skipped with a warning line, a stale one (other params or inputs) with a line
+    saying the run starts fresh. Nothing is removed here: ``save_checkpoint`` removes what this run does not
+    need once its own next checkpoint is complete, so a fresh run that fails early leaves the old one in place.
+    """
+    fresh = fresh_start_requested()
     found = checkpoints(out_dir)
-    tree = load_training_state(found[-1]) if found else None
-    if tree is not None and tree["fingerprint"] != fingerprint:
-        print0(f"{found[-1]}: made with other params (fingerprint {tree['fingerprint']} != {fingerprint}); "
-               "starting fresh")
-        tree = None
+    if fresh and found:
+        print0(f"{FRESH_ENV} is set: training from scratch; the checkpoints in {out_dir} are replaced by this run's")
+    tree, path, stale = None, None, None
+    for i, candidate in enumerate([] if fresh else reversed(found)):
+        try:
+            loaded = load_training_state(candidate, model)
+        except LLMCoreError as e:
+            then = "trying the one before" if i + 1 < len(found) else "no checkpoint left to resume"
+            print0(f"warning: {e}; skipping this checkpoint, {then}")
+            continue
+        if loaded["fingerprint"] == fingerprint:
+            tree, path = loaded, candidate
+            break
+        stale = stale or (candidate, loaded["fingerprint"])
+    if tree is None and stale is not None:
+        print0(f"{stale[0]}: made with other params or inputs (fingerprint {stale[1]} != {fingerprint}); "
+               "starting fresh")  # fmt: skip
     if rt.ddp:
-        dist.barrier()  # every rank has read the checkpoint before rank 0 may remove stale ones
-    if tree is None:
-        if found and rt.is_main:
-            for path in found:
-                shutil.rmtree(path)
+        dist.barrier()  # every rank has read its checkpoint before rank 0 may write over it
+    if tree is None or path is None:
         return None
-    load_model(unwrap(model), str(found[-1] / "model.safetensors"), strict=True, device=str(rt.device))
-    optimizer.load_state_dict(tree["optimizer"])
-    if tree["scaler"]:
-        scaler.load_state_dict(tree["scaler"])
-    train_data.load_state_dict(tree["train_data"])
-    set_rng_state(tree["rng"][rt.rank], rt.device)
-    if live_dir is not None and (found[-1] / "live").is_dir():
+    try:
+        load_model(unwrap(model), str(path / "model.safetensors"), strict=True, device=str(rt.device))
+        optimizer.load_state_dict(tree["optimizer"])
+        if tree["scaler"]:
+            scaler.load_state_dict(tree["scaler"])
+        train_data.load_state_dict(tree["train_data"])
+        set_rng_state(tree["rng"][rt.rank], rt.device)
+        state = TrainState(**{f.name: tree[f.name] for f in dataclasses.fields(TrainState) if f.name in tree})
+    except (KeyError, IndexError, TypeError, ValueError, SafetensorError) as e:
+        raise LLMCoreError(f"{path}: cannot resume from it ({e!r}); set {FRESH_ENV}=1 to start fresh") from None
+    if live_dir is not None and (path / "live").is_dir():
         shutil.rmtree(live_dir, ignore_errors=True)
-        shutil.copytree(found[-1] / "live", live_dir)
-    return TrainState(**{f.name: tree[f.name] for f in dataclasses.fields(TrainState) if f.name in tree})
+        shutil.copytree(path / "live", live_dir)
+    return state, path
