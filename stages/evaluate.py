@@ -1,14 +1,17 @@
 """Stage `evaluate`: score the instruction model's test responses with an LLM judge (Ollama or OpenAI API).
 
 Every response in ``reports/instruct/responses.json`` is scored 0-100 by the judge model (the book's
-chapter 7 evaluation); unparsable and failed items are counted, never dropped. Metrics that need no
+chapter 7 evaluation). A reply counts only in the form the prompt asks for (a bare integer 0-100, ``score: N``
+or ``{"score": N}``; a number in prose is refused); ``metrics.json`` has ``n_scored``, ``n_refused`` and
+``n_error``: refused and failed items are counted, never dropped. Metrics that need no
 judge are always computed: ROUGE-L and exact match against the reference outputs, and the model's loss
 and perplexity on the reference outputs (prompt tokens masked).
 
 Judge modes (``evaluate.judge_mode``): ``required`` fails with a one-line fix when Ollama is not reachable,
 and when fewer than ``evaluate.judge.min_scored`` of the responses got a score (a judge that answers prose is
-reachable but useless); ``skip_if_unreachable`` records the first case as ``judge_status: skipped`` and the
-second as ``failed`` (no mean reported; the report card says so, with the reason); ``off`` never asks.
+reachable but useless; the params loader refuses a ``min_scored`` under 0.5, so the check stays on);
+``skip_if_unreachable`` records the first case as ``judge_status: skipped`` and the second as ``failed`` (no
+mean reported; the report card says so, with the reason); ``off`` never asks.
 Judge answers are cached in ``data/cache/judge.jsonl`` (not a DVC output, so reruns reuse it).
 
 Instruct vs aligned: given the align stage's answers to the same test prompts (``--align-responses``,

@@ -104,7 +104,7 @@ def test_a_judge_that_answers_prose_fails_required_and_is_recorded_as_failed(tmp
     error = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert error == [
         f"error: the judge 'prose:latest' at {judge_url} scored 0 of 3 responses (3 refused: not a bare 0-100 "
-        "integer or `score: N`, 0 failed), "
+        "integer or score: N, 0 failed), "
         "under evaluate.judge.min_scored = 0.9: does it answer with a number?"
     ], result.output
     assert not (tmp_path / "reports/metrics.json").exists()

@@ -358,7 +358,7 @@ def test_score_items_survives_a_misbehaving_server(fake_ollama):
     assert Counter(r.status for r in records) == {"scored": 7, "refused": 1, "error": 5}
 
     # The strict prompt was used once per refused first reply, and never otherwise.
-    assert fake.generate_count("item-1", strict=True) == 1 and fake.generate_count("item-2", strict=True) == 1 and fake.generate_count("item-3", strict=True) == 1
+    assert all(fake.generate_count(tag, strict=True) == 1 for tag in ("item-1", "item-2", "item-3"))
     assert fake.generate_count("item-10", strict=True) == 2  # one re-ask, retried once after the 500
     for tag in ("item-0", "item-4", "item-5", "item-6", "item-7", "item-8", "item-9", "item-12"):
         assert fake.generate_count(tag, strict=True) == 0
@@ -493,8 +493,8 @@ def test_shortfall_names_the_count_and_the_threshold():
     summary = summarize(records)
     assert shortfall(summary, 0.5) is None  # 2 of 4 scored: enough at 0.5
     assert shortfall(summary, 0.9) == (
-        "the judge scored 2 of 4 responses (1 refused: not a bare 0-100 integer or `score: N`, 1 failed), under evaluate.judge.min_scored = 0.9: "
-        "does it answer with a number?"
+        "the judge scored 2 of 4 responses (1 refused: not a bare 0-100 integer or score: N, 1 failed), "
+        "under evaluate.judge.min_scored = 0.9: does it answer with a number?"
     )
     assert shortfall(summarize([]), 0.9) is not None and shortfall(summarize([]), 0.5) is not None
     with pytest.raises(LLMCoreError, match=r"min_scored: expected a fraction in \[0.5, 1\], got -0.1"):

@@ -66,7 +66,7 @@ def make_reports(r, *, judged=False, pretrain_loss=3.76):
     (r / "instruct/responses.json").write_text(json.dumps(RESPONSES))
     metrics = {"n_items": 3, "rouge_l": 0.6, "exact_match": 1 / 3, "reference_loss": 2.6}
     if judged:
-        metrics.update(mean=55.0, median=60.0, ci95_low=20.0, ci95_high=90.0, n_scored=3, n_unparsable=0, n_error=0)
+        metrics.update(mean=55.0, median=60.0, ci95_low=20.0, ci95_high=90.0, n_scored=3, n_refused=0, n_error=0)
         facts = {"judge_status": "scored", "judge_model": "llama3:8b"}
         scores = [{"id": "0", "score": 95, "status": "scored"}, {"id": "1", "score": 5, "status": "scored"},
                   {"id": "2", "score": 65, "status": "scored"}]  # fmt: skip

@@ -509,8 +509,8 @@ def build_report(reports_dir: Path, params: dict[str, Any], *,
     if ev and ev.facts.get("judge_status") == "scored" and ev.num("mean") is not None:
         report.judge_summary = (f"mean {fmt(ev.num('mean'))} (95% CI {fmt(ev.num('ci95_low'))}–"
                                 f"{fmt(ev.num('ci95_high'))}), median {fmt(ev.num('median'))}, "
-                                f"{fmt(ev.num('n_scored'), 'int')} scored, {fmt(ev.num('n_unparsable'), 'int')} "
-                                f"unparsable, {fmt(ev.num('n_error'), 'int')} failed")  # fmt: skip
+                                f"{fmt(ev.num('n_scored'), 'int')} scored, {fmt(ev.num('n_refused'), 'int')} "
+                                f"refused, {fmt(ev.num('n_error'), 'int')} failed")  # fmt: skip
 
     examples: list[Figure] = []
     conf = read_confusion(reports_dir / "classify" / "confusion.csv")
