@@ -474,7 +474,8 @@ def test_better_or_worse_only_when_the_interval_excludes_zero(tmp_path):
     reports = make_reports(tmp_path / "reports")
     evaluate = json.loads((reports / "evaluate/metrics.json").read_text())
     for lo, hi, verdict in ((-0.05, 0.01, "no clear difference"), (-0.05, -0.01, "worse"), (0.01, 0.05, "better")):
-        evaluate["compare"] = {"rouge_l": {"n": 3, "diff_mean": (lo + hi) / 2, "diff_ci95_low": lo, "diff_ci95_high": hi}}
+        diff = {"n": 3, "diff_mean": (lo + hi) / 2, "diff_ci95_low": lo, "diff_ci95_high": hi}
+        evaluate["compare"] = {"rouge_l": diff}
         (reports / "evaluate/metrics.json").write_text(json.dumps(evaluate))
         rows = card(to_markdown(build_report(reports, {})))
         assert f"no difference 0 ({verdict})" in rows["evaluate: ROUGE-L, align − instruct"][3], (lo, hi)
@@ -493,7 +494,8 @@ def test_one_table_declares_each_metrics_direction_and_unit():
         assert spec(bound, "evaluate").direction == 0, bound  # an interval's bound is not a result
     assert spec("val/ppl", "classify").plot is False and spec("val/ppl", "pretrain").plot
     # the compare page reads the same table
-    assert cmp.direction("align: val_rejected_reward") == -1 and cmp.direction("evaluate: compare.rouge_l.diff_ci95_low") == 0
+    assert cmp.direction("align: val_rejected_reward") == -1
+    assert cmp.direction("evaluate: compare.rouge_l.diff_ci95_low") == 0
 
 
 def test_losses_carry_their_own_unit_and_the_align_rewards_are_plotted(tmp_path):
