@@ -90,6 +90,9 @@ def test_evaluate_with_llmcore_serve_as_judge(tmp_path, model_dir, judge_url):
     # judge-free metrics
     assert metrics["exact_match"] == pytest.approx(1 / 3, abs=1e-3) and metrics["empty_responses"] == 1
     assert metrics["reference_loss"] > 0 and metrics["reference_perplexity"] > 1
+    # answering with the prompt itself: the baseline, with the paired interval of instruct - copy for the card's verdict
+    assert metrics["copy_prompt_diff_ci95_low"] <= metrics["rouge_l"] - metrics["copy_prompt_rouge_l"]
+    assert metrics["rouge_l"] - metrics["copy_prompt_rouge_l"] <= metrics["copy_prompt_diff_ci95_high"]
 
     again = run_evaluate(tmp_path, model_dir)  # the cache answers everything that was parsed
     assert again.exit_code == 0

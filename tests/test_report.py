@@ -480,6 +480,11 @@ def test_better_or_worse_only_when_the_interval_excludes_zero(tmp_path):
         (reports / "evaluate/metrics.json").write_text(json.dumps(evaluate))
         rows = card(to_markdown(build_report(reports, {})))
         assert f"no difference 0 ({verdict})" in rows["evaluate: ROUGE-L, align − instruct"][3], (lo, hi)
+    # the baseline of copying the prompt: judged by the paired interval of instruct - copy the stage records
+    evaluate.update(copy_prompt_rouge_l=0.55, copy_prompt_diff_ci95_low=-0.02, copy_prompt_diff_ci95_high=0.12)
+    (reports / "evaluate/metrics.json").write_text(json.dumps(evaluate))
+    rows = card(to_markdown(build_report(reports, {})))
+    assert "copying the prompt 0.55 (no clear difference)" in rows["evaluate: ROUGE-L vs reference"][3]
 
 
 def test_one_table_declares_each_metrics_direction_and_unit():
