@@ -3,8 +3,9 @@
 Every response in ``reports/instruct/responses.json`` is scored 0-100 by the judge model (the book's
 chapter 7 evaluation). A reply counts only in the form the prompt asks for (a bare integer 0-100, ``score: N``
 or ``{"score": N}``; a number in prose is refused); ``metrics.json`` has ``n_scored``, ``n_refused`` and
-``n_error``: refused and failed items are counted, never dropped. Metrics that need no
-judge are always computed: ROUGE-L and exact match against the reference outputs, and the model's loss
+``n_error``: refused and failed items are counted, never dropped. Metrics that need no judge are always
+computed: ROUGE-L and exact match against the reference outputs (beside the ROUGE-L of answering with the
+prompt itself, ``copy_prompt_rouge_l``, and the paired 95% interval of the difference), and the model's loss
 and perplexity on the reference outputs (prompt tokens masked).
 
 Judge modes (``evaluate.judge_mode``): ``required`` fails with a one-line fix when Ollama is not reachable,
@@ -219,6 +220,9 @@ def main(
         # report has it without the instruct stage's cached responses)
         copies = [rouge_l(f"{it.instruction} {it.input}".strip(), it.reference) for it in items]
         metrics["copy_prompt_rouge_l"] = round(statistics.fmean(copies), 4) if copies else None
+        if copies:  # instruct - copy, paired over the items: the report calls it better or worse only outside 0
+            paired = paired_stats(copies, [rouge_l(it.response, it.reference) for it in items], cfg.n_boot)
+            metrics.update(_rounded({f"copy_prompt_diff_ci95_{k}": paired[f"diff_ci95_{k}"] for k in ("low", "high")}))
         metrics.update(reference_loss(model_dir, responses, cfg.loss_batch_size))
         reached = reach_judge(cfg)
         judged = judge_scores(items, cfg, cache, reports / "scores.jsonl", reached)
