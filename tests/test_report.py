@@ -66,7 +66,7 @@ def make_reports(r, *, judged=False, pretrain_loss=3.76):
     (r / "instruct/responses.json").write_text(json.dumps(RESPONSES))
     metrics = {"n_items": 3, "rouge_l": 0.6, "exact_match": 1 / 3, "reference_loss": 2.6}
     if judged:
-        metrics.update(mean=55.0, median=60.0, ci95_low=20.0, ci95_high=90.0, n_scored=3, n_refused=0, n_error=0)
+        metrics.update(mean=55.0, median=60.0, ci95_low=20.0, ci95_high=90.0, n_scored=3, n_refused=1, n_error=0)
         facts = {"judge_status": "scored", "judge_model": "llama3:8b"}
         scores = [{"id": "0", "score": 95, "status": "scored"}, {"id": "1", "score": 5, "status": "scored"},
                   {"id": "2", "score": 65, "status": "scored"}]  # fmt: skip
@@ -189,6 +189,7 @@ def test_card_with_a_judge_ranks_responses_by_score_and_draws_the_histogram(tmp_
     md, _ = run_report(tmp_path, reports)
     judge = card(md)["evaluate: judge mean score (0-100)"]
     assert judge[2] == "55" and judge[4].startswith("49.45 (not comparable)") and "95% CI 20–90" in judge[5]
+    assert "(1 refused: no score in the asked form)" in judge[5] and "3 scored, 1 refused, 0 failed" in md
     best = md.index("best 3 by judge score")
     assert md.index("Name the capital", best) < md.index("Say hi.", best) < md.index("Add the numbers.", best)
     assert (reports / "figures/judge_scores.svg").is_file()
@@ -499,6 +500,7 @@ def test_one_table_declares_each_metrics_direction_and_unit():
     for bound in ("ci95_low", "compare.rouge_l.diff_ci95_high", "compare.judge.align_ci95_low", "tasks.x.acc_stderr"):
         assert spec(bound, "evaluate").direction == 0, bound  # an interval's bound is not a result
     assert spec("val/ppl", "classify").plot is False and spec("val/ppl", "pretrain").plot
+    assert spec("val_loss", "newstage").direction == -1 and spec("steps", "pretrain").direction == 0
     # the compare page reads the same table
     assert cmp.direction("align: val_rejected_reward") == -1
     assert cmp.direction("evaluate: compare.rouge_l.diff_ci95_low") == 0

@@ -41,8 +41,9 @@ TABLE: list[tuple[str, str, Spec]] = [
     ("^classify$", _LOSS, Spec(-1, "nats/message")),
     ("^align$", _LOSS, Spec(-1, "nats/pair")),
     (_LM, _LOSS, Spec(-1, "nats/token", lm_loss=True)),
+    ("", _LOSS, Spec(-1, "")),  # another stage's loss: lower is better, its unit unknown here
     ("^(classify|align)$", _PPL, Spec(0, "", plot=False)),
-    (_LM, _PPL, Spec(-1, "perplexity")),
+    ("", _PPL, Spec(-1, "perplexity")),
     ("", r"bpb$|bits_per_byte$", Spec(-1, "bits/byte")),
     ("", r"(^|[._])bytes_per_token$", Spec(1, "bytes/token")),
     # DPO: the policy should raise the chosen answer's implicit reward and lower the rejected one's

@@ -393,7 +393,9 @@ def card_evaluate(s: StageData, ctx: Context) -> list[Row]:
     if status == "scored" and s.num("mean") is not None:
         judge.value, judge.ci = s.num("mean"), _interval(s, "")
         judge.detail = (f"95% CI {fmt(s.num('ci95_low'))}–{fmt(s.num('ci95_high'))}, {fmt(s.num('n_scored'), 'int')} "
-                        f"of {fmt(s.num('n_items'), 'int')} scored by {s.facts.get('judge_model', 'the judge')}")
+                        f"of {fmt(s.num('n_items'), 'int')} scored by {s.facts.get('judge_model', 'the judge')}"
+                        + (f" ({fmt(s.num('n_refused'), 'int')} refused: no score in the asked form)"
+                           if s.num("n_refused") else ""))  # fmt: skip
         if s.num("compare_base.judge.base_mean") is not None:  # the base model's row, then instruct's beside it
             rows.append(_judged_row(s, "compare_base.judge", "base", "base model"))
             judge.baselines = [_paired_ref(s, "base model", "compare_base.judge.base_mean", "compare_base.judge")]
