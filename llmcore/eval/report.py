@@ -36,7 +36,7 @@ BOOK = {
     "evaluate": (49.45, "GPT-2 355M (a different model), 2 epochs, Llama 3 8B judge, 110 entries", False),
     "align": (0.610, "DPO of the book's 355M instruct model (a different model, its own pairs), 1 epoch, beta 0.1: "
               "val DPO loss 0.693 → 0.610", False),
-}
+}  # fmt: skip
 # Stages in pipeline order; a folder under reports/ not listed here comes after them.
 STAGE_ORDER = ("download", "tokenize", "pretrain", "import", "classify", "instruct", "align", "evaluate", "benchmark")
 NESTED = ("import", "benchmark")  # one folder per model: reports/<stage>/<name>/metrics.json
@@ -294,7 +294,7 @@ def card_import(s: StageData, ctx: Context) -> list[Row]:
     detail = (f"{s.facts.get('family', '')} {fmt(s.num('params'), 'int')} params, {fmt(s.num('val_bpb'))} bits/byte "
               f"on {s.facts.get('corpus', 'the corpus')}")  # fmt: skip
     return [Row(s.name, figure, s.num("val_loss"), higher_is_better=higher_is_better("val_loss", s.name),
-                detail=detail.strip())]
+                detail=detail.strip())]  # fmt: skip
 
 
 def card_classify(s: StageData, ctx: Context) -> list[Row]:
@@ -329,7 +329,7 @@ def card_instruct(s: StageData, ctx: Context) -> list[Row]:
               f"{fmt(s.num('epochs'))} epochs; response-only loss {fmt(s.num('test_response_loss'))}, "
               f"{fmt(s.num('test_entries'), 'int')} test responses")  # fmt: skip
     return [Row(s.name, figure, s.num("test_loss"), higher_is_better=higher_is_better("test_loss", s.name),
-                detail=detail)]
+                detail=detail)]  # fmt: skip
 
 
 def card_align(s: StageData, ctx: Context) -> list[Row]:
@@ -389,7 +389,7 @@ def card_evaluate(s: StageData, ctx: Context) -> list[Row]:
     status = s.facts.get("judge_status")
     book = BOOK["evaluate"]
     judge = Row(s.name, "judge mean score (0-100)", book=Ref(book[1], book[0], book[2]),
-                higher_is_better=higher_is_better("mean", s.name))
+                higher_is_better=higher_is_better("mean", s.name))  # fmt: skip
     if status == "scored" and s.num("mean") is not None:
         judge.value, judge.ci = s.num("mean"), _interval(s, "")
         judge.detail = (f"95% CI {fmt(s.num('ci95_low'))}–{fmt(s.num('ci95_high'))}, {fmt(s.num('n_scored'), 'int')} "
@@ -435,7 +435,7 @@ def _diff_row(s: StageData, figure: str, key: str) -> Row:
     95% interval excludes 0."""
     ci = _interval(s, f"{key}.diff_")
     return Row(s.name, figure, s.num(f"{key}.diff_mean"), baselines=[Ref("no difference", 0.0, diff_ci=ci)], ci=ci,
-               higher_is_better=higher_is_better(f"{key}.diff_mean", s.name), detail=_paired_ci(s, key))
+               higher_is_better=higher_is_better(f"{key}.diff_mean", s.name), detail=_paired_ci(s, key))  # fmt: skip
 
 
 def card_generic(s: StageData, ctx: Context) -> list[Row]:
@@ -472,7 +472,7 @@ def card_benchmark(s: StageData, ctx: Context) -> list[Row]:
             rows.append(Row(s.name, f"{task} {metric}", float(value), "pct",
                             ci=(value - 1.96 * stderr, value + 1.96 * stderr) if ok else None,
                             book=Ref(f"{ref['model']} ({ref['source']})", ref["published"]) if ref else None,
-                            detail=f"± {fmt(stderr, 'pct')} (stderr)" if isinstance(stderr, (int, float)) else ""))
+                            detail=f"± {fmt(stderr, 'pct')} (stderr)" if ok else ""))  # fmt: skip
     return rows or [Row(s.name, "benchmark accuracy", status="failed", reason=f"{s.folder / 'metrics.json'} holds no "
                         "acc, acc_norm or exact_match")]  # fmt: skip
 
