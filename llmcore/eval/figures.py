@@ -89,11 +89,11 @@ def line_chart(title: str, series: Sequence[Series], xlabel: str, ylabel: str, l
         if logy:
             ax.set_yscale("log")
         if ppl_axis:
-            to_ppl = lambda v: np.exp(np.clip(v, None, 50.0))  # noqa: E731
-            to_loss = lambda p: np.log(np.clip(p, 1e-12, None))  # noqa: E731
+            to_ppl = lambda v: np.exp(np.clip(v, None, 50.0))
+            to_loss = lambda p: np.log(np.clip(p, 1e-12, None))
             ppl = ax.secondary_yaxis("right", functions=(to_ppl, to_loss))
             ppl.set_ylabel("perplexity")
-            ppl.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))  # 20, 50, 100, ...: even steps in nats
+            ppl.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))  # 1-2-5 steps: 10, 20, 50, 100, ...
             ppl.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         if drawn > 1 or series[0].name:
             ax.legend(loc="best")
