@@ -1,14 +1,18 @@
 """Stage `evaluate`: score the instruction model's test responses with an LLM judge (Ollama or OpenAI API).
 
 Every response in ``reports/instruct/responses.json`` is scored 0-100 by the judge model (the book's
-chapter 7 evaluation); unparsable and failed items are counted, never dropped. Metrics that need no
-judge are always computed: ROUGE-L and exact match against the reference outputs, and the model's loss
+chapter 7 evaluation). A reply counts only in the form the prompt asks for (a bare integer 0-100, ``score: N``
+or ``{"score": N}``; a number in prose is refused); ``metrics.json`` has ``n_scored``, ``n_refused`` and
+``n_error``: refused and failed items are counted, never dropped. Metrics that need no judge are always
+computed: ROUGE-L and exact match against the reference outputs (beside the ROUGE-L of answering with the
+prompt itself, ``copy_prompt_rouge_l``, and the paired 95% interval of the difference), and the model's loss
 and perplexity on the reference outputs (prompt tokens masked).
 
 Judge modes (``evaluate.judge_mode``): ``required`` fails with a one-line fix when Ollama is not reachable,
 and when fewer than ``evaluate.judge.min_scored`` of the responses got a score (a judge that answers prose is
-reachable but useless); ``skip_if_unreachable`` records the first case as ``judge_status: skipped`` and the
-second as ``failed`` (no mean reported; the report card says so, with the reason); ``off`` never asks.
+reachable but useless; the params loader refuses a ``min_scored`` under 0.5, so the check stays on);
+``skip_if_unreachable`` records the first case as ``judge_status: skipped`` and the second as ``failed`` (no
+mean reported; the report card says so, with the reason); ``off`` never asks.
 Judge answers are cached in ``data/cache/judge.jsonl`` (not a DVC output, so reruns reuse it).
 
 Instruct vs aligned: given the align stage's answers to the same test prompts (``--align-responses``,
@@ -216,6 +220,9 @@ def main(
         # report has it without the instruct stage's cached responses)
         copies = [rouge_l(f"{it.instruction} {it.input}".strip(), it.reference) for it in items]
         metrics["copy_prompt_rouge_l"] = round(statistics.fmean(copies), 4) if copies else None
+        if copies:  # instruct - copy, paired over the items: the report calls it better or worse only outside 0
+            paired = paired_stats(copies, [rouge_l(it.response, it.reference) for it in items], cfg.n_boot)
+            metrics.update(_rounded({f"copy_prompt_diff_ci95_{k}": paired[f"diff_ci95_{k}"] for k in ("low", "high")}))
         metrics.update(reference_loss(model_dir, responses, cfg.loss_batch_size))
         reached = reach_judge(cfg)
         judged = judge_scores(items, cfg, cache, reports / "scores.jsonl", reached)

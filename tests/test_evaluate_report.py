@@ -42,10 +42,11 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def judge_url(tmp_path_factory):
-    """`llmcore serve` as the Ollama judge: "judge" answers 85 to everything, "prose" answers a word."""
+    """`llmcore serve` as the Ollama judge: "judge" answers 85 to everything, "prose" answers
+    prose with a number in it (the parser once took "10 km" for a score of 10)."""
     root = tmp_path_factory.mktemp("judges")
     models = {"judge:latest": save_fixed_reply_model(root / "judge", "85"),
-              "prose:latest": save_fixed_reply_model(root / "prose", "Fine")}  # fmt: skip
+              "prose:latest": save_fixed_reply_model(root / "prose", "10 km")}  # fmt: skip
     server = make_server({name: ModelHandle.load(path, template="raw") for name, path in models.items()}, port=0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield server.url
@@ -82,13 +83,16 @@ def test_evaluate_with_llmcore_serve_as_judge(tmp_path, model_dir, judge_url):
     assert facts["judge_status"] == "scored" and facts["judge_model"] == "judge:latest"
     assert len(facts["judge_digest"]) == 64
     assert all(isinstance(v, (int, float)) or v is None for v in metrics.values())  # DVC metrics: numbers only
-    assert (metrics["n_scored"], metrics["n_unparsable"], metrics["n_error"]) == (len(RESPONSES), 0, 0)
+    assert (metrics["n_scored"], metrics["n_refused"], metrics["n_error"]) == (len(RESPONSES), 0, 0)
     assert metrics["mean"] == 85.0 and metrics["ci95_low"] == metrics["ci95_high"] == 85.0
     records = [json.loads(line) for line in (tmp_path / "reports/scores.jsonl").read_text().splitlines()]
     assert [r["id"] for r in records] == ["0", "1", "2"] and {r["raw"] for r in records} == {"85"}
     # judge-free metrics
     assert metrics["exact_match"] == pytest.approx(1 / 3, abs=1e-3) and metrics["empty_responses"] == 1
     assert metrics["reference_loss"] > 0 and metrics["reference_perplexity"] > 1
+    # answering with the prompt itself: the baseline, with the paired interval of instruct - copy for the card's verdict
+    assert metrics["copy_prompt_diff_ci95_low"] <= metrics["rouge_l"] - metrics["copy_prompt_rouge_l"]
+    assert metrics["rouge_l"] - metrics["copy_prompt_rouge_l"] <= metrics["copy_prompt_diff_ci95_high"]
 
     again = run_evaluate(tmp_path, model_dir)  # the cache answers everything that was parsed
     assert again.exit_code == 0
@@ -102,12 +106,13 @@ def test_a_judge_that_answers_prose_fails_required_and_is_recorded_as_failed(tmp
     assert result.exit_code == 1
     error = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert error == [
-        f"error: the judge 'prose:latest' at {judge_url} scored 0 of 3 responses (3 unparsable, 0 failed), "
+        f"error: the judge 'prose:latest' at {judge_url} scored 0 of 3 responses (3 refused: not a bare 0-100 "
+        "integer or score: N, 0 failed), "
         "under evaluate.judge.min_scored = 0.9: does it answer with a number?"
     ], result.output
     assert not (tmp_path / "reports/metrics.json").exists()
     assert {json.loads(line)["raw"] for line in (tmp_path / "reports/scores.jsonl").read_text().splitlines()} == {
-        "Fine"
+        "10 km"
     }  # its replies are kept to look at
 
     write_params(tmp_path, host=judge_url, model="prose", mode="skip_if_unreachable")
@@ -117,7 +122,7 @@ def test_a_judge_that_answers_prose_fails_required_and_is_recorded_as_failed(tmp
     metrics = json.loads((tmp_path / "reports/metrics.json").read_text())
     facts = json.loads((tmp_path / "reports/facts.json").read_text())
     assert facts["judge_status"] == "failed" and metrics["mean"] is None
-    assert (metrics["n_scored"], metrics["n_unparsable"]) == (0, 3) and "0 of 3" in facts["judge_skip_reason"]
+    assert (metrics["n_scored"], metrics["n_refused"]) == (0, 3) and "0 of 3" in facts["judge_skip_reason"]
     report_md = render_report(tmp_path)
     assert "| evaluate | judge mean score (0-100) | failed |" in report_md
     assert "- evaluate, judge mean score (0-100): failed: the judge 'prose:latest'" in report_md
@@ -128,11 +133,12 @@ def test_a_judge_that_answers_prose_fails_required_and_is_recorded_as_failed(tmp
     records = [json.loads(line) for line in (tmp_path / "reports/scores.jsonl").read_text().splitlines()]
     assert {r["status"] for r in records} == {"skipped"} and len(records) == 3  # never an empty file
 
-    # the threshold is a param: 0 accepts whatever the judge says
+    # the threshold is a param with a floor: 0 (accept whatever the judge says) is refused before anything runs
     write_params(tmp_path, host=judge_url, model="prose", min_scored=0.0)
     result = run_evaluate(tmp_path, model_dir)
-    assert result.exit_code == 0, result.output
-    assert json.loads((tmp_path / "reports/facts.json").read_text())["judge_status"] == "scored"
+    assert result.exit_code == 1 and "error: evaluate.judge.min_scored: expected a fraction in [0.5, 1]" in (
+        result.output
+    )
 
 
 def render_report(tmp_path) -> str:
@@ -149,7 +155,7 @@ def render_report(tmp_path) -> str:
 def test_min_scored_is_checked_and_errors_name_the_full_key(tmp_path, model_dir):
     write_params(tmp_path, min_scored=1.5)
     result = run_evaluate(tmp_path, model_dir)
-    assert result.exit_code == 1 and "error: evaluate.judge.min_scored: expected a fraction in [0, 1], got 1.5" in (
+    assert result.exit_code == 1 and "error: evaluate.judge.min_scored: expected a fraction in [0.5, 1], got 1.5" in (
         result.output
     )
     write_params(tmp_path, prompt_template="Score {response}")

@@ -207,29 +207,27 @@ def free_port() -> int:
 @pytest.mark.parametrize(
     "text, expected",
     [
-        # plain and decorated integers
-        ("85", 85), ("85.", 85), (" 85 \n", 85), ("**85**", 85), ("`85`", 85), (">> 85", 85), ("0", 0),
-        ("100", 100), ("85.0", 85), ("85\n\nThe response misses 2 details.", 85),
-        # labelled
-        ("Score: 85/100", 85), ("**Score:** 85", 85), ("Score: 85 (out of 100)", 85), ("score of 90", 90),
-        ("I would rate it 85 out of 100", 85), ("Rating: 7/10", 70), ("Score: 85. A perfect answer gets 100.", 85),
-        ('I\'d rate the model response "The car is as fast as a bullet." an 85 out of 100.', 85),
-        # JSON
-        ('{"score": 85}', 85), ('{"Score": "72"}', 72), ('```json\n{"score": 90, "reason": "ok"}\n```', 90),
-        ('Here you go: {"score": 64}', 64),
-        # other scales
-        ("8.5/10", 85), ("8/10", 80), ("10/10", 100), ("4/5", 80), ("4.5/5", 90), ("100/100", 100), ("85%", 85),
-        ("The answer deserves 9/10.", 90),
-        # one number somewhere in prose
-        ("The response is perfect. 100", 100), ("I give it 70, it is close but not exact", 70),
-        # rejected: no number, out of range, ambiguous or conflicting
-        ("", None), ("   ", None), (None, None), ("no idea", None), ("eighty-five", None),
-        ("150", None), ("-5", None), ("Score: 101", None), ("12/10", None),
-        ("between 60 and 70", None), ("60-70", None), ("Score: 80\nScore: 90", None),
-        ("3/4", None), ("8.5", None), ("85.5", None), ('{"score": 8.5}', None), ('{"score": 185}', None),
-        ("1. The response is accurate\n2. It is concise", None),
-        # reasoning models: the <think> block is ignored
+        # the form the prompt asks for: the integer alone (surrounding space and a final full stop are fine)
+        ("85", 85), ("85.", 85), (" 85 \n", 85), ("0", 0), ("100", 100),
+        # `score: N`, alone or as one line of its own among prose
+        ("Score: 85", 85), ("score: 85", 85), ("SCORE:7", 7), ("The answer is right but short.\nScore: 90", 90),
+        # JSON with an integer score, maybe fenced
+        ('{"score": 85}', 85), ('{"Score": 72}', 72), ('```json\n{"score": 90, "reason": "ok"}\n```', 90),
+        # reasoning models: the <think> block is dropped, the rest must be in the asked form
         ("<think>Maybe 60? No, 3 errors, so 70.</think>\n75", 75), ("<think>Between 60 and 80", None),
+        # refused: a number in prose is not a score (the response being judged may well hold one)
+        ("100 meters", None), ("The car travels 100 meters per second.", None),
+        ("The response is perfect. 100", None), ("I give it 70, it is close but not exact", None),
+        ("85\n\nThe response misses 2 details.", None), ("1. The response is accurate\n2. It is concise", None),
+        # refused: other scales and decorations than the prompt asks for
+        ("**85**", None), ("`85`", None), ("85/100", None), ("8/10", None), ("85%", None), ("Score: 85/100", None),
+        ("I would rate it 85 out of 100", None), ("Rating: 7/10", None), ("**Score:** 85", None),
+        ("Score: 85. A perfect answer gets 100.", None), ('Here you go: {"score": 64}', None),
+        # refused: not an integer in 0..100, or not one score
+        ("", None), ("   ", None), (None, None), ("no idea", None), ("eighty-five", None), ("85.0", None),
+        ("8.5", None), ("150", None), ("-5", None), ("085", None), ("Score: 101", None), ("Score: 80\nScore: 90", None),
+        ("between 60 and 70", None), ("60-70", None), ('{"score": 8.5}', None), ('{"score": "72"}', None),
+        ('{"score": 185}', None), ('{"score": true}', None),
     ],
 )
 def test_parse_score(text, expected):
@@ -326,9 +324,9 @@ def test_missing_model_says_pull(fake_ollama):
 def test_score_items_survives_a_misbehaving_server(fake_ollama):
     scripts = {
         "item-0": ["ok:85"],
-        "item-1": ["ok:8/10"],
+        "item-1": ["ok:8/10", "ok:80"],  # another scale than asked: refused, the re-ask works
         "item-2": ["ok:I like it a lot.", "ok:70"],  # garbage, then the strict re-ask works
-        "item-3": ["ok:no idea", "ok:still no idea"],  # garbage twice: unparsable
+        "item-3": ["ok:no idea", "ok:still no idea"],  # garbage twice: refused
         "item-4": ["500", "ok:90"],
         "item-5": ["hang", "ok:60"],
         "item-6": ["drop", "ok:40"],
@@ -350,19 +348,19 @@ def test_score_items_survives_a_misbehaving_server(fake_ollama):
     assert [r.id for r in records] == [it.id for it in items]  # every item, in order
     by_id = {r.id: r for r in records}
     expected = {  # id: (status, score, attempts)
-        "item-0": ("scored", 85, 1), "item-1": ("scored", 80, 1), "item-2": ("scored", 70, 2),
-        "item-3": ("unparsable", None, 2), "item-4": ("scored", 90, 2), "item-5": ("scored", 60, 2),
+        "item-0": ("scored", 85, 1), "item-1": ("scored", 80, 2), "item-2": ("scored", 70, 2),
+        "item-3": ("refused", None, 2), "item-4": ("scored", 90, 2), "item-5": ("scored", 60, 2),
         "item-6": ("scored", 40, 2), "item-7": ("error", None, 3), "item-8": ("error", None, 3),
         "item-9": ("error", None, 3), "item-10": ("scored", 65, 3), "item-11": ("error", None, 4),
         "item-12": ("error", None, 1),
     }
     assert {k: (r.status, r.score, r.attempts) for k, r in by_id.items()} == expected
-    assert Counter(r.status for r in records) == {"scored": 7, "unparsable": 1, "error": 5}
+    assert Counter(r.status for r in records) == {"scored": 7, "refused": 1, "error": 5}
 
-    # The strict prompt was used once per unparsable first reply, and never otherwise.
-    assert fake.generate_count("item-2", strict=True) == 1 and fake.generate_count("item-3", strict=True) == 1
+    # The strict prompt was used once per refused first reply, and never otherwise.
+    assert all(fake.generate_count(tag, strict=True) == 1 for tag in ("item-1", "item-2", "item-3"))
     assert fake.generate_count("item-10", strict=True) == 2  # one re-ask, retried once after the 500
-    for tag in ("item-0", "item-1", "item-4", "item-5", "item-6", "item-7", "item-8", "item-9", "item-12"):
+    for tag in ("item-0", "item-4", "item-5", "item-6", "item-7", "item-8", "item-9", "item-12"):
         assert fake.generate_count(tag, strict=True) == 0
     assert by_id["item-3"].raw == "no idea" and by_id["item-3"].raw_strict == "still no idea"
     assert by_id["item-2"].raw_strict == "70" and by_id["item-0"].raw_strict is None
@@ -398,7 +396,7 @@ def test_cache_skips_answered_items_and_reasks_on_change(fake_ollama, tmp_path):
     items = [make_item(i) for i in range(3)]
 
     first = score_items(items, config, cache_path=cache, progress=False)
-    assert [r.status for r in first] == ["scored", "unparsable", "error"]
+    assert [r.status for r in first] == ["scored", "refused", "error"]
     assert fake.generate_count() == 1 + 2 + 2
     lines = [json.loads(line) for line in cache.read_text().splitlines()]
     assert {line["id"] for line in lines} == {"item-0", "item-1"}  # errors are not cached
@@ -469,10 +467,10 @@ def _records(scores: list[int]) -> list[ScoreRecord]:
 
 
 def test_summarize_known_values():
-    records = _records([50, 60, 70, 80, 90]) + [ScoreRecord("u", None, "unparsable"),
+    records = _records([50, 60, 70, 80, 90]) + [ScoreRecord("u", None, "refused"),
                                                 ScoreRecord("e", None, "error", error="boom")]
     s = summarize(records, n_boot=2000, seed=0)
-    assert (s["n_items"], s["n_scored"], s["n_unparsable"], s["n_error"]) == (7, 5, 1, 1)
+    assert (s["n_items"], s["n_scored"], s["n_refused"], s["n_error"]) == (7, 5, 1, 1)
     assert s["mean"] == 70 and s["median"] == 70
     assert s["std"] == pytest.approx(15.8113883, rel=1e-6)  # sample std, ddof=1
     assert 50 < s["ci95_low"] < s["mean"] < s["ci95_high"] < 90
@@ -484,23 +482,47 @@ def test_summarize_known_values():
 
 
 def test_summarize_nothing_scored():
-    s = summarize([ScoreRecord("u", None, "unparsable")])
-    assert s["mean"] is None and s["ci95_low"] is None and s["n_unparsable"] == 1
+    s = summarize([ScoreRecord("u", None, "refused")])
+    assert s["mean"] is None and s["ci95_low"] is None and s["n_refused"] == 1
     assert sum(row["count"] for row in s["histogram"]) == 0
     assert summarize(_records([42]))["std"] == 0.0
 
 
 def test_shortfall_names_the_count_and_the_threshold():
-    records = _records([80, 90]) + [ScoreRecord("u", None, "unparsable"), ScoreRecord("e", None, "error")]
+    records = _records([80, 90]) + [ScoreRecord("u", None, "refused"), ScoreRecord("e", None, "error")]
     summary = summarize(records)
     assert shortfall(summary, 0.5) is None  # 2 of 4 scored: enough at 0.5
     assert shortfall(summary, 0.9) == (
-        "the judge scored 2 of 4 responses (1 unparsable, 1 failed), under evaluate.judge.min_scored = 0.9: "
-        "does it answer with a number?"
+        "the judge scored 2 of 4 responses (1 refused: not a bare 0-100 integer or score: N, 1 failed), "
+        "under evaluate.judge.min_scored = 0.9: does it answer with a number?"
     )
-    assert shortfall(summarize([]), 0.9) is not None and shortfall(summarize([]), 0.0) is None
-    with pytest.raises(LLMCoreError, match=r"min_scored: expected a fraction in \[0, 1\], got -0.1"):
+    assert shortfall(summarize([]), 0.9) is not None and shortfall(summarize([]), 0.5) is not None
+    with pytest.raises(LLMCoreError, match=r"min_scored: expected a fraction in \[0.5, 1\], got -0.1"):
         JudgeConfig(min_scored=-0.1)
+
+
+@pytest.mark.parametrize("value", [0, 0.0, 0.2, 0.49])
+def test_min_scored_has_a_floor_the_safeguard_cannot_be_switched_off(value):
+    with pytest.raises(LLMCoreError, match=r"min_scored: expected a fraction in \[0.5, 1\].*cannot be switched off"):
+        JudgeConfig(min_scored=value)
+    assert JudgeConfig(min_scored=0.5).min_scored == 0.5 and JudgeConfig(min_scored=1).min_scored == 1
+
+
+def test_cached_replies_are_read_again_by_the_current_parser(fake_ollama, tmp_path):
+    """A cache written when prose numbers counted ("100 meters" scored 100) does not carry that score over:
+    the reply is parsed again, refused, and the item is asked again with the strict prompt."""
+    fake = fake_ollama(scripts={"item-0": ["ok:100 meters", "ok:40"], "item-1": ["ok:85"]})
+    config = fast_config(fake.host)
+    items = [make_item(0), make_item(1)]
+    judge = check_judge(config)
+    cache = tmp_path / "judge.jsonl"
+    old = {"id": "item-0", "score": 100, "status": "scored", "raw": "100 meters", "raw_strict": None}
+    cache.write_text(json.dumps({"key": cache_key(config, judge["digest"], items[0]), **old}) + "\n")
+    records = score_items(items, config, cache_path=cache, progress=False, judge=judge)
+    assert [(r.status, r.score) for r in records] == [("scored", 40), ("scored", 85)]
+    assert fake.generate_count("item-0", strict=True) == 1  # re-asked: the old reply is no score
+    again = score_items(items, config, cache_path=cache, progress=False, judge=judge)
+    assert [(r.status, r.score, r.cached) for r in again] == [("scored", 40, True), ("scored", 85, True)]
 
 
 def test_write_records_roundtrip(tmp_path):

@@ -46,7 +46,7 @@ def test_judge_through_llmcore_serve(url: str, api: str, tmp_path) -> None:
     assert judge["model"] == "tiny-raw:latest" and judge["host"] == host
     records = score_items(ITEMS, config, cache_path=tmp_path / "cache.jsonl", progress=False, judge=judge)
     assert [r.id for r in records] == ["0", "1"]
-    assert all(r.status in ("scored", "unparsable") and r.raw for r in records), records  # every item answered
+    assert all(r.status in ("scored", "refused") and r.raw for r in records), records  # every item answered
     again = score_items(ITEMS, config, cache_path=tmp_path / "cache.jsonl", progress=False, judge=judge)
     assert all(r.cached for r in again) and [r.raw for r in again] == [r.raw for r in records]
 

@@ -223,7 +223,7 @@ def test_full_pipeline_end_to_end_with_llmcore_serve_as_judge(tiny):
     assert re.search(r"\| classify \| test accuracy \| [\d.]+% \|", card), card
     assert re.search(r"\| evaluate \| judge mean score \(0-100\) \| [\d.]+ \|", card), card
     assert re.search(r"\| evaluate \| judge mean score \(0-100\), base model \| [\d.]+ \|", card), card
-    assert "| align | val DPO loss | " in card and "skipped" not in card, card
+    assert "| align | val DPO loss (nats/pair) | " in card and "skipped" not in card, card
     assert "data:image/svg+xml;base64," in (repo / "reports/report.html").read_text()
 
     # DVC metrics are numbers: no digests, paths or messages in `dvc metrics show`

@@ -125,7 +125,7 @@ def test_judge_with_llmcore_serve_as_the_readme_says(tmp_path, running_cli_serve
 
     # the error the README quotes is the one the stage prints
     quoted = re.search(r"`(error: the judge .*?)`", text, re.DOTALL).group(1)
-    summary = {"n_items": 110, "n_scored": 0, "n_unparsable": 110, "n_error": 0}
+    summary = {"n_items": 110, "n_scored": 0, "n_refused": 110, "n_error": 0}
     made = shortfall(summary, 0.9, "the judge 'judge:latest' at http://127.0.0.1:11435")
     assert " ".join(quoted.split()) == f"error: {made}"
     assert '"ollama>=' in (REPO_ROOT / "pyproject.toml").read_text()  # the Python client comes with the project

@@ -66,7 +66,7 @@ def make_reports(r, *, judged=False, pretrain_loss=3.76):
     (r / "instruct/responses.json").write_text(json.dumps(RESPONSES))
     metrics = {"n_items": 3, "rouge_l": 0.6, "exact_match": 1 / 3, "reference_loss": 2.6}
     if judged:
-        metrics.update(mean=55.0, median=60.0, ci95_low=20.0, ci95_high=90.0, n_scored=3, n_unparsable=0, n_error=0)
+        metrics.update(mean=55.0, median=60.0, ci95_low=20.0, ci95_high=90.0, n_scored=3, n_refused=1, n_error=0)
         facts = {"judge_status": "scored", "judge_model": "llama3:8b"}
         scores = [{"id": "0", "score": 95, "status": "scored"}, {"id": "1", "score": 5, "status": "scored"},
                   {"id": "2", "score": 65, "status": "scored"}]  # fmt: skip
@@ -156,7 +156,9 @@ def test_card_marks_baselines_and_book_and_lists_what_was_skipped(tmp_path):
     assert "not comparable" in pre[4]  # the book pretrained on another corpus
     assert "2.086 bits/byte" in pre[5]  # 3.76 / ln 2 / 2.6 bytes per token
     cls = rows["classify: test accuracy"]
-    assert cls[2] == "96.0%" and "majority class 51.0% (better)" in cls[3] and cls[4].startswith("95.7% (better)")
+    assert cls[2] == "96.0%" and "majority class 51.0% (better)" in cls[3]
+    # 96.0% of 300 messages (Wilson 95% CI 93.1-97.7%) and the book's 95.7%: no clear difference
+    assert cls[4].startswith("95.7% (no clear difference)") and "95% CI 93.1%–97.7%" in cls[5]
     assert "copying the prompt" in rows["evaluate: ROUGE-L vs reference"][3]
     judge = rows["evaluate: judge mean score (0-100)"]
     assert judge[2] == "skipped" and "ollama serve" in judge[5]
@@ -187,6 +189,7 @@ def test_card_with_a_judge_ranks_responses_by_score_and_draws_the_histogram(tmp_
     md, _ = run_report(tmp_path, reports)
     judge = card(md)["evaluate: judge mean score (0-100)"]
     assert judge[2] == "55" and judge[4].startswith("49.45 (not comparable)") and "95% CI 20–90" in judge[5]
+    assert "(1 refused: no score in the asked form)" in judge[5] and "3 scored, 1 refused, 0 failed" in md
     best = md.index("best 3 by judge score")
     assert md.index("Name the capital", best) < md.index("Say hi.", best) < md.index("Add the numbers.", best)
     assert (reports / "figures/judge_scores.svg").is_file()
@@ -221,7 +224,7 @@ def test_card_shows_base_instruct_and_align_judged_side_by_side(tmp_path):
     assert instruct[2] == "55" and "base model 20 (better)" in instruct[3]
     assert "instruct − base 35, paired 95% CI 15 to 50 over 3 prompts" in instruct[5]
     assert instruct[4].startswith("49.45 (not comparable)") and "a different model" in instruct[4]
-    assert align[2] == "60" and "instruct 55 (better)" in align[3]
+    assert align[2] == "60" and "instruct 55 (no clear difference)" in align[3]  # paired CI -5 to 12 holds 0
     assert "align − instruct 5, paired 95% CI -5 to 12 over 3 prompts" in align[5]
     rouge = rows["evaluate: ROUGE-L vs reference"]
     assert "base model 0.2 (better)" in rouge[3] and "copying the prompt" in rouge[3]
@@ -290,21 +293,25 @@ def test_report_card_has_a_row_per_new_stage(tmp_path):
     (reports / "evaluate/metrics.json").write_text(json.dumps(evaluate))
     md, _ = run_report(tmp_path, reports)
     rows = card(md)
-    align = rows["align: val DPO loss"]
+    align = rows["align: val DPO loss (nats/pair)"]
     assert align[2] == "0.61" and "untrained policy (ln 2) 0.6931 (better)" in align[3] and "70.0%" in align[5]
-    diff = rows["evaluate: ROUGE-L, align − instruct"]
-    assert diff[2] == "-0.02" and "no difference 0 (worse)" in diff[3] and "CI -0.05 to 0.01" in diff[5]
-    assert rows["evaluate: head-to-head: align's win rate"][2:4] == ["60.0%", "a coin toss 50.0% (better)"]
+    assert align[4].startswith("0.61 (not comparable)")  # the book's 355M on its own data: another model
+    diff = rows["evaluate: ROUGE-L, align − instruct"]  # the interval holds 0: neither better nor worse
+    assert diff[2] == "-0.02" and "no difference 0 (no clear difference)" in diff[3] and "CI -0.05 to 0.01" in diff[5]
+    h2h = rows["evaluate: head-to-head: align's win rate"]  # 3 wins of 5: the interval holds a coin toss
+    assert h2h[2:4] == ["60.0%", "a coin toss 50.0% (no clear difference)"] and "95% CI" in h2h[5]
     # lm-eval scores beside llm.c's published GPT-2 124M figures (the harness protocol), stderr as detail
     bench = rows["benchmark/gpt2: hellaswag acc_norm"]
     assert bench[2] == "32.0%" and "31.1%" in bench[4] and "better" in bench[4], bench
     acc = rows["benchmark/gpt2: hellaswag acc"]
-    assert acc[2] == "30.0%" and "28.9%" in acc[4] and "better" in acc[4] and "1.0%" in acc[5], acc
+    assert acc[2] == "30.0%" and "28.9%" in acc[4] and "1.0%" in acc[5], acc
+    assert "(no clear difference)" in acc[4], acc  # 30.0% ± 1.96 x 1.0% holds 28.9%
     assert rows["benchmark/gpt2: arc_easy acc"][4] in ("", "—"), rows["benchmark/gpt2: arc_easy acc"]
     shutil.rmtree(reports / "align")
     (tmp_path / "p.yaml").write_text("{}")
     report = build_report(reports, {}, pipeline=[*PIPELINE, "align"])
     row = next(r for r in report.rows if r.stage == "align")
+    assert row.figure == "val DPO loss (nats/pair)"
     assert row.status == "not run" and "align/metrics.json" in row.reason
 
 
@@ -402,8 +409,8 @@ def test_compare_two_experiments(tmp_path):
     assert c.timing == [("pretrain: train_time_s", [10.0, 11.0, 9.0])]  # apart, never marked best
     md, page = cmp.write_comparison(c, tmp_path / "out")
     text = md.read_text()
-    assert "| pretrain: val_loss | 5 | **4** | 4.5 |" in text
-    assert "| classify: test.accuracy | 0.9 | 0.95 | **0.97** |" in text
+    assert "| pretrain: val_loss | nats/token | lower | 5 | **4** | 4.5 |" in text  # unit and direction from the table
+    assert "| classify: test.accuracy | fraction | higher | 0.9 | 0.95 | **0.97** |" in text
     assert "compare_figures/pretrain_val_loss.svg" in text
     svg = (tmp_path / "out/compare_figures/pretrain_val_loss.svg").read_text()
     assert all(name in svg for name in ("main (baseline)", "llama", "gpt2"))  # one line per run, in the legend
@@ -462,3 +469,103 @@ def test_readme_default_run_table_is_the_committed_run():
     copy = next(k for k in rows if k.startswith("ROUGE-L"))
     rouge = next(r for r in report.rows if r.figure.startswith("ROUGE-L"))
     assert f"copying the prompt scores {rouge.baselines[0].value:.3f}" in copy
+
+
+def test_better_or_worse_only_when_the_interval_excludes_zero(tmp_path):
+    """A paired difference is better or worse only when its 95% interval excludes 0, whichever side it is on."""
+    reports = make_reports(tmp_path / "reports")
+    evaluate = json.loads((reports / "evaluate/metrics.json").read_text())
+    for lo, hi, verdict in ((-0.05, 0.01, "no clear difference"), (-0.05, -0.01, "worse"), (0.01, 0.05, "better")):
+        diff = {"n": 3, "diff_mean": (lo + hi) / 2, "diff_ci95_low": lo, "diff_ci95_high": hi}
+        evaluate["compare"] = {"rouge_l": diff}
+        (reports / "evaluate/metrics.json").write_text(json.dumps(evaluate))
+        rows = card(to_markdown(build_report(reports, {})))
+        assert f"no difference 0 ({verdict})" in rows["evaluate: ROUGE-L, align − instruct"][3], (lo, hi)
+    # the baseline of copying the prompt: judged by the paired interval of instruct - copy the stage records
+    evaluate.update(copy_prompt_rouge_l=0.55, copy_prompt_diff_ci95_low=-0.02, copy_prompt_diff_ci95_high=0.12)
+    (reports / "evaluate/metrics.json").write_text(json.dumps(evaluate))
+    rows = card(to_markdown(build_report(reports, {})))
+    assert "copying the prompt 0.55 (no clear difference)" in rows["evaluate: ROUGE-L vs reference"][3]
+
+
+def test_one_table_declares_each_metrics_direction_and_unit():
+    from llmcore.eval.metric_table import spec
+
+    assert (spec("val_loss", "pretrain").direction, spec("val_loss", "pretrain").unit) == (-1, "nats/token")
+    assert spec("val_loss", "pretrain").lm_loss and spec("val/loss", "instruct").lm_loss
+    assert (spec("val_loss", "classify").unit, spec("val_loss", "classify").lm_loss) == ("nats/message", False)
+    assert (spec("train/loss_avg", "align").unit, spec("val_loss", "align").lm_loss) == ("nats/pair", False)
+    assert spec("val_rejected_reward", "align").direction == -1 and spec("val/chosen_reward", "align").direction == 1
+    assert spec("val_reward_margin", "align").direction == 1 and spec("test.accuracy", "classify").direction == 1
+    for bound in ("ci95_low", "compare.rouge_l.diff_ci95_high", "compare.judge.align_ci95_low", "tasks.x.acc_stderr"):
+        assert spec(bound, "evaluate").direction == 0, bound  # an interval's bound is not a result
+    assert spec("val/ppl", "classify").plot is False and spec("val/ppl", "pretrain").plot
+    assert spec("val_loss", "newstage").direction == -1 and spec("steps", "pretrain").direction == 0
+    # the compare page reads the same table
+    assert cmp.direction("align: val_rejected_reward") == -1
+    assert cmp.direction("evaluate: compare.rouge_l.diff_ci95_low") == 0
+
+
+def test_losses_carry_their_own_unit_and_the_align_rewards_are_plotted(tmp_path):
+    reports = make_reports(tmp_path / "reports")
+    write_stage_reports(reports / "align", {"val_loss": 0.3, "val_reward_accuracy": 0.9, "val_reward_margin": 1.7})
+    for stage in ("classify", "align"):
+        live = reports / stage / "live/plots/metrics"
+        tsv(live / "train/loss.tsv", "loss", [(10, 0.6), (20, 0.4)])
+        tsv(live / "val/loss.tsv", "loss", [(0, 0.69), (20, 0.3)])
+        tsv(live / "val/ppl.tsv", "ppl", [(0, 2.0), (20, 1.35)])  # the training loop logs exp(loss) for every stage
+    live = reports / "align/live/plots/metrics"
+    for split in ("train", "val"):
+        tsv(live / f"{split}/reward_margin.tsv", "reward_margin", [(0, 0.0), (20, 1.7)])
+        tsv(live / f"{split}/reward_accuracy.tsv", "reward_accuracy", [(0, 0.5), (20, 0.9)])
+        tsv(live / f"{split}/chosen_reward.tsv", "chosen_reward", [(0, 0.0), (20, 0.3)])
+        tsv(live / f"{split}/rejected_reward.tsv", "rejected_reward", [(0, 0.0), (20, -1.4)])
+    run_report(tmp_path, reports)
+    figures = {p.stem: p.read_text() for p in (reports / "figures").glob("*.svg")}
+    assert "nats/token" in figures["pretrain_loss"] and "perplexity" in figures["pretrain_loss"]  # an LM loss
+    for stage, unit in (("classify", "nats/message"), ("align", "nats/pair")):
+        svg = figures[f"{stage}_loss"]
+        assert unit in svg and "nats/token" not in svg and "perplexity" not in svg, stage
+    assert not any("ppl" in name or "perplexity" in name for name in figures)
+    assert "train" in figures["align_reward_margin"] and "val" in figures["align_reward_margin"]
+    assert "chosen" in figures["align_rewards"] and "rejected" in figures["align_rewards"]
+    assert "align_reward_accuracy" in figures
+
+
+def test_compare_marks_a_best_only_with_a_direction_and_a_clear_interval(tmp_path):
+    repo = tmp_path / "repo"
+    shown = fake_experiments(repo)
+    extra = {  # per run: rejected reward, ROUGE-L difference (align - instruct) with its interval, judge mean
+        "main": (-1.0, (-0.005, -0.03, 0.02), (50.0, 45.0, 55.0)),
+        "llama": (-1.5, (0.004, -0.02, 0.03), (52.0, 47.0, 57.0)),
+        "gpt2": (-0.5, (0.08, 0.05, 0.11), (70.0, 66.0, 74.0)),
+    }
+    for entry in [shown[1], *(g["revs"][0] for g in shown[1]["experiments"])]:
+        rejected, (d, lo, hi), (m, mlo, mhi) = extra[entry["name"]]
+        metrics = entry["data"]["metrics"]
+        metrics["reports/align/metrics.json"] = {"data": {"val_rejected_reward": rejected, "val_loss": 0.3}}
+        metrics["reports/evaluate/metrics.json"] = {"data": {
+            "mean": m, "ci95_low": mlo, "ci95_high": mhi,
+            "compare": {"rouge_l": {"diff_mean": d, "diff_ci95_low": lo, "diff_ci95_high": hi}}}}  # fmt: skip
+    tsv(repo / "reports/classify/live/plots/metrics/val/ppl.tsv", "ppl", [(0, 2.0), (10, 1.3)])
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    subprocess.run([*git, "add", "-A"], cwd=repo, check=True)
+    subprocess.run([*git, "commit", "-qm", "ppl"], cwd=repo, check=True)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True)
+    shown[1]["experiments"][1]["revs"][0]["rev"] = head.stdout.strip()  # gpt2's commit now has a classify ppl curve
+    c = cmp.compare(repo, cmp.parse_exp_show(shown, ["llama", "gpt2"]))
+    rows = {k: (v, best) for k, v, best in c.metrics}
+    assert rows["align: val_rejected_reward"][1] == {1}  # the lowest rejected reward: -1.5 (llama)
+    assert rows["align: val_loss"][1] == set()  # all equal
+    assert not any("ci95" in k for k in rows)  # bounds are not rows: they go with their mean
+    assert rows["evaluate: mean"][1] == {2}  # 70 [66, 74] clears 52 [47, 57] and 50 [45, 55]
+    assert rows["evaluate: compare.rouge_l.diff_mean"][1] == {2}  # 0.08 [0.05, 0.11] clears the others
+    md = (cmp.write_comparison(c, tmp_path / "out")[0]).read_text()
+    line = next(x for x in md.splitlines() if x.startswith("| evaluate: compare.rouge_l.diff_mean"))
+    assert "-0.005 [-0.03, 0.02], no clear difference" in line and "**0.08 [0.05, 0.11], better**" in line
+    assert "| pretrain: val_loss | nats/token | lower |" in md
+    assert "| align: val_rejected_reward | β·log-ratio | lower |" in md
+    assert not any("ppl" in f.name for f in c.figures)  # a classifier's exp(loss) is no perplexity
+    # overlapping intervals: no best
+    extra_rows = cmp.best_of([50.0, 52.0], 1, [(45.0, 55.0), (47.0, 57.0)])
+    assert extra_rows == set()

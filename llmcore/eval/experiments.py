@@ -2,9 +2,13 @@
 
 Reads ``dvc exp show --json`` (params and metrics of the baseline commit and each experiment) and each
 experiment's dvclive curves from its git commit (DVC commits ``cache: false`` outputs with the experiment).
-The page lists the params that differ, the headline metrics (every ``metrics.json``) side by side with the
-best of each marked, the run-time figures (``timing.json``) apart, and one chart per curve with a line per
-experiment. With no experiment it says how to make some.
+The page lists the params that differ, the headline metrics (every ``metrics.json``) side by side with their
+unit, direction and the best of each marked, the run-time figures (``timing.json``) apart, and one chart per
+curve with a line per experiment. Units and directions come from ``llmcore.eval.metric_table``; a metric with
+no direction (a count, a setting) is never marked. A mean recorded with its 95% interval is shown with it (the
+bounds are no rows of their own), is marked best only when its interval clears every other run's, and a
+paired difference (``diff_mean``) reads "better" or "worse" only when its interval excludes 0 ("no clear
+difference" otherwise). With no experiment it says how to make some.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from llmcore.common import LLMCoreError
+from llmcore.eval.metric_table import interval_keys, spec
 from llmcore.eval.report import CSS, Figure, _html_table, _img, _md_table, flatten, fmt
 
 HOW_TO = (
@@ -28,8 +33,6 @@ HOW_TO = (
     "    dvc exp run -n gpt2 -S model.preset=gpt2-tiny\n\n"
     "then run `llmcore compare` (or `make compare`) again."
 )
-LOWER = re.compile(r"loss|ppl|perplexity|bpb|bits|(^|[._])(fp|fn)$|empty|unparsable|error|truncated")
-HIGHER = re.compile(r"acc|f1|precision|recall|rouge|exact|mean|median|reward|score|(^|[._])(tp|tn)$")
 LIVE = "live/plots/metrics/"
 
 
@@ -111,19 +114,41 @@ def parse_exp_show(shown: list[dict[str, Any]], names: list[str] | None = None) 
 
 
 def direction(key: str) -> int:
-    """+1 higher is better, -1 lower is better, 0 unknown."""
-    name = key.split(": ", 1)[-1]
-    if LOWER.search(name):
-        return -1
-    return 1 if HIGHER.search(name) else 0
+    """+1 higher is better, -1 lower is better, 0 neither (``metric_table``); ``key`` is ``"stage: name"``."""
+    return spec(key).direction
 
 
-def best_of(values: list[Any], sign: int) -> set[int]:
+Interval = tuple[float, float]
+
+
+def best_of(values: list[Any], sign: int, intervals: list[Interval | None] | None = None) -> set[int]:
+    """Indexes of the best value; none without a direction or a difference. With 95% intervals, the best is
+    marked only when its interval clears every other run's (no overlap): otherwise the runs are not told apart."""
     nums = [(i, v) for i, v in enumerate(values) if isinstance(v, (int, float)) and math.isfinite(v)]
     if sign == 0 or len(nums) < 2 or len({v for _, v in nums}) < 2:
         return set()
     target = (max if sign > 0 else min)(v for _, v in nums)
-    return {i for i, v in nums if v == target}
+    best = {i for i, v in nums if v == target}
+    if intervals is not None:
+        for i in best:
+            if intervals[i] is None:
+                return set()
+            lo, hi = intervals[i]
+            for j, _ in nums:
+                other = intervals[j]
+                if j not in best and (other is None or not (other[1] < lo or other[0] > hi)):
+                    return set()
+    return best
+
+
+def diff_verdict(interval: Interval | None, sign: int) -> str:
+    """A paired difference b - a: "better" or "worse" (for b) only when its 95% interval excludes 0."""
+    if interval is None or sign == 0:
+        return ""
+    lo, hi = interval
+    if lo <= 0 <= hi:
+        return "no clear difference"
+    return "better" if (lo > 0) == (sign > 0) else "worse"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -167,10 +192,12 @@ def curve_figures(repo: Path, exps: list[Experiment]) -> list[Figure]:
     names = sorted({k for curves in per_exp.values() for k in curves}, key=lambda k: ("/val/" not in f"/{k}", k))
     figures = []
     for key in names:
+        found = spec(key)
+        if not found.plot:
+            continue  # e.g. exp(loss) of a classifier: the training loop logs it, it is no perplexity
         series = [Series(e.name, *per_exp[e.name][key]) for e in exps if key in per_exp[e.name]]
         metric = key.rsplit("/", 1)[-1]
-        unit = {"loss": "loss (nats/token)", "loss_avg": "loss (nats/token)", "lr": "learning rate",
-                "tokens_per_s": "tokens/s", "examples_per_s": "examples/s"}.get(metric, metric)  # fmt: skip
+        unit = f"{metric} ({found.unit})" if found.unit and found.unit != metric else metric
         svg = line_chart(key, series, "optimizer step", unit, logy=metric == "grad_norm")
         if svg:
             slug = re.sub(r"[^A-Za-z0-9]+", "_", key).strip("_")
@@ -189,6 +216,7 @@ class Comparison:
     metrics: list[tuple[str, list[Any], set[int]]]  # key, values, indexes of the best
     timing: list[tuple[str, list[Any]]]
     figures: list[Figure]
+    intervals: dict[str, list[Interval | None]] = field(default_factory=dict)  # key -> each run's 95% interval
 
 
 def compare(repo: Path, exps: list[Experiment]) -> Comparison:
@@ -198,12 +226,44 @@ def compare(repo: Path, exps: list[Experiment]) -> Comparison:
         values = [json.dumps(e.params.get(k)) if not isinstance(e.params.get(k), str) else e.params[k] for e in exps]
         if len(set(values)) > 1:
             params.append([k, *values])
-    metrics = []
-    for k in dict.fromkeys(k for e in exps for k in e.metrics):
+    metrics, intervals = [], {}
+    keys = list(dict.fromkeys(k for e in exps for k in e.metrics))
+    bounds = {b for k in keys if (pair := interval_keys(k)) and all(b in keys for b in pair) for b in pair}
+    for k in keys:
+        if k in bounds:
+            continue  # shown with its mean, never a result (or a best) of its own
         values = [e.metrics.get(k) for e in exps]
-        metrics.append((k, values, best_of(values, direction(k))))
+        pair = interval_keys(k)
+        cis = None
+        if pair and all(b in keys for b in pair):
+            cis = intervals[k] = [_interval(e.metrics.get(pair[0]), e.metrics.get(pair[1])) for e in exps]
+        metrics.append((k, values, best_of(values, direction(k), cis)))
     timing = [(k, [e.timing.get(k) for e in exps]) for k in dict.fromkeys(k for e in exps for k in e.timing)]
-    return Comparison(exps, params, metrics, timing, curve_figures(repo, exps) if exps else [])
+    return Comparison(exps, params, metrics, timing, curve_figures(repo, exps) if exps else [], intervals)
+
+
+def _interval(lo: Any, hi: Any) -> Interval | None:
+    ok = all(isinstance(v, (int, float)) and math.isfinite(v) for v in (lo, hi))
+    return (float(lo), float(hi)) if ok else None
+
+
+def metric_cells(c: Comparison, key: str, values: list[Any]) -> list[str]:
+    """Each run's value, with its 95% interval when one was recorded, and for a paired difference the verdict."""
+    cis = c.intervals.get(key)
+    out = []
+    for i, v in enumerate(values):
+        text = fmt(v)
+        if cis and cis[i] is not None:
+            text += f" [{fmt(cis[i][0])}, {fmt(cis[i][1])}]"
+            if key.endswith("diff_mean"):
+                text += f", {diff_verdict(cis[i], direction(key))}"
+        out.append(text)
+    return out
+
+
+def _unit_and_direction(key: str) -> list[str]:
+    found = spec(key)
+    return [found.unit, found.better]
 
 
 def _cols(c: Comparison) -> list[str]:
@@ -214,11 +274,13 @@ def to_markdown(c: Comparison, figures_dir: str) -> str:
     out = ["# llmcore: experiments compared", ""]
     if not c.exps:
         return "\n".join([*out, HOW_TO, ""])
-    out += [f"{len(c.exps) - sum(e.baseline for e in c.exps)} experiments; the best value of each metric is in "
-            "**bold** (lower loss, higher accuracy).", ""]  # fmt: skip
+    out += [f"{len(c.exps) - sum(e.baseline for e in c.exps)} experiments; the best value of each metric with a "
+            "direction is in **bold**; with 95% intervals [low, high], only when its interval clears the others'.",
+            ""]  # fmt: skip
     out += ["## Params that differ", "", _md_table(["param", *_cols(c)], c.params) if c.params else "(none)", ""]
-    rows = [[k, *[f"**{fmt(v)}**" if i in best else fmt(v) for i, v in enumerate(vals)]] for k, vals, best in c.metrics]
-    out += ["## Headline metrics", "", _md_table(["metric", *_cols(c)], rows), ""]
+    bold = lambda k, vals, best: [f"**{t}**" if i in best else t for i, t in enumerate(metric_cells(c, k, vals))]
+    rows = [[k, *_unit_and_direction(k), *bold(k, vals, best)] for k, vals, best in c.metrics]
+    out += ["## Headline metrics", "", _md_table(["metric", "unit", "better", *_cols(c)], rows), ""]
     if c.timing:
         rows = [[k, *[fmt(v) for v in vals]] for k, vals in c.timing]
         out += ["<details>", "<summary>Run-time figures (machine-dependent)</summary>", "",
@@ -237,14 +299,15 @@ def to_html(c: Comparison) -> str:
     if not c.exps:
         out.append(f"<pre>{e(HOW_TO)}</pre></body></html>")
         return "\n".join(out) + "\n"
-    out.append(f"<p>{len(c.exps) - sum(x.baseline for x in c.exps)} experiments; the best value of each metric is "
-               "<strong>bold</strong> (lower loss, higher accuracy).</p>")  # fmt: skip
+    out.append(f"<p>{len(c.exps) - sum(x.baseline for x in c.exps)} experiments; the best value of each metric with a "
+               "direction is <strong>bold</strong>; with 95% intervals [low, high], only when its interval clears the "
+               "others'.</p>")  # fmt: skip
     out += ["<h2>Params that differ</h2>", _html_table(["param", *_cols(c)], c.params) if c.params else "<p>none</p>"]
-    head = "".join(f"<th>{e(h)}</th>" for h in ["metric", *_cols(c)])
+    head = "".join(f"<th>{e(h)}</th>" for h in ["metric", "unit", "better", *_cols(c)])
     body = "".join(
-        f"<tr><td>{e(k)}</td>" + "".join(
-            f"<td class=num>{'<strong>' + e(fmt(v)) + '</strong>' if i in best else e(fmt(v))}</td>"
-            for i, v in enumerate(vals)) + "</tr>"
+        f"<tr><td>{e(k)}</td>" + "".join(f"<td>{e(x)}</td>" for x in _unit_and_direction(k)) + "".join(
+            f"<td class=num>{'<strong>' + e(t) + '</strong>' if i in best else e(t)}</td>"
+            for i, t in enumerate(metric_cells(c, k, vals))) + "</tr>"
         for k, vals, best in c.metrics
     )  # fmt: skip
     out += ["<h2>Headline metrics</h2>", f"<div class='scroll'><table><thead><tr>{head}</tr></thead>"

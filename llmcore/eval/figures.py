@@ -13,10 +13,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")  # before anything imports pyplot: never open a window
 
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import FuncFormatter, LogLocator  # noqa: E402
 
 PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
 
@@ -66,8 +68,10 @@ def _figure(width: float = 5.6, height: float = 3.2) -> tuple[Figure, object]:
     return fig, ax
 
 
-def line_chart(title: str, series: Sequence[Series], xlabel: str, ylabel: str, logy: bool = False) -> str | None:
-    """Several series on one axis; None when no series has a finite point."""
+def line_chart(title: str, series: Sequence[Series], xlabel: str, ylabel: str, logy: bool = False,
+               ppl_axis: bool = False) -> str | None:  # fmt: skip
+    """Several series on one axis; None when no series has a finite point. ``ppl_axis``: the values are a language
+    model's loss in nats per token, and a right-hand axis reads them as perplexity (exp); never for other losses."""
     with matplotlib.rc_context(STYLE):
         fig, ax = _figure()
         drawn = 0
@@ -84,6 +88,13 @@ def line_chart(title: str, series: Sequence[Series], xlabel: str, ylabel: str, l
         ax.set_ylabel(ylabel)
         if logy:
             ax.set_yscale("log")
+        if ppl_axis:
+            to_ppl = lambda v: np.exp(np.clip(v, None, 50.0))
+            to_loss = lambda p: np.log(np.clip(p, 1e-12, None))
+            ppl = ax.secondary_yaxis("right", functions=(to_ppl, to_loss))
+            ppl.set_ylabel("perplexity")
+            ppl.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))  # 1-2-5 steps: 10, 20, 50, 100, ...
+            ppl.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         if drawn > 1 or series[0].name:
             ax.legend(loc="best")
         return to_svg(fig)

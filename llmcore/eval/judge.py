@@ -9,8 +9,9 @@ pipeline needs on top of the book's loop:
   ``api: openai``, the official ``openai`` client (chat completions with ``seed``/``temperature``) against any
   OpenAI-compatible server (vLLM, llama.cpp's server, LM Studio, ``llmcore serve``, Ollama's ``/v1``);
 - bounded concurrency, retries with exponential backoff on transient failures (connection refused or
-  dropped, timeouts, HTTP 5xx/429), and one re-ask with a stricter prompt when a reply has no usable score;
-- every item gets a record (``scored``, ``unparsable`` or ``error``), in item order; nothing is dropped;
+  dropped, timeouts, HTTP 5xx/429), and one re-ask with a stricter prompt when a reply is not in the asked
+  form (``parse_score``: a bare 0-100 integer, ``score: N`` or ``{"score": N}``; a number in prose is refused);
+- every item gets a record (``scored``, ``refused`` or ``error``), in item order; nothing is dropped;
 - a persistent JSONL cache so a rerun only asks about what changed (judge, digest, prompts, texts);
 - ``summarize`` with a seeded bootstrap confidence interval of the mean and a histogram for plots.
 
@@ -26,7 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import re
 import threading
@@ -63,7 +63,9 @@ STRICT_PROMPT_TEMPLATE = (
 )
 _PLACEHOLDERS = ("input", "reference", "response")
 
-Status = Literal["scored", "unparsable", "error", "skipped"]  # skipped: the judge was off or unreachable
+# refused: no reply was in the asked form (parse_score); skipped: the judge was off or unreachable
+Status = Literal["scored", "refused", "error", "skipped"]
+MIN_SCORED_FLOOR = 0.5  # evaluate.judge.min_scored cannot go lower: a mean over fewer than half the items is no score
 
 
 @dataclass
@@ -81,8 +83,8 @@ class JudgeConfig:
     retries: int = 3  # extra attempts per request after a transient failure (so up to retries + 1)
     backoff: float = 1.0  # seconds before the first retry, doubled before each further one
     prompt_template: str = DEFAULT_PROMPT_TEMPLATE  # placeholders: {input} {reference} {response}
-    strict_prompt_template: str = STRICT_PROMPT_TEMPLATE  # the single re-ask for unparsable replies
-    min_scored: float = 0.9  # fraction of the items that must get a score for the judge's verdict to count
+    strict_prompt_template: str = STRICT_PROMPT_TEMPLATE  # the single re-ask for refused replies
+    min_scored: float = 0.9  # fraction of the items that must get a score for the judge's verdict to count (>= 0.5)
 
     def __post_init__(self) -> None:
         # Messages start with the field name: params.from_dict prefixes the section (evaluate.judge.retries: ...).
@@ -96,8 +98,11 @@ class JudgeConfig:
             raise LLMCoreError(f"timeout: expected > 0 seconds, got {self.timeout}")
         if self.backoff < 0:
             raise LLMCoreError(f"backoff: expected >= 0 seconds, got {self.backoff}")
-        if not 0.0 <= self.min_scored <= 1.0:
-            raise LLMCoreError(f"min_scored: expected a fraction in [0, 1], got {self.min_scored}")
+        if not MIN_SCORED_FLOOR <= self.min_scored <= 1.0:
+            raise LLMCoreError(
+                f"min_scored: expected a fraction in [{MIN_SCORED_FLOOR:g}, 1], got {self.min_scored:g} (the share of "
+                "responses the judge must score; the safeguard cannot be switched off)"
+            )
         for name in ("prompt_template", "strict_prompt_template"):
             missing = [p for p in _PLACEHOLDERS if "{" + p + "}" not in getattr(self, name)]
             if missing:
@@ -176,90 +181,58 @@ def render_prompt(template: str, item: JudgeItem) -> str:
 # --------------------------------------------------------------------------------------------------
 # Reading a score out of a reply
 
-# A number, not glued to a word or another number ("v2", "1.2.3"); a leading "-" only when it is a sign
-# (so "60-70" reads as 60 and 70). Optionally followed by a scale: "/10", "out of 100", or "%".
-_NUM = r"(?<![\w.])(-?\d+(?:\.\d+)?)(?:\s*(?:/|out\s+of)\s*(\d+(?:\.\d+)?)|\s*(%))?"
-_NUM_RE = re.compile(_NUM, re.IGNORECASE)
-# The whole reply (or its first line) is just a number, maybe wrapped in markdown or punctuation.
-_BARE_RE = re.compile(r"[\s*_`\"'>:#]*" + _NUM + r"[\s*_`\"'.!)]*", re.IGNORECASE)
-# "Score: 85", "**Score:** 85/100", "I would rate it 85 out of 100", "a rating of 7/10".
-_LABEL_RE = re.compile(r"\b(?:score|rating|rate|rated|grade)\b[^\d\n-]{0,20}?" + _NUM, re.IGNORECASE)
-_JSON_RE = re.compile(r"\{[^{}]*\}")
+# The forms the prompts ask for, and only those: a number somewhere in prose is not a score ("The car travels
+# 100 meters" must not score 100: the response being judged often holds numbers, and the judge echoes them).
+_INT = r"(100|[1-9]?[0-9])"  # 0..100, no sign, no leading zero, no fraction
+_BARE_RE = re.compile(_INT + r"\.?")  # the whole reply: "85" or "85."
+_LABEL_LINE_RE = re.compile(r"score\s*:\s*" + _INT + r"\.?", re.IGNORECASE)  # the whole reply, or one line of it
+_FENCE_RE = re.compile(r"```(?:json)?\s*(.*?)\s*```", re.DOTALL | re.IGNORECASE)
 _THINK_RE = re.compile(r"<think>.*?(?:</think>|$)", re.DOTALL | re.IGNORECASE)
-_SCALES = {10.0: 10.0, 5.0: 20.0, 100.0: 1.0}  # denominator -> factor to a 0..100 score
+SCORE_FORMS = "a bare 0-100 integer or score: N"  # what a refused reply was not, in messages
 
 
-def _to_score(value: str, denominator: str | None, percent: str | None = None) -> int | None:
-    v = float(value)
-    if denominator is not None:
-        factor = _SCALES.get(float(denominator))
-        if factor is None or not 0 <= v <= float(denominator):
-            return None
-        v = math.floor(v * factor + 0.5)  # round half up; 8.5/10 -> 85
-    elif not v.is_integer() and not percent:
-        return None  # a bare 8.5 is ambiguous (8.5/10? 8.5/100?): let the strict re-ask settle it
-    elif percent:
-        v = math.floor(v + 0.5)
-    return int(v) if 0 <= v <= 100 else None
-
-
-def _agreed(scores: list[int | None]) -> int | None:
-    """One score if all candidates agree and are valid, else None (a range or two opinions)."""
-    distinct = set(scores)
-    return distinct.pop() if len(distinct) == 1 else None
+def _json_score(text: str) -> int | None:
+    """The integer ``score`` of a reply that is one JSON object (maybe in a ```json fence), else None."""
+    fenced = _FENCE_RE.fullmatch(text)
+    try:
+        obj = json.loads(fenced.group(1) if fenced else text)
+    except ValueError:
+        return None
+    if not isinstance(obj, dict):
+        return None
+    value = next((v for k, v in obj.items() if str(k).lower() == "score"), None)
+    if isinstance(value, bool) or not isinstance(value, int):
+        return None  # "72", 8.5, true: not the integer asked for
+    return value if 0 <= value <= 100 else None
 
 
 def parse_score(text: str | None) -> int | None:
-    """Read a 0..100 integer score from a judge's reply; None when there is no single clear score.
+    """Read a 0..100 integer score from a judge's reply, only in a form the prompts ask for; None otherwise.
 
-    Rules, tried in order after dropping any ``<think>...</think>`` block; the first rule that finds
-    anything decides, even when it decides None:
+    After dropping any ``<think>...</think>`` block (reasoning models deliberate there) and surrounding space,
+    the reply must be one of:
 
-    1. A JSON object with a ``score`` key: ``{"score": 85}`` (also inside a fenced block).
-    2. The whole reply, or its first line, is one number: ``85``, ``85.``, ``**85**``, ``85/100``.
-    3. Labelled numbers: ``Score: 85``, ``**Score:** 85/100``, ``I would rate it 85 out of 100``.
-    4. Numbers with an explicit scale: ``... 8/10 ...``, ``... 85% ...``.
-    5. Any numbers at all: used only if they are all the same number.
+    1. the integer alone: ``85`` or ``85.``;
+    2. ``score: N`` (any case), as the whole reply or as exactly one line of it (``...\nScore: 90``);
+    3. one JSON object whose ``score`` is an integer: ``{"score": 85}``, maybe in a ```json fence.
 
-    Scales: ``x/100`` and ``x%`` are taken as is, ``x/10`` becomes ``x*10`` and ``x/5`` becomes ``x*20``,
-    all rounded half up (``8.5/10`` -> 85); any other denominator (``3/4``) is rejected. A bare fraction such as
-    ``8.5`` is rejected as ambiguous, ``85.0`` is fine. Values outside 0..100, negative values, several
-    different candidates in the deciding rule (``between 60 and 70``, ``60-70``, ``Score: 80 ... Score: 90``)
-    and replies without digits all give None.
+    N is 0..100 with no sign, leading zero or fraction. Everything else is refused: a number in prose
+    (``100 meters``, ``I give it 70``), other scales (``8/10``, ``85%``, ``85 out of 100``), decorations
+    (``**85**``), ``85.0``, two scores, or none. A refused first reply gets one strict re-ask (``score_items``).
     """
     if not text:
         return None
-    # Reasoning models (deepseek-r1, qwen3) may put their deliberation, full of numbers, in <think> tags.
     text = _THINK_RE.sub("", text).strip()
     if not text:
         return None
-
-    for blob in _JSON_RE.findall(text):  # rule 1
-        try:
-            obj = json.loads(blob)
-        except ValueError:
-            continue
-        if isinstance(obj, dict):
-            value = next((v for k, v in obj.items() if str(k).lower() == "score"), None)
-            if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-                continue
-            m = _NUM_RE.fullmatch(str(value).strip())
-            return _to_score(*m.groups()) if m else None
-
-    first_line = text.splitlines()[0]
-    for candidate in (text, first_line):  # rule 2
-        m = _BARE_RE.fullmatch(candidate)
+    for pattern in (_BARE_RE, _LABEL_LINE_RE):  # rules 1 and 2 (the whole reply)
+        m = pattern.fullmatch(text)
         if m:
-            return _to_score(*m.groups())
-
-    labelled = [_to_score(*m.groups()) for m in _LABEL_RE.finditer(text)]  # rule 3
-    if labelled:
-        return _agreed(labelled)
-    numbers = list(_NUM_RE.finditer(text))
-    scaled = [_to_score(*m.groups()) for m in numbers if m.group(2) or m.group(3)]  # rule 4
-    if scaled:
-        return _agreed(scaled)
-    return _agreed([_to_score(*m.groups()) for m in numbers]) if numbers else None  # rule 5
+            return int(m.group(1))
+    if text.startswith(("{", "`")):  # rule 3
+        return _json_score(text)
+    labelled = [m for line in text.splitlines() if (m := _LABEL_LINE_RE.fullmatch(line.strip()))]  # rule 2 (a line)
+    return int(labelled[0].group(1)) if len(labelled) == 1 else None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -401,7 +374,7 @@ def _judge_one(client, item: JudgeItem, config: JudgeConfig) -> ScoreRecord:
     except Exception as e:  # any failure becomes an "error" record: the run goes on, the item is counted
         error = f"{type(e).__name__}: {e}"
         return ScoreRecord(item.id, None, "error", raw, raw_strict, attempts, error=error)
-    status: Status = "scored" if score is not None else "unparsable"
+    status: Status = "scored" if score is not None else "refused"
     return ScoreRecord(item.id, score, status, raw, raw_strict, attempts)
 
 
@@ -429,7 +402,9 @@ class JudgeCache:
 
     Appending one whole line per write (under a lock) keeps concurrent writers and crashes from damaging
     earlier entries; a torn last line is skipped on load. When a key appears twice the later line wins.
-    Only answers are cached (``scored`` and ``unparsable``); ``error`` items are asked again next run.
+    Only answers are cached (``scored`` and ``refused``); ``error`` items are asked again next run. A hit's
+    replies are parsed again by ``score_items``, so a cache written under older parsing rules scores the same
+    as a fresh run.
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
@@ -487,7 +462,8 @@ def score_items(
 
     Returns:
         ``ScoreRecord``s; transient failures are retried ``config.retries`` times with exponential backoff,
-        unparsable replies are re-asked once with ``config.strict_prompt_template``.
+        refused replies are re-asked once with ``config.strict_prompt_template``. Cached replies are parsed
+        again: a cached first reply that is refused now, with no strict reply cached, is asked again.
 
     Raises:
         LLMCoreError: the server is unreachable or lacks the model (checked before any item is asked).
@@ -501,10 +477,9 @@ def score_items(
     todo = []
     for i, (item, key) in enumerate(zip(items, keys, strict=True)):
         hit = cache.get(key) if cache is not None else None
-        if hit is not None:
-            records[i] = ScoreRecord(
-                item.id, hit["score"], hit["status"], hit.get("raw"), hit.get("raw_strict"), cached=True
-            )
+        record = _from_cache(item.id, hit) if hit is not None else None
+        if record is not None:
+            records[i] = record
         else:
             todo.append(i)
 
@@ -532,6 +507,18 @@ def score_items(
     return records  # type: ignore[return-value]
 
 
+def _from_cache(item_id: str, hit: Mapping[str, Any]) -> ScoreRecord | None:
+    """A cached answer read by today's parser (the stored score may come from older, looser rules); None when the
+    first reply is refused and no strict re-ask was cached: the item must be asked again."""
+    raw, raw_strict = hit.get("raw"), hit.get("raw_strict")
+    score = parse_score(raw)
+    if score is None and raw_strict is None:
+        return None
+    if score is None:
+        score = parse_score(raw_strict)
+    return ScoreRecord(item_id, score, "scored" if score is not None else "refused", raw, raw_strict, cached=True)
+
+
 def write_records(path: str | os.PathLike, records: Sequence[ScoreRecord]) -> None:
     """Write records as JSONL, atomically (readers never see half a file)."""
     with atomic_path(path) as tmp:
@@ -553,17 +540,18 @@ def summarize(records: Sequence[ScoreRecord], n_boot: int = 1000, seed: int = 0)
 
     Returns:
         ``mean``, ``median``, ``std`` (sample, ddof=1; 0 for one score), ``ci95_low``/``ci95_high``
-        (percentile bootstrap of the mean), ``n_items``, ``n_scored``, ``n_unparsable``, ``n_error``,
+        (percentile bootstrap of the mean), ``n_items``, ``n_scored``, ``n_refused`` (no reply in the asked
+        form), ``n_error``,
         ``n_cached`` and ``histogram``: ten rows ``{"bin_low", "bin_high", "count"}`` for [0,10), ...,
-        [90,100] (100 goes in the last bin). Statistics are None when nothing was scored. Unparsable and
+        [90,100] (100 goes in the last bin). Statistics are None when nothing was scored. Refused and
         failed items are counted, not averaged in as zeros.
     """
     scores = np.array([r.score for r in records if r.status == "scored"], dtype=float)
-    counts = {s: sum(r.status == s for r in records) for s in ("scored", "unparsable", "error")}
+    counts = {s: sum(r.status == s for r in records) for s in ("scored", "refused", "error")}
     out: dict[str, Any] = {
         "n_items": len(records),
         "n_scored": counts["scored"],
-        "n_unparsable": counts["unparsable"],
+        "n_refused": counts["refused"],
         "n_error": counts["error"],
         "n_cached": sum(r.cached for r in records),
         "mean": None, "median": None, "std": None, "ci95_low": None, "ci95_high": None,
@@ -596,6 +584,6 @@ def shortfall(summary: Mapping[str, Any], min_scored: float, judge: str = "the j
     if (scored / n if n else 0.0) >= min_scored:
         return None
     return (
-        f"{judge} scored {scored} of {n} responses ({summary['n_unparsable']} unparsable, {summary['n_error']} "
-        f"failed), under evaluate.judge.min_scored = {min_scored:g}: does it answer with a number?"
+        f"{judge} scored {scored} of {n} responses ({summary['n_refused']} refused: not {SCORE_FORMS}, "
+        f"{summary['n_error']} failed), under evaluate.judge.min_scored = {min_scored:g}: does it answer with a number?"
     )

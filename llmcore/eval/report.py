@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llmcore.eval.metric_table import spec
 from llmcore.eval.published import benchmark_rows
 
 # The book's own run (Raschka, ch. 5-7; ../shared/README.md). ``comparable``: same data and task as ours.
@@ -33,8 +34,9 @@ BOOK = {
     "pretrain": (6.37, "124M GPT on the-verdict, ctx 256, 10 epochs (other corpus and tokenizer)", False),
     "classify": (0.9567, "GPT-2 124M, last block + norm + head, 5 epochs", True),
     "evaluate": (49.45, "GPT-2 355M (a different model), 2 epochs, Llama 3 8B judge, 110 entries", False),
-    "align": (0.610, "DPO of the 355M instruct model, 1 epoch, beta 0.1: val DPO loss 0.693 → 0.610", True),
-}
+    "align": (0.610, "DPO of the book's 355M instruct model (a different model, its own pairs), 1 epoch, beta 0.1: "
+              "val DPO loss 0.693 → 0.610", False),
+}  # fmt: skip
 # Stages in pipeline order; a folder under reports/ not listed here comes after them.
 STAGE_ORDER = ("download", "tokenize", "pretrain", "import", "classify", "instruct", "align", "evaluate", "benchmark")
 NESTED = ("import", "benchmark")  # one folder per model: reports/<stage>/<name>/metrics.json
@@ -157,6 +159,7 @@ class Ref:
     label: str
     value: float | None
     comparable: bool = True  # False: shown for context, not judged (other data or task)
+    diff_ci: tuple[float, float] | None = None  # 95% interval of (key figure - this value), paired, when recorded
 
 
 @dataclass
@@ -171,15 +174,45 @@ class Row:
     detail: str = ""
     status: str = "ok"  # ok | not run | skipped | failed
     reason: str = ""
+    ci: tuple[float, float] | None = None  # the key figure's 95% interval, when known
 
     def verdict(self, ref: Ref | None) -> str:
+        """better / worse than ``ref``; with an interval (the paired difference's, else the key figure's) only when
+        it excludes no difference; "not comparable" for another model's or corpus's figure."""
         if ref is None or ref.value is None or self.value is None:
             return ""
         if not ref.comparable:
             return "not comparable"
+        interval = ref.diff_ci or (self.ci and (self.ci[0] - ref.value, self.ci[1] - ref.value))
+        if interval:
+            lo, hi = interval
+            if lo <= 0 <= hi:
+                return "no clear difference"
+            return "better" if (lo > 0) == self.higher_is_better else "worse"
         if math.isclose(self.value, ref.value, rel_tol=1e-9, abs_tol=1e-12):
             return "equal"
         return "better" if (self.value > ref.value) == self.higher_is_better else "worse"
+
+
+def higher_is_better(key: str, stage: str) -> bool:
+    """The direction ``llmcore.eval.metric_table`` declares for ``key`` (a metric with none reads as higher)."""
+    return spec(key, stage).direction >= 0
+
+
+def wilson(successes: float, n: float) -> tuple[float, float] | None:
+    """Wilson score 95% interval of a proportion (accuracy over n test items, a win rate over n decided pairs)."""
+    if not n:
+        return None
+    z2, p = 1.96**2, successes / n
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = 1.96 * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _interval(s: StageData, key: str) -> tuple[float, float] | None:
+    """``key``'s recorded 95% interval (``<prefix>ci95_low``/``_high``, as the evaluate stage writes them)."""
+    lo, hi = s.num(f"{key}ci95_low"), s.num(f"{key}ci95_high")
+    return (lo, hi) if lo is not None and hi is not None else None
 
 
 def fmt(v: Any, kind: str = "num") -> str:
@@ -229,8 +262,12 @@ def card_tokenize(s: StageData, ctx: Context) -> list[Row]:
     return [Row(s.name, figure, s.num("bytes_per_token"), baselines=[Ref("raw bytes", 1.0)], detail=detail.strip())]
 
 
+def _loss_figure(s: StageData, what: str = "val loss") -> str:
+    return f"{what} ({spec('val_loss', s.name).unit})"
+
+
 def card_pretrain(s: StageData, ctx: Context) -> list[Row]:
-    figure = "val loss (nats/token)"
+    figure = _loss_figure(s)
     if s.metrics is None:
         return [_not_run(s, figure)]
     if bad := _nan_row(s, figure, "val_loss"):
@@ -243,20 +280,21 @@ def card_pretrain(s: StageData, ctx: Context) -> list[Row]:
     if loss is not None and bpt:
         parts.append(f"{loss / math.log(2) / bpt:.3f} bits/byte")
     book = BOOK["pretrain"]
-    return [Row(s.name, figure, loss, higher_is_better=False,
+    return [Row(s.name, figure, loss, higher_is_better=higher_is_better("val_loss", s.name),
                 baselines=[Ref("bigram", s.num("bigram_val_loss")), Ref("unigram", s.num("unigram_val_loss"))],
                 book=Ref(book[1], book[0], book[2]), detail=", ".join(parts))]  # fmt: skip
 
 
 def card_import(s: StageData, ctx: Context) -> list[Row]:
-    figure = "val loss (nats/token)"
+    figure = _loss_figure(s)
     if s.metrics is None:
         return [_not_run(s, figure)]
     if bad := _nan_row(s, figure, "val_loss"):
         return [bad]
     detail = (f"{s.facts.get('family', '')} {fmt(s.num('params'), 'int')} params, {fmt(s.num('val_bpb'))} bits/byte "
               f"on {s.facts.get('corpus', 'the corpus')}")  # fmt: skip
-    return [Row(s.name, figure, s.num("val_loss"), higher_is_better=False, detail=detail.strip())]
+    return [Row(s.name, figure, s.num("val_loss"), higher_is_better=higher_is_better("val_loss", s.name),
+                detail=detail.strip())]  # fmt: skip
 
 
 def card_classify(s: StageData, ctx: Context) -> list[Row]:
@@ -271,15 +309,18 @@ def card_classify(s: StageData, ctx: Context) -> list[Row]:
         tn, fp, fn, tp = conf
         baselines.append(Ref("majority class", max(tn + fp, fn + tp) / (tn + fp + fn + tp)))
     n = sum(c for c in conf if c is not None)
-    detail = (f"F1 {fmt(s.num('test.f1'))} (spam positive), {fmt(n, 'int')} test messages, "
-              f"{s.facts.get('trainable', '')} on {s.facts.get('base_model', 'the base model')}")  # fmt: skip
+    acc = s.num("test.accuracy")
+    ci = wilson(acc * n, n) if acc is not None and n else None  # over the test messages
+    detail = (f"F1 {fmt(s.num('test.f1'))} (spam positive), {fmt(n, 'int')} test messages"
+              + (f" (95% CI {fmt(ci[0], 'pct')}–{fmt(ci[1], 'pct')})" if ci else "")
+              + f", {s.facts.get('trainable', '')} on {s.facts.get('base_model', 'the base model')}")  # fmt: skip
     book = BOOK["classify"]
-    return [Row(s.name, figure, s.num("test.accuracy"), "pct", baselines=baselines, book=Ref(book[1], book[0], book[2]),
-                detail=detail)]  # fmt: skip
+    return [Row(s.name, figure, acc, "pct", higher_is_better=higher_is_better("test.accuracy", s.name),
+                baselines=baselines, book=Ref(book[1], book[0], book[2]), detail=detail, ci=ci)]  # fmt: skip
 
 
 def card_instruct(s: StageData, ctx: Context) -> list[Row]:
-    figure = "test loss (nats/token)"
+    figure = _loss_figure(s, "test loss")
     if s.metrics is None:
         return [_not_run(s, figure)]
     if bad := _nan_row(s, figure, "test_loss"):
@@ -287,11 +328,12 @@ def card_instruct(s: StageData, ctx: Context) -> list[Row]:
     detail = (f"{s.facts.get('finetune', '')} fine-tune of {s.facts.get('base_model', 'the base')}, "
               f"{fmt(s.num('epochs'))} epochs; response-only loss {fmt(s.num('test_response_loss'))}, "
               f"{fmt(s.num('test_entries'), 'int')} test responses")  # fmt: skip
-    return [Row(s.name, figure, s.num("test_loss"), higher_is_better=False, detail=detail)]
+    return [Row(s.name, figure, s.num("test_loss"), higher_is_better=higher_is_better("test_loss", s.name),
+                detail=detail)]  # fmt: skip
 
 
 def card_align(s: StageData, ctx: Context) -> list[Row]:
-    figure = "val DPO loss"
+    figure = _loss_figure(s, "val DPO loss")
     if s.metrics is None:
         return [_not_run(s, figure)]
     key = next((k for k in ("val_dpo_loss", "val.dpo_loss", "val_loss", "dpo_loss") if s.has_key(k)), "val_loss")
@@ -301,7 +343,7 @@ def card_align(s: StageData, ctx: Context) -> list[Row]:
     margin = s.num("val_reward_margin", "val.reward_margin", "reward_margin")
     detail = f"reward accuracy {fmt(acc, 'pct')}, reward margin {fmt(margin)}"
     book = BOOK["align"]
-    return [Row(s.name, figure, s.num(key), higher_is_better=False,
+    return [Row(s.name, figure, s.num(key), higher_is_better=higher_is_better(key, s.name),
                 baselines=[Ref("untrained policy (ln 2)", math.log(2))], book=Ref(book[1], book[0], book[2]),
                 detail=detail)]  # fmt: skip
 
@@ -315,8 +357,14 @@ def _paired_ci(s: StageData, key: str) -> str:
 def _judged_row(s: StageData, key: str, name: str, label: str) -> Row:
     """Model ``name``'s judge mean and 95% CI over the prompts judged for it and for the instruct model."""
     return Row(s.name, f"judge mean score (0-100), {label}", s.num(f"{key}.{name}_mean"),
+               higher_is_better=higher_is_better(f"{key}.{name}_mean", s.name), ci=_interval(s, f"{key}.{name}_"),
                detail=f"95% CI {fmt(s.num(f'{key}.{name}_ci95_low'))}–{fmt(s.num(f'{key}.{name}_ci95_high'))} "
                       f"over {fmt(s.num(f'{key}.n'), 'int')} prompts judged for both")  # fmt: skip
+
+
+def _paired_ref(s: StageData, label: str, value_key: str, key: str) -> Ref:
+    """``label``'s value, with the paired difference's interval of evaluate's ``key`` (instruct - base, ...)."""
+    return Ref(label, s.num(value_key), diff_ci=_interval(s, f"{key}.diff_"))
 
 
 def card_evaluate(s: StageData, ctx: Context) -> list[Row]:
@@ -324,26 +372,33 @@ def card_evaluate(s: StageData, ctx: Context) -> list[Row]:
     instruct - base, paired) and the aligned model (compare: align - instruct, paired, and a head-to-head)."""
     if s.metrics is None:
         return [_not_run(s, "ROUGE-L")]
-    baselines = [Ref("copying the prompt", ctx.copy_rouge)] if ctx.copy_rouge is not None else []
+    baselines = []
+    if ctx.copy_rouge is not None:  # instruct - copy, paired over the items (older outputs: none recorded)
+        baselines.append(Ref("copying the prompt", ctx.copy_rouge, diff_ci=_interval(s, "copy_prompt_diff_")))
     if s.num("compare_base.rouge_l.base_mean") is not None:
-        baselines.append(Ref("base model", s.num("compare_base.rouge_l.base_mean")))
-    rows = [Row(s.name, "ROUGE-L vs reference", s.num("rouge_l"), baselines=baselines,
+        baselines.append(_paired_ref(s, "base model", "compare_base.rouge_l.base_mean", "compare_base.rouge_l"))
+    # the instruct model's own interval, where a comparison recorded it: the verdict of a baseline with no paired one
+    own = next((ci for k in ("compare.rouge_l.instruct_", "compare_base.rouge_l.instruct_") if (ci := _interval(s, k))),
+               None)  # fmt: skip
+    rows = [Row(s.name, "ROUGE-L vs reference", s.num("rouge_l"), baselines=baselines, ci=own,
+                higher_is_better=higher_is_better("rouge_l", s.name),
                 detail=f"exact match {fmt(s.num('exact_match'), 'pct')}, reference loss "
                        f"{fmt(s.num('reference_loss'))}, {fmt(s.num('n_items'), 'int')} items")]  # fmt: skip
     if s.num("compare_base.rouge_l.diff_mean") is not None:
-        rows.append(Row(s.name, "ROUGE-L, instruct − base", s.num("compare_base.rouge_l.diff_mean"),
-                        baselines=[Ref("no difference", 0.0)],
-                        detail=_paired_ci(s, "compare_base.rouge_l")))  # fmt: skip
+        rows.append(_diff_row(s, "ROUGE-L, instruct − base", "compare_base.rouge_l"))
     status = s.facts.get("judge_status")
     book = BOOK["evaluate"]
-    judge = Row(s.name, "judge mean score (0-100)", book=Ref(book[1], book[0], book[2]))
+    judge = Row(s.name, "judge mean score (0-100)", book=Ref(book[1], book[0], book[2]),
+                higher_is_better=higher_is_better("mean", s.name))  # fmt: skip
     if status == "scored" and s.num("mean") is not None:
-        judge.value = s.num("mean")
+        judge.value, judge.ci = s.num("mean"), _interval(s, "")
         judge.detail = (f"95% CI {fmt(s.num('ci95_low'))}–{fmt(s.num('ci95_high'))}, {fmt(s.num('n_scored'), 'int')} "
-                        f"of {fmt(s.num('n_items'), 'int')} scored by {s.facts.get('judge_model', 'the judge')}")
+                        f"of {fmt(s.num('n_items'), 'int')} scored by {s.facts.get('judge_model', 'the judge')}"
+                        + (f" ({fmt(s.num('n_refused'), 'int')} refused: no score in the asked form)"
+                           if s.num("n_refused") else ""))  # fmt: skip
         if s.num("compare_base.judge.base_mean") is not None:  # the base model's row, then instruct's beside it
             rows.append(_judged_row(s, "compare_base.judge", "base", "base model"))
-            judge.baselines = [Ref("base model", s.num("compare_base.judge.base_mean"))]
+            judge.baselines = [_paired_ref(s, "base model", "compare_base.judge.base_mean", "compare_base.judge")]
             judge.detail += (f"; instruct − base {fmt(s.num('compare_base.judge.diff_mean'))}, "
                              f"{_paired_ci(s, 'compare_base.judge')}")  # fmt: skip
     elif status == "scored":
@@ -357,21 +412,30 @@ def card_evaluate(s: StageData, ctx: Context) -> list[Row]:
     # the align stage's answers to the same prompts, paired with the instruct model's (evaluate's "compare")
     if judge.status == "ok" and s.num("compare.judge.align_mean") is not None:
         aligned = _judged_row(s, "compare.judge", "align", "align")
-        aligned.baselines = [Ref("instruct", s.num("compare.judge.instruct_mean"))]
+        aligned.baselines = [_paired_ref(s, "instruct", "compare.judge.instruct_mean", "compare.judge")]
         aligned.detail += (f"; align − instruct {fmt(s.num('compare.judge.diff_mean'))}, "
                            f"{_paired_ci(s, 'compare.judge')}")  # fmt: skip
         rows.append(aligned)
-    diff = s.num("compare.rouge_l.diff_mean")
-    if diff is not None:
-        rows.append(Row(s.name, "ROUGE-L, align − instruct", diff, baselines=[Ref("no difference", 0.0)],
-                        detail=_paired_ci(s, "compare.rouge_l")))  # fmt: skip
+    if s.num("compare.rouge_l.diff_mean") is not None:
+        rows.append(_diff_row(s, "ROUGE-L, align − instruct", "compare.rouge_l"))
     rate = s.num("compare.head_to_head.align_win_rate")
     if rate is not None:
+        h2h = [s.num(f"compare.head_to_head.{k}") or 0.0 for k in ("align_wins", "instruct_wins", "ties")]
+        ci = wilson(h2h[0] + h2h[2] / 2, sum(h2h))  # ties count half, as in the rate; over the decided pairs
         rows.append(Row(s.name, "head-to-head: align's win rate", rate, "pct", baselines=[Ref("a coin toss", 0.5)],
-                        detail=f"{fmt(s.num('compare.head_to_head.align_wins'), 'int')} wins, "
-                               f"{fmt(s.num('compare.head_to_head.instruct_wins'), 'int')} losses, "
-                               f"{fmt(s.num('compare.head_to_head.ties'), 'int')} ties, judged in a random order"))
+                        higher_is_better=higher_is_better("compare.head_to_head.align_win_rate", s.name), ci=ci,
+                        detail=(f"95% CI {fmt(ci[0], 'pct')}–{fmt(ci[1], 'pct')}; " if ci else "")
+                        + f"{fmt(h2h[0], 'int')} wins, {fmt(h2h[1], 'int')} losses, {fmt(h2h[2], 'int')} ties, "
+                        "judged in a random order"))  # fmt: skip
     return rows
+
+
+def _diff_row(s: StageData, figure: str, key: str) -> Row:
+    """A paired difference (``key``: compare.rouge_l, ...) beside no difference: better or worse only when its
+    95% interval excludes 0."""
+    ci = _interval(s, f"{key}.diff_")
+    return Row(s.name, figure, s.num(f"{key}.diff_mean"), baselines=[Ref("no difference", 0.0, diff_ci=ci)], ci=ci,
+               higher_is_better=higher_is_better(f"{key}.diff_mean", s.name), detail=_paired_ci(s, key))  # fmt: skip
 
 
 def card_generic(s: StageData, ctx: Context) -> list[Row]:
@@ -384,8 +448,7 @@ def card_generic(s: StageData, ctx: Context) -> list[Row]:
         return [Row(s.name, "key figure", status="failed", reason=f"{s.folder / 'metrics.json'} holds no number")]
     chance = s.num("chance", "random_baseline")
     others = [f"{k} {fmt(v)}" for k, v in flat.items() if k != key and not k.startswith("chance")][:4]
-    lower = bool(re.search(r"loss|ppl|perplexity|bpb|error", key))
-    return [Row(s.name, key, float(flat[key]), higher_is_better=not lower,
+    return [Row(s.name, key, float(flat[key]), higher_is_better=higher_is_better(key, s.name),
                 baselines=[Ref("chance", chance)] if chance is not None else [], detail=", ".join(others))]  # fmt: skip
 
 
@@ -405,9 +468,11 @@ def card_benchmark(s: StageData, ctx: Context) -> list[Row]:
                 continue
             ref = published.get((task, metric))
             stderr = scores.get(f"{metric}_stderr")
+            ok = isinstance(stderr, (int, float)) and not isinstance(stderr, bool) and math.isfinite(stderr)
             rows.append(Row(s.name, f"{task} {metric}", float(value), "pct",
+                            ci=(value - 1.96 * stderr, value + 1.96 * stderr) if ok else None,
                             book=Ref(f"{ref['model']} ({ref['source']})", ref["published"]) if ref else None,
-                            detail=f"± {fmt(stderr, 'pct')} (stderr)" if isinstance(stderr, (int, float)) else ""))
+                            detail=f"± {fmt(stderr, 'pct')} (stderr)" if ok else ""))  # fmt: skip
     return rows or [Row(s.name, "benchmark accuracy", status="failed", reason=f"{s.folder / 'metrics.json'} holds no "
                         "acc, acc_norm or exact_match")]  # fmt: skip
 
@@ -509,8 +574,8 @@ def build_report(reports_dir: Path, params: dict[str, Any], *,
     if ev and ev.facts.get("judge_status") == "scored" and ev.num("mean") is not None:
         report.judge_summary = (f"mean {fmt(ev.num('mean'))} (95% CI {fmt(ev.num('ci95_low'))}–"
                                 f"{fmt(ev.num('ci95_high'))}), median {fmt(ev.num('median'))}, "
-                                f"{fmt(ev.num('n_scored'), 'int')} scored, {fmt(ev.num('n_unparsable'), 'int')} "
-                                f"unparsable, {fmt(ev.num('n_error'), 'int')} failed")  # fmt: skip
+                                f"{fmt(ev.num('n_scored'), 'int')} scored, {fmt(ev.num('n_refused'), 'int')} "
+                                f"refused, {fmt(ev.num('n_error'), 'int')} failed")  # fmt: skip
 
     examples: list[Figure] = []
     conf = read_confusion(reports_dir / "classify" / "confusion.csv")
@@ -719,14 +784,23 @@ def read_curves(live_dir: Path) -> dict[str, Curve]:
     return {c.name: c for c in curves if c is not None}
 
 
-# (figure, y label, [(curve name, legend, style)]): one axis per figure; units in the label
+# (figure, y label, [(curve name, legend, style)]): one axis per figure; the unit of the first curve (from
+# llmcore.eval.metric_table, so a loss is per token, message or pair as its stage has it) goes in the label
 CURVE_FIGURES = [
-    ("loss", "loss (nats/token)", [("train/loss", "train", "-"), ("train/loss_avg", "train (smoothed)", "-"),
-                                    ("val/loss", "val", "o-")]),
-    ("accuracy", "accuracy (fraction)", [("val/accuracy", "val", "o-")]),
+    ("loss", "loss", [("train/loss", "train", "-"), ("train/loss_avg", "train (smoothed)", "-"),
+                      ("val/loss", "val", "o-")]),
+    ("accuracy", "accuracy", [("val/accuracy", "val", "o-")]),
+    ("reward_margin", "reward margin, chosen − rejected", [("train/reward_margin", "train", "-"),
+                                                          ("val/reward_margin", "val", "o-")]),
+    ("rewards", "implicit reward", [("train/chosen_reward", "chosen (train)", "-"),
+                                    ("train/rejected_reward", "rejected (train)", "-"),
+                                    ("val/chosen_reward", "chosen (val)", "o-"),
+                                    ("val/rejected_reward", "rejected (val)", "o-")]),
+    ("reward_accuracy", "reward accuracy", [("train/reward_accuracy", "train", "-"),
+                                            ("val/reward_accuracy", "val", "o-")]),
     ("lr", "learning rate", [("train/lr", "", "-")]),
     ("throughput", "throughput", [("train/tokens_per_s", "tokens/s", "-"),
-                                  ("train/examples_per_s", "examples/s", "-")]),
+                                  ("train/examples_per_s", "examples/s", "-"), ("train/pairs_per_s", "pairs/s", "-")]),
     ("grad_norm", "gradient norm (before clipping)", [("train/grad_norm", "", "-")]),
 ]  # fmt: skip
 
@@ -742,10 +816,11 @@ def curve_figures(reports_dir: Path, stage_names: list[str]) -> list[Figure]:
                       if c in curves]  # fmt: skip
             if not series:
                 continue
-            unit = next((legend for legend in (s.name for s in series) if "/s" in legend), "")
-            label = f"{ylabel} ({unit})" if fig_name == "throughput" and unit else ylabel
+            found = spec(next(c for c, _, _ in members if c in curves), stage)
+            label = f"{ylabel} ({found.unit})" if found.unit and found.unit != ylabel else ylabel
+            # a language model's loss gets a perplexity axis (exp of it); a classifier's or DPO's does not
             svg = line_chart(f"{stage}: {fig_name.replace('_', ' ')}", series, "optimizer step", label,
-                             logy=fig_name == "grad_norm")  # fmt: skip
+                             logy=fig_name == "grad_norm", ppl_axis=found.lm_loss)  # fmt: skip
             if svg:
                 out.append(Figure(f"{stage}_{fig_name}", f"{stage}: {fig_name.replace('_', ' ')}", svg))
     return out
