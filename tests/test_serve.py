@@ -333,7 +333,7 @@ def test_cli(model_dir: Path, monkeypatch) -> None:
         def server_close(self) -> None:
             pass
 
-    def fake_make_server(models, host, port, max_body):
+    def fake_make_server(models, host, port, max_body, **limits):
         calls.append((sorted(models), host, port))
         return FakeServer()
 

@@ -22,6 +22,7 @@ from llmcore.models.static_decode import decoder_for, pays, width_for
 # A temperature below this samples greedily: dividing logits by a tinier one overflows them to inf, and the
 # probabilities to NaN (1e-300 did), while anything this small is argmax in all but exact ties anyway.
 MIN_TEMPERATURE = 1e-3
+MAX_TEMPERATURE = 1e4  # above: as this one (uniform over the tokens top-k and top-p keep, to float precision)
 
 
 @dataclass
@@ -43,7 +44,7 @@ def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Gene
     """Pick one token per row from (B, vocab) logits; probabilities that are not finite raise ``ValueError``."""
     if cfg.greedy:
         return logits.argmax(dim=-1)
-    logits = logits.float() / cfg.temperature
+    logits = logits.float() / min(cfg.temperature, MAX_TEMPERATURE)  # (a float32 inf would make -inf / inf NaN)
     if cfg.top_k is not None and cfg.top_k < logits.shape[-1]:
         kth = torch.topk(logits, cfg.top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -52,6 +53,7 @@ def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Gene
         probs = sorted_logits.softmax(-1)
         # drop a token when the mass before it already reaches top_p (the first token always stays)
         drop = probs.cumsum(-1) - probs >= cfg.top_p
+        drop[:, 0] = False  # (a top_p that rounds to 0 in float32 would drop it too)
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = logits.softmax(-1)

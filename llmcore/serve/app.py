@@ -34,6 +34,7 @@ from llmcore.serve import ollama_api, openai_api
 from llmcore.serve.guard import (
     HOSTS_ENV,
     MAX_CONNECTIONS,
+    MAX_HEADER_BYTES,
     ORIGINS_ENV,
     REQUEST_TIMEOUT,
     HostGuard,
@@ -149,7 +150,8 @@ class Server:
         self.host, self.port = host, self.socket.getsockname()[1]
         # h11 with a deadline per request and a cap on connections (llmcore.serve.guard), whatever else is installed
         config = uvicorn.Config(app, log_config=None, access_log=False, timeout_graceful_shutdown=5, lifespan="on",
-                                ws="none", http=guarded_protocol(request_timeout, max_connections))  # fmt: skip
+                                ws="none", http=guarded_protocol(request_timeout, max_connections),
+                                h11_max_incomplete_event_size=MAX_HEADER_BYTES)  # fmt: skip
         self.uvicorn = uvicorn.Server(config)
         self._thread: threading.Thread | None = None
         self._running = threading.Event()

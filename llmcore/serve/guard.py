@@ -15,8 +15,8 @@ Slow and many connections (:func:`guarded_protocol`, uvicorn's h11 protocol with
 must arrive whole, headers and body, within ``request_timeout`` seconds of its connection (or of its first byte,
 on a kept-alive connection), else 408 and the connection closes: a client dripping bytes (slowloris) holds a
 connection that long and no longer. Idle kept-alive connections close after uvicorn's ``timeout_keep_alive``.
-Beyond ``max_connections`` open connections a new one is answered 503 at once and closed. Headers over h11's
-16 KiB limit are 431, broken HTTP 400; all in the API's error shape.
+Beyond ``max_connections`` open connections a new one is answered 503 at once and closed. Headers over 16 KiB
+are 431, broken HTTP 400; all in the API's error shape.
 """
 
 from __future__ import annotations
@@ -38,6 +38,8 @@ log = logging.getLogger("llmcore.serve")
 
 REQUEST_TIMEOUT = 30.0  # seconds for a request's headers and body to arrive (408 after)
 MAX_CONNECTIONS = 256  # open connections at once (503 beyond)
+LINGER = 1.0  # seconds a refused connection stays open to read what the client still sends
+MAX_HEADER_BYTES = 16 * 1024  # a request line and headers over this are refused (431), as h11 does while they arrive
 HOSTS_ENV = "LLMCORE_ALLOWED_HOSTS"  # more Host names to serve, comma-separated (``*``: any)
 ORIGINS_ENV = "LLMCORE_ORIGINS"  # more browser origins to serve, comma-separated, with ``*`` wildcards
 
@@ -154,6 +156,10 @@ def _raw_response(path: str, status: int, message: str) -> bytes:
     return b"\r\n".join(head) + b"\r\n\r\n" + response.body
 
 
+def _head_size(request: h11.Request) -> int:
+    return len(request.target) + sum(len(name) + len(value) + 4 for name, value in request.headers)
+
+
 class _GuardedH11Protocol(H11Protocol):
     """uvicorn's h11 protocol with a request deadline, a connection cap and errors in the API's shape."""
 
@@ -163,12 +169,16 @@ class _GuardedH11Protocol(H11Protocol):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._deadline = None
+        self._refused = False
         self._h11_error: h11.RemoteProtocolError | None = None
         next_event = self.conn.next_event
 
         def recorded_next_event():  # keep h11's reason (431: headers too large) for send_400_response
             try:
-                return next_event()
+                event = next_event()
+                if isinstance(event, h11.Request) and _head_size(event) > MAX_HEADER_BYTES:  # h11 counts only the
+                    raise h11.RemoteProtocolError("headers too large", error_status_hint=431)  # part not yet in
+                return event
             except h11.RemoteProtocolError as e:
                 self._h11_error = e
                 raise
@@ -183,11 +193,19 @@ class _GuardedH11Protocol(H11Protocol):
         self._arm()
 
     def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return
         if self._deadline is None and self.conn.their_state is h11.IDLE:  # a new request on a kept-alive connection
             self._arm()
         super().data_received(data)
         if self.conn.their_state not in (h11.IDLE, h11.SEND_BODY):  # the request is in (or the connection done)
             self._disarm()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()  # may start the next request, from bytes that came with this one
+        state = self.conn.their_state
+        if state is h11.SEND_BODY or (state is h11.IDLE and self.conn.trailing_data[0]):
+            self._arm()
 
     def connection_lost(self, exc) -> None:
         self._disarm()
@@ -196,7 +214,7 @@ class _GuardedH11Protocol(H11Protocol):
     def send_400_response(self, msg: str) -> None:
         e, status, reason = self._h11_error, 400, "invalid HTTP request"
         if e is not None and e.error_status_hint == 431:
-            status, reason = 431, "request headers too large (at most 16 KiB)"
+            status, reason = 431, f"request headers too large (at most {MAX_HEADER_BYTES // 1024} KiB)"
         elif e is not None:
             reason = f"invalid HTTP request: {str(e)[:100]}"
         self._refuse(status, reason)
@@ -212,7 +230,7 @@ class _GuardedH11Protocol(H11Protocol):
 
     def _expired(self) -> None:
         self._deadline = None
-        if self.transport.is_closing() or self.conn.their_state not in (h11.IDLE, h11.SEND_BODY):
+        if self._refused or self.transport.is_closing() or self.conn.their_state not in (h11.IDLE, h11.SEND_BODY):
             return
         started = self.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE) or (
             self.cycle is not None and self.cycle.response_started and not self.cycle.response_complete
@@ -230,7 +248,12 @@ class _GuardedH11Protocol(H11Protocol):
             self.cycle.disconnected = True  # the app's answer to a half-read request goes nowhere
         self._disarm()
         self.transport.write(_raw_response(path, status, message))
-        self.transport.close()
+        # A lingering close: what the client still sends is read and dropped for a moment, since closing with
+        # unread bytes resets the connection, and a reset can destroy the answer before the client reads it.
+        self._refused = True
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self.loop.call_later(LINGER, self.transport.close)
 
 
 def guarded_protocol(request_timeout: float = REQUEST_TIMEOUT, max_connections: int = MAX_CONNECTIONS) -> type:
