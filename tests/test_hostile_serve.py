@@ -434,8 +434,12 @@ def test_allow_lists_from_options_and_environment(served, monkeypatch) -> None:
     explicit = TestClient(create_app(handles, allowed_hosts=["other.lan"], allowed_origins=["*"]))
     assert explicit.get("/api/version", headers={"Host": "llm.lan"}).status_code == 403  # options replace $ENV
     assert explicit.get("/api/version", headers={"Host": "other.lan", "Origin": "http://x.example"}).status_code == 200
-    bound = TestClient(create_app(handles, bound="box.lan", allowed_hosts=[]), base_url="http://box.lan")
-    assert bound.get("/api/version").status_code == 200  # the name the server was bound to
+    exposed = TestClient(create_app(handles, bound="0.0.0.0", allowed_hosts=[]), base_url="http://llmcore:11434")
+    assert exposed.get("/api/version").status_code == 200  # bound beyond loopback on purpose: any Host (containers)
+    assert exposed.get("/api/version", headers={"Origin": "http://evil.example"}).status_code == 403
+    assert exposed.get("/api/version", headers={"Origin": "http://llmcore:11434"}).status_code == 200  # its own page
+    local = TestClient(create_app(handles, allowed_hosts=[]), base_url=f"http://{socket.gethostname()}:11434")
+    assert local.get("/api/version").status_code == 200  # the machine's own name
 
 
 def test_cli_passes_the_allow_lists_and_limits(model_dir: Path, monkeypatch) -> None:  # noqa: F811

@@ -3,9 +3,10 @@ request may take to arrive, how many connections are open at once, and errors be
 
 Host and Origin (:class:`HostGuard`, ASGI middleware). A web page the user visits can point a DNS name of its own
 at 127.0.0.1 (DNS rebinding) and script the server as if it were the same site; it cannot change the ``Host``
-header, which names its own domain. So a request is served only when its ``Host`` is an IP address (a typed
-address is never rebound), ``localhost`` or a name under it, the address the server is bound to, or a name in
-the allow-list (``--allow-host``, ``LLMCORE_ALLOWED_HOSTS``; ``*`` allows any). A browser also says which page
+header, which names its own domain. So a server bound to loopback serves a request only when its ``Host`` is an
+IP address (a typed address is never rebound), ``localhost`` or a name under it, the machine's name, or a name
+in the allow-list (``--allow-host``, ``LLMCORE_ALLOWED_HOSTS``; ``*`` allows any). A server bound beyond loopback
+(``--host 0.0.0.0``) was exposed on purpose and serves any ``Host``, as Ollama does. A browser also says which page
 sent a request (``Origin``): pages on loopback, on the bound address and the server's own (the chat page) are
 served, others only when allowed (``--allow-origin``, ``LLMCORE_ORIGINS``, like Ollama's ``OLLAMA_ORIGINS``:
 origins with ``*`` wildcards), and those get the CORS headers a browser needs. Refusals are 403 in the API's
@@ -25,6 +26,7 @@ import fnmatch
 import ipaddress
 import logging
 import os
+import socket
 from collections.abc import Sequence
 from http import HTTPStatus
 
@@ -90,12 +92,16 @@ class HostGuard:
     def __init__(self, app, bound: str = "127.0.0.1", hosts: Sequence[str] = (), origins: Sequence[str] = ()):
         self.app = app
         self.bound = _hostname(bound if not (":" in bound and not bound.startswith("[")) else f"[{bound}]")[0]
+        # Bound beyond loopback (0.0.0.0, a LAN address), the server is exposed on purpose: whoever reaches it can
+        # call it directly, and proxies or containers name it as they like, so any Host is served (as Ollama does).
+        self.any_host = not _is_loopback(self.bound)
+        self.names = {self.bound, socket.gethostname().lower()}
         self.hosts = [h.lower().rstrip(".") for h in hosts]
         self.origins = [o.lower().rstrip("/") for o in origins]
 
     def host_allowed(self, host: str) -> bool:
         name = _hostname(host)[0]
-        if _is_address(name) or _is_loopback(name) or name == self.bound:
+        if self.any_host or _is_address(name) or _is_loopback(name) or name in self.names:
             return True
         return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.hosts)
 
