@@ -481,7 +481,7 @@ def test_show_and_listings_do_not_leak_the_model_path(url: str, model_dir: Path)
 @pytest.mark.parametrize(
     ("request_bytes", "status", "message"),
     [
-        (b"GARBAGE\r\n\r\n", 400, "invalid HTTP request"),
+        (b"GARBAGE\r\n\r\n", 400, "invalid HTTP request: illegal request line"),
         (
             b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"b" * 20_000 + b"\r\n\r\n",
             431,

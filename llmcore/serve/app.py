@@ -10,6 +10,8 @@ passes. The APIs are in :mod:`llmcore.serve.ollama_api` and :mod:`llmcore.serve.
 API's own error shape and status (malformed JSON 400, a wrong-typed field 400 naming it, unknown model 404, a body
 over ``max_body`` bytes 413), and the server keeps serving. Every request is logged with its status and time. The
 server binds 127.0.0.1 unless told otherwise; SIGINT/SIGTERM stop it gracefully (open streams get a few seconds).
+:mod:`llmcore.serve.guard` checks Host and Origin (DNS rebinding), gives each request a deadline and caps the open
+connections.
 """
 
 from __future__ import annotations

@@ -18,6 +18,8 @@ Sampling is per request: each has its own :class:`~llmcore.models.generate.Sampl
 seeded ``torch.Generator``, and draws from its own row of logits, so what a seeded request produces does not
 depend on which other requests share its batch (up to float rounding in batched matmuls, which does not
 change tokens in practice; a single request runs the same kernels as :func:`llmcore.models.generate.generate`).
+A row whose sampling fails (probabilities that are not finite) ends alone with reason ``error``; the other rows of
+its batch go on.
 
 Text is made in the engine thread too (:class:`~llmcore.models.responses.TextStream`), so a stop string ends
 a sequence at the step that completes it. Results go to each request's ``sink`` callable as events:

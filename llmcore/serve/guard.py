@@ -221,8 +221,8 @@ class _GuardedH11Protocol(H11Protocol):
         e, status, reason = self._h11_error, 400, "invalid HTTP request"
         if e is not None and e.error_status_hint == 431:
             status, reason = 431, f"request headers too large (at most {MAX_HEADER_BYTES // 1024} KiB)"
-        elif e is not None:
-            reason = f"invalid HTTP request: {str(e)[:100]}"
+        elif e is not None:  # h11's reason, without the bytes it quotes
+            reason = f"invalid HTTP request: {str(e).split(': bytearray(')[0][:100]}"
         self._refuse(status, reason)
 
     def _arm(self) -> None:
@@ -256,9 +256,11 @@ class _GuardedH11Protocol(H11Protocol):
         self.transport.write(_raw_response(path, status, message))
         # A lingering close: what the client still sends is read and dropped for a moment, since closing with
         # unread bytes resets the connection, and a reset can destroy the answer before the client reads it.
+        # (Not in a flood: twice the cap of connections open, and a refused one closes at once.)
         self._refused = True
-        if self.transport.can_write_eof():
-            self.transport.write_eof()
+        if len(self.connections) > 2 * self.max_connections or not self.transport.can_write_eof():
+            return self.transport.close()
+        self.transport.write_eof()
         self.loop.call_later(LINGER, self.transport.close)
 
 
