@@ -549,10 +549,12 @@ OLLAMA = {
                   "tools": VALUES, "options": st.fixed_dictionaries({}, optional={**OLLAMA_OPTIONS, "stop": STOPS})},
     "/api/show": {"model": MODELS, "name": MODELS},
 }  # fmt: skip
-OPENAI_COMMON = {"model": MODELS, "temperature": NUMBERS, "top_p": NUMBERS, "max_tokens": NUMBERS, "seed": NUMBERS,
-                 "max_completion_tokens": NUMBERS, "n": NUMBERS, "stop": STOPS, "stream": st.booleans(),
+TOKENS = st.integers(1, 8) | NUMBERS  # mostly what fits the context, or anything
+OPENAI_COMMON = {"model": MODELS, "temperature": NUMBERS, "top_p": NUMBERS, "max_tokens": TOKENS, "seed": NUMBERS,
+                 "max_completion_tokens": TOKENS, "n": st.just(1) | NUMBERS, "stop": STOPS, "stream": st.booleans(),
                  "stream_options": st.fixed_dictionaries({}, optional={"include_usage": st.booleans()}),
-                 "frequency_penalty": NUMBERS, "response_format": VALUES, "logprobs": VALUES}  # fmt: skip
+                 "frequency_penalty": st.just(0) | NUMBERS, "response_format": st.just({"type": "text"}) | VALUES,
+                 "logprobs": st.just(False) | VALUES}  # fmt: skip
 OPENAI = {
     "/v1/chat/completions": {**OPENAI_COMMON, "messages": st.lists(MESSAGE, max_size=3)},
     "/v1/completions": {**OPENAI_COMMON, "prompt": TEXTS | st.lists(TEXTS, max_size=2), "echo": VALUES},

@@ -147,6 +147,9 @@ def number(body: dict, name: str, where: str = "", integer: bool = False) -> flo
     if integer:
         if value != int(value):
             raise RequestError(400, f"{label} must be an integer, got {value!r}", param=label)
+        if not -(2**64) < value < 2**64:  # (1e300 is an integer of 300 digits)
+            raise RequestError(400, f"{label} must be an integer of at most 64 bits, got {shown(value, 30)}",
+                               param=label)  # fmt: skip
         return int(value)
     return float(value)
 
