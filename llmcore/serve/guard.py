@@ -18,6 +18,11 @@ on a kept-alive connection), else 408 and the connection closes: a client drippi
 connection that long and no longer. Idle kept-alive connections close after uvicorn's ``timeout_keep_alive``.
 Beyond ``max_connections`` open connections a new one is answered 503 at once and closed. Headers over 16 KiB
 are 431, broken HTTP 400; all in the API's error shape.
+
+uvicorn's own settings do not do this: ``timeout_keep_alive`` times only the wait between requests (the first byte
+of the next one stops it), ``limit_concurrency`` is checked once a request's headers are in (a dripping client
+never gets there, yet counts against it, so N of them turn every real request into a 503), and h11's
+``max_incomplete_event_size`` caps the bytes of headers still arriving, not the time they take.
 """
 
 from __future__ import annotations
