@@ -80,6 +80,18 @@ def serve(
         "auto", help="CPU threads per model: auto (one for small models, every available CPU for wide ones; "
         "llmcore/threads.py) or a number"
     ),
+    allow_host: list[str] = typer.Option(
+        None, "--allow-host", help="a Host name to serve besides addresses, localhost and --host (repeat, or "
+        "comma-separated; * wildcards; default $LLMCORE_ALLOWED_HOSTS): others get 403, against DNS rebinding"
+    ),
+    allow_origin: list[str] = typer.Option(
+        None, "--allow-origin", help="a web page origin that may call the APIs, e.g. https://app.example.com "
+        "(repeat, or comma-separated; * wildcards; default $LLMCORE_ORIGINS); loopback and the server's own pages "
+        "always may"
+    ),
+    request_timeout: float = typer.Option(30.0, min=0.1, help="seconds for a request's headers and body to arrive "
+                                          "(408 after)"),  # fmt: skip
+    max_connections: int = typer.Option(256, min=1, help="open connections at once (503 beyond)"),
 ) -> None:
     """Serve llmcore checkpoints over the Ollama API (/api/*), the OpenAI API (/v1/*) and a chat page (/)."""
     from llmcore.device import resolve_device  # torch: import late (`llmcore --help` stays fast)
@@ -105,7 +117,9 @@ def serve(
             handle.engine.threads = count
         typer.echo(f"{count} CPU thread{'s' * (count > 1)} (--threads {threads})")
         try:
-            server = make_server(models, host, port, max_body=max_body)
+            server = make_server(models, host, port, max_body=max_body, allowed_hosts=allow_host or None,
+                                 allowed_origins=allow_origin or None, request_timeout=request_timeout,
+                                 max_connections=max_connections)  # fmt: skip
         except OSError as e:
             raise LLMCoreError(
                 f"cannot listen on {host}:{port}: {e.strerror or e} (is Ollama already running? try --port)"

@@ -207,6 +207,8 @@ def test_fuzz_text(pieces: list[str], raw: bytes) -> None:
 
 def test_readme_hostile_input_table() -> None:
     from llmcore import download, params
+    from llmcore.models import generate
+    from llmcore.serve import guard, protocol
     from llmcore.training.config import MAX_BATCH_SIZE
     from tests.conftest import REPO_ROOT
 
@@ -234,6 +236,16 @@ def test_readme_hostile_input_table() -> None:
         ("at most 100,000 values", params.MAX_NODES == 100_000),
         ("`batch_size` at most 2^20", MAX_BATCH_SIZE == 2**20),
         ("`shards` at most 100,000", download_stage.MAX_SHARDS == 100_000),
+        ("a temperature below 1e-3 is greedy", generate.MIN_TEMPERATURE == 1e-3),
+        ("above 1e4 counts as 1e4", generate.MAX_TEMPERATURE == 1e4),
+        ("at most 16 stop strings", protocol.MAX_STOPS == 16),
+        ("of at most 1000 characters each", protocol.MAX_STOP_CHARS == 1000),
+        ("nested deeper than 32 levels", protocol.MAX_DEPTH == 32),
+        ("within 30 s of its connection", guard.REQUEST_TIMEOUT == 30),
+        ("at most 256 open connections", guard.MAX_CONNECTIONS == 256),
+        ("headers over 16 KiB", guard.MAX_HEADER_BYTES == 16 * 1024),
+        ("`LLMCORE_ALLOWED_HOSTS`", guard.HOSTS_ENV == "LLMCORE_ALLOWED_HOSTS"),
+        ("`LLMCORE_ORIGINS`", guard.ORIGINS_ENV == "LLMCORE_ORIGINS"),
     ]
     for text, holds in quoted:
         assert text in section and holds, text

@@ -65,8 +65,8 @@ def running_cli_server(monkeypatch):
     """Runs `llmcore serve ARGS` (the real CLI) in a thread; yields a function that starts it and returns its URL."""
     servers, threads = [], []
 
-    def spy(models, host, port, max_body):
-        servers.append(make_server(models, host, port, max_body))
+    def spy(models, host, port, max_body, **limits):
+        servers.append(make_server(models, host, port, max_body, **limits))
         return servers[-1]
 
     monkeypatch.setattr(serve_module, "make_server", spy)

@@ -257,7 +257,7 @@ def test_client_hanging_up_mid_stream(url: str, client: ollama.Client, caplog) -
     for _ in range(3):
         with socket.create_connection((host, int(port)), timeout=10) as s:
             s.sendall(
-                b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"POST /api/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
             )
             assert s.recv(1024).startswith(b"HTTP/1.1 200")  # the stream started; hang up now
@@ -335,7 +335,7 @@ def test_cli(model_dir: Path, monkeypatch) -> None:
         def server_close(self) -> None:
             pass
 
-    def fake_make_server(models, host, port, max_body):
+    def fake_make_server(models, host, port, max_body, **limits):
         calls.append((sorted(models), host, port))
         return FakeServer()
 
@@ -367,7 +367,7 @@ def test_the_template_stored_with_the_model_is_served(model_dir: Path, tmp_path:
 
     from llmcore.serve.app import create_app
 
-    with TestClient(create_app({"custom": handle})) as http:  # /api/show gives the Go template of the same prompts
+    with TestClient(create_app({"custom": handle}), base_url="http://127.0.0.1") as http:  # /api/show: the Go template
         shown = http.post("/api/show", json={"model": "custom"})
         assert shown.status_code == 200 and "Q: {{ $content }}" in shown.json()["template"]
     assert ModelHandle.load(tmp_path, template="raw").template == "raw"  # --template still overrides it

@@ -64,7 +64,7 @@ def test_dockerfile_lints_clean_and_runs_llmcore_serve_as_non_root(model_dir: Pa
         def server_close(self) -> None:
             pass
 
-    def fake_make_server(models, host, port, max_body):
+    def fake_make_server(models, host, port, max_body, **limits):
         calls.append((sorted(models), host, port))
         return FakeServer()
 

@@ -142,8 +142,8 @@ def hang_up(url: str, path: str, body: dict) -> None:  # noqa: F811
     host, port = url.removeprefix("http://").split(":")
     data = json.dumps(body).encode()
     with socket.create_connection((host, int(port)), timeout=10) as s:
-        s.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
-                  % (path.encode(), len(data), data))  # fmt: skip
+        s.sendall(b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+                  b"%s" % (path.encode(), len(data), data))  # fmt: skip
         if body.get("stream", path.startswith("/api/")):
             assert s.recv(1024).startswith(b"HTTP/1.1 200")  # the stream started; hang up now
         else:

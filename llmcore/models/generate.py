@@ -19,6 +19,11 @@ import torch
 from llmcore.models.gpt import GPT
 from llmcore.models.static_decode import decoder_for, pays, width_for
 
+# A temperature below this samples greedily: dividing logits by a tinier one overflows them to inf, and the
+# probabilities to NaN (1e-300 did), while anything this small is argmax in all but exact ties anyway.
+MIN_TEMPERATURE = 1e-3
+MAX_TEMPERATURE = 1e4  # above: as this one (uniform over the tokens top-k and top-p keep, to float precision)
+
 
 @dataclass
 class SamplingConfig:
@@ -29,12 +34,17 @@ class SamplingConfig:
     stop_ids: Sequence[int] = field(default_factory=tuple)  # e.g. the end-of-text id; not emitted
     seed: int | None = None
 
+    @property
+    def greedy(self) -> bool:
+        """Argmax decoding: a temperature of 0, below, or under :data:`MIN_TEMPERATURE`."""
+        return not self.temperature >= MIN_TEMPERATURE
+
 
 def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
-    """Pick one token per row from (B, vocab) logits."""
-    if cfg.temperature <= 0:
+    """Pick one token per row from (B, vocab) logits; probabilities that are not finite raise ``ValueError``."""
+    if cfg.greedy:
         return logits.argmax(dim=-1)
-    logits = logits.float() / cfg.temperature
+    logits = logits.float() / min(cfg.temperature, MAX_TEMPERATURE)  # (a float32 inf would make -inf / inf NaN)
     if cfg.top_k is not None and cfg.top_k < logits.shape[-1]:
         kth = torch.topk(logits, cfg.top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -43,9 +53,12 @@ def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Gene
         probs = sorted_logits.softmax(-1)
         # drop a token when the mass before it already reaches top_p (the first token always stays)
         drop = probs.cumsum(-1) - probs >= cfg.top_p
+        drop[:, 0] = False  # (a top_p that rounds to 0 in float32 would drop it too)
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = logits.softmax(-1)
+    if not bool(torch.isfinite(probs).all()):  # NaN logits (or a bug): multinomial's own error names nothing
+        raise ValueError(f"sampling probabilities are not finite (temperature {cfg.temperature})")
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
@@ -132,7 +145,7 @@ def generate_steps(
                 history.record(B, width, out is not None, time.perf_counter() - began)
             if decoder is not None and i:
                 slot += 1  # either way, the step wrote the cache at slot (== cache.pos before it)
-            nxt = greedy if greedy is not None and cfg.temperature <= 0 else sample_next(logits, cfg, generator)
+            nxt = greedy if greedy is not None and cfg.greedy else sample_next(logits, cfg, generator)
             if stop.numel():
                 alive = alive & ~torch.isin(nxt, stop)
             yield nxt, alive.clone()

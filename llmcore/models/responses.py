@@ -16,7 +16,6 @@ def _has_section(tok: Tokenizer, ids: list[int]) -> bool:
     return section_start(tok.decode(ids)) >= 0
 
 
-
 def generate_responses(
     model: GPT,
     tok: Tokenizer,
@@ -60,7 +59,6 @@ def generate_responses(
     return responses
 
 
-
 def _cut(text: str, stops: Sequence[str], final: bool) -> tuple[str, bool]:
     """``(shown, stopped)``: ``text`` up to the first stop string; unless ``final``, also hold back a tail
     that could still grow into a stop string."""
@@ -71,6 +69,62 @@ def _cut(text: str, stops: Sequence[str], final: bool) -> tuple[str, bool]:
         return text, False
     held = max((k for s in stops for k in range(len(s) - 1, 0, -1) if text.endswith(s[:k])), default=0)
     return text[: len(text) - held], False
+
+
+class StopMatcher:
+    """Finds the first of several stop strings in a text that only grows, in time linear in the text.
+
+    Each stop string has a Knuth-Morris-Pratt automaton whose state is the length of the longest prefix of the
+    stop string that the text read so far ends with: one step per new character (amortised), whatever the
+    lengths, so a long stop string costs nothing per token, and the tail to hold back (a prefix that may still
+    grow into a stop string) is the largest state.
+    """
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = [s for s in stops if s]
+        self._fail = [self._failure(s) for s in self.stops]
+        self._state = [0] * len(self.stops)
+        self._read = 0  # characters of the text read so far
+        self.match: int | None = None  # where the first stop string starts in the text, once one has
+
+    @staticmethod
+    def _failure(s: str) -> list[int]:
+        """``fail[i]``: the longest proper prefix of ``s[: i + 1]`` that is also its suffix."""
+        fail, k = [0] * len(s), 0
+        for i in range(1, len(s)):
+            while k and s[i] != s[k]:
+                k = fail[k - 1]
+            if s[i] == s[k]:
+                k += 1
+            fail[i] = k
+        return fail
+
+    def feed(self, text: str) -> None:
+        """Read the characters of ``text`` (the whole text so far) not read yet. A stop string completed in them
+        sets :attr:`match` to the earliest start among those completed: what ``min(text.find(s))`` gives."""
+        if self.match is not None:
+            return
+        starts = []
+        for pos in range(self._read, len(text)):
+            c = text[pos]
+            for j, s in enumerate(self.stops):
+                k, fail = self._state[j], self._fail[j]
+                while k and s[k] != c:
+                    k = fail[k - 1]
+                if s[k] == c:
+                    k += 1
+                if k == len(s):
+                    starts.append(pos + 1 - k)
+                    k = fail[k - 1]
+                self._state[j] = k
+        self._read = len(text)
+        if starts:
+            self.match = min(starts)
+
+    @property
+    def held(self) -> int:
+        """Characters at the end of the text that may still grow into a stop string."""
+        return max(self._state, default=0)
 
 
 class TextStream:
@@ -86,6 +140,7 @@ class TextStream:
     def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = (), sections: bool = False):
         self.tokenizer = tokenizer
         self.stop = [s for s in stop if s]
+        self._stops = StopMatcher(self.stop)
         self.sections = sections  # Alpaca: stop at a new "###" section, strip surrounding whitespace
         self.stopped = False  # a stop string or section marker was reached
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -105,7 +160,9 @@ class TextStream:
         return self._advance(final=True)
 
     def _advance(self, final: bool) -> str:
-        text, stopped = _cut(self._text, self.stop, final)
+        self._stops.feed(self._text)  # only the new characters: linear in the text, whatever the stop strings
+        stopped = self._stops.match is not None
+        text = self._text[: self._stops.match if stopped else len(self._text) - (0 if final else self._stops.held)]
         if self.sections:
             final = final or stopped
             end = section_start(text)

@@ -10,6 +10,8 @@ passes. The APIs are in :mod:`llmcore.serve.ollama_api` and :mod:`llmcore.serve.
 API's own error shape and status (malformed JSON 400, a wrong-typed field 400 naming it, unknown model 404, a body
 over ``max_body`` bytes 413), and the server keeps serving. Every request is logged with its status and time. The
 server binds 127.0.0.1 unless told otherwise; SIGINT/SIGTERM stop it gracefully (open streams get a few seconds).
+:mod:`llmcore.serve.guard` checks Host and Origin (DNS rebinding), gives each request a deadline and caps the open
+connections.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import logging
 import socket
 import threading
 import time
+from collections.abc import Sequence
 from importlib import resources
 
 from starlette.applications import Starlette
@@ -30,6 +33,16 @@ from starlette.routing import Route
 
 from llmcore.common import LLMCoreError
 from llmcore.serve import ollama_api, openai_api
+from llmcore.serve.guard import (
+    HOSTS_ENV,
+    MAX_CONNECTIONS,
+    MAX_HEADER_BYTES,
+    ORIGINS_ENV,
+    REQUEST_TIMEOUT,
+    HostGuard,
+    guarded_protocol,
+    split_list,
+)
 from llmcore.serve.models import ModelHandle, RequestError, qualify
 from llmcore.serve.protocol import MAX_BODY_BYTES
 
@@ -67,8 +80,14 @@ class RequestLog:
                      (time.perf_counter() - start) * 1000)  # fmt: skip
 
 
-def create_app(models: dict[str, ModelHandle], max_body: int = MAX_BODY_BYTES) -> Starlette:
-    """The ASGI app serving ``models`` (name -> handle; ``:latest`` is added to untagged names)."""
+def create_app(models: dict[str, ModelHandle], max_body: int = MAX_BODY_BYTES, bound: str = DEFAULT_HOST,
+               allowed_hosts: Sequence[str] | None = None,
+               allowed_origins: Sequence[str] | None = None) -> Starlette:  # fmt: skip
+    """The ASGI app serving ``models`` (name -> handle; ``:latest`` is added to untagged names).
+
+    Requests are served for the Host names and browser origins :class:`~llmcore.serve.guard.HostGuard` accepts:
+    addresses, localhost, ``bound`` (the address the server listens on) and the allow-lists (None: from
+    ``$LLMCORE_ALLOWED_HOSTS`` and ``$LLMCORE_ORIGINS``)."""
     if not models:
         raise LLMCoreError("no models to serve")
     named = {qualify(name): handle for name, handle in models.items()}
@@ -107,14 +126,17 @@ def create_app(models: dict[str, ModelHandle], max_body: int = MAX_BODY_BYTES) -
         lifespan=lifespan,
     )
     app.state.models = named
-    app.add_middleware(RequestLog)
+    app.add_middleware(HostGuard, bound=bound, hosts=split_list(allowed_hosts, HOSTS_ENV),
+                       origins=split_list(allowed_origins, ORIGINS_ENV))  # fmt: skip
+    app.add_middleware(RequestLog)  # outermost: refusals are logged too
     return app
 
 
 class Server:
     """A bound uvicorn server for ``app``: :meth:`serve_forever` runs it (in a thread for tests and benchmarks)."""
 
-    def __init__(self, app: Starlette, host: str, port: int):
+    def __init__(self, app: Starlette, host: str, port: int, request_timeout: float = REQUEST_TIMEOUT,
+                 max_connections: int = MAX_CONNECTIONS):  # fmt: skip
         import uvicorn
 
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -128,8 +150,10 @@ class Server:
         self.socket.listen(128)
         self.socket.set_inheritable(True)
         self.host, self.port = host, self.socket.getsockname()[1]
-        config = uvicorn.Config(app, log_config=None, access_log=False, timeout_graceful_shutdown=5,
-                                lifespan="on", ws="none")  # fmt: skip
+        # h11 with a deadline per request and a cap on connections (llmcore.serve.guard), whatever else is installed
+        config = uvicorn.Config(app, log_config=None, access_log=False, timeout_graceful_shutdown=5, lifespan="on",
+                                ws="none", http=guarded_protocol(request_timeout, max_connections),
+                                h11_max_incomplete_event_size=MAX_HEADER_BYTES)  # fmt: skip
         self.uvicorn = uvicorn.Server(config)
         self._thread: threading.Thread | None = None
         self._running = threading.Event()
@@ -170,7 +194,12 @@ class Server:
 
 
 def make_server(models: dict[str, ModelHandle], host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
-                max_body: int = MAX_BODY_BYTES) -> Server:  # fmt: skip
+                max_body: int = MAX_BODY_BYTES, allowed_hosts: Sequence[str] | None = None,
+                allowed_origins: Sequence[str] | None = None, request_timeout: float = REQUEST_TIMEOUT,
+                max_connections: int = MAX_CONNECTIONS) -> Server:  # fmt: skip
     """Bind a server for ``models``; port 0 picks a free port (see ``server.url``). An address in use raises
-    ``OSError`` here, before anything runs."""
-    return Server(create_app(models, max_body), host, port)
+    ``OSError`` here, before anything runs. ``allowed_hosts``/``allowed_origins``: more Host names and browser
+    origins to serve (see :mod:`llmcore.serve.guard`); a request must arrive within ``request_timeout`` seconds,
+    and at most ``max_connections`` are open at once."""
+    app = create_app(models, max_body, host, allowed_hosts, allowed_origins)
+    return Server(app, host, port, request_timeout, max_connections)

@@ -18,6 +18,8 @@ Sampling is per request: each has its own :class:`~llmcore.models.generate.Sampl
 seeded ``torch.Generator``, and draws from its own row of logits, so what a seeded request produces does not
 depend on which other requests share its batch (up to float rounding in batched matmuls, which does not
 change tokens in practice; a single request runs the same kernels as :func:`llmcore.models.generate.generate`).
+A row whose sampling fails (probabilities that are not finite) ends alone with reason ``error``; the other rows of
+its batch go on.
 
 Text is made in the engine thread too (:class:`~llmcore.models.responses.TextStream`), so a stop string ends
 a sequence at the step that completes it. Results go to each request's ``sink`` callable as events:
@@ -227,7 +229,7 @@ class Engine:
             self._prefilling.popleft()
             self._live.append(request)
             request._t_first = time.perf_counter_ns()
-        tokens = [int(sample_next(logits[i : i + 1], r.sampling, r._generator)[0]) for i, r in enumerate(done)]
+        tokens = [self._sample_row(logits[i : i + 1], r) for i, r in enumerate(done)]
         for i in reversed(range(len(done))):  # from the end, as in _decode: a row leaving moves the last one in
             self._accept(start + i, tokens[i])
 
@@ -295,20 +297,30 @@ class Engine:
         for slot in reversed(range(n)):  # from the end: a row leaving moves the last row into its slot
             self._accept(slot, tokens[slot])
 
-    def _sample(self, logits: torch.Tensor) -> list[int]:
-        """One token per row, each from its own request's sampling config and generator."""
-        greedy = [i for i, r in enumerate(self._live) if r.sampling.temperature <= 0]
-        tokens = [0] * len(self._live)
+    def _sample(self, logits: torch.Tensor) -> list[int | Exception]:
+        """One token per row, each from its own request's sampling config and generator; a row whose sampling
+        fails gets the exception instead, and only that request ends (with an error)."""
+        greedy = [i for i, r in enumerate(self._live) if r.sampling.greedy]
+        tokens: list[int | Exception] = [0] * len(self._live)
         if greedy:
             for i, t in zip(greedy, logits[greedy].argmax(-1).tolist(), strict=True):
                 tokens[i] = t
         for i, r in enumerate(self._live):
-            if r.sampling.temperature > 0:
-                tokens[i] = int(sample_next(logits[i : i + 1], r.sampling, r._generator)[0])
+            if not r.sampling.greedy:
+                tokens[i] = self._sample_row(logits[i : i + 1], r)
         return tokens
 
-    def _accept(self, slot: int, token: int) -> None:
+    def _sample_row(self, logits: torch.Tensor, request: Request) -> int | Exception:
+        try:
+            return int(sample_next(logits, request.sampling, request._generator)[0])
+        except Exception as e:  # this row's numbers (or a bug): the other rows of the batch go on
+            log.error("engine %s: a request's sampling failed: %s", self.name, e)
+            return e
+
+    def _accept(self, slot: int, token: int | Exception) -> None:
         request = self._live[slot]
+        if isinstance(token, Exception):
+            return self._leave(slot, "error", error=f"{type(token).__name__}: {token}")
         request._generated += 1
         if token in request.sampling.stop_ids:
             return self._leave(slot, "stop")
@@ -326,7 +338,7 @@ class Engine:
             if self._live[slot].cancelled:
                 self._leave(slot, "cancelled")
 
-    def _leave(self, slot: int, reason: str) -> None:
+    def _leave(self, slot: int, reason: str, error: str | None = None) -> None:
         request = self._live[slot]
         last = len(self._live) - 1
         if slot != last:
@@ -337,7 +349,7 @@ class Engine:
             if not waiting._prefilled:  # live rows in order
                 break
             self._cache.copy_row(last + 1 + i, last + i)
-        self._end(request, reason)
+        self._end(request, reason, error)
 
     def _end(self, request: Request, reason: str, error: str | None = None) -> None:
         if reason not in ("cancelled", "error") and request._text is not None:

@@ -43,6 +43,7 @@ from llmcore.serve.protocol import (
     json_type,
     number,
     parse_messages,
+    shown,
     stop_strings,
 )
 from llmcore.text.chat_templates import ollama_template
@@ -150,7 +151,7 @@ class OllamaAPI:
         parameters = "\n".join(f"stop {json.dumps(s)}" for s in template_stops(h.template))
         return JSONResponse({
             "license": "",
-            "modelfile": f"# served by llmcore\nFROM {h.path}\nTEMPLATE \"\"\"{template}\"\"\"\n",
+            "modelfile": f"# served by llmcore\nFROM {name}\nTEMPLATE \"\"\"{template}\"\"\"\n",
             "parameters": parameters,
             "template": template,
             "details": h.details(),
@@ -208,7 +209,7 @@ class OllamaAPI:
         """Refuse what the model cannot do, rather than ignore it."""
         fmt = body.get("format")
         if fmt not in (None, ""):
-            raise RequestError(400, f"format {json.dumps(fmt)} is not supported: llmcore does not constrain "
+            raise RequestError(400, f"format {shown(fmt)} is not supported: llmcore does not constrain "
                                     "sampling to JSON (ask for JSON in the prompt and parse the reply)")  # fmt: skip
         if body.get("tools"):
             raise RequestError(400, f"registry.ollama.ai/library/{name} does not support tools")

@@ -32,7 +32,17 @@ from starlette.routing import Route
 from llmcore.models.generate import SamplingConfig
 from llmcore.serve.engine import Finished
 from llmcore.serve.models import ModelHandle, RequestError, qualify
-from llmcore.serve.protocol import Stream, collect, field, generate, json_endpoint, number, parse_messages, stop_strings
+from llmcore.serve.protocol import (
+    Stream,
+    collect,
+    field,
+    generate,
+    json_endpoint,
+    number,
+    parse_messages,
+    shown,
+    stop_strings,
+)
 
 ERROR_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 405: "invalid_request_error",
                413: "invalid_request_error", 500: "server_error"}  # fmt: skip
@@ -87,10 +97,7 @@ class OpenAIAPI:
 
     @staticmethod
     def stop(body: dict) -> list[str]:
-        stop = stop_strings(body.get("stop"), "stop")
-        if len(stop) > 4:
-            raise RequestError(400, f"stop takes at most 4 strings, got {len(stop)}", param="stop")
-        return stop
+        return stop_strings(body.get("stop"), "stop", most=4)
 
     @staticmethod
     def refuse_unsupported(body: dict) -> None:
@@ -99,7 +106,7 @@ class OpenAIAPI:
             raise RequestError(400, f"n={n} is not supported: one choice per request", param="n")
         fmt = field(body, "response_format", dict)
         if fmt is not None and fmt.get("type") not in (None, "text"):
-            raise RequestError(400, f"response_format {json.dumps(fmt.get('type'))} is not supported: llmcore "
+            raise RequestError(400, f"response_format {shown(fmt.get('type'))} is not supported: llmcore "
                                "does not constrain sampling to JSON", param="response_format")  # fmt: skip
         for name in ("tools", "functions", "logprobs", "top_logprobs", "echo", "suffix", "logit_bias"):
             if body.get(name) not in (None, False, [], {}, ""):

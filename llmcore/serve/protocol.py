@@ -22,6 +22,9 @@ log = logging.getLogger("llmcore.serve")
 
 MAX_BODY_BYTES = 2**20  # 1 MiB: a request body over this is answered 413
 DISCARD_BYTES = 16 * 2**20  # an over-limit body is read and dropped up to here, so the client sees the 413
+MAX_DEPTH = 32  # arrays and objects nested deeper than this are refused (400); the APIs need 4 levels
+MAX_STOPS = 16  # stop strings per request (the OpenAI API: 4, as OpenAI's)
+MAX_STOP_CHARS = 1000  # characters per stop string
 
 
 async def read_json(request: Request, limit: int) -> dict:
@@ -44,9 +47,32 @@ async def read_json(request: Request, limit: int) -> dict:
         obj = json.loads(body, parse_constant=_reject_constant)
     except (ValueError, UnicodeDecodeError) as e:
         raise RequestError(400, f"invalid JSON in request body: {e}") from None
+    except RecursionError:  # the parser recurses per level: 100,000 '[' exhaust the stack
+        obj = _DEEP
+    if obj is _DEEP or _too_deep(obj):
+        raise RequestError(400, f"request body nested deeper than {MAX_DEPTH} levels")
     if not isinstance(obj, dict):
         raise RequestError(400, f"request body must be a JSON object, got {json_type(obj)}")
     return obj
+
+
+_DEEP = object()
+
+
+def _too_deep(value: Any) -> bool:
+    """Whether ``value`` nests arrays/objects deeper than :data:`MAX_DEPTH` (walked without recursion)."""
+    level = [value]
+    for _ in range(MAX_DEPTH + 1):
+        level = [v for x in level if isinstance(x, (list, dict)) for v in (x.values() if isinstance(x, dict) else x)]
+        if not level:
+            return False
+    return True
+
+
+def shown(value: Any, limit: int = 60) -> str:
+    """``value`` as JSON for an error message, cut to ``limit`` characters (an error stays one short line)."""
+    text = json.dumps(value)  # ASCII: a lone surrogate from a \\ud800 escape stays printable
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def json_endpoint(handler: Callable[[dict], Awaitable[Response]], max_body: int,
@@ -117,22 +143,33 @@ def number(body: dict, name: str, where: str = "", integer: bool = False) -> flo
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise RequestError(400, f"{label} must be a number, got {json.dumps(value)}", param=label)
+        raise RequestError(400, f"{label} must be a number, got {shown(value)}", param=label)
     if integer:
         if value != int(value):
             raise RequestError(400, f"{label} must be an integer, got {value!r}", param=label)
+        if not -(2**64) < value < 2**64:  # (1e300 is an integer of 300 digits)
+            raise RequestError(400, f"{label} must be an integer of at most 64 bits, got {shown(value, 30)}",
+                               param=label)  # fmt: skip
         return int(value)
     return float(value)
 
 
-def stop_strings(value: Any, label: str) -> list[str]:
+def stop_strings(value: Any, label: str, most: int = MAX_STOPS) -> list[str]:
+    """Stop strings: a string or a list of strings, at most ``most`` of at most :data:`MAX_STOP_CHARS`
+    characters each (400 naming the limit)."""
     if value is None:
         return []
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
-        raise RequestError(400, f"{label} must be a string or a list of strings, got {json.dumps(value)}",
+        raise RequestError(400, f"{label} must be a string or a list of strings, got {shown(value)}",
                            param=label)  # fmt: skip
+    if len(value) > most:
+        raise RequestError(400, f"{label} takes at most {most} strings, got {len(value)}", param=label)
+    longest = max(value, key=len, default="")
+    if len(longest) > MAX_STOP_CHARS:
+        raise RequestError(400, f"{label}: a stop string has at most {MAX_STOP_CHARS} characters, got one of "
+                           f"{len(longest)}", param=label)  # fmt: skip
     return [s for s in value if s]
 
 
