@@ -21,6 +21,7 @@ from __future__ import annotations
 import string
 
 from llmcore.common import LLMCoreError
+from llmcore.text.chat import CHATML, alpaca_to_messages, chatml_text
 
 PREAMBLE = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
 RESPONSE_MARKER = "### Response:\n"
@@ -59,14 +60,13 @@ def extract_response(text: str) -> str:
 TEMPLATE_FIELDS = ("instruction", "input")
 
 
-
 SECTION = "\n###"  # a new Alpaca section: the model has finished its answer and starts another prompt
 
 
-
 def check_template(template: str, where: str = "instruct.template") -> str:
-    """Accept ``"alpaca"`` or a format string using only ``{instruction}`` (required) and ``{input}``."""
-    if template == "alpaca":
+    """Accept ``"alpaca"``, ``"chatml"`` (a chat model: :mod:`llmcore.text.chat`) or a format string using only
+    ``{instruction}`` (required) and ``{input}``."""
+    if template in ("alpaca", CHATML):
         return template
     try:
         fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
@@ -80,9 +80,11 @@ def check_template(template: str, where: str = "instruct.template") -> str:
     return template
 
 
-
 def format_prompt(template: str, instruction: str, input: str = "") -> str:
-    """The prompt of one entry, ending where the response starts."""
+    """The prompt of one entry, ending where the response starts (``chatml``: the text of a one-turn
+    conversation; encode it with its special tokens, or better, use :func:`llmcore.text.chat.render_chat`)."""
+    if template == CHATML:
+        return chatml_text([alpaca_to_messages({"instruction": instruction, "input": input, "output": ""})[0]], True)
     if template == "alpaca":
         return format_alpaca(instruction, input)
     return template.format(instruction=instruction, input=input)
