@@ -71,14 +71,11 @@ def split_entries(
     return train, val, test
 
 
-
-
-
-
 @dataclass
 class Example:
     ids: list[int]  # prompt + response + [eot]
     prompt_len: int  # how many of ``ids`` are the prompt
+    mask: list[bool] | None = None  # chat: per id, whether it is learned (assistant content + end of turn)
 
 
 def encode_entries(entries: Sequence[dict], tok: Tokenizer, template: str) -> list[Example]:
@@ -111,7 +108,8 @@ def collate(
     Row ``i`` holds ``ids[:-1]`` as inputs and ``ids[1:]`` as targets, so the last real target is the
     end-of-text token (the model learns to stop); every target after it is padding and set to
     ``ignore_index``. With ``mask_prompt`` the targets that are prompt tokens are ignored too, so the loss
-    covers only the response (and its end-of-text).
+    covers only the response (and its end-of-text). A conversation (an example with a ``mask``) keeps only the
+    targets its mask marks: the assistant turns and their end-of-turn tokens.
 
     Args:
         examples: sequences ending in the end-of-text token, with their prompt lengths.
@@ -135,7 +133,10 @@ def collate(
         n = len(e.ids) - 1
         inputs[row, :n] = ids[:-1]
         targets[row, :n] = ids[1:]
-        if mask_prompt:
+        if e.mask is not None:  # a conversation: only assistant tokens are targets, whatever mask_prompt says
+            keep = torch.tensor(e.mask[1:], dtype=torch.bool)
+            targets[row, :n][~keep] = ignore_index
+        elif mask_prompt:
             targets[row, : e.prompt_len - 1] = ignore_index  # target j predicts token j+1
     if max_length is not None:
         inputs, targets = inputs[:, :max_length], targets[:, :max_length]
@@ -207,26 +208,11 @@ def eval_batches(
         yield collate(examples[start : start + batch_size], pad_id, mask_prompt=mask_prompt, max_length=max_length)
 
 
-
-
 # ---------------------------------------------------------------------------------------------------
 # Responses
 # ---------------------------------------------------------------------------------------------------
 
 
-
-
-
-
-
-
-
-
 # ---------------------------------------------------------------------------------------------------
 # Saved instruction models
 # ---------------------------------------------------------------------------------------------------
-
-
-
-
-
