@@ -14,8 +14,11 @@ from typer.testing import CliRunner
 
 from llmcore.data.chat import encode_conversations
 from llmcore.download import MIRROR_ENV
+from llmcore.models.config import ModelConfig
+from llmcore.models.gpt import GPT
 from llmcore.text.chat import CHAT_TOKENS, IM_END, render_chat
-from llmcore.weights.model_dir import open_model_dir
+from llmcore.text.tokenizer import Tokenizer
+from llmcore.weights.model_dir import open_model_dir, save_model_dir
 from stages.download import app as download_app
 from stages.instruct import app
 from tests.test_instruct_stage import byte_tokenizer, make_entries, stage_args, workspace  # noqa: F401
@@ -37,9 +40,9 @@ def conversation(i: int) -> dict:
     }
 
 
-def params(path: Path, dataset: str, **instruct) -> Path:
+def params(path: Path, dataset: str, base_model: str = "base", **instruct) -> Path:
     p = {
-        "base_model": "base",
+        "base_model": base_model,
         "hardware": {"device": "cpu", "threads": 1},
         "instruct": {
             "dataset": dataset, "format": "chat",
@@ -59,11 +62,16 @@ def run_stage(root: Path, params_path: Path, out: str):
 
 @pytest.fixture(scope="module")
 def chat_trained(workspace: Path) -> Path:  # noqa: F811
-    """A chat model trained on JSONL conversations (kept for the export and serving tests)."""
+    """A chat model trained on JSONL conversations from a base with a small BPE tokenizer (llama.cpp needs merges),
+    kept for the export and serving tests."""
     (workspace / "raw" / "chat").mkdir(parents=True, exist_ok=True)
     lines = [json.dumps(conversation(i)) for i in range(N)]
     (workspace / "raw" / "chat" / "train.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    result = run_stage(workspace, params(workspace / "chat.yaml", "chat"), "chat")
+    tok = Tokenizer.train("\n".join(lines) * 3, 300, pattern="gpt2")
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_preset("gpt2-tiny", vocab_size=300, context_length=192, emb_dim=32, n_layers=2, n_heads=2)
+    save_model_dir(workspace / "models" / "bpe-base", GPT(cfg), tok)
+    result = run_stage(workspace, params(workspace / "chat.yaml", "chat", base_model="bpe-base"), "chat")
     assert result.exit_code == 0, result.output
     return workspace
 
@@ -71,7 +79,7 @@ def chat_trained(workspace: Path) -> Path:  # noqa: F811
 def test_chat_stage_trains_a_chat_model(chat_trained: Path) -> None:
     folder = open_model_dir(chat_trained / "models" / "chat")
     assert folder.template == "chatml" and all(t in folder.tokenizer.special_tokens for t in CHAT_TOKENS)
-    assert folder.config.vocab_size == 259  # the byte tokenizer's 257 ids + the two chat tokens, rows added
+    assert folder.config.vocab_size == 302  # the base tokenizer's 300 ids + the two chat tokens, rows added
     metrics = json.loads((chat_trained / "reports-chat" / "metrics.json").read_text())
     assert metrics["added_tokens"] == 2 and metrics["cut_conversations"] == 0
     responses = json.loads((chat_trained / "reports-chat" / "responses.json").read_text())
