@@ -229,7 +229,7 @@ def run(
     for name, outputs in (("responses.json", answers), ("base_responses.json", base_answers)):
         records = [
             {"id": str(i), "instruction": e["instruction"], "input": e["input"], "output": e["output"],
-             "model_response": answer}
+             **({"messages": e["prompt"]} if chat else {}), "model_response": answer}
             for i, (e, answer) in enumerate(zip(test_entries, outputs, strict=True))
         ]  # fmt: skip
         write_json_atomic(reports / name, records)

@@ -166,3 +166,15 @@ def test_long_conversations_are_cut_at_turn_boundaries_and_counted() -> None:
     examples, cut, dropped = encode_conversations([conv], tok, max_length=len(full.ids))
     assert (cut, dropped) == (0, 0) and examples[0].mask == full.mask
     torch.testing.assert_close(torch.tensor(examples[0].ids), torch.tensor(full.ids))
+
+
+def test_reference_loss_of_a_chat_model_scores_its_answers(chat_trained: Path) -> None:
+    """The evaluate stage's loss on the reference answers renders the test conversations in ChatML too."""
+    from llmcore.eval.instruct import reference_loss
+
+    responses = chat_trained / "reports-chat" / "responses.json"
+    assert json.loads(responses.read_text())[0]["messages"][0] == SYSTEM  # the prompt turns, kept for this
+    scores = reference_loss(chat_trained / "models" / "chat", responses)
+    tok = open_model_dir(chat_trained / "models" / "chat").tokenizer
+    assert scores["reference_tokens"] == 4 * (len(tok.encode("OK.")) + 1)  # each last answer and its <|im_end|>
+    assert scores["reference_loss"] < 0.5

@@ -29,6 +29,7 @@ import torch
 from llmcore.common import LLMCoreError
 from llmcore.data.batches import EpochOrder
 from llmcore.models.ops import IGNORE_INDEX
+from llmcore.text.chat import CHATML, alpaca_to_messages, render_chat
 from llmcore.text.prompts import format_prompt
 from llmcore.text.tokenizer import Tokenizer
 
@@ -83,7 +84,20 @@ def encode_entries(entries: Sequence[dict], tok: Tokenizer, template: str) -> li
 
     Prompt and output are encoded apart, as at inference where only the prompt is given; the text is
     encoded as plain text, so a literal ``<|endoftext|>`` in the data cannot end a sequence early.
+
+    ``chatml`` (a chat model): each entry is a conversation (its ``messages`` prompt turns when it has them, else
+    the instruction and input as one user turn) ending in the output as the assistant's answer, rendered by
+    :func:`llmcore.text.chat.render_chat`; the mask keeps the final answer and its end-of-turn token.
     """
+    if template == CHATML:
+        out = []
+        for e in entries:
+            prompt = e.get("messages") or alpaca_to_messages(e)[:1]
+            enc = render_chat(tok, [*prompt, {"role": "assistant", "content": e["output"]}])
+            prompt_len = len(render_chat(tok, prompt, add_generation_prompt=True).ids)
+            mask = [m and i >= prompt_len for i, m in enumerate(enc.mask)]  # this answer, not earlier ones
+            out.append(Example(enc.ids, prompt_len, mask))
+        return out
     prompts = [format_prompt(template, e["instruction"], e["input"]) for e in entries]
     prompt_ids = tok.encode_batch(prompts, allow_special=False)
     output_ids = tok.encode_batch([e["output"] for e in entries], allow_special=False)
