@@ -178,3 +178,18 @@ def test_reference_loss_of_a_chat_model_scores_its_answers(chat_trained: Path) -
     tok = open_model_dir(chat_trained / "models" / "chat").tokenizer
     assert scores["reference_tokens"] == 4 * (len(tok.encode("OK.")) + 1)  # each last answer and its <|im_end|>
     assert scores["reference_loss"] < 0.5
+
+
+def test_dpo_pairs_of_a_chat_model_are_chatml() -> None:
+    """The align stage's pairs for a chat model: the prompt rendered as a user turn, each answer ending in <|im_end|>."""
+    from llmcore.data.preferences import encode_pairs
+    from llmcore.text.chat import chatml_text
+
+    tok = byte_tokenizer().with_special_tokens(CHAT_TOKENS)
+    entry = {"instruction": "Say 1.", "input": "", "chosen": "OK.", "rejected": "No."}
+    (pair,), dropped = encode_pairs([entry], tok, "chatml", max_length=128)
+    assert dropped == []
+    user = [{"role": "user", "content": "Say 1."}]
+    assert tok.decode(pair.chosen.ids[: pair.chosen.prompt_len]) == chatml_text(user, add_generation_prompt=True)
+    assert pair.chosen.ids[-1] == pair.rejected.ids[-1] == tok.special_tokens[IM_END]
+    assert tok.decode(pair.rejected.ids[pair.rejected.prompt_len :]) == "No." + IM_END

@@ -21,7 +21,8 @@ from __future__ import annotations
 import string
 
 from llmcore.common import LLMCoreError
-from llmcore.text.chat import CHATML, alpaca_to_messages, chatml_text
+from llmcore.text.chat import CHATML, alpaca_to_messages, chat_token_ids, chatml_text, render_chat
+from llmcore.text.tokenizer import Tokenizer
 
 PREAMBLE = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
 RESPONSE_MARKER = "### Response:\n"
@@ -78,6 +79,20 @@ def check_template(template: str, where: str = "instruct.template") -> str:
     if "instruction" not in fields:
         raise LLMCoreError(f"{where}: a custom template needs an {{instruction}} placeholder, or use 'alpaca'")
     return template
+
+
+def prompt_ids(tok: Tokenizer, template: str, instruction: str, input: str = "") -> list[int]:
+    """The prompt of one entry as token ids: a chat model's (``chatml``) with its special tokens, a text
+    template's encoded as plain text."""
+    if template == CHATML:
+        user = alpaca_to_messages({"instruction": instruction, "input": input, "output": ""})[:1]
+        return render_chat(tok, user, add_generation_prompt=True).ids
+    return tok.encode(format_prompt(template, instruction, input), allow_special=False)
+
+
+def answer_end_id(tok: Tokenizer, template: str) -> int:
+    """The token that ends an answer in training data: ``<|im_end|>`` for a chat model, else end-of-text."""
+    return chat_token_ids(tok)[1] if template == CHATML else tok.eot_id
 
 
 def format_prompt(template: str, instruction: str, input: str = "") -> str:
