@@ -181,7 +181,7 @@ def test_reference_loss_of_a_chat_model_scores_its_answers(chat_trained: Path) -
 
 
 def test_dpo_pairs_of_a_chat_model_are_chatml() -> None:
-    """The align stage's pairs for a chat model: the prompt rendered as a user turn, each answer ending in <|im_end|>."""
+    """The align stage's pairs for a chat model: the prompt as a user turn, each answer ending in <|im_end|>."""
     from llmcore.data.preferences import encode_pairs
     from llmcore.text.chat import chatml_text
 
@@ -193,3 +193,15 @@ def test_dpo_pairs_of_a_chat_model_are_chatml() -> None:
     assert tok.decode(pair.chosen.ids[: pair.chosen.prompt_len]) == chatml_text(user, add_generation_prompt=True)
     assert pair.chosen.ids[-1] == pair.rejected.ids[-1] == tok.special_tokens[IM_END]
     assert tok.decode(pair.rejected.ids[pair.rejected.prompt_len :]) == "No." + IM_END
+
+
+def test_report_card_names_the_chat_format(tmp_path: Path) -> None:
+    from llmcore.eval.report import Context, StageData, card_instruct
+
+    metrics = {"test_loss": 1.0, "epochs": 4, "test_response_loss": 2.0, "test_entries": 110}
+    facts = {"finetune": "full", "base_model": "pretrain"}
+    chat = StageData("instruct", tmp_path, metrics, facts={**facts, "format": "chat"})
+    alpaca = StageData("instruct", tmp_path, metrics, facts={**facts, "format": "alpaca"})
+    ctx = Context({})
+    assert card_instruct(chat, ctx)[0].detail.startswith("chat (ChatML) full fine-tune of pretrain")
+    assert card_instruct(alpaca, ctx)[0].detail.startswith("full fine-tune of pretrain")
