@@ -69,3 +69,17 @@ def test_ollama_client_two_turns_and_show(url: str) -> None:
 def test_unknown_role_is_refused(handle: ModelHandle) -> None:
     with pytest.raises(RequestError, match="role 'tool'"):
         handle.chat_ids([{"role": "tool", "content": "x"}])
+
+
+def test_chatml_needs_the_chat_tokens(workspace: Path, tmp_path: Path) -> None:  # noqa: F811
+    """Serving or exporting a model as a chat model when its tokenizer lacks the chat tokens: one line, nothing
+    written."""
+    from llmcore.common import LLMCoreError
+    from llmcore.weights.export import export_model
+
+    base = workspace / "models" / "base"  # the byte-level base of test_instruct_stage: no chat tokens
+    with pytest.raises(LLMCoreError, match=r"no <\|im_start\|>/<\|im_end\|> special tokens"):
+        ModelHandle.load(base, template="chatml")
+    with pytest.raises(LLMCoreError, match="instruct.format: chat"):
+        export_model(base, tmp_path / "out", fmt="hf", template="chatml")
+    assert not (tmp_path / "out").exists()
