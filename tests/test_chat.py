@@ -119,3 +119,18 @@ def test_added_tokens_get_mean_rows_and_old_ids_are_unchanged(preset):
     with torch.no_grad():
         assert torch.allclose(grown(ids).logits[..., : base_tok.vocab_size], model(ids).logits, atol=1e-5)
     assert add_special_tokens(grown, tok, CHAT_TOKENS) == (grown, tok)  # already there: nothing to do
+
+
+def test_a_model_wider_than_its_tokenizer_keeps_its_width():
+    """A model with spare rows (vocab_size above the tokenizer's, as GPT-2's 50257 rows padded to 50304) takes the
+    new ids in its spare rows: they become the mean of the tokenizer's rows, the width stays."""
+    base_tok = Tokenizer.train(CORPUS, 280)
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_preset("gpt2-tiny", vocab_size=300, context_length=32, emb_dim=32, n_layers=1, n_heads=2)
+    model = GPT(cfg).eval()
+    grown, tok = add_special_tokens(model, base_tok, CHAT_TOKENS)
+    assert grown.cfg.vocab_size == 300 and tok.vocab_size == 282
+    old = model.tok_emb.weight.detach()
+    new = grown.tok_emb.weight.detach()
+    assert torch.allclose(new[280:282], old[:280].mean(0).expand(2, -1))
+    assert torch.equal(new[:280], old[:280]) and torch.equal(new[282:], old[282:])
