@@ -70,7 +70,8 @@ def serve(
     port: int = typer.Option(11434, help="port (Ollama's by default; 0 picks a free one)"),
     template: str = typer.Option(
         None,
-        help="prompt template: alpaca | raw (the prompt as given) | a format string with {instruction} and {input}; "
+        help="prompt template: alpaca | chatml (a chat model: needs <|im_start|>/<|im_end|>) | raw (the prompt as "
+        "given) | a format string with {instruction} and {input}; "
         "default: the template stored with the model by instruction tuning, else raw (base models)",
     ),
     device: str = typer.Option("auto", help="auto | cpu | cuda | mps"),
@@ -155,7 +156,7 @@ def export(
     ),
     precision: str = typer.Option(None, help="GGUF weights: f32 | f16 (default) | bf16 | q8_0"),
     template: str = typer.Option(
-        None, help="prompt template for the Modelfile / chat template: alpaca | raw | a format string with "
+        None, help="prompt template for the Modelfile / chat template: alpaca | chatml | raw | a format string with "
         "{instruction} and {input}; default: the one stored with the model by instruction tuning, else raw"
     ),
     name: str = typer.Option(None, help="model name inside the GGUF file and the Modelfile (default: the folder's)"),

@@ -71,7 +71,8 @@ from llmcore.models.generate import SamplingConfig
 from llmcore.models.lora import LoRAParams, apply_lora, count_trainable, mark_trainable, merge_lora
 from llmcore.models.responses import generate_responses
 from llmcore.params import from_dict, load_section, read_params
-from llmcore.text.prompts import format_prompt
+from llmcore.text.chat import CHATML
+from llmcore.text.prompts import answer_end_id, prompt_ids
 from llmcore.threads import threads_for_inference
 from llmcore.training.config import HardwareConfig, TrainConfig
 from llmcore.training.dpo import DPOLoss, attach_reference_logps
@@ -181,12 +182,15 @@ def judge_pairs(cfg: AlignParams, data_path: Path, models_dir: Path, judge_cfg: 
     model, tok = folder.load_lm(use="the align stage"), folder.tokenizer
     template = folder.template or "alpaca"
     prompts = [(name, e) for name, part in (("train", train), ("val", val)) for e in part]
-    texts = [format_prompt(template, e["instruction"], e["input"]) for _, e in prompts]
+    texts = [prompt_ids(tok, template, e["instruction"], e["input"]) for _, e in prompts]
     p = cfg.pairs
+    chat = template == CHATML
+    stops = (answer_end_id(tok, template),)
     with threads_for_inference("auto", model.cfg):
         answers = [
             generate_responses(model, tok, texts, SamplingConfig(max_new_tokens=p.max_new_tokens,
-                               temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, seed=seed), p.batch_size)
+                               temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, seed=seed, stop_ids=stops),
+                               p.batch_size, stop_at_section=not chat, chat=chat)
             for seed in p.seeds
         ]  # fmt: skip
     # an empty answer, or two identical ones, make no pair: not worth asking the judge about
@@ -325,10 +329,13 @@ def train(cfg: AlignParams, hw: HardwareConfig, pairs_path: Path, test_prompts: 
         merge_lora(model)
 
     gen_start = time.perf_counter()
-    prompts = [format_prompt(template, t["instruction"], t["input"]) for t in tests]
+    prompts = [prompt_ids(tok, template, t["instruction"], t["input"]) for t in tests]
+    chat = template == CHATML
+    sampling = cfg.generate.sampling()
+    sampling.stop_ids = (*sampling.stop_ids, answer_end_id(tok, template))
     with threads_for_inference(hw.threads, model.cfg):
-        answers = generate_responses(model, tok, prompts, cfg.generate.sampling(), cfg.generate.batch_size,
-                                     cfg.generate.stop_at_section)  # fmt: skip
+        answers = generate_responses(model, tok, prompts, sampling, cfg.generate.batch_size,
+                                     cfg.generate.stop_at_section and not chat, chat=chat)  # fmt: skip
     gen_seconds = time.perf_counter() - gen_start
     responses = [
         {"id": t.get("id", str(i)), "instruction": t["instruction"], "input": t["input"], "output": t["output"],

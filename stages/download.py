@@ -27,6 +27,7 @@ from urllib.parse import unquote, urlsplit
 import typer
 
 from llmcore.common import LLMCoreError, sha256_file, stage_errors, write_stage_reports
+from llmcore.data.chat import load_conversations_file
 from llmcore.data.datasets import check_spam_table, check_text_corpus, load_instruction_data, load_preferences
 from llmcore.data.parquet import parquet_info
 from llmcore.download import DEADLINE, MAX_BACKOFF, extract_zip, resolve_url, safe_path
@@ -39,7 +40,7 @@ class Source:
     url: str
     sha256: str | None = None  # pinned digest of the downloaded body; None = content checks only
     extract: list[str] | None = None  # zip members to extract beside the archive
-    check: Literal["none", "text", "spam", "instructions", "preferences", "parquet"] = "none"
+    check: Literal["none", "text", "spam", "instructions", "preferences", "parquet", "conversations"] = "none"
     folder: str | None = None  # folder under data/raw (default: the source's name); sources may share one
     shards: int | None = None  # url is a template with a {shard} field (e.g. {shard:03d}): fetch shards 0..N-1
     shard_sha256: dict[str, str] | None = None  # sharded sources: file name -> pinned sha256
@@ -109,6 +110,8 @@ def check_content(name: str, source: Source, files: list[Path]) -> dict:
     if source.check == "preferences":
         entries, identical = load_preferences(files[0])
         return {"entries": len(entries) + len(identical), "identical_pairs": len(identical)}
+    if source.check == "conversations":  # chat data: every row a well-formed conversation (jsonl or parquet)
+        return {"conversations": sum(len(load_conversations_file(f)) for f in files)}
     if source.check == "parquet":  # footers only: the column is there and typed as text
         return {"rows": sum(parquet_info(f, source.column).rows for f in files)}
     return {}

@@ -37,6 +37,7 @@ import torch
 import typer
 
 from llmcore.common import LLMCoreError, print0, sha256_file, stage_errors, write_json_atomic, write_stage_reports
+from llmcore.data.chat import chat_prompt_and_reference, encode_conversations, find_chat_files, load_chat_data
 from llmcore.data.datasets import find_single_file, load_instruction_data
 from llmcore.data.instruct import InstructionBatches, check_split, encode_entries, eval_batches, split_entries
 from llmcore.device import resolve_device
@@ -45,7 +46,9 @@ from llmcore.models import static_decode
 from llmcore.models.generate import SamplingConfig
 from llmcore.models.lora import LoRAParams, apply_lora, count_trainable, mark_trainable, merge_lora
 from llmcore.models.responses import generate_responses, stream_response
+from llmcore.models.vocab import add_special_tokens
 from llmcore.params import load_base_model, load_section
+from llmcore.text.chat import CHAT_TOKENS, CHATML, IM_END, render_chat
 from llmcore.text.prompts import check_template, format_prompt
 from llmcore.threads import parse_threads, threads_for_inference
 from llmcore.training.config import HardwareConfig, TrainConfig
@@ -87,7 +90,8 @@ def _default_train() -> TrainConfig:
 @dataclass
 class InstructParams:
     dataset: str = "instruction-data"  # a download source: data/raw/<dataset>/ holds one JSON list of entries
-    template: str = "alpaca"  # alpaca | a format string with {instruction} and {input}
+    format: Literal["alpaca", "chat"] = "alpaca"  # chat: ChatML conversations (jsonl/parquet, or Alpaca converted)
+    template: str = "alpaca"  # alpaca | a format string with {instruction} and {input} (format: alpaca only)
     train_fraction: float = 0.85
     test_fraction: float = 0.10  # validation gets the rest
     split_seed: int = 123
@@ -101,6 +105,8 @@ class InstructParams:
 
     def __post_init__(self) -> None:
         check_template(self.template)
+        if self.format not in ("alpaca", "chat"):
+            raise LLMCoreError(f"instruct.format: expected alpaca or chat, got {self.format!r}")
         check_split(self.train_fraction, self.test_fraction, "instruct")
         if self.max_length is not None and self.max_length < 1:
             raise LLMCoreError(f"instruct.max_length: expected a positive int or null, got {self.max_length}")
@@ -123,19 +129,38 @@ def run(
     """The stage: returns its metrics (None on ranks other than 0, which only train)."""
     start = time.perf_counter()
     base = open_model_dir(models_dir / base_model).require_lm("the instruct stage's base_model")  # before any work
-    data_path = find_single_file(raw_dir / cfg.dataset, "instruct.dataset", "*.json")
-    entries = load_instruction_data(data_path)
+    chat = cfg.format == "chat"
+    if chat:
+        data_files = find_chat_files(raw_dir / cfg.dataset, "instruct.dataset")
+        entries = load_chat_data(data_files)
+    else:
+        data_files = [find_single_file(raw_dir / cfg.dataset, "instruct.dataset", "*.json")]
+        entries = load_instruction_data(data_files[0])
     splits = split_entries(entries, cfg.train_fraction, cfg.test_fraction, cfg.split_seed)  # train, val, test
 
     rt = init_runtime(hw)
     torch.manual_seed(cfg.train.seed)  # LoRA's init: the same on every rank
     model, tok = base.load_lm(), base.tokenizer
+    added_tokens = 0
+    if chat:  # a base model without the chat tokens gets them (new rows: the mean of the others)
+        vocab = tok.vocab_size
+        model, tok = add_special_tokens(model, tok, CHAT_TOKENS)
+        added_tokens = tok.vocab_size - vocab
     ctx = model.cfg.context_length
     max_length = cfg.max_length or ctx
     if max_length > ctx:
         raise LLMCoreError(f"instruct.max_length: {max_length} exceeds the context length {ctx} of {base_model}")
-    train_ex, val_ex, test_ex = (encode_entries(s, tok, cfg.template) for s in splits)
-    truncated = sum(len(e.ids) - 1 > max_length for e in train_ex + val_ex + test_ex)
+    cut = dropped = 0
+    if chat:
+        encoded = [encode_conversations(s, tok, max_length) for s in splits]
+        train_ex, val_ex, test_ex = (e for e, _, _ in encoded)
+        cut, dropped = sum(c for _, c, _ in encoded), sum(d for _, _, d in encoded)
+        truncated = 0
+        if not train_ex or not val_ex or not test_ex:
+            raise LLMCoreError(f"instruct: every conversation of a split is longer than max_length {max_length}")
+    else:
+        train_ex, val_ex, test_ex = (encode_entries(s, tok, cfg.template) for s in splits)
+        truncated = sum(len(e.ids) - 1 > max_length for e in train_ex + val_ex + test_ex)
     batching = dict(pad_id=tok.eot_id, mask_prompt=cfg.mask_prompt, max_length=max_length)
     B = cfg.train.batch_size
     train_data = InstructionBatches(train_ex, B, seed=cfg.train.seed, group_by_length=cfg.group_by_length,
@@ -149,12 +174,15 @@ def run(
     trainable = count_trainable(model)
     print0(
         f"{base_model}: {n_params:,} parameters, {trainable:,} trained ({cfg.finetune}); "
-        f"{len(train_ex)} train / {len(val_ex)} val / {len(test_ex)} test entries, {truncated} truncated to "
-        f"{max_length} tokens"
+        f"{len(train_ex)} train / {len(val_ex)} val / {len(test_ex)} test entries, "
+        + (f"{cut} cut at a turn boundary, {dropped} dropped (over" if chat else f"{truncated} truncated to")
+        + f" {max_length} tokens"
+        + (")" if chat else "")
     )
     # Anything outside cfg.train that decides the weights: a checkpoint made with other inputs is not resumed.
     fingerprint = {
-        "data": sha256_file(data_path), "base": [sha256_file(base.weights), sha256_file(base.path / TOKENIZER_FILE)],
+        "data": [sha256_file(f) for f in data_files] if chat else sha256_file(data_files[0]),
+        "base": [sha256_file(base.weights), sha256_file(base.path / TOKENIZER_FILE)],
         "instruct": {k: v for k, v in asdict(cfg).items() if k not in ("train", "generate")},
     }  # fmt: skip
     live = None
@@ -179,33 +207,43 @@ def run(
         merge_lora(model)  # plain nn.Linear again: the saved model has the base architecture
     gen_start = time.perf_counter()
     test_entries = splits[2]
-    prompts = [format_prompt(cfg.template, e["instruction"], e["input"]) for e in test_entries]
+    sampling = cfg.generate.sampling()
+    if chat:
+        test_entries = [_chat_record(e) for e in test_entries]
+        prompts = [render_chat(tok, e["prompt"], add_generation_prompt=True).ids for e in test_entries]
+        sampling.stop_ids = (*sampling.stop_ids, tok.special_tokens[IM_END])
+    else:
+        prompts = [format_prompt(cfg.template, e["instruction"], e["input"]) for e in test_entries]
+    answer_kw = dict(stop_at_section=cfg.generate.stop_at_section and not chat, chat=chat)
     with threads_for_inference(hw.threads, model.cfg):
-        answers = generate_responses(model, tok, prompts, cfg.generate.sampling(), cfg.generate.batch_size,
-                                     cfg.generate.stop_at_section)  # fmt: skip
+        answers = generate_responses(model, tok, prompts, sampling, cfg.generate.batch_size, **answer_kw)
     gen_seconds = time.perf_counter() - gen_start
     # The model tuned from answers the same formatted prompts the same way: the evaluate stage judges both, so
     # the report can say what tuning bought (a pretrained model never saw the template; that is the comparison).
     base_start = time.perf_counter()
     base_lm = base.load_lm(device=rt.device)
+    if chat:  # the base with the same added rows, so that it reads the same prompt ids
+        base_lm, _ = add_special_tokens(base_lm, base.tokenizer, CHAT_TOKENS)
     with threads_for_inference(hw.threads, base_lm.cfg):
-        base_answers = generate_responses(base_lm, tok, prompts, cfg.generate.sampling(), cfg.generate.batch_size,
-                                          cfg.generate.stop_at_section)  # fmt: skip
+        base_answers = generate_responses(base_lm, tok, prompts, sampling, cfg.generate.batch_size, **answer_kw)
     base_seconds = time.perf_counter() - base_start
     for name, outputs in (("responses.json", answers), ("base_responses.json", base_answers)):
         records = [
             {"id": str(i), "instruction": e["instruction"], "input": e["input"], "output": e["output"],
-             "model_response": answer}
+             **({"messages": e["prompt"]} if chat else {}), "model_response": answer}
             for i, (e, answer) in enumerate(zip(test_entries, outputs, strict=True))
         ]  # fmt: skip
         write_json_atomic(reports / name, records)
-    metadata = {TEMPLATE_KEY: cfg.template, "stage": "instruct", "base_model": base_model, "finetune": cfg.finetune}
+    template = CHATML if chat else cfg.template
+    metadata = {TEMPLATE_KEY: template, "stage": "instruct", "base_model": base_model, "finetune": cfg.finetune}
     save_model_dir(out, model, tok, metadata)
 
     metrics = {
         "trainable_params": trainable,
         "train_entries": len(train_ex), "val_entries": len(val_ex), "test_entries": len(test_ex),
-        "truncated_entries": truncated, "steps": result.step, "epochs": round(result.epochs, 3),
+        "truncated_entries": truncated, **({"cut_conversations": cut, "dropped_conversations": dropped,
+                                            "added_tokens": added_tokens} if chat else {}),
+        "steps": result.step, "epochs": round(result.epochs, 3),
         "train_loss": _finite(result.train_loss), "val_loss": _finite(result.val_loss),
         "val_ppl": round(result.val_ppl, 3), "test_loss": round(test_loss, 4),
         "test_ppl": round(math.exp(min(test_loss, 50.0)), 3), "test_response_loss": round(answer_loss, 4),
@@ -214,9 +252,21 @@ def run(
     timing = {"train_seconds": round(result.train_time_s, 1), "tokens_per_s": round(result.items_per_s, 1),
               "generate_seconds": round(gen_seconds, 1), "base_generate_seconds": round(base_seconds, 1),
               "stage_seconds": round(time.perf_counter() - start, 1)}  # fmt: skip
-    facts = {"base_model": base_model, "finetune": cfg.finetune, "device": str(rt.device)}
+    facts = {"base_model": base_model, "finetune": cfg.finetune, "format": cfg.format, "device": str(rt.device)}
     write_stage_reports(reports, metrics, timing, facts)
     return {**metrics, **timing, **facts}
+
+
+def _chat_record(conversation: dict) -> dict:
+    """A test conversation for responses.json: the prompt turns, and the evaluate stage's fields (instruction = the
+    last user turn, input = the earlier turns as ``Role: content`` lines, output = the reference answer)."""
+    prompt, reference = chat_prompt_and_reference(conversation)
+    if "instruction" in conversation:  # converted from Alpaca: the entry's own fields
+        return {"prompt": prompt, "instruction": conversation["instruction"], "input": conversation["input"],
+                "output": conversation["output"]}  # fmt: skip
+    *history, last = prompt
+    return {"prompt": prompt, "instruction": last["content"], "output": reference,
+            "input": "\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in history)}  # fmt: skip
 
 
 app = typer.Typer(add_completion=False, help="Instruction fine-tuning (stage `instruct`) and `ask`.")
@@ -287,8 +337,14 @@ def ask(
         if compiled_decode is not None:
             static_decode.set_policy(compiled_decode)
         try:
+            if template == CHATML:
+                messages = [{"role": "user", "content": text.strip() + (f"\n\n{input}" if input else "")}]
+                prompt_ids = render_chat(tok, messages, add_generation_prompt=True).ids
+                sampling.stop_ids = (tok.special_tokens[IM_END],)
+            else:
+                prompt_ids = format_prompt(template, text.strip(), input)
             with threads_for_inference(threads, model.cfg):
-                for piece in stream_response(model, tok, format_prompt(template, text.strip(), input), sampling):
+                for piece in stream_response(model, tok, prompt_ids, sampling, sections=template != CHATML):
                     sys.stdout.write(piece)
                     sys.stdout.flush()
         finally:

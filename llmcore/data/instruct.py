@@ -29,6 +29,7 @@ import torch
 from llmcore.common import LLMCoreError
 from llmcore.data.batches import EpochOrder
 from llmcore.models.ops import IGNORE_INDEX
+from llmcore.text.chat import CHATML, alpaca_to_messages, render_chat
 from llmcore.text.prompts import format_prompt
 from llmcore.text.tokenizer import Tokenizer
 
@@ -71,14 +72,11 @@ def split_entries(
     return train, val, test
 
 
-
-
-
-
 @dataclass
 class Example:
     ids: list[int]  # prompt + response + [eot]
     prompt_len: int  # how many of ``ids`` are the prompt
+    mask: list[bool] | None = None  # chat: per id, whether it is learned (assistant content + end of turn)
 
 
 def encode_entries(entries: Sequence[dict], tok: Tokenizer, template: str) -> list[Example]:
@@ -86,7 +84,20 @@ def encode_entries(entries: Sequence[dict], tok: Tokenizer, template: str) -> li
 
     Prompt and output are encoded apart, as at inference where only the prompt is given; the text is
     encoded as plain text, so a literal ``<|endoftext|>`` in the data cannot end a sequence early.
+
+    ``chatml`` (a chat model): each entry is a conversation (its ``messages`` prompt turns when it has them, else
+    the instruction and input as one user turn) ending in the output as the assistant's answer, rendered by
+    :func:`llmcore.text.chat.render_chat`; the mask keeps the final answer and its end-of-turn token.
     """
+    if template == CHATML:
+        out = []
+        for e in entries:
+            prompt = e.get("messages") or alpaca_to_messages(e)[:1]
+            enc = render_chat(tok, [*prompt, {"role": "assistant", "content": e["output"]}])
+            prompt_len = len(render_chat(tok, prompt, add_generation_prompt=True).ids)
+            mask = [m and i >= prompt_len for i, m in enumerate(enc.mask)]  # this answer, not earlier ones
+            out.append(Example(enc.ids, prompt_len, mask))
+        return out
     prompts = [format_prompt(template, e["instruction"], e["input"]) for e in entries]
     prompt_ids = tok.encode_batch(prompts, allow_special=False)
     output_ids = tok.encode_batch([e["output"] for e in entries], allow_special=False)
@@ -111,7 +122,8 @@ def collate(
     Row ``i`` holds ``ids[:-1]`` as inputs and ``ids[1:]`` as targets, so the last real target is the
     end-of-text token (the model learns to stop); every target after it is padding and set to
     ``ignore_index``. With ``mask_prompt`` the targets that are prompt tokens are ignored too, so the loss
-    covers only the response (and its end-of-text).
+    covers only the response (and its end-of-text). A conversation (an example with a ``mask``) keeps only the
+    targets its mask marks: the assistant turns and their end-of-turn tokens.
 
     Args:
         examples: sequences ending in the end-of-text token, with their prompt lengths.
@@ -135,7 +147,10 @@ def collate(
         n = len(e.ids) - 1
         inputs[row, :n] = ids[:-1]
         targets[row, :n] = ids[1:]
-        if mask_prompt:
+        if e.mask is not None:  # a conversation: only assistant tokens are targets, whatever mask_prompt says
+            keep = torch.tensor(e.mask[1:], dtype=torch.bool)
+            targets[row, :n][~keep] = ignore_index
+        elif mask_prompt:
             targets[row, : e.prompt_len - 1] = ignore_index  # target j predicts token j+1
     if max_length is not None:
         inputs, targets = inputs[:, :max_length], targets[:, :max_length]
@@ -207,26 +222,11 @@ def eval_batches(
         yield collate(examples[start : start + batch_size], pad_id, mask_prompt=mask_prompt, max_length=max_length)
 
 
-
-
 # ---------------------------------------------------------------------------------------------------
 # Responses
 # ---------------------------------------------------------------------------------------------------
 
 
-
-
-
-
-
-
-
-
 # ---------------------------------------------------------------------------------------------------
 # Saved instruction models
 # ---------------------------------------------------------------------------------------------------
-
-
-
-
-

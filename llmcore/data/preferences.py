@@ -27,7 +27,7 @@ import torch
 
 from llmcore.data.batches import EpochOrder
 from llmcore.data.instruct import Example, collate
-from llmcore.text.prompts import format_prompt
+from llmcore.text.prompts import answer_end_id, prompt_ids
 from llmcore.text.tokenizer import Tokenizer
 
 
@@ -46,8 +46,8 @@ def encode_pairs(
     A side needing more than ``max_length`` input positions would be truncated, and a
     truncated answer's log-probability compares nothing fair: such a pair is dropped, not cut.
     """
-    prompts = tok.encode_batch([format_prompt(template, e["instruction"], e["input"]) for e in entries],
-                               allow_special=False)  # fmt: skip
+    prompts = [prompt_ids(tok, template, e["instruction"], e["input"]) for e in entries]  # chatml: special tokens
+    end = answer_end_id(tok, template)  # a chat model's answer ends with <|im_end|>
     chosen = tok.encode_batch([e["chosen"] for e in entries], allow_special=False)
     rejected = tok.encode_batch([e["rejected"] for e in entries], allow_special=False)
     pairs, too_long = [], []
@@ -55,7 +55,7 @@ def encode_pairs(
         if max(len(c), len(r)) + len(p) > max_length:  # + eot - 1 (inputs are ids[:-1])
             too_long.append(i)
             continue
-        pairs.append(PreferencePair(Example(p + c + [tok.eot_id], len(p)), Example(p + r + [tok.eot_id], len(p)), i))
+        pairs.append(PreferencePair(Example(p + c + [end], len(p)), Example(p + r + [end], len(p)), i))
     return pairs, too_long
 
 

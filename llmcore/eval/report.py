@@ -325,7 +325,8 @@ def card_instruct(s: StageData, ctx: Context) -> list[Row]:
         return [_not_run(s, figure)]
     if bad := _nan_row(s, figure, "test_loss"):
         return [bad]
-    detail = (f"{s.facts.get('finetune', '')} fine-tune of {s.facts.get('base_model', 'the base')}, "
+    fmt_name = "chat (ChatML) " if s.facts.get("format") == "chat" else ""  # alpaca: the book's, not named
+    detail = (f"{fmt_name}{s.facts.get('finetune', '')} fine-tune of {s.facts.get('base_model', 'the base')}, "
               f"{fmt(s.num('epochs'))} epochs; response-only loss {fmt(s.num('test_response_loss'))}, "
               f"{fmt(s.num('test_entries'), 'int')} test responses")  # fmt: skip
     return [Row(s.name, figure, s.num("test_loss"), higher_is_better=higher_is_better("test_loss", s.name),

@@ -19,22 +19,28 @@ def _has_section(tok: Tokenizer, ids: list[int]) -> bool:
 def generate_responses(
     model: GPT,
     tok: Tokenizer,
-    prompts: Sequence[str],
+    prompts: Sequence[str | list[int]],
     cfg: SamplingConfig,
     batch_size: int = 8,
     stop_at_section: bool = True,
+    chat: bool = False,
 ) -> list[str]:
     """Answer each prompt: generate with the KV cache, keep only the new text, cut it at a new ``###``.
 
     Prompts are batched by length (less left padding, more room in the context); a row is done at the
     end-of-text token or, with ``stop_at_section``, as soon as its text starts a new ``###`` section, and
-    a batch stops when all its rows are done. ``extract_response`` then trims the text.
+    a batch stops when all its rows are done. ``extract_response`` then trims the text. A prompt may be token ids
+    (a rendered chat prompt); with ``chat`` the text is only stripped (a chat answer may hold ``###`` headings),
+    and ``cfg.stop_ids`` should hold the end-of-turn token.
 
     Returns:
         One response per prompt, in the order given.
     """
     cfg = replace(cfg, stop_ids=tuple({*cfg.stop_ids, tok.eot_id}))
-    encoded = tok.encode_batch(list(prompts), allow_special=False)
+    texts = [i for i, p in enumerate(prompts) if isinstance(p, str)]  # ids (a rendered chat prompt) pass as they are
+    encoded = [p if not isinstance(p, str) else [] for p in prompts]
+    for i, ids in zip(texts, tok.encode_batch([prompts[i] for i in texts], allow_special=False), strict=True):
+        encoded[i] = ids
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     responses: list[str] = [""] * len(prompts)
     for start in range(0, len(order), batch_size):
@@ -55,7 +61,8 @@ def generate_responses(
                 steps.close()  # restores the model's train/eval mode
                 break
         for r, i in enumerate(rows):
-            responses[i] = extract_response(tok.decode(out[r]))
+            text = tok.decode(out[r])
+            responses[i] = text.strip() if chat else extract_response(text)
     return responses
 
 
@@ -177,15 +184,18 @@ class TextStream:
         return piece
 
 
-def stream_response(model: GPT, tok: Tokenizer, prompt: str, cfg: SamplingConfig) -> Iterator[str]:
+def stream_response(
+    model: GPT, tok: Tokenizer, prompt: str | list[int], cfg: SamplingConfig, sections: bool = True
+) -> Iterator[str]:
     """Yield the answer to ``prompt`` as text pieces while it is generated (for ``ask``).
 
     The output stops at the end-of-text token or at a new ``###`` section; the pieces join to exactly
     ``extract_response`` of the whole generated text (see :class:`TextStream`).
     """
     cfg = replace(cfg, stop_ids=tuple({*cfg.stop_ids, tok.eot_id}))
-    text = TextStream(tok, sections=True)
-    for token in stream(model, tok.encode(prompt, allow_special=False), cfg):
+    text = TextStream(tok, sections=sections)
+    ids = tok.encode(prompt, allow_special=False) if isinstance(prompt, str) else prompt
+    for token in stream(model, ids, cfg):
         piece = text.push(token)
         if piece:
             yield piece

@@ -20,6 +20,7 @@ from safetensors import safe_open
 from llmcore.common import LLMCoreError, sha256_file
 from llmcore.models.gpt import GPT
 from llmcore.serve.engine import Engine
+from llmcore.text.chat import CHATML, IM_END, ROLES, chat_token_ids, chatml_text, render_chat
 from llmcore.text.prompts import check_template, format_prompt
 from llmcore.text.tokenizer import Tokenizer
 from llmcore.threads import inference_threads
@@ -90,7 +91,8 @@ class ModelHandle:
     """One served model: the network, its tokenizer, how prompts are built, and what the listings say.
 
     ``template``: ``alpaca`` or a stored format string with ``{instruction}``/``{input}`` (instruction models: the
-    reply ends at a new ``###`` section and is stripped), or ``raw`` (the prompt as given; the end-of-text token
+    reply ends at a new ``###`` section and is stripped), ``chatml`` (a chat model: the whole conversation in its
+    own chat format, the reply ends at ``<|im_end|>``), or ``raw`` (the prompt as given; the end-of-text token
     alone ends the reply).
     """
 
@@ -110,13 +112,19 @@ class ModelHandle:
     def __post_init__(self) -> None:
         if self.template != "raw":
             check_template(self.template, where="--template")
+        if self.chat:
+            chat_token_ids(self.tokenizer)  # a model without the chat tokens cannot be served as a chat model
         self.model.eval()
         self.engine = Engine(self.model, self.tokenizer, max_batch=self.max_batch,
                              threads=inference_threads(self.threads, self.model.cfg))  # fmt: skip
 
     @classmethod
     def load(
-        cls, path: str | Path, template: str | None = None, device: str | torch.device = "cpu", max_batch: int = 8,
+        cls,
+        path: str | Path,
+        template: str | None = None,
+        device: str | torch.device = "cpu",
+        max_batch: int = 8,
         threads: int | str = "auto",
     ) -> ModelHandle:
         """Load a model folder; ``template`` None: the one stored with the model by instruction tuning, else ``raw``
@@ -146,9 +154,20 @@ class ModelHandle:
         return self.model.cfg.context_length
 
     @property
+    def chat(self) -> bool:
+        """A chat model (ChatML turns with reserved tokens, :mod:`llmcore.text.chat`)."""
+        return self.template == CHATML
+
+    @property
     def sections(self) -> bool:
         """Instruction templates end the reply at a new ``###`` section and strip it."""
-        return self.template != "raw"
+        return self.template not in ("raw", CHATML)
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """Tokens that end a reply: end-of-text, and a chat model's end of turn."""
+        eot = self.tokenizer.eot_id
+        return (eot, self.tokenizer.special_tokens[IM_END]) if self.chat else (eot,)
 
     @property
     def family(self) -> str:
@@ -173,6 +192,20 @@ class ModelHandle:
     def chat_prompt(self, messages: Sequence[dict[str, str]]) -> str:
         return chat_prompt(messages, self.template)
 
+    def chat_ids(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        """The prompt ids of a conversation: a chat model renders every turn in its chat format (special tokens
+        included) and ends with the assistant's header; other models encode :meth:`chat_prompt` as text."""
+        if not self.chat:
+            return self.encode(self.chat_prompt(messages))
+        for i, m in enumerate(messages):
+            if m["role"] not in ROLES:
+                raise RequestError(400, f"messages[{i}]: role '{m['role']}' is not one of {', '.join(ROLES)}",
+                                   param=f"messages[{i}].role")  # fmt: skip
+        try:
+            return render_chat(self.tokenizer, messages, add_generation_prompt=True).ids
+        except LLMCoreError as e:
+            raise RequestError(400, str(e), param="messages") from None
+
 
 def chat_prompt(messages: Sequence[dict[str, str]], template: str) -> str:
     """The prompt text for a conversation.
@@ -183,6 +216,8 @@ def chat_prompt(messages: Sequence[dict[str, str]], template: str) -> str:
     """
     if template == "raw":
         return "\n\n".join(m["content"] for m in messages if m["content"])
+    if template == CHATML:  # the text of what chat_ids encodes (its special tokens are tokens, not text)
+        return chatml_text(messages, add_generation_prompt=True)
     *history, last = messages
     if last["role"] != "user":
         raise RequestError(400, f"the last message must have role 'user' (got '{last['role']}')", param="messages")

@@ -185,10 +185,12 @@ class OllamaAPI:
         if not prompt:
             return JSONResponse({"model": name, "created_at": rfc3339(), "response": "", "done": True,
                                  "done_reason": "load"})  # fmt: skip
-        if not raw:
+        if raw:
+            ids = h.encode(prompt)
+        else:
             messages = [{"role": "system", "content": system}] if system else []
-            prompt = h.chat_prompt([*messages, {"role": "user", "content": prompt}])
-        return await self.respond(name, h, prompt, sampling, stop, window, stream, lambda t: {"response": t})
+            ids = h.chat_ids([*messages, {"role": "user", "content": prompt}])
+        return await self.respond(name, h, ids, sampling, stop, window, stream, lambda t: {"response": t})
 
     async def chat(self, body: dict) -> Response:
         name, h = self.model(body)
@@ -200,8 +202,8 @@ class OllamaAPI:
             reply = {"role": "assistant", "content": ""}
             return JSONResponse({"model": name, "created_at": rfc3339(), "message": reply, "done": True,
                                  "done_reason": "load"})  # fmt: skip
-        prompt = h.chat_prompt(messages)
-        return await self.respond(name, h, prompt, sampling, stop, window, stream,
+        ids = h.chat_ids(messages)
+        return await self.respond(name, h, ids, sampling, stop, window, stream,
                                   lambda t: {"message": {"role": "assistant", "content": t}})  # fmt: skip
 
     @staticmethod
@@ -216,9 +218,8 @@ class OllamaAPI:
         if body.get("think") not in (None, False):
             raise RequestError(400, f'"{name}" does not support thinking')
 
-    async def respond(self, name: str, h: ModelHandle, prompt: str, sampling: SamplingConfig, stop: list[str],
+    async def respond(self, name: str, h: ModelHandle, ids: list[int], sampling: SamplingConfig, stop: list[str],
                       window: int, stream: bool, content: Callable[[str], dict]) -> Response:  # fmt: skip
-        ids = h.encode(prompt)
         if not ids:
             raise RequestError(400, "the prompt is empty")
         ids = fit_window(ids, window, name)

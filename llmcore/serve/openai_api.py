@@ -158,7 +158,7 @@ class OpenAIAPI:
         stream = field(body, "stream", bool, False)
         stop = self.stop(body)
         self.refuse_unsupported(body)
-        ids = h.encode(h.chat_prompt(messages))
+        ids = h.chat_ids(messages)
         sampling = self.sampling(body, len(ids), h.context_length, None, "messages")
         return await self.respond(body, name, h, ids, sampling, stop, stream, chat=True)
 

@@ -229,7 +229,7 @@ async def generate(handle: ModelHandle, prompt_ids: list[int], sampling: Samplin
     def sink(event: str | Finished) -> None:
         loop.call_soon_threadsafe(events.put_nowait, event)
 
-    sampling.stop_ids = (*sampling.stop_ids, handle.tokenizer.eot_id)
+    sampling.stop_ids = (*sampling.stop_ids, *handle.stop_ids)
     job = Generation(prompt_ids, sampling, sink, stop=stop, sections=handle.sections)
     handle.engine.submit(job)
     done = False

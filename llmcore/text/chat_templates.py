@@ -20,6 +20,7 @@ import json
 import string
 
 from llmcore.common import LLMCoreError
+from llmcore.text.chat import CHATML, IM_END, IM_START
 from llmcore.text.prompts import check_template, format_alpaca
 
 RAW = "raw"
@@ -71,10 +72,18 @@ def _go_literal(text: str) -> str:
     return text.replace("{{", '{{ "{{" }}').replace('"""', '""{{ "\\"" }}')
 
 
+# ChatML: every message as a turn, then the assistant's header (Ollama always asks for the next reply)
+_GO_CHATML = "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n"
+assert IM_START in _GO_CHATML and IM_END in _GO_CHATML
+
+
 def ollama_template(template: str) -> str:
-    """The Modelfile ``TEMPLATE`` for a prompt template (``alpaca``, ``raw`` or a custom format string)."""
+    """The Modelfile ``TEMPLATE`` for a prompt template (``alpaca``, ``chatml``, ``raw`` or a custom format
+    string)."""
     if template == RAW:
         return _GO_RAW
+    if template == CHATML:
+        return _GO_CHATML
     out = [_GO_HISTORY]
     for literal, field in _pieces(template):
         out.append(_go_literal(literal))
@@ -98,6 +107,11 @@ _JINJA_INPUT = (
 def jinja_chat_template(template: str) -> str:
     """A Jinja chat template (``messages`` -> prompt) for a prompt template; ``add_generation_prompt`` is implied:
     the prompt always ends where the answer starts."""
+    if template == CHATML:  # the one template that honours add_generation_prompt (a chat model's history ends anywhere)
+        return (
+            "{%- for m in messages %}{{ '" + IM_START + "' + m['role'] + '\\n' + m['content'] + '" + IM_END + "\\n' }}"
+            "{%- endfor %}{%- if add_generation_prompt %}{{ '" + IM_START + "assistant\\n' }}{%- endif %}"
+        )
     if template == RAW:
         return (
             "{%- for m in messages if m['content'] %}{{ m['content'] }}"
@@ -118,4 +132,6 @@ def jinja_chat_template(template: str) -> str:
 
 def stop_strings(template: str) -> list[str]:
     """Strings that end an answer besides the end-of-text token (llmcore's server cuts Alpaca answers there)."""
+    if template == CHATML:
+        return [IM_END]  # end of turn (a special token: a runtime that stops on its id never shows it)
     return [ALPACA_STOP] if template == "alpaca" else []

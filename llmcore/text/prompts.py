@@ -21,6 +21,8 @@ from __future__ import annotations
 import string
 
 from llmcore.common import LLMCoreError
+from llmcore.text.chat import CHATML, alpaca_to_messages, chat_token_ids, chatml_text, render_chat
+from llmcore.text.tokenizer import Tokenizer
 
 PREAMBLE = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
 RESPONSE_MARKER = "### Response:\n"
@@ -59,14 +61,13 @@ def extract_response(text: str) -> str:
 TEMPLATE_FIELDS = ("instruction", "input")
 
 
-
 SECTION = "\n###"  # a new Alpaca section: the model has finished its answer and starts another prompt
 
 
-
 def check_template(template: str, where: str = "instruct.template") -> str:
-    """Accept ``"alpaca"`` or a format string using only ``{instruction}`` (required) and ``{input}``."""
-    if template == "alpaca":
+    """Accept ``"alpaca"``, ``"chatml"`` (a chat model: :mod:`llmcore.text.chat`) or a format string using only
+    ``{instruction}`` (required) and ``{input}``."""
+    if template in ("alpaca", CHATML):
         return template
     try:
         fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
@@ -80,9 +81,25 @@ def check_template(template: str, where: str = "instruct.template") -> str:
     return template
 
 
+def prompt_ids(tok: Tokenizer, template: str, instruction: str, input: str = "") -> list[int]:
+    """The prompt of one entry as token ids: a chat model's (``chatml``) with its special tokens, a text
+    template's encoded as plain text."""
+    if template == CHATML:
+        user = alpaca_to_messages({"instruction": instruction, "input": input, "output": ""})[:1]
+        return render_chat(tok, user, add_generation_prompt=True).ids
+    return tok.encode(format_prompt(template, instruction, input), allow_special=False)
+
+
+def answer_end_id(tok: Tokenizer, template: str) -> int:
+    """The token that ends an answer in training data: ``<|im_end|>`` for a chat model, else end-of-text."""
+    return chat_token_ids(tok)[1] if template == CHATML else tok.eot_id
+
 
 def format_prompt(template: str, instruction: str, input: str = "") -> str:
-    """The prompt of one entry, ending where the response starts."""
+    """The prompt of one entry, ending where the response starts (``chatml``: the text of a one-turn
+    conversation; encode it with its special tokens, or better, use :func:`llmcore.text.chat.render_chat`)."""
+    if template == CHATML:
+        return chatml_text([alpaca_to_messages({"instruction": instruction, "input": input, "output": ""})[0]], True)
     if template == "alpaca":
         return format_alpaca(instruction, input)
     return template.format(instruction=instruction, input=input)

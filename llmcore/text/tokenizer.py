@@ -194,6 +194,20 @@ class Tokenizer:
         specials = {ENDOFTEXT: len(chars)}
         return cls("char", name or f"char{len(chars) + 1}", specials, chars=chars)
 
+    def with_special_tokens(self, names: Sequence[str]) -> Tokenizer:
+        """This tokenizer with ``names`` reserved as special tokens too (the ones it lacks get the next ids, in
+        order); ordinary text encodes exactly as before."""
+        specials = dict(self.special_tokens)
+        for s in names:
+            if not isinstance(s, str) or not s:
+                raise LLMCoreError(f"special tokens must be non-empty strings, got {s!r}")
+            specials.setdefault(s, self.vocab_size + len(specials) - len(self.special_tokens))
+        if len(specials) == len(self.special_tokens):
+            return self
+        if self.kind == "char":
+            return Tokenizer(self.kind, self.name, specials, chars=list(self._stoi))
+        return Tokenizer(self.kind, self.name, specials, ranks=self._ranks, pattern=self.pattern)
+
     # -- encoding -----------------------------------------------------------------------------------
 
     def encode(self, text: str, *, allow_special: bool = True) -> list[int]:

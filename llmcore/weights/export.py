@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llmcore.common import LLMCoreError
+from llmcore.text.chat import CHATML, chat_token_ids
 from llmcore.text.chat_templates import RAW, jinja_chat_template, ollama_template
 from llmcore.text.prompts import check_template
 from llmcore.weights.gguf import check_exportable, write_gguf
@@ -49,7 +50,7 @@ def export_model(
 
     Args:
         precision: GGUF only: f32 | f16 | bf16 | q8_0 (default f16); the HF export keeps fp32 weights.
-        template: alpaca | raw | a format string with {instruction}/{input}; None: the stored one, else raw.
+        template: alpaca | chatml | raw | a format string with {instruction}/{input}; None: the stored one, else raw.
         name: the model's name in the GGUF file and the Modelfile; default: the folder's name.
     """
     if fmt not in FORMATS:
@@ -58,6 +59,8 @@ def export_model(
     template = template or folder.template or RAW
     if template != RAW:
         check_template(template, where="template")
+    if template == CHATML:  # a chat template needs the chat tokens, which every consumer is told about
+        chat_token_ids(folder.tokenizer)
     name = name or folder.path.resolve().name
     out = Path(out)
     if fmt == "gguf":

@@ -19,10 +19,10 @@ Architectures (llama.cpp's names):
 The tokenizer goes inside the file: ``tokenizer.ggml.model`` ``gpt2`` (byte-level BPE), the tokens in GPT-2's
 byte spelling, their types (normal; control for special tokens; unused for padding rows of a model whose
 vocabulary is wider than its tokenizer), the merges (:mod:`llmcore.text.bpe_export`), ``<|endoftext|>`` as bos,
-eos and padding, no bos added, and the pre-tokenizer of the split regex (``gpt-2`` or ``llama-bpe``). The chat
-template (Jinja) reproduces the model's prompt template. Everything is checked before the file is opened:
-a char tokenizer, a split regex llama.cpp has no pre-tokenizer for, or an architecture neither family matches
-is a one-line error and nothing is written.
+eos and padding (a chat model's eos and end-of-turn: ``<|im_end|>``), no bos added, and the pre-tokenizer of the
+split regex (``gpt-2`` or ``llama-bpe``). The chat template (Jinja) reproduces the model's prompt template.
+Everything is checked before the file is opened: a char tokenizer, a split regex llama.cpp has no pre-tokenizer
+for, or an architecture neither family matches is a one-line error and nothing is written.
 
 Precisions: ``f32``; ``f16`` and ``bf16`` (matrices; 1-D norms and biases stay f32, as llama.cpp's converter
 does); ``q8_0`` (matrices whose rows are a multiple of 32 values, quantized by the ``gguf`` package; other
@@ -45,6 +45,7 @@ from llmcore.models.config import ModelConfig
 from llmcore.models.gpt import GPT, rope_frequencies
 from llmcore.text.bpe import GPT2_PATTERN, GPT4_PATTERN
 from llmcore.text.bpe_export import bpe_merges, byte_level, regular_tokens, require_bpe
+from llmcore.text.chat import CHATML, chat_token_ids
 from llmcore.text.chat_templates import jinja_chat_template
 from llmcore.text.llama3 import LLAMA3_PATTERN
 from llmcore.text.tokenizer import Tokenizer, gpt2_byte_encoder
@@ -245,7 +246,12 @@ def write_gguf(
         w.add_token_types(types)
         w.add_token_merges(merges)
         w.add_bos_token_id(tok.eot_id)
-        w.add_eos_token_id(tok.eot_id)
+        if template == CHATML:  # a chat model ends its turn with <|im_end|>: eos and end-of-turn for llama.cpp
+            end = chat_token_ids(tok)[1]
+            w.add_eos_token_id(end)
+            w.add_eot_token_id(end)
+        else:
+            w.add_eos_token_id(tok.eot_id)
         w.add_pad_token_id(tok.eot_id)
         w.add_add_bos_token(False)
         w.add_add_eos_token(False)
@@ -261,6 +267,3 @@ def write_gguf(
         w.write_tensors_to_file()
         w.close()
     return GGUFInfo(path, arch, precision, n, path.stat().st_size, pre)
-
-
-

@@ -25,6 +25,7 @@ from llmcore.common import LLMCoreError, atomic_path, write_json_atomic
 from llmcore.models.config import ConfigError, ModelConfig
 from llmcore.models.gpt import GPT
 from llmcore.text.bpe_export import hf_tokenizer_files
+from llmcore.text.chat import CHATML, IM_END, chat_token_ids
 from llmcore.text.chat_templates import jinja_chat_template
 from llmcore.text.tokenizer import Tokenizer
 from llmcore.weights.weight_file import load_state, model_from_state, model_state
@@ -302,8 +303,8 @@ def save_hf(
 
     With a byte-level BPE ``tokenizer`` the folder also gets ``tokenizer.json``, ``tokenizer_config.json`` (with a
     chat template reproducing ``template`` when given), ``special_tokens_map.json`` and ``generation_config.json``
-    (end-of-text as bos/eos/pad), so ``AutoTokenizer`` and ``generate`` work without llmcore. A char tokenizer has
-    no HF equivalent: only the weights and config are written.
+    (end-of-text as bos/eos/pad; a chat model's eos is ``<|im_end|>``), so ``AutoTokenizer`` and ``generate`` work
+    without llmcore. A char tokenizer has no HF equivalent: only the weights and config are written.
     """
     from safetensors.torch import save_file
 
@@ -317,6 +318,11 @@ def save_hf(
             files["tokenizer_config.json"]["chat_template"] = jinja_chat_template(template)
         eot = tokenizer.eot_id
         files["generation_config.json"] = {"bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot}
+        if template == CHATML:  # a chat model's turn ends at <|im_end|>: eos for transformers' generate
+            end = chat_token_ids(tokenizer)[1]
+            for name in ("tokenizer_config.json", "special_tokens_map.json"):
+                files[name]["eos_token"] = IM_END
+            files["generation_config.json"]["eos_token_id"] = [end, eot]
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = state_to_hf(cfg, model_state(model))
