@@ -72,7 +72,7 @@ from llmcore.models.lora import LoRAParams, apply_lora, count_trainable, mark_tr
 from llmcore.models.responses import generate_responses
 from llmcore.params import from_dict, load_section, read_params
 from llmcore.text.chat import CHATML
-from llmcore.text.prompts import answer_end_id, prompt_ids
+from llmcore.text.prompts import answer_end_id, entry_prompt_ids, prompt_ids
 from llmcore.threads import threads_for_inference
 from llmcore.training.config import HardwareConfig, TrainConfig
 from llmcore.training.dpo import DPOLoss, attach_reference_logps
@@ -329,7 +329,7 @@ def train(cfg: AlignParams, hw: HardwareConfig, pairs_path: Path, test_prompts: 
         merge_lora(model)
 
     gen_start = time.perf_counter()
-    prompts = [prompt_ids(tok, template, t["instruction"], t["input"]) for t in tests]
+    prompts = [entry_prompt_ids(tok, template, t, f"{test_prompts}: entry {i}") for i, t in enumerate(tests)]
     chat = template == CHATML
     sampling = cfg.generate.sampling()
     sampling.stop_ids = (*sampling.stop_ids, answer_end_id(tok, template))
@@ -339,7 +339,7 @@ def train(cfg: AlignParams, hw: HardwareConfig, pairs_path: Path, test_prompts: 
     gen_seconds = time.perf_counter() - gen_start
     responses = [
         {"id": t.get("id", str(i)), "instruction": t["instruction"], "input": t["input"], "output": t["output"],
-         "model_response": a}
+         **({"messages": t["messages"]} if "messages" in t else {}), "model_response": a}
         for i, (t, a) in enumerate(zip(tests, answers, strict=True))
     ]  # fmt: skip
     write_json_atomic(reports / "responses.json", responses)

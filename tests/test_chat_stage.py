@@ -202,6 +202,8 @@ def test_report_card_names_the_chat_format(tmp_path: Path) -> None:
     facts = {"finetune": "full", "base_model": "pretrain"}
     chat = StageData("instruct", tmp_path, metrics, facts={**facts, "format": "chat"})
     alpaca = StageData("instruct", tmp_path, metrics, facts={**facts, "format": "alpaca"})
+    unknown = StageData("instruct", tmp_path, metrics, facts=facts)  # a run from before the format was recorded
     ctx = Context({})
     assert card_instruct(chat, ctx)[0].detail.startswith("chat (ChatML) full fine-tune of pretrain")
-    assert card_instruct(alpaca, ctx)[0].detail.startswith("full fine-tune of pretrain")
+    assert card_instruct(alpaca, ctx)[0].detail.startswith("Alpaca full fine-tune of pretrain")
+    assert card_instruct(unknown, ctx)[0].detail.startswith("full fine-tune of pretrain")

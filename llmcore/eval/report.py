@@ -325,7 +325,9 @@ def card_instruct(s: StageData, ctx: Context) -> list[Row]:
         return [_not_run(s, figure)]
     if bad := _nan_row(s, figure, "test_loss"):
         return [bad]
-    fmt_name = "chat (ChatML) " if s.facts.get("format") == "chat" else ""  # alpaca: the book's, not named
+    # the data format: Alpaca (the book's prompt template) or chat (ChatML conversations); runs before it was
+    # recorded name none
+    fmt_name = {"alpaca": "Alpaca ", "chat": "chat (ChatML) "}.get(s.facts.get("format"), "")
     detail = (f"{fmt_name}{s.facts.get('finetune', '')} fine-tune of {s.facts.get('base_model', 'the base')}, "
               f"{fmt(s.num('epochs'))} epochs; response-only loss {fmt(s.num('test_response_loss'))}, "
               f"{fmt(s.num('test_entries'), 'int')} test responses")  # fmt: skip

@@ -21,7 +21,7 @@ from __future__ import annotations
 import string
 
 from llmcore.common import LLMCoreError
-from llmcore.text.chat import CHATML, alpaca_to_messages, chat_token_ids, chatml_text, render_chat
+from llmcore.text.chat import CHATML, alpaca_to_messages, chat_token_ids, chatml_text, check_messages, render_chat
 from llmcore.text.tokenizer import Tokenizer
 
 PREAMBLE = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
@@ -88,6 +88,16 @@ def prompt_ids(tok: Tokenizer, template: str, instruction: str, input: str = "")
         user = alpaca_to_messages({"instruction": instruction, "input": input, "output": ""})[:1]
         return render_chat(tok, user, add_generation_prompt=True).ids
     return tok.encode(format_prompt(template, instruction, input), allow_special=False)
+
+
+def entry_prompt_ids(tok: Tokenizer, template: str, entry: dict, where: str) -> list[int]:
+    """The prompt of a test entry (``responses.json``) as token ids: a chat model's entry that kept its prompt
+    turns (``messages``: system, earlier user and assistant turns, the last question) is rendered turn by turn;
+    any other entry through :func:`prompt_ids`. ``where`` names the entry in the error a malformed turn gives."""
+    if template == CHATML and entry.get("messages") is not None:
+        messages = check_messages(entry["messages"], where, need_assistant=False)
+        return render_chat(tok, messages, add_generation_prompt=True).ids
+    return prompt_ids(tok, template, entry["instruction"], entry["input"])
 
 
 def answer_end_id(tok: Tokenizer, template: str) -> int:
