@@ -161,6 +161,9 @@ def test_long_conversations_are_cut_at_turn_boundaries_and_counted() -> None:
     assert (cut, dropped) == (2, 0)
     assert examples[0].ids == full.ids[:first_answer_end]
     assert tok.decode(examples[0].ids).endswith(f"OK.{IM_END}\n")
+    # the next user turn fits, its answer does not: the cut still ends at the answer (a trailing question trains nothing)
+    examples, cut, dropped = encode_conversations([conv], tok, max_length=full.turn_ends[3] + 1)
+    assert (cut, dropped) == (1, 0) and examples[0].ids == full.ids[:first_answer_end]
     examples, cut, dropped = encode_conversations([conv], tok, max_length=first_answer_end - 3)
     assert (examples, cut, dropped) == ([], 0, 1)
     examples, cut, dropped = encode_conversations([conv], tok, max_length=len(full.ids))

@@ -15,7 +15,9 @@ from llmcore.models.config import ModelConfig
 from llmcore.models.gpt import GPT
 from llmcore.params import load_section, merge_params, model_config_from_params, profile_overrides, read_params
 from llmcore.training.config import HardwareConfig
+from stages.align import AlignParams
 from stages.download import DownloadParams
+from stages.instruct import InstructParams
 from stages.pretrain import PretrainParams
 from stages.tokenize import TokenizeParams
 
@@ -40,7 +42,7 @@ def test_profile_validates_and_round_trips_through_set_param(profile, tmp_path):
     path = tmp_path / "merged.yaml"
     assert read_params(path) == merged
     for section, schema in (("download", DownloadParams), ("tokenize", TokenizeParams), ("pretrain", PretrainParams),
-                            ("hardware", HardwareConfig)):  # fmt: skip
+                            ("hardware", HardwareConfig), ("instruct", InstructParams), ("align", AlignParams)):  # fmt: skip
         load_section(section, schema, path)
     cfg = model_config_from_params(merged["model"], vocab_size=65536)
     assert cfg.flops_per_token() > 0.5e9  # a real-size model, not the CPU default

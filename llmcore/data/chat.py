@@ -114,8 +114,8 @@ def encode_conversations(
 ) -> tuple[list[Example], int, int]:
     """Encode conversations as training examples with the assistant-only mask.
 
-    A conversation longer than ``max_length`` positions (``len(ids) - 1``) is cut at the last turn boundary that
-    fits and still holds an assistant answer; one whose first answer does not fit is dropped.
+    A conversation longer than ``max_length`` positions (``len(ids) - 1``) is cut after the last assistant turn
+    that fits (a user turn after it would be context for nothing); one whose first answer does not fit is dropped.
 
     Returns:
         ``(examples, cut, dropped)``: the examples (same order, dropped ones left out) and the two counts.
@@ -125,7 +125,8 @@ def encode_conversations(
         enc = render_chat(tok, c["messages"])
         ids, mask = enc.ids, enc.mask
         if len(ids) - 1 > max_length:
-            fits = [n for n in enc.turn_ends if n - 1 <= max_length and any(mask[:n])]
+            fits = [n for n, m in zip(enc.turn_ends, c["messages"], strict=True)
+                    if m["role"] == "assistant" and n - 1 <= max_length]  # fmt: skip
             if not fits:
                 dropped += 1
                 continue
