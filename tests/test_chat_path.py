@@ -72,7 +72,8 @@ TINY = {
                  "sample": {"max_new_tokens": 8}},
     "instruct": {"train_fraction": 0.8, "test_fraction": 0.1,
                  "train": {"batch_size": 8, "grad_accum": 1, "lr": 1e-2, "min_lr": 1e-3, "warmup_steps": 2,
-                           "epochs": None, "max_steps": 8, "eval_every": 8, "eval_batches": 2, "checkpoint_every": 8, "log_every": 4},
+                           "epochs": None, "max_steps": 8, "eval_every": 8, "eval_batches": 2, "checkpoint_every": 8,
+                           "log_every": 4},
                  "generate": {"max_new_tokens": 8, "batch_size": 8}},
 }  # fmt: skip
 N_CONVERSATIONS = 40  # 10 per file of the profile's 4
@@ -133,10 +134,13 @@ def test_fineweb_profile_continues_from_pretraining_into_chat_fine_tuning(tmp_pa
                                          merged["instruct"]["dataset"]]))  # fmt: skip
     files = json.loads((reports / "download" / "facts.json").read_text())["files"]
     assert files[merged["instruct"]["dataset"]]["conversations"] == N_CONVERSATIONS
-    ok(CliRunner().invoke(tokenize_app, [*p, "--raw-dir", str(raw), "--out", str(tmp_path / "tokens"), "--work",
-                                         str(tmp_path / "work-tok"), "--reports", str(reports / "tokenize")]))  # fmt: skip
-    ok(CliRunner().invoke(pretrain_app, [*p, "--tokens", str(tmp_path / "tokens"), "--out", str(models / "pretrain"),
-                                         "--reports", str(reports / "pretrain"), "--ckpt", str(tmp_path / "ck")]))  # fmt: skip
+    tokens = tmp_path / "tokens"
+    tok_args = ["--raw-dir", str(raw), "--out", str(tokens), "--work", str(tmp_path / "w"), "--reports",
+                str(reports / "tokenize")]  # fmt: skip
+    ok(CliRunner().invoke(tokenize_app, [*p, *tok_args]))
+    pre_args = ["--tokens", str(tokens), "--out", str(models / "pretrain"), "--reports", str(reports / "pretrain"),
+                "--ckpt", str(tmp_path / "ck")]  # fmt: skip
+    ok(CliRunner().invoke(pretrain_app, [*p, *pre_args]))
     base = open_model_dir(models / "pretrain")
     assert all(t in base.tokenizer.special_tokens for t in CHAT_TOKENS)  # reserved by the tokenize stage
     ok(CliRunner().invoke(instruct_app, [*p, "--raw-dir", str(raw), "--models-dir", str(models), "--out",
@@ -203,8 +207,9 @@ def chat_run(tmp_path_factory) -> Path:
     }  # fmt: skip
     (root / "instruct.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
     ok(CliRunner().invoke(instruct_app, ["--params", str(root / "instruct.yaml"), "--raw-dir", str(root / "raw"),
-                                         "--models-dir", str(root / "models"), "--out", str(root / "models" / "instruct"),
-                                         "--reports", str(root / "reports" / "instruct"), "--work-dir",
+                                         "--models-dir", str(root / "models"), "--out",
+                                         str(root / "models" / "instruct"), "--reports",
+                                         str(root / "reports" / "instruct"), "--work-dir",
                                          str(root / "work-instruct")]))  # fmt: skip
     return root
 
@@ -305,22 +310,21 @@ def test_align_of_a_chat_model_learns_the_preference_and_answers_in_chat(chat_ru
 
 
 def test_judged_pairs_of_a_chat_model_are_sampled_in_chat_and_end_their_turn(chat_run: Path, judge_url: str) -> None:
-    limit = 24
-    params = align_params(chat_run, "judge", judge_url, preferences="judge",
-                          pairs={"temperature": 2.0, "top_k": None, "max_new_tokens": limit, "batch_size": 64},
+    # 30 train / 24 validation prompts, sampled hot: the chat model says "OK." almost always at temperature 1
+    params = align_params(chat_run, "judge", judge_url, preferences="judge", train_fraction=0.5,
+                          pairs={"temperature": 1.5, "top_k": None, "max_new_tokens": 24, "batch_size": 64},
                           train={"batch_size": 4, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 1, "max_steps": 2,
                                  "eval_every": 2, "eval_batches": None, "checkpoint_every": 2, "seed": 1})  # fmt: skip
     reports = run_align(chat_run, params, "judge")
     counts = json.loads((reports / "pairs.json").read_text())
-    assert counts["prompts"] == 51 + 3 and counts["train_pairs"] > 0 and counts["val_pairs"] > 0
-    tok = open_model_dir(chat_run / "models" / "instruct").tokenizer
+    assert counts["prompts"] == 30 + 24 and counts["train_pairs"] > 0 and counts["val_pairs"] > 0
+    answers = [p[side] for p in json.loads((chat_run / "judge" / "pairs.json").read_text())
+               for side in ("chosen", "rejected")]  # fmt: skip
+    # each answer stops at its <|im_end|> (never in the text); the trained answer is among them, whole
+    assert all(IM_END not in a for a in answers) and "OK." in answers
     for pair in json.loads((chat_run / "judge" / "pairs.json").read_text()):
-        for side in ("chosen", "rejected"):
-            text = pair[side]
-            assert no_special_text(text), text  # a turn marker would mean the chat template was not used
-            # stopped at the end of its turn, not at the length limit
-            assert len(tok.encode(text, allow_special=False)) < limit, text
-            assert pair[f"{side}_score"] == (pair["output"] + text).encode()[-1] % 10  # what the judge saw
+        for side in ("chosen", "rejected"):  # what the judge scored: the answer as written
+            assert pair[f"{side}_score"] == (pair["output"] + pair[side]).encode()[-1] % 10
 
 
 def test_evaluate_and_report_card_of_a_chat_run(chat_run: Path, aligned: Path, judge_url: str) -> None:
@@ -340,8 +344,9 @@ def test_evaluate_and_report_card_of_a_chat_run(chat_run: Path, aligned: Path, j
     tok = open_model_dir(chat_run / "models" / "instruct").tokenizer
     # the reference loss scores each last assistant answer and its <|im_end|>, nothing of the prompt turns
     assert metrics["reference_tokens"] == 4 * (len(tok.encode("OK.")) + 1)
-    assert metrics["judge_status"] == "scored" and metrics["compare"]["judge"]["n"] == 4
-    assert metrics["rouge_l"] == 1.0  # every answer is the reference "OK."
+    assert metrics["rouge_l"] == 1.0 and metrics["empty_responses"] == 0  # every answer is the reference "OK."
+    # the bigram judge scored each answer as it reads its last byte: "OK." ends in "." (46), so 6
+    assert metrics["n_scored"] == 4 and metrics["mean"] == 6.0
+    assert metrics["compare"]["judge"]["align_mean"] == 6.0 and metrics["compare"]["rouge_l"]["align_mean"] == 1.0
     card = to_markdown(build_report(out, read_params(params)))
     assert "chat (ChatML) full fine-tune of base" in card
-

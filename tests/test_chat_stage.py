@@ -161,7 +161,7 @@ def test_long_conversations_are_cut_at_turn_boundaries_and_counted() -> None:
     assert (cut, dropped) == (2, 0)
     assert examples[0].ids == full.ids[:first_answer_end]
     assert tok.decode(examples[0].ids).endswith(f"OK.{IM_END}\n")
-    # the next user turn fits, its answer does not: the cut still ends at the answer (a trailing question trains nothing)
+    # the next user turn fits, its answer does not: the cut still ends at the answer (a trailing question is wasted)
     examples, cut, dropped = encode_conversations([conv], tok, max_length=full.turn_ends[3] + 1)
     assert (cut, dropped) == (1, 0) and examples[0].ids == full.ids[:first_answer_end]
     examples, cut, dropped = encode_conversations([conv], tok, max_length=first_answer_end - 3)

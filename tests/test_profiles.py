@@ -41,8 +41,9 @@ def test_profile_validates_and_round_trips_through_set_param(profile, tmp_path):
     assert result.exit_code == 0, result.output
     path = tmp_path / "merged.yaml"
     assert read_params(path) == merged
-    for section, schema in (("download", DownloadParams), ("tokenize", TokenizeParams), ("pretrain", PretrainParams),
-                            ("hardware", HardwareConfig), ("instruct", InstructParams), ("align", AlignParams)):  # fmt: skip
+    schemas = {"download": DownloadParams, "tokenize": TokenizeParams, "pretrain": PretrainParams,
+               "hardware": HardwareConfig, "instruct": InstructParams, "align": AlignParams}  # fmt: skip
+    for section, schema in schemas.items():
         load_section(section, schema, path)
     cfg = model_config_from_params(merged["model"], vocab_size=65536)
     assert cfg.flops_per_token() > 0.5e9  # a real-size model, not the CPU default
