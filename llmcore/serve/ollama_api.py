@@ -16,8 +16,9 @@ counts and durations (nanoseconds); with ``"stream": false`` one object holds th
 ``stop``. A prompt longer than the window is truncated as Ollama does: it keeps its last ``num_ctx / 2``
 tokens (the rest of the window is room for the reply), a warning is logged, and ``prompt_eval_count`` says how
 many tokens were evaluated. ``format``: ``"json"`` (one JSON object) or a JSON schema (``Model.model_json_schema()``)
-constrains sampling to it (:mod:`llmcore.serve.structured`); a schema feature the grammar engine lacks is a 400
-naming it, and a reply whose ``num_predict`` ends mid-object has ``"done_reason": "length"``.
+constrains sampling to it (:mod:`llmcore.serve.structured`; an object that lists ``properties`` takes no others
+unless it says so, as in Ollama); a schema feature the grammar engine lacks is a 400 naming it, and a reply whose
+``num_predict`` ends mid-object has ``"done_reason": "length"``.
 Embeddings are the final hidden states mean-pooled over the input's tokens and L2-normalised (both endpoints); an
 input over the context is cut to it (``"truncate": false``: a 400 instead); ``/api/show`` lists the capabilities
 ``completion`` and ``embedding``. ``tools`` and ``think`` are refused with Ollama's own messages. As in Ollama,

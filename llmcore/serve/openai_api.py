@@ -14,10 +14,10 @@ chat default: the rest of the context, completions default: 16, as OpenAI's), ``
 
 ``response_format``: ``{"type": "json_object"}`` (one JSON object) or ``{"type": "json_schema", "json_schema":
 {"name", "schema", "strict"?}}`` constrains sampling (:mod:`llmcore.serve.structured`), so the openai SDK's
-``chat.completions.parse(response_format=PydanticModel)`` gets output that validates. The schema is enforced as
-written; ``strict: true`` reads it as OpenAI's strict mode does (objects take no properties they do not list). A
-schema feature the grammar engine lacks is a 400 naming it; a reply whose ``max_tokens`` ends mid-object has
-``finish_reason: "length"``.
+``chat.completions.parse(response_format=PydanticModel)`` gets output that validates. The schema is enforced
+whether ``strict`` is true or not (a boolean), read as strict mode reads it: an object that lists ``properties``
+takes no others unless it says so. A schema feature the grammar engine lacks is a 400 naming it; a reply whose
+``max_tokens`` ends mid-object has ``finish_reason: "length"``.
 
 Embeddings: the final hidden states mean-pooled over each input's tokens, L2-normalised; ``input`` is a string,
 a list of strings, a list of token ids or a list of those; ``encoding_format`` ``float`` or ``base64`` (the
@@ -134,22 +134,22 @@ class OpenAIAPI:
                 raise RequestError(400, f"{name} is not supported by this server (only 0)", param=name)
 
     @staticmethod
-    def response_schema(body: dict) -> tuple[dict | None, bool]:
-        """``(schema, strict)`` from ``response_format`` (None: plain text); a 400 naming the field otherwise."""
+    def response_schema(body: dict) -> dict | None:
+        """The JSON schema ``response_format`` asks for (None: plain text); a 400 naming the field otherwise."""
         fmt = field(body, "response_format", dict)
         kind = None if fmt is None else fmt.get("type")
         if kind in (None, "text"):
-            return None, False
+            return None
         if kind == "json_object":
-            return ANY_OBJECT, False
+            return ANY_OBJECT
         if kind != "json_schema":
             raise RequestError(400, f"response_format.type must be 'text', 'json_object' or 'json_schema', got "
                                f"{shown(kind)}", param="response_format.type")  # fmt: skip
         spec = field(fmt, "json_schema", dict, required=True, where="response_format.")
         field(spec, "name", str, required=True, where="response_format.json_schema.")
         schema = field(spec, "schema", dict, ANY_OBJECT, where="response_format.json_schema.")
-        strict = field(spec, "strict", bool, False, where="response_format.json_schema.")
-        return schema, strict
+        field(spec, "strict", bool, where="response_format.json_schema.")  # enforced either way: checked, not used
+        return schema
 
     def sampling(self, body: dict, prompt_tokens: int, context_length: int, default_max: int | None,
                  where: str) -> SamplingConfig:  # fmt: skip
@@ -218,8 +218,8 @@ class OpenAIAPI:
 
     async def respond(self, body: dict, name: str, h: ModelHandle, ids: list[int], sampling: SamplingConfig,
                       stop: list[str], stream: bool, chat: bool,
-                      schema: tuple[dict | None, bool] = (None, False)) -> Response:  # fmt: skip
-        constraint = await json_constraint(h, schema[0], "response_format", strict=schema[1])
+                      schema: dict | None = None) -> Response:  # fmt: skip
+        constraint = await json_constraint(h, schema, "response_format")
         events = generate(h, ids, sampling, stop, what=name, constraint=constraint)
         head = {"id": _id("chatcmpl" if chat else "cmpl"), "created": int(time.time()), "model": name,
                 "system_fingerprint": f"llmcore-{h.digest[:12]}"}  # fmt: skip

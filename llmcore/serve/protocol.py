@@ -226,15 +226,14 @@ async def collect(events: AsyncIterator[str | Finished]) -> tuple[str, Finished 
     return "".join(pieces), done
 
 
-async def json_constraint(handle: ModelHandle, schema: dict | None, label: str,
-                          strict: bool = False) -> Constraint | None:  # fmt: skip
+async def json_constraint(handle: ModelHandle, schema: dict | None, label: str) -> Constraint | None:
     """A fresh grammar state for ``schema`` on this model (None: no schema); a 400 naming ``label`` and what the
     grammar engine cannot do. Compiling runs off the event loop (a large schema takes a while; it is cached)."""
     if schema is None:
         return None
     vocab = max(handle.model.cfg.vocab_size, handle.tokenizer.vocab_size)
     try:
-        grammar = await asyncio.to_thread(compile_schema, schema, handle.tokenizer, vocab, handle.stop_ids, strict)
+        grammar = await asyncio.to_thread(compile_schema, schema, handle.tokenizer, vocab, handle.stop_ids)
     except SchemaError as e:
         raise RequestError(400, f"{label}: unsupported JSON schema: {e}", param=label) from None
     return grammar.constraint()

@@ -9,9 +9,9 @@ The grammar engine is llguidance (github.com/guidance-ai/llguidance, MIT): a Rus
 maintained by the guidance team and used by vLLM, SGLang and llama.cpp. It was picked over xgrammar and
 outlines-core because it builds its tokenizer from a plain list of token byte strings (what our tiktoken-style
 BPE, GPT-2's BPE and the character tokenizer all give), compiles a JSON schema straight to a grammar without an
-ahead-of-time index over the vocabulary (a new schema costs milliseconds, not seconds), computes masks for a
-batch of rows in parallel without the GIL, and names unsupported schema keywords (``Unimplemented keys:
-["not"]``), which the APIs pass on in their 400.
+ahead-of-time index over the vocabulary (a new schema costs milliseconds, not seconds), computes a mask in
+microseconds to a few hundred (it walks a token trie, without the GIL), and names unsupported schema keywords
+(``Unimplemented keys: ["not"]``), which the APIs pass on in their 400.
 
 Work is cached per tokenizer: the token table llguidance derives from the vocabulary (its trie and "slices",
 the expensive part of computing masks) once per (tokenizer, vocabulary size, end tokens), and each compiled
@@ -45,20 +45,27 @@ MAX_CACHED_SCHEMAS = 64  # compiled grammars kept per token table (least recentl
 
 
 class SchemaError(ValueError):
-    """A schema the grammar engine cannot honour: an unsupported keyword, a bad $ref, an unsatisfiable bound."""
+    """A schema the grammar engine cannot honour: an unsupported keyword, a bad $ref, an unsatisfiable bound.
+
+    The message is one line of at most 300 characters (the engine's own can span lines: a regex error draws a
+    caret under the pattern)."""
+
+    def __init__(self, message: str):
+        line = " ".join(message.split())
+        super().__init__(line if len(line) <= 300 else line[:297] + "...")
 
 
-def strict_schema(schema: Any) -> Any:
-    """``schema`` read as OpenAI's strict mode reads it: objects that do not say otherwise take no properties
-    beyond the ones they list (``additionalProperties: false``). A copy; ``schema`` is not changed."""
+def closed_objects(schema: Any) -> Any:
+    """``schema`` with every object that lists ``properties`` (and says nothing of others) closed to the ones it
+    lists (``additionalProperties: false``), the reading llama.cpp's and xgrammar's schema converters give (so
+    Ollama's and vLLM's) and OpenAI's strict mode requires: a model is not free to add keys nobody asked for and
+    fill its budget with them. ``{"type": "object"}`` alone stays open. A copy; ``schema`` is not changed."""
     if isinstance(schema, list):
-        return [strict_schema(s) for s in schema]
+        return [closed_objects(s) for s in schema]
     if not isinstance(schema, dict):
         return schema
-    out = {k: strict_schema(v) for k, v in schema.items()}
-    if (schema.get("type") == "object" or isinstance(schema.get("properties"), dict)) and (
-        "additionalProperties" not in schema
-    ):
+    out = {k: closed_objects(v) for k, v in schema.items()}
+    if isinstance(schema.get("properties"), dict) and not {"additionalProperties", "patternProperties"} & set(schema):
         out["additionalProperties"] = False
     return out
 
@@ -128,7 +135,7 @@ class Grammar:
         self.table, self.schema = table, schema
         try:
             grammar = llg.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_LAYOUT)
-        except ValueError as e:
+        except (ValueError, TypeError) as e:
             raise SchemaError(str(e)) from None
         failed, messages = llg.LLMatcher.validate_grammar_with_warnings(grammar, table.tokenizer)
         if failed or messages:  # warnings are features it would drop ("Unimplemented keys: ..."): refused, not ignored
@@ -161,33 +168,29 @@ class Constraint:
         return f"the output left the JSON schema: {self.matcher.get_error() or 'no token allowed'}"
 
 
-_EXECUTOR: Any = None
-
-
 def allowed_tokens(constraints: Sequence[Constraint]) -> torch.Tensor:
-    """(len(constraints), n_vocab) bool: the tokens each constraint allows next, computed in parallel (no GIL).
+    """(len(constraints), n_vocab) bool: the tokens each constraint allows next.
 
-    All constraints must share one token table (one model's requests do)."""
-    global _EXECUTOR
+    All constraints must share one token table (one model's requests do). The masks are computed one after the
+    other in the calling thread (the engine's): llguidance's thread pool (``LLExecutor``) costs more in hand-offs
+    than it saves at a server's batch sizes on a few cores, and it would compete with torch's threads."""
     table = constraints[0].table
-    if _EXECUTOR is None:
-        _EXECUTOR = table.llg.LLExecutor()
     words = (table.n_vocab + 31) // 32
     packed = torch.empty(len(constraints), words, dtype=torch.int32)  # bit j of word w: token 32 w + j
-    _EXECUTOR.unsafe_compute_mask_ptr([(c.matcher, i) for i, c in enumerate(constraints)], packed.data_ptr(),
-                                      words * 4, len(constraints))  # fmt: skip
+    for i, c in enumerate(constraints):
+        c.matcher.unsafe_compute_mask_ptr(packed[i].data_ptr(), words * 4)  # releases the GIL while it works
     bits = (packed.unsqueeze(-1) >> torch.arange(32, dtype=torch.int32)) & 1  # (B, words, 32)
     return bits.view(len(constraints), words * 32)[:, : table.n_vocab].bool()
 
 
-def compile_schema(schema: dict, tokenizer: Tokenizer, n_vocab: int, eos: Sequence[int],
-                   strict: bool = False) -> Grammar:  # fmt: skip
-    """The compiled grammar of ``schema`` for ``tokenizer`` (cached); ``strict``: OpenAI's strict reading
-    (:func:`strict_schema`). ``eos``: the tokens that end a reply, allowed once the JSON could be complete.
+def compile_schema(schema: dict, tokenizer: Tokenizer, n_vocab: int, eos: Sequence[int]) -> Grammar:
+    """The compiled grammar of ``schema`` for ``tokenizer`` (cached), its objects closed (:func:`closed_objects`).
+    ``n_vocab``: the model's vocabulary (at least the tokenizer's); ``eos``: the tokens that end a reply, allowed
+    once the JSON could be complete.
 
     Raises:
         SchemaError: a feature the engine does not support (named), or a schema that is not valid.
     """
     if not isinstance(schema, dict):
         raise SchemaError(f"a JSON schema must be an object, got {type(schema).__name__}")
-    return _table(tokenizer, n_vocab, tuple(eos)).grammar(strict_schema(schema) if strict else schema)
+    return _table(tokenizer, n_vocab, tuple(eos)).grammar(closed_objects(schema))
