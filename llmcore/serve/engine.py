@@ -22,9 +22,10 @@ A row whose sampling fails (probabilities that are not finite) ends alone with r
 its batch go on.
 
 Structured outputs: a request with a ``constraint`` (:mod:`llmcore.serve.structured`, a JSON schema's grammar)
-samples only the tokens its grammar allows next: before each sample the engine masks that row's logits (the masks of
-all constrained rows are computed together, outside the GIL), and each token sampled moves the row's grammar on.
-Unconstrained rows in the same batch are untouched. A row whose JSON is complete ends with reason ``stop``.
+samples only the tokens its grammar allows next: before each sample the engine masks that row's logits (each row its
+own mask, computed in this thread with the GIL released), and each token sampled moves the row's grammar on.
+Unconstrained rows in the same batch are untouched. A row whose JSON is complete ends with reason ``stop``; one whose
+budget ends first, with ``length``.
 
 Text is made in the engine thread too (:class:`~llmcore.models.responses.TextStream`), so a stop string ends
 a sequence at the step that completes it. Results go to each request's ``sink`` callable as events:
@@ -76,7 +77,7 @@ class Request:
     stop: Sequence[str] = ()  # stop strings: the text is cut before the first one and generation ends
     sections: bool = False  # Alpaca: end at a new "###" section, strip surrounding whitespace
     cancelled: bool = False  # set by the client side (disconnect); the engine drops the row next step
-    constraint: Any = None  # a structured.Constraint: sampling limited to the tokens its JSON grammar allows
+    constraint: structured.Constraint | None = None  # sampling limited to the tokens its JSON grammar allows
     # engine state
     _text: TextStream | None = field(default=None, repr=False)
     _generator: torch.Generator | None = field(default=None, repr=False)
