@@ -48,6 +48,7 @@ bench: venv
 	$(BIN)/python -m benchmarks.dpo
 	$(BIN)/python -m benchmarks.gguf_export
 	$(BIN)/python -m benchmarks.serve_bench
+	$(BIN)/python -m benchmarks.structured_bench
 	$(BIN)/python -m benchmarks.compiled_decode
 	$(BIN)/python -m benchmarks.data
 	$(BIN)/python -m benchmarks.harness
@@ -59,6 +60,7 @@ bench-quick: venv
 	$(BIN)/python -m benchmarks.dpo --quick
 	$(BIN)/python -m benchmarks.gguf_export --quick
 	$(BIN)/python -m benchmarks.serve_bench --quick --out reports/serve_bench_quick.json
+	$(BIN)/python -m benchmarks.structured_bench --quick --out reports/structured_bench_quick.json
 	$(BIN)/python -m benchmarks.compiled_decode --quick --out reports/compiled_decode_quick.json
 	$(BIN)/python -m benchmarks.data --quick
 	$(BIN)/python -m benchmarks.harness --quick

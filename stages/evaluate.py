@@ -1,8 +1,10 @@
 """Stage `evaluate`: score the instruction model's test responses with an LLM judge (Ollama or OpenAI API).
 
 Every response in ``reports/instruct/responses.json`` is scored 0-100 by the judge model (the book's
-chapter 7 evaluation). A reply counts only in the form the prompt asks for (a bare integer 0-100, ``score: N``
-or ``{"score": N}``; a number in prose is refused); ``metrics.json`` has ``n_scored``, ``n_refused`` and
+chapter 7 evaluation). Where the server takes a JSON schema (Ollama's ``format``, the OpenAI API's
+``response_format``) the score is asked for as ``{"score": integer 0..100}``; ``facts.json``'s ``judge_format``
+says ``schema`` or ``prose``. A reply counts only in the form the prompt asks for (a bare integer 0-100,
+``score: N`` or ``{"score": N}``; a number in prose is refused); ``metrics.json`` has ``n_scored``, ``n_refused`` and
 ``n_error``: refused and failed items are counted, never dropped. Metrics that need no judge are always
 computed: ROUGE-L and exact match against the reference outputs (beside the ROUGE-L of answering with the
 prompt itself, ``copy_prompt_rouge_l``, and the paired 95% interval of the difference), and the model's loss
@@ -112,7 +114,8 @@ def judge_scores(items: list[JudgeItem], cfg: EvaluateParams, cache: Path, score
     write_records(scores_path, records)  # kept either way: the replies show what the judge said
     summary = summarize(records, n_boot=cfg.n_boot)
     histogram = summary.pop("histogram")
-    facts = {"judge_model": judge["model"], "judge_digest": judge["digest"], "judge_host": judge["host"]}
+    facts = {"judge_model": judge["model"], "judge_digest": judge["digest"], "judge_host": judge["host"],
+             "judge_format": "schema" if judge.get("schema") else "prose"}  # asked by JSON schema, or parsed prose
     problem = shortfall(summary, cfg.judge.min_scored, f"the judge '{judge['model']}' at {judge['host']}")
     if problem is None:
         return {"judge_status": "scored", **facts, **summary, "_histogram": histogram, "_records": records}
@@ -188,7 +191,8 @@ def write_h2h(path: Path, records: list) -> None:
 
 
 # what the judge was and why it did not score: run facts (facts.json), not DVC metrics
-FACT_KEYS = ("judge_status", "judge_skip_reason", "judge_model", "judge_digest", "judge_host", "n_cached")
+FACT_KEYS = ("judge_status", "judge_skip_reason", "judge_model", "judge_digest", "judge_host", "judge_format",
+             "n_cached")
 
 
 def load_params(path: Path) -> EvaluateParams:

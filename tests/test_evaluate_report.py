@@ -81,12 +81,12 @@ def test_evaluate_with_llmcore_serve_as_judge(tmp_path, model_dir, judge_url):
     metrics = json.loads((tmp_path / "reports/metrics.json").read_text())
     facts = json.loads((tmp_path / "reports/facts.json").read_text())
     assert facts["judge_status"] == "scored" and facts["judge_model"] == "judge:latest"
-    assert len(facts["judge_digest"]) == 64
+    assert len(facts["judge_digest"]) == 64 and facts["judge_format"] == "schema"  # llmcore serve takes a schema
     assert all(isinstance(v, (int, float)) or v is None for v in metrics.values())  # DVC metrics: numbers only
     assert (metrics["n_scored"], metrics["n_refused"], metrics["n_error"]) == (len(RESPONSES), 0, 0)
     assert metrics["mean"] == 85.0 and metrics["ci95_low"] == metrics["ci95_high"] == 85.0
     records = [json.loads(line) for line in (tmp_path / "reports/scores.jsonl").read_text().splitlines()]
-    assert [r["id"] for r in records] == ["0", "1", "2"] and {r["raw"] for r in records} == {"85"}
+    assert [r["id"] for r in records] == ["0", "1", "2"] and {r["raw"] for r in records} == {'{"score": 85}'}
     # judge-free metrics
     assert metrics["exact_match"] == pytest.approx(1 / 3, abs=1e-3) and metrics["empty_responses"] == 1
     assert metrics["reference_loss"] > 0 and metrics["reference_perplexity"] > 1
@@ -100,8 +100,16 @@ def test_evaluate_with_llmcore_serve_as_judge(tmp_path, model_dir, judge_url):
 
 
 def test_a_judge_that_answers_prose_fails_required_and_is_recorded_as_failed(tmp_path, model_dir, judge_url):
-    # reachable, has the model, answers every request: but nothing it says is a score
-    write_params(tmp_path, host=judge_url, model="prose")
+    # asked by schema, even this judge answers {"score": N}: its grammar leaves no room for prose
+    asked = tmp_path / "schema"
+    asked.mkdir()
+    write_params(asked, host=judge_url, model="prose")
+    assert run_evaluate(asked, model_dir).exit_code == 0
+    records = [json.loads(line) for line in (asked / "reports/scores.jsonl").read_text().splitlines()]
+    assert {r["status"] for r in records} == {"scored"} and all(r["raw"].startswith('{"score": ') for r in records)
+
+    # asked in prose (schema: false): reachable, has the model, answers every request, but nothing it says is a score
+    write_params(tmp_path, host=judge_url, model="prose", schema=False)
     result = run_evaluate(tmp_path, model_dir)
     assert result.exit_code == 1
     error = [line for line in result.output.splitlines() if line.startswith("error:")]
@@ -115,13 +123,13 @@ def test_a_judge_that_answers_prose_fails_required_and_is_recorded_as_failed(tmp
         "10 km"
     }  # its replies are kept to look at
 
-    write_params(tmp_path, host=judge_url, model="prose", mode="skip_if_unreachable")
+    write_params(tmp_path, host=judge_url, model="prose", mode="skip_if_unreachable", schema=False)
     result = run_evaluate(tmp_path, model_dir)
     assert result.exit_code == 0, result.output
     assert "warning: judge failed: the judge 'prose:latest'" in result.output
     metrics = json.loads((tmp_path / "reports/metrics.json").read_text())
     facts = json.loads((tmp_path / "reports/facts.json").read_text())
-    assert facts["judge_status"] == "failed" and metrics["mean"] is None
+    assert facts["judge_status"] == "failed" and metrics["mean"] is None and facts["judge_format"] == "prose"
     assert (metrics["n_scored"], metrics["n_refused"]) == (0, 3) and "0 of 3" in facts["judge_skip_reason"]
     report_md = render_report(tmp_path)
     assert "| evaluate | judge mean score (0-100) | failed |" in report_md

@@ -541,31 +541,47 @@ def bodies(fields: dict, required: dict) -> st.SearchStrategy:
     return valid | st.fixed_dictionaries({}, optional=optional) | stray
 
 
+# JSON schemas: small real ones, with keywords the grammar engine lacks, or arbitrary objects
+SCHEMAS = st.sampled_from([{"type": "object"}, {"type": "integer", "minimum": 0, "maximum": 9},
+                           {"type": "object", "properties": {"a": {"type": "string", "maxLength": 3}}},
+                           {"not": {}}, {"type": "string", "pattern": "(?<=a)"}, {"$ref": "#/nope"},
+                           {"type": "array", "minItems": 3, "maxItems": 1}, {"enum": []}]) | st.dictionaries(
+    st.sampled_from(["type", "properties", "items", "enum", "minimum", "maxLength", "anyOf", "x"]), VALUES,
+    max_size=3)  # fmt: skip
 OLLAMA_OPTIONS = {name: NUMBERS for name in ("temperature", "top_k", "top_p", "seed", "num_predict", "num_ctx")}
 OLLAMA = {
     "/api/generate": {"model": MODELS, "prompt": TEXTS, "system": TEXTS, "raw": st.booleans(), "stream": st.booleans(),
-                      "format": st.sampled_from(["", "json"]), "think": st.booleans(),
+                      "format": st.sampled_from(["", "json"]) | SCHEMAS, "think": st.booleans(),
                       "options": st.fixed_dictionaries({}, optional={**OLLAMA_OPTIONS, "stop": STOPS})},
     "/api/chat": {"model": MODELS, "messages": st.lists(MESSAGE, max_size=3), "stream": st.booleans(),
                   "tools": VALUES, "options": st.fixed_dictionaries({}, optional={**OLLAMA_OPTIONS, "stop": STOPS})},
     "/api/show": {"model": MODELS, "name": MODELS},
+    "/api/embed": {"model": MODELS, "input": TEXTS | st.lists(TEXTS, max_size=3), "truncate": st.booleans(),
+                   "dimensions": NUMBERS},
+    "/api/embeddings": {"model": MODELS, "prompt": TEXTS},
 }  # fmt: skip
 TOKENS = st.integers(1, 8) | NUMBERS  # mostly what fits the context, or anything
 OPENAI_COMMON = {"model": MODELS, "temperature": NUMBERS, "top_p": NUMBERS, "max_tokens": TOKENS, "seed": NUMBERS,
                  "max_completion_tokens": TOKENS, "n": st.just(1) | NUMBERS, "stop": STOPS, "stream": st.booleans(),
                  "stream_options": st.fixed_dictionaries({}, optional={"include_usage": st.booleans()}),
-                 "frequency_penalty": st.just(0) | NUMBERS, "response_format": st.just({"type": "text"}) | VALUES,
+                 "frequency_penalty": st.just(0) | NUMBERS, "response_format": st.just({"type": "text"}) | VALUES
+                 | st.just({"type": "json_object"}) | st.builds(lambda schema, strict: {"type": "json_schema",
+                 "json_schema": {"name": "x", "schema": schema, "strict": strict}}, SCHEMAS, st.booleans() | VALUES),
                  "logprobs": st.just(False) | VALUES}  # fmt: skip
 OPENAI = {
     "/v1/chat/completions": {**OPENAI_COMMON, "messages": st.lists(MESSAGE, max_size=3)},
     "/v1/completions": {**OPENAI_COMMON, "prompt": TEXTS | st.lists(TEXTS, max_size=2), "echo": VALUES},
+    "/v1/embeddings": {"model": MODELS, "input": TEXTS | st.lists(TEXTS | st.lists(NUMBERS, max_size=3), max_size=3),
+                       "encoding_format": st.sampled_from(["float", "base64", "hex"]) | VALUES,
+                       "dimensions": NUMBERS},
 }
 
 
 FUZZ_MODELS = st.sampled_from(["tiny-raw", "tiny"])
 USER = [{"role": "user", "content": "hi"}]
 GOOD = {"/api/generate": "Once", "/api/chat": USER, "/api/show": USER, "/v1/chat/completions": USER,
-        "/v1/completions": "Once"}  # fmt: skip
+        "/v1/completions": "Once", "/api/embed": "Once", "/api/embeddings": "Once",
+        "/v1/embeddings": "Once"}  # fmt: skip
 
 
 def check(url: str, path: str, body) -> None:
@@ -591,7 +607,8 @@ FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCh
 @given(data=st.data())
 def test_fuzz_ollama_requests(fuzz_url: str, data) -> None:
     path = data.draw(st.sampled_from(sorted(OLLAMA)))
-    required = {"model": FUZZ_MODELS, "prompt" if path == "/api/generate" else "messages": st.just(GOOD[path])}
+    key = {"/api/generate": "prompt", "/api/embeddings": "prompt", "/api/embed": "input"}.get(path, "messages")
+    required = {"model": FUZZ_MODELS, key: st.just(GOOD[path])}
     check(fuzz_url, path, data.draw(bodies(OLLAMA[path], required) | VALUES))
 
 
@@ -599,5 +616,6 @@ def test_fuzz_ollama_requests(fuzz_url: str, data) -> None:
 @given(data=st.data())
 def test_fuzz_openai_requests(fuzz_url: str, data) -> None:
     path = data.draw(st.sampled_from(sorted(OPENAI)))
-    required = {"model": FUZZ_MODELS, "prompt" if path == "/v1/completions" else "messages": st.just(GOOD[path])}
+    key = {"/v1/completions": "prompt", "/v1/embeddings": "input"}.get(path, "messages")
+    required = {"model": FUZZ_MODELS, key: st.just(GOOD[path])}
     check(fuzz_url, path, data.draw(bodies(OPENAI[path], required) | VALUES))

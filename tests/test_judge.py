@@ -292,6 +292,21 @@ def test_check_judge_reports_model_and_digest(fake_ollama):
     info = check_judge(fast_config(fake.host))
     assert info["model"] == "llama3:latest" and info["digest"] == DIGEST
     assert info["host"] == fake.host and info["parameter_size"] == "8.0B"
+    assert info["schema"] is False  # no /api/version: a server that does not say is asked in prose
+    score_items([make_item(0)], fast_config(fake.host), progress=False, judge=info)
+    assert "format" not in fake.requests[-1]["body"] or fake.requests[-1]["body"]["format"] is None
+
+
+@pytest.mark.parametrize(("version", "schema"), [("0.4.7", False), ("0.5.0", True), ("0.12.3", True),
+                                                 ("0.0.0", True), ("dev", False)])  # fmt: skip
+def test_an_ollama_of_0_5_or_later_is_asked_by_schema(http_dir, tmp_path, version, schema):
+    from llmcore.eval.judge import _ollama_takes_schema
+
+    (tmp_path / "api").mkdir()
+    (tmp_path / "api/version").write_text(json.dumps({"version": version}))
+    host = http_dir(tmp_path)
+    assert _ollama_takes_schema(host, 5) is schema
+    assert _ollama_takes_schema(host.removeprefix("http://"), 5) is schema  # OLLAMA_HOST may omit the scheme
 
 
 def test_check_judge_uses_ollama_host_env(fake_ollama, monkeypatch):

@@ -205,7 +205,8 @@ def test_full_pipeline_end_to_end_with_llmcore_serve_as_judge(tiny):
     for stage in ("tokenize", "pretrain", "classify", "instruct", "align", "evaluate"):
         assert (repo / f"reports/{stage}/metrics.json").is_file(), stage
     evaluate = json.loads((repo / "reports/evaluate/metrics.json").read_text())
-    assert json.loads((repo / "reports/evaluate/facts.json").read_text())["judge_status"] == "scored"
+    facts = json.loads((repo / "reports/evaluate/facts.json").read_text())
+    assert facts["judge_status"] == "scored" and facts["judge_format"] == "schema"  # {"score": N} by JSON schema
     assert evaluate["n_items"] == 110
     assert evaluate["n_scored"] == 110 and evaluate["n_error"] == 0  # the fixed-reply judge always says 85
     assert len((repo / "reports/evaluate/scores.jsonl").read_text().splitlines()) == 110

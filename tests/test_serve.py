@@ -120,7 +120,7 @@ def test_version_list_show_ps(url: str, client: ollama.Client, model_dir: Path) 
     assert shown.modelinfo["llama.context_length"] == 128
     assert "### Instruction:" in shown.template and "range .Messages" in shown.template  # the server's own prompts
     assert shown.parameters == 'stop "###"'
-    assert shown.capabilities == ["completion"]
+    assert shown.capabilities == ["completion", "embedding"]
     assert {m.model for m in client.ps().models} == set(listed)
 
 

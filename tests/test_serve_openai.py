@@ -98,7 +98,10 @@ def test_completions_are_raw_and_seeded(oai: openai.OpenAI, handles) -> None:  #
     ("kwargs", "param", "code"),
     [
         ({"n": 2}, "n", None),
-        ({"response_format": {"type": "json_object"}}, "response_format", None),
+        ({"response_format": {"type": "xml"}}, "response_format.type", None),
+        ({"response_format": {"type": "json_schema"}}, "response_format.json_schema", None),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "array",
+                                                                     "uniqueItems": True}}}}, "response_format", None),
         ({"temperature": "hot"}, "temperature", None),
         ({"temperature": 3}, "temperature", None),
         ({"max_tokens": 1000}, "messages", "context_length_exceeded"),
@@ -207,13 +210,13 @@ def test_bad_input_then_the_server_still_serves(url: str, handles, caplog, monke
 # The server is not silent: format, over-long prompts, model names
 
 
-def test_json_format_is_refused_naming_the_field(url: str) -> None:  # noqa: F811
-    for fmt in ("json", {"type": "object"}):
+def test_a_format_that_is_not_json_or_a_schema_is_refused_naming_the_field(url: str) -> None:  # noqa: F811
+    for fmt in ("yaml", 5, ["json"]):
         status, answer = post(url, "/api/generate", {"model": "tiny", "prompt": "hi", "format": fmt})
-        assert status == 400 and answer["error"].startswith("format ") and "not supported" in answer["error"]
-    status, answer = post(url, "/api/chat", {"model": "tiny", "messages": MESSAGES, "format": "json",
-                                             "stream": False})  # fmt: skip
-    assert status == 400 and "format" in answer["error"]
+        assert status == 400 and answer["error"].startswith('format must be "json" or a JSON schema object')
+    status, answer = post(url, "/api/chat", {"model": "tiny", "messages": MESSAGES, "stream": False,
+                                             "format": {"type": "object", "not": {}}})  # fmt: skip
+    assert status == 400 and answer["error"] == 'format: unsupported JSON schema: Unimplemented keys: ["not"]'
     assert post(url, "/api/generate", {"model": "tiny", "prompt": "hi", "format": "", "stream": False,
                                        "options": {"num_predict": 2}})[0] == 200  # fmt: skip
 

@@ -8,6 +8,10 @@ pipeline needs on top of the book's loop:
 - the official ``ollama`` client with fixed ``seed``/``temperature``/``num_ctx`` options, so reruns agree; or, with
   ``api: openai``, the official ``openai`` client (chat completions with ``seed``/``temperature``) against any
   OpenAI-compatible server (vLLM, llama.cpp's server, LM Studio, ``llmcore serve``, Ollama's ``/v1``);
+- the score asked for by JSON schema (``{"score": integer 0..100}``, :data:`SCORE_SCHEMA`) where the server takes
+  one: Ollama's ``format`` (servers of API 0.5 and later), the OpenAI API's ``response_format`` (a one-token probe
+  tells); the reply is then ``{"score": N}`` and cannot be prose. Other servers, or ``schema: false``, get the
+  prompt alone and their prose is parsed;
 - bounded concurrency, retries with exponential backoff on transient failures (connection refused or
   dropped, timeouts, HTTP 5xx/429), and one re-ask with a stricter prompt when a reply is not in the asked
   form (``parse_score``: a bare 0-100 integer, ``score: N`` or ``{"score": N}``; a number in prose is refused);
@@ -63,6 +67,15 @@ STRICT_PROMPT_TEMPLATE = (
 )
 _PLACEHOLDERS = ("input", "reference", "response")
 
+# What the judge is asked to answer with, where the server constrains output to a JSON schema.
+SCORE_SCHEMA = {
+    "type": "object",
+    "properties": {"score": {"type": "integer", "minimum": 0, "maximum": 100}},
+    "required": ["score"],
+    "additionalProperties": False,
+}
+SCHEMA_OLLAMA_VERSION = (0, 5, 0)  # Ollama's format takes a JSON schema from this release on
+
 # refused: no reply was in the asked form (parse_score); skipped: the judge was off or unreachable
 Status = Literal["scored", "refused", "error", "skipped"]
 MIN_SCORED_FLOOR = 0.5  # evaluate.judge.min_scored cannot go lower: a mean over fewer than half the items is no score
@@ -85,6 +98,7 @@ class JudgeConfig:
     prompt_template: str = DEFAULT_PROMPT_TEMPLATE  # placeholders: {input} {reference} {response}
     strict_prompt_template: str = STRICT_PROMPT_TEMPLATE  # the single re-ask for refused replies
     min_scored: float = 0.9  # fraction of the items that must get a score for the judge's verdict to count (>= 0.5)
+    schema: bool = True  # ask for {"score": N} by JSON schema where the server takes one; false: prose only
 
     def __post_init__(self) -> None:
         # Messages start with the field name: params.from_dict prefixes the section (evaluate.judge.retries: ...).
@@ -267,17 +281,59 @@ def _check_openai(config: JudgeConfig) -> dict[str, Any]:
     if name is None:
         raise LLMCoreError(f"judge model '{config.model}' is not on the OpenAI-compatible server at {host} "
                            f"(it serves: {', '.join(listed) or 'nothing'})")  # fmt: skip
+    schema = False
+    if config.schema:
+        with _client(config) as client:
+            schema = _openai_takes_schema(client, name, host)
     # The OpenAI API has no weight digest: the cache keys on the name (and the server's fingerprint is not stable).
     return {"host": host, "model": name, "digest": None, "family": None, "parameter_size": None,
-            "quantization_level": None}  # fmt: skip
+            "quantization_level": None, "schema": schema}  # fmt: skip
+
+
+def _openai_takes_schema(client, model: str, host: str) -> bool:
+    """Whether the OpenAI-compatible server honours ``response_format`` with a JSON schema: a one-token probe; a
+    4xx answer (vLLM, llama.cpp and llmcore serve take it; others refuse it) means prose."""
+    import openai
+
+    try:
+        client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Score: "}], max_tokens=1,
+                                       temperature=0, response_format=_response_format())  # fmt: skip
+    except openai.APIStatusError as e:
+        if 400 <= e.status_code < 500:
+            return False
+        raise LLMCoreError(f"the OpenAI-compatible server at {host} failed a one-token request: HTTP "
+                           f"{e.status_code}") from None  # fmt: skip
+    except (openai.APIConnectionError, openai.APITimeoutError) as e:
+        raise LLMCoreError(f"lost the OpenAI-compatible server at {host} ({type(e).__name__})") from None
+    return True
+
+
+def _response_format() -> dict[str, Any]:
+    return {"type": "json_schema", "json_schema": {"name": "score", "schema": SCORE_SCHEMA, "strict": True}}
+
+
+def _ollama_takes_schema(host: str, timeout: float) -> bool:
+    """Whether the Ollama server's ``format`` takes a JSON schema: its ``/api/version`` is 0.5.0 or later (a dev
+    build's 0.0.0 counts as new); a server that does not say is asked in prose."""
+    url = (host if "://" in host else f"http://{host}").rstrip("/") + "/api/version"
+    try:
+        version = httpx.get(url, timeout=timeout).json().get("version", "")
+    except (httpx.HTTPError, ValueError, AttributeError):
+        return False
+    m = re.match(r"(\d+)\.(\d+)\.(\d+)", str(version))
+    if not m:
+        return False
+    parts = tuple(map(int, m.groups()))
+    return parts >= SCHEMA_OLLAMA_VERSION or parts == (0, 0, 0)
 
 
 def check_judge(config: JudgeConfig) -> dict[str, Any]:
     """Make sure the Ollama server answers and has the judge model; fail with one line otherwise.
 
     Returns:
-        ``{"host", "model", "digest", "family", "parameter_size", "quantization_level"}``; ``model`` is the
-        name the server lists (``llama3:latest``), ``digest`` its sha256 (None if the server did not list it).
+        ``{"host", "model", "digest", "family", "parameter_size", "quantization_level", "schema"}``; ``model`` is
+        the name the server lists (``llama3:latest``), ``digest`` its sha256 (None if the server did not list it),
+        ``schema`` whether the score is asked for by JSON schema (``config.schema`` and the server takes one).
     """
     if config.api == "openai":
         return _check_openai(config)
@@ -320,6 +376,7 @@ def check_judge(config: JudgeConfig) -> dict[str, Any]:
         "family": details.family if details else None,
         "parameter_size": details.parameter_size if details else None,
         "quantization_level": details.quantization_level if details else None,
+        "schema": config.schema and _ollama_takes_schema(host, config.timeout),
     }
 
 
@@ -338,18 +395,21 @@ def _is_transient(e: Exception) -> bool:
     return isinstance(e, (ConnectionError, TimeoutError, httpx.TransportError))
 
 
-def _complete(client, config: JudgeConfig, prompt: str) -> str:
-    """The judge's reply to one prompt: Ollama's generate (the model's own template), or an OpenAI chat turn."""
+def _complete(client, config: JudgeConfig, prompt: str, schema: bool = False) -> str:
+    """The judge's reply to one prompt: Ollama's generate (the model's own template), or an OpenAI chat turn;
+    ``schema``: constrained to :data:`SCORE_SCHEMA`."""
     if config.api == "openai":
+        extra = {"response_format": _response_format()} if schema else {}
         reply = client.chat.completions.create(
             model=config.model, messages=[{"role": "user", "content": prompt}], temperature=config.temperature,
-            seed=config.seed,
+            seed=config.seed, **extra,
         )  # fmt: skip
         return reply.choices[0].message.content or ""
-    return client.generate(config.model, prompt, options=config.options, stream=False).response or ""
+    fmt = SCORE_SCHEMA if schema else None
+    return client.generate(config.model, prompt, options=config.options, stream=False, format=fmt).response or ""
 
 
-def _judge_one(client, item: JudgeItem, config: JudgeConfig) -> ScoreRecord:
+def _judge_one(client, item: JudgeItem, config: JudgeConfig, schema: bool = False) -> ScoreRecord:
     attempts = 0
 
     def ask(prompt: str) -> str:
@@ -357,7 +417,7 @@ def _judge_one(client, item: JudgeItem, config: JudgeConfig) -> ScoreRecord:
         for k in range(config.retries + 1):
             attempts += 1
             try:
-                return _complete(client, config, prompt)
+                return _complete(client, config, prompt, schema)
             except Exception as e:
                 if k == config.retries or not _is_transient(e):
                     raise
@@ -382,8 +442,8 @@ def _judge_one(client, item: JudgeItem, config: JudgeConfig) -> ScoreRecord:
 # Cache
 
 
-def cache_key(config: JudgeConfig, digest: str | None, item: JudgeItem) -> str:
-    """sha256 over everything that can change the judge's answer for this item."""
+def cache_key(config: JudgeConfig, digest: str | None, item: JudgeItem, schema: bool = False) -> str:
+    """sha256 over everything that can change the judge's answer for this item (``schema``: asked by schema)."""
     payload = {
         "model": config.model,
         "digest": digest or "",
@@ -394,6 +454,8 @@ def cache_key(config: JudgeConfig, digest: str | None, item: JudgeItem) -> str:
     }
     if config.api != "ollama":  # Ollama keys stay as they were, so existing caches still hit
         payload["api"] = config.api
+    if schema:  # prose answers keep their keys
+        payload["format"] = SCORE_SCHEMA
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode("utf-8")).hexdigest()
 
 
@@ -458,7 +520,8 @@ def score_items(
         cache_path: JSONL cache (see ``JudgeCache``); items answered before by the same judge (name and
             digest), options and prompts are not asked again. None: no cache.
         progress: show a tqdm bar.
-        judge: the result of ``check_judge(config)`` if the caller already has it; checked here otherwise.
+        judge: the result of ``check_judge(config)`` if the caller already has it; checked here otherwise. Its
+            ``schema`` says whether each prompt asks for :data:`SCORE_SCHEMA` by JSON schema.
 
     Returns:
         ``ScoreRecord``s; transient failures are retried ``config.retries`` times with exponential backoff,
@@ -471,7 +534,8 @@ def score_items(
     items = [x if isinstance(x, JudgeItem) else JudgeItem.from_dict(x, str(i)) for i, x in enumerate(items)]
     judge = judge if judge is not None else check_judge(config)
     cache = JudgeCache(cache_path) if cache_path is not None else None
-    keys = [cache_key(config, judge.get("digest"), it) for it in items]
+    schema = bool(judge.get("schema"))
+    keys = [cache_key(config, judge.get("digest"), it, schema) for it in items]
 
     records: list[ScoreRecord | None] = [None] * len(items)
     todo = []
@@ -489,7 +553,7 @@ def score_items(
         pool = ThreadPoolExecutor(min(config.max_concurrency, len(todo)))
         with _client(config) as client, bar:
             try:
-                futures = {pool.submit(_judge_one, client, items[i], config): i for i in todo}
+                futures = {pool.submit(_judge_one, client, items[i], config, schema): i for i in todo}
                 for future in as_completed(futures):
                     i = futures[future]
                     record = records[i] = future.result()

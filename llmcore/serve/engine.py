@@ -21,6 +21,12 @@ change tokens in practice; a single request runs the same kernels as :func:`llmc
 A row whose sampling fails (probabilities that are not finite) ends alone with reason ``error``; the other rows of
 its batch go on.
 
+Structured outputs: a request with a ``constraint`` (:mod:`llmcore.serve.structured`, a JSON schema's grammar)
+samples only the tokens its grammar allows next: before each sample the engine masks that row's logits (each row its
+own mask, computed in this thread with the GIL released), and each token sampled moves the row's grammar on.
+Unconstrained rows in the same batch are untouched. A row whose JSON is complete ends with reason ``stop``; one whose
+budget ends first, with ``length``.
+
 Text is made in the engine thread too (:class:`~llmcore.models.responses.TextStream`), so a stop string ends
 a sequence at the step that completes it. Results go to each request's ``sink`` callable as events:
 ``str`` pieces, then one :class:`Finished`; the HTTP layer turns those into NDJSON or SSE.
@@ -42,6 +48,7 @@ from llmcore.models.generate import SamplingConfig, sample_next
 from llmcore.models.gpt import GPT, BatchedKVCache
 from llmcore.models.responses import TextStream
 from llmcore.models.static_decode import decoder_for, width_for
+from llmcore.serve import structured
 from llmcore.text.tokenizer import Tokenizer
 
 log = logging.getLogger("llmcore.serve")
@@ -70,6 +77,7 @@ class Request:
     stop: Sequence[str] = ()  # stop strings: the text is cut before the first one and generation ends
     sections: bool = False  # Alpaca: end at a new "###" section, strip surrounding whitespace
     cancelled: bool = False  # set by the client side (disconnect); the engine drops the row next step
+    constraint: structured.Constraint | None = None  # sampling limited to the tokens its JSON grammar allows
     # engine state
     _text: TextStream | None = field(default=None, repr=False)
     _generator: torch.Generator | None = field(default=None, repr=False)
@@ -229,6 +237,7 @@ class Engine:
             self._prefilling.popleft()
             self._live.append(request)
             request._t_first = time.perf_counter_ns()
+        logits = self._masked(logits, done)
         tokens = [self._sample_row(logits[i : i + 1], r) for i, r in enumerate(done)]
         for i in reversed(range(len(done))):  # from the end, as in _decode: a row leaving moves the last one in
             self._accept(start + i, tokens[i])
@@ -300,6 +309,7 @@ class Engine:
     def _sample(self, logits: torch.Tensor) -> list[int | Exception]:
         """One token per row, each from its own request's sampling config and generator; a row whose sampling
         fails gets the exception instead, and only that request ends (with an error)."""
+        logits = self._masked(logits, self._live)
         greedy = [i for i, r in enumerate(self._live) if r.sampling.greedy]
         tokens: list[int | Exception] = [0] * len(self._live)
         if greedy:
@@ -309,6 +319,19 @@ class Engine:
             if not r.sampling.greedy:
                 tokens[i] = self._sample_row(logits[i : i + 1], r)
         return tokens
+
+    @staticmethod
+    def _masked(logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
+        """``logits`` (rows in the order of ``requests``) with the tokens each constrained request's grammar forbids
+        set to -inf; the same tensor when no request has a constraint."""
+        rows = [i for i, r in enumerate(requests) if r.constraint is not None]
+        if not rows:
+            return logits
+        allowed = structured.allowed_tokens([requests[i].constraint for i in rows]).to(logits.device)  # (R, V)
+        index = torch.tensor(rows, device=logits.device)
+        logits = logits.clone()
+        logits[index] = logits[index].masked_fill(~allowed[:, : logits.shape[-1]], float("-inf"))
+        return logits
 
     def _sample_row(self, logits: torch.Tensor, request: Request) -> int | Exception:
         try:
@@ -324,11 +347,14 @@ class Engine:
         request._generated += 1
         if token in request.sampling.stop_ids:
             return self._leave(slot, "stop")
+        constraint = request.constraint
+        if constraint is not None and not constraint.accept(token):
+            return self._leave(slot, "error", error=constraint.error)
         request._last = token
         piece = request._text.push(token)
         if piece:
             self._emit(request, piece)
-        if request._text.stopped:
+        if request._text.stopped or (constraint is not None and constraint.done):
             return self._leave(slot, "stop")
         if request._generated >= request._budget:
             return self._leave(slot, "length")

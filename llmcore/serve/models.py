@@ -7,6 +7,7 @@ part starts with a letter, digit or ``_``; at most 80 characters a part), and an
 from __future__ import annotations
 
 import re
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -108,6 +109,7 @@ class ModelHandle:
     threads: int | str = "auto"  # CPU threads of the engine (llmcore.threads.inference_threads)
     created: int = field(default_factory=lambda: int(time.time()))
     engine: Engine = field(init=False, repr=False)
+    _embed_lock: threading.Lock = field(init=False, repr=False, default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
         if self.template != "raw":
@@ -188,6 +190,33 @@ class ModelHandle:
             return self.tokenizer.encode(prompt, allow_special=False)  # as in training: "<|endoftext|>" is text
         except LLMCoreError as e:
             raise RequestError(400, str(e), param="prompt") from None
+
+    def embed(self, inputs: Sequence[Sequence[int]], batch_tokens: int = 4096) -> torch.Tensor:
+        """(N, emb_dim) float32 embeddings of token-id inputs: the final-norm hidden states mean-pooled over each
+        input's tokens, L2-normalised (cosine similarity is then a dot product).
+
+        Inputs run in right-padded batches of at most ``batch_tokens`` padded tokens (longest first, so each batch
+        pads little); causal attention keeps each row's positions off the padding after it. One batch runs at a
+        time per model, beside the engine's decode steps on the same weights."""
+        order = sorted(range(len(inputs)), key=lambda i: -len(inputs[i]))
+        out = torch.empty(len(inputs), self.model.cfg.emb_dim)
+        device = self.model.tok_emb.weight.device
+        start = 0
+        with self._embed_lock, torch.no_grad():
+            while start < len(order):
+                width = len(inputs[order[start]])
+                rows = order[start : start + max(1, batch_tokens // width)]
+                ids = torch.zeros(len(rows), width, dtype=torch.long)
+                real = torch.zeros(len(rows), width, dtype=torch.bool)
+                for r, i in enumerate(rows):
+                    ids[r, : len(inputs[i])] = torch.tensor(inputs[i])
+                    real[r, : len(inputs[i])] = True
+                hidden = self.model(ids.to(device), attention_mask=real.to(device), return_logits=False,
+                                    return_hidden=True).hidden.float().cpu()  # (B, T, C)  # fmt: skip
+                pooled = (hidden * real[..., None]).sum(1) / real.sum(1, keepdim=True)  # (B, C)
+                out[rows] = torch.nn.functional.normalize(pooled, dim=-1)
+                start += len(rows)
+        return out
 
     def chat_prompt(self, messages: Sequence[dict[str, str]]) -> str:
         return chat_prompt(messages, self.template)

@@ -4,8 +4,10 @@
     GET  /api/tags       the served models; ``digest`` is the sha256 of model.safetensors
     GET  /api/ps         the same models, as loaded ones (all are, for the server's lifetime)
     POST /api/show       details, ``model_info`` (architecture numbers), template
-    POST /api/generate   {"model", "prompt", "system"?, "raw"?, "stream"?, "options"?}
-    POST /api/chat       {"model", "messages", "stream"?, "options"?}
+    POST /api/generate   {"model", "prompt", "system"?, "raw"?, "stream"?, "options"?, "format"?}
+    POST /api/chat       {"model", "messages", "stream"?, "options"?, "format"?}
+    POST /api/embed      {"model", "input": text or [texts], "truncate"?}: {"embeddings": [[...], ...]}
+    POST /api/embeddings {"model", "prompt"}: {"embedding": [...]} (the older endpoint)
 
 ``stream`` defaults to true: one NDJSON object per text piece, then a final ``"done": true`` object with the
 counts and durations (nanoseconds); with ``"stream": false`` one object holds the whole text. Options honoured:
@@ -13,9 +15,14 @@ counts and durations (nanoseconds); with ``"stream": false`` one object holds th
 ``num_predict`` (-1: until the context is full), ``num_ctx`` (the context window, at most the model's) and
 ``stop``. A prompt longer than the window is truncated as Ollama does: it keeps its last ``num_ctx / 2``
 tokens (the rest of the window is room for the reply), a warning is logged, and ``prompt_eval_count`` says how
-many tokens were evaluated. ``format`` (JSON mode) is refused with 400: sampling is not constrained to JSON.
-``tools`` and ``think`` are refused with Ollama's own messages. As in Ollama, ``"prompt": ""`` (or
-``"messages": []``) only answers ``"done_reason": "load"``.
+many tokens were evaluated. ``format``: ``"json"`` (one JSON object) or a JSON schema (``Model.model_json_schema()``)
+constrains sampling to it (:mod:`llmcore.serve.structured`; an object that lists ``properties`` takes no others
+unless it says so, as in Ollama); a schema feature the grammar engine lacks is a 400 naming it, and a reply whose
+``num_predict`` ends mid-object has ``"done_reason": "length"``.
+Embeddings are the final hidden states mean-pooled over the input's tokens and L2-normalised (both endpoints); an
+input over the context is cut to it (``"truncate": false``: a 400 instead); ``/api/show`` lists the capabilities
+``completion`` and ``embedding``. ``tools`` and ``think`` are refused with Ollama's own messages. As in Ollama,
+``"prompt": ""`` (or ``"messages": []``) only answers ``"done_reason": "load"``.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -37,8 +45,10 @@ from llmcore.serve.models import ModelHandle, RequestError, qualify, rfc3339
 from llmcore.serve.protocol import (
     Stream,
     collect,
+    embed_inputs,
     field,
     generate,
+    json_constraint,
     json_endpoint,
     json_type,
     number,
@@ -46,6 +56,7 @@ from llmcore.serve.protocol import (
     shown,
     stop_strings,
 )
+from llmcore.serve.structured import ANY_OBJECT
 from llmcore.text.chat_templates import ollama_template
 from llmcore.text.chat_templates import stop_strings as template_stops
 
@@ -87,6 +98,17 @@ def sampling_from_options(raw: Any, context_length: int) -> tuple[SamplingConfig
     return SamplingConfig(max_new, temperature, top_k, top_p, seed=seed % 2**64), stop, window
 
 
+def schema_from_format(value: Any) -> dict | None:
+    """The JSON schema ``format`` asks for: ``"json"`` any JSON object, an object a schema, ``""``/null none."""
+    if value in (None, ""):
+        return None
+    if value == "json":
+        return ANY_OBJECT
+    if isinstance(value, dict):
+        return value
+    raise RequestError(400, f'format must be "json" or a JSON schema object, got {shown(value)}')
+
+
 def fit_window(ids: list[int], window: int, name: str) -> list[int]:
     """Ollama's truncation: a prompt that leaves no room in the window keeps its last ``window // 2`` tokens."""
     if len(ids) < window:
@@ -108,6 +130,8 @@ class OllamaAPI:
             Route("/api/show", self.endpoint(self.show), methods=["POST"]),
             Route("/api/generate", self.endpoint(self.generate), methods=["POST"]),
             Route("/api/chat", self.endpoint(self.chat), methods=["POST"]),
+            Route("/api/embed", self.endpoint(self.embed), methods=["POST"]),
+            Route("/api/embeddings", self.endpoint(self.embeddings), methods=["POST"]),
         ]
 
     def endpoint(self, handler: Callable) -> Callable:
@@ -168,7 +192,7 @@ class OllamaAPI:
                 "tokenizer.name": h.tokenizer.name,
                 "llmcore.template": h.template,
             },
-            "capabilities": ["completion"],
+            "capabilities": ["completion", "embedding"],
             "modified_at": h.modified_at,
         })  # fmt: skip
 
@@ -182,6 +206,7 @@ class OllamaAPI:
         stream = field(body, "stream", bool, True)
         sampling, stop, window = sampling_from_options(body.get("options"), h.context_length)
         self.check_unsupported(name, body)
+        schema = schema_from_format(body.get("format"))
         if not prompt:
             return JSONResponse({"model": name, "created_at": rfc3339(), "response": "", "done": True,
                                  "done_reason": "load"})  # fmt: skip
@@ -190,7 +215,7 @@ class OllamaAPI:
         else:
             messages = [{"role": "system", "content": system}] if system else []
             ids = h.chat_ids([*messages, {"role": "user", "content": prompt}])
-        return await self.respond(name, h, ids, sampling, stop, window, stream, lambda t: {"response": t})
+        return await self.respond(name, h, ids, sampling, stop, window, stream, lambda t: {"response": t}, schema)
 
     async def chat(self, body: dict) -> Response:
         name, h = self.model(body)
@@ -198,33 +223,32 @@ class OllamaAPI:
         stream = field(body, "stream", bool, True)
         sampling, stop, window = sampling_from_options(body.get("options"), h.context_length)
         self.check_unsupported(name, body)
+        schema = schema_from_format(body.get("format"))
         if not messages:
             reply = {"role": "assistant", "content": ""}
             return JSONResponse({"model": name, "created_at": rfc3339(), "message": reply, "done": True,
                                  "done_reason": "load"})  # fmt: skip
         ids = h.chat_ids(messages)
         return await self.respond(name, h, ids, sampling, stop, window, stream,
-                                  lambda t: {"message": {"role": "assistant", "content": t}})  # fmt: skip
+                                  lambda t: {"message": {"role": "assistant", "content": t}}, schema)  # fmt: skip
 
     @staticmethod
     def check_unsupported(name: str, body: dict) -> None:
         """Refuse what the model cannot do, rather than ignore it."""
-        fmt = body.get("format")
-        if fmt not in (None, ""):
-            raise RequestError(400, f"format {shown(fmt)} is not supported: llmcore does not constrain "
-                                    "sampling to JSON (ask for JSON in the prompt and parse the reply)")  # fmt: skip
         if body.get("tools"):
             raise RequestError(400, f"registry.ollama.ai/library/{name} does not support tools")
         if body.get("think") not in (None, False):
             raise RequestError(400, f'"{name}" does not support thinking')
 
     async def respond(self, name: str, h: ModelHandle, ids: list[int], sampling: SamplingConfig, stop: list[str],
-                      window: int, stream: bool, content: Callable[[str], dict]) -> Response:  # fmt: skip
+                      window: int, stream: bool, content: Callable[[str], dict],
+                      schema: dict | None = None) -> Response:  # fmt: skip
         if not ids:
             raise RequestError(400, "the prompt is empty")
         ids = fit_window(ids, window, name)
         sampling.max_new_tokens = min(sampling.max_new_tokens, window - len(ids))
-        events = generate(h, ids, sampling, stop, what=name)
+        constraint = await json_constraint(h, schema, "format")
+        events = generate(h, ids, sampling, stop, what=name, constraint=constraint)
 
         def stats(done: Finished) -> dict[str, Any]:
             return {
@@ -257,3 +281,49 @@ class OllamaAPI:
                 await events.aclose()
 
         return Stream(lines(), media_type="application/x-ndjson")
+
+    # -- embeddings ---------------------------------------------------------------------------------
+
+    def embed_ids(self, h: ModelHandle, texts: list[str], window: int, truncate: bool, label: str) -> list[list[int]]:
+        """Token ids of each text, cut to ``window`` tokens (``truncate``) or refused over it."""
+        out = []
+        for i, text in enumerate(texts):
+            ids = h.encode(text)
+            if len(ids) > window:
+                if not truncate:
+                    raise RequestError(400, f"{label}[{i}]: input length {len(ids)} exceeds maximum context length "
+                                       f"{window}")  # fmt: skip
+                ids = ids[:window]
+            if not ids:
+                raise RequestError(400, f"{label}[{i}] is empty")
+            out.append(ids)
+        return out
+
+    async def embed(self, body: dict) -> Response:
+        name, h = self.model(body)
+        raw = body.get("input")
+        if isinstance(raw, str):
+            raw = [raw]
+        if not isinstance(raw, list) or not all(isinstance(t, str) for t in raw):
+            raise RequestError(400, f"input must be a string or a list of strings, got {shown(raw)}")
+        truncate = field(body, "truncate", bool, True)
+        dimensions = number(body, "dimensions", integer=True)
+        if dimensions not in (None, h.model.cfg.emb_dim):
+            raise RequestError(400, f"dimensions {dimensions} is not supported: {name} embeds in "
+                               f"{h.model.cfg.emb_dim} dimensions")  # fmt: skip
+        _, _, window = sampling_from_options(body.get("options"), h.context_length)
+        start = time.perf_counter_ns()
+        ids = self.embed_ids(h, raw, window, truncate, "input")
+        vectors = await embed_inputs(h, ids)
+        return JSONResponse({"model": name, "embeddings": vectors, "total_duration": time.perf_counter_ns() - start,
+                             "load_duration": 0, "prompt_eval_count": sum(map(len, ids))})  # fmt: skip
+
+    async def embeddings(self, body: dict) -> Response:
+        """The older endpoint: one prompt, one ``embedding`` (empty for an empty prompt, as Ollama's)."""
+        name, h = self.model(body)
+        prompt = field(body, "prompt", str, "")
+        _, _, window = sampling_from_options(body.get("options"), h.context_length)
+        if not prompt:
+            return JSONResponse({"embedding": []})
+        vectors = await embed_inputs(h, self.embed_ids(h, [prompt], window, True, "prompt"))
+        return JSONResponse({"embedding": vectors[0]})

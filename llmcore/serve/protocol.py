@@ -1,5 +1,6 @@
-"""What both APIs share: reading a capped JSON body, typed fields, chat messages, and running a request on the
-engine from the event loop (pieces arrive on an asyncio queue; a client that goes away cancels its sequence)."""
+"""What both APIs share: reading a capped JSON body, typed fields, chat messages, JSON-schema constraints, and running
+a request on the engine from the event loop (pieces arrive on an asyncio queue; a client that goes away cancels its
+sequence)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from llmcore.models.generate import SamplingConfig
 from llmcore.serve.engine import Finished
 from llmcore.serve.engine import Request as Generation
 from llmcore.serve.models import ModelHandle, RequestError
+from llmcore.serve.structured import Constraint, SchemaError, compile_schema
 
 log = logging.getLogger("llmcore.serve")
 
@@ -189,6 +191,14 @@ def parse_messages(raw: list) -> list[dict[str, str]]:
     return messages
 
 
+async def embed_inputs(handle: ModelHandle, inputs: list[list[int]]) -> list[list[float]]:
+    """Embeddings of token-id inputs (:meth:`ModelHandle.embed`), computed off the event loop."""
+    if not inputs:
+        return []
+    vectors = await asyncio.to_thread(handle.embed, inputs)
+    return vectors.tolist()
+
+
 class Stream(StreamingResponse):
     """A streamed response whose generator is always closed (its ``finally`` cancels the sequence), and a client
     that hangs up is not an error."""
@@ -216,12 +226,25 @@ async def collect(events: AsyncIterator[str | Finished]) -> tuple[str, Finished 
     return "".join(pieces), done
 
 
+async def json_constraint(handle: ModelHandle, schema: dict | None, label: str) -> Constraint | None:
+    """A fresh grammar state for ``schema`` on this model (None: no schema); a 400 naming ``label`` and what the
+    grammar engine cannot do. Compiling runs off the event loop (a large schema takes a while; it is cached)."""
+    if schema is None:
+        return None
+    vocab = max(handle.model.cfg.vocab_size, handle.tokenizer.vocab_size)
+    try:
+        grammar = await asyncio.to_thread(compile_schema, schema, handle.tokenizer, vocab, handle.stop_ids)
+    except SchemaError as e:
+        raise RequestError(400, f"{label}: unsupported JSON schema: {e}", param=label) from None
+    return grammar.constraint()
+
+
 async def generate(handle: ModelHandle, prompt_ids: list[int], sampling: SamplingConfig, stop: list[str],
-                   what: str) -> AsyncIterator[str | Finished]:  # fmt: skip
+                   what: str, constraint: Constraint | None = None) -> AsyncIterator[str | Finished]:  # fmt: skip
     """Run one request on the model's engine; yield text pieces, then the :class:`Finished` event.
 
     Leaving early (the client went away, the response task was cancelled) cancels the sequence, so its batch
-    slot frees at the next decode step.
+    slot frees at the next decode step. ``constraint``: sampling limited to a JSON schema (:func:`json_constraint`).
     """
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
@@ -230,7 +253,7 @@ async def generate(handle: ModelHandle, prompt_ids: list[int], sampling: Samplin
         loop.call_soon_threadsafe(events.put_nowait, event)
 
     sampling.stop_ids = (*sampling.stop_ids, *handle.stop_ids)
-    job = Generation(prompt_ids, sampling, sink, stop=stop, sections=handle.sections)
+    job = Generation(prompt_ids, sampling, sink, stop=stop, sections=handle.sections, constraint=constraint)
     handle.engine.submit(job)
     done = False
     try:
