@@ -21,7 +21,8 @@ import shutil
 import pytest
 
 from llmcore.common import write_stage_reports
-from llmcore.eval.report import build_report, to_html, to_markdown
+from llmcore.report.card import build_report
+from llmcore.report.render import to_html, to_markdown
 from tests.conftest import REPO_ROOT
 from tests.test_report import make_reports, paired, tsv
 
@@ -96,9 +97,11 @@ def without_svg(html: str) -> str:
 
 
 def render(reports) -> dict[str, str]:
+    """Markdown, HTML and the figure list, with the temporary folder's path as ``<tmp>``."""
     report = build_report(reports, PARAMS, pipeline=dict(PIPELINE), run_facts=list(FACTS), default_params=DEFAULT)
     figures = "".join(f"{f.name}: {f.caption}\n" for figs in report.figures.values() for f in figs)
-    return {"md": to_markdown(report), "html": without_svg(to_html(report)), "figures.txt": figures}
+    out = {"md": to_markdown(report), "html": without_svg(to_html(report)), "figures.txt": figures}
+    return {k: v.replace(str(reports.parent), "<tmp>") for k, v in out.items()}
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
