@@ -263,7 +263,7 @@ def test_evaluate_compares_base_instruct_and_align(aligned: Path, judge_url: str
 
 
 def test_head_to_head_reads_the_choice_and_undoes_the_order() -> None:
-    from llmcore.eval.compare import _order, _record, paired_stats, parse_choice
+    from llmcore.eval.paired import _order, _record, paired_stats, parse_choice
 
     assert [parse_choice(t) for t in ("1", "**2**", "Tie.", "Response 2 is better.", "1 or 2", "", None)] == [
         "1", "2", "tie", "2", None, None, None]  # fmt: skip
