@@ -1,4 +1,4 @@
-# Two entry points (see README): `make pipeline` and `make test`.
+# Two entry points (see README): `make pipeline` and `make test`; `make docs` builds the manual.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -9,13 +9,13 @@ TORCH_SPEC ?= torch==2.13.0
 # (pip keeps the wheel in its cache).
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 
-.PHONY: venv test lint deps pipeline compare bench bench-quick clean
+.PHONY: venv test lint deps docs pipeline compare bench bench-quick clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH_SPEC)" || $(BIN)/pip install -q torch
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install -q -e ".[dev,data,eval,export,serve]"
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install -q -e ".[dev,data,eval,export,serve,docs]"
 	# the book's reference model, a peer in benchmarks and their tests; its own deps are heavy and unneeded
 	$(BIN)/pip install -q --no-deps llms-from-scratch
 	touch $@
@@ -29,6 +29,10 @@ lint: venv
 # tests/test_deps.py fails naming the stage and file when they drift; this is the fix.
 deps: venv
 	$(BIN)/python -m stages.deps --write
+
+# The manual (docs/, mkdocs.yml) as a site in site/: offline, warnings as errors (tests/test_docs.py builds it too).
+docs: venv
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 # pytest exits 5 when nothing was collected; treat that as a failure too.
 test: venv lint
@@ -67,4 +71,4 @@ bench-quick: venv
 	$(BIN)/python -m benchmarks.busy --quick --out reports/busy_bench_quick.json
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache site

@@ -31,7 +31,6 @@ import json
 import os
 import platform
 import resource
-import statistics
 import subprocess
 import sys
 import time
@@ -43,6 +42,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from benchmarks.timing import median, repeat
 from llmcore.common import write_json_atomic
 from llmcore.models.config import ModelConfig
 from llmcore.models.gpt import GPT
@@ -132,15 +132,8 @@ def missing_peer(peer: str) -> str | None:
 
 def timed(fn: Callable[[], Any], warmup: int, reps: int) -> tuple[list[float], list[float]]:
     """Wall and process-CPU seconds of ``reps`` calls after ``warmup`` untimed ones."""
-    for _ in range(warmup):
-        fn()
-    wall, cpu = [], []
-    for _ in range(reps):
-        w, c = time.perf_counter(), time.process_time()
-        fn()
-        wall.append(time.perf_counter() - w)
-        cpu.append(time.process_time() - c)
-    return wall, cpu
+    t = repeat(fn, reps, warmup)
+    return t.wall_s, t.cpu_s
 
 
 def peak_rss_mb() -> float:
@@ -305,7 +298,7 @@ def job_train(plan: Plan, peer: str, precision: str) -> dict[str, Any]:
     step, _ = make_train_step(peer, plan.shape, precision)
     wall, cpu = timed(step, plan.train_warmup, plan.train_reps)
     tokens = plan.shape.batch_size * plan.shape.context_length
-    return {"wall_s": wall, "cpu_s": cpu, "tokens_per_s": tokens / statistics.median(wall)}
+    return {"wall_s": wall, "cpu_s": cpu, "tokens_per_s": tokens / median(wall)}
 
 
 def job_generate(plan: Plan, peer: str) -> dict[str, Any]:
@@ -319,7 +312,7 @@ def job_generate(plan: Plan, peer: str) -> dict[str, Any]:
     wall, cpu = timed(once, 0, plan.gen_reps)
     if len(ids) != plan.gen_new:
         raise RuntimeError(f"{peer} generated {len(ids)} tokens, expected {plan.gen_new}")
-    return {"wall_s": wall, "cpu_s": cpu, "new_tokens_per_s": plan.gen_new / statistics.median(wall)}
+    return {"wall_s": wall, "cpu_s": cpu, "new_tokens_per_s": plan.gen_new / median(wall)}
 
 
 def job_loss(plan: Plan) -> dict[str, Any]:
@@ -393,7 +386,7 @@ def job_bpe(plan: Plan, trainer: str) -> dict[str, Any]:
         tok = made[-1]
         n_vocab = tok.vocab_size if trainer == "llmcore" else tok.get_vocab_size()
         out[str(vocab)] = {
-            "wall_s": wall, "cpu_s": cpu, "seconds": statistics.median(wall), "vocab_size": n_vocab,
+            "wall_s": wall, "cpu_s": cpu, "seconds": median(wall), "vocab_size": n_vocab,
             "bytes_per_token": n_bytes / len(encode(tok)),
         }  # fmt: skip
     return out
@@ -446,7 +439,7 @@ def job_encode(plan: Plan) -> dict[str, Any]:
     out: dict[str, Any] = {"mb": mb, "same_ids_as_tiktoken": same}
     for name, fn in encoders.items():
         wall, cpu = timed(fn, 1, plan.encode_reps)
-        out[name] = {"wall_s": wall, "cpu_s": cpu, "mb_per_s": mb / statistics.median(wall)}
+        out[name] = {"wall_s": wall, "cpu_s": cpu, "mb_per_s": mb / median(wall)}
     return out
 
 
@@ -586,11 +579,11 @@ def _pool(section: str, old: dict[str, Any] | None, new: dict[str, Any] | None, 
     out = {**new, "wall_s": old["wall_s"] + new["wall_s"], "cpu_s": old["cpu_s"] + new["cpu_s"]}
     rss = [r for r in (old["peak_rss_mb"], new["peak_rss_mb"]) if r is not None]
     out["peak_rss_mb"] = max(rss) if rss else None
-    median = statistics.median(out["wall_s"])
+    mid = median(out["wall_s"])
     if section == "train":
-        out["tokens_per_s"] = plan.shape.batch_size * plan.shape.context_length / median
+        out["tokens_per_s"] = plan.shape.batch_size * plan.shape.context_length / mid
     else:
-        out["new_tokens_per_s"] = plan.gen_new / median
+        out["new_tokens_per_s"] = plan.gen_new / mid
     return out
 
 
@@ -610,12 +603,12 @@ def summarise(report: dict[str, Any], plan: Plan) -> dict[str, float]:
         if ours and book:
             ratios[f"train_{p}_vs_book"] = ours["tokens_per_s"] / book["tokens_per_s"]
             # the same ratio from process CPU time: robust to other load on the machine
-            ratios[f"train_{p}_vs_book_cpu"] = statistics.median(book["cpu_s"]) / statistics.median(ours["cpu_s"])
+            ratios[f"train_{p}_vs_book_cpu"] = median(book["cpu_s"]) / median(ours["cpu_s"])
     gen = report.get("generate") or {}
     for peer in ("hf", "book"):
         if gen.get("llmcore") and gen.get(peer):
             ratios[f"gen_vs_{peer}"] = gen["llmcore"]["new_tokens_per_s"] / gen[peer]["new_tokens_per_s"]
-            ratios[f"gen_vs_{peer}_cpu"] = statistics.median(gen[peer]["cpu_s"]) / statistics.median(
+            ratios[f"gen_vs_{peer}_cpu"] = median(gen[peer]["cpu_s"]) / median(
                 gen["llmcore"]["cpu_s"]
             )
     bpe = report.get("bpe") or {}

@@ -47,7 +47,6 @@ import json
 import os
 import random
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -56,6 +55,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from benchmarks.timing import median, repeat
 
 # The user's environment, before anything here imports llmcore (its import sets GOMP_SPINCOUNT): peers run in it.
 ORIGINAL_ENV = dict(os.environ)
@@ -193,19 +194,11 @@ def _peer_imports() -> None:
 def timed(fn: Callable[[], Any], reps: int, budget_s: float) -> dict[str, list[float]]:
     """Wall and process-CPU seconds of up to ``reps`` calls of ``fn``: fewer once ``budget_s`` of wall time is
     spent (at least one), so that a peer running at a twentieth of its idle speed cannot take the whole run."""
-    wall: list[float] = []
-    cpu: list[float] = []
-    start = time.perf_counter()
-    while len(wall) < reps and (not wall or time.perf_counter() - start < budget_s):
-        w, c = time.perf_counter(), time.process_time()
-        fn()
-        wall.append(time.perf_counter() - w)
-        cpu.append(time.process_time() - c)
-    return {"wall_s": wall, "cpu_s": cpu}
+    return repeat(fn, reps, warmup=0, budget_s=budget_s).as_dict()
 
 
 def _stats(times: dict[str, list[float]], items: int) -> dict[str, Any]:
-    return {"value": items / statistics.median(times["wall_s"]), **times}
+    return {"value": items / median(times["wall_s"]), **times}
 
 
 def job_train(job: dict[str, Any]) -> dict[str, Any]:

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from benchmarks.timing import repeat
 from llmcore.common import write_json_atomic
 from llmcore.models import static_decode
 from llmcore.models.config import ModelConfig
@@ -60,12 +61,7 @@ def prompts_for(model: GPT, batch: int) -> list[list[int]]:
 
 
 def best_seconds(fn, reps: int) -> float:
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    return repeat(fn, reps, warmup=0).best
 
 
 def first_difference(a: list[list[int]], b: list[list[int]]) -> int | None:

@@ -28,16 +28,15 @@ import contextlib
 import functools
 import json
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from benchmarks.timing import median, repeat, stopwatch
 from llmcore.common import write_json_atomic
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -86,10 +85,10 @@ def tokenize_once(paths: list[Path], workers: int, tmp: Path) -> tuple[float, di
 
     splits = {"train": [Source(str(p), path=p) for p in paths[:-1]], "val": [Source(str(paths[-1]), path=paths[-1])]}
     tok = gpt2_tokenizer()
-    start = time.perf_counter()
-    meta = tokenize_to_shards(splits, tok, tmp / "out", tmp / "work", shard_tokens=10_000_000,
-                              workers=workers, progress_bar=False, log=lambda _: None)  # fmt: skip
-    return time.perf_counter() - start, meta
+    with stopwatch() as clock:
+        meta = tokenize_to_shards(splits, tok, tmp / "out", tmp / "work", shard_tokens=10_000_000,
+                                  workers=workers, progress_bar=False, log=lambda _: None)  # fmt: skip
+    return clock.seconds, meta
 
 
 def tiktoken_gpt2():
@@ -118,15 +117,14 @@ def job_encode(mb: float, reps: int) -> dict[str, Any]:
             for r in range(reps):
                 wall, meta = tokenize_once(paths, workers, Path(tmp) / f"run{workers}_{r}")
                 walls.append(wall)
-            mb_per_s = n_bytes / 1e6 / statistics.median(walls)
+            mb_per_s = n_bytes / 1e6 / median(walls)
             out[f"llmcore shards, {workers} worker(s)"] = {"wall_s": walls, "mb_per_s": mb_per_s}
-            tik_walls = []
-            for _ in range(reps):
-                start = time.perf_counter()
-                ids = tik.encode_ordinary_batch(docs, num_threads=workers)
-                tik_walls.append(time.perf_counter() - start)
+            encoded: list[list[list[int]]] = []
+            encode = lambda n=workers, into=encoded: into.append(tik.encode_ordinary_batch(docs, num_threads=n))
+            timed = repeat(encode, reps, warmup=0)
+            ids = encoded[-1]
             out[f"tiktoken encode_ordinary_batch, {workers} thread(s)"] = {
-                "wall_s": tik_walls, "mb_per_s": n_bytes / 1e6 / statistics.median(tik_walls)}  # fmt: skip
+                "wall_s": timed.wall_s, "mb_per_s": n_bytes / 1e6 / timed.median}
         # the same tokens: the shards hold tiktoken's ids, one end-of-text between the documents of a split
         n_val = len(np.array_split(np.arange(len(docs)), 4)[-1])
         expected = []
@@ -213,26 +211,23 @@ def job_loader(steps: int, batches: int = 500) -> dict[str, Any]:
             rng.integers(0, 1024, 2_500_000, dtype=np.uint16).tofile(path)
             maps.append(np.memmap(path, dtype=np.uint16, mode="r"))
         windows = RandomWindows(TokenShards(maps), B, T, seed=0)
-        n = batches
-        start = time.perf_counter()
-        for _ in range(n):
-            windows.next_batch()
-        loader = n * B * T / (time.perf_counter() - start)
+        with stopwatch() as clock:
+            for _ in range(batches):
+                windows.next_batch()
+        loader = batches * B * T / clock.seconds
     cfg = ModelConfig.from_preset("llama3-tiny", context_length=T)
     torch.manual_seed(0)
     model = GPT(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
     batch = windows.next_batch()
-    walls = []
-    for i in range(steps + 2):
-        start = time.perf_counter()
+
+    def step() -> None:
         loss, _ = lm_loss(model, batch)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if i >= 2:
-            walls.append(time.perf_counter() - start)
-    train = B * T / statistics.median(walls)
+
+    train = B * T / repeat(step, steps, warmup=2).median
     return {"loader_tokens_per_s": loader, "train_tokens_per_s_1_thread": train, "ratio": loader / train,
             "batch": [B, T]}  # fmt: skip
 

@@ -19,11 +19,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
-import time
 
 import torch
 
+from benchmarks.timing import repeat
 from llmcore.data.instruct import Example
 from llmcore.data.preferences import PreferenceBatches, PreferencePair
 from llmcore.models.config import ModelConfig
@@ -49,14 +48,7 @@ def synthetic_pairs(n: int, vocab: int, prompt: int, answer: int, seed: int = 0)
 
 
 def time_steps(step, reps: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return repeat(step, reps, warmup).median
 
 
 def run(preset: str, batch: int, reps: int, context: int, threads: int | None) -> dict[str, float]:

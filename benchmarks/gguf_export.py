@@ -13,31 +13,20 @@ clock. The model is random: the speed of a forward pass does not depend on what 
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from benchmarks.bench import GPT2_BPE, MIRROR, SHAKESPEARE
+from benchmarks.timing import repeat, stopwatch
 from llmcore.common import write_json_atomic
 from llmcore.models.config import ModelConfig
 from llmcore.models.generate import SamplingConfig, generate
 from llmcore.models.gpt import GPT
 from llmcore.text.tokenizer import Tokenizer
 from llmcore.weights.gguf import PRECISIONS, write_gguf
-
-
-def median_time(fn, reps: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def run(quick: bool, threads: int, new_tokens: int, reps: int, mirror: Path = MIRROR) -> dict:
@@ -60,9 +49,9 @@ def run(quick: bool, threads: int, new_tokens: int, reps: int, mirror: Path = MI
     with tempfile.TemporaryDirectory() as tmp:
         for precision in PRECISIONS:
             path = Path(tmp) / f"{precision}.gguf"
-            start = time.perf_counter()
-            write_gguf(path, model, tok, precision=precision)
-            seconds = time.perf_counter() - start
+            with stopwatch() as clock:
+                write_gguf(path, model, tok, precision=precision)
+            seconds = clock.seconds
             report["export"][precision] = {"seconds": round(seconds, 2), "mb": round(path.stat().st_size / 1e6, 1)}
             print(f"export {precision:>5}: {seconds:6.2f} s  {path.stat().st_size / 1e6:8.1f} MB", flush=True)
 
@@ -85,8 +74,8 @@ def run(quick: bool, threads: int, new_tokens: int, reps: int, mirror: Path = MI
         def llmcore_generate() -> list[int]:
             return generate(model, [prompt], sampling)[0]
 
-        llama_s = median_time(llama_generate, reps)
-        ours_s = median_time(llmcore_generate, reps)
+        llama_s = repeat(llama_generate, reps, warmup=1).median
+        ours_s = repeat(llmcore_generate, reps, warmup=1).median
     report["generate"] = {
         "prompt_tokens": len(prompt), "new_tokens": new_tokens,
         "llama_cpp_q8_0_tok_s": round(new_tokens / llama_s, 1), "llmcore_fp32_tok_s": round(new_tokens / ours_s, 1),

@@ -23,13 +23,13 @@ import random
 import statistics
 import sys
 import tempfile
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from benchmarks.timing import median, stopwatch
 from llmcore.common import write_json_atomic
 from llmcore.models.config import ModelConfig
 from llmcore.models.gpt import GPT
@@ -106,11 +106,11 @@ def run(plan: Plan, log=print) -> dict[str, Any]:
             scores[name] = lm.loglikelihood(requests, disable_tqdm=True)
         for rep in range(plan.reps):
             for name in peers if rep % 2 == 0 else reversed(peers):
-                start = time.perf_counter()
-                peers[name].loglikelihood(requests, disable_tqdm=True)
-                times[name].append(time.perf_counter() - start)
+                with stopwatch() as clock:
+                    peers[name].loglikelihood(requests, disable_tqdm=True)
+                times[name].append(clock.seconds)
                 log(f"  pass {rep + 1}/{plan.reps} {name}: {times[name][-1]:.1f} s", flush=True)
-        rate = {name: len(requests) / statistics.median(t) for name, t in times.items()}
+        rate = {name: len(requests) / median(t) for name, t in times.items()}
         diffs = [abs(a[0] - b[0]) for a, b in zip(scores["llmcore"], scores["hf"], strict=True)]
         greedy_agree = sum(a[1] == b[1] for a, b in zip(scores["llmcore"], scores["hf"], strict=True))
         context = [len(tok.encode(r.args[0])) for r in requests]

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -31,6 +30,7 @@ from typing import Any
 
 import torch
 
+from benchmarks.timing import median, percentile
 from llmcore.common import write_json_atomic
 from llmcore.models.config import ModelConfig
 from llmcore.models.generate import SamplingConfig, generate
@@ -71,13 +71,6 @@ class _Tokens:
 
     def encode(self, text: str, allow_special: bool = False) -> list[int]:
         return [int(t[1:]) for t in text.split()]
-
-
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    k = (len(ordered) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
 
 
 def _stream_once(url: str, prompt: str, new: int) -> tuple[int, float]:
@@ -133,9 +126,9 @@ def bench_server(case: Case, model: GPT, log=print) -> dict[str, Any]:
                 rates.append(sum(c for c, _ in out) / wall)
                 ttfts += [t for _, t in out]
             results[f"clients_{n}"] = {
-                "tokens_per_s": statistics.median(rates),
-                "ttft_p50_ms": 1000 * _percentile(ttfts, 0.5),
-                "ttft_p95_ms": 1000 * _percentile(ttfts, 0.95),
+                "tokens_per_s": median(rates),
+                "ttft_p50_ms": 1000 * percentile(ttfts, 0.5),
+                "ttft_p95_ms": 1000 * percentile(ttfts, 0.95),
                 "runs": rates,
             }
             log(f"  {n} client(s): {results[f'clients_{n}']['tokens_per_s']:.1f} tokens/s aggregate, TTFT p50 "
@@ -164,7 +157,7 @@ def bench_single_stream(case: Case, model: GPT, log=print) -> dict[str, Any]:
             start = time.perf_counter()
             fn()
             times.append(time.perf_counter() - start)
-        return case.new / statistics.median(times)
+        return case.new / median(times)
 
     engine = Engine(model, _Tokens(model.cfg.vocab_size), max_batch=1)
     try:

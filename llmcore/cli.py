@@ -212,12 +212,20 @@ def compare(
     experiments: list[str] = typer.Argument(None, help="experiment names or revs (default: every experiment)"),
     repo: Path = typer.Option(Path("."), help="the DVC repository"),
     out: Path = typer.Option(Path("reports"), help="where compare.html, compare.md and compare_figures/ go"),
+    baseline: str = typer.Option(
+        None, help="an experiment (name or rev) to compare against, instead of the committed metrics"
+    ),
 ) -> None:
-    """Compare DVC experiments: params that differ, headline metrics with the best marked, overlaid curves."""
-    from llmcore.eval.experiments import HOW_TO, compare, parse_exp_show, run_dvc_exp_show, write_comparison
+    """Compare DVC experiments: params that differ, headline metrics with the best marked, overlaid curves.
+
+    The baseline is the commit the experiments came from, with the metrics committed in it (measured on the
+    machine that made the commit); `--baseline NAME` takes one of your experiments instead, e.g. a run without
+    changes: `dvc exp run -n base`, then `llmcore compare --baseline base`.
+    """
+    from llmcore.report.experiments import HOW_TO, compare, parse_exp_show, run_dvc_exp_show, write_comparison
 
     with stage_errors():
-        exps = parse_exp_show(run_dvc_exp_show(repo), experiments or None)
+        exps = parse_exp_show(run_dvc_exp_show(repo), experiments or None, baseline)
         md, page = write_comparison(compare(repo, exps), repo / out if not out.is_absolute() else out)
     if not exps:
         typer.echo(HOW_TO)

@@ -17,7 +17,7 @@ Output: ``reports/benchmark/<name>/metrics.json`` (DVC metrics, so ``dvc exp sho
      "tasks": {"hellaswag": {"acc": 0.27, "acc_stderr": 0.031, "acc_norm": 0.26, "acc_norm_stderr": 0.031,
                              "samples": 200}}}
 
-``llmcore.eval.published.benchmark_rows`` puts these beside published GPT-2 124M figures for the report.
+``llmcore.report.published.benchmark_rows`` puts these beside published GPT-2 124M figures for the report.
 """
 
 from __future__ import annotations

@@ -41,7 +41,6 @@ from typing import Literal
 import typer
 
 from llmcore.common import LLMCoreError, atomic_path, print0, read_json, stage_errors, write_stage_reports
-from llmcore.eval.compare import HeadToHeadRecord, PairItem, head_to_head, paired_stats, summarize_head_to_head
 from llmcore.eval.judge import (
     JudgeConfig,
     JudgeItem,
@@ -53,6 +52,7 @@ from llmcore.eval.judge import (
     write_records,
 )
 from llmcore.eval.metrics import exact_match, rouge_l
+from llmcore.eval.paired import HeadToHeadRecord, PairItem, head_to_head, paired_stats, summarize_head_to_head
 from llmcore.params import load_section
 
 

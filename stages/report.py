@@ -15,8 +15,9 @@ import typer
 import yaml
 
 from llmcore.common import atomic_path, stage_errors, write_text_atomic
-from llmcore.eval.report import build_report, to_html, to_markdown
 from llmcore.params import plain, read_params
+from llmcore.report.card import build_report
+from llmcore.report.render import to_html, to_markdown
 
 
 def load_params(path: Path) -> dict:

@@ -111,7 +111,8 @@ def write_params(root: Path, name: str, judge_host: str | None = None, **align) 
             **align,
         },
         "evaluate": {"judge_mode": "required", "n_boot": 200,
-                     "judge": {"model": "judge", "host": judge_host, "timeout": 20, "retries": 0,
+                     # the bigram judge answers in prose (one digit): asked by JSON schema it could only tie
+                     "judge": {"model": "judge", "host": judge_host, "timeout": 20, "retries": 0, "schema": False,
                                "prompt_template": JUDGE_TEMPLATE, "strict_prompt_template": JUDGE_TEMPLATE}},
     }  # fmt: skip
     path = root / f"{name}.yaml"
@@ -263,7 +264,7 @@ def test_evaluate_compares_base_instruct_and_align(aligned: Path, judge_url: str
 
 
 def test_head_to_head_reads_the_choice_and_undoes_the_order() -> None:
-    from llmcore.eval.compare import _order, _record, paired_stats, parse_choice
+    from llmcore.eval.paired import _order, _record, paired_stats, parse_choice
 
     assert [parse_choice(t) for t in ("1", "**2**", "Tie.", "Response 2 is better.", "1 or 2", "", None)] == [
         "1", "2", "tie", "2", None, None, None]  # fmt: skip

@@ -25,10 +25,11 @@ from typer.testing import CliRunner
 from llmcore.cli import app as cli
 from llmcore.data.preferences import collate_pairs, encode_pairs
 from llmcore.download import MIRROR_ENV
-from llmcore.eval.report import build_report, to_markdown
 from llmcore.models.config import ModelConfig
 from llmcore.models.gpt import GPT
 from llmcore.params import merge_params, read_params
+from llmcore.report.card import build_report
+from llmcore.report.render import to_markdown
 from llmcore.serve.app import make_server
 from llmcore.serve.models import ModelHandle
 from llmcore.text.chat import CHAT_TOKENS, CHATML, IM_END, IM_START, render_chat
@@ -230,7 +231,8 @@ def align_params(root: Path, name: str, judge_host: str | None = None, **align) 
                             "eval_every": 6, "eval_batches": None, "checkpoint_every": 100, "log_every": 2, "seed": 1},
                   "generate": {"max_new_tokens": 8, "batch_size": 8}, **align},
         "evaluate": {"judge_mode": "required", "n_boot": 200,
-                     "judge": {"model": "judge", "host": judge_host, "timeout": 20, "retries": 0,
+                     # the bigram judge answers in prose (one digit): asked by JSON schema it could only tie
+                     "judge": {"model": "judge", "host": judge_host, "timeout": 20, "retries": 0, "schema": False,
                                "prompt_template": JUDGE_TEMPLATE, "strict_prompt_template": JUDGE_TEMPLATE}},
     }  # fmt: skip
     path = root / f"{name}.yaml"

@@ -199,7 +199,7 @@ def test_dpo_pairs_of_a_chat_model_are_chatml() -> None:
 
 
 def test_report_card_names_the_chat_format(tmp_path: Path) -> None:
-    from llmcore.eval.report import Context, StageData, card_instruct
+    from llmcore.report.card import Context, StageData, card_instruct
 
     metrics = {"test_loss": 1.0, "epochs": 4, "test_response_loss": 2.0, "test_entries": 110}
     facts = {"finetune": "full", "base_model": "pretrain"}

@@ -325,16 +325,14 @@ def test_gpt2_f32_gap_is_llama_cpp_gelu_table(exported, monkeypatch):
 
 
 def test_readme_export_command_runs_as_written(tmp_path, monkeypatch):
-    """README "Run your model in Ollama / llama.cpp / LM Studio": the `llmcore export` command, as written."""
+    """docs/export.md, "Run your model in Ollama / llama.cpp / LM Studio": the `llmcore export` command, as written."""
     import re
     import shlex
 
     from llmcore.cli import app as cli
-    from tests.conftest import REPO_ROOT
+    from tests.docs import doc_section
 
-    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
-    start = readme.index("\n## Run your model in Ollama / llama.cpp / LM Studio")
-    text = readme[start : readme.index("\n## ", start + 1)]
+    text = doc_section("Run your model in Ollama / llama.cpp / LM Studio")
     lines = [shlex.split(line, comments=True) for block in re.findall(r"```bash\n(.*?)```", text, re.S)
              for line in block.splitlines()]  # fmt: skip
     (words,) = [w for w in lines if w[:2] == ["llmcore", "export"]]

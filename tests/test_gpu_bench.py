@@ -1,5 +1,5 @@
 """benchmarks.gpu: the CPU smoke run produces every section of the report; the device table and the batch rule.
-The GPU figures themselves come from running it on a GPU (README, "Scale"); nothing here times anything."""
+The GPU figures themselves come from running it on a GPU (docs/scale.md); nothing here times anything."""
 
 from __future__ import annotations
 

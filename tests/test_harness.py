@@ -18,11 +18,11 @@ from typer.testing import CliRunner
 
 from llmcore.common import LLMCoreError
 from llmcore.eval.harness import LLMCoreLM, run_tasks, task_manager, task_metrics
-from llmcore.eval.published import PUBLISHED, benchmark_rows
 from llmcore.models.classifier import GPTClassifier
 from llmcore.models.config import ModelConfig
 from llmcore.models.generate import SamplingConfig, generate
 from llmcore.models.gpt import GPT
+from llmcore.report.published import PUBLISHED, benchmark_rows
 from llmcore.text.tokenizer import Tokenizer
 from llmcore.weights.model_dir import save_classifier, save_model_dir
 

@@ -202,7 +202,7 @@ def test_fuzz_text(pieces: list[str], raw: bytes) -> None:
     assert_one_line_or_valid(text.encode("utf-8", "surrogateescape") + raw)
 
 
-# --- the README's "Hostile input" table: every test it names exists, every default it quotes is the code's --------
+# --- docs/hostile-input.md: every test its table names exists, every default it quotes is the code's -------------
 
 
 def test_readme_hostile_input_table() -> None:
@@ -211,10 +211,9 @@ def test_readme_hostile_input_table() -> None:
     from llmcore.serve import guard, protocol
     from llmcore.training.config import MAX_BATCH_SIZE
     from tests.conftest import REPO_ROOT
+    from tests.docs import doc_section
 
-    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
-    start = readme.index("\n## Hostile input")
-    section = readme[start : readme.index("\n## ", start + 1)]
+    section = doc_section("Hostile input")  # docs/hostile-input.md
     defined = set()
     for path in (REPO_ROOT / "tests").glob("test_*.py"):
         defined |= set(re.findall(r"^def (test_\w+)\(", path.read_text(encoding="utf-8"), re.MULTILINE))
@@ -224,7 +223,7 @@ def test_readme_hostile_input_table() -> None:
     for group in re.findall(r"`test_hostile_params_are_one_line` \(([^)]*)\)", section):
         assert set(group.split(", ")) <= ids, group
     d = download_stage.DownloadParams()
-    quoted = [  # (the README's words, the code agreeing with them)
+    quoted = [  # (the page's words, the code agreeing with them)
         ("`download.stall_timeout_s` (30 s)", d.stall_timeout_s == 30),
         ("under 1 KiB", download.STALL_BYTES == 1024),
         ("`retries` (5)", d.retries == 5),

@@ -1,4 +1,4 @@
-"""params.yaml, the README's params reference and the code's schemas stay in step.
+"""params.yaml, the params reference (docs/params.md) and the code's schemas stay in step.
 
 The schemas are found, not listed: every ``load_section("<section>", Schema)`` call in ``stages/*.py`` names a
 section and its dataclass (nested dataclasses and ``dict[str, Dataclass]`` fields are walked), plus the two
@@ -7,7 +7,7 @@ sections read without a dataclass: ``model`` (a preset plus ``ModelConfig`` over
 - params.yaml: every field appears, with a comment on its line or a comment line right above it; every key in the
   file is a field. A ``dict[str, Dataclass]`` field (``download.sources``) is an open mapping: its entries' keys must
   be fields of the dataclass, and the comment of the mapping names every one of them.
-- README, "Params reference" table: a row per section (first cell: its backticked path(s), ``<name>`` for a
+- docs/params.md, the "Params reference" table: a row per section (first cell: its backticked path(s), ``<name>`` for a
   mapping's entries); the second cell names the section's keys in backticks (values and choices in plain text).
   Every field is named in its section's row or has its own row; every backticked name is a field.
 
@@ -32,7 +32,7 @@ from llmcore.models.config import ModelConfig
 from tests.conftest import REPO_ROOT
 
 PARAMS = REPO_ROOT / "params.yaml"
-README = REPO_ROOT / "README.md"
+README = REPO_ROOT / "docs" / "params.md"  # the params reference page of the manual
 NAME = "<name>"  # a path component standing for any entry of a dict[str, Dataclass] field
 # model: a preset plus overrides of ModelConfig fields; vocab_size always follows the tokenizer (not a param)
 MODEL_KEYS = {"preset"} | {f.name for f in dataclasses.fields(ModelConfig) if f.name != "vocab_size"}
@@ -168,7 +168,7 @@ def params_problems() -> list[str]:
             problems.append(f"params.yaml line {line + 1}: {path}: no comment on its line or the line above")
     for path, node in sorted(paths.items()):
         if path.startswith("model.") or NAME in path.split("."):
-            continue  # model: overrides only, listed in the README; entries of open mappings are free
+            continue  # model: overrides only, listed in docs/params.md; entries of open mappings are free
         if path not in present:
             problems.append(f"params.yaml: {path}: missing (a field of {node.where}); add it with its default "
                             "and a comment")  # fmt: skip
@@ -183,14 +183,14 @@ def params_problems() -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------------
-# README
+# docs/params.md
 
 
 def readme_rows() -> list[tuple[list[str], str]]:
-    """(paths of the first cell, second cell) of each row of the README's params reference table."""
+    """(paths of the first cell, second cell) of each row of the params reference table (docs/params.md)."""
     text = README.read_text(encoding="utf-8")
-    start = text.index("## Params reference")
-    end = text.index("\n## ", start + 1)
+    start = text.index("# Params reference")
+    end = text.find("\n## ", start + 1) % (len(text) + 1)  # the next section, or the end of the page
     rows = []
     for line in text[start:end].splitlines():
         if not line.startswith("| `"):
@@ -208,21 +208,21 @@ def readme_problems() -> list[str]:
     for heads, cell in rows:
         for head in heads:
             if head not in paths:
-                problems.append(f"README.md params reference: row `{head}`: no such key in the code")
+                problems.append(f"docs/params.md: row `{head}`: no such key in the code")
                 continue
             named.add(head)
             keys = MODEL_KEYS if head == "model" else (
                 {f.name for f in dataclasses.fields(paths[head].schema)} if paths[head].schema else set())
             for key in re.findall(r"`([a-z_][a-z0-9_]*)`", cell):  # backticked identifiers are keys
                 if key not in keys:
-                    problems.append(f"README.md params reference: row `{head}`: `{key}` is not a key of {head} "
+                    problems.append(f"docs/params.md: row `{head}`: `{key}` is not a key of {head} "
                                     "(write values and choices without backticks)")  # fmt: skip
                 named.add(f"{head}.{key}")
     for path, node in sorted(paths.items()):
         if path not in named:
             parent = path.rsplit(".", 1)[0]
             fix = f"name `{path.rsplit('.', 1)[1]}` in the `{parent}` row" if "." in path else "add a row"
-            problems.append(f"README.md params reference: {path}: not documented ({fix}; a field of {node.where})")
+            problems.append(f"docs/params.md: {path}: not documented ({fix}; a field of {node.where})")
     return problems
 
 
@@ -237,7 +237,7 @@ def test_readme_params_reference_matches_the_schemas():
 
 
 def test_the_checks_catch_drift(tmp_path, monkeypatch):
-    """The checks above can fail: a key dropped from params.yaml, an uncommented key, an unknown README key."""
+    """The checks above can fail: a key dropped from params.yaml, an uncommented key, an unknown key in the docs."""
     text = PARAMS.read_text(encoding="utf-8")
     broken = re.sub(r"\n    min_scored: .*", "", text)
     broken = re.sub(r"\n  n_boot: .*", "\n  n_boot: 1000", broken)
@@ -252,8 +252,8 @@ def test_the_checks_catch_drift(tmp_path, monkeypatch):
     assert "fancy: no stage reads this section (no load_section('fancy', Schema) in stages/*.py)" in problems
 
     readme = README.read_text(encoding="utf-8").replace("`min_scored`", "`min_score`")
-    monkeypatch.setattr(f"{__name__}.README", tmp_path / "README.md")
-    (tmp_path / "README.md").write_text(readme, encoding="utf-8")
+    monkeypatch.setattr(f"{__name__}.README", tmp_path / "params.md")
+    (tmp_path / "params.md").write_text(readme, encoding="utf-8")
     problems = "\n".join(readme_problems())
     assert "row `evaluate.judge`: `min_score` is not a key of evaluate.judge" in problems
     assert "evaluate.judge.min_scored: not documented (name `min_scored` in the `evaluate.judge` row" in problems

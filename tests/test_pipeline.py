@@ -220,7 +220,7 @@ def test_full_pipeline_end_to_end_with_llmcore_serve_as_judge(tiny):
     assert base["rouge_l"]["n"] == 110 and base["judge"]["n"] == 110 and base["judge"]["instruct_mean"] == 85.0
     assert len(json.loads((repo / "reports/instruct/base_responses.json").read_text())) == 110
     report = (repo / "reports/report.md").read_text()
-    card = report.split("**Run facts**")[0]
+    card = report.split("### Run facts")[0]
     assert re.search(r"\| classify \| test accuracy \| [\d.]+% \|", card), card
     assert re.search(r"\| evaluate \| judge mean score \(0-100\) \| [\d.]+ \|", card), card
     assert re.search(r"\| evaluate \| judge mean score \(0-100\), base model \| [\d.]+ \|", card), card
@@ -271,7 +271,7 @@ def test_forced_rerun_gives_identical_bytes(tiny):
 
 
 # one stage, most stages, the last stage alone
-@pytest.mark.parametrize("touched", ["llmcore/data/spam.py", "llmcore/text/bpe.py", "llmcore/eval/report.py"])
+@pytest.mark.parametrize("touched", ["llmcore/data/spam.py", "llmcore/text/bpe.py", "llmcore/report/card.py"])
 def test_touching_a_library_file_changes_exactly_the_stages_that_run_it(tiny, touched):
     repo = tiny.repo
     spec = yaml.safe_load((repo / "dvc.yaml").read_text())

@@ -1,5 +1,6 @@
-"""The README's commands for newcomers, run as written (model folders and ports swapped for test ones): judging
-with `llmcore serve` in place of Ollama, the deterministic curl example that matches `ask`, `classify predict`."""
+"""The manual's commands for newcomers (README and docs/), run as written (model folders and ports swapped for
+test ones): judging with `llmcore serve` in place of Ollama, the deterministic curl example that matches `ask`,
+`classify predict`."""
 
 from __future__ import annotations
 
@@ -29,14 +30,10 @@ from llmcore.text.tokenizer import Tokenizer
 from llmcore.weights.model_dir import save_classifier, save_model_dir
 from stages import classify, evaluate, instruct
 from tests.conftest import REPO_ROOT
+from tests.docs import doc_section
 from tests.fixed_reply import TEXT, save_fixed_reply_model
 
-README = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
-
-
-def section(title: str) -> str:
-    start = README.index(f"\n## {title}")
-    return README[start : README.index("\n## ", start + 1)]
+section = doc_section  # the section headed so, on whichever page of the manual holds it
 
 
 def commands(text: str) -> list[list[str]]:
@@ -52,7 +49,7 @@ def commands(text: str) -> list[list[str]]:
 
 def command(text: str, *prefix: str) -> list[str]:
     found = [c for c in commands(text) if c[: len(prefix)] == list(prefix)]
-    assert len(found) == 1, f"README: expected one `{' '.join(prefix)}` command, found {found}"
+    assert len(found) == 1, f"docs: expected one `{' '.join(prefix)}` command, found {found}"
     return found[0]
 
 
@@ -93,7 +90,7 @@ def test_judge_with_llmcore_serve_as_the_readme_says(tmp_path, running_cli_serve
     text = section("Judge the answers with Ollama or `llmcore serve`")
     serve = command(text, "llmcore", "serve")
     exp = command(text, "dvc", "exp", "run", "-S", "evaluate.judge.host=http://127.0.0.1:11435")
-    # the README's command, with a judge that answers 85 to everything instead of the tiny instruct model
+    # the documented command, with a judge that answers 85 to everything instead of the tiny instruct model
     serve[serve.index("--model") + 1] = str(save_fixed_reply_model(tmp_path / "judge", "85"))
     serve[serve.index("--port") + 1] = "0"
     assert option(serve, "--name") == "judge"
@@ -105,7 +102,7 @@ def test_judge_with_llmcore_serve_as_the_readme_says(tmp_path, running_cli_serve
         target = params
         for p in parents:
             target = target[p]
-        assert leaf in target, f"README: -S {key}: no such key in params.yaml"
+        assert leaf in target, f"docs: -S {key}: no such key in params.yaml"
         target[leaf] = yaml.safe_load(value)
     assert params["evaluate"]["judge"]["host"] == "http://127.0.0.1:11435"
     params["evaluate"]["judge"]["host"] = url
@@ -123,7 +120,7 @@ def test_judge_with_llmcore_serve_as_the_readme_says(tmp_path, running_cli_serve
     facts = json.loads((tmp_path / "r" / "facts.json").read_text())
     assert (facts["judge_status"], facts["judge_model"], metrics["mean"]) == ("scored", "judge:latest", 85.0)
 
-    # the error the README quotes is the one the stage prints
+    # the error the docs quote is the one the stage prints
     quoted = re.search(r"`(error: the judge .*?)`", text, re.DOTALL).group(1)
     summary = {"n_items": 110, "n_scored": 0, "n_refused": 110, "n_error": 0}
     made = shortfall(summary, 0.9, "the judge 'judge:latest' at http://127.0.0.1:11435")

@@ -15,8 +15,9 @@ import yaml
 from typer.testing import CliRunner
 
 from llmcore.common import write_stage_reports
-from llmcore.eval import experiments as cmp
-from llmcore.eval.report import build_report, to_markdown
+from llmcore.report import experiments as cmp
+from llmcore.report.card import build_report
+from llmcore.report.render import to_markdown
 from stages import report as report_stage
 from tests.conftest import REPO_ROOT
 
@@ -97,7 +98,7 @@ def card(md: str) -> dict[str, list[str]]:
     """Report-card rows of report.md, keyed by 'stage: key figure'."""
     start = md.index("## Report card")
     rows = {}
-    for line in md[start:md.index("**Run facts**")].splitlines():
+    for line in md[start:md.index("### Run facts")].splitlines():
         cells = [c.strip() for c in line.strip("|").split(" | ")]
         if line.startswith("| ") and len(cells) == 6 and cells[0] != "stage":
             rows[f"{cells[0]}: {cells[1]}"] = cells
@@ -398,9 +399,10 @@ def fake_experiments(repo):
 def test_compare_two_experiments(tmp_path):
     repo = tmp_path / "repo"
     shown = fake_experiments(repo)
-    assert [e.name for e in cmp.parse_exp_show(shown)] == ["main (baseline)", "gpt2", "llama"]  # oldest first
+    base = "main (committed, measured on another machine)"  # the committed metrics, labelled as such
+    assert [e.name for e in cmp.parse_exp_show(shown)] == [base, "gpt2", "llama"]  # oldest first
     exps = cmp.parse_exp_show(shown, ["llama", "gpt2"])  # as asked
-    assert [e.name for e in exps] == ["main (baseline)", "llama", "gpt2"]
+    assert [e.name for e in exps] == [base, "llama", "gpt2"]
     c = cmp.compare(repo, exps)
     assert c.params == [["model.preset", "llama3-tiny", "llama3-tiny", "gpt2-tiny"]]  # vocab_size is the same
     metrics = {k: (v, best) for k, v, best in c.metrics}
@@ -413,12 +415,39 @@ def test_compare_two_experiments(tmp_path):
     assert "| classify: test.accuracy | fraction | higher | 0.9 | 0.95 | **0.97** |" in text
     assert "compare_figures/pretrain_val_loss.svg" in text
     svg = (tmp_path / "out/compare_figures/pretrain_val_loss.svg").read_text()
-    assert all(name in svg for name in ("main (baseline)", "llama", "gpt2"))  # one line per run, in the legend
+    assert all(name in svg for name in (base, "llama", "gpt2"))  # one line per run, in the legend
     assert page.read_text().count("<img ") == 1 and "<strong>4</strong>" in page.read_text()
     # only some experiments; a wrong name is one line
-    assert [e.name for e in cmp.parse_exp_show(shown, ["gpt2"])] == ["main (baseline)", "gpt2"]
+    assert [e.name for e in cmp.parse_exp_show(shown, ["gpt2"])] == [base, "gpt2"]
     with pytest.raises(cmp.LLMCoreError, match="no experiment named 'mistral'"):
         cmp.parse_exp_show(shown, ["mistral"])
+    assert "measured on the machine that made that commit" in text and "--baseline base" in text
+
+
+def test_compare_against_your_own_baseline_run(tmp_path, monkeypatch):
+    """`llmcore compare --baseline EXP`: one of the user's runs is the baseline, the committed metrics are left out."""
+    repo = tmp_path / "repo"
+    shown = fake_experiments(repo)
+    exps = cmp.parse_exp_show(shown, baseline="llama")
+    assert [e.name for e in exps] == ["llama (your baseline)", "gpt2"]
+    assert [e.baseline for e in exps] == [True, False] and not any(e.committed for e in exps)
+    assert [e.name for e in cmp.parse_exp_show(shown, ["gpt2"], baseline="llama")] == ["llama (your baseline)", "gpt2"]
+    md, _ = cmp.write_comparison(cmp.compare(repo, exps), tmp_path / "out")
+    text = md.read_text()
+    assert text.count("committed") == 0 and "1 experiments" in text  # the baseline is no experiment of its own
+    assert "| pretrain: val_loss | nats/token | lower | **4** | 4.5 |" in text
+    with pytest.raises(cmp.LLMCoreError, match="--baseline mistral: no experiment"):
+        cmp.parse_exp_show(shown, baseline="mistral")
+    # through the CLI, with `dvc exp show` answered by the fake listing
+    from llmcore import cli
+    from llmcore.report import experiments
+
+    monkeypatch.setattr(experiments, "run_dvc_exp_show", lambda _repo: shown)
+    args = ["compare", "--repo", str(repo), "--out", str(tmp_path / "cli"), "--baseline", "gpt2"]
+    result = CliRunner().invoke(cli.app, args)
+    assert result.exit_code == 0, result.output
+    page = (tmp_path / "cli/compare.md").read_text()
+    assert "| classify: test.accuracy | fraction | higher | **0.97** | 0.95 |" in page
 
 
 def test_compare_without_experiments_says_how_to_make_some(tmp_path):
@@ -451,7 +480,7 @@ def test_dvc_plots_page_is_git_ignored():
 def test_readme_default_run_table_is_the_committed_run():
     """Run A of the README's table is what reports/ holds: regenerate one, update the other."""
     text = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
-    table = text[text.index("### What the default run gives"):text.index("Runs are bit-identical on one machine")]
+    table = text[text.index("## What the default run gives"):text.index("Runs are bit-identical on one machine")]
     rows = {cells[1]: cells[2] for line in table.splitlines() if line.startswith("| ")
             and len(cells := [c.strip() for c in line.strip("|").split("|")]) == 6}  # fmt: skip
     report = build_report(REPO_ROOT / "reports", {})
@@ -489,7 +518,7 @@ def test_better_or_worse_only_when_the_interval_excludes_zero(tmp_path):
 
 
 def test_one_table_declares_each_metrics_direction_and_unit():
-    from llmcore.eval.metric_table import spec
+    from llmcore.report.metric_table import spec
 
     assert (spec("val_loss", "pretrain").direction, spec("val_loss", "pretrain").unit) == (-1, "nats/token")
     assert spec("val_loss", "pretrain").lm_loss and spec("val/loss", "instruct").lm_loss

@@ -404,12 +404,12 @@ def _serve_args(line: str) -> tuple[list[str], list[str]]:
 
 def test_documented_multi_model_names_work() -> None:
     """Every documented `serve` line with several --model gives each model its own name (the Dockerfile's, the
-    command's docstring and the README's examples once named two models alike)."""
+    command's docstring and the manual's examples once named two models alike)."""
     root = Path(__file__).resolve().parents[1]
     docs = {
         "Dockerfile": (root / "Dockerfile").read_text(),
         "llmcore/cli.py": (root / "llmcore" / "cli.py").read_text(),
-        "README.md": (root / "README.md").read_text(),
+        **{str(p.relative_to(root)): p.read_text() for p in [root / "README.md", *(root / "docs").rglob("*.md")]},
     }
     checked = 0
     for doc, text in docs.items():

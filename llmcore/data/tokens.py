@@ -172,7 +172,8 @@ class RandomWindows:
         batch_size: windows per batch on this rank.
         context_length: T, tokens per window.
         seed: seeds the generator; the same on every rank.
-        rank, world_size: this process's slice of the global batch.
+        rank: this process's index; with ``world_size``, its slice of the global batch.
+        world_size: the number of processes sharing the global batch.
         pin_memory: build batches in pinned host memory (for asynchronous copies to a CUDA device).
     """
 

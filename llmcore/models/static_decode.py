@@ -309,8 +309,9 @@ class StaticDecoder:
         """Decode one token for each of ``n = len(ids)`` rows, or return None if no graph is ready for (n, width).
 
         Args:
-            k, v: :meth:`views` of the cache, (n, n_kv_heads, width, head_dim) per layer; width is :func:`width_for`
-                the longest row, the new token included.
+            k: :meth:`views` of the cache's keys, (n, n_kv_heads, width, head_dim) per layer; width is
+                :func:`width_for` the longest row, the new token included.
+            v: the values, alike.
             ids: (n, 1) the rows' last tokens.
             slot: (n,) cache index each row writes its new key/value at (its length so far).
             start: (n,) first cache index each row attends to (left padding before it; zeros for a packed cache).

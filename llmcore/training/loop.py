@@ -282,7 +282,8 @@ def fit(
 
     Args:
         model: any module; moved to the device. Seed before building it: every rank must build the same.
-        train_data, val_data: ``Batches`` (module docstring), yielding this rank's share.
+        train_data: ``Batches`` (module docstring), yielding this rank's share.
+        val_data: the same for validation.
         loss_fn: ``(model, batch) -> (mean loss, n items)``.
         cfg: optimisation, stopping and bookkeeping.
         hw: device, precision, compile, threads (processes come from torchrun's environment).

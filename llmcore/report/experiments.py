@@ -4,16 +4,20 @@ Reads ``dvc exp show --json`` (params and metrics of the baseline commit and eac
 experiment's dvclive curves from its git commit (DVC commits ``cache: false`` outputs with the experiment).
 The page lists the params that differ, the headline metrics (every ``metrics.json``) side by side with their
 unit, direction and the best of each marked, the run-time figures (``timing.json``) apart, and one chart per
-curve with a line per experiment. Units and directions come from ``llmcore.eval.metric_table``; a metric with
+curve with a line per experiment. Units and directions come from ``llmcore.report.metric_table``; a metric with
 no direction (a count, a setting) is never marked. A mean recorded with its 95% interval is shown with it (the
 bounds are no rows of their own), is marked best only when its interval clears every other run's, and a
 paired difference (``diff_mean``) reads "better" or "worse" only when its interval excludes 0 ("no clear
 difference" otherwise). With no experiment it says how to make some.
+
+The baseline is the commit the experiments were made from, with the metrics committed in it: measured on the
+machine that made that commit, which need not be this one, and the page says so. ``baseline=NAME`` (the CLI's
+``--baseline``) takes one of the user's own experiments as the baseline instead, measured like the others.
+The page is written by ``llmcore.report.render``, the report's renderer: Markdown and HTML from one walk.
 """
 
 from __future__ import annotations
 
-import html
 import json
 import math
 import re
@@ -24,14 +28,22 @@ from pathlib import Path
 from typing import Any
 
 from llmcore.common import LLMCoreError
-from llmcore.eval.metric_table import interval_keys, spec
-from llmcore.eval.report import CSS, Figure, _html_table, _img, _md_table, flatten, fmt
+from llmcore.report.card import Figure, fmt
+from llmcore.report.metric_table import interval_keys, spec
+from llmcore.report.outputs import flatten
+from llmcore.report.render import Block, Code, Details, Figures, Heading, Table, Text, to_html, to_markdown
 
 HOW_TO = (
     "No experiments to compare yet. Make some with `dvc exp run`, e.g.\n\n"
     "    dvc exp run -n llama -S model.preset=llama3-tiny\n"
     "    dvc exp run -n gpt2 -S model.preset=gpt2-tiny\n\n"
     "then run `llmcore compare` (or `make compare`) again."
+)
+COMMITTED = "committed, measured on another machine"  # the label of a baseline read from a commit's metrics
+COMMITTED_NOTE = (
+    "The committed baseline's figures are the ones committed with it, measured on the machine that made that "
+    "commit: other CPUs give other last digits, and other timings. For a baseline measured like the experiments, "
+    "run one without changes (`dvc exp run -n base`) and pass it: `llmcore compare --baseline base`."
 )
 LIVE = "live/plots/metrics/"
 
@@ -44,6 +56,7 @@ class Experiment:
     metrics: dict[str, Any] = field(default_factory=dict)  # flat: "pretrain: val_loss" -> value
     timing: dict[str, Any] = field(default_factory=dict)
     baseline: bool = False
+    committed: bool = False  # the baseline is a commit's metrics, not a run of this machine's
 
 
 def run_dvc_exp_show(repo: Path) -> list[dict[str, Any]]:
@@ -85,9 +98,19 @@ def _experiment(entry: dict[str, Any], name: str, baseline: bool = False) -> Exp
     return exp
 
 
-def parse_exp_show(shown: list[dict[str, Any]], names: list[str] | None = None) -> list[Experiment]:
+def parse_exp_show(
+    shown: list[dict[str, Any]], names: list[str] | None = None, baseline: str | None = None
+) -> list[Experiment]:
     """The baseline commit(s) that have experiments, then the experiments: those named, in that order, or all,
-    oldest first (``dvc exp show`` lists the newest first)."""
+    oldest first (``dvc exp show`` lists the newest first).
+
+    Args:
+        shown: ``dvc exp show --json``.
+        names: experiment names or revs to compare; None: every experiment.
+        baseline: an experiment's name or rev to compare against, in place of the committed baseline.
+    """
+    if baseline is not None and names is not None and baseline not in names:
+        names = [baseline, *names]
     out: list[Experiment] = []
     found: set[str] = set()
     for commit in shown:
@@ -105,12 +128,21 @@ def parse_exp_show(shown: list[dict[str, Any]], names: list[str] | None = None) 
             if not names:
                 exps.reverse()
             base_name = commit.get("name") or str(commit.get("rev", ""))[:7]
-            out.append(_experiment(commit, f"{base_name} (baseline)", baseline=True))
+            out.append(_experiment(commit, f"{base_name} ({COMMITTED})", baseline=True))
+            out[-1].committed = True
             out += exps
     missing = [n for n in names or [] if n not in found and not any(e.rev.startswith(n) for e in out)]
     if missing:
         raise LLMCoreError(f"no experiment named {missing[0]!r} in `dvc exp show` (see `dvc exp list`)")
-    return out
+    if baseline is None:
+        return out
+    chosen = next((e for e in out if not e.baseline and (e.name == baseline or e.rev.startswith(baseline))), None)
+    if chosen is None:
+        raise LLMCoreError(
+            f"--baseline {baseline}: no experiment of that name or rev in `dvc exp show` (see `dvc exp list`)"
+        )
+    chosen.name, chosen.baseline = f"{chosen.name} (your baseline)", True
+    return [chosen, *(e for e in out if e is not chosen and not e.committed)]
 
 
 def direction(key: str) -> int:
@@ -157,8 +189,9 @@ def diff_verdict(interval: Interval | None, sign: int) -> str:
 
 def git_curves(repo: Path, rev: str) -> dict[str, tuple[list[float], list[float]]]:
     """``{"pretrain: val/loss": (steps, values)}`` from the dvclive TSVs committed in ``rev``."""
-    listing = subprocess.run(["git", "ls-tree", "-r", "--name-only", rev, "--", "reports"], cwd=repo,
-                             capture_output=True, text=True)  # fmt: skip
+    listing = subprocess.run(
+        ["git", "ls-tree", "-r", "--name-only", rev, "--", "reports"], cwd=repo, capture_output=True, text=True
+    )
     if listing.returncode != 0:
         return {}
     out = {}
@@ -186,7 +219,7 @@ def git_curves(repo: Path, rev: str) -> dict[str, tuple[list[float], list[float]
 
 
 def curve_figures(repo: Path, exps: list[Experiment]) -> list[Figure]:
-    from llmcore.eval.figures import Series, line_chart
+    from llmcore.report.figures import Series, line_chart
 
     per_exp = {e.name: git_curves(repo, e.rev) for e in exps}
     names = sorted({k for curves in per_exp.values() for k in curves}, key=lambda k: ("/val/" not in f"/{k}", k))
@@ -270,56 +303,33 @@ def _cols(c: Comparison) -> list[str]:
     return [e.name for e in c.exps]
 
 
-def to_markdown(c: Comparison, figures_dir: str) -> str:
-    out = ["# llmcore: experiments compared", ""]
+def document(c: Comparison, figures_dir: str = "compare_figures") -> list[Block]:
+    """The comparison page as blocks for ``llmcore.report.render`` (one walk, Markdown and HTML)."""
+    out: list[Block] = [Heading(1, "llmcore: experiments compared")]
     if not c.exps:
-        return "\n".join([*out, HOW_TO, ""])
-    out += [f"{len(c.exps) - sum(e.baseline for e in c.exps)} experiments; the best value of each metric with a "
-            "direction is in **bold**; with 95% intervals [low, high], only when its interval clears the others'.",
-            ""]  # fmt: skip
-    out += ["## Params that differ", "", _md_table(["param", *_cols(c)], c.params) if c.params else "(none)", ""]
+        return [*out, Code(HOW_TO)]
+    n = len(c.exps) - sum(e.baseline for e in c.exps)
+    out.append(
+        Text(
+            f"{n} experiments; the best value of each metric with a direction is in **bold**; with 95% "
+            "intervals [low, high], only when its interval clears the others'."
+        )
+    )
+    if any(e.committed for e in c.exps):
+        out.append(Text(COMMITTED_NOTE, small=True))
+    out.append(Heading(2, "Params that differ"))
+    out.append(Table(["param", *_cols(c)], c.params) if c.params else Text("(none)"))
     bold = lambda k, vals, best: [f"**{t}**" if i in best else t for i, t in enumerate(metric_cells(c, k, vals))]
     rows = [[k, *_unit_and_direction(k), *bold(k, vals, best)] for k, vals, best in c.metrics]
-    out += ["## Headline metrics", "", _md_table(["metric", "unit", "better", *_cols(c)], rows), ""]
+    numeric = set(range(3, 3 + len(c.exps)))
+    out += [Heading(2, "Headline metrics"), Table(["metric", "unit", "better", *_cols(c)], rows, numeric)]
     if c.timing:
         rows = [[k, *[fmt(v) for v in vals]] for k, vals in c.timing]
-        out += ["<details>", "<summary>Run-time figures (machine-dependent)</summary>", "",
-                _md_table(["figure", *_cols(c)], rows), "", "</details>", ""]  # fmt: skip
+        table = Table(["figure", *_cols(c)], rows, set(range(1, len(c.exps) + 1)))
+        out.append(Details("Run-time figures (machine-dependent)", table))
     if c.figures:
-        out += ["## Curves", ""] + [f"![{f.caption}]({figures_dir}/{f.name}.svg)\n" for f in c.figures]
-    return "\n".join(out) + "\n"
-
-
-def to_html(c: Comparison) -> str:
-    e = html.escape
-    out = ["<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
-           "<meta name='viewport' content='width=device-width, initial-scale=1'>",
-           f"<title>llmcore: experiments compared</title><style>{CSS}</style></head><body>",
-           "<h1>llmcore: experiments compared</h1>"]  # fmt: skip
-    if not c.exps:
-        out.append(f"<pre>{e(HOW_TO)}</pre></body></html>")
-        return "\n".join(out) + "\n"
-    out.append(f"<p>{len(c.exps) - sum(x.baseline for x in c.exps)} experiments; the best value of each metric with a "
-               "direction is <strong>bold</strong>; with 95% intervals [low, high], only when its interval clears the "
-               "others'.</p>")  # fmt: skip
-    out += ["<h2>Params that differ</h2>", _html_table(["param", *_cols(c)], c.params) if c.params else "<p>none</p>"]
-    head = "".join(f"<th>{e(h)}</th>" for h in ["metric", "unit", "better", *_cols(c)])
-    body = "".join(
-        f"<tr><td>{e(k)}</td>" + "".join(f"<td>{e(x)}</td>" for x in _unit_and_direction(k)) + "".join(
-            f"<td class=num>{'<strong>' + e(t) + '</strong>' if i in best else e(t)}</td>"
-            for i, t in enumerate(metric_cells(c, k, vals))) + "</tr>"
-        for k, vals, best in c.metrics
-    )  # fmt: skip
-    out += ["<h2>Headline metrics</h2>", f"<div class='scroll'><table><thead><tr>{head}</tr></thead>"
-            f"<tbody>{body}</tbody></table></div>"]  # fmt: skip
-    if c.timing:
-        rows = [[k, *[fmt(v) for v in vals]] for k, vals in c.timing]
-        out.append("<details><summary>Run-time figures (machine-dependent)</summary>"
-                   + _html_table(["figure", *_cols(c)], rows, set(range(1, len(c.exps) + 1))) + "</details>")
-    if c.figures:
-        out += ["<h2>Curves</h2>", "<div class='grid'>" + "".join(_img(f) for f in c.figures) + "</div>"]
-    out.append("</body></html>")
-    return "\n".join(out) + "\n"
+        out += [Heading(2, "Curves"), Figures(c.figures)]
+    return out
 
 
 def write_comparison(c: Comparison, out_dir: Path) -> tuple[Path, Path]:
@@ -334,6 +344,7 @@ def write_comparison(c: Comparison, out_dir: Path) -> tuple[Path, Path]:
             with atomic_path(figures / f"{f.name}.svg") as tmp:
                 tmp.write_text(f.svg, encoding="utf-8")
     md, page = out_dir / "compare.md", out_dir / "compare.html"
-    write_text_atomic(md, to_markdown(c, "compare_figures"))
-    write_text_atomic(page, to_html(c))
+    blocks = document(c)
+    write_text_atomic(md, to_markdown(blocks, "compare_figures"))
+    write_text_atomic(page, to_html(blocks, "llmcore: experiments compared"))
     return md, page
