@@ -598,3 +598,11 @@ def test_compare_marks_a_best_only_with_a_direction_and_a_clear_interval(tmp_pat
     # overlapping intervals: no best
     extra_rows = cmp.best_of([50.0, 52.0], 1, [(45.0, 55.0), (47.0, 57.0)])
     assert extra_rows == set()
+
+
+def test_a_rounded_figure_keeps_its_zeros() -> None:
+    """The default run's instruct test loss 1.0005 was shown as "1" on the card, as if exact."""
+    from llmcore.report.card import fmt
+
+    assert fmt(1.0005) == "1.000"
+    assert (fmt(2.627), fmt(0.5), fmt(85.0), fmt(0.33184)) == ("2.627", "0.5", "85", "0.3318")

@@ -128,7 +128,11 @@ def fmt(v: Any, kind: str = "num") -> str:
     if kind == "int" or (isinstance(v, int) and not isinstance(v, bool)):
         return f"{int(v):,}"
     if isinstance(v, float):
-        return f"{v:.4g}" if abs(v) < 1e4 else f"{v:,.0f}"
+        if abs(v) >= 1e4:
+            return f"{v:,.0f}"
+        text = f"{v:.4g}"
+        # 1.0005 is "1.000", not "1": a rounded figure keeps its zeros so it does not read as exact
+        return f"{v:#.4g}" if v != int(v) and not any(c in text for c in ".e") else text
     return str(v)
 
 
