@@ -28,7 +28,7 @@ lint: venv
 # dvc.yaml's code deps (each stage's import closure) and params (the keys its loader reads), regenerated in place.
 # tests/test_deps.py fails naming the stage and file when they drift; this is the fix.
 deps: venv
-	$(BIN)/python -m stages.deps --write
+	$(BIN)/python -m tools.deps --write
 
 # pytest exits 5 when nothing was collected; treat that as a failure too.
 test: venv lint

@@ -48,8 +48,8 @@ from llmcore.models.classifier import LABELS, GPTClassifier, classification_loss
 from llmcore.models.lora import LoRAParams, merge_lora
 from llmcore.params import load_base_model, load_section
 from llmcore.training.config import HardwareConfig, TrainConfig
-from llmcore.training.loop import fit
-from llmcore.training.runtime import close_runtime, init_runtime, relaunch_under_torchrun
+from llmcore.training.loop import fit_logged
+from llmcore.training.runtime import init_runtime, relaunch_if_several
 from llmcore.weights.model_dir import TOKENIZER_FILE, open_model_dir, save_classifier
 
 
@@ -159,19 +159,9 @@ def run(
         "data": sha256_file(data), "base": [sha256_file(base.weights), sha256_file(base.path / TOKENIZER_FILE)],
         "classify": {k: v for k, v in asdict(cfg).items() if k not in ("train", "eval_batch_size")},
     }  # fmt: skip
-    live = None
-    if rt.is_main:
-        from dvclive import Live
-
-        live = Live(dir=str(reports / "live"), dvcyaml=False, save_dvc_exp=False)
-    try:
-        result = fit(model, train_data, val_data, classification_loss, cfg.train, hw, work_dir, live=live,
-                     on_eval=on_eval, fingerprint=fingerprint, unit="examples")  # fmt: skip
-    finally:
-        if live is not None:
-            live.end()
-        close_runtime()
-    if not rt.is_main:
+    result = fit_logged(model, train_data, val_data, classification_loss, cfg.train, hw, work_dir, rt, reports / "live",
+                        on_eval=on_eval, fingerprint=fingerprint, unit="examples")  # fmt: skip
+    if result is None:  # not rank 0
         return None
 
     scores = {split: score(split) for split in ("train", "val", "test")}
@@ -222,11 +212,7 @@ def main(
         return
     with stage_errors():
         cfg, base_model, hw = load_params(params)
-        args = ["--params", params, "--data", data, "--models-dir", models_dir, "--out", out, "--reports", reports,
-                "--work-dir", work_dir]  # fmt: skip
-        status = relaunch_under_torchrun(hw.nproc, "stages.classify", [str(a) for a in args])
-        if status is not None:
-            raise SystemExit(status)
+        relaunch_if_several(hw.nproc, "stages.classify")
         metrics = run(cfg, base_model, hw, data, models_dir, out, reports, work_dir)
         if metrics is not None:
             print0(json.dumps({split: metrics[split] for split in ("train", "val", "test")}))

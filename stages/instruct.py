@@ -45,40 +45,16 @@ from llmcore.eval.instruct import evaluate_loss
 from llmcore.models import static_decode
 from llmcore.models.generate import SamplingConfig
 from llmcore.models.lora import LoRAParams, apply_lora, count_trainable, mark_trainable, merge_lora
-from llmcore.models.responses import generate_responses, stream_response
+from llmcore.models.responses import GenerateParams, generate_responses, stream_response
 from llmcore.models.vocab import add_special_tokens
 from llmcore.params import load_base_model, load_section
 from llmcore.text.chat import CHAT_TOKENS, CHATML, IM_END, render_chat
 from llmcore.text.prompts import check_template, format_prompt
 from llmcore.threads import parse_threads, threads_for_inference
 from llmcore.training.config import HardwareConfig, TrainConfig
-from llmcore.training.loop import fit, lm_loss
-from llmcore.training.runtime import close_runtime, init_runtime, relaunch_under_torchrun
+from llmcore.training.loop import fit_logged, lm_loss
+from llmcore.training.runtime import init_runtime, relaunch_if_several
 from llmcore.weights.model_dir import TEMPLATE_KEY, TOKENIZER_FILE, load_instruct_model, open_model_dir, save_model_dir
-
-
-@dataclass
-class GenerateParams:
-    max_new_tokens: int = 128  # per response (fewer when the prompt leaves less of the context)
-    temperature: float = 0.0  # 0 = greedy, as the book
-    top_k: int | None = None
-    top_p: float | None = None
-    seed: int = 123
-    batch_size: int = 16  # test prompts decoded together (batched by length)
-    stop_at_section: bool = True  # stop a row as soon as it starts a new "###" section
-
-    def __post_init__(self) -> None:
-        # Messages start with the field name: params.from_dict prefixes the section the user wrote it in
-        # (instruct.generate or align.generate, which shares this class).
-        for key in ("max_new_tokens", "batch_size"):
-            if getattr(self, key) < 1:
-                raise LLMCoreError(f"{key}: expected a positive int, got {getattr(self, key)}")
-        if self.temperature < 0:
-            raise LLMCoreError(f"temperature: expected >= 0, got {self.temperature}")
-
-    def sampling(self) -> SamplingConfig:
-        return SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
-                              top_p=self.top_p, seed=self.seed)  # fmt: skip
 
 
 def _default_train() -> TrainConfig:
@@ -185,19 +161,9 @@ def run(
         "base": [sha256_file(base.weights), sha256_file(base.path / TOKENIZER_FILE)],
         "instruct": {k: v for k, v in asdict(cfg).items() if k not in ("train", "generate")},
     }  # fmt: skip
-    live = None
-    if rt.is_main:
-        from dvclive import Live
-
-        live = Live(dir=str(reports / "live"), dvcyaml=False, save_dvc_exp=False)
-    try:
-        result = fit(model, train_data, val_data, lm_loss, cfg.train, hw, work_dir, live=live,
-                     fingerprint=fingerprint)  # fmt: skip
-    finally:
-        if live is not None:
-            live.end()
-        close_runtime()
-    if not rt.is_main:
+    result = fit_logged(model, train_data, val_data, lm_loss, cfg.train, hw, work_dir, rt, reports / "live",
+                        fingerprint=fingerprint)
+    if result is None:  # not rank 0
         return None
 
     test_loss = evaluate_loss(model, eval_batches(test_ex, B, **batching))
@@ -287,11 +253,7 @@ def main(
         return
     with stage_errors():
         cfg, base_model, hw = load_params(params)
-        args = ["--params", params, "--raw-dir", raw_dir, "--models-dir", models_dir, "--out", out,
-                "--reports", reports, "--work-dir", work_dir]  # fmt: skip
-        status = relaunch_under_torchrun(hw.nproc, "stages.instruct", [str(a) for a in args])
-        if status is not None:
-            raise SystemExit(status)
+        relaunch_if_several(hw.nproc, "stages.instruct")
         metrics = run(cfg, base_model, hw, raw_dir, models_dir, out, reports, work_dir)
         if metrics is not None:
             print0(json.dumps({k: metrics[k] for k in ("val_loss", "test_loss", "stage_seconds")}))

@@ -1,4 +1,4 @@
-"""dvc.yaml tracks exactly the code and params each stage uses (stages/deps.py), and params.yaml has only the
+"""dvc.yaml tracks exactly the code and params each stage uses (tools/deps.py), and params.yaml has only the
 sections the stages declare.
 
 A drift fails here naming the stage and the file (or key); `make deps` fixes it.
@@ -17,8 +17,8 @@ import yaml
 from typer.testing import CliRunner
 
 from llmcore.params import ParamsError, load_section, read_params, track_reads
-from stages import deps
 from tests.conftest import REPO_ROOT
+from tools import deps
 
 SPEC = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())
 STAGES = deps.load_stages(SPEC)
@@ -49,7 +49,7 @@ def test_every_stage_runs_a_project_script():
 @pytest.mark.parametrize("stage", SCRIPTED, ids=lambda s: s.name)
 def test_stage_reads_params_only_in_load_params(stage):
     """The params check loads through ``load_params``; a read elsewhere in the script would escape it."""
-    readers = {"read_params", "load_section", "load_base_model"}
+    readers = {"read_params", "load_section", "load_fields", "load_base_model"}
     tree = ast.parse(stage.script.read_text())
     loaders = [n for n in tree.body if isinstance(n, ast.FunctionDef) and re.fullmatch(r"load_(\w+_)?params", n.name)]
     assert loaders, f"{stage.script.name}: no load_params(path)"
@@ -78,7 +78,7 @@ def test_drift_is_named_and_make_deps_fixes_it(tmp_path, capsys):
     (tmp_path / "dvc.yaml").write_text(drifted)
     shutil.copy(REPO_ROOT / "params.yaml", tmp_path / "params.yaml")
     args = ["--dvc-yaml", str(tmp_path / "dvc.yaml"), "--params", str(tmp_path / "params.yaml")]
-    assert deps.main(["--check", *args]) == 1  # python -m stages.deps --check
+    assert deps.main(["--check", *args]) == 1  # python -m tools.deps --check
     err = capsys.readouterr().err
     lines = err.splitlines()
     assert ("dvc.yaml: stage 'classify' misses llmcore/data/spam.py (stages/classify.py -> llmcore/data/spam.py)"
@@ -245,15 +245,34 @@ def test_known_sections_come_from_the_stages_declarations(tmp_path):
 
 
 def test_a_stage_script_without_load_params_is_named(tmp_path):
-    text = (REPO_ROOT / "dvc.yaml").read_text() + "\n  lint:\n    cmd: python -m stages.deps --check\n"
+    text = (REPO_ROOT / "dvc.yaml").read_text() + "\n  lint:\n    cmd: python -m stages.__init__ --check\n"
     (tmp_path / "dvc.yaml").write_text(text)
     problems = deps.check(tmp_path / "dvc.yaml", REPO_ROOT / "params.yaml")
-    assert problems[-1].startswith("dvc.yaml: stage 'lint' runs stages/deps.py, which has no load_params(path)")
-    assert "dvc.yaml: stage 'lint' misses stages/deps.py (stages/deps.py)" in problems
+    assert problems[-1].startswith("dvc.yaml: stage 'lint' runs stages/__init__.py, which has no load_params(path)")
 
 
-def test_a_subcommand_may_have_its_own_loader():
-    stage = next(s for s in STAGES if s.name == "preferences")
-    assert (stage.module, stage.command) == ("stages.align", "pairs")
-    read = deps.read_keys(stage, REPO_ROOT / "params.yaml")
+def test_preferences_reads_only_its_keys_of_align():
+    """One script per stage: `preferences` reads the pair-making keys of `align`, so align.beta reruns only DPO."""
+    by_name = {s.name: s for s in STAGES}
+    pref, align = by_name["preferences"], by_name["align"]
+    assert (pref.module, align.module) == ("stages.preferences", "stages.align")
+    assert pref.command is None and align.command is None
+    read = deps.read_keys(pref, REPO_ROOT / "params.yaml")
     assert "evaluate.judge.model" in read and not any(k.startswith("evaluate.n_boot") for k in read)
+    assert "align.dataset" in read and "align.pairs.seeds" in read
+    assert not {"align.beta", "align.train.lr", "align.generate.seed"} & read
+    assert {"align.beta", "align.train.lr"} <= deps.read_keys(align, REPO_ROOT / "params.yaml")
+
+
+def test_every_stage_waits_for_check_params():
+    """check-params reads params.yaml through every stage's loader, and every other stage depends on its output."""
+    from stages import check_params
+
+    scripts = {s.module for s in SCRIPTED} - {"stages.check_params"}
+    assert {m.__name__ for m in check_params.STAGES} == scripts
+    by_name = {s.name: s for s in STAGES}
+    assert [d for d in by_name["check-params"].deps if not deps.is_code_dep(d)] == ["params.yaml"]
+    assert by_name["check-params"].params == []  # the whole file is its dep
+    assert SPEC["stages"]["check-params"]["outs"] == ["data/params-checked.txt"]
+    missing = [s.name for s in STAGES if s.name != "check-params" and "data/params-checked.txt" not in s.deps]
+    assert not missing, f"stages that do not depend on check-params' output: {missing}"

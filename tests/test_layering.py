@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from stages.deps import imported_modules  # the walker that also keeps dvc.yaml's code deps
 from tests.conftest import REPO_ROOT
+from tools.deps import imported_modules  # the walker that also keeps dvc.yaml's code deps
 
 # low -> high; a module may import its own layer and the ones below it.
 LAYERS: list[tuple[str, ...]] = [
-    ("common", "threads"),  # torch-free helpers; the CPU thread policy (set before torch loads)
+    ("common", "threads", "params"),  # torch-free helpers; the CPU thread policy; the params.yaml loader
     ("device", "download"),  # devices/dtypes/seeding, the downloader
     ("text",),  # tokenizers and prompt templates
     ("models",),  # the transformer, its ops, LoRA, the classifier head, decoding
@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("training",),  # the loop, its state, DDP
     ("eval",),  # judge, metrics, baselines, report
     ("serve",),  # the HTTP server
-    ("params", "cli"),  # params.yaml -> configs of every layer (for stages), the `llmcore` command
+    ("cli",),  # the `llmcore` command
 ]
 RANK = {room: i for i, rooms in enumerate(LAYERS) for room in rooms}
 PACKAGE = REPO_ROOT / "llmcore"
