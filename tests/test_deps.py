@@ -69,10 +69,12 @@ def test_write_is_a_no_op_on_the_repository():
 
 def test_drift_is_named_and_make_deps_fixes_it(tmp_path, capsys):
     text = (REPO_ROOT / "dvc.yaml").read_text()
-    assert text.count("      - llmcore/data/spam.py\n") == 1  # classify's alone
-    drifted = text.replace("      - llmcore/data/spam.py\n", "")
+    start = text.index("\n  classify:\n")
+    head, classify = text[:start], text[start:]  # the edits go to classify's entry alone
+    assert classify.count("      - llmcore/data/spam.py\n") == 1  # classify's (check-params, above, has its own)
+    classify = classify.replace("      - llmcore/data/spam.py\n", "", 1)
     extra = "      - stages/classify.py\n      - llmcore/serve/server.py\n"
-    drifted = drifted.replace("      - stages/classify.py\n", extra)
+    drifted = head + classify.replace("      - stages/classify.py\n", extra, 1)
     drifted = drifted.replace("      - base_model\n", "", 1)  # the first one is classify's
     drifted = drifted.replace("    cmd: python -m stages.report\n", "    cmd: python -m stages.report\n    # hi\n")
     (tmp_path / "dvc.yaml").write_text(drifted)
