@@ -37,9 +37,16 @@ import torch
 import typer
 
 from llmcore.common import LLMCoreError, print0, sha256_file, stage_errors, write_json_atomic, write_stage_reports
-from llmcore.data.chat import chat_prompt_and_reference, encode_conversations, find_chat_files, load_chat_data
+from llmcore.data.chat import chat_prompt_and_reference, find_chat_files, load_chat_data
 from llmcore.data.datasets import find_single_file, load_instruction_data
-from llmcore.data.instruct import InstructionBatches, check_split, encode_entries, eval_batches, split_entries
+from llmcore.data.instruct import (
+    InstructionBatches,
+    check_split,
+    encode_conversations,
+    encode_entries,
+    eval_batches,
+    split_entries,
+)
 from llmcore.device import resolve_device
 from llmcore.eval.instruct import evaluate_loss
 from llmcore.models import static_decode

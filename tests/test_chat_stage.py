@@ -12,7 +12,7 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from llmcore.data.chat import encode_conversations
+from llmcore.data.instruct import encode_conversations
 from llmcore.download import MIRROR_ENV
 from llmcore.models.config import ModelConfig
 from llmcore.models.gpt import GPT

@@ -141,6 +141,18 @@ def test_closure_follows_every_kind_of_import(tmp_path):
     assert chain.startswith("app/run.py -> ") and chain.endswith("lib/c.py -> lib/d/e.py")
 
 
+def test_imports_for_annotations_only_are_not_code_deps(tmp_path):
+    """``if TYPE_CHECKING:`` never runs: the modules it names are not in the closure (llmcore/text/chat.py names the
+    tokenizer that way, so the download stage does not rerun when the tokenizer changes)."""
+    write(tmp_path, {
+        "p/__init__.py": "",
+        "p/a.py": "from typing import TYPE_CHECKING\nimport typing\nif TYPE_CHECKING:\n    from p import b\n"
+                  "if typing.TYPE_CHECKING:\n    import p.c\nelse:\n    import p.d\n",
+        "p/b.py": "", "p/c.py": "", "p/d.py": "",
+    })  # fmt: skip
+    assert deps.imported_modules(tmp_path / "p/a.py", tmp_path) == {"typing", "typing.TYPE_CHECKING", "p.d"}
+
+
 def test_relative_imports_resolve_against_the_package(tmp_path):
     write(tmp_path, {"p/__init__.py": "from .q import x\n", "p/q.py": "from . import r\nfrom .. import p\n",
                      "p/r.py": ""})  # fmt: skip

@@ -53,13 +53,18 @@ def imported_modules(path: Path, root: Path = ROOT) -> set[str]:
     """Every module name ``path`` may import, anywhere in the file (function bodies included).
 
     ``from a import b`` yields both ``a`` and ``a.b`` (b may be a submodule); relative imports are resolved
-    against the file's own package.
+    against the file's own package. Imports under ``if TYPE_CHECKING:`` never run (annotations only) and are left out.
     """
     package = module_name(path, root)
     if path.name != "__init__.py":
         package = package.rpartition(".")[0]
     found = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    never_run = {id(n) for block in ast.walk(tree) if _is_type_checking(block) for stmt in block.body
+                 for n in ast.walk(stmt)}  # fmt: skip
+    for node in ast.walk(tree):
+        if id(node) in never_run:
+            continue
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -76,6 +81,15 @@ def imported_modules(path: Path, root: Path = ROOT) -> set[str]:
             found.update(f"{module}.{name}" if module else name for name in names)
     found.discard("")
     return found
+
+
+def _is_type_checking(node: ast.AST) -> bool:
+    """``if TYPE_CHECKING:`` (or ``typing.TYPE_CHECKING``): imports for annotations, which never run."""
+    if not isinstance(node, ast.If):
+        return False
+    test = node.test
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
 
 
 def module_files(module: str, root: Path = ROOT, packages: tuple[str, ...] = PACKAGES) -> list[Path]:
