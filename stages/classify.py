@@ -30,6 +30,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -42,7 +43,6 @@ import typer
 from llmcore.common import LLMCoreError, atomic_path, print0, sha256_file, stage_errors, write_stage_reports
 from llmcore.data.datasets import load_spam_table
 from llmcore.data.spam import ClassificationBatches, balance_classes, encode_texts, label_ids, split_table
-from llmcore.device import resolve_device
 from llmcore.eval.metrics import classification_metrics, confusion_matrix
 from llmcore.models.classifier import LABELS, GPTClassifier, classification_loss, predict_proba, set_trainable
 from llmcore.models.lora import LoRAParams, merge_lora
@@ -218,36 +218,10 @@ def main(
             print0(json.dumps({split: metrics[split] for split in ("train", "val", "test")}))
 
 
-@app.command()
-def predict(
-    texts: list[str] = typer.Argument(None, help="messages to classify (read from stdin, one a line, when absent)"),
-    model_dir: Path = typer.Option(Path("data/models/classify"), "--model", "-m", help="classifier model folder"),
-    batch_size: int = typer.Option(64, help="messages per forward pass"),
-    device: str = typer.Option("auto", help="auto | cpu | cuda | mps"),
-) -> None:
-    """Print `label<TAB>probability<TAB>text` for each message."""
-    with stage_errors():
-        if not texts:
-            texts = [line.rstrip("\r") for line in sys.stdin.read().split("\n") if line.strip()]
-        if not texts:
-            raise LLMCoreError("predict: no text (pass messages as arguments or on stdin, one a line)")
-        dev = resolve_device(device)
-        folder = open_model_dir(model_dir)
-        model, tok, labels = folder.load_classifier(dev), folder.tokenizer, folder.labels
-        stored = folder.metadata.get("max_length", "")
-        max_length = int(stored) if stored.isdigit() and int(stored) > 0 else model.cfg.context_length
-        max_length = min(max_length, model.cfg.context_length)  # truncate as training did
-        seqs = []
-        for i, text in enumerate(texts):
-            ids = tok.encode(text, allow_special=False)[:max_length]
-            if not ids:
-                raise LLMCoreError(f"predict: text {i + 1} is empty")
-            seqs.append(ids)
-        probs = predict_proba(model, seqs, tok.eot_id, batch_size, dev)
-        conf, pred = probs.max(dim=-1)
-        for text, p, c in zip(texts, pred.tolist(), conf.tolist(), strict=True):
-            print(f"{labels[p]}\t{c:.4f}\t{text}")
-
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True}, add_help_option=False)
+def predict(ctx: typer.Context) -> None:
+    """The old spelling of `llmcore classify` (same arguments), kept for a release."""
+    raise SystemExit(subprocess.call([sys.executable, "-m", "llmcore.cli", "classify", *ctx.args]))
 
 if __name__ == "__main__":
     app()

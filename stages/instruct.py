@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -47,21 +48,18 @@ from llmcore.data.instruct import (
     eval_batches,
     split_entries,
 )
-from llmcore.device import resolve_device
 from llmcore.eval.instruct import evaluate_loss
-from llmcore.models import static_decode
-from llmcore.models.generate import SamplingConfig
 from llmcore.models.lora import LoRAParams, apply_lora, count_trainable, mark_trainable, merge_lora
-from llmcore.models.responses import GenerateParams, generate_responses, stream_response
+from llmcore.models.responses import GenerateParams, generate_responses
 from llmcore.models.vocab import add_special_tokens
 from llmcore.params import load_base_model, load_section
 from llmcore.text.chat import CHAT_TOKENS, CHATML, IM_END, render_chat
 from llmcore.text.prompts import check_template, format_prompt
-from llmcore.threads import parse_threads, threads_for_inference
+from llmcore.threads import threads_for_inference
 from llmcore.training.config import HardwareConfig, TrainConfig
 from llmcore.training.loop import fit_logged, lm_loss
 from llmcore.training.runtime import init_runtime, relaunch_if_several
-from llmcore.weights.model_dir import TEMPLATE_KEY, TOKENIZER_FILE, load_instruct_model, open_model_dir, save_model_dir
+from llmcore.weights.model_dir import TEMPLATE_KEY, TOKENIZER_FILE, open_model_dir, save_model_dir
 
 
 def _default_train() -> TrainConfig:
@@ -266,61 +264,10 @@ def main(
             print0(json.dumps({k: metrics[k] for k in ("val_loss", "test_loss", "stage_seconds")}))
 
 
-@app.command()
-def ask(
-    prompt: str = typer.Argument(None, help="the instruction (read from stdin when absent)"),
-    input: str = typer.Option("", "--input", "-i", help="optional input for the instruction (Alpaca's ### Input)"),
-    model_dir: Path = typer.Option(Path("data/models/instruct"), "--model", "-m", help="instruction model folder"),
-    max_new_tokens: int = typer.Option(256, help="answer length limit, in tokens"),
-    temperature: float = typer.Option(0.0, help="0 = greedy"),
-    top_k: int = typer.Option(None, help="sample from the k most likely tokens"),
-    top_p: float = typer.Option(None, help="nucleus sampling mass"),
-    seed: int = typer.Option(None, help="sampling seed"),
-    device: str = typer.Option("auto", help="auto | cpu | cuda | mps"),
-    threads: str = typer.Option(
-        "auto",
-        help="CPU threads: auto (one for narrow models, all available CPUs for wide "
-        "ones; $OMP_NUM_THREADS wins) or a number",
-    ),
-    compiled_decode: str = typer.Option(
-        None,
-        help="auto | always | never: decode with the compiled step (CPU; seconds to compile). auto (the default, "
-        "or $LLMCORE_COMPILED_DECODE) compiles only where it pays, which one answer does not",
-    ),
-) -> None:
-    """Answer one instruction with the tuned model, streaming the answer as it is generated."""
-    with stage_errors():
-        text = sys.stdin.read() if prompt is None else prompt
-        if not text.strip():
-            raise LLMCoreError("ask: empty instruction (pass it as an argument or on stdin)")
-        if compiled_decode is not None and compiled_decode not in static_decode.POLICIES:
-            raise LLMCoreError(f"ask: --compiled-decode must be one of {'|'.join(static_decode.POLICIES)}, "
-                               f"got {compiled_decode!r}")  # fmt: skip
-        try:
-            parse_threads(threads, "ask: --threads")
-        except ValueError as e:
-            raise LLMCoreError(str(e)) from None
-        model, tok, template = load_instruct_model(model_dir, device=resolve_device(device), use="ask")
-        sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                                  seed=seed)  # fmt: skip
-        if compiled_decode is not None:
-            static_decode.set_policy(compiled_decode)
-        try:
-            if template == CHATML:
-                messages = [{"role": "user", "content": text.strip() + (f"\n\n{input}" if input else "")}]
-                prompt_ids = render_chat(tok, messages, add_generation_prompt=True).ids
-                sampling.stop_ids = (tok.special_tokens[IM_END],)
-            else:
-                prompt_ids = format_prompt(template, text.strip(), input)
-            with threads_for_inference(threads, model.cfg):
-                for piece in stream_response(model, tok, prompt_ids, sampling, sections=template != CHATML):
-                    sys.stdout.write(piece)
-                    sys.stdout.flush()
-        finally:
-            if compiled_decode is not None:
-                static_decode.set_policy(None)
-        sys.stdout.write("\n")
-
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True}, add_help_option=False)
+def ask(ctx: typer.Context) -> None:
+    """The old spelling of `llmcore ask` (same arguments), kept for a release."""
+    raise SystemExit(subprocess.call([sys.executable, "-m", "llmcore.cli", "ask", *ctx.args]))
 
 if __name__ == "__main__":
     app()

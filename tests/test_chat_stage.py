@@ -12,6 +12,7 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
+from llmcore.cli import app as cli
 from llmcore.data.instruct import encode_conversations
 from llmcore.download import MIRROR_ENV
 from llmcore.models.config import ModelConfig
@@ -89,7 +90,7 @@ def test_chat_stage_trains_a_chat_model(chat_trained: Path) -> None:
 
 
 def test_ask_a_chat_model(chat_trained: Path) -> None:
-    result = CliRunner().invoke(app, ["ask", "--model", str(chat_trained / "models" / "chat"), "Say 3."])
+    result = CliRunner().invoke(cli, ["ask", "--model", str(chat_trained / "models" / "chat"), "Say 3."])
     assert result.exit_code == 0, result.output
     assert result.output.strip() == "OK."
 
