@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from llmcore.params import ParamsError, load_section, read_params, track_reads
 from tests.conftest import REPO_ROOT
-from tools import deps
+from tools import deps, reruns
 
 SPEC = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())
 STAGES = deps.load_stages(SPEC)
@@ -61,6 +61,61 @@ def test_stage_reads_params_only_in_load_params(stage):
 
 def test_write_is_a_no_op_on_the_repository():
     assert deps.generate() == (REPO_ROOT / "dvc.yaml").read_text()
+
+
+# Not DVC's paths: the params file, dvc.yaml itself, resumable work folders and the judge's answer cache
+NOT_DVC_PATHS = ("params.yaml", "dvc.yaml", ".cache/", "data/cache/", "data/hub/")  # data/hub: Hub downloads
+
+
+def path_options(stage: deps.Stage) -> dict[str, str]:
+    """The stage script's Path options as its dvc.yaml command sets them (its own defaults where it passes none)."""
+    import importlib
+    from pathlib import PurePath
+
+    import typer
+
+    command = typer.main.get_command(importlib.import_module(stage.module).app)
+    ctx = command.make_context(stage.name, stage_args(stage), resilient_parsing=True)
+    return {k: PurePath(v).as_posix() for k, v in ctx.params.items()
+            if isinstance(v, PurePath) and not f"{PurePath(v).as_posix()}/".startswith(NOT_DVC_PATHS)}  # fmt: skip
+
+
+def declared_paths(stage: deps.Stage) -> set[str]:
+    """The stage's data deps and outputs (metrics and plots included), ``${...}`` filled in from params.yaml."""
+    body = stage.body
+    entries = [d for d in body.get("deps") or [] if not deps.is_code_dep(d)]
+    entries += [e if isinstance(e, str) else next(iter(e)) for k in ("outs", "metrics", "plots")
+                for e in body.get(k) or []]  # fmt: skip
+    # params.yaml (check-params' dep) and check-params' output order the stages; no script opens them by a path
+    paths = {reruns.resolve(e, PARAMS, item="gpt2-124m") for e in entries} - {"params.yaml"}
+    return paths if stage.name == "check-params" else paths - {"data/params-checked.txt"}
+
+
+def under(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
+@pytest.mark.parametrize("stage", SCRIPTED, ids=lambda s: s.name)
+def test_the_paths_a_stage_uses_are_the_ones_dvc_yaml_declares(stage):
+    """The script's path options (as the stage's command sets them) and dvc.yaml's deps and outs agree: every
+    declared path and each option holds the other or lies in it (a default changed in the script without dvc.yaml,
+    or the other way round, fails here)."""
+    options, declared = path_options(stage), declared_paths(stage)
+    undeclared = {k: v for k, v in options.items() if not any(under(d, v) or under(v, d) for d in declared)}
+    unused = sorted(d for d in declared if not any(under(d, v) or under(v, d) for v in options.values()))
+    assert not undeclared, f"{stage.name}: options naming no declared dep or out: {undeclared}"
+    assert not unused, f"{stage.name}: declared deps/outs no option of {stage.module} reaches: {unused}"
+
+
+def test_a_path_drift_between_script_and_dvc_yaml_is_caught():
+    pretrain = next(s for s in SCRIPTED if s.name == "pretrain")
+    outs = [o if o != "data/models/pretrain" else "data/models/pretrain-v2" for o in pretrain.body["outs"]]
+    moved = deps.Stage(pretrain.name, {**pretrain.body, "outs": outs}, pretrain.module)
+    with pytest.raises(AssertionError, match=r"'out': 'data/models/pretrain'"):
+        test_the_paths_a_stage_uses_are_the_ones_dvc_yaml_declares(moved)
+    passed = deps.Stage(pretrain.name, {**moved.body, "cmd": "python -m stages.pretrain --out data/models/pretrain-v2"},
+                        pretrain.module)  # fmt: skip
+    test_the_paths_a_stage_uses_are_the_ones_dvc_yaml_declares(passed)  # the command passes the new path: agreed
 
 
 # --------------------------------------------------------------------------------------------------
