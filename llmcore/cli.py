@@ -1,6 +1,7 @@
 """The ``llmcore`` command (a Typer app; the pipeline's stages have their own scripts in ``stages/``).
 
     llmcore ask "Name a primary color." --model data/models/instruct   # one answer, streamed
+    llmcore chat --model data/models/instruct < questions.txt          # a conversation, one message a line
     llmcore classify "WINNER!! Claim your prize" --model data/models/classify   # label, probability, text
     llmcore serve --model data/models/instruct                       # Ollama + OpenAI APIs on 127.0.0.1:11434
     llmcore serve --model data/models/instruct --model data/models/pretrain --name instruct --name base
@@ -215,6 +216,70 @@ def ask(
             if compiled_decode is not None:
                 static_decode.set_policy(None)
         sys.stdout.write("\n")
+
+
+@app.command()
+def chat(
+    model_dir: Path = typer.Option(Path("data/models/instruct"), "--model", "-m", help="instruction model folder"),
+    system: str = typer.Option(None, help="a system message to start the conversation with (chat models)"),
+    max_new_tokens: int = typer.Option(256, help="answer length limit, in tokens"),
+    temperature: float = typer.Option(0.0, help="0 = greedy"),
+    top_k: int = typer.Option(None, help="sample from the k most likely tokens"),
+    top_p: float = typer.Option(None, help="nucleus sampling mass"),
+    seed: int = typer.Option(None, help="sampling seed"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | mps"),
+    threads: str = typer.Option("auto", help="CPU threads: auto or a number"),
+) -> None:
+    """Talk with an instruction model: one message a line on stdin, each answer streamed after it (Ctrl-D ends).
+
+    A chat (ChatML) model sees the conversation so far, its oldest turns dropped when it outgrows the context; an
+    Alpaca-template model has no turns and answers each line on its own."""
+    import sys
+
+    from llmcore.common import LLMCoreError
+    from llmcore.device import resolve_device
+    from llmcore.models.generate import SamplingConfig  # torch: import late
+    from llmcore.models.responses import stream_response
+    from llmcore.text.chat import CHATML, IM_END, render_chat
+    from llmcore.text.prompts import format_prompt
+    from llmcore.threads import parse_threads, threads_for_inference
+    from llmcore.weights.model_dir import load_instruct_model
+
+    with stage_errors():
+        try:
+            parse_threads(threads, "chat: --threads")
+        except ValueError as e:
+            raise LLMCoreError(str(e)) from None
+        model, tok, template = load_instruct_model(model_dir, device=resolve_device(device), use="chat")
+        sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                  seed=seed)  # fmt: skip
+        is_chat = template == CHATML
+        if is_chat:
+            sampling.stop_ids = (tok.special_tokens[IM_END],)
+        history = [{"role": "system", "content": system}] if system and is_chat else []
+        room = model.cfg.context_length - 1  # the prompt and at least one new token
+        for line in sys.stdin:
+            text = line.strip()
+            if not text:
+                continue
+            if is_chat:
+                history.append({"role": "user", "content": text})
+                prompt_ids = render_chat(tok, history, add_generation_prompt=True).ids
+                first = 1 if history[0]["role"] == "system" else 0
+                while len(prompt_ids) > room and len(history) - first > 1:  # drop the oldest exchange
+                    del history[first : first + 2]
+                    prompt_ids = render_chat(tok, history, add_generation_prompt=True).ids
+            else:
+                prompt_ids = format_prompt(template, text, "")
+            pieces = []
+            with threads_for_inference(threads, model.cfg):
+                for piece in stream_response(model, tok, prompt_ids, sampling, sections=not is_chat):
+                    pieces.append(piece)
+                    sys.stdout.write(piece)
+                    sys.stdout.flush()
+            sys.stdout.write("\n")
+            if is_chat:
+                history.append({"role": "assistant", "content": "".join(pieces)})
 
 
 @app.command()
