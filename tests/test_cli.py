@@ -1,4 +1,4 @@
-"""One command line: `llmcore ask`, `llmcore chat` and `llmcore classify` beside serve, export, benchmark, compare and
+"""One command line: `llmcore ask`, `chat` and `classify` beside serve, export, benchmark, compare and profile; the
 old spellings (`python -m stages.instruct ask`, `python -m stages.classify predict`) forward to them."""
 
 from __future__ import annotations
