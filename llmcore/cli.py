@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -150,22 +151,67 @@ def serve(
         typer.echo("stopped")
 
 
+# The options `ask` and `chat` share: the model folder and how its answers are decoded
+MODEL = typer.Option(Path("data/models/instruct"), "--model", "-m", help="instruction model folder")
+MAX_NEW_TOKENS = typer.Option(256, help="answer length limit, in tokens")
+TEMPERATURE = typer.Option(0.0, help="0 = greedy")
+TOP_K = typer.Option(None, help="sample from the k most likely tokens")
+TOP_P = typer.Option(None, help="nucleus sampling mass")
+SEED = typer.Option(None, help="sampling seed")
+DEVICE = typer.Option("auto", help="auto | cpu | cuda | mps")
+THREADS = typer.Option("auto", help="CPU threads: auto (one for narrow models, all available CPUs for wide ones; "
+                       "$OMP_NUM_THREADS wins) or a number")  # fmt: skip
+
+
+def _load_answerer(command: str, model_dir: Path, device: str, threads: str, **sampling: Any):
+    """(model, tokenizer, template, SamplingConfig) for ``ask`` and ``chat``; a chat model stops at <|im_end|>."""
+    from llmcore.common import LLMCoreError
+    from llmcore.device import resolve_device
+    from llmcore.models.generate import SamplingConfig  # torch: import late
+    from llmcore.text.chat import CHATML, IM_END
+    from llmcore.threads import parse_threads
+    from llmcore.weights.model_dir import load_instruct_model
+
+    try:
+        parse_threads(threads, f"{command}: --threads")
+    except ValueError as e:
+        raise LLMCoreError(str(e)) from None
+    model, tok, template = load_instruct_model(model_dir, device=resolve_device(device), use=command)
+    cfg = SamplingConfig(**sampling)
+    if template == CHATML:
+        cfg.stop_ids = (tok.special_tokens[IM_END],)
+    return model, tok, template, cfg
+
+
+def _stream_answer(model, tok, prompt_ids: list[int] | str, sampling, threads: str, chat: bool) -> str:
+    """Write the answer to stdout while it is generated, then a newline; returns its text."""
+    import sys
+
+    from llmcore.models.responses import stream_response
+    from llmcore.threads import threads_for_inference
+
+    pieces = []
+    with threads_for_inference(threads, model.cfg):
+        for piece in stream_response(model, tok, prompt_ids, sampling, sections=not chat):
+            pieces.append(piece)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    sys.stdout.write("\n")
+    return "".join(pieces)
+
+
 @app.command()
 def ask(
     prompt: str = typer.Argument(None, help="the instruction (read from stdin when absent)"),
     input: str = typer.Option("", "--input", "-i", help="optional input for the instruction (Alpaca's ### Input)"),
-    model_dir: Path = typer.Option(Path("data/models/instruct"), "--model", "-m", help="instruction model folder"),
-    max_new_tokens: int = typer.Option(256, help="answer length limit, in tokens"),
-    temperature: float = typer.Option(0.0, help="0 = greedy"),
-    top_k: int = typer.Option(None, help="sample from the k most likely tokens"),
-    top_p: float = typer.Option(None, help="nucleus sampling mass"),
-    seed: int = typer.Option(None, help="sampling seed"),
-    device: str = typer.Option("auto", help="auto | cpu | cuda | mps"),
-    threads: str = typer.Option(
-        "auto",
-        help="CPU threads: auto (one for narrow models, all available CPUs for wide "
-        "ones; $OMP_NUM_THREADS wins) or a number",
-    ),
+    model_dir: Path = MODEL,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+    temperature: float = TEMPERATURE,
+    top_k: int = TOP_K,
+    top_p: float = TOP_P,
+    seed: int = SEED,
+    device: str = DEVICE,
+    threads: str = THREADS,
     compiled_decode: str = typer.Option(
         None,
         help="auto | always | never: decode with the compiled step (CPU; seconds to compile). auto (the default, "
@@ -176,14 +222,9 @@ def ask(
     import sys
 
     from llmcore.common import LLMCoreError
-    from llmcore.device import resolve_device
     from llmcore.models import static_decode  # torch: import late
-    from llmcore.models.generate import SamplingConfig
-    from llmcore.models.responses import stream_response
-    from llmcore.text.chat import CHATML, IM_END, render_chat
+    from llmcore.text.chat import CHATML, render_chat
     from llmcore.text.prompts import format_prompt
-    from llmcore.threads import parse_threads, threads_for_inference
-    from llmcore.weights.model_dir import load_instruct_model
 
     with stage_errors():
         text = sys.stdin.read() if prompt is None else prompt
@@ -192,43 +233,34 @@ def ask(
         if compiled_decode is not None and compiled_decode not in static_decode.POLICIES:
             raise LLMCoreError(f"ask: --compiled-decode must be one of {'|'.join(static_decode.POLICIES)}, "
                                f"got {compiled_decode!r}")  # fmt: skip
-        try:
-            parse_threads(threads, "ask: --threads")
-        except ValueError as e:
-            raise LLMCoreError(str(e)) from None
-        model, tok, template = load_instruct_model(model_dir, device=resolve_device(device), use="ask")
-        sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                                  seed=seed)  # fmt: skip
+        model, tok, template, sampling = _load_answerer(
+            "ask", model_dir, device, threads, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+            top_p=top_p, seed=seed)  # fmt: skip
         if compiled_decode is not None:
             static_decode.set_policy(compiled_decode)
         try:
             if template == CHATML:
                 messages = [{"role": "user", "content": text.strip() + (f"\n\n{input}" if input else "")}]
                 prompt_ids = render_chat(tok, messages, add_generation_prompt=True).ids
-                sampling.stop_ids = (tok.special_tokens[IM_END],)
             else:
                 prompt_ids = format_prompt(template, text.strip(), input)
-            with threads_for_inference(threads, model.cfg):
-                for piece in stream_response(model, tok, prompt_ids, sampling, sections=template != CHATML):
-                    sys.stdout.write(piece)
-                    sys.stdout.flush()
+            _stream_answer(model, tok, prompt_ids, sampling, threads, chat=template == CHATML)
         finally:
             if compiled_decode is not None:
                 static_decode.set_policy(None)
-        sys.stdout.write("\n")
 
 
 @app.command()
 def chat(
-    model_dir: Path = typer.Option(Path("data/models/instruct"), "--model", "-m", help="instruction model folder"),
+    model_dir: Path = MODEL,
     system: str = typer.Option(None, help="a system message to start the conversation with (chat models)"),
-    max_new_tokens: int = typer.Option(256, help="answer length limit, in tokens"),
-    temperature: float = typer.Option(0.0, help="0 = greedy"),
-    top_k: int = typer.Option(None, help="sample from the k most likely tokens"),
-    top_p: float = typer.Option(None, help="nucleus sampling mass"),
-    seed: int = typer.Option(None, help="sampling seed"),
-    device: str = typer.Option("auto", help="auto | cpu | cuda | mps"),
-    threads: str = typer.Option("auto", help="CPU threads: auto or a number"),
+    max_new_tokens: int = MAX_NEW_TOKENS,
+    temperature: float = TEMPERATURE,
+    top_k: int = TOP_K,
+    top_p: float = TOP_P,
+    seed: int = SEED,
+    device: str = DEVICE,
+    threads: str = THREADS,
 ) -> None:
     """Talk with an instruction model: one message a line on stdin, each answer streamed after it (Ctrl-D ends).
 
@@ -236,50 +268,31 @@ def chat(
     Alpaca-template model has no turns and answers each line on its own."""
     import sys
 
-    from llmcore.common import LLMCoreError
-    from llmcore.device import resolve_device
-    from llmcore.models.generate import SamplingConfig  # torch: import late
-    from llmcore.models.responses import stream_response
-    from llmcore.text.chat import CHATML, IM_END, render_chat
+    from llmcore.text.chat import CHATML, render_chat
     from llmcore.text.prompts import format_prompt
-    from llmcore.threads import parse_threads, threads_for_inference
-    from llmcore.weights.model_dir import load_instruct_model
 
     with stage_errors():
-        try:
-            parse_threads(threads, "chat: --threads")
-        except ValueError as e:
-            raise LLMCoreError(str(e)) from None
-        model, tok, template = load_instruct_model(model_dir, device=resolve_device(device), use="chat")
-        sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                                  seed=seed)  # fmt: skip
+        model, tok, template, sampling = _load_answerer(
+            "chat", model_dir, device, threads, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+            top_p=top_p, seed=seed)  # fmt: skip
         is_chat = template == CHATML
-        if is_chat:
-            sampling.stop_ids = (tok.special_tokens[IM_END],)
         history = [{"role": "system", "content": system}] if system and is_chat else []
         room = model.cfg.context_length - 1  # the prompt and at least one new token
         for line in sys.stdin:
             text = line.strip()
             if not text:
                 continue
-            if is_chat:
-                history.append({"role": "user", "content": text})
+            if not is_chat:
+                _stream_answer(model, tok, format_prompt(template, text, ""), sampling, threads, chat=False)
+                continue
+            history.append({"role": "user", "content": text})
+            prompt_ids = render_chat(tok, history, add_generation_prompt=True).ids
+            first = 1 if history[0]["role"] == "system" else 0
+            while len(prompt_ids) > room and len(history) - first > 1:  # drop the oldest exchange
+                del history[first : first + 2]
                 prompt_ids = render_chat(tok, history, add_generation_prompt=True).ids
-                first = 1 if history[0]["role"] == "system" else 0
-                while len(prompt_ids) > room and len(history) - first > 1:  # drop the oldest exchange
-                    del history[first : first + 2]
-                    prompt_ids = render_chat(tok, history, add_generation_prompt=True).ids
-            else:
-                prompt_ids = format_prompt(template, text, "")
-            pieces = []
-            with threads_for_inference(threads, model.cfg):
-                for piece in stream_response(model, tok, prompt_ids, sampling, sections=not is_chat):
-                    pieces.append(piece)
-                    sys.stdout.write(piece)
-                    sys.stdout.flush()
-            sys.stdout.write("\n")
-            if is_chat:
-                history.append({"role": "assistant", "content": "".join(pieces)})
+            answer = _stream_answer(model, tok, prompt_ids, sampling, threads, chat=True)
+            history.append({"role": "assistant", "content": answer})
 
 
 @app.command()
