@@ -23,12 +23,12 @@ $(BIN)/.installed: pyproject.toml
 venv: $(BIN)/.installed
 
 lint: venv
-	$(BIN)/ruff check llmcore stages tests benchmarks
+	$(BIN)/ruff check llmcore stages tools tests benchmarks
 
 # dvc.yaml's code deps (each stage's import closure) and params (the keys its loader reads), regenerated in place.
 # tests/test_deps.py fails naming the stage and file when they drift; this is the fix.
 deps: venv
-	$(BIN)/python -m stages.deps --write
+	$(BIN)/python -m tools.deps --write
 
 # The manual (docs/, mkdocs.yml) as a site in site/: offline, warnings as errors (tests/test_docs.py builds it too).
 docs: venv

@@ -1,5 +1,8 @@
 """The ``llmcore`` command (a Typer app; the pipeline's stages have their own scripts in ``stages/``).
 
+    llmcore ask "Name a primary color." --model data/models/instruct   # one answer, streamed
+    llmcore chat --model data/models/instruct < questions.txt          # a conversation, one message a line
+    llmcore classify "WINNER!! Claim your prize" --model data/models/classify   # label, probability, text
     llmcore serve --model data/models/instruct                       # Ollama + OpenAI APIs on 127.0.0.1:11434
     llmcore serve --model data/models/instruct --model data/models/pretrain --name instruct --name base
     llmcore export data/models/instruct --format gguf --precision q8_0 --out data/export/instruct
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -31,7 +35,8 @@ def profile(
     path: Path = typer.Argument(..., help="a profile: a partial params file (params/*.yaml)"),
     params: Path = typer.Option(Path("params.yaml"), help="the params file it is merged over"),
     write: Path = typer.Option(None, help="write the merged params here (python -m stages.X --params FILE)"),
-    run: bool = typer.Option(False, "--run", help="run `dvc exp run` with the profile as --set-param arguments"),
+    run: bool = typer.Option(False, "--run", metavar="", help="run `dvc exp run` with the profile as --set-param "
+                             "arguments"),  # metavar "": a flag takes no value, so no <bool> beside it in --help
     name: str = typer.Option(None, "-n", "--name", help="experiment name for --run"),
 ) -> None:
     """Merge a params profile over params.yaml: print the `dvc exp run` command, write the file, or run it."""
@@ -144,6 +149,188 @@ def serve(
     finally:
         server.server_close()
         typer.echo("stopped")
+
+
+# The options `ask` and `chat` share: the model folder and how its answers are decoded
+MODEL = typer.Option(Path("data/models/instruct"), "--model", "-m", help="instruction model folder")
+MAX_NEW_TOKENS = typer.Option(256, help="answer length limit, in tokens")
+TEMPERATURE = typer.Option(0.0, help="0 = greedy")
+TOP_K = typer.Option(None, help="sample from the k most likely tokens")
+TOP_P = typer.Option(None, help="nucleus sampling mass")
+SEED = typer.Option(None, help="sampling seed")
+DEVICE = typer.Option("auto", help="auto | cpu | cuda | mps")
+THREADS = typer.Option("auto", help="CPU threads: auto (one for narrow models, all available CPUs for wide ones; "
+                       "$OMP_NUM_THREADS wins) or a number")  # fmt: skip
+
+
+def _load_answerer(command: str, model_dir: Path, device: str, threads: str, **sampling: Any):
+    """(model, tokenizer, template, SamplingConfig) for ``ask`` and ``chat``; a chat model stops at <|im_end|>."""
+    from llmcore.common import LLMCoreError
+    from llmcore.device import resolve_device
+    from llmcore.models.generate import SamplingConfig  # torch: import late
+    from llmcore.text.chat import CHATML, IM_END
+    from llmcore.threads import parse_threads
+    from llmcore.weights.model_dir import load_instruct_model
+
+    try:
+        parse_threads(threads, f"{command}: --threads")
+    except ValueError as e:
+        raise LLMCoreError(str(e)) from None
+    model, tok, template = load_instruct_model(model_dir, device=resolve_device(device), use=command)
+    cfg = SamplingConfig(**sampling)
+    if template == CHATML:
+        cfg.stop_ids = (tok.special_tokens[IM_END],)
+    return model, tok, template, cfg
+
+
+def _stream_answer(model, tok, prompt_ids: list[int] | str, sampling, threads: str, chat: bool) -> str:
+    """Write the answer to stdout while it is generated, then a newline; returns its text."""
+    import sys
+
+    from llmcore.models.responses import stream_response
+    from llmcore.threads import threads_for_inference
+
+    pieces = []
+    with threads_for_inference(threads, model.cfg):
+        for piece in stream_response(model, tok, prompt_ids, sampling, sections=not chat):
+            pieces.append(piece)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    sys.stdout.write("\n")
+    return "".join(pieces)
+
+
+@app.command()
+def ask(
+    prompt: str = typer.Argument(None, help="the instruction (read from stdin when absent)"),
+    input: str = typer.Option("", "--input", "-i", help="optional input for the instruction (Alpaca's ### Input)"),
+    model_dir: Path = MODEL,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+    temperature: float = TEMPERATURE,
+    top_k: int = TOP_K,
+    top_p: float = TOP_P,
+    seed: int = SEED,
+    device: str = DEVICE,
+    threads: str = THREADS,
+    compiled_decode: str = typer.Option(
+        None,
+        help="auto | always | never: decode with the compiled step (CPU; seconds to compile). auto (the default, "
+        "or $LLMCORE_COMPILED_DECODE) compiles only where it pays, which one answer does not",
+    ),
+) -> None:
+    """Answer one instruction with an instruction model, streaming the answer as it is generated."""
+    import sys
+
+    from llmcore.common import LLMCoreError
+    from llmcore.models import static_decode  # torch: import late
+    from llmcore.text.chat import CHATML, render_chat
+    from llmcore.text.prompts import format_prompt
+
+    with stage_errors():
+        text = sys.stdin.read() if prompt is None else prompt
+        if not text.strip():
+            raise LLMCoreError("ask: empty instruction (pass it as an argument or on stdin)")
+        if compiled_decode is not None and compiled_decode not in static_decode.POLICIES:
+            raise LLMCoreError(f"ask: --compiled-decode must be one of {'|'.join(static_decode.POLICIES)}, "
+                               f"got {compiled_decode!r}")  # fmt: skip
+        model, tok, template, sampling = _load_answerer(
+            "ask", model_dir, device, threads, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+            top_p=top_p, seed=seed)  # fmt: skip
+        if compiled_decode is not None:
+            static_decode.set_policy(compiled_decode)
+        try:
+            if template == CHATML:
+                messages = [{"role": "user", "content": text.strip() + (f"\n\n{input}" if input else "")}]
+                prompt_ids = render_chat(tok, messages, add_generation_prompt=True).ids
+            else:
+                prompt_ids = format_prompt(template, text.strip(), input)
+            _stream_answer(model, tok, prompt_ids, sampling, threads, chat=template == CHATML)
+        finally:
+            if compiled_decode is not None:
+                static_decode.set_policy(None)
+
+
+@app.command()
+def chat(
+    model_dir: Path = MODEL,
+    system: str = typer.Option(None, help="a system message to start the conversation with (chat models)"),
+    max_new_tokens: int = MAX_NEW_TOKENS,
+    temperature: float = TEMPERATURE,
+    top_k: int = TOP_K,
+    top_p: float = TOP_P,
+    seed: int = SEED,
+    device: str = DEVICE,
+    threads: str = THREADS,
+) -> None:
+    """Talk with an instruction model: one message a line on stdin, each answer streamed after it (Ctrl-D ends).
+
+    A chat (ChatML) model sees the conversation so far, its oldest turns dropped when it outgrows the context; an
+    Alpaca-template model has no turns and answers each line on its own."""
+    import sys
+
+    from llmcore.text.chat import CHATML, render_chat
+    from llmcore.text.prompts import format_prompt
+
+    with stage_errors():
+        model, tok, template, sampling = _load_answerer(
+            "chat", model_dir, device, threads, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+            top_p=top_p, seed=seed)  # fmt: skip
+        is_chat = template == CHATML
+        history = [{"role": "system", "content": system}] if system and is_chat else []
+        room = model.cfg.context_length - 1  # the prompt and at least one new token
+        for line in sys.stdin:
+            text = line.strip()
+            if not text:
+                continue
+            if not is_chat:
+                _stream_answer(model, tok, format_prompt(template, text, ""), sampling, threads, chat=False)
+                continue
+            history.append({"role": "user", "content": text})
+            prompt_ids = render_chat(tok, history, add_generation_prompt=True).ids
+            first = 1 if history[0]["role"] == "system" else 0
+            while len(prompt_ids) > room and len(history) - first > 1:  # drop the oldest exchange
+                del history[first : first + 2]
+                prompt_ids = render_chat(tok, history, add_generation_prompt=True).ids
+            answer = _stream_answer(model, tok, prompt_ids, sampling, threads, chat=True)
+            history.append({"role": "assistant", "content": answer})
+
+
+@app.command()
+def classify(
+    texts: list[str] = typer.Argument(None, help="messages to classify (read from stdin, one a line, when absent)"),
+    model_dir: Path = typer.Option(Path("data/models/classify"), "--model", "-m", help="classifier model folder"),
+    batch_size: int = typer.Option(64, help="messages per forward pass"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | mps"),
+) -> None:
+    """Classify messages with a classifier folder: `label<TAB>probability<TAB>text` for each."""
+    import sys
+
+    from llmcore.common import LLMCoreError
+    from llmcore.device import resolve_device
+    from llmcore.models.classifier import predict_proba  # torch: import late
+    from llmcore.weights.model_dir import open_model_dir
+
+    with stage_errors():
+        if not texts:
+            texts = [line.rstrip("\r") for line in sys.stdin.read().split("\n") if line.strip()]
+        if not texts:
+            raise LLMCoreError("classify: no text (pass messages as arguments or on stdin, one a line)")
+        dev = resolve_device(device)
+        folder = open_model_dir(model_dir)
+        model, tok, labels = folder.load_classifier(dev), folder.tokenizer, folder.labels
+        stored = folder.metadata.get("max_length", "")
+        max_length = int(stored) if stored.isdigit() and int(stored) > 0 else model.cfg.context_length
+        max_length = min(max_length, model.cfg.context_length)  # truncate as training did
+        seqs = []
+        for i, text in enumerate(texts):
+            ids = tok.encode(text, allow_special=False)[:max_length]
+            if not ids:
+                raise LLMCoreError(f"classify: text {i + 1} is empty")
+            seqs.append(ids)
+        probs = predict_proba(model, seqs, tok.eot_id, batch_size, dev)
+        conf, pred = probs.max(dim=-1)
+        for text, p, c in zip(texts, pred.tolist(), conf.tolist(), strict=True):
+            print(f"{labels[p]}\t{c:.4f}\t{text}")
 
 
 @app.command()

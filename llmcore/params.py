@@ -12,7 +12,7 @@ Supported field types: int, float, str, bool, ``Literal[...]``, ``X | None``, ``
 ``dict[str, X]``, ``Any`` and nested dataclasses. Fields without defaults are required.
 
 The file is also checked as a whole: its top-level sections must be ones the pipeline's stages declare as
-params in the ``dvc.yaml`` beside it (``stages/deps.py`` keeps those declarations equal to what each stage's
+params in the ``dvc.yaml`` beside it (``tools/deps.py`` keeps those declarations equal to what each stage's
 loader reads), so a typo such as ``pretrian:`` stops every stage with one line naming the closest section:
 
     params.yaml: unknown section 'pretrian' (did you mean 'pretrain'?)
@@ -277,12 +277,28 @@ def load_section(section: str, schema: type[T], path: str | os.PathLike = DEFAUL
     return from_dict(schema, data[section], section)
 
 
+def load_fields(section: str, schema: type[T], path: str | os.PathLike = DEFAULT_PATH) -> T:
+    """Like ``load_section``, for a stage that reads only part of a section: ``schema``'s keys of ``section``.
+
+    The section's other keys belong to another stage's schema, which validates them (and refuses unknown
+    ones); only the keys taken here are read, so the stage's ``params:`` in dvc.yaml list just these.
+    """
+    data = read_params(path)
+    if section not in data:
+        raise ParamsError(f"{section}: missing section in {path}")
+    values = data[section]
+    if values is not None and not isinstance(values, dict):
+        raise ParamsError(f"{section}: expected a mapping, got {show_value(values)}")
+    names = {f.name for f in dataclasses.fields(schema) if f.init}
+    return from_dict(schema, {k: values[k] for k in list(values or {}) if k in names}, section)
+
+
 def from_dict(schema: type[T], data: Any, where: str) -> T:
     """Build dataclass ``schema`` from plain data; errors name ``where``.key."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ParamsError(f"{where}: expected a mapping, got {_show(data)}")
+        raise ParamsError(f"{where}: expected a mapping, got {show_value(data)}")
     hints = typing.get_type_hints(schema)
     fields = {f.name: f for f in dataclasses.fields(schema) if f.init}
     unknown = [k for k in data if k not in fields]
@@ -324,39 +340,39 @@ def convert(tp: Any, value: Any, where: str) -> Any:
         if len(options) == 1:
             raise ParamsError(errors[0])
         names = " or ".join(_name(o) for o in options)
-        raise ParamsError(f"{where}: expected {names}, got {_show(value)}")
+        raise ParamsError(f"{where}: expected {names}, got {show_value(value)}")
     if origin is Literal:
         if value not in args:
-            raise ParamsError(f"{where}: expected one of {'|'.join(map(str, args))}, got {_show(value)}")
+            raise ParamsError(f"{where}: expected one of {'|'.join(map(str, args))}, got {show_value(value)}")
         return value
     if origin is list:
         if not isinstance(value, list):
-            raise ParamsError(f"{where}: expected a list, got {_show(value)}")
+            raise ParamsError(f"{where}: expected a list, got {show_value(value)}")
         return [convert(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise ParamsError(f"{where}: expected a mapping, got {_show(value)}")
+            raise ParamsError(f"{where}: expected a mapping, got {show_value(value)}")
         return {convert(args[0], k, where): convert(args[1], v, f"{where}.{k}") for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, where)
     if tp is bool:
         if not isinstance(value, bool):
-            raise ParamsError(f"{where}: expected bool, got {_show(value)}")
+            raise ParamsError(f"{where}: expected bool, got {show_value(value)}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ParamsError(f"{where}: expected int, got {_show(value)}")
+            raise ParamsError(f"{where}: expected int, got {show_value(value)}")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ParamsError(f"{where}: expected float, got {_show(value)}")
+            raise ParamsError(f"{where}: expected float, got {show_value(value)}")
         number = float(value) if isinstance(value, float) or abs(value) < 2**1000 else math.inf
         if not math.isfinite(number):  # .nan, .inf, 1e999: no param means any of them
-            raise ParamsError(f"{where}: expected a finite number, got {_show(value)}")
+            raise ParamsError(f"{where}: expected a finite number, got {show_value(value)}")
         return number
     if tp is str:
         if not isinstance(value, str):
-            raise ParamsError(f"{where}: expected str, got {_show(value)}")
+            raise ParamsError(f"{where}: expected str, got {show_value(value)}")
         return value
     raise TypeError(f"{where}: unsupported schema type {tp!r}")  # a bug in a schema, not in params.yaml
 
@@ -365,7 +381,8 @@ def _name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def _show(value: Any) -> str:
+def show_value(value: Any) -> str:
+    """A value as an error message shows it: scalars by repr, containers by type name."""
     return repr(value) if not isinstance(value, (dict, list)) else type(value).__name__
 
 
@@ -375,32 +392,6 @@ def load_base_model(path: str | os.PathLike = DEFAULT_PATH) -> str:
     if not isinstance(base_model, str) or not base_model or "/" in base_model or base_model.startswith("."):
         raise ParamsError(f"base_model: expected a model folder name under data/models, got {base_model!r}")
     return base_model
-
-
-def model_config_from_params(data: Any, where: str = "model", **fixed: Any):
-    """The ``model`` section: a ``preset`` name plus field overrides, e.g. ``{preset: llama3-tiny, n_layers: 2}``.
-
-    ``fixed`` values (the tokenizer's vocab size, say) override both.
-    """
-    from llmcore.models.config import PRESETS, ConfigError, ModelConfig
-
-    if not isinstance(data, dict):
-        raise ParamsError(f"{where}: expected a mapping, got {_show(data)}")
-    data = dict(data)
-    preset = data.pop("preset", None)
-    if preset is not None and (not isinstance(preset, str) or preset not in PRESETS):
-        raise ParamsError(f"{where}.preset: expected one of {'|'.join(PRESETS)}, got {_show(preset)}")
-    hints = typing.get_type_hints(ModelConfig)
-    for key, value in data.items():
-        if key not in hints:
-            raise ParamsError(f"{where}.{key}: unknown key (known: preset, {', '.join(hints)})")
-        data[key] = convert(hints[key], value, f"{where}.{key}")
-    try:
-        base = PRESETS[preset] if preset else {}
-        return ModelConfig.from_dict({**base, **data, **fixed})
-    except ConfigError as e:  # ModelConfig names its fields "model.<field>": name the section they came from
-        msg = str(e)
-        raise ParamsError(f"{where}.{msg[6:]}" if msg.startswith("model.") else f"{where}: {msg}") from None
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,22 +1,9 @@
-"""Stages `preferences` and `align`: preference pairs, then Direct Preference Optimization of the instruction model.
+"""Stage `align`: Direct Preference Optimization of the instruction model on the preference pairs.
 
-    python -m stages.align pairs     # stage `preferences`: data/align/pairs.json (train and validation pairs)
-    python -m stages.align train     # stage `align`: DPO from data/models/${align.base_model}
+    python -m stages.align      # DPO from data/models/${align.base_model} on data/align/pairs.json
 
-Preference pairs (``align.preferences``):
-
-- ``dataset``: the book's ``instruction-data-with-preference.json`` (``align.dataset``, a download source):
-  every entry validated (a bad one stops the stage, naming its index); entries whose chosen and rejected
-  answers are the same text are dropped and counted (``align.identical: error`` stops instead).
-- ``judge``: pairs from the pipeline's own model. Each training and validation prompt is answered twice by
-  ``data/models/${align.base_model}``, sampling with two seeds (``align.pairs``); the judge of the evaluate
-  stage (``evaluate.judge``) scores both answers 0-100 against the reference output, and the higher one is
-  chosen. Ties and answers the judge could not score are dropped and counted. The judge's answers are cached
-  in ``data/cache/judge.jsonl`` and the pairs are a DVC output: a rerun asks nothing it asked before.
-
-The entries are split as the instruct stage splits its data (same fractions and seed by default, and the
-book's two files hold the same 1100 instructions in the same order), so no test prompt is trained on;
-only train and validation pairs are written.
+The pairs come from the `preferences` stage (``stages/preferences.py``); its keys of the ``align`` section
+(``llmcore.data.pairs.PreferencesParams``) are part of this stage's schema too, which validates the whole section.
 
 DPO (``llmcore.training.dpo``): the policy starts as the instruction model; the reference is the same
 weights, frozen, whose log-probabilities of every pair are computed once before training. Loss
@@ -27,9 +14,6 @@ the evaluate stage compares the two models answer by answer.
 
 Outputs, each written atomically:
 
-    data/align/pairs.json            (preferences) the pairs: instruction, input, output, chosen, rejected, split
-    reports/align/pairs.json         (preferences) counts: entries, dropped, pairs per split, judge outcomes
-    reports/align/pairs_info.json    (preferences) the strings: preference source, dataset, judge model
     data/models/align/               model.safetensors (prompt template in its metadata) + tokenizer.json
     reports/align/responses.json     the aligned model's answers to the instruct test prompts
     reports/align/metrics.json       numbers only: DPO loss, reward accuracy and margins (first and last
@@ -63,47 +47,20 @@ from llmcore.common import (
     write_json_atomic,
     write_stage_reports,
 )
-from llmcore.data.datasets import find_single_file, load_instruction_data, validate_preferences
-from llmcore.data.instruct import check_split, split_entries
+from llmcore.data.datasets import load_instruction_data, validate_preferences
+from llmcore.data.pairs import PreferencesParams
 from llmcore.data.preferences import PreferenceBatches, encode_pairs
-from llmcore.eval.judge import JudgeConfig, JudgeItem, check_judge, score_items
-from llmcore.models.generate import SamplingConfig
 from llmcore.models.lora import LoRAParams, apply_lora, count_trainable, mark_trainable, merge_lora
-from llmcore.models.responses import generate_responses
-from llmcore.params import from_dict, load_section, read_params
+from llmcore.models.responses import GenerateParams, generate_responses
+from llmcore.params import load_section
 from llmcore.text.chat import CHATML
-from llmcore.text.prompts import answer_end_id, entry_prompt_ids, prompt_ids
+from llmcore.text.prompts import answer_end_id, entry_prompt_ids
 from llmcore.threads import threads_for_inference
 from llmcore.training.config import HardwareConfig, TrainConfig
 from llmcore.training.dpo import DPOLoss, attach_reference_logps
-from llmcore.training.loop import fit
-from llmcore.training.runtime import close_runtime, init_runtime, relaunch_under_torchrun
+from llmcore.training.loop import fit_logged
+from llmcore.training.runtime import init_runtime, relaunch_if_several
 from llmcore.weights.model_dir import TEMPLATE_KEY, TOKENIZER_FILE, open_model_dir, save_model_dir
-from stages.instruct import GenerateParams
-
-
-@dataclass
-class PairParams:
-    """``preferences: judge``: how the two answers per prompt are sampled."""
-
-    seeds: list[int] = field(default_factory=lambda: [1, 2])  # one sampled answer per seed (two seeds)
-    temperature: float = 1.0  # > 0: the two answers must be able to differ
-    top_k: int | None = 50
-    top_p: float | None = None
-    max_new_tokens: int = 128
-    batch_size: int = 16
-    max_prompts: int | None = None  # judge at most this many training prompts (null = all); validation: all
-
-    def __post_init__(self) -> None:
-        if len(self.seeds) != 2 or self.seeds[0] == self.seeds[1]:
-            raise LLMCoreError(f"align.pairs.seeds: expected two different seeds, got {self.seeds}")
-        if not self.temperature > 0:
-            raise LLMCoreError(f"align.pairs.temperature: expected > 0 (sampled answers), got {self.temperature}")
-        for key in ("max_new_tokens", "batch_size"):
-            if getattr(self, key) < 1:
-                raise LLMCoreError(f"align.pairs.{key}: expected a positive int, got {getattr(self, key)}")
-        if self.max_prompts is not None and self.max_prompts < 1:
-            raise LLMCoreError(f"align.pairs.max_prompts: expected a positive int or null, got {self.max_prompts}")
 
 
 def _default_train() -> TrainConfig:
@@ -112,40 +69,28 @@ def _default_train() -> TrainConfig:
 
 
 @dataclass
-class AlignParams:
-    preferences: Literal["dataset", "judge"] = "dataset"
-    dataset: str = "instruction-data-with-preference"  # a download source: one JSON list of entries
-    identical: Literal["drop", "error"] = "drop"  # entries whose chosen == rejected (the book's file has 6)
-    base_model: str = "instruct"  # the policy's and reference's start: data/models/<base_model>
-    train_fraction: float = 0.85  # keep equal to instruct's: the test prompts are never trained on
-    test_fraction: float = 0.10
-    split_seed: int = 123
+class AlignParams(PreferencesParams):
+    """The whole ``align`` section: the pair-making keys (``PreferencesParams``) and DPO's."""
+
     max_length: int | None = None  # longest sequence (prompt + answer); longer pairs are dropped, counted
     group_by_length: bool = True
     beta: float = 0.1  # DPO temperature: how far the policy may move from the reference
     average_logps: bool = False  # mean instead of sum of answer-token log-probs (the book's notebook)
     finetune: Literal["full", "lora"] = "full"
     lora: LoRAParams = field(default_factory=lambda: LoRAParams(dropout=0.0))
-    pairs: PairParams = field(default_factory=PairParams)
     train: TrainConfig = field(default_factory=_default_train)
     generate: GenerateParams = field(default_factory=GenerateParams)
 
     def __post_init__(self) -> None:
         if not self.beta > 0:
             raise LLMCoreError(f"align.beta: expected > 0, got {self.beta}")
-        check_split(self.train_fraction, self.test_fraction, "align")
+        super().__post_init__()
         if self.max_length is not None and self.max_length < 2:
             raise LLMCoreError(f"align.max_length: expected an int >= 2 or null, got {self.max_length}")
 
 
-def load_pairs_params(path: Path) -> tuple[AlignParams, JudgeConfig]:
-    """What the ``pairs`` command (stage ``preferences``) reads: the ``align`` section and the evaluate stage's
-    judge (``evaluate.judge``; the rest of ``evaluate`` is the evaluate stage's)."""
-    evaluate = read_params(path).get("evaluate") or {}
-    return load_section("align", AlignParams, path), from_dict(JudgeConfig, evaluate.get("judge"), "evaluate.judge")
-
-
 def load_params(path: Path) -> tuple[AlignParams, HardwareConfig]:
+    """The ``align`` and ``hardware`` sections."""
     return load_section("align", AlignParams, path), load_section("hardware", HardwareConfig, path)
 
 
@@ -153,119 +98,11 @@ def _round(x: float, digits: int = 4) -> float | None:
     return round(x, digits) + 0.0 if math.isfinite(x) else None  # JSON has no NaN; + 0.0 turns -0.0 into 0.0
 
 
-# ---------------------------------------------------------------------------------------------------
-# Stage `preferences`
-# ---------------------------------------------------------------------------------------------------
-
-
-def dataset_pairs(cfg: AlignParams, data_path: Path) -> tuple[list[dict], dict]:
-    """The book's preference file, validated and split -> (pair records, counts)."""
-    raw = read_json(data_path)
-    _, identical = validate_preferences(raw, str(data_path), cfg.identical)
-    skip = {id(raw[i]) for i in identical}
-    # split the whole file by position, as the instruct stage splits its copy of the same entries
-    train, val, test = split_entries(raw, cfg.train_fraction, cfg.test_fraction, cfg.split_seed)
-    records = [{**e, "split": name} for name, part in (("train", train), ("val", val)) for e in part
-               if id(e) not in skip]  # fmt: skip
-    return records, {"entries": len(raw), "dropped_identical": len(identical), "test_entries": len(test)}
-
-
-def judge_pairs(cfg: AlignParams, data_path: Path, models_dir: Path, judge_cfg: JudgeConfig,
-                cache: Path) -> tuple[list[dict], dict]:  # fmt: skip
-    """Two sampled answers per train/val prompt, judged; the higher-scored one chosen -> (records, counts)."""
-    entries = load_instruction_data(data_path)
-    train, val, test = split_entries(entries, cfg.train_fraction, cfg.test_fraction, cfg.split_seed)
-    if cfg.pairs.max_prompts is not None:
-        train = train[: cfg.pairs.max_prompts]
-    judge = check_judge(judge_cfg)  # before minutes of generation: fail early if the judge is not there
-    folder = open_model_dir(models_dir / cfg.base_model)
-    model, tok = folder.load_lm(use="the align stage"), folder.tokenizer
-    template = folder.template or "alpaca"
-    prompts = [(name, e) for name, part in (("train", train), ("val", val)) for e in part]
-    texts = [prompt_ids(tok, template, e["instruction"], e["input"]) for _, e in prompts]
-    p = cfg.pairs
-    chat = template == CHATML
-    stops = (answer_end_id(tok, template),)
-    with threads_for_inference("auto", model.cfg):
-        answers = [
-            generate_responses(model, tok, texts, SamplingConfig(max_new_tokens=p.max_new_tokens,
-                               temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, seed=seed, stop_ids=stops),
-                               p.batch_size, stop_at_section=not chat, chat=chat)
-            for seed in p.seeds
-        ]  # fmt: skip
-    # an empty answer, or two identical ones, make no pair: not worth asking the judge about
-    counts = {"empty_answers": 0, "identical_answers": 0, "ties": 0, "unparsable": 0, "errors": 0}
-    asked = []
-    for k in range(len(prompts)):
-        first, second = answers[0][k].strip(), answers[1][k].strip()
-        if not first or not second:
-            counts["empty_answers"] += 1
-        elif first == second:
-            counts["identical_answers"] += 1
-        else:
-            asked.append(k)
-    items = [JudgeItem(f"{k}-{j}", prompts[k][1]["instruction"], prompts[k][1]["input"], prompts[k][1]["output"],
-                       answers[j][k]) for k in asked for j in range(2)]  # fmt: skip
-    records = score_items(items, judge_cfg, cache_path=cache, judge=judge) if items else []
-    pairs = []
-    for n, k in enumerate(asked):
-        name, e = prompts[k]
-        a, b = records[2 * n], records[2 * n + 1]
-        if a.status == "error" or b.status == "error":
-            counts["errors"] += 1
-        elif a.status != "scored" or b.status != "scored":
-            counts["unparsable"] += 1
-        elif a.score == b.score:
-            counts["ties"] += 1
-        else:
-            first = a.score > b.score
-            pairs.append({
-                "instruction": e["instruction"], "input": e["input"], "output": e["output"],
-                "chosen": answers[0 if first else 1][k], "rejected": answers[1 if first else 0][k],
-                "chosen_score": max(a.score, b.score), "rejected_score": min(a.score, b.score), "split": name,
-            })  # fmt: skip
-    counts = {
-        "entries": len(entries),
-        "prompts": len(prompts),
-        "test_entries": len(test),
-        **counts,
-        "judged_answers": len(items),
-        "judge_requests": sum(r.attempts for r in records),
-        "judge_cached": sum(r.cached for r in records),
-    }
-    return pairs, {**counts, "_judge_model": judge["model"]}
-
-
-def make_pairs(cfg: AlignParams, judge_cfg: JudgeConfig, raw_dir: Path, models_dir: Path, out: Path, reports: Path,
-               cache: Path) -> dict:  # fmt: skip
-    data_path = find_single_file(raw_dir / cfg.dataset, "align.dataset", "*.json")
-    if cfg.preferences == "dataset":
-        records, counts = dataset_pairs(cfg, data_path)
-    else:
-        records, counts = judge_pairs(cfg, data_path, models_dir, judge_cfg, cache)
-    judge_model = counts.pop("_judge_model", None)
-    counts["train_pairs"] = sum(r["split"] == "train" for r in records)
-    counts["val_pairs"] = sum(r["split"] == "val" for r in records)
-    if not counts["train_pairs"] or not counts["val_pairs"]:
-        raise LLMCoreError(f"align: no usable {'training' if not counts['train_pairs'] else 'validation'} "
-                           f"preference pairs from {data_path} ({counts})")  # fmt: skip
-    write_json_atomic(out, records)
-    write_json_atomic(reports / "pairs.json", counts)
-    info = {"preferences": cfg.preferences, "dataset": cfg.dataset, "judge_model": judge_model}
-    write_json_atomic(reports / "pairs_info.json", info)
-    return counts
-
-
-# ---------------------------------------------------------------------------------------------------
-# Stage `align`
-# ---------------------------------------------------------------------------------------------------
-
-
-def train(cfg: AlignParams, hw: HardwareConfig, pairs_path: Path, test_prompts: Path, models_dir: Path, out: Path,
+def run(cfg: AlignParams, hw: HardwareConfig, pairs_path: Path, test_prompts: Path, models_dir: Path, out: Path,
           reports: Path, work_dir: Path) -> dict | None:  # fmt: skip
     """DPO from ``data/models/<base_model>`` on the pairs; returns the metrics (None on ranks other than 0)."""
     start = time.perf_counter()
-    records = read_json(pairs_path, "run the preferences stage first (python -m stages.align pairs)")
+    records = read_json(pairs_path, "run the preferences stage first (python -m stages.preferences)")
     entries, _ = validate_preferences(records, str(pairs_path), cfg.identical)
     if any(e.get("split") not in ("train", "val") for e in entries):
         raise LLMCoreError(f"{pairs_path}: every pair needs a 'split' of 'train' or 'val'")
@@ -309,20 +146,10 @@ def train(cfg: AlignParams, hw: HardwareConfig, pairs_path: Path, test_prompts: 
         "base": [sha256_file(base.weights), sha256_file(base.path / TOKENIZER_FILE)],
         "align": {k: v for k, v in asdict(cfg).items() if k not in ("train", "generate", "pairs")},
     }
-    live = None
-    if rt.is_main:
-        from dvclive import Live
-
-        live = Live(dir=str(reports / "live"), dvcyaml=False, save_dvc_exp=False)
     loss_fn = DPOLoss(cfg.beta, cfg.average_logps)
-    try:
-        result = fit(model, train_data, val_data, loss_fn, cfg.train, hw, work_dir, live=live,
-                     fingerprint=fingerprint, unit="pairs")  # fmt: skip
-    finally:
-        if live is not None:
-            live.end()
-        close_runtime()
-    if not rt.is_main:
+    result = fit_logged(model, train_data, val_data, loss_fn, cfg.train, hw, work_dir, rt, reports / "live",
+                        fingerprint=fingerprint, unit="pairs")  # fmt: skip
+    if result is None:  # not rank 0
         return None
     first = _first_eval(reports / "live")
     if cfg.finetune == "lora":
@@ -384,31 +211,11 @@ def _first_eval(live_dir: Path) -> dict[str, float]:
     return out
 
 
-# ---------------------------------------------------------------------------------------------------
-# CLI
-# ---------------------------------------------------------------------------------------------------
-
-app = typer.Typer(add_completion=False, help="Preference pairs (stage `preferences`) and DPO (stage `align`).")
+app = typer.Typer(add_completion=False)
 
 
 @app.command()
-def pairs(
-    params: Path = typer.Option(Path("params.yaml"), help="params file"),
-    raw_dir: Path = typer.Option(Path("data/raw"), help="downloaded sources"),
-    models_dir: Path = typer.Option(Path("data/models"), help="model folders (judge mode answers with one)"),
-    out: Path = typer.Option(Path("data/align/pairs.json"), help="the pairs file"),
-    reports: Path = typer.Option(Path("reports/align"), help="where pairs.json (counts) goes"),
-    cache: Path = typer.Option(Path("data/cache/judge.jsonl"), help="judge answer cache (judge mode)"),
-) -> None:
-    """Build the train/validation preference pairs (from the dataset or by asking the judge)."""
-    with stage_errors():
-        cfg, judge_cfg = load_pairs_params(params)
-        counts = make_pairs(cfg, judge_cfg, raw_dir, models_dir, out, reports, cache)
-        print0(json.dumps(counts))
-
-
-@app.command("train")
-def train_cmd(
+def main(
     params: Path = typer.Option(Path("params.yaml"), help="params file"),
     pairs_path: Path = typer.Option(Path("data/align/pairs.json"), "--pairs", help="the preferences stage's pairs"),
     test_prompts: Path = typer.Option(Path("reports/instruct/responses.json"), help="prompts to answer at the end"),
@@ -420,12 +227,8 @@ def train_cmd(
     """DPO-tune data/models/${align.base_model} on the preference pairs and answer the test prompts."""
     with stage_errors():
         cfg, hw = load_params(params)
-        args = ["train", "--params", params, "--pairs", pairs_path, "--test-prompts", test_prompts, "--models-dir",
-                models_dir, "--out", out, "--reports", reports, "--work-dir", work_dir]  # fmt: skip
-        status = relaunch_under_torchrun(hw.nproc, "stages.align", [str(a) for a in args])
-        if status is not None:
-            raise SystemExit(status)
-        metrics = train(cfg, hw, pairs_path, test_prompts, models_dir, out, reports, work_dir)
+        relaunch_if_several(hw.nproc, "stages.align")
+        metrics = run(cfg, hw, pairs_path, test_prompts, models_dir, out, reports, work_dir)
         if metrics is not None:
             keys = ("val_loss_start", "val_loss", "val_reward_accuracy", "val_reward_margin", "stage_seconds")
             print0(json.dumps({k: metrics[k] for k in keys}))

@@ -30,6 +30,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -42,14 +43,13 @@ import typer
 from llmcore.common import LLMCoreError, atomic_path, print0, sha256_file, stage_errors, write_stage_reports
 from llmcore.data.datasets import load_spam_table
 from llmcore.data.spam import ClassificationBatches, balance_classes, encode_texts, label_ids, split_table
-from llmcore.device import resolve_device
 from llmcore.eval.metrics import classification_metrics, confusion_matrix
 from llmcore.models.classifier import LABELS, GPTClassifier, classification_loss, predict_proba, set_trainable
 from llmcore.models.lora import LoRAParams, merge_lora
 from llmcore.params import load_base_model, load_section
 from llmcore.training.config import HardwareConfig, TrainConfig
-from llmcore.training.loop import fit
-from llmcore.training.runtime import close_runtime, init_runtime, relaunch_under_torchrun
+from llmcore.training.loop import fit_logged
+from llmcore.training.runtime import init_runtime, relaunch_if_several
 from llmcore.weights.model_dir import TOKENIZER_FILE, open_model_dir, save_classifier
 
 
@@ -159,19 +159,9 @@ def run(
         "data": sha256_file(data), "base": [sha256_file(base.weights), sha256_file(base.path / TOKENIZER_FILE)],
         "classify": {k: v for k, v in asdict(cfg).items() if k not in ("train", "eval_batch_size")},
     }  # fmt: skip
-    live = None
-    if rt.is_main:
-        from dvclive import Live
-
-        live = Live(dir=str(reports / "live"), dvcyaml=False, save_dvc_exp=False)
-    try:
-        result = fit(model, train_data, val_data, classification_loss, cfg.train, hw, work_dir, live=live,
-                     on_eval=on_eval, fingerprint=fingerprint, unit="examples")  # fmt: skip
-    finally:
-        if live is not None:
-            live.end()
-        close_runtime()
-    if not rt.is_main:
+    result = fit_logged(model, train_data, val_data, classification_loss, cfg.train, hw, work_dir, rt, reports / "live",
+                        on_eval=on_eval, fingerprint=fingerprint, unit="examples")  # fmt: skip
+    if result is None:  # not rank 0
         return None
 
     scores = {split: score(split) for split in ("train", "val", "test")}
@@ -222,46 +212,16 @@ def main(
         return
     with stage_errors():
         cfg, base_model, hw = load_params(params)
-        args = ["--params", params, "--data", data, "--models-dir", models_dir, "--out", out, "--reports", reports,
-                "--work-dir", work_dir]  # fmt: skip
-        status = relaunch_under_torchrun(hw.nproc, "stages.classify", [str(a) for a in args])
-        if status is not None:
-            raise SystemExit(status)
+        relaunch_if_several(hw.nproc, "stages.classify")
         metrics = run(cfg, base_model, hw, data, models_dir, out, reports, work_dir)
         if metrics is not None:
             print0(json.dumps({split: metrics[split] for split in ("train", "val", "test")}))
 
 
-@app.command()
-def predict(
-    texts: list[str] = typer.Argument(None, help="messages to classify (read from stdin, one a line, when absent)"),
-    model_dir: Path = typer.Option(Path("data/models/classify"), "--model", "-m", help="classifier model folder"),
-    batch_size: int = typer.Option(64, help="messages per forward pass"),
-    device: str = typer.Option("auto", help="auto | cpu | cuda | mps"),
-) -> None:
-    """Print `label<TAB>probability<TAB>text` for each message."""
-    with stage_errors():
-        if not texts:
-            texts = [line.rstrip("\r") for line in sys.stdin.read().split("\n") if line.strip()]
-        if not texts:
-            raise LLMCoreError("predict: no text (pass messages as arguments or on stdin, one a line)")
-        dev = resolve_device(device)
-        folder = open_model_dir(model_dir)
-        model, tok, labels = folder.load_classifier(dev), folder.tokenizer, folder.labels
-        stored = folder.metadata.get("max_length", "")
-        max_length = int(stored) if stored.isdigit() and int(stored) > 0 else model.cfg.context_length
-        max_length = min(max_length, model.cfg.context_length)  # truncate as training did
-        seqs = []
-        for i, text in enumerate(texts):
-            ids = tok.encode(text, allow_special=False)[:max_length]
-            if not ids:
-                raise LLMCoreError(f"predict: text {i + 1} is empty")
-            seqs.append(ids)
-        probs = predict_proba(model, seqs, tok.eot_id, batch_size, dev)
-        conf, pred = probs.max(dim=-1)
-        for text, p, c in zip(texts, pred.tolist(), conf.tolist(), strict=True):
-            print(f"{labels[p]}\t{c:.4f}\t{text}")
-
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True}, add_help_option=False)
+def predict(ctx: typer.Context) -> None:
+    """The old spelling of `llmcore classify` (same arguments), kept for a release."""
+    raise SystemExit(subprocess.call([sys.executable, "-m", "llmcore.cli", "classify", *ctx.args]))
 
 if __name__ == "__main__":
     app()

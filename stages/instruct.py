@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -37,48 +38,28 @@ import torch
 import typer
 
 from llmcore.common import LLMCoreError, print0, sha256_file, stage_errors, write_json_atomic, write_stage_reports
-from llmcore.data.chat import chat_prompt_and_reference, encode_conversations, find_chat_files, load_chat_data
+from llmcore.data.chat import chat_prompt_and_reference, find_chat_files, load_chat_data
 from llmcore.data.datasets import find_single_file, load_instruction_data
-from llmcore.data.instruct import InstructionBatches, check_split, encode_entries, eval_batches, split_entries
-from llmcore.device import resolve_device
+from llmcore.data.instruct import (
+    InstructionBatches,
+    check_split,
+    encode_conversations,
+    encode_entries,
+    eval_batches,
+    split_entries,
+)
 from llmcore.eval.instruct import evaluate_loss
-from llmcore.models import static_decode
-from llmcore.models.generate import SamplingConfig
 from llmcore.models.lora import LoRAParams, apply_lora, count_trainable, mark_trainable, merge_lora
-from llmcore.models.responses import generate_responses, stream_response
+from llmcore.models.responses import GenerateParams, generate_responses
 from llmcore.models.vocab import add_special_tokens
 from llmcore.params import load_base_model, load_section
 from llmcore.text.chat import CHAT_TOKENS, CHATML, IM_END, render_chat
 from llmcore.text.prompts import check_template, format_prompt
-from llmcore.threads import parse_threads, threads_for_inference
+from llmcore.threads import threads_for_inference
 from llmcore.training.config import HardwareConfig, TrainConfig
-from llmcore.training.loop import fit, lm_loss
-from llmcore.training.runtime import close_runtime, init_runtime, relaunch_under_torchrun
-from llmcore.weights.model_dir import TEMPLATE_KEY, TOKENIZER_FILE, load_instruct_model, open_model_dir, save_model_dir
-
-
-@dataclass
-class GenerateParams:
-    max_new_tokens: int = 128  # per response (fewer when the prompt leaves less of the context)
-    temperature: float = 0.0  # 0 = greedy, as the book
-    top_k: int | None = None
-    top_p: float | None = None
-    seed: int = 123
-    batch_size: int = 16  # test prompts decoded together (batched by length)
-    stop_at_section: bool = True  # stop a row as soon as it starts a new "###" section
-
-    def __post_init__(self) -> None:
-        # Messages start with the field name: params.from_dict prefixes the section the user wrote it in
-        # (instruct.generate or align.generate, which shares this class).
-        for key in ("max_new_tokens", "batch_size"):
-            if getattr(self, key) < 1:
-                raise LLMCoreError(f"{key}: expected a positive int, got {getattr(self, key)}")
-        if self.temperature < 0:
-            raise LLMCoreError(f"temperature: expected >= 0, got {self.temperature}")
-
-    def sampling(self) -> SamplingConfig:
-        return SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
-                              top_p=self.top_p, seed=self.seed)  # fmt: skip
+from llmcore.training.loop import fit_logged, lm_loss
+from llmcore.training.runtime import init_runtime, relaunch_if_several
+from llmcore.weights.model_dir import TEMPLATE_KEY, TOKENIZER_FILE, open_model_dir, save_model_dir
 
 
 def _default_train() -> TrainConfig:
@@ -185,19 +166,9 @@ def run(
         "base": [sha256_file(base.weights), sha256_file(base.path / TOKENIZER_FILE)],
         "instruct": {k: v for k, v in asdict(cfg).items() if k not in ("train", "generate")},
     }  # fmt: skip
-    live = None
-    if rt.is_main:
-        from dvclive import Live
-
-        live = Live(dir=str(reports / "live"), dvcyaml=False, save_dvc_exp=False)
-    try:
-        result = fit(model, train_data, val_data, lm_loss, cfg.train, hw, work_dir, live=live,
-                     fingerprint=fingerprint)  # fmt: skip
-    finally:
-        if live is not None:
-            live.end()
-        close_runtime()
-    if not rt.is_main:
+    result = fit_logged(model, train_data, val_data, lm_loss, cfg.train, hw, work_dir, rt, reports / "live",
+                        fingerprint=fingerprint)
+    if result is None:  # not rank 0
         return None
 
     test_loss = evaluate_loss(model, eval_batches(test_ex, B, **batching))
@@ -287,71 +258,16 @@ def main(
         return
     with stage_errors():
         cfg, base_model, hw = load_params(params)
-        args = ["--params", params, "--raw-dir", raw_dir, "--models-dir", models_dir, "--out", out,
-                "--reports", reports, "--work-dir", work_dir]  # fmt: skip
-        status = relaunch_under_torchrun(hw.nproc, "stages.instruct", [str(a) for a in args])
-        if status is not None:
-            raise SystemExit(status)
+        relaunch_if_several(hw.nproc, "stages.instruct")
         metrics = run(cfg, base_model, hw, raw_dir, models_dir, out, reports, work_dir)
         if metrics is not None:
             print0(json.dumps({k: metrics[k] for k in ("val_loss", "test_loss", "stage_seconds")}))
 
 
-@app.command()
-def ask(
-    prompt: str = typer.Argument(None, help="the instruction (read from stdin when absent)"),
-    input: str = typer.Option("", "--input", "-i", help="optional input for the instruction (Alpaca's ### Input)"),
-    model_dir: Path = typer.Option(Path("data/models/instruct"), "--model", "-m", help="instruction model folder"),
-    max_new_tokens: int = typer.Option(256, help="answer length limit, in tokens"),
-    temperature: float = typer.Option(0.0, help="0 = greedy"),
-    top_k: int = typer.Option(None, help="sample from the k most likely tokens"),
-    top_p: float = typer.Option(None, help="nucleus sampling mass"),
-    seed: int = typer.Option(None, help="sampling seed"),
-    device: str = typer.Option("auto", help="auto | cpu | cuda | mps"),
-    threads: str = typer.Option(
-        "auto",
-        help="CPU threads: auto (one for narrow models, all available CPUs for wide "
-        "ones; $OMP_NUM_THREADS wins) or a number",
-    ),
-    compiled_decode: str = typer.Option(
-        None,
-        help="auto | always | never: decode with the compiled step (CPU; seconds to compile). auto (the default, "
-        "or $LLMCORE_COMPILED_DECODE) compiles only where it pays, which one answer does not",
-    ),
-) -> None:
-    """Answer one instruction with the tuned model, streaming the answer as it is generated."""
-    with stage_errors():
-        text = sys.stdin.read() if prompt is None else prompt
-        if not text.strip():
-            raise LLMCoreError("ask: empty instruction (pass it as an argument or on stdin)")
-        if compiled_decode is not None and compiled_decode not in static_decode.POLICIES:
-            raise LLMCoreError(f"ask: --compiled-decode must be one of {'|'.join(static_decode.POLICIES)}, "
-                               f"got {compiled_decode!r}")  # fmt: skip
-        try:
-            parse_threads(threads, "ask: --threads")
-        except ValueError as e:
-            raise LLMCoreError(str(e)) from None
-        model, tok, template = load_instruct_model(model_dir, device=resolve_device(device), use="ask")
-        sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                                  seed=seed)  # fmt: skip
-        if compiled_decode is not None:
-            static_decode.set_policy(compiled_decode)
-        try:
-            if template == CHATML:
-                messages = [{"role": "user", "content": text.strip() + (f"\n\n{input}" if input else "")}]
-                prompt_ids = render_chat(tok, messages, add_generation_prompt=True).ids
-                sampling.stop_ids = (tok.special_tokens[IM_END],)
-            else:
-                prompt_ids = format_prompt(template, text.strip(), input)
-            with threads_for_inference(threads, model.cfg):
-                for piece in stream_response(model, tok, prompt_ids, sampling, sections=template != CHATML):
-                    sys.stdout.write(piece)
-                    sys.stdout.flush()
-        finally:
-            if compiled_decode is not None:
-                static_decode.set_policy(None)
-        sys.stdout.write("\n")
-
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True}, add_help_option=False)
+def ask(ctx: typer.Context) -> None:
+    """The old spelling of `llmcore ask` (same arguments), kept for a release."""
+    raise SystemExit(subprocess.call([sys.executable, "-m", "llmcore.cli", "ask", *ctx.args]))
 
 if __name__ == "__main__":
     app()

@@ -51,16 +51,16 @@ from llmcore.data.tokens import RandomWindows, SequentialWindows, load_tokens, r
 from llmcore.device import DTYPES, autocast_context
 from llmcore.eval.baselines import DEFAULT_K, baselines
 from llmcore.eval.bpb import evaluate_bpb, token_byte_lengths
-from llmcore.models.config import ModelConfig
+from llmcore.models.config import ModelConfig, model_config_from_params
 from llmcore.models.generate import SamplingConfig, generate
 from llmcore.models.gpt import GPT
-from llmcore.params import ParamsError, load_section, model_config_from_params, plain, read_params
+from llmcore.params import ParamsError, load_section, plain, read_params
 from llmcore.text.tokenizer import Tokenizer
 from llmcore.threads import threads_for_inference
 from llmcore.training.config import HardwareConfig, TrainConfig
 from llmcore.training.flops import measure_matmul_peak
 from llmcore.training.loop import FitResult, fit, lm_loss
-from llmcore.training.runtime import Runtime, close_runtime, init_runtime, relaunch_under_torchrun
+from llmcore.training.runtime import Runtime, close_runtime, init_runtime, relaunch_if_several
 from llmcore.weights.model_dir import save_model_dir
 
 # Count baselines read at most this many tokens of each split (exact counts; O(N) memory): all of a small
@@ -213,10 +213,7 @@ def main(
     start = time.perf_counter()
     with stage_errors():
         hw, p, model_params = load_params(params)
-        args = ["--params", params, "--tokens", tokens, "--out", out, "--reports", reports, "--ckpt", ckpt]
-        code = relaunch_under_torchrun(hw.nproc, "stages.pretrain", [str(a) for a in args])
-        if code is not None:
-            raise SystemExit(code)
+        relaunch_if_several(hw.nproc, "stages.pretrain")
 
         meta = read_meta(tokens)
         tok = Tokenizer.load(tokens / "tokenizer.json")

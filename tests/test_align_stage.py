@@ -28,8 +28,7 @@ from llmcore.text.bpe import ENDOFTEXT, GPT2_PATTERN
 from llmcore.text.tokenizer import Tokenizer
 from llmcore.weights.model_dir import save_model_dir
 from llmcore.weights.weight_file import read_metadata
-from stages import evaluate
-from stages.align import app
+from stages import align, evaluate, preferences
 
 N = 60  # 51 train / 6 test / 3 validation with the book's fractions
 JUDGE_TEMPLATE = "{input}{reference}{response}"
@@ -122,15 +121,15 @@ def write_params(root: Path, name: str, judge_host: str | None = None, **align) 
 
 def run_stages(root: Path, params: Path, tag: str):
     common = ["--params", str(params), "--models-dir", str(root / "models")]
-    pairs_args = ["pairs", *common, "--raw-dir", str(root / "raw"), "--out", str(root / tag / "pairs.json"),
+    pairs_args = [*common, "--raw-dir", str(root / "raw"), "--out", str(root / tag / "pairs.json"),
                   "--reports", str(root / tag / "reports"), "--cache", str(root / "judge.jsonl")]  # fmt: skip
-    result = CliRunner().invoke(app, pairs_args)
+    result = CliRunner().invoke(preferences.app, pairs_args)
     if result.exit_code != 0:
         return result
-    train_args = ["train", *common, "--pairs", str(root / tag / "pairs.json"), "--test-prompts",
+    train_args = [*common, "--pairs", str(root / tag / "pairs.json"), "--test-prompts",
                   str(root / "instruct_responses.json"), "--out", str(root / "models" / f"align-{tag}"),
                   "--reports", str(root / tag / "reports"), "--work-dir", str(root / tag / "work")]  # fmt: skip
-    return CliRunner().invoke(app, train_args)
+    return CliRunner().invoke(align.app, train_args)
 
 
 @pytest.fixture(scope="module")
@@ -176,16 +175,16 @@ def test_bad_preference_files_stop_before_training(workspace: Path, tmp_path: Pa
     (tmp_path / "raw" / "bad").mkdir(parents=True)
     (tmp_path / "raw" / "bad" / "data.json").write_text(json.dumps(entries), encoding="utf-8")
     params = write_params(tmp_path, "bad", dataset="bad")
-    result = CliRunner().invoke(app, ["pairs", "--params", str(params), "--raw-dir", str(tmp_path / "raw"),
+    result = CliRunner().invoke(preferences.app, ["--params", str(params), "--raw-dir", str(tmp_path / "raw"),
                                       "--out", str(tmp_path / "pairs.json"), "--reports", str(tmp_path / "r")])
     assert result.exit_code == 1 and result.output.strip().endswith("data.json: entry 7: missing key 'rejected'")
     assert not (tmp_path / "pairs.json").exists()
     params = write_params(tmp_path, "strict", identical="error")
-    result = CliRunner().invoke(app, ["pairs", "--params", str(params), "--raw-dir", str(workspace / "raw"),
+    result = CliRunner().invoke(preferences.app, ["--params", str(params), "--raw-dir", str(workspace / "raw"),
                                       "--out", str(tmp_path / "pairs.json"), "--reports", str(tmp_path / "r")])
     assert result.exit_code == 1 and "entry 5: 'chosen' and 'rejected' are the same text" in result.output
     params = write_params(tmp_path, "beta", beta=0)
-    result = CliRunner().invoke(app, ["train", "--params", str(params)])
+    result = CliRunner().invoke(align.app, ["--params", str(params)])
     assert result.exit_code == 1 and "align.beta: expected > 0, got 0" in result.output
 
 

@@ -12,7 +12,8 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from llmcore.data.chat import encode_conversations
+from llmcore.cli import app as cli
+from llmcore.data.instruct import encode_conversations
 from llmcore.download import MIRROR_ENV
 from llmcore.models.config import ModelConfig
 from llmcore.models.gpt import GPT
@@ -89,9 +90,33 @@ def test_chat_stage_trains_a_chat_model(chat_trained: Path) -> None:
 
 
 def test_ask_a_chat_model(chat_trained: Path) -> None:
-    result = CliRunner().invoke(app, ["ask", "--model", str(chat_trained / "models" / "chat"), "Say 3."])
+    result = CliRunner().invoke(cli, ["ask", "--model", str(chat_trained / "models" / "chat"), "Say 3."])
     assert result.exit_code == 0, result.output
     assert result.output.strip() == "OK."
+
+
+def test_chat_with_a_chat_model_keeps_the_conversation(chat_trained: Path, monkeypatch) -> None:
+    """`llmcore chat` renders the whole conversation (system message, earlier turns) before each answer."""
+    import llmcore.models.responses as responses
+
+    prompts = []
+    real = responses.stream_response
+
+    def recording(model, tok, ids, *args, **kwargs):
+        prompts.append(ids)
+        return real(model, tok, ids, *args, **kwargs)
+
+    monkeypatch.setattr(responses, "stream_response", recording)
+    folder = chat_trained / "models" / "chat"
+    args = ["chat", "--model", str(folder), "--system", "Answer OK."]
+    result = CliRunner().invoke(cli, args, input="Say 3.\nSay 4.\n")
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines() == ["OK.", "OK."]
+    tok = open_model_dir(folder).tokenizer
+    history = [{"role": "system", "content": "Answer OK."}, {"role": "user", "content": "Say 3."},
+               {"role": "assistant", "content": "OK."}, {"role": "user", "content": "Say 4."}]  # fmt: skip
+    assert prompts == [render_chat(tok, history[:2], add_generation_prompt=True).ids,
+                       render_chat(tok, history, add_generation_prompt=True).ids]  # fmt: skip
 
 
 def test_smoltalk_parquet_through_the_mirror(workspace: Path, tmp_path: Path, http_dir, monkeypatch) -> None:  # noqa: F811

@@ -19,6 +19,7 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
+from llmcore.cli import app as cli
 from llmcore.data.datasets import load_spam_table
 from llmcore.data.spam import balance_classes, split_table
 from llmcore.models.classifier import predict_proba
@@ -136,18 +137,18 @@ def test_stage_outputs(trained: Path) -> None:
 
 def test_predict_from_arguments_and_stdin(trained: Path) -> None:
     model = str(trained / "models" / "classify")
-    result = CliRunner().invoke(app, ["predict", "--model", model, "WIN 555 CASH!!! TXT 12345 NOW", "see you soon"])
+    result = CliRunner().invoke(cli, ["classify", "--model", model, "WIN 555 CASH!!! TXT 12345 NOW", "see you soon"])
     assert result.exit_code == 0, result.output
     lines = [line.split("\t") for line in result.output.splitlines()]
     assert [(label, text) for label, _, text in lines] == [("spam", "WIN 555 CASH!!! TXT 12345 NOW"),
                                                           ("ham", "see you soon")]  # fmt: skip
     assert all(0.5 <= float(p) <= 1.0 for _, p, _ in lines)
-    piped = CliRunner().invoke(app, ["predict", "--model", model], input="see you soon\n\nWIN 1 CASH!!! TXT 2 NOW\n")
+    piped = CliRunner().invoke(cli, ["classify", "--model", model], input="see you soon\n\nWIN 1 CASH!!! TXT 2 NOW\n")
     assert piped.exit_code == 0 and [line.split("\t")[0] for line in piped.output.splitlines()] == ["ham", "spam"]
     assert piped.output.splitlines()[0] == lines[1][0] + "\t" + lines[1][1] + "\tsee you soon"  # same probability
-    empty = CliRunner().invoke(app, ["predict", "--model", model], input="  \n")
-    assert empty.exit_code == 1 and "error: predict: no text" in empty.output
-    missing = CliRunner().invoke(app, ["predict", "--model", str(trained / "nowhere"), "hi"])
+    empty = CliRunner().invoke(cli, ["classify", "--model", model], input="  \n")
+    assert empty.exit_code == 1 and "error: classify: no text" in empty.output
+    missing = CliRunner().invoke(cli, ["classify", "--model", str(trained / "nowhere"), "hi"])
     assert missing.exit_code == 1 and "nowhere: no such model folder" in missing.output
 
 

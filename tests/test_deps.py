@@ -1,4 +1,4 @@
-"""dvc.yaml tracks exactly the code and params each stage uses (stages/deps.py), and params.yaml has only the
+"""dvc.yaml tracks exactly the code and params each stage uses (tools/deps.py), and params.yaml has only the
 sections the stages declare.
 
 A drift fails here naming the stage and the file (or key); `make deps` fixes it.
@@ -17,8 +17,8 @@ import yaml
 from typer.testing import CliRunner
 
 from llmcore.params import ParamsError, load_section, read_params, track_reads
-from stages import deps
 from tests.conftest import REPO_ROOT
+from tools import deps, reruns
 
 SPEC = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())
 STAGES = deps.load_stages(SPEC)
@@ -49,7 +49,7 @@ def test_every_stage_runs_a_project_script():
 @pytest.mark.parametrize("stage", SCRIPTED, ids=lambda s: s.name)
 def test_stage_reads_params_only_in_load_params(stage):
     """The params check loads through ``load_params``; a read elsewhere in the script would escape it."""
-    readers = {"read_params", "load_section", "load_base_model"}
+    readers = {"read_params", "load_section", "load_fields", "load_base_model"}
     tree = ast.parse(stage.script.read_text())
     loaders = [n for n in tree.body if isinstance(n, ast.FunctionDef) and re.fullmatch(r"load_(\w+_)?params", n.name)]
     assert loaders, f"{stage.script.name}: no load_params(path)"
@@ -63,22 +63,79 @@ def test_write_is_a_no_op_on_the_repository():
     assert deps.generate() == (REPO_ROOT / "dvc.yaml").read_text()
 
 
+# Not DVC's paths: the params file, dvc.yaml itself, resumable work folders and the judge's answer cache
+NOT_DVC_PATHS = ("params.yaml", "dvc.yaml", ".cache/", "data/cache/", "data/hub/")  # data/hub: Hub downloads
+
+
+def path_options(stage: deps.Stage) -> dict[str, str]:
+    """The stage script's Path options as its dvc.yaml command sets them (its own defaults where it passes none)."""
+    import importlib
+    from pathlib import PurePath
+
+    import typer
+
+    command = typer.main.get_command(importlib.import_module(stage.module).app)
+    ctx = command.make_context(stage.name, stage_args(stage), resilient_parsing=True)
+    return {k: PurePath(v).as_posix() for k, v in ctx.params.items()
+            if isinstance(v, PurePath) and not f"{PurePath(v).as_posix()}/".startswith(NOT_DVC_PATHS)}  # fmt: skip
+
+
+def declared_paths(stage: deps.Stage) -> set[str]:
+    """The stage's data deps and outputs (metrics and plots included), ``${...}`` filled in from params.yaml."""
+    body = stage.body
+    entries = [d for d in body.get("deps") or [] if not deps.is_code_dep(d)]
+    entries += [e if isinstance(e, str) else next(iter(e)) for k in ("outs", "metrics", "plots")
+                for e in body.get(k) or []]  # fmt: skip
+    # params.yaml (check-params' dep) and check-params' output order the stages; no script opens them by a path
+    paths = {reruns.resolve(e, PARAMS, item="gpt2-124m") for e in entries} - {"params.yaml"}
+    return paths if stage.name == "check-params" else paths - {"data/params-checked.txt"}
+
+
+def under(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
+@pytest.mark.parametrize("stage", SCRIPTED, ids=lambda s: s.name)
+def test_the_paths_a_stage_uses_are_the_ones_dvc_yaml_declares(stage):
+    """The script's path options (as the stage's command sets them) and dvc.yaml's deps and outs agree: every
+    declared path and each option holds the other or lies in it (a default changed in the script without dvc.yaml,
+    or the other way round, fails here)."""
+    options, declared = path_options(stage), declared_paths(stage)
+    undeclared = {k: v for k, v in options.items() if not any(under(d, v) or under(v, d) for d in declared)}
+    unused = sorted(d for d in declared if not any(under(d, v) or under(v, d) for v in options.values()))
+    assert not undeclared, f"{stage.name}: options naming no declared dep or out: {undeclared}"
+    assert not unused, f"{stage.name}: declared deps/outs no option of {stage.module} reaches: {unused}"
+
+
+def test_a_path_drift_between_script_and_dvc_yaml_is_caught():
+    pretrain = next(s for s in SCRIPTED if s.name == "pretrain")
+    outs = [o if o != "data/models/pretrain" else "data/models/pretrain-v2" for o in pretrain.body["outs"]]
+    moved = deps.Stage(pretrain.name, {**pretrain.body, "outs": outs}, pretrain.module)
+    with pytest.raises(AssertionError, match=r"'out': 'data/models/pretrain'"):
+        test_the_paths_a_stage_uses_are_the_ones_dvc_yaml_declares(moved)
+    passed = deps.Stage(pretrain.name, {**moved.body, "cmd": "python -m stages.pretrain --out data/models/pretrain-v2"},
+                        pretrain.module)  # fmt: skip
+    test_the_paths_a_stage_uses_are_the_ones_dvc_yaml_declares(passed)  # the command passes the new path: agreed
+
+
 # --------------------------------------------------------------------------------------------------
 # A drifted dvc.yaml: the check names stage and file, --write repairs it
 
 
 def test_drift_is_named_and_make_deps_fixes_it(tmp_path, capsys):
     text = (REPO_ROOT / "dvc.yaml").read_text()
-    assert text.count("      - llmcore/data/spam.py\n") == 1  # classify's alone
-    drifted = text.replace("      - llmcore/data/spam.py\n", "")
+    start = text.index("\n  classify:\n")
+    head, classify = text[:start], text[start:]  # the edits go to classify's entry alone
+    assert classify.count("      - llmcore/data/spam.py\n") == 1  # classify's (check-params, above, has its own)
+    classify = classify.replace("      - llmcore/data/spam.py\n", "", 1)
     extra = "      - stages/classify.py\n      - llmcore/serve/server.py\n"
-    drifted = drifted.replace("      - stages/classify.py\n", extra)
+    drifted = head + classify.replace("      - stages/classify.py\n", extra, 1)
     drifted = drifted.replace("      - base_model\n", "", 1)  # the first one is classify's
     drifted = drifted.replace("    cmd: python -m stages.report\n", "    cmd: python -m stages.report\n    # hi\n")
     (tmp_path / "dvc.yaml").write_text(drifted)
     shutil.copy(REPO_ROOT / "params.yaml", tmp_path / "params.yaml")
     args = ["--dvc-yaml", str(tmp_path / "dvc.yaml"), "--params", str(tmp_path / "params.yaml")]
-    assert deps.main(["--check", *args]) == 1  # python -m stages.deps --check
+    assert deps.main(["--check", *args]) == 1  # python -m tools.deps --check
     err = capsys.readouterr().err
     lines = err.splitlines()
     assert ("dvc.yaml: stage 'classify' misses llmcore/data/spam.py (stages/classify.py -> llmcore/data/spam.py)"
@@ -137,6 +194,18 @@ def test_closure_follows_every_kind_of_import(tmp_path):
                    "lib/d/__init__.py", "lib/d/e.py", "lib/f.py", "lib/g.py"]  # fmt: skip
     chain = deps.import_chain(closure, (tmp_path / "lib/d/e.py").resolve(), tmp_path)
     assert chain.startswith("app/run.py -> ") and chain.endswith("lib/c.py -> lib/d/e.py")
+
+
+def test_imports_for_annotations_only_are_not_code_deps(tmp_path):
+    """``if TYPE_CHECKING:`` never runs: the modules it names are not in the closure (llmcore/text/chat.py names the
+    tokenizer that way, so the download stage does not rerun when the tokenizer changes)."""
+    write(tmp_path, {
+        "p/__init__.py": "",
+        "p/a.py": "from typing import TYPE_CHECKING\nimport typing\nif TYPE_CHECKING:\n    from p import b\n"
+                  "if typing.TYPE_CHECKING:\n    import p.c\nelse:\n    import p.d\n",
+        "p/b.py": "", "p/c.py": "", "p/d.py": "",
+    })  # fmt: skip
+    assert deps.imported_modules(tmp_path / "p/a.py", tmp_path) == {"typing", "typing.TYPE_CHECKING", "p.d"}
 
 
 def test_relative_imports_resolve_against_the_package(tmp_path):
@@ -245,15 +314,34 @@ def test_known_sections_come_from_the_stages_declarations(tmp_path):
 
 
 def test_a_stage_script_without_load_params_is_named(tmp_path):
-    text = (REPO_ROOT / "dvc.yaml").read_text() + "\n  lint:\n    cmd: python -m stages.deps --check\n"
+    text = (REPO_ROOT / "dvc.yaml").read_text() + "\n  lint:\n    cmd: python -m stages.__init__ --check\n"
     (tmp_path / "dvc.yaml").write_text(text)
     problems = deps.check(tmp_path / "dvc.yaml", REPO_ROOT / "params.yaml")
-    assert problems[-1].startswith("dvc.yaml: stage 'lint' runs stages/deps.py, which has no load_params(path)")
-    assert "dvc.yaml: stage 'lint' misses stages/deps.py (stages/deps.py)" in problems
+    assert problems[-1].startswith("dvc.yaml: stage 'lint' runs stages/__init__.py, which has no load_params(path)")
 
 
-def test_a_subcommand_may_have_its_own_loader():
-    stage = next(s for s in STAGES if s.name == "preferences")
-    assert (stage.module, stage.command) == ("stages.align", "pairs")
-    read = deps.read_keys(stage, REPO_ROOT / "params.yaml")
+def test_preferences_reads_only_its_keys_of_align():
+    """One script per stage: `preferences` reads the pair-making keys of `align`, so align.beta reruns only DPO."""
+    by_name = {s.name: s for s in STAGES}
+    pref, align = by_name["preferences"], by_name["align"]
+    assert (pref.module, align.module) == ("stages.preferences", "stages.align")
+    assert pref.command is None and align.command is None
+    read = deps.read_keys(pref, REPO_ROOT / "params.yaml")
     assert "evaluate.judge.model" in read and not any(k.startswith("evaluate.n_boot") for k in read)
+    assert "align.dataset" in read and "align.pairs.seeds" in read
+    assert not {"align.beta", "align.train.lr", "align.generate.seed"} & read
+    assert {"align.beta", "align.train.lr"} <= deps.read_keys(align, REPO_ROOT / "params.yaml")
+
+
+def test_every_stage_waits_for_check_params():
+    """check-params reads params.yaml through every stage's loader, and every other stage depends on its output."""
+    from stages import check_params
+
+    scripts = {s.module for s in SCRIPTED} - {"stages.check_params"}
+    assert {m.__name__ for m in check_params.STAGES} == scripts
+    by_name = {s.name: s for s in STAGES}
+    assert [d for d in by_name["check-params"].deps if not deps.is_code_dep(d)] == ["params.yaml"]
+    assert by_name["check-params"].params == []  # the whole file is its dep
+    assert SPEC["stages"]["check-params"]["outs"] == ["data/params-checked.txt"]
+    missing = [s.name for s in STAGES if s.name != "check-params" and "data/params-checked.txt" not in s.deps]
+    assert not missing, f"stages that do not depend on check-params' output: {missing}"

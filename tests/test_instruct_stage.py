@@ -16,6 +16,7 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
+from llmcore.cli import app as cli
 from llmcore.data.instruct import encode_entries, eval_batches
 from llmcore.eval.instruct import evaluate_loss, reference_loss
 from llmcore.models.config import ModelConfig
@@ -136,23 +137,23 @@ def test_the_base_model_answers_the_same_test_prompts(trained: Path) -> None:
 
 def test_ask_streams_the_answer(trained: Path) -> None:
     model = str(trained / "models" / "instruct")
-    result = CliRunner().invoke(app, ["ask", "--model", model, "Say 7."])
+    result = CliRunner().invoke(cli, ["ask", "--model", model, "Say 7."])
     assert result.exit_code == 0, result.output
     assert result.output == "OK.\n"
-    from_stdin = CliRunner().invoke(app, ["ask", "--model", model, "--input", "loud"], input="Say 9.\n")
+    from_stdin = CliRunner().invoke(cli, ["ask", "--model", model, "--input", "loud"], input="Say 9.\n")
     assert from_stdin.exit_code == 0 and from_stdin.output == "OK.\n"
-    empty = CliRunner().invoke(app, ["ask", "--model", model], input="  \n")
+    empty = CliRunner().invoke(cli, ["ask", "--model", model], input="  \n")
     assert empty.exit_code == 1 and "error: ask: empty instruction" in empty.output
-    missing = CliRunner().invoke(app, ["ask", "--model", str(trained / "nowhere"), "Hi"])
+    missing = CliRunner().invoke(cli, ["ask", "--model", str(trained / "nowhere"), "Hi"])
     assert missing.exit_code == 1 and "nowhere: no such model folder" in missing.output
-    eager = CliRunner().invoke(app, ["ask", "--model", model, "--compiled-decode", "never", "Say 7."])
+    eager = CliRunner().invoke(cli, ["ask", "--model", model, "--compiled-decode", "never", "Say 7."])
     assert eager.exit_code == 0 and eager.output == "OK.\n"
-    odd = CliRunner().invoke(app, ["ask", "--model", model, "--compiled-decode", "sometimes", "Say 7."])
+    odd = CliRunner().invoke(cli, ["ask", "--model", model, "--compiled-decode", "sometimes", "Say 7."])
     assert odd.exit_code == 1 and "--compiled-decode must be one of auto|always|never" in odd.output
     for threads in ("1", "2", "auto"):  # the same greedy answer at any thread count
-        run = CliRunner().invoke(app, ["ask", "--model", model, "--threads", threads, "Say 7."])
+        run = CliRunner().invoke(cli, ["ask", "--model", model, "--threads", threads, "Say 7."])
         assert run.exit_code == 0 and run.output == "OK.\n", (threads, run.output)
-    zero = CliRunner().invoke(app, ["ask", "--model", model, "--threads", "0", "Say 7."])
+    zero = CliRunner().invoke(cli, ["ask", "--model", model, "--threads", "0", "Say 7."])
     assert zero.exit_code == 1 and "ask: --threads: expected auto or a positive int, got 0" in zero.output
 
 
@@ -185,7 +186,7 @@ def test_lora_with_custom_template(workspace: Path) -> None:
     metrics = json.loads((workspace / "reports-lora" / "metrics.json").read_text())
     facts = json.loads((workspace / "reports-lora" / "facts.json").read_text())
     assert facts["finetune"] == "lora" and metrics["trainable_params"] < base.num_params() / 4
-    ask = CliRunner().invoke(app, ["ask", "--model", str(workspace / "models" / "lora"), "Say 3."])
+    ask = CliRunner().invoke(cli, ["ask", "--model", str(workspace / "models" / "lora"), "Say 3."])
     assert ask.exit_code == 0, ask.output
 
 

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from stages.deps import imported_modules  # the walker that also keeps dvc.yaml's code deps
 from tests.conftest import REPO_ROOT
+from tools.deps import imported_modules  # the walker that also keeps dvc.yaml's code deps
 
 # low -> high; a module may import its own layer and the ones below it.
 LAYERS: list[tuple[str, ...]] = [
-    ("common", "threads"),  # torch-free helpers; the CPU thread policy (set before torch loads)
+    ("common", "threads", "params"),  # torch-free helpers; the CPU thread policy; the params.yaml loader
     ("device", "download"),  # devices/dtypes/seeding, the downloader
     ("text",),  # tokenizers and prompt templates
     ("models",),  # the transformer, its ops, LoRA, the classifier head, decoding
@@ -26,7 +26,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("eval",),  # measurement: metrics, baselines, bits per byte, the judge, the harness adapter, paired statistics
     ("serve",),  # the HTTP server
     ("report",),  # presentation: the report card, its renderer and figures, the experiments page
-    ("params", "cli"),  # params.yaml -> configs of every layer (for stages), the `llmcore` command
+    ("cli",),  # the `llmcore` command
 ]
 RANK = {room: i for i, rooms in enumerate(LAYERS) for room in rooms}
 PACKAGE = REPO_ROOT / "llmcore"

@@ -11,6 +11,7 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
+from llmcore.cli import app as cli
 from llmcore.models.classifier import GPTClassifier
 from llmcore.models.config import ModelConfig
 from llmcore.models.gpt import GPT
@@ -52,7 +53,7 @@ def refusal(models, use: str) -> str:
 
 
 def test_ask_refuses_a_classifier(models):
-    result = CliRunner().invoke(instruct.app, ["ask", "hi", "--model", str(models / "clf")])
+    result = CliRunner().invoke(cli, ["ask", "hi", "--model", str(models / "clf")])
     assert error_line(result) == refusal(models, "ask")
 
 
@@ -89,7 +90,7 @@ def test_import_says_an_llmcore_folder_is_not_a_hugging_face_one(tmp_path, model
 
 
 def test_classify_predict_refuses_a_language_model(models):
-    result = CliRunner().invoke(classify.app, ["predict", "win a prize", "--model", str(models / "lm")])
+    result = CliRunner().invoke(cli, ["classify", "win a prize", "--model", str(models / "lm")])
     assert error_line(result) == (
         f"error: {models / 'lm' / 'model.safetensors'}: a causal language model, not a classifier; this needs a "
         "folder written by the classify stage (data/models/classify)"

@@ -6,7 +6,8 @@ from typing import Literal
 import pytest
 import yaml
 
-from llmcore.params import ParamsError, load_section, model_config_from_params
+from llmcore.models.config import model_config_from_params
+from llmcore.params import ParamsError, load_section
 
 
 @dataclass

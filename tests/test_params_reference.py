@@ -82,7 +82,7 @@ def schema_paths() -> dict[str, Node]:
     """Every key path the code reads (``evaluate.judge.min_scored``, ``download.sources.<name>.url``)."""
     paths: dict[str, Node] = {"base_model": Node(None, where="load_base_model in llmcore/params.py")}
     paths.update({f"model.{k}": Node(None, where="ModelConfig in llmcore/models/config.py") for k in MODEL_KEYS})
-    paths["model"] = Node(None, where="model_config_from_params in llmcore/params.py")
+    paths["model"] = Node(None, where="model_config_from_params in llmcore/models/config.py")
 
     def walk(prefix: str, schema: type) -> None:
         hints = typing.get_type_hints(schema)

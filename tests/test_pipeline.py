@@ -21,8 +21,8 @@ import pytest
 import yaml
 
 from llmcore.training.state import checkpoints
-from stages import deps
 from tests.conftest import REPO_ROOT
+from tools import deps
 
 pytestmark = pytest.mark.slow
 

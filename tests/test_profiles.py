@@ -11,9 +11,9 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from typer.testing import CliRunner
 
 from llmcore.cli import app
-from llmcore.models.config import ModelConfig
+from llmcore.models.config import ModelConfig, model_config_from_params
 from llmcore.models.gpt import GPT
-from llmcore.params import load_section, merge_params, model_config_from_params, profile_overrides, read_params
+from llmcore.params import load_section, merge_params, profile_overrides, read_params
 from llmcore.training.config import HardwareConfig
 from stages.align import AlignParams
 from stages.download import DownloadParams

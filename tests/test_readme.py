@@ -28,7 +28,7 @@ from llmcore.serve.models import ModelHandle
 from llmcore.serve.ollama_api import sampling_from_options
 from llmcore.text.tokenizer import Tokenizer
 from llmcore.weights.model_dir import save_classifier, save_model_dir
-from stages import classify, evaluate, instruct
+from stages import evaluate
 from tests.conftest import REPO_ROOT
 from tests.docs import doc_section
 from tests.fixed_reply import TEXT, save_fixed_reply_model
@@ -158,7 +158,7 @@ def test_deterministic_curl_example_equals_ask(tmp_path):
             reply = json.loads(r.read())
     finally:
         server.shutdown()
-    result = CliRunner().invoke(instruct.app, ask[3:] + ["--model", str(folder)])
+    result = CliRunner().invoke(cli.app, ask[3:] + ["--model", str(folder)])  # the old spelling of `llmcore ask`
     assert result.exit_code == 0, result.output
     assert reply["eval_count"] == 256 and result.output == reply["response"] + "\n"  # num_predict = ask's limit
 
@@ -172,10 +172,10 @@ def test_classify_predict_as_the_readme_says(tmp_path):
     args, piped = (c for c in commands(text) if c[:4] == ["python", "-m", "stages.classify", "predict"])
     assert piped[4:] == ["<", "messages.txt"]
     messages = args[4:]
-    result = CliRunner().invoke(classify.app, args[3:] + ["--model", str(tmp_path / "clf")])
+    result = CliRunner().invoke(cli.app, ["classify", *args[4:], "--model", str(tmp_path / "clf")])
     assert result.exit_code == 0, result.output
     rows = [line.split("\t") for line in result.output.splitlines()]
     assert [r[2] for r in rows] == messages and {r[0] for r in rows} <= {"ham", "spam"}
     assert all(0.5 <= float(r[1]) <= 1 for r in rows)  # the probability of the predicted label
-    stdin = CliRunner().invoke(classify.app, ["predict", "--model", str(tmp_path / "clf")], input="\n".join(messages))
+    stdin = CliRunner().invoke(cli.app, ["classify", "--model", str(tmp_path / "clf")], input="\n".join(messages))
     assert stdin.output == result.output

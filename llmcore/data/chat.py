@@ -1,4 +1,4 @@
-"""Conversations for chat fine-tuning: read, checked, encoded with the assistant-only mask, cut at turn boundaries.
+"""Conversations for chat fine-tuning: read and checked (encoding: ``llmcore.data.instruct.encode_conversations``).
 
 Sources (a download source's folder under ``data/raw``):
 
@@ -21,9 +21,7 @@ from pathlib import Path
 
 from llmcore.common import LLMCoreError
 from llmcore.data.datasets import load_instruction_data
-from llmcore.data.instruct import Example
-from llmcore.text.chat import alpaca_to_messages, check_messages, render_chat
-from llmcore.text.tokenizer import Tokenizer
+from llmcore.text.chat import alpaca_to_messages, check_messages
 
 CONVERSATION_SUFFIXES = (".jsonl", ".parquet")
 
@@ -107,33 +105,6 @@ def find_chat_files(folder: str | os.PathLike, key: str) -> list[Path]:
         f"{key}: expected .jsonl or .parquet conversation files, or one Alpaca .json file, in {folder}; found "
         f"{len(files)} file(s)"
     )
-
-
-def encode_conversations(
-    conversations: Sequence[dict], tok: Tokenizer, max_length: int
-) -> tuple[list[Example], int, int]:
-    """Encode conversations as training examples with the assistant-only mask.
-
-    A conversation longer than ``max_length`` positions (``len(ids) - 1``) is cut after the last assistant turn
-    that fits (a user turn after it would be context for nothing); one whose first answer does not fit is dropped.
-
-    Returns:
-        ``(examples, cut, dropped)``: the examples (same order, dropped ones left out) and the two counts.
-    """
-    examples, cut, dropped = [], 0, 0
-    for c in conversations:
-        enc = render_chat(tok, c["messages"])
-        ids, mask = enc.ids, enc.mask
-        if len(ids) - 1 > max_length:
-            fits = [n for n, m in zip(enc.turn_ends, c["messages"], strict=True)
-                    if m["role"] == "assistant" and n - 1 <= max_length]  # fmt: skip
-            if not fits:
-                dropped += 1
-                continue
-            ids, mask = ids[: fits[-1]], mask[: fits[-1]]
-            cut += 1
-        examples.append(Example(ids, 0, mask))
-    return examples, cut, dropped
 
 
 def chat_prompt_and_reference(conversation: dict) -> tuple[list[dict], str]:

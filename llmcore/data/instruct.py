@@ -109,6 +109,34 @@ def encode_entries(entries: Sequence[dict], tok: Tokenizer, template: str) -> li
 # ---------------------------------------------------------------------------------------------------
 
 
+
+def encode_conversations(
+    conversations: Sequence[dict], tok: Tokenizer, max_length: int
+) -> tuple[list[Example], int, int]:
+    """Encode conversations as training examples with the assistant-only mask.
+
+    A conversation longer than ``max_length`` positions (``len(ids) - 1``) is cut after the last assistant turn
+    that fits (a user turn after it would be context for nothing); one whose first answer does not fit is dropped.
+
+    Returns:
+        ``(examples, cut, dropped)``: the examples (same order, dropped ones left out) and the two counts.
+    """
+    examples, cut, dropped = [], 0, 0
+    for c in conversations:
+        enc = render_chat(tok, c["messages"])
+        ids, mask = enc.ids, enc.mask
+        if len(ids) - 1 > max_length:
+            fits = [n for n, m in zip(enc.turn_ends, c["messages"], strict=True)
+                    if m["role"] == "assistant" and n - 1 <= max_length]  # fmt: skip
+            if not fits:
+                dropped += 1
+                continue
+            ids, mask = ids[: fits[-1]], mask[: fits[-1]]
+            cut += 1
+        examples.append(Example(ids, 0, mask))
+    return examples, cut, dropped
+
+
 def collate(
     examples: Sequence[Example],
     pad_id: int,

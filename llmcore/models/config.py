@@ -12,8 +12,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import typing
 from dataclasses import dataclass
 from typing import Any
+
+from llmcore.params import ParamsError, convert, show_value
 
 NORMS = ("layernorm", "rmsnorm")
 POSITIONS = ("learned", "rope")
@@ -214,3 +217,26 @@ PRESETS: dict[str, dict[str, Any]] = {
                          "n_heads": 8, "n_kv_heads": 4, "hidden_dim": 688, "rope_theta": 10000.0},  # fmt: skip
 }
 
+
+def model_config_from_params(data: Any, where: str = "model", **fixed: Any) -> ModelConfig:
+    """params.yaml's ``model`` section: a ``preset`` name plus field overrides (``{preset: llama3-tiny, n_layers: 2}``).
+
+    ``fixed`` values (the tokenizer's vocab size, say) override both.
+    """
+    if not isinstance(data, dict):
+        raise ParamsError(f"{where}: expected a mapping, got {show_value(data)}")
+    data = dict(data)
+    preset = data.pop("preset", None)
+    if preset is not None and (not isinstance(preset, str) or preset not in PRESETS):
+        raise ParamsError(f"{where}.preset: expected one of {'|'.join(PRESETS)}, got {show_value(preset)}")
+    hints = typing.get_type_hints(ModelConfig)
+    for key, value in data.items():
+        if key not in hints:
+            raise ParamsError(f"{where}.{key}: unknown key (known: preset, {', '.join(hints)})")
+        data[key] = convert(hints[key], value, f"{where}.{key}")
+    try:
+        base = PRESETS[preset] if preset else {}
+        return ModelConfig.from_dict({**base, **data, **fixed})
+    except ConfigError as e:  # ModelConfig names its fields "model.<field>": name the section they came from
+        msg = str(e)
+        raise ParamsError(f"{where}.{msg[6:]}" if msg.startswith("model.") else f"{where}: {msg}") from None

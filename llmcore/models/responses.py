@@ -4,12 +4,39 @@ from __future__ import annotations
 
 import codecs
 from collections.abc import Iterator, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
+from llmcore.common import LLMCoreError
 from llmcore.models.generate import SamplingConfig, generate_steps, stream
 from llmcore.models.gpt import GPT
 from llmcore.text.prompts import extract_response, section_start
 from llmcore.text.tokenizer import Tokenizer
+
+
+@dataclass
+class GenerateParams:
+    """How a stage answers its test prompts (params.yaml's ``instruct.generate`` and ``align.generate``)."""
+
+    max_new_tokens: int = 128  # per response (fewer when the prompt leaves less of the context)
+    temperature: float = 0.0  # 0 = greedy, as the book
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int = 123
+    batch_size: int = 16  # test prompts decoded together (batched by length)
+    stop_at_section: bool = True  # stop a row as soon as it starts a new "###" section
+
+    def __post_init__(self) -> None:
+        # Messages start with the field name: params.from_dict prefixes the section the user wrote it in
+        # (instruct.generate or align.generate).
+        for key in ("max_new_tokens", "batch_size"):
+            if getattr(self, key) < 1:
+                raise LLMCoreError(f"{key}: expected a positive int, got {getattr(self, key)}")
+        if self.temperature < 0:
+            raise LLMCoreError(f"temperature: expected >= 0, got {self.temperature}")
+
+    def sampling(self) -> SamplingConfig:
+        return SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
+                              top_p=self.top_p, seed=self.seed)  # fmt: skip
 
 
 def _has_section(tok: Tokenizer, ids: list[int]) -> bool:

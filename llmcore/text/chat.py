@@ -24,10 +24,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llmcore.common import LLMCoreError
-from llmcore.text.tokenizer import Tokenizer
+
+if TYPE_CHECKING:  # annotations only: never run, so not a code dep of the stages (tools/deps.py)
+    from llmcore.text.tokenizer import Tokenizer
 
 CHATML = "chatml"  # the template name stored with a chat model (metadata ``template``)
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"

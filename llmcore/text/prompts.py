@@ -19,10 +19,13 @@ itself from Stanford Alpaca. Training and serving must build prompts byte for by
 from __future__ import annotations
 
 import string
+from typing import TYPE_CHECKING
 
 from llmcore.common import LLMCoreError
 from llmcore.text.chat import CHATML, alpaca_to_messages, chat_token_ids, chatml_text, check_messages, render_chat
-from llmcore.text.tokenizer import Tokenizer
+
+if TYPE_CHECKING:  # annotations only: never run, so not a code dep of the stages (tools/deps.py)
+    from llmcore.text.tokenizer import Tokenizer
 
 PREAMBLE = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
 RESPONSE_MARKER = "### Response:\n"

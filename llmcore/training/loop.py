@@ -106,7 +106,7 @@ from llmcore.common import LLMCoreError, print0
 from llmcore.device import autocast_context
 from llmcore.models.ops import pick_head_loss
 from llmcore.training.config import HardwareConfig, TrainConfig
-from llmcore.training.runtime import Runtime, init_runtime, move_to, out_of_time, reference_count
+from llmcore.training.runtime import Runtime, close_runtime, init_runtime, move_to, out_of_time, reference_count
 from llmcore.training.state import TrainState, fingerprint_of, restore_checkpoint, save_checkpoint
 from llmcore.weights.weight_file import unwrap
 
@@ -404,6 +404,25 @@ def fit(
         epochs=state.step * cfg.grad_accum / max(1, len(train_data)), extra=state.extra,
     )  # fmt: skip
 
+
+
+def fit_logged(model: nn.Module, train_data: Batches, val_data: Batches, loss_fn: LossFn, cfg: TrainConfig,
+               hw: HardwareConfig, out_dir: str | os.PathLike, rt: Runtime, live_dir: str | os.PathLike,
+               **kwargs: Any) -> FitResult | None:  # fmt: skip
+    """``fit`` as a fine-tuning stage runs it: dvclive curves in ``live_dir`` written by rank 0, the process group
+    closed afterwards (also on failure). Returns the result on rank 0, None on the other ranks."""
+    live = None
+    if rt.is_main:
+        from dvclive import Live  # imported late: it pulls in dvc
+
+        live = Live(dir=str(live_dir), dvcyaml=False, save_dvc_exp=False)
+    try:
+        result = fit(model, train_data, val_data, loss_fn, cfg, hw, out_dir, live=live, **kwargs)
+    finally:
+        if live is not None:
+            live.end()
+        close_runtime()
+    return result if rt.is_main else None
 
 def prepare_model(model: nn.Module, trainable: Iterable[nn.Parameter] | None, device: torch.device) -> list:
     """Freeze what is not ``trainable``, move to ``device``, train mode; returns the trained parameters."""

@@ -40,18 +40,28 @@ def under_torchrun() -> bool:
 
 
 
-def relaunch_under_torchrun(nproc: int, module: str, args: Sequence[str]) -> int | None:
+def relaunch_under_torchrun(nproc: int, module: str, args: Sequence[str] | None = None) -> int | None:
     """Run ``python -m torch.distributed.run --standalone --nproc_per_node nproc -m module *args``.
 
-    Returns its exit status, or None (run in this process) when ``nproc`` is 1 or we already are a
-    torchrun worker. Several nodes: start torchrun yourself on each (see stages/pretrain.py).
+    ``args`` default to this process's own arguments (``sys.argv[1:]``): a stage relaunches itself with exactly
+    the command line it was given. Returns torchrun's exit status, or None (run in this process) when ``nproc``
+    is 1 or we already are a torchrun worker. Several nodes: start torchrun yourself on each (see
+    stages/pretrain.py).
     """
     if nproc <= 1 or under_torchrun():
         return None
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    cmd += ["-m", module, *args]
+    cmd += ["-m", module, *(sys.argv[1:] if args is None else args)]
     print(f"launching {nproc} processes: {' '.join(cmd)}", flush=True)
     return subprocess.call(cmd)
+
+
+def relaunch_if_several(nproc: int, module: str) -> None:
+    """In a stage's ``main``: with ``nproc`` > 1, run the stage under torchrun with its own arguments and exit
+    with torchrun's status; otherwise (or inside torchrun) return and let the stage run here."""
+    status = relaunch_under_torchrun(nproc, module)
+    if status is not None:
+        raise SystemExit(status)
 
 
 

@@ -1,7 +1,7 @@
 """Keep dvc.yaml honest: each stage's code deps are its script's import closure, its params what its loader reads.
 
-    python -m stages.deps --check     # exit 1 with one line per stage and file (or key) that drifted
-    python -m stages.deps --write     # rewrite dvc.yaml's code deps and params in place (`make deps`)
+    python -m tools.deps --check     # exit 1 with one line per stage and file (or key) that drifted
+    python -m tools.deps --write     # rewrite dvc.yaml's code deps and params in place (`make deps`)
 
 Code: a stage runs ``python -m stages.<name>``; its code is that script plus every project module it imports,
 followed transitively: ``import a.b``, ``from a import b`` (``b`` a module or a name), relative imports
@@ -11,10 +11,12 @@ own packages (torch, yaml) is not code DVC should hash. The listed code deps (en
 folder) must equal that closure, file for file; data deps are left alone, after the code.
 
 Params: every stage script has ``load_params(path)``, the only place it reads params.yaml (a script serving
-several stages through subcommands may have ``load_<subcommand>_params(path)`` for some of them). Loading the
+several stages through subcommands may have ``load_<subcommand>_params(path)`` for some of them; the stages of
+this pipeline have one script each). Loading the
 repository's params.yaml through it under ``llmcore.params.track_reads`` gives the key paths it reads; the
 stage's ``params:`` must cover exactly those keys (a whole section when every key in it is read). Keys a schema
 marks ``NOT_A_DEP`` are validated but not dependencies (``import.models``: dvc.yaml's ``foreach`` expands it).
+A stage that lists params.yaml itself as a dep (``check-params``, which reads every key) declares no params.
 The sections the stages declare are also the sections params.yaml may have (``llmcore.params.read_params``).
 """
 
@@ -34,7 +36,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("llmcore", "stages")  # the project's own code; the rest is third-party
-FIX = "fix: make deps (python -m stages.deps --write)"
+FIX = "fix: make deps (python -m tools.deps --write)"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -51,13 +53,18 @@ def imported_modules(path: Path, root: Path = ROOT) -> set[str]:
     """Every module name ``path`` may import, anywhere in the file (function bodies included).
 
     ``from a import b`` yields both ``a`` and ``a.b`` (b may be a submodule); relative imports are resolved
-    against the file's own package.
+    against the file's own package. Imports under ``if TYPE_CHECKING:`` never run (annotations only) and are left out.
     """
     package = module_name(path, root)
     if path.name != "__init__.py":
         package = package.rpartition(".")[0]
     found = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    never_run = {id(n) for block in ast.walk(tree) if _is_type_checking(block) for stmt in block.body
+                 for n in ast.walk(stmt)}  # fmt: skip
+    for node in ast.walk(tree):
+        if id(node) in never_run:
+            continue
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -74,6 +81,15 @@ def imported_modules(path: Path, root: Path = ROOT) -> set[str]:
             found.update(f"{module}.{name}" if module else name for name in names)
     found.discard("")
     return found
+
+
+def _is_type_checking(node: ast.AST) -> bool:
+    """``if TYPE_CHECKING:`` (or ``typing.TYPE_CHECKING``): imports for annotations, which never run."""
+    if not isinstance(node, ast.If):
+        return False
+    test = node.test
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
 
 
 def module_files(module: str, root: Path = ROOT, packages: tuple[str, ...] = PACKAGES) -> list[Path]:
@@ -244,8 +260,14 @@ class MissingLoader(Exception):
 
 
 def read_keys(stage: Stage, params_path: Path) -> set[str]:
-    """The key paths of ``params_path`` that the stage's ``load_params`` reads."""
+    """The key paths of ``params_path`` that the stage's ``load_params`` reads: what its ``params:`` must declare.
+
+    Empty for a stage that lists the params file itself as a dep (``check-params``): DVC hashes the whole file.
+    """
     from llmcore.params import track_reads
+
+    if params_path.name in stage.deps:
+        return set()
 
     module = importlib.import_module(stage.module)
     names = ([f"load_{stage.command.replace('-', '_')}_params"] if stage.command else []) + ["load_params"]
@@ -253,7 +275,7 @@ def read_keys(stage: Stage, params_path: Path) -> set[str]:
     if loader is None:
         raise MissingLoader(f"dvc.yaml: stage '{stage.name}' runs {rel(stage.script)}, which has no "
                             f"{' or '.join(f'{n}(path)' for n in names)}: every stage script reads params.yaml "
-                            f"through one (see stages/deps.py)")  # fmt: skip
+                            f"through one (see tools/deps.py)")  # fmt: skip
     with track_reads() as reads:
         loader(params_path)
     return set(reads)
@@ -413,7 +435,7 @@ def _check_only_managed_changed(old: dict, new: dict, dvc_yaml: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stages.deps", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.deps", description=__doc__.split("\n")[0])
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--check", action="store_true", help="exit 1 naming every stage and file/key that drifted")
     mode.add_argument("--write", action="store_true", help="rewrite dvc.yaml's code deps and params in place")
