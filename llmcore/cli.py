@@ -45,8 +45,10 @@ def profile(
 
     with stage_errors():
         base, overrides = read_params(params), read_params(path)
+        merged = yaml.safe_dump(merge_params(base, overrides), sort_keys=False)
+        check_profile(merged, path, params)
         if write is not None:
-            write_text_atomic(write, yaml.safe_dump(merge_params(base, overrides), sort_keys=False))
+            write_text_atomic(write, merged)
             typer.echo(f"wrote {write}")
         cmd = ["dvc", "exp", "run", *(["-n", name] if name else [])]
         for arg in profile_overrides(base, overrides):
@@ -56,6 +58,32 @@ def profile(
                 typer.echo(shlex.join(cmd))
             return
         raise SystemExit(subprocess.call(cmd))
+
+
+def check_profile(merged: str, profile: Path, params: Path) -> None:
+    """Load the merged params through every stage's loader (``python -m stages.deps --validate`` in the repository
+    that holds ``params``), so a bad key or value in the profile is one line before anything is written or run."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    root = params.resolve().parent
+    if not (root / "stages" / "deps.py").is_file():
+        raise LLMCoreError(f"{params}: no stages/ beside it to validate {profile} with (run from the repository)")
+    # beside params.yaml, so the dvc.yaml there decides which sections exist
+    fd, tmp = tempfile.mkstemp(prefix=".profile-", suffix=".yaml", dir=root)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(merged)
+        proc = subprocess.run([sys.executable, "-m", "stages.deps", "--validate", tmp], cwd=root,
+                              capture_output=True, text=True)  # fmt: skip
+    finally:
+        os.unlink(tmp)
+    if proc.returncode != 0:
+        lines = proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"]
+        why = lines[-1].removeprefix("error: ").replace(f"{tmp}: ", "").replace(tmp, "the merged params")
+        raise LLMCoreError(f"{profile} (merged over {params}): {why}")
 
 
 @app.command()

@@ -2,6 +2,7 @@
 
     python -m stages.deps --check     # exit 1 with one line per stage and file (or key) that drifted
     python -m stages.deps --write     # rewrite dvc.yaml's code deps and params in place (`make deps`)
+    python -m stages.deps --validate FILE   # load FILE through every stage's loader (`llmcore profile` does)
 
 Code: a stage runs ``python -m stages.<name>``; its code is that script plus every project module it imports,
 followed transitively: ``import a.b``, ``from a import b`` (``b`` a module or a name), relative imports
@@ -377,6 +378,14 @@ def check(dvc_yaml: Path = ROOT / "dvc.yaml", params: Path = ROOT / "params.yaml
     return problems
 
 
+def validate(params: Path, dvc_yaml: Path = ROOT / "dvc.yaml") -> None:
+    """Load ``params`` through every stage's loader, as each stage would: the first problem raises ParamsError (one
+    line naming the key). ``llmcore profile`` runs this on the file it writes, before writing or running it."""
+    for stage in load_stages(yaml.safe_load(dvc_yaml.read_text(encoding="utf-8"))):
+        if stage.module is not None and stage.script.is_file():
+            read_keys(stage, params)
+
+
 def generate(dvc_yaml: Path = ROOT / "dvc.yaml", params: Path = ROOT / "params.yaml") -> str:
     """``dvc_yaml``'s text with every stage's code deps and params regenerated."""
     text = dvc_yaml.read_text(encoding="utf-8")
@@ -417,9 +426,20 @@ def main(argv: list[str] | None = None) -> int:
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--check", action="store_true", help="exit 1 naming every stage and file/key that drifted")
     mode.add_argument("--write", action="store_true", help="rewrite dvc.yaml's code deps and params in place")
+    mode.add_argument("--validate", type=Path, metavar="FILE", help="load FILE through every stage's loader: "
+                      "exit 1 with one line naming the first bad key")  # fmt: skip
     parser.add_argument("--dvc-yaml", type=Path, default=ROOT / "dvc.yaml")
     parser.add_argument("--params", type=Path, default=ROOT / "params.yaml")
     args = parser.parse_args(argv)
+    if args.validate is not None:
+        from llmcore.common import LLMCoreError
+
+        try:
+            validate(args.validate, args.dvc_yaml)
+        except LLMCoreError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        return 0
     if args.check:
         problems = check(args.dvc_yaml, args.params)
         for line in problems:
