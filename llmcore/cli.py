@@ -7,6 +7,7 @@
     llmcore profile params/fineweb-d12.yaml --write run.yaml    # the merged params file, for stages by hand
     llmcore benchmark data/models/gpt2-124m --tasks hellaswag,arc_easy --limit 200   # lm-evaluation-harness
     llmcore compare                                                  # DVC experiments side by side
+    llmcore metrics                                                  # the run's headline figures (--all: every one)
 """
 
 from __future__ import annotations
@@ -233,6 +234,42 @@ def benchmark(
     if metrics["truncated_requests"]:
         typer.echo(f"{metrics['truncated_requests']} requests lost context tokens on the left (context_length "
                    f"{metrics['context_length']})")  # fmt: skip
+
+
+WIDTH = 120  # `llmcore metrics` lines never exceed it
+
+
+@app.command()
+def metrics(
+    reports: Path = typer.Option(Path("reports"), help="the run's reports folder (reports/<stage>/metrics.json ...)"),
+    every: bool = typer.Option(False, "--all", help="every number of every stage, one per line (timings marked †)"),
+) -> None:
+    """The run's headline figures, one line per stage's key figure (the report card), at most 120 columns wide."""
+    from llmcore.eval.report import build_report, flatten, fmt
+
+    with stage_errors():
+        if not reports.is_dir():
+            raise LLMCoreError(f"{reports}: no such folder (run the pipeline first: dvc repro)")
+        report = build_report(reports, {})
+    if every:
+        for name, stage in report.stages.items():
+            for source, mark in ((stage.metrics, ""), (stage.timing, " †")):
+                for key, value in flatten(source or {}).items():
+                    if isinstance(value, int | float) and not isinstance(value, bool):
+                        typer.echo(f"{name:<10} {key + mark:<48} {fmt(value)}"[:WIDTH])
+        return
+    for row in report.rows:
+        value = fmt(row.value, row.kind) if row.status == "ok" else row.status
+        refs = "; ".join(f"{r.label} {fmt(r.value, row.kind)}" + (f" ({v})" if (v := row.verdict(r)) else "")
+                         for r in [*row.baselines, *([row.book] if row.book else [])])  # fmt: skip
+        line, rest = f"{row.stage:<10} {row.figure[:46]:<46} {value:>9}", refs or row.reason
+        while rest:  # what it is compared with, wrapped under the figure
+            room = WIDTH - len(line) - 2
+            cut = rest if len(rest) <= room else rest[: rest.rfind(" ", 0, room) if " " in rest[:room] else room]
+            typer.echo(f"{line}  {cut}".rstrip())
+            line, rest = " " * 67, rest[len(cut) :].lstrip()
+        if line.strip():
+            typer.echo(line.rstrip())
 
 
 @app.command()

@@ -569,3 +569,27 @@ def test_compare_marks_a_best_only_with_a_direction_and_a_clear_interval(tmp_pat
     # overlapping intervals: no best
     extra_rows = cmp.best_of([50.0, 52.0], 1, [(45.0, 55.0), (47.0, 57.0)])
     assert extra_rows == set()
+
+
+def test_llmcore_metrics_fits_120_columns_and_all_is_one_flag_away(tmp_path):
+    """The README's headline command: one line per stage's key figure within 120 columns; `--all` every number."""
+    from llmcore.cli import app as cli
+
+    reports = make_reports(tmp_path / "reports")
+    docs = [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md"))]
+    text = "\n".join(p.read_text(encoding="utf-8") for p in docs)
+    assert "\nllmcore metrics " in text and "\nllmcore metrics --all " in text  # in the docs' command blocks
+    assert "dvc metrics show --drop" not in text and "`dvc metrics show` has them; `--drop" not in text
+    result = CliRunner().invoke(cli, ["metrics", "--reports", str(reports)])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert max(map(len, lines)) <= 120, max(lines, key=len)
+    heads = [line.split()[:1] + [line[11:57].strip(), line[58:67].strip()] for line in lines if line[:1] != " "]
+    assert ["pretrain", "val loss (nats/token)", "3.76"] in heads and ["classify", "test accuracy", "96.0%"] in heads
+    assert len(heads) <= 2 * len({h[0] for h in heads})  # one or two figures per stage
+    every = CliRunner().invoke(cli, ["metrics", "--reports", str(reports), "--all"]).output.splitlines()
+    assert max(map(len, every)) <= 120 and len(every) > 2 * len(lines)
+    assert any(line.split() == ["classify", "test_confusion.fp", "7"] for line in every)
+    assert any(line.split()[:2] == ["pretrain", "mfu", "†"] or "mfu †" in line for line in every)
+    missing = CliRunner().invoke(cli, ["metrics", "--reports", str(tmp_path / "nope")])
+    assert missing.exit_code == 1 and missing.output.startswith("error: ") and len(missing.output.splitlines()) == 1
