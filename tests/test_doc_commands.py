@@ -142,6 +142,7 @@ def default_run(tmp_path_factory, mirror_url) -> tuple[Path, dict[str, str]]:
     repo = clean_copy(tmp_path_factory.mktemp("default-run"))
     env = dict(os.environ, LLMCORE_MIRROR=mirror_url, DVC_NO_ANALYTICS="1")
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # python, dvc, llmcore: this venv
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(repo), env.get("PYTHONPATH")]))  # the copy's code
     source = os.environ.get("LLMCORE_DEFAULT_RUN")
     if source:
         for name in ("data", "reports", "dvc.lock"):
@@ -181,3 +182,19 @@ def test_doc_block_runs_as_shown(block, default_run):
 @pytest.mark.parametrize("block", runnable(True), ids=lambda b: b.name)
 def test_slow_doc_block_runs(block, default_run):
     run_block(block, *default_run)
+
+
+def test_the_classify_examples_explanation_holds():
+    """README, "Classify messages": the dataset's spam nearly always carries a digit or a £, which is why the tiny
+    model reads "WINNER!! Claim your free prize now" as ham (the counts the README gives)."""
+    import zipfile
+
+    from tests.conftest import MIRROR_DIR, require_shared
+
+    archive = require_shared(MIRROR_DIR / "archive.ics.uci.edu/static/public/228/sms+spam+collection.zip")
+    rows = zipfile.ZipFile(archive).read("SMSSpamCollection").decode("utf-8").splitlines()
+    spam = [line.split("\t", 1)[1] for line in rows if line.startswith("spam\t")]
+    with_numbers = [s for s in spam if re.search(r"\d|£", s)]
+    text = "\n".join(p.read_text(encoding="utf-8") for p in docs())
+    assert f"{len(with_numbers)} of its {len(spam)} spam messages carry a phone number" in text
+    assert (len(spam), len(with_numbers)) == (747, 708)

@@ -40,11 +40,14 @@ def section(title: str) -> str:
 
 
 def commands(text: str) -> list[list[str]]:
-    """The shell commands of the ```bash blocks in ``text``, split into words (comments and a trailing & dropped)."""
+    """The shell commands of the ```bash blocks (and the ``$ `` lines of ```console blocks) in ``text``, split into
+    words (comments and a trailing & dropped)."""
     out = []
-    for block in re.findall(r"```bash\n(.*?)```", text, re.DOTALL):
+    for kind, block in re.findall(r"```(bash|console)\n(.*?)```", text, re.DOTALL):
         for line in block.splitlines():
-            words = shlex.split(line, comments=True)
+            if kind == "console" and not line.startswith("$ "):
+                continue  # output, not a command
+            words = shlex.split(line.removeprefix("$ "), comments=True)
             if words:
                 out.append(words[:-1] if words[-1] == "&" else words)
     return out
