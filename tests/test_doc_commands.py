@@ -145,7 +145,7 @@ def default_run(tmp_path_factory, mirror_url) -> tuple[Path, dict[str, str]]:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(repo), env.get("PYTHONPATH")]))  # the copy's code
     source = os.environ.get("LLMCORE_DEFAULT_RUN")
     if source:
-        for name in ("data", "reports", "dvc.lock"):
+        for name in ("data", "reports", "dvc.lock", ".cache"):  # .cache: the training checkpoints
             src = Path(source) / name
             if src.is_dir():
                 shutil.copytree(src, repo / name, dirs_exist_ok=True, ignore=shutil.ignore_patterns("hub", "cache"))
