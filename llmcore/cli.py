@@ -10,6 +10,7 @@
     llmcore profile params/fineweb-d12.yaml --write run.yaml    # the merged params file, for stages by hand
     llmcore benchmark data/models/gpt2-124m --tasks hellaswag,arc_easy --limit 200   # lm-evaluation-harness
     llmcore compare                                                  # DVC experiments side by side
+    llmcore metrics                                                  # the run's headline figures (--all: every one)
 """
 
 from __future__ import annotations
@@ -50,8 +51,10 @@ def profile(
 
     with stage_errors():
         base, overrides = read_params(params), read_params(path)
+        merged = yaml.safe_dump(merge_params(base, overrides), sort_keys=False)
+        check_profile(merged, path, params)
         if write is not None:
-            write_text_atomic(write, yaml.safe_dump(merge_params(base, overrides), sort_keys=False))
+            write_text_atomic(write, merged)
             typer.echo(f"wrote {write}")
         cmd = ["dvc", "exp", "run", *(["-n", name] if name else [])]
         for arg in profile_overrides(base, overrides):
@@ -61,6 +64,36 @@ def profile(
                 typer.echo(shlex.join(cmd))
             return
         raise SystemExit(subprocess.call(cmd))
+
+
+def check_profile(merged: str, profile: Path, params: Path) -> None:
+    """Load the merged params through every stage's loader (the `check-params` stage, ``stages/check_params.py``, of
+    the repository that holds ``params``), so a bad key or value in the profile is one line before anything is
+    written or run."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    root = params.resolve().parent
+    if not (root / "stages" / "check_params.py").is_file():
+        raise LLMCoreError(f"{params}: no stages/ beside it to validate {profile} with (run from the repository)")
+    # beside params.yaml, so the dvc.yaml there decides which sections exist
+    fd, tmp = tempfile.mkstemp(prefix=".profile-", suffix=".yaml", dir=root)
+    checked = tmp + ".checked"
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(merged)
+        proc = subprocess.run([sys.executable, "-m", "stages.check_params", "--params", tmp, "--out", checked],
+                              cwd=root, capture_output=True, text=True)  # fmt: skip
+    finally:
+        for path in (tmp, checked):
+            if os.path.exists(path):
+                os.unlink(path)
+    if proc.returncode != 0:
+        lines = proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"]
+        why = lines[-1].removeprefix("error: ").replace(f"{tmp}: ", "").replace(tmp, "the merged params")
+        raise LLMCoreError(f"{profile} (merged over {params}): {why}")
 
 
 @app.command()
@@ -392,6 +425,43 @@ def benchmark(
     if metrics["truncated_requests"]:
         typer.echo(f"{metrics['truncated_requests']} requests lost context tokens on the left (context_length "
                    f"{metrics['context_length']})")  # fmt: skip
+
+
+WIDTH = 120  # `llmcore metrics` lines never exceed it
+
+
+@app.command()
+def metrics(
+    reports: Path = typer.Option(Path("reports"), help="the run's reports folder (reports/<stage>/metrics.json ...)"),
+    every: bool = typer.Option(False, "--all", help="every number of every stage, one per line (timings marked †)"),
+) -> None:
+    """The run's headline figures, one line per stage's key figure (the report card), at most 120 columns wide."""
+    from llmcore.report.card import build_report, fmt
+    from llmcore.report.outputs import flatten
+
+    with stage_errors():
+        if not reports.is_dir():
+            raise LLMCoreError(f"{reports}: no such folder (run the pipeline first: dvc repro)")
+        report = build_report(reports, {})
+    if every:
+        for name, stage in report.stages.items():
+            for source, mark in ((stage.metrics, ""), (stage.timing, " †")):
+                for key, value in flatten(source or {}).items():
+                    if isinstance(value, int | float) and not isinstance(value, bool):
+                        typer.echo(f"{name:<10} {key + mark:<48} {fmt(value)}"[:WIDTH])
+        return
+    for row in report.rows:
+        value = fmt(row.value, row.kind) if row.status == "ok" else row.status
+        refs = "; ".join(f"{r.label} {fmt(r.value, row.kind)}" + (f" ({v})" if (v := row.verdict(r)) else "")
+                         for r in [*row.baselines, *([row.book] if row.book else [])])  # fmt: skip
+        line, rest = f"{row.stage:<10} {row.figure[:46]:<46} {value:>9}", refs or row.reason
+        while rest:  # what it is compared with, wrapped under the figure
+            room = WIDTH - len(line) - 2
+            cut = rest if len(rest) <= room else rest[: rest.rfind(" ", 0, room) if " " in rest[:room] else room]
+            typer.echo(f"{line}  {cut}".rstrip())
+            line, rest = " " * 67, rest[len(cut) :].lstrip()
+        if line.strip():
+            typer.echo(line.rstrip())
 
 
 @app.command()

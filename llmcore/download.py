@@ -107,6 +107,17 @@ def resolve_url(url: str) -> str:
     return f"{Path(mirror).resolve().as_uri()}/{rel}"
 
 
+def unreachable(url: str, timeout: float = 10.0) -> str | None:
+    """Why ``url``'s server cannot be reached (one attempt, no retries), or None when it answers at all (any
+    HTTP status): the quick check before a library that retries for a minute asks it for something."""
+    try:
+        requests.head(url, timeout=timeout, allow_redirects=False).close()
+    except requests.RequestException as e:  # requests nests urllib3's reason in a long message: keep the errno
+        errno = re.search(r"\[Errno [^\]]+\] [^'\"()]+", str(e))
+        return errno.group(0).strip() if errno else type(e).__name__
+    return None
+
+
 def safe_path(root: str | os.PathLike, relative: str, where: str) -> Path:
     """``root / relative``, refused (one line naming ``where``) unless it stays inside ``root``.
 

@@ -96,6 +96,8 @@ def load_yaml(path: Path) -> Any:
         raise ParamsError(f"{path}: nested deeper than {MAX_DEPTH} levels") from None
     except ValueError as e:  # e.g. an int of more digits than Python converts
         raise ParamsError(f"{path}: invalid value: {str(e).splitlines()[0]}") from None
+    except IndexError:  # PyYAML's constructors index into the scalar: `!!float` on an empty value
+        raise ParamsError(f"{path}: invalid value: an explicit tag (!!float, !!int, ...) on an empty value") from None
     finally:
         if loader is not None:
             loader.dispose()

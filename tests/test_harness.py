@@ -370,3 +370,30 @@ def test_registered_with_lm_eval_as_llmcore(tiny):
     assert isinstance(lm, LLMCoreLM) and lm.batch_size == 4 and lm.max_length == 64 and lm.name == "tiny"
     with pytest.raises(LLMCoreError, match=r"unknown model_args \['dtype'\]"):
         get_model("llmcore").create_from_arg_string(f"pretrained={folder},dtype=float16")
+
+
+def test_hub_tasks_offline_fail_at_once_in_one_line(tiny, local_tasks, tmp_path, monkeypatch):
+    """A Hub task with the Hub unreachable: one line before any dataset is asked for (datasets would retry for a
+    minute); local task files need no Hub; HF_DATASETS_OFFLINE=1 skips the check (datasets from the local cache)."""
+    from llmcore.cli import app as cli
+    from llmcore.eval import harness
+
+    _, _, folder = tiny
+    mc, _ = local_tasks
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: refused at once, never the network
+    for var in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    asked = []
+    monkeypatch.setattr(harness.lm_eval, "simple_evaluate", lambda **kw: asked.append(kw) or {})
+    result = CliRunner().invoke(cli, ["benchmark", str(folder), "--tasks", "hellaswag", "--limit", "2"])
+    assert result.exit_code == 1 and asked == []
+    (line,) = result.output.strip().splitlines()
+    assert line.startswith("error: tasks hellaswag: their datasets come from the Hugging Face Hub, and "
+                           "http://127.0.0.1:9 is unreachable (")  # fmt: skip
+    assert "HF_DATASETS_OFFLINE=1" in line
+
+    manager = harness.task_manager([str(mc), "hellaswag"])
+    assert harness.hub_tasks([str(mc), "hellaswag"], manager) == ["hellaswag"]
+    harness.check_hub([])  # a local task file: nothing to check
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    harness.check_hub(["hellaswag"])  # offline on purpose: datasets reads its cache, no probe

@@ -87,3 +87,51 @@ def test_char_model_exports_weights_only(tmp_path):
     out = export_hf(tmp_path, GPT(cfg), tok)
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
     transformers.AutoModelForCausalLM.from_pretrained(out)
+
+
+def llama3_style(tmp_path) -> Tokenizer:
+    """A Llama-3-style tokenizer as `import --from-dir` reads one: tiktoken ranks plus Meta's 256 specials."""
+    import base64
+
+    from llmcore.text.bpe import train_bpe
+    from llmcore.text.llama3 import LLAMA3_PATTERN, llama3_tokenizer
+
+    ranks = train_bpe(CORPUS * 20, 360, pattern=LLAMA3_PATTERN, special_tokens=[])
+    lines = [f"{base64.b64encode(t).decode()} {r}" for t, r in sorted(ranks.items(), key=lambda kv: kv[1])]
+    (tmp_path / "tokenizer.model").write_text("\n".join(lines) + "\n")
+    return llama3_tokenizer(tmp_path / "tokenizer.model")
+
+
+def test_llama3_export_round_trips_tokenization_with_bos(tmp_path):
+    """The HF export of a Llama-3-style model encodes as llmcore does, <|begin_of_text|> in front (bos), special
+    tokens inside the text included; lm-eval's `hf` backend on it sees the ids llmcore's adapter sees."""
+    transformers = require_module("transformers")
+    from llmcore.eval.harness import LLMCoreLM
+
+    tok = llama3_style(tmp_path)
+    bos = tok.special_tokens["<|begin_of_text|>"]
+    model = random_model("llama", tok.vocab_size)
+    out = export_hf(tmp_path, model, tok)
+    hf = transformers.AutoTokenizer.from_pretrained(out)
+    ours = LLMCoreLM(model=(model, tok), device="cpu")
+    assert hf.bos_token == "<|begin_of_text|>" and hf.bos_token_id == bos and hf.eos_token_id == tok.eot_id
+    for name in ("config.json", "generation_config.json"):
+        assert json.loads((out / name).read_text())["bos_token_id"] == bos, name
+    texts = (MIXED, CORPUS, "  two leading spaces", "<|eot_id|>x<|start_header_id|>user<|end_header_id|>",
+             "<|begin_of_text|>already there")  # fmt: skip
+    for text in texts:
+        ids = tok.encode(text)
+        assert hf(text, add_special_tokens=False)["input_ids"] == ids, text
+        assert hf(text)["input_ids"] == [bos, *ids], text  # Meta's files too: a leading bos in the text doubles
+        assert hf.decode(ids) == text
+    for text in texts[:4]:
+        assert hf(text)["input_ids"] == ours.tok_encode(text), text
+
+    # lm-eval's own hf backend over the export: the same prefix token and encodings as llmcore's adapter
+    require_module("accelerate")
+    from lm_eval.models.huggingface import HFLM
+
+    theirs = HFLM(pretrained=str(out), device="cpu", batch_size=1)
+    assert theirs.prefix_token_id == ours.prefix_token_id == bos
+    for text in texts:
+        assert theirs.tok_encode(text) == ours.tok_encode(text), text

@@ -51,6 +51,7 @@ def with_train(key: str, value: str) -> str:
 # (id, which stage's loader, file content, the one-line error it must give)
 CASES = [
     ("not-utf8", "pretrain", BASE.encode() + b"  prompts: ['caf\xe9']\n", "not valid UTF-8"),
+    ("empty-float-tag", "pretrain", BASE + "  baseline_k: !!float\n", "an explicit tag (!!float, !!int, ...) on an"),
     ("nested-too-deep", "pretrain", BASE + "  prompts: " + "[" * 5000 + "]" * 5000 + "\n", "nested deeper than"),
     ("epochs-inf", "pretrain", with_train("epochs", ".inf"), "pretrain.train.epochs: expected a finite number"),
     ("batch-size-1e12-string", "pretrain", BASE.replace("batch_size: 8", "batch_size: 1e12"),

@@ -4,9 +4,12 @@ The schemas are found, not listed: every ``load_section("<section>", Schema)`` c
 section and its dataclass (nested dataclasses and ``dict[str, Dataclass]`` fields are walked), plus the two
 sections read without a dataclass: ``model`` (a preset plus ``ModelConfig`` overrides) and ``base_model``.
 
-- params.yaml: every field appears, with a comment on its line or a comment line right above it; every key in the
-  file is a field. A ``dict[str, Dataclass]`` field (``download.sources``) is an open mapping: its entries' keys must
-  be fields of the dataclass, and the comment of the mapping names every one of them.
+- params.yaml: every field appears, with a comment on its line or a comment line right above it (or, for a value
+  written over several lines, a flow mapping or a long string, on one of its lines); every key in the file is a
+  field. The file's layout is the one DVC writes back after ``dvc exp run -S key=value``, so an experiment
+  changes only the lines of the keys it sets (``python -m tests.test_params_reference --write`` puts it in that
+  layout, through DVC's own code). A ``dict[str, Dataclass]`` field (``download.sources``) is an open mapping:
+  its entries' keys must be fields of the dataclass, and the comment of the mapping names every one of them.
 - docs/params.md, the "Params reference" table: a row per section (first cell: its backticked path(s), ``<name>`` for a
   mapping's entries); the second cell names the section's keys in backticks (values and choices in plain text).
   Every field is named in its section's row or has its own row; every backticked name is a field.
@@ -21,9 +24,13 @@ import dataclasses
 import functools
 import importlib
 import re
+import shutil
+import subprocess
+import sys
 import types
 import typing
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Union
 
 import yaml
@@ -32,6 +39,7 @@ from llmcore.models.config import ModelConfig
 from tests.conftest import REPO_ROOT
 
 PARAMS = REPO_ROOT / "params.yaml"
+DVC = Path(sys.executable).with_name("dvc")  # the venv's dvc, as `make pipeline` puts it on PATH
 README = REPO_ROOT / "docs" / "params.md"  # the params reference page of the manual
 NAME = "<name>"  # a path component standing for any entry of a dict[str, Dataclass] field
 # model: a preset plus overrides of ModelConfig fields; vocab_size always follows the tokenizer (not a param)
@@ -107,22 +115,27 @@ def schema_paths() -> dict[str, Node]:
 # params.yaml
 
 
-def yaml_keys() -> list[tuple[str, int]]:
-    """(path, line index) of every key in params.yaml; entries of open mappings get ``<name>``."""
+def yaml_keys(params: Path | None = None) -> list[tuple[str, int, int]]:
+    """(path, line index, last line index of its value) of every key in params.yaml; entries of open mappings get
+    ``<name>``. The last line is the key's own unless the value is a scalar or a flow collection over more lines."""
     paths = schema_paths()
-    out: list[tuple[str, int]] = []
+    out: list[tuple[str, int, int]] = []
 
-    def walk(node: yaml.Node, prefix: str) -> None:
+    def walk(node: yaml.Node, prefix: str, outer: int = -1) -> None:  # outer: last line of an enclosing flow value
         if not isinstance(node, yaml.MappingNode):
             return
         mapping = prefix in paths and paths[prefix].mapping
         for key, value in node.value:
             name = NAME if mapping else key.value
             path = f"{prefix}.{name}" if prefix else name
-            out.append((path if not mapping else f"{prefix}.{key.value}", key.start_mark.line))
-            walk(value, path)
+            line = key.start_mark.line
+            last = max(line, outer)
+            if isinstance(value, yaml.ScalarNode) or getattr(value, "flow_style", False):
+                last = max(last, value.end_mark.line - (value.end_mark.column == 0))
+            out.append((path if not mapping else f"{prefix}.{key.value}", line, last))
+            walk(value, path, last if getattr(value, "flow_style", False) else outer)
 
-    walk(yaml.compose(PARAMS.read_text(encoding="utf-8")), "")
+    walk(yaml.compose((params or PARAMS).read_text(encoding="utf-8")), "")
     return out
 
 
@@ -136,22 +149,22 @@ def generic(path: str) -> str:
     return ".".join(parts)
 
 
-def comment(lines: list[str], i: int) -> str:
-    """The comment on line ``i`` and the comment lines right above it ('' if none)."""
-    text = [lines[i].split(" #", 1)[1]] if " #" in lines[i] else []
+def comment(lines: list[str], i: int, last: int | None = None) -> str:
+    """The comments on lines ``i``..``last`` (a key and its value) and the comment lines right above ``i``."""
+    text = [line.split(" #", 1)[1] for line in lines[i : (i if last is None else last) + 1] if " #" in line]
     while i > 0 and lines[i - 1].strip().startswith("#"):
         i -= 1
         text.append(lines[i].strip()[1:])
     return " ".join(text)
 
 
-def params_problems() -> list[str]:
+def params_problems(params: Path | None = None) -> list[str]:
     paths = schema_paths()
-    lines = PARAMS.read_text(encoding="utf-8").splitlines()
-    keys = yaml_keys()
-    present = {generic(p) for p, _ in keys}
+    lines = (params or PARAMS).read_text(encoding="utf-8").splitlines()
+    keys = yaml_keys(params)
+    present = {generic(p) for p, _, _ in keys}
     problems = []
-    for path, line in keys:
+    for path, line, last in keys:
         g = generic(path)
         parent = g.rsplit(".", 1)[0] if "." in g else ""
         if g not in paths and "." not in g:
@@ -164,7 +177,7 @@ def params_problems() -> list[str]:
             continue  # a key inside an entry of an open mapping: documented by the mapping's comment
         elif NAME in g.split("."):
             continue  # the entry's own name
-        elif not comment(lines, line).strip():
+        elif not comment(lines, line, last).strip():
             problems.append(f"params.yaml line {line + 1}: {path}: no comment on its line or the line above")
     for path, node in sorted(paths.items()):
         if path.startswith("model.") or NAME in path.split("."):
@@ -173,7 +186,7 @@ def params_problems() -> list[str]:
             problems.append(f"params.yaml: {path}: missing (a field of {node.where}); add it with its default "
                             "and a comment")  # fmt: skip
         if node.mapping:
-            line = next(i for p, i in keys if p == path)
+            line = next(i for p, i, _ in keys if p == path)
             missing = [f.name for f in dataclasses.fields(node.schema) if not re.search(rf"\b{f.name}\b",
                                                                                          comment(lines, line))]
             if missing:
@@ -257,3 +270,79 @@ def test_the_checks_catch_drift(tmp_path, monkeypatch):
     problems = "\n".join(readme_problems())
     assert "row `evaluate.judge`: `min_score` is not a key of evaluate.judge" in problems
     assert "evaluate.judge.min_scored: not documented (name `min_scored` in the `evaluate.judge` row" in problems
+
+
+# --------------------------------------------------------------------------------------------------
+# DVC's round trip: `dvc exp run -S key=value` rewrites params.yaml through ruamel.yaml
+
+
+def dvc_queue_with(repo: Path, *overrides: str) -> str:
+    """params.yaml as ``dvc exp run --queue -S ...`` leaves it in the experiment it queues (a scratch repository
+    holding this params.yaml and dvc.yaml): DVC's own parsing, Hydra overrides and YAML writer."""
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    for cmd in (["git", "init", "-q"], [str(DVC), "init", "-q"], [*git, "add", "-A"], [*git, "commit", "-qm", "x"]):
+        subprocess.run(cmd, cwd=repo, check=True, capture_output=True)
+    args = [a for o in overrides for a in ("-S", o)]
+    proc = subprocess.run([str(DVC), "exp", "run", "--queue", *args], cwd=repo, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return subprocess.run(["git", "show", "refs/exps/celery/stash:params.yaml"], cwd=repo, check=True,
+                          capture_output=True, text=True).stdout  # fmt: skip
+
+
+def test_dvc_exp_run_set_param_changes_only_the_keys_it_sets(tmp_path):
+    """The README's experiments (`dvc exp run -S ...`) leave a params.yaml that this suite still accepts, and
+    DVC changes only the set keys' lines: the file is already in the layout DVC writes."""
+    assert DVC.is_file(), f"{DVC}: dvc not installed (make venv installs it)"
+    for name in ("params.yaml", "dvc.yaml"):
+        shutil.copy(REPO_ROOT / name, tmp_path / name)
+    sets = {"pretrain.train.lr": "0.001", "align.beta": "0.5", "import.models": "[gpt2-124m]",
+            "evaluate.judge.host": "http://127.0.0.1:11435", "pretrain.sample.top_p": "0.9"}  # fmt: skip
+    queued = dvc_queue_with(tmp_path, *(f"{k}={v}" for k, v in sets.items()))
+    before = PARAMS.read_text(encoding="utf-8").splitlines()
+    lines = {path: line for path, line, _ in yaml_keys()}
+    removed = [i for i, tag in _diff_old_lines(before, queued.splitlines()) if tag]
+    assert removed == sorted(lines[k] for k in sets), "DVC rewrote other lines of params.yaml:\n" + "\n".join(
+        before[i] for i in removed if i not in {lines[k] for k in sets}
+    ) + "\nfix: python -m tests.test_params_reference --write (the layout DVC writes, through DVC's code)"
+    (tmp_path / "params.yaml").write_text(queued, encoding="utf-8")
+    assert params_problems(tmp_path / "params.yaml") == []
+    data = yaml.safe_load(queued)
+    assert (data["pretrain"]["train"]["lr"], data["import"]["models"], data["pretrain"]["sample"]["top_p"]) == (
+        0.001, ["gpt2-124m"], 0.9)
+
+
+def _diff_old_lines(old: list[str], new: list[str]) -> list[tuple[int, bool]]:
+    """(index, changed) for every line of ``old``: changed when the diff to ``new`` replaces or deletes it."""
+    import difflib
+
+    out = []
+    for tag, i1, i2, _, _ in difflib.SequenceMatcher(None, old, new, autojunk=False).get_opcodes():
+        out += [(i, tag != "equal") for i in range(i1, i2)]
+    return out
+
+
+def test_a_comment_on_a_value_written_over_several_lines_counts(tmp_path, monkeypatch):
+    """The check reads meaning: DVC wraps a long flow mapping and its comment ends up on the value's last line."""
+    text = PARAMS.read_text(encoding="utf-8")
+    sample = re.search(r"\n  sample: .*?(?=\n  baseline_k)", text, re.DOTALL).group(0)
+    wrapped = ("\n  sample: {max_new_tokens: 120, temperature: 0.8, top_k: 50, top_p: null, seed:\n"
+               "      1337}    # how samples.md is drawn")  # fmt: skip
+    monkeypatch.setattr(f"{__name__}.PARAMS", tmp_path / "params.yaml")
+    (tmp_path / "params.yaml").write_text(text.replace(sample, wrapped), encoding="utf-8")
+    assert params_problems() == []
+    (tmp_path / "params.yaml").write_text(text.replace(sample, wrapped.split("    #")[0]), encoding="utf-8")
+    assert any(p.endswith(": pretrain.sample: no comment on its line or the line above") for p in params_problems())
+
+
+def write_dvc_layout(path: Path = PARAMS) -> None:
+    """Rewrite ``path`` the way ``dvc exp run -S`` does (DVC's own writer, setting a key to its own value)."""
+    from dvc.utils.hydra import apply_overrides
+
+    apply_overrides(path, [f"base_model={yaml.safe_load(path.read_text(encoding='utf-8'))['base_model']}"])
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--write"]:
+        raise SystemExit("usage: python -m tests.test_params_reference --write   (params.yaml in DVC's layout)")
+    write_dvc_layout()
+    print(f"{PARAMS}: rewritten in the layout `dvc exp run -S` writes")

@@ -82,3 +82,20 @@ def test_activation_checkpointing_gives_the_same_gradients():
     assert calls == [3, 6]  # with checkpointing each block runs again in backward
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("profile,line", [
+    ("pretrain:\n  train:\n    lrr: 0.1\n", "pretrain.train.lrr: unknown key (known: batch_size,"),
+    ("hardware:\n  threads: many\n", "hardware.threads: expected auto or a positive int, got 'many'"),
+    ("pretrian:\n  windows: random\n", "unknown section 'pretrian' (did you mean 'pretrain'?)"),
+])  # fmt: skip
+def test_a_bad_profile_is_one_line_and_writes_nothing(tmp_path, profile, line):
+    """`llmcore profile` loads the merged params through every stage's loader before writing or printing."""
+    (tmp_path / "bad.yaml").write_text(profile)
+    result = CliRunner().invoke(app, ["profile", str(tmp_path / "bad.yaml"), "--params", str(REPO / "params.yaml"),
+                                      "--write", str(tmp_path / "merged.yaml")])  # fmt: skip
+    assert result.exit_code == 1
+    (error,) = result.output.strip().splitlines()
+    assert error.startswith(f"error: {tmp_path / 'bad.yaml'} (merged over {REPO / 'params.yaml'}): ") and line in error
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]
+    assert not list(REPO.glob(".profile-*"))  # the file validated beside params.yaml is gone

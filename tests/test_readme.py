@@ -37,11 +37,14 @@ section = doc_section  # the section headed so, on whichever page of the manual 
 
 
 def commands(text: str) -> list[list[str]]:
-    """The shell commands of the ```bash blocks in ``text``, split into words (comments and a trailing & dropped)."""
+    """The shell commands of the ```bash blocks (and the ``$ `` lines of ```console blocks) in ``text``, split into
+    words (comments and a trailing & dropped)."""
     out = []
-    for block in re.findall(r"```bash\n(.*?)```", text, re.DOTALL):
+    for kind, block in re.findall(r"```(bash|console)\n(.*?)```", text, re.DOTALL):
         for line in block.splitlines():
-            words = shlex.split(line, comments=True)
+            if kind == "console" and not line.startswith("$ "):
+                continue  # output, not a command
+            words = shlex.split(line.removeprefix("$ "), comments=True)
             if words:
                 out.append(words[:-1] if words[-1] == "&" else words)
     return out
@@ -142,8 +145,8 @@ def test_deterministic_curl_example_equals_ask(tmp_path):
     (curl,) = [c for c in commands(text) if c[0] == "curl" and "/api/generate" in c[1]]
     body = json.loads(option(curl, "-d"))  # valid JSON, as a shell would pass it
     assert body["options"]["temperature"] == 0 and body["stream"] is False
-    ask = command(text, "python", "-m", "stages.instruct", "ask")
-    assert ask[4] == body["prompt"]
+    ask = command(text, "llmcore", "ask")
+    assert ask[2] == body["prompt"]
     # "like Ollama, the server samples at 0.8 unless told otherwise"
     assert sampling_from_options({}, 256)[0].temperature == 0.8
 
@@ -158,21 +161,21 @@ def test_deterministic_curl_example_equals_ask(tmp_path):
             reply = json.loads(r.read())
     finally:
         server.shutdown()
-    result = CliRunner().invoke(cli.app, ask[3:] + ["--model", str(folder)])  # the old spelling of `llmcore ask`
+    result = CliRunner().invoke(cli.app, ask[1:] + ["--model", str(folder)])
     assert result.exit_code == 0, result.output
     assert reply["eval_count"] == 256 and result.output == reply["response"] + "\n"  # num_predict = ask's limit
 
 
 def test_classify_predict_as_the_readme_says(tmp_path):
-    text = section("Classify messages: `classify predict`")
+    text = section("From the command line: `llmcore ask`, `llmcore chat`, `llmcore classify`")
     tok = Tokenizer.train(TEXT, 300)
     torch.manual_seed(0)
     gpt = GPT(ModelConfig.from_preset("gpt2-tiny", vocab_size=tok.vocab_size, n_layers=1))
     save_classifier(tmp_path / "clf", GPTClassifier(gpt, num_classes=2), tok, ["ham", "spam"])
-    args, piped = (c for c in commands(text) if c[:4] == ["python", "-m", "stages.classify", "predict"])
-    assert piped[4:] == ["<", "messages.txt"]
-    messages = args[4:]
-    result = CliRunner().invoke(cli.app, ["classify", *args[4:], "--model", str(tmp_path / "clf")])
+    args, piped = (c for c in commands(text) if c[:2] == ["llmcore", "classify"])
+    assert piped[2:] == ["<", "messages.txt"]
+    messages = args[2:]
+    result = CliRunner().invoke(cli.app, ["classify", *messages, "--model", str(tmp_path / "clf")])
     assert result.exit_code == 0, result.output
     rows = [line.split("\t") for line in result.output.splitlines()]
     assert [r[2] for r in rows] == messages and {r[0] for r in rows} <= {"ham", "spam"}

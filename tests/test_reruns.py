@@ -42,7 +42,7 @@ TABLE = {
     "stages/download.py": {"download"},
     # the training loop and the report
     "llmcore/training/loop.py": {"pretrain", "classify", "instruct", "align", "evaluate"},
-    "llmcore/eval/report.py": {"report"},
+    "llmcore/report/card.py": {"report"},
     # what every stage runs: the params loader and the common helpers
     "llmcore/params.py": EVERY_STAGE,
     "llmcore/common.py": EVERY_STAGE,

@@ -159,3 +159,18 @@ def test_chat_page_streams_and_keeps_the_conversation(url: str, handles, monkeyp
             assert page.locator(".msg").count() == 0
         finally:
             browser.close()
+
+
+def test_the_chat_page_icon_is_served(url: str) -> None:  # noqa: F811
+    """The page links an icon that the server serves, and /favicon.ico (asked for without a link) is not a 404."""
+    import re
+    import urllib.request
+    import xml.etree.ElementTree as ET
+
+    with urllib.request.urlopen(url + "/", timeout=30) as r:
+        page = r.read().decode()
+    (href,) = re.findall(r'<link rel="icon" type="image/svg\+xml" href="([^"]+)">', page)
+    for path in ("/" + href.lstrip("/"), "/favicon.ico"):
+        with urllib.request.urlopen(url + path, timeout=30) as r:
+            assert r.status == 200 and r.headers["Content-Type"] == "image/svg+xml", path
+            assert ET.fromstring(r.read()).tag == "{http://www.w3.org/2000/svg}svg", path

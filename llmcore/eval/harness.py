@@ -36,6 +36,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -46,6 +47,7 @@ import torch
 
 from llmcore.common import LLMCoreError
 from llmcore.device import DTYPES, autocast_context, resolve_device
+from llmcore.download import unreachable
 from llmcore.models.generate import SamplingConfig, generate_steps
 from llmcore.models.gpt import GPT
 from llmcore.text.tokenizer import Tokenizer
@@ -476,6 +478,42 @@ def task_manager(tasks: Sequence[str], include_path: str | os.PathLike | None = 
     return manager
 
 
+LOCAL_LOADERS = {"json", "csv", "parquet", "text", "arrow", "pandas"}  # datasets' builders over local files
+
+
+def hub_tasks(tasks: Sequence[str], manager, include_path: str | os.PathLike | None = None) -> list[str]:
+    """The tasks whose dataset comes from the Hugging Face Hub: lm-eval's built-in tasks and groups, and task YAML
+    files whose ``dataset_path`` is neither a local loader (json, csv, parquet, ...) nor a local folder."""
+    own = Path(include_path).resolve() if include_path else None
+    out = []
+    for spec in tasks:
+        entry = None if is_task_file(spec) else manager.task_index.get(spec)
+        path = Path(spec) if is_task_file(spec) else getattr(entry, "yaml_path", None)
+        if path is not None and (is_task_file(spec) or (own is not None and own in Path(path).resolve().parents)):
+            found = re.search(r"^dataset_path:\s*['\"]?([^'\"\s#]+)", Path(path).read_text(encoding="utf-8"), re.M)
+            if found is None or found.group(1) in LOCAL_LOADERS or Path(found.group(1)).exists():
+                continue
+        out.append(spec)
+    return out
+
+
+def check_hub(tasks: Sequence[str]) -> None:
+    """Fail in one line, at once, when these tasks need the Hub and it cannot be reached: the datasets library would
+    otherwise retry for a minute before saying so. ``HF_DATASETS_OFFLINE=1`` (or ``HF_HUB_OFFLINE=1``) skips the
+    check and reads datasets already in the local cache."""
+    if not tasks or any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
+                        for v in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")):  # fmt: skip
+        return
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    why = unreachable(endpoint)
+    if why is not None:
+        raise LLMCoreError(
+            f"tasks {','.join(tasks)}: their datasets come from the Hugging Face Hub, and {endpoint} is unreachable "
+            f"({why}): go online, set HF_DATASETS_OFFLINE=1 to use datasets already in the local cache, or use a "
+            "task YAML over local files"
+        )
+
+
 def run_tasks(
     lm: LLMCoreLM,
     tasks: Sequence[str],
@@ -547,6 +585,7 @@ def benchmark(
     """Score one model folder on ``tasks``: the metrics the stage and ``llmcore benchmark`` write."""
     start = time.perf_counter()
     manager = task_manager(tasks, include_path)  # a bad task name fails before the model loads
+    check_hub(hub_tasks(tasks, manager, include_path))  # offline: one line now, not after a minute of retries
     lm = LLMCoreLM(model_dir, device=device, precision=precision, batch_size=batch_size)
     results = run_tasks(lm, tasks, limit=limit, num_fewshot=num_fewshot, seed=seed, manager=manager)
     return {

@@ -56,6 +56,12 @@ def chat_page() -> str:
     return resources.files("llmcore.serve").joinpath("static/chat.html").read_text(encoding="utf-8")
 
 
+def favicon() -> bytes:
+    """The chat page's icon (an SVG): served at /favicon.svg, which the page links, and at /favicon.ico, which
+    browsers and other clients ask for without a link."""
+    return resources.files("llmcore.serve").joinpath("static/favicon.svg").read_bytes()
+
+
 class RequestLog:
     """ASGI middleware: one log line per request with its status and wall time (to the end of a stream)."""
 
@@ -94,10 +100,13 @@ def create_app(models: dict[str, ModelHandle], max_body: int = MAX_BODY_BYTES, b
     if len(named) != len(models):
         raise LLMCoreError(f"two models share a name: {sorted(models)}")
     ollama, openai = ollama_api.OllamaAPI(named, max_body), openai_api.OpenAIAPI(named, max_body)
-    page = chat_page()
+    page, icon = chat_page(), favicon()
 
     async def index(request: Request) -> Response:
         return HTMLResponse(page)
+
+    async def icon_file(request: Request) -> Response:
+        return Response(icon, media_type="image/svg+xml", headers={"Cache-Control": "max-age=86400"})
 
     def render(request: Request, e: RequestError) -> Response:
         api = openai_api if request.url.path.startswith("/v1/") else ollama_api
@@ -121,7 +130,8 @@ def create_app(models: dict[str, ModelHandle], max_body: int = MAX_BODY_BYTES, b
             await asyncio.to_thread(handle.engine.stop)
 
     app = Starlette(
-        routes=[Route("/", index, methods=["GET"]), *ollama.routes(), *openai.routes()],
+        routes=[Route("/", index, methods=["GET"]), Route("/favicon.svg", icon_file, methods=["GET"]),
+                Route("/favicon.ico", icon_file, methods=["GET"]), *ollama.routes(), *openai.routes()],
         exception_handlers={HTTPException: http_error, Exception: server_error},
         lifespan=lifespan,
     )

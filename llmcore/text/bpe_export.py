@@ -14,6 +14,8 @@ merging; ``ignore_merges`` does the same in ``tokenizers`` (llama.cpp does it fo
 Hugging Face files (:func:`hf_tokenizer_files`): ``tokenizer.json`` (a ``BPE`` model with the split regex as a
 ``Split`` pre-tokenizer followed by ``ByteLevel``, the special tokens as added tokens), ``tokenizer_config.json``
 and ``special_tokens_map.json``, so ``AutoTokenizer.from_pretrained`` on an exported folder gives llmcore's ids.
+A tokenizer with ``<|begin_of_text|>`` (Llama-3) exports it as bos, added in front of every encoding by the
+``tokenizer.json`` post-processor (``add_special_tokens=False`` leaves it out), as Meta's own files do.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 
 from llmcore.common import LLMCoreError
 from llmcore.text.bpe import ENDOFTEXT
+from llmcore.text.llama3 import bos_token
 from llmcore.text.tokenizer import Tokenizer, gpt2_byte_encoder
 
 
@@ -109,7 +112,7 @@ def hf_tokenizer_json(tok: Tokenizer) -> dict[str, Any]:
                 byte_level_step,
             ],
         },
-        "post_processor": {**byte_level_step, "trim_offsets": False},
+        "post_processor": post_processor(tok, {**byte_level_step, "trim_offsets": False}),
         "decoder": {**byte_level_step, "trim_offsets": True},
         "model": {
             "type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
@@ -119,14 +122,33 @@ def hf_tokenizer_json(tok: Tokenizer) -> dict[str, Any]:
     }
 
 
+def post_processor(tok: Tokenizer, byte_level: dict[str, Any]) -> dict[str, Any]:
+    """``tokenizer.json``'s post-processor: byte-level offsets, then ``<|begin_of_text|>`` in front of every
+    encoding when the tokenizer has it (Meta's Llama-3 files: a ``TemplateProcessing`` step)."""
+    bos = bos_token(tok)
+    if bos is None:
+        return byte_level
+    first = {"SpecialToken": {"id": bos, "type_id": 0}}
+    template = {
+        "type": "TemplateProcessing",
+        "single": [first, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [first, {"Sequence": {"id": "A", "type_id": 0}}, {"SpecialToken": {"id": bos, "type_id": 1}},
+                 {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {bos: {"id": bos, "ids": [tok.special_tokens[bos]], "tokens": [bos]}},
+    }  # fmt: skip
+    return {"type": "Sequence", "processors": [byte_level, template]}
+
+
 def hf_tokenizer_files(tok: Tokenizer, context_length: int) -> dict[str, Any]:
     """File name -> JSON object for an HF model folder: tokenizer.json, tokenizer_config.json and
-    special_tokens_map.json. ``<|endoftext|>`` is bos, eos and pad, as in GPT-2; no token is added by encoding."""
+    special_tokens_map.json. ``<|endoftext|>`` is eos and pad, and bos as in GPT-2 (no token added by encoding);
+    a Llama-3 tokenizer's bos is ``<|begin_of_text|>``, added in front of every encoding as Meta's is."""
     eot = ENDOFTEXT
+    bos = bos_token(tok) or eot
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": eot, "eos_token": eot, "pad_token": eot, "unk_token": None,
-        "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False,
+        "bos_token": bos, "eos_token": eot, "pad_token": eot, "unk_token": None,
+        "add_bos_token": bos != eot, "add_eos_token": False, "clean_up_tokenization_spaces": False,
         "model_max_length": context_length,
         "added_tokens_decoder": {
             str(i): {"content": s, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
@@ -137,5 +159,5 @@ def hf_tokenizer_files(tok: Tokenizer, context_length: int) -> dict[str, Any]:
     return {
         "tokenizer.json": hf_tokenizer_json(tok),
         "tokenizer_config.json": config,
-        "special_tokens_map.json": {"bos_token": eot, "eos_token": eot, "pad_token": eot},
+        "special_tokens_map.json": {"bos_token": bos, "eos_token": eot, "pad_token": eot},
     }

@@ -76,3 +76,10 @@ LLAMA3_SPECIAL = [
     "<|finetune_right_pad_id|>", "<|step_id|>", "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>",
     "<|eot_id|>", "<|python_tag|>",
 ]  # fmt: skip
+BEGIN_OF_TEXT = LLAMA3_SPECIAL[0]  # Meta's encodings start with it; exports make it bos, added by encoding
+
+
+def bos_token(tok: Tokenizer) -> str | None:
+    """The token every encoding of ``tok`` starts with in Meta's convention: ``<|begin_of_text|>`` where the
+    tokenizer has it (Llama-3 tokenizers), else None (GPT-2 style: nothing is added)."""
+    return BEGIN_OF_TEXT if BEGIN_OF_TEXT in tok.special_tokens else None

@@ -27,6 +27,7 @@ from llmcore.models.gpt import GPT
 from llmcore.text.bpe_export import hf_tokenizer_files
 from llmcore.text.chat import CHATML, IM_END, chat_token_ids
 from llmcore.text.chat_templates import jinja_chat_template
+from llmcore.text.llama3 import bos_token
 from llmcore.text.tokenizer import Tokenizer
 from llmcore.weights.weight_file import load_state, model_from_state, model_state
 
@@ -316,8 +317,8 @@ def save_hf(
         files = hf_tokenizer_files(tokenizer, cfg.context_length)
         if template:
             files["tokenizer_config.json"]["chat_template"] = jinja_chat_template(template)
-        eot = tokenizer.eot_id
-        files["generation_config.json"] = {"bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot}
+        eot, bos = tokenizer.eot_id, tokenizer.special_tokens.get(bos_token(tokenizer) or "", tokenizer.eot_id)
+        files["generation_config.json"] = {"bos_token_id": bos, "eos_token_id": eot, "pad_token_id": eot}
         if template == CHATML:  # a chat model's turn ends at <|im_end|>: eos for transformers' generate
             end = chat_token_ids(tokenizer)[1]
             for name in ("tokenizer_config.json", "special_tokens_map.json"):
@@ -329,6 +330,8 @@ def save_hf(
     with atomic_path(directory / "model.safetensors") as tmp:
         save_file({k: v.cpu() for k, v in state.items()}, str(tmp), metadata={"format": "pt"})
     files["config.json"] = config_to_hf(cfg, tokenizer.eot_id if bpe else None)
+    if bpe:  # bos: <|begin_of_text|> for a Llama-3 tokenizer (as generation_config.json), else end-of-text
+        files["config.json"]["bos_token_id"] = files["generation_config.json"]["bos_token_id"]
     for name, obj in files.items():
         write_json_atomic(directory / name, obj)
     return ["model.safetensors", *files]
