@@ -97,10 +97,21 @@ class Plan:
 FULL = Plan()
 QUICK = Plan(
     shape=Shape(vocab_size=512, context_length=64, emb_dim=64, n_heads=2, n_layers=2, batch_size=2),
-    train_warmup=1, train_reps=3, train_peers=("llmcore", "book", "hf"), gen_new=20, gen_reps=2,
-    bpe_vocabs=(300, 400), bpe_reps=1, text_bytes=100_000, encode_reps=2, loss_steps=3, peak_n=512, peak_reps=3,
-    isolate=False, rounds=1,
-)  # fmt: skip
+    train_warmup=1,
+    train_reps=3,
+    train_peers=("llmcore", "book", "hf"),
+    gen_new=20,
+    gen_reps=2,
+    bpe_vocabs=(300, 400),
+    bpe_reps=1,
+    text_bytes=100_000,
+    encode_reps=2,
+    loss_steps=3,
+    peak_n=512,
+    peak_reps=3,
+    isolate=False,
+    rounds=1,
+)
 
 SECTIONS = ("peak", "train", "loss", "generate", "bpe", "encode")
 
@@ -142,8 +153,6 @@ def peak_rss_mb() -> float:
     return rss / (1 << 20) if sys.platform == "darwin" else rss / 1024
 
 
-
-
 # ---------------------------------------------------------------------------------------------------
 # The models at one shape
 # ---------------------------------------------------------------------------------------------------
@@ -151,18 +160,28 @@ def peak_rss_mb() -> float:
 
 def llmcore_config(shape: Shape, **overrides: Any) -> ModelConfig:
     """GPT-2 style llmcore config at the bench shape (tied head, as GPT-2)."""
-    kw = dict(vocab_size=shape.vocab_size, context_length=shape.context_length, emb_dim=shape.emb_dim,
-              n_heads=shape.n_heads, n_layers=shape.n_layers, dropout=shape.dropout)  # fmt: skip
+    kw = dict(
+        vocab_size=shape.vocab_size,
+        context_length=shape.context_length,
+        emb_dim=shape.emb_dim,
+        n_heads=shape.n_heads,
+        n_layers=shape.n_layers,
+        dropout=shape.dropout,
+    )
     return ModelConfig.from_preset("gpt2-124m", **{**kw, **overrides})
 
 
 def book_config(shape: Shape, dropout: float | None = None) -> dict[str, Any]:
     """The book's GPT_CONFIG dict (ch04) at the bench shape; qkv_bias on, as GPT-2."""
     return {
-        "vocab_size": shape.vocab_size, "context_length": shape.context_length, "emb_dim": shape.emb_dim,
-        "n_heads": shape.n_heads, "n_layers": shape.n_layers, "qkv_bias": True,
+        "vocab_size": shape.vocab_size,
+        "context_length": shape.context_length,
+        "emb_dim": shape.emb_dim,
+        "n_heads": shape.n_heads,
+        "n_layers": shape.n_layers,
+        "qkv_bias": True,
         "drop_rate": shape.dropout if dropout is None else dropout,
-    }  # fmt: skip
+    }
 
 
 def hf_model(shape: Shape, dropout: float | None = None):
@@ -170,10 +189,17 @@ def hf_model(shape: Shape, dropout: float | None = None):
 
     p = shape.dropout if dropout is None else dropout
     cfg = GPT2Config(
-        vocab_size=shape.vocab_size, n_positions=shape.context_length, n_embd=shape.emb_dim, n_layer=shape.n_layers,
-        n_head=shape.n_heads, resid_pdrop=p, embd_pdrop=p, attn_pdrop=p,
-        bos_token_id=shape.vocab_size - 1, eos_token_id=shape.vocab_size - 1,
-    )  # fmt: skip
+        vocab_size=shape.vocab_size,
+        n_positions=shape.context_length,
+        n_embd=shape.emb_dim,
+        n_layer=shape.n_layers,
+        n_head=shape.n_heads,
+        resid_pdrop=p,
+        embd_pdrop=p,
+        attn_pdrop=p,
+        bos_token_id=shape.vocab_size - 1,
+        eos_token_id=shape.vocab_size - 1,
+    )
     return GPT2LMHeadModel(cfg)
 
 
@@ -188,10 +214,12 @@ def book_to_llmcore(book: torch.nn.Module, cfg: ModelConfig) -> GPT:
         raise ValueError("the book's GPTModel has an untied output head: use tie_embeddings=False")
     src = book.state_dict()
     dst: dict[str, torch.Tensor] = {
-        "tok_emb.weight": src["tok_emb.weight"], "pos_emb.weight": src["pos_emb.weight"],
-        "final_norm.weight": src["final_norm.scale"], "final_norm.bias": src["final_norm.shift"],
+        "tok_emb.weight": src["tok_emb.weight"],
+        "pos_emb.weight": src["pos_emb.weight"],
+        "final_norm.weight": src["final_norm.scale"],
+        "final_norm.bias": src["final_norm.shift"],
         "out_head.weight": src["out_head.weight"],
-    }  # fmt: skip
+    }
     for i in range(cfg.n_layers):
         b, o = f"trf_blocks.{i}.", f"blocks.{i}."
         qkv = [f"{b}att.W_query", f"{b}att.W_key", f"{b}att.W_value"]
@@ -270,9 +298,14 @@ def make_generate(peer: str, shape: Shape, prompt_len: int, new_tokens: int, see
 
         def run(n: int = new_tokens) -> list[int]:
             out = model.generate(
-                prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,
-                do_sample=False, use_cache=True, pad_token_id=eos,
-            )  # fmt: skip
+                prompt,
+                attention_mask=torch.ones_like(prompt),
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                use_cache=True,
+                pad_token_id=eos,
+            )
             return out[0, prompt_len:].tolist()
 
         return run
@@ -345,10 +378,14 @@ def job_loss(plan: Plan) -> dict[str, Any]:
         our_losses.append(loss.item())
     max_diff = max(abs(a - b) for a, b in zip(book_losses, our_losses, strict=True))
     return {
-        "data": data, "steps": len(batches), "book": book_losses, "llmcore": our_losses,
-        "init_logits_max_diff": init_diff, "max_abs_diff": max_diff,
+        "data": data,
+        "steps": len(batches),
+        "book": book_losses,
+        "llmcore": our_losses,
+        "init_logits_max_diff": init_diff,
+        "max_abs_diff": max_diff,
         "ok": init_diff < 1e-4 and max_diff < 1e-3 and our_losses[-1] < our_losses[0],
-    }  # fmt: skip
+    }
 
 
 def _loss_batches(plan: Plan, steps: int, B: int, T: int) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], str]:
@@ -386,9 +423,12 @@ def job_bpe(plan: Plan, trainer: str) -> dict[str, Any]:
         tok = made[-1]
         n_vocab = tok.vocab_size if trainer == "llmcore" else tok.get_vocab_size()
         out[str(vocab)] = {
-            "wall_s": wall, "cpu_s": cpu, "seconds": median(wall), "vocab_size": n_vocab,
+            "wall_s": wall,
+            "cpu_s": cpu,
+            "seconds": median(wall),
+            "vocab_size": n_vocab,
             "bytes_per_token": n_bytes / len(encode(tok)),
-        }  # fmt: skip
+        }
     return out
 
 
@@ -400,9 +440,11 @@ def _hf_bpe_trainer(text: str, vocab: int) -> Callable[[], Any]:
         # ByteLevel = GPT-2's split regex + byte-to-unicode map, the same pre-tokenization llmcore uses
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         trainer = trainers.BpeTrainer(
-            vocab_size=vocab, special_tokens=["<|endoftext|>"], show_progress=False,
+            vocab_size=vocab,
+            special_tokens=["<|endoftext|>"],
+            show_progress=False,
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        )  # fmt: skip
+        )
         tok.train_from_iterator([text], trainer)
         return tok
 
@@ -417,8 +459,13 @@ def tiktoken_gpt2():
 
     os.environ["TIKTOKEN_CACHE_DIR"] = ""  # "" disables tiktoken's file cache
     ranks = data_gym_to_mergeable_bpe_ranks(str(GPT2_BPE / "vocab.bpe"), str(GPT2_BPE / "encoder.json"))
-    return tiktoken.Encoding("gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
-                             special_tokens={"<|endoftext|>": 50256}, explicit_n_vocab=50257)  # fmt: skip
+    return tiktoken.Encoding(
+        "gpt2",
+        pat_str=r50k_pat_str,
+        mergeable_ranks=ranks,
+        special_tokens={"<|endoftext|>": 50256},
+        explicit_n_vocab=50257,
+    )
 
 
 def job_encode(plan: Plan) -> dict[str, Any]:
@@ -444,9 +491,13 @@ def job_encode(plan: Plan) -> dict[str, Any]:
 
 
 JOBS: dict[str, Callable[..., dict[str, Any]]] = {
-    "peak": job_peak, "train": job_train, "loss": job_loss, "generate": job_generate, "bpe": job_bpe,
+    "peak": job_peak,
+    "train": job_train,
+    "loss": job_loss,
+    "generate": job_generate,
+    "bpe": job_bpe,
     "encode": job_encode,
-}  # fmt: skip
+}
 
 
 def run_job(plan: Plan, job: dict[str, Any]) -> dict[str, Any]:
@@ -468,8 +519,10 @@ def run_in_subprocess(plan: Plan, job: dict[str, Any]) -> dict[str, Any]:
     payload = json.dumps({"plan": asdict(plan), "job": job})
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.bench", "--worker", payload],
-        capture_output=True, text=True, cwd=REPO_ROOT,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+    )
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(RESULT_PREFIX):
             return json.loads(line[len(RESULT_PREFIX) :])
@@ -528,8 +581,9 @@ def run_benchmarks(plan: Plan, sections: tuple[str, ...] = SECTIONS, runner=None
     if "train" in sections:
         timed_jobs += [
             ("train", f"{peer} {p}", {"job": "train", "peer": peer, "precision": p}, peer)
-            for p in plan.precisions for peer in plan.train_peers
-        ]  # fmt: skip
+            for p in plan.precisions
+            for peer in plan.train_peers
+        ]
     if "generate" in sections:
         timed_jobs += [("generate", g, {"job": "generate", "peer": g}, g) for g in ("llmcore", "hf", "book")]
     for section, key, _, _ in timed_jobs:
@@ -553,20 +607,32 @@ def run_benchmarks(plan: Plan, sections: tuple[str, ...] = SECTIONS, runner=None
 
     report = {
         "meta": {
-            "quick": plan is QUICK or plan.shape == QUICK.shape, "plan": asdict(plan), "sections": list(sections),
-            "cpu": _cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version(), "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
+            "quick": plan is QUICK or plan.shape == QUICK.shape,
+            "plan": asdict(plan),
+            "sections": list(sections),
+            "cpu": _cpu_name(),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "loadavg_before": load_before,
+            "loadavg_after": os.getloadavg(),
             "seconds": time.perf_counter() - started,
-        },  # fmt: skip
+        },
         **results,
     }
     report["ratios"] = summarise(report, plan)
     report["targets"] = [
-        {"key": k, "what": what, "goal": goal, "value": report["ratios"].get(k),
-         "met": None if report["ratios"].get(k) is None else
-         (report["ratios"][k] <= goal if k in AT_MOST else report["ratios"][k] >= goal)}
+        {
+            "key": k,
+            "what": what,
+            "goal": goal,
+            "value": report["ratios"].get(k),
+            "met": None
+            if report["ratios"].get(k) is None
+            else (report["ratios"][k] <= goal if k in AT_MOST else report["ratios"][k] >= goal),
+        }
         for k, what, goal in TARGETS
-    ]  # fmt: skip
+    ]
     return report
 
 
@@ -608,9 +674,7 @@ def summarise(report: dict[str, Any], plan: Plan) -> dict[str, float]:
     for peer in ("hf", "book"):
         if gen.get("llmcore") and gen.get(peer):
             ratios[f"gen_vs_{peer}"] = gen["llmcore"]["new_tokens_per_s"] / gen[peer]["new_tokens_per_s"]
-            ratios[f"gen_vs_{peer}_cpu"] = median(gen[peer]["cpu_s"]) / median(
-                gen["llmcore"]["cpu_s"]
-            )
+            ratios[f"gen_vs_{peer}_cpu"] = median(gen[peer]["cpu_s"]) / median(gen["llmcore"]["cpu_s"])
     bpe = report.get("bpe") or {}
     if bpe.get("llmcore") and bpe.get("tokenizers"):
         v = str(max(plan.bpe_vocabs))
@@ -687,8 +751,11 @@ def format_table(report: dict[str, Any]) -> str:
             "| peer | new tokens/s | peak RSS MB | llmcore is |",
             "|---|---:|---:|---:|",
         ]
-        names = {"llmcore": "llmcore (KV cache)", "hf": "transformers generate(use_cache=True)",
-                 "book": "book generate_text_simple (no cache)"}  # fmt: skip
+        names = {
+            "llmcore": "llmcore (KV cache)",
+            "hf": "transformers generate(use_cache=True)",
+            "book": "book generate_text_simple (no cache)",
+        }
         for peer, row in gen.items():
             if row is None:
                 lines.append(f"| {names[peer]} | skipped | | |")
@@ -699,8 +766,12 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append("")
     bpe = report.get("bpe") or {}
     if bpe:
-        lines += ["## BPE training on TinyShakespeare (byte-level, GPT-2 split)", "",
-                  "| trainer | vocab | seconds | bytes/token |", "|---|---:|---:|---:|"]  # fmt: skip
+        lines += [
+            "## BPE training on TinyShakespeare (byte-level, GPT-2 split)",
+            "",
+            "| trainer | vocab | seconds | bytes/token |",
+            "|---|---:|---:|---:|",
+        ]
         for trainer, res in bpe.items():
             if res is None:
                 lines.append(f"| {trainer} | skipped | | |")
@@ -711,8 +782,13 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append("")
     enc = report.get("encode")
     if enc:
-        lines += [f"## Encoding {enc['mb']:.2f} MB of TinyShakespeare, one thread (llmcore gpt2 ids == tiktoken: "
-                  f"{enc['same_ids_as_tiktoken']})", "", "| tokenizer | MB/s |", "|---|---:|"]  # fmt: skip
+        lines += [
+            f"## Encoding {enc['mb']:.2f} MB of TinyShakespeare, one thread (llmcore gpt2 ids == tiktoken: "
+            f"{enc['same_ids_as_tiktoken']})",
+            "",
+            "| tokenizer | MB/s |",
+            "|---|---:|",
+        ]
         for name, r in enc.items():
             if isinstance(r, dict):
                 lines.append(f"| {name} | {r['mb_per_s']:.1f} |")

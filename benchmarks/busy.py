@@ -108,9 +108,19 @@ class Plan:
 
 
 FULL = Plan(gen_new={"default": 128, "gpt2-124m": 32}, serve_new={"default": 64, "gpt2-124m": 24})
-QUICK = Plan(train_warmup=1, train_reps=1, prompt=8, gen_new={"default": 16}, gen_reps=1, serve_new={"default": 8},
-             serve_reps=1, big=False, peers=("llama.cpp", "llama.cpp-same-threads"), quick=True,
-             timeout_s=120)  # fmt: skip
+QUICK = Plan(
+    train_warmup=1,
+    train_reps=1,
+    prompt=8,
+    gen_new={"default": 16},
+    gen_reps=1,
+    serve_new={"default": 8},
+    serve_reps=1,
+    big=False,
+    peers=("llama.cpp", "llama.cpp-same-threads"),
+    quick=True,
+    timeout_s=120,
+)
 # --quick leaves transformers out: importing it takes seconds, in each of its four measurements
 
 
@@ -160,8 +170,12 @@ def _on_signal(signum: int, _frame: Any) -> None:
 @contextlib.contextmanager
 def cpu_hog(pids: list[int]) -> Iterator[int]:
     """One CPU-bound process for the duration of the block; its pid is appended to ``pids``."""
-    proc = subprocess.Popen([sys.executable, "-c", HOG_CODE.format(parent=os.getpid())], env=ORIGINAL_ENV,
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOG_CODE.format(parent=os.getpid())],
+        env=ORIGINAL_ENV,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+    )
     _HOGS.append(proc)
     pids.append(proc.pid)
     try:
@@ -280,8 +294,15 @@ def job_generate(job: dict[str, Any]) -> dict[str, Any]:
         ids = torch.tensor([prompt])
 
         def run(n: int = new) -> list[int]:
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                                 do_sample=False, use_cache=True, pad_token_id=0)  # fmt: skip
+            out = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                use_cache=True,
+                pad_token_id=0,
+            )
             return out[0, len(prompt) :].tolist()
 
         threads = torch.get_num_threads()
@@ -312,8 +333,12 @@ def _generate_llama_cpp(job: dict[str, Any]) -> dict[str, Any]:
     try:
         run(8)  # warm-up
         times = timed(lambda: _check_len(run(), new), job["reps"], job["budget_s"])
-        return {**_stats(times, new), "unit": "tokens/s", "threads": llm.n_threads,
-                "threads_batch": llm.n_threads_batch}  # fmt: skip
+        return {
+            **_stats(times, new),
+            "unit": "tokens/s",
+            "threads": llm.n_threads,
+            "threads_batch": llm.n_threads_batch,
+        }
     finally:
         llm.close()  # before interpreter shutdown, which would otherwise free it half torn down
 
@@ -356,8 +381,12 @@ def run_worker(job: dict[str, Any]) -> dict[str, Any]:
 def run_in_subprocess(job: dict[str, Any], timeout: float) -> dict[str, Any]:
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.busy", "--worker", json.dumps(job)],
-        capture_output=True, text=True, cwd=REPO_ROOT, env=ORIGINAL_ENV, timeout=timeout,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        env=ORIGINAL_ENV,
+        timeout=timeout,
+    )
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(RESULT_PREFIX):
             return json.loads(line[len(RESULT_PREFIX) :])
@@ -460,16 +489,29 @@ def run_benchmarks(plan: Plan, workloads: tuple[str, ...] = WORKLOADS, log=print
         files = {s: write_model(Path(tmp) / s, c, need_gguf) for s, c in shapes.items()} if need_files else {}
         if "train" in workloads:
             key = f"train {name}"
-            job = {"job": "train", "cfg": cfg.to_dict(), "batch_size": batch_size, "warmup": plan.train_warmup,
-                   "reps": plan.train_reps, "budget_s": plan.budget_s}  # fmt: skip
+            job = {
+                "job": "train",
+                "cfg": cfg.to_dict(),
+                "batch_size": batch_size,
+                "warmup": plan.train_warmup,
+                "reps": plan.train_reps,
+                "budget_s": plan.budget_s,
+            }
             what = f"training tokens/s, batch {batch_size} x {cfg.context_length}, fp32"
             for impl in ("llmcore", "transformers"):
                 add(key, what, "tokens/s", impl, measure(key, impl, job))
         if "generate" in workloads:
             for shape, c in shapes.items():
                 key, new = f"generate {shape}", plan.gen_new["default" if shape == name else shape]
-                job = {"job": "generate", "cfg": c.to_dict(), "prompt_ids": prompt_ids, "new": new,
-                       "reps": plan.gen_reps, "budget_s": plan.budget_s, **files[shape]}  # fmt: skip
+                job = {
+                    "job": "generate",
+                    "cfg": c.to_dict(),
+                    "prompt_ids": prompt_ids,
+                    "new": new,
+                    "reps": plan.gen_reps,
+                    "budget_s": plan.budget_s,
+                    **files[shape],
+                }
                 what = f"batch-1 greedy generation tokens/s, {plan.prompt}-token prompt + {new} new"
                 ours = measure(key, "llmcore", job)
                 add(key, what, "tokens/s", "llmcore", ours)
@@ -484,22 +526,58 @@ def run_benchmarks(plan: Plan, workloads: tuple[str, ...] = WORKLOADS, log=print
         if "serve" in workloads:
             for shape in shapes:
                 new = plan.serve_new["default" if shape == name else shape]
-                job = {"job": "serve", "label": shape, "prompt": plan.prompt, "new": new, "reps": plan.serve_reps,
-                       **files[shape]}  # fmt: skip
+                job = {
+                    "job": "serve",
+                    "label": shape,
+                    "prompt": plan.prompt,
+                    "new": new,
+                    "reps": plan.serve_reps,
+                    **files[shape],
+                }
                 base = f"serve {shape}"
                 runs = measure(base, "llmcore", job)
                 what = f"llmcore serve, streaming, {plan.prompt}-token prompts, {new} tokens each"
                 s = lambda n, f: lambda r: r["server"][f"clients_{n}"][f]  # noqa: E731
-                add(f"{base} (1 client)", f"{what}: aggregate tokens/s", "tokens/s", "llmcore", runs,
-                    s(1, "tokens_per_s"))  # fmt: skip
-                add(f"{base} (8 clients)", f"{what}: aggregate tokens/s", "tokens/s", "llmcore", runs,
-                    s(8, "tokens_per_s"))  # fmt: skip
-                add(f"{base} (TTFT, 1 client)", f"{what}: time to first token p50", "ms", "llmcore", runs,
-                    s(1, "ttft_p50_ms"))  # fmt: skip
-                add(f"{base} (TTFT p50, 8 clients)", f"{what}: time to first token p50", "ms", "llmcore", runs,
-                    s(8, "ttft_p50_ms"))  # fmt: skip
-                add(f"{base} (TTFT p95, 8 clients)", f"{what}: time to first token p95", "ms", "llmcore", runs,
-                    s(8, "ttft_p95_ms"))  # fmt: skip
+                add(
+                    f"{base} (1 client)",
+                    f"{what}: aggregate tokens/s",
+                    "tokens/s",
+                    "llmcore",
+                    runs,
+                    s(1, "tokens_per_s"),
+                )
+                add(
+                    f"{base} (8 clients)",
+                    f"{what}: aggregate tokens/s",
+                    "tokens/s",
+                    "llmcore",
+                    runs,
+                    s(8, "tokens_per_s"),
+                )
+                add(
+                    f"{base} (TTFT, 1 client)",
+                    f"{what}: time to first token p50",
+                    "ms",
+                    "llmcore",
+                    runs,
+                    s(1, "ttft_p50_ms"),
+                )
+                add(
+                    f"{base} (TTFT p50, 8 clients)",
+                    f"{what}: time to first token p50",
+                    "ms",
+                    "llmcore",
+                    runs,
+                    s(8, "ttft_p50_ms"),
+                )
+                add(
+                    f"{base} (TTFT p95, 8 clients)",
+                    f"{what}: time to first token p95",
+                    "ms",
+                    "llmcore",
+                    runs,
+                    s(8, "ttft_p95_ms"),
+                )
 
     import torch
 
@@ -510,11 +588,20 @@ def run_benchmarks(plan: Plan, workloads: tuple[str, ...] = WORKLOADS, log=print
         with contextlib.suppress(ImportError):
             versions[module] = __import__(module).__version__
     report["meta"] = {
-        "quick": plan.quick, "plan": asdict(plan), "workloads": list(workloads), "cpu": _cpu_name(),
-        "cpu_count": os.cpu_count(), "available_cpus": available_cpus(), "versions": versions,
-        "outer_env": omp_env(ORIGINAL_ENV), "hog_pids": hog_pids, "hog_settle_s": HOG_SETTLE_S,
-        "loadavg_before": load_before, "loadavg_after": os.getloadavg(), "seconds": time.perf_counter() - started,
-    }  # fmt: skip
+        "quick": plan.quick,
+        "plan": asdict(plan),
+        "workloads": list(workloads),
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "available_cpus": available_cpus(),
+        "versions": versions,
+        "outer_env": omp_env(ORIGINAL_ENV),
+        "hog_pids": hog_pids,
+        "hog_settle_s": HOG_SETTLE_S,
+        "loadavg_before": load_before,
+        "loadavg_after": os.getloadavg(),
+        "seconds": time.perf_counter() - started,
+    }
     report["ratios"] = peer_ratios(report)
     report["targets"] = targets(report)
     return report
@@ -560,8 +647,11 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
         goal = 0.7 if "gpt2-124m" in key else 0.3
         if "llama.cpp-same-threads" in ratio:
             for state in ("idle", "busy"):
-                add(f"{key}: llmcore / llama.cpp f32 at llmcore's threads ({state})",
-                    ratio["llama.cpp-same-threads"][state], goal)  # fmt: skip
+                add(
+                    f"{key}: llmcore / llama.cpp f32 at llmcore's threads ({state})",
+                    ratio["llama.cpp-same-threads"][state],
+                    goal,
+                )
     for shape in dict.fromkeys(k.split()[1] for k in w if k.startswith("serve")):  # in run order
         one, eight = ours(f"serve {shape} (1 client)"), ours(f"serve {shape} (8 clients)")
         ttft1, p95 = ours(f"serve {shape} (TTFT, 1 client)"), ours(f"serve {shape} (TTFT p95, 8 clients)")
@@ -569,8 +659,12 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
             if state in one and state in eight:
                 add(f"serve {shape}: 8 streams / 1 stream tokens/s ({state})", eight[state] / one[state], 3.0)
             if state in ttft1 and state in p95:
-                add(f"serve {shape}: TTFT p95 at 8 simultaneous / one request's TTFT ({state})",
-                    p95[state] / ttft1[state], 3.0, at_most=True)  # fmt: skip
+                add(
+                    f"serve {shape}: TTFT p95 at 8 simultaneous / one request's TTFT ({state})",
+                    p95[state] / ttft1[state],
+                    3.0,
+                    at_most=True,
+                )
     return rows
 
 
@@ -615,9 +709,13 @@ def format_table(report: dict[str, Any]) -> str:
             else:
                 cells += [_num(r["idle"]), _num(r["busy"]), _num(r["busy_over_idle"], "ratio")]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "## Threads and environment of each run (idle / busy)", "",
-              "| workload | implementation | threads | GOMP_SPINCOUNT | OMP_NUM_THREADS |",
-              "|---|---|---|---|---|"]  # fmt: skip
+    lines += [
+        "",
+        "## Threads and environment of each run (idle / busy)",
+        "",
+        "| workload | implementation | threads | GOMP_SPINCOUNT | OMP_NUM_THREADS |",
+        "|---|---|---|---|---|",
+    ]
     seen = set()
     for key, row in report["workloads"].items():
         for impl, r in row["impls"].items():
@@ -635,8 +733,9 @@ def format_table(report: dict[str, Any]) -> str:
     lines += ["", "## Targets (reported, not asserted)", "", "| target | measured | goal | met |", "|---|---:|---|---|"]
     for t in report["targets"]:
         met = "n/a" if t["met"] is None else ("yes" if t["met"] else "NO")
-        lines.append(f"| {t['what']} | {_num(t['value'], 'ratio')} | {'<=' if t['at_most'] else '>='} {t['goal']} "
-                     f"| {met} |")  # fmt: skip
+        lines.append(
+            f"| {t['what']} | {_num(t['value'], 'ratio')} | {'<=' if t['at_most'] else '>='} {t['goal']} | {met} |"
+        )
     if report["skipped"]:
         lines += ["", "Skipped: " + "; ".join(f"{k}: {v}" for k, v in report["skipped"].items())]
     return "\n".join(lines)

@@ -90,12 +90,14 @@ def generate_rates(model: GPT, batch: int, new: int, reps: int) -> dict[str, Any
     decoder = static_decode.decoder_for(model, "always")
     n = batch * new
     return {
-        "eager_tok_s": n / eager_s, "compiled_tok_s": n / compiled_s, "speedup": eager_s / compiled_s,
-        "first_compiled_call_s": first_s, "compiled": decoder is not None and decoder.ready(batch, width_for(
-            PROMPT + new, model.cfg.context_length)),
+        "eager_tok_s": n / eager_s,
+        "compiled_tok_s": n / compiled_s,
+        "speedup": eager_s / compiled_s,
+        "first_compiled_call_s": first_s,
+        "compiled": decoder is not None and decoder.ready(batch, width_for(PROMPT + new, model.cfg.context_length)),
         "tokens_equal": first_difference(eager_tokens, compiled_tokens) is None,
         "first_difference": first_difference(eager_tokens, compiled_tokens),
-    }  # fmt: skip
+    }
 
 
 def llama_cpp_rate(model: GPT, new: int, threads: int, reps: int) -> dict[str, Any] | None:
@@ -115,8 +117,14 @@ def llama_cpp_rate(model: GPT, new: int, threads: int, reps: int) -> dict[str, A
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.gguf"
         write_gguf(path, model, tok, precision="f32")
-        llm = llama_cpp.Llama(model_path=str(path), n_ctx=model.cfg.context_length, n_batch=PROMPT, n_threads=threads,
-                              n_threads_batch=threads, verbose=False)  # fmt: skip
+        llm = llama_cpp.Llama(
+            model_path=str(path),
+            n_ctx=model.cfg.context_length,
+            n_batch=PROMPT,
+            n_threads=threads,
+            n_threads_batch=threads,
+            verbose=False,
+        )
         memory = llama_cpp.llama_get_memory(llm.ctx)
         prompt_arr = (llama_cpp.llama_token * PROMPT)(*prompt)
         one = (llama_cpp.llama_token * 1)()
@@ -204,19 +212,32 @@ def option_rates(model: GPT, batch: int, new: int, reps: int, log=print) -> dict
             runs[name] = (decoder, "steps", compile_s, tokens == reference)
         for variant in LOOP_VARIANTS:
             decoder = runs["library"][0]
-            runs[f"library, {variant}"] = (decoder, variant, 0.0,
-                                           greedy_loop(model, decoder, batch, new, variant) == reference)  # fmt: skip
+            runs[f"library, {variant}"] = (
+                decoder,
+                variant,
+                0.0,
+                greedy_loop(model, decoder, batch, new, variant) == reference,
+            )
         best = {name: float("inf") for name in runs}
         for _ in range(reps):
             for name, (decoder, variant, _, _) in runs.items():
                 start = time.perf_counter()
                 greedy_loop(model, decoder, batch, new, variant)
                 best[name] = min(best[name], time.perf_counter() - start)
-    rows = {name: {"tok_s": batch * new / best[name], "vs_plain": best["plain"] / best[name],
-                   "compile_s": runs[name][2], "tokens_equal": runs[name][3]} for name in runs}  # fmt: skip
+    rows = {
+        name: {
+            "tok_s": batch * new / best[name],
+            "vs_plain": best["plain"] / best[name],
+            "compile_s": runs[name][2],
+            "tokens_equal": runs[name][3],
+        }
+        for name in runs
+    }
     for name, row in rows.items():
-        log(f"  {name:32s} {row['tok_s']:8.0f} tok/s  {row['vs_plain']:.2f}x plain  (compile {row['compile_s']:.1f} s"
-            f"{'' if row['tokens_equal'] else ', TOKENS DIFFER'})")  # fmt: skip
+        log(
+            f"  {name:32s} {row['tok_s']:8.0f} tok/s  {row['vs_plain']:.2f}x plain  (compile {row['compile_s']:.1f} s"
+            f"{'' if row['tokens_equal'] else ', TOKENS DIFFER'})"
+        )
     return rows
 
 
@@ -233,8 +254,9 @@ def batch_shape_rates(model: GPT, rows: int, steps: int, reps: int, log=print) -
         for r, prompt in enumerate(prompts_for(model, rows)):
             model(torch.tensor([prompt]), cache=cache.rows(r, r + 1))
         library = StaticDecoder(model, options=LIBRARY)
-        static = torch.compile(static_decode._own_copy(static_decode._decode_step), fullgraph=True, dynamic=False,
-                               options=LIBRARY)  # fmt: skip
+        static = torch.compile(
+            static_decode._own_copy(static_decode._decode_step), fullgraph=True, dynamic=False, options=LIBRARY
+        )
         start = torch.zeros(rows, dtype=torch.long)
         ids = torch.zeros(rows, 1, dtype=torch.long)
 
@@ -294,26 +316,43 @@ def compile_seconds(preset: str, batch: int, threads: int, quick: bool, cache_di
     env = dict(os.environ)
     if cache_dir is not None:
         env["TORCHINDUCTOR_CACHE_DIR"] = cache_dir
-    code = ("import json, benchmarks.compiled_decode as b; "
-            f"print(json.dumps(b.compile_once({preset!r}, {batch}, {threads}, {quick})))")  # fmt: skip
-    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO_ROOT, capture_output=True, text=True,
-                         check=True)  # fmt: skip
+    code = (
+        "import json, benchmarks.compiled_decode as b; "
+        f"print(json.dumps(b.compile_once({preset!r}, {batch}, {threads}, {quick})))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=REPO_ROOT, capture_output=True, text=True, check=True
+    )
     return float(out.stdout.strip().splitlines()[-1])
 
 
 # -- the run -----------------------------------------------------------------------------------------------------
 
 
-def run(presets: list[str], batches: list[int], threads: list[int], new: dict[str, int], reps: int, quick: bool,
-        llama: bool, log=print) -> list[dict[str, Any]]:  # fmt: skip
+def run(
+    presets: list[str],
+    batches: list[int],
+    threads: list[int],
+    new: dict[str, int],
+    reps: int,
+    quick: bool,
+    llama: bool,
+    log=print,
+) -> list[dict[str, Any]]:
     rows = []
     for preset in presets:
         model = make_model(preset, quick)
         for t in threads:
             torch.set_num_threads(t)
             for batch in batches:
-                row = {"preset": preset, "params": model.num_params(), "threads": t, "batch": batch,
-                       "new": new[preset], **generate_rates(model, batch, new[preset], reps)}  # fmt: skip
+                row = {
+                    "preset": preset,
+                    "params": model.num_params(),
+                    "threads": t,
+                    "batch": batch,
+                    "new": new[preset],
+                    **generate_rates(model, batch, new[preset], reps),
+                }
                 if llama and batch == 1:
                     row["llama_cpp_f32"] = llama_cpp_rate(model, new[preset], t, reps)
                     if row["llama_cpp_f32"]:
@@ -322,11 +361,18 @@ def run(presets: list[str], batches: list[int], threads: list[int], new: dict[st
                 rows.append(row)
                 cpp = row.get("llama_cpp_f32")
                 same = "equal" if row["tokens_equal"] else f"differ at step {row['first_difference']}"
-                log(f"{preset} batch {batch} threads {t}: generate eager {row['eager_tok_s']:.0f} tok/s, compiled "
+                log(
+                    f"{preset} batch {batch} threads {t}: generate eager {row['eager_tok_s']:.0f} tok/s, compiled "
                     f"{row['compiled_tok_s']:.0f} tok/s ({row['speedup']:.2f}x; first call "
                     f"{row['first_compiled_call_s']:.1f} s; tokens {same})"
-                    + (f"; llama.cpp f32 {cpp['tok_s']:.0f} tok/s: compiled/llama.cpp "
-                       f"{row['compiled_vs_llama_cpp']:.2f}x" if cpp else ""), flush=True)  # fmt: skip
+                    + (
+                        f"; llama.cpp f32 {cpp['tok_s']:.0f} tok/s: compiled/llama.cpp "
+                        f"{row['compiled_vs_llama_cpp']:.2f}x"
+                        if cpp
+                        else ""
+                    ),
+                    flush=True,
+                )
     return rows
 
 
@@ -351,8 +397,12 @@ def main(argv: list[str] | None = None) -> int:
     new = {p: args.new if "tiny" in p else max(args.new // 2, 1) for p in presets}
     if args.quick:
         presets, batches, threads, new, args.reps = ["gpt2-tiny"], [1, 3], [1], {"gpt2-tiny": 8}, 1
-    report: dict[str, Any] = {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-                              "prompt": PROMPT, "load_average_start": os.getloadavg()}  # fmt: skip
+    report: dict[str, Any] = {
+        "torch": torch.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "prompt": PROMPT,
+        "load_average_start": os.getloadavg(),
+    }
     if args.compile_time:
         with tempfile.TemporaryDirectory() as cold_dir:
             report["compile_s"] = {}
@@ -360,8 +410,10 @@ def main(argv: list[str] | None = None) -> int:
                 cold = compile_seconds(preset, 1, threads[0], args.quick, cold_dir)
                 warm = compile_seconds(preset, 1, threads[0], args.quick, cold_dir)  # the cache the cold run filled
                 report["compile_s"][preset] = {"cold": cold, "warm": warm}
-                print(f"{preset}: compile (batch 1, {threads[0]} thread) cold {cold:.1f} s, warm cache {warm:.1f} s",
-                      flush=True)  # fmt: skip
+                print(
+                    f"{preset}: compile (batch 1, {threads[0]} thread) cold {cold:.1f} s, warm cache {warm:.1f} s",
+                    flush=True,
+                )
     elif args.batch_shapes:
         report["batch_shapes"] = {}
         for t in threads:
@@ -369,7 +421,8 @@ def main(argv: list[str] | None = None) -> int:
             for preset in presets:
                 print(f"{preset}, {t} thread(s): per decode step, 1 and {max(batches)} streams", flush=True)
                 report["batch_shapes"][f"{preset}-threads{t}"] = batch_shape_rates(
-                    make_model(preset, args.quick), max(batches), min(new[preset], 32), args.reps)
+                    make_model(preset, args.quick), max(batches), min(new[preset], 32), args.reps
+                )
     elif args.options:
         model = make_model(presets[0], args.quick)
         report["options"] = {}
@@ -377,8 +430,7 @@ def main(argv: list[str] | None = None) -> int:
             torch.set_num_threads(t)
             for batch in batches:
                 print(f"{presets[0]} batch {batch}, {t} thread(s): the bare greedy loop, each option", flush=True)
-                report["options"][f"batch{batch}-threads{t}"] = option_rates(model, batch, new[presets[0]],
-                                                                            args.reps)  # fmt: skip
+                report["options"][f"batch{batch}-threads{t}"] = option_rates(model, batch, new[presets[0]], args.reps)
     else:
         report["generate"] = run(presets, batches, threads, new, args.reps, args.quick, not args.no_llama_cpp)
     report["load_average_end"] = os.getloadavg()

@@ -41,8 +41,10 @@ from llmcore.common import write_json_atomic
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # ../shared beside the checkout (a worktree one level deeper finds it one level up)
-MIRROR = next((p / "shared" / "data" / "mirror" for p in REPO_ROOT.parents[:2] if (p / "shared").is_dir()),
-              REPO_ROOT.parent / "shared" / "data" / "mirror")  # fmt: skip
+MIRROR = next(
+    (p / "shared" / "data" / "mirror" for p in REPO_ROOT.parents[:2] if (p / "shared").is_dir()),
+    REPO_ROOT.parent / "shared" / "data" / "mirror",
+)
 SHAKESPEARE = MIRROR / "raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 GPT2_BPE = MIRROR / "openaipublic.blob.core.windows.net/gpt-2/encodings/main"
 
@@ -86,8 +88,16 @@ def tokenize_once(paths: list[Path], workers: int, tmp: Path) -> tuple[float, di
     splits = {"train": [Source(str(p), path=p) for p in paths[:-1]], "val": [Source(str(paths[-1]), path=paths[-1])]}
     tok = gpt2_tokenizer()
     with stopwatch() as clock:
-        meta = tokenize_to_shards(splits, tok, tmp / "out", tmp / "work", shard_tokens=10_000_000,
-                                  workers=workers, progress_bar=False, log=lambda _: None)  # fmt: skip
+        meta = tokenize_to_shards(
+            splits,
+            tok,
+            tmp / "out",
+            tmp / "work",
+            shard_tokens=10_000_000,
+            workers=workers,
+            progress_bar=False,
+            log=lambda _: None,
+        )
     return clock.seconds, meta
 
 
@@ -101,8 +111,13 @@ def tiktoken_gpt2():
 
     os.environ["TIKTOKEN_CACHE_DIR"] = ""
     ranks = data_gym_to_mergeable_bpe_ranks(str(GPT2_BPE / "vocab.bpe"), str(GPT2_BPE / "encoder.json"))
-    return tiktoken.Encoding("gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
-                             special_tokens={"<|endoftext|>": 50256}, explicit_n_vocab=50257)  # fmt: skip
+    return tiktoken.Encoding(
+        "gpt2",
+        pat_str=r50k_pat_str,
+        mergeable_ranks=ranks,
+        special_tokens={"<|endoftext|>": 50256},
+        explicit_n_vocab=50257,
+    )
 
 
 def job_encode(mb: float, reps: int) -> dict[str, Any]:
@@ -124,15 +139,19 @@ def job_encode(mb: float, reps: int) -> dict[str, Any]:
             timed = repeat(encode, reps, warmup=0)
             ids = encoded[-1]
             out[f"tiktoken encode_ordinary_batch, {workers} thread(s)"] = {
-                "wall_s": timed.wall_s, "mb_per_s": n_bytes / 1e6 / timed.median}
+                "wall_s": timed.wall_s,
+                "mb_per_s": n_bytes / 1e6 / timed.median,
+            }
         # the same tokens: the shards hold tiktoken's ids, one end-of-text between the documents of a split
         n_val = len(np.array_split(np.arange(len(docs)), 4)[-1])
         expected = []
         for part in (ids[: len(docs) - n_val], ids[len(docs) - n_val :]):
             expected += [np.asarray(sum(([50256, *d] for d in part), [])[1:], dtype=np.uint16)]
         out_dir = Path(tmp) / f"run2_{reps - 1}" / "out"
-        got = [np.concatenate([np.fromfile(out_dir / e["file"], dtype=np.uint16) for e in meta["splits"][split]])
-               for split in ("train", "val")]  # fmt: skip
+        got = [
+            np.concatenate([np.fromfile(out_dir / e["file"], dtype=np.uint16) for e in meta["splits"][split]])
+            for split in ("train", "val")
+        ]
         out["tokens"] = meta["train_tokens"] + meta["val_tokens"]
         out["same_tokens_as_tiktoken"] = all(np.array_equal(a, b) for a, b in zip(got, expected, strict=True))
     ours = {w: out[f"llmcore shards, {w} worker(s)"]["mb_per_s"] for w in (1, 2)}
@@ -169,8 +188,11 @@ def job_rss(mb: float) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "corpus"
         # generating the corpus holds it in memory; do it in another process so this one's peak is the tokenizer's
-        subprocess.run([sys.executable, "-m", "benchmarks.data", "--worker", "corpus", "--mb", str(mb), "--dir",
-                        str(folder)], check=True, cwd=REPO_ROOT)  # fmt: skip
+        subprocess.run(
+            [sys.executable, "-m", "benchmarks.data", "--worker", "corpus", "--mb", str(mb), "--dir", str(folder)],
+            check=True,
+            cwd=REPO_ROOT,
+        )
         paths = sorted(folder.glob("*.parquet"))
         corpus_mb = sum(p.stat().st_size for p in paths) / 1e6
         peaks: dict[int, int] = {}
@@ -187,10 +209,15 @@ def job_rss(mb: float) -> dict[str, Any]:
         done.set()
         sampler.join()
     text_mb = sum(meta["bytes"].values()) / 1e6
-    return {"text_mb": text_mb, "parquet_mb": corpus_mb, "tokens": meta["train_tokens"] + meta["val_tokens"],
-            "wall_s": wall, "peak_rss_mb_main": _vm_kb("self", "VmHWM") / 1024,
-            "peak_rss_mb_largest_worker": max(peaks.values(), default=0) / 1024,
-            "peak_rss_mb_all_workers": sum(sorted(peaks.values())[-2:]) / 1024}  # fmt: skip
+    return {
+        "text_mb": text_mb,
+        "parquet_mb": corpus_mb,
+        "tokens": meta["train_tokens"] + meta["val_tokens"],
+        "wall_s": wall,
+        "peak_rss_mb_main": _vm_kb("self", "VmHWM") / 1024,
+        "peak_rss_mb_largest_worker": max(peaks.values(), default=0) / 1024,
+        "peak_rss_mb_all_workers": sum(sorted(peaks.values())[-2:]) / 1024,
+    }
 
 
 def job_loader(steps: int, batches: int = 500) -> dict[str, Any]:
@@ -228,8 +255,12 @@ def job_loader(steps: int, batches: int = 500) -> dict[str, Any]:
         opt.zero_grad(set_to_none=True)
 
     train = B * T / repeat(step, steps, warmup=2).median
-    return {"loader_tokens_per_s": loader, "train_tokens_per_s_1_thread": train, "ratio": loader / train,
-            "batch": [B, T]}  # fmt: skip
+    return {
+        "loader_tokens_per_s": loader,
+        "train_tokens_per_s_1_thread": train,
+        "ratio": loader / train,
+        "batch": [B, T],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -252,8 +283,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"encode: {encode_mb:.0f} MB, 1 and 2 workers vs tiktoken ...", flush=True)
     report["encode"] = job_encode(encode_mb, reps)
     print(f"rss: tokenizing a {rss_mb:.0f} MB corpus with 2 workers (fresh process) ...", flush=True)
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.data", "--worker", "rss", "--mb", str(rss_mb)],
-                          capture_output=True, text=True, cwd=REPO_ROOT)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.data", "--worker", "rss", "--mb", str(rss_mb)],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+    )
     if proc.returncode:
         raise SystemExit(proc.stderr)
     report["rss"] = json.loads(proc.stdout.split("BENCH_RESULT ", 1)[1])
@@ -269,15 +304,21 @@ def format_table(r: dict[str, Any]) -> str:
     e, m, ld = r["encode"], r["rss"], r["loader"]
     rows = ["| measurement | figure | target |", "|---|---|---|"]
     for w in (1, 2):
-        rows.append(f"| encode, {w} worker(s): llmcore shards / tiktoken batch | "
-                    f"{e[f'llmcore shards, {w} worker(s)']['mb_per_s']:.2f} / "
-                    f"{e[f'tiktoken encode_ordinary_batch, {w} thread(s)']['mb_per_s']:.2f} MB/s "
-                    f"({e[f'ratio_vs_tiktoken_{w}']:.2f}x) | >= 0.8x |")  # fmt: skip
+        rows.append(
+            f"| encode, {w} worker(s): llmcore shards / tiktoken batch | "
+            f"{e[f'llmcore shards, {w} worker(s)']['mb_per_s']:.2f} / "
+            f"{e[f'tiktoken encode_ordinary_batch, {w} thread(s)']['mb_per_s']:.2f} MB/s "
+            f"({e[f'ratio_vs_tiktoken_{w}']:.2f}x) | >= 0.8x |"
+        )
     rows.append(f"| encode scaling 1 -> 2 workers | {e['scaling_1_to_2']:.2f}x | >= 1.7x |")
-    rows.append(f"| peak RSS tokenizing {m['text_mb']:.0f} MB (2 workers): main / largest worker | "
-                f"{m['peak_rss_mb_main']:.0f} / {m['peak_rss_mb_largest_worker']:.0f} MB | <= 500 MB |")  # fmt: skip
-    rows.append(f"| loader vs training (8 x 256) | {ld['loader_tokens_per_s']:,.0f} vs "
-                f"{ld['train_tokens_per_s_1_thread']:,.0f} tokens/s ({ld['ratio']:.0f}x) | >= 50x |")  # fmt: skip
+    rows.append(
+        f"| peak RSS tokenizing {m['text_mb']:.0f} MB (2 workers): main / largest worker | "
+        f"{m['peak_rss_mb_main']:.0f} / {m['peak_rss_mb_largest_worker']:.0f} MB | <= 500 MB |"
+    )
+    rows.append(
+        f"| loader vs training (8 x 256) | {ld['loader_tokens_per_s']:,.0f} vs "
+        f"{ld['train_tokens_per_s_1_thread']:,.0f} tokens/s ({ld['ratio']:.0f}x) | >= 50x |"
+    )
     return "\n".join(rows)
 
 

@@ -80,8 +80,11 @@ def run(preset: str, batch: int, reps: int, context: int, threads: int | None) -
 
     model.train()
     results = {}
-    for name, fn, b in (("instruct", lm_loss, lm_batch), ("dpo (cached ref)", dpo, dpo_batch),
-                        ("dpo (live ref)", live_ref, dpo_batch)):  # fmt: skip
+    for name, fn, b in (
+        ("instruct", lm_loss, lm_batch),
+        ("dpo (cached ref)", dpo, dpo_batch),
+        ("dpo (live ref)", live_ref, dpo_batch),
+    ):
         results[name] = batch / time_steps(lambda fn=fn, b=b: step(fn, b), reps)
     return results
 

@@ -44,8 +44,11 @@ def run(quick: bool, threads: int, new_tokens: int, reps: int, mirror: Path = MI
     torch.manual_seed(0)
     model = GPT(cfg).eval()
     prompt = tok.encode(prompt_text)[:20]
-    report: dict = {"model": f"{'tiny' if quick else 'gpt2-124m'} ({model.num_params():,} parameters)",
-                    "threads": threads, "export": {}}  # fmt: skip
+    report: dict = {
+        "model": f"{'tiny' if quick else 'gpt2-124m'} ({model.num_params():,} parameters)",
+        "threads": threads,
+        "export": {},
+    }
     with tempfile.TemporaryDirectory() as tmp:
         for precision in PRECISIONS:
             path = Path(tmp) / f"{precision}.gguf"
@@ -57,8 +60,13 @@ def run(quick: bool, threads: int, new_tokens: int, reps: int, mirror: Path = MI
 
         import llama_cpp
 
-        llm = llama_cpp.Llama(model_path=str(Path(tmp) / "q8_0.gguf"), n_ctx=len(prompt) + new_tokens + 1,
-                              n_threads=threads, n_threads_batch=threads, verbose=False)  # fmt: skip
+        llm = llama_cpp.Llama(
+            model_path=str(Path(tmp) / "q8_0.gguf"),
+            n_ctx=len(prompt) + new_tokens + 1,
+            n_threads=threads,
+            n_threads_batch=threads,
+            verbose=False,
+        )
 
         def llama_generate() -> list[int]:
             llm.reset()
@@ -77,14 +85,18 @@ def run(quick: bool, threads: int, new_tokens: int, reps: int, mirror: Path = MI
         llama_s = repeat(llama_generate, reps, warmup=1).median
         ours_s = repeat(llmcore_generate, reps, warmup=1).median
     report["generate"] = {
-        "prompt_tokens": len(prompt), "new_tokens": new_tokens,
-        "llama_cpp_q8_0_tok_s": round(new_tokens / llama_s, 1), "llmcore_fp32_tok_s": round(new_tokens / ours_s, 1),
-    }  # fmt: skip
+        "prompt_tokens": len(prompt),
+        "new_tokens": new_tokens,
+        "llama_cpp_q8_0_tok_s": round(new_tokens / llama_s, 1),
+        "llmcore_fp32_tok_s": round(new_tokens / ours_s, 1),
+    }
     report["generate"]["ratio"] = round(ours_s / llama_s, 2)
     g = report["generate"]
-    print(f"generate {len(prompt)} -> +{new_tokens} greedy tokens, batch 1, {threads} threads: llama.cpp q8_0 "
-          f"{g['llama_cpp_q8_0_tok_s']} tok/s, llmcore fp32 {g['llmcore_fp32_tok_s']} tok/s: "
-          f"llama.cpp is {g['ratio']}x llmcore")  # fmt: skip
+    print(
+        f"generate {len(prompt)} -> +{new_tokens} greedy tokens, batch 1, {threads} threads: llama.cpp q8_0 "
+        f"{g['llama_cpp_q8_0_tok_s']} tok/s, llmcore fp32 {g['llmcore_fp32_tok_s']} tok/s: "
+        f"llama.cpp is {g['ratio']}x llmcore"
+    )
     return report
 
 
@@ -97,8 +109,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path("reports/bench_gguf.json"))
     ap.add_argument("--mirror", type=Path, default=MIRROR, help="offline mirror with GPT-2's BPE and TinyShakespeare")
     args = ap.parse_args(argv)
-    report = run(args.quick, args.threads, args.new_tokens or (10 if args.quick else 100),
-                 args.reps or (1 if args.quick else 3), args.mirror)  # fmt: skip
+    report = run(
+        args.quick,
+        args.threads,
+        args.new_tokens or (10 if args.quick else 100),
+        args.reps or (1 if args.quick else 3),
+        args.mirror,
+    )
     write_json_atomic(args.out, report)
     print(f"wrote {args.out}")
     return 0

@@ -60,9 +60,21 @@ MEMORY_FRACTION = 0.85  # of the device's memory that the chosen batch's (eager)
 # name -> (preset, overrides, context): the shapes the issue names
 SHAPES: dict[str, tuple[str, dict[str, Any], int]] = {
     "gpt2-124m": ("gpt2-124m", {"pad_vocab_multiple": 64}, 1024),
-    "llama-d12": ("llama3-tiny", dict(n_layers=12, emb_dim=768, n_heads=6, n_kv_heads=6, hidden_dim=3072,
-                                      vocab_size=65536, context_length=2048, rope_theta=10000.0), 2048),
-}  # fmt: skip
+    "llama-d12": (
+        "llama3-tiny",
+        dict(
+            n_layers=12,
+            emb_dim=768,
+            n_heads=6,
+            n_kv_heads=6,
+            hidden_dim=3072,
+            vocab_size=65536,
+            context_length=2048,
+            rope_theta=10000.0,
+        ),
+        2048,
+    ),
+}
 SMOKE_SHAPES: dict[str, tuple[str, dict[str, Any], int]] = {
     "gpt2-tiny": ("gpt2-tiny", {"vocab_size": 250, "pad_vocab_multiple": 64, "n_layers": 2}, 32),
     "llama-tiny": ("llama3-tiny", {"vocab_size": 256, "n_layers": 2}, 32),
@@ -190,8 +202,9 @@ def pick_batch(cfg: ModelConfig, device: torch.device, forced: int | None = None
     return batch, f"{per_row / 2**30:.2f} GiB per sequence (eager step), {fixed / 2**30:.1f} GiB fixed"
 
 
-def train_run(name: str, cfg: ModelConfig, batch: int, device: torch.device, steps: int, compile: bool,
-              head_loss: str = "auto") -> tuple[dict[str, Any], GPT]:  # fmt: skip
+def train_run(
+    name: str, cfg: ModelConfig, batch: int, device: torch.device, steps: int, compile: bool, head_loss: str = "auto"
+) -> tuple[dict[str, Any], GPT]:
     """Warm-up steps (compile, autotuning) in a first ``fit``, then ``steps`` timed ones in a second (the same
     model object, so the compiled graphs are reused). Returns the figures and the trained model."""
     T = cfg.context_length
@@ -204,8 +217,16 @@ def train_run(name: str, cfg: ModelConfig, batch: int, device: torch.device, ste
     val = RandomWindows(tokens, batch, T, seed=2, pin_memory=pin)
     warm = 10 if device.type == "cuda" else 2
     precision = "bf16"
-    tc = dict(batch_size=batch, lr=6e-4, min_lr=6e-5, warmup_steps=warm, eval_every=10**6, checkpoint_every=10**6,
-              eval_batches=1, log_every=10**6)  # fmt: skip
+    tc = dict(
+        batch_size=batch,
+        lr=6e-4,
+        min_lr=6e-5,
+        warmup_steps=warm,
+        eval_every=10**6,
+        checkpoint_every=10**6,
+        eval_batches=1,
+        log_every=10**6,
+    )
     hw = HardwareConfig(device=device.type, precision=precision, compile=compile, head_loss=head_loss)
     _free(device)
     with tempfile.TemporaryDirectory() as tmp:
@@ -216,13 +237,25 @@ def train_run(name: str, cfg: ModelConfig, batch: int, device: torch.device, ste
         wall = time.perf_counter() - start
     flops = cfg.flops_per_token(T)
     return {
-        "name": name, "params": cfg.num_params(), "vocab_size": cfg.vocab_size,
-        "pad_vocab_multiple": cfg.pad_vocab_multiple, "head_loss": model.head_loss, "batch": batch, "context": T,
-        "precision": precision, "compile": compile, "steps": result.step, "tokens": result.items_seen,
-        "tokens_per_s": result.items_per_s, "flops_per_token": flops, "model_tflops": flops * result.items_per_s / 1e12,
-        "final_loss": result.train_loss, "warmup_loss": first.train_loss, "wall_s": wall,
+        "name": name,
+        "params": cfg.num_params(),
+        "vocab_size": cfg.vocab_size,
+        "pad_vocab_multiple": cfg.pad_vocab_multiple,
+        "head_loss": model.head_loss,
+        "batch": batch,
+        "context": T,
+        "precision": precision,
+        "compile": compile,
+        "steps": result.step,
+        "tokens": result.items_seen,
+        "tokens_per_s": result.items_per_s,
+        "flops_per_token": flops,
+        "model_tflops": flops * result.items_per_s / 1e12,
+        "final_loss": result.train_loss,
+        "warmup_loss": first.train_loss,
+        "wall_s": wall,
         "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-    }, model  # fmt: skip
+    }, model
 
 
 def add_mfu(row: dict[str, Any], datasheet: float | None, measured: float) -> dict[str, Any]:
@@ -272,10 +305,12 @@ def profile_step(model: GPT, batch: int, device: torch.device, compile: bool, to
     total = sum(us(e) for e in kernels) or 1.0
     ranked = sorted(kernels, key=us, reverse=True)[:top]
     return {
-        "batch": batch, "context": cfg.context_length, "kind": "kernels" if device.type == "cuda" else "cpu ops",
+        "batch": batch,
+        "context": cfg.context_length,
+        "kind": "kernels" if device.type == "cuda" else "cpu ops",
         "step_ms": total / 1e3,
         "top": [{"name": e.key[:160], "calls": e.count, "ms": us(e) / 1e3, "share": us(e) / total} for e in ranked],
-    }  # fmt: skip
+    }
 
 
 def decode_run(cfg: ModelConfig, device: torch.device, precision: str, batch: int, new_tokens: int) -> dict:
@@ -294,8 +329,14 @@ def decode_run(cfg: ModelConfig, device: torch.device, precision: str, batch: in
     made = sum(len(o) for o in out)
     del model
     _free(device)
-    return {"mode": "generate", "precision": precision, "batch": batch, "new_tokens": made // batch,
-            "tokens_per_s": made / dt, "steps_per_s": (made / batch) / dt}  # fmt: skip
+    return {
+        "mode": "generate",
+        "precision": precision,
+        "batch": batch,
+        "new_tokens": made // batch,
+        "tokens_per_s": made / dt,
+        "steps_per_s": (made / batch) / dt,
+    }
 
 
 def cuda_graph_decode(cfg: ModelConfig, device: torch.device, batch: int, new_tokens: int) -> dict:
@@ -303,16 +344,22 @@ def cuda_graph_decode(cfg: ModelConfig, device: torch.device, batch: int, new_to
     (``torch.compile(mode="reduce-overhead")``), timed like ``decode_run`` after checking its greedy tokens
     against ``generate``'s. llmcore offers no such path yet, so this reports it as skipped; when it does, call it
     here and return the same keys as ``decode_run`` with ``"mode": "cuda-graph"``."""
-    return {"mode": "cuda-graph", "batch": batch, "skipped": "llmcore has no compiled decode path yet (hook: "
-            "benchmarks/gpu.py cuda_graph_decode)"}  # fmt: skip
+    return {
+        "mode": "cuda-graph",
+        "batch": batch,
+        "skipped": "llmcore has no compiled decode path yet (hook: benchmarks/gpu.py cuda_graph_decode)",
+    }
 
 
 def run_tests() -> dict:
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_cuda.py"]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT)
     lines = proc.stdout.strip().splitlines()
-    return {"returncode": proc.returncode, "summary": lines[-1:] if lines else [],
-            "output": proc.stdout[-3000:] if proc.returncode else ""}  # fmt: skip
+    return {
+        "returncode": proc.returncode,
+        "summary": lines[-1:] if lines else [],
+        "output": proc.stdout[-3000:] if proc.returncode else "",
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -339,19 +386,34 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_float32_matmul_precision("high")  # as the training runtime does on CUDA
     shapes, compile = (SHAPES, True) if cuda else (SMOKE_SHAPES, False)
     steps = args.steps if cuda else 2
-    report = Report(out, {
-        "device": name, "torch": torch.__version__, "smoke": not cuda, "budget_s": budget.total_s,
-        "datasheet_bf16_tflops": sheet, "datasheet": sheet_what, "train": [], "decode": [], "skipped": [],
-    }, budget)  # fmt: skip
+    report = Report(
+        out,
+        {
+            "device": name,
+            "torch": torch.__version__,
+            "smoke": not cuda,
+            "budget_s": budget.total_s,
+            "datasheet_bf16_tflops": sheet,
+            "datasheet": sheet_what,
+            "train": [],
+            "decode": [],
+            "skipped": [],
+        },
+        budget,
+    )
     done = watchdog(report, budget) if cuda else None  # the CPU smoke run (also inside pytest) is never killed
-    print(f"device: {name}; datasheet dense bf16 peak: {sheet if sheet else 'unknown'} TFLOP/s ({sheet_what}); "
-          f"budget {budget.total_s:.0f} s", flush=True)  # fmt: skip
+    print(
+        f"device: {name}; datasheet dense bf16 peak: {sheet if sheet else 'unknown'} TFLOP/s ({sheet_what}); "
+        f"budget {budget.total_s:.0f} s",
+        flush=True,
+    )
 
     def section(label: str, needs_s: float, fn: Callable[[], Any]) -> Any:
         """Run ``fn`` if at least ``needs_s`` seconds are left; record a skip or an error, write the report."""
         if budget.left() < (needs_s if cuda else 0):
-            report.data["skipped"].append({"section": label, "reason": f"budget: {budget.left():.0f} s left, "
-                                                                       f"needs ~{needs_s:.0f} s"})  # fmt: skip
+            report.data["skipped"].append(
+                {"section": label, "reason": f"budget: {budget.left():.0f} s left, needs ~{needs_s:.0f} s"}
+            )
             print(f"skipped {label}: budget", flush=True)
             return None
         print(f"[{budget.elapsed():5.0f} s] {label}", flush=True)
@@ -365,8 +427,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             report.write()
 
-    peak = section("bf16 matmul peak", 20, lambda: measure_matmul_peak(torch.bfloat16, device,
-                                                                      n=8192 if cuda else 256))  # fmt: skip
+    peak = section("bf16 matmul peak", 20, lambda: measure_matmul_peak(torch.bfloat16, device, n=8192 if cuda else 256))
     peak = peak or math.nan
     report.data["matmul_peak_bf16_tflops"] = peak / 1e12
 
@@ -389,15 +450,20 @@ def main(argv: list[str] | None = None) -> int:
     first, second = list(shapes)
     section(f"train {first}", 150, lambda: train(first, first))
     if first in trained:
-        report.data["profile"] = section(f"profile {first}", 60, lambda: profile_step(
-            trained.pop(first), batches[first], device, compile))  # fmt: skip
+        report.data["profile"] = section(
+            f"profile {first}", 60, lambda: profile_step(trained.pop(first), batches[first], device, compile)
+        )
     trained.clear()
     _free(device)
     for precision in ("fp32", "bf16"):
         for batch in (1, 8):
-            row = section(f"decode {first} {precision} batch {batch}", 25,
-                          lambda p=precision, b=batch: decode_run(model_config(shapes[first]), device, p, b,
-                                                                  args.new_tokens if cuda else 8))  # fmt: skip
+            row = section(
+                f"decode {first} {precision} batch {batch}",
+                25,
+                lambda p=precision, b=batch: decode_run(
+                    model_config(shapes[first]), device, p, b, args.new_tokens if cuda else 8
+                ),
+            )
             if row:
                 report.data["decode"].append(row)
     report.data["decode"].append(cuda_graph_decode(model_config(shapes[first]), device, 1, args.new_tokens))
@@ -410,10 +476,16 @@ def main(argv: list[str] | None = None) -> int:
             hl_shapes, device, reps=10 if cuda else 2, compile=cuda, log=lambda s: print("  " + s, flush=True)
         ),
     )
-    section(f"train {first}, vocabulary not padded", 120,
-            lambda: train(f"{first} (vocabulary not padded)", first, pad_vocab_multiple=None))  # fmt: skip
-    section(f"train {first}, chunked head + loss", 120,
-            lambda: train(f"{first} (chunked head + loss)", first, head_loss="chunked"))  # fmt: skip
+    section(
+        f"train {first}, vocabulary not padded",
+        120,
+        lambda: train(f"{first} (vocabulary not padded)", first, pad_vocab_multiple=None),
+    )
+    section(
+        f"train {first}, chunked head + loss",
+        120,
+        lambda: train(f"{first} (chunked head + loss)", first, head_loss="chunked"),
+    )
     if args.tests:
         report.data["tests"] = section("tests/test_cuda.py", 90, run_tests)
 
@@ -429,8 +501,10 @@ def print_tables(data: dict[str, Any]) -> None:
     def pct(x):
         return f"{x:.1%}" if isinstance(x, float) else "-"
 
-    print(f"\n{data['device']}: datasheet {data['datasheet_bf16_tflops']} TFLOP/s ({data['datasheet']}), measured "
-          f"bf16 matmul {data.get('matmul_peak_bf16_tflops', math.nan):.1f} TFLOP/s")  # fmt: skip
+    print(
+        f"\n{data['device']}: datasheet {data['datasheet_bf16_tflops']} TFLOP/s ({data['datasheet']}), measured "
+        f"bf16 matmul {data.get('matmul_peak_bf16_tflops', math.nan):.1f} TFLOP/s"
+    )
     print("\n| run | batch × ctx | tokens/s | model TFLOP/s | MFU (datasheet) | MFU (measured peak) | peak mem GB |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for r in data["train"]:

@@ -115,18 +115,25 @@ def run(plan: Plan, log=print) -> dict[str, Any]:
         greedy_agree = sum(a[1] == b[1] for a, b in zip(scores["llmcore"], scores["hf"], strict=True))
         context = [len(tok.encode(r.args[0])) for r in requests]
         report = {
-            "plan": asdict(plan), "requests": len(requests), "mean_context_tokens": round(statistics.fmean(context), 1),
+            "plan": asdict(plan),
+            "requests": len(requests),
+            "mean_context_tokens": round(statistics.fmean(context), 1),
             "requests_per_s": {k: round(v, 2) for k, v in rate.items()},
             "seconds": {k: [round(x, 3) for x in v] for k, v in times.items()},
             "ratio_llmcore_vs_hf": round(rate["llmcore"] / rate["hf"], 3),
-            "max_abs_logprob_diff": max(diffs), "greedy_flags_agree": f"{greedy_agree}/{len(requests)}",
-            "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor() or "",
-        }  # fmt: skip
+            "max_abs_logprob_diff": max(diffs),
+            "greedy_flags_agree": f"{greedy_agree}/{len(requests)}",
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "cpu": platform.processor() or "",
+        }
     log(f"lm-eval loglikelihood, {plan.preset}, {len(requests)} HellaSwag-shaped requests, batch {plan.batch_size}:")
     log(f"  llmcore adapter  {rate['llmcore']:8.1f} requests/s")
     log(f"  lm-eval hf       {rate['hf']:8.1f} requests/s")
-    log(f"  ratio            {report['ratio_llmcore_vs_hf']:.2f}x   (max |logprob diff| {max(diffs):.2e}, "
-        f"greedy flags agree {report['greedy_flags_agree']})")  # fmt: skip
+    log(
+        f"  ratio            {report['ratio_llmcore_vs_hf']:.2f}x   (max |logprob diff| {max(diffs):.2e}, "
+        f"greedy flags agree {report['greedy_flags_agree']})"
+    )
     return report
 
 

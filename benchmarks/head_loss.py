@@ -38,8 +38,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(N: int, C: int, V: int, device: torch.device, reps: int = 5, compile: bool = False,
-            vocab_size: int | None = None) -> list[dict]:  # fmt: skip
+def measure(
+    N: int, C: int, V: int, device: torch.device, reps: int = 5, compile: bool = False, vocab_size: int | None = None
+) -> list[dict]:
     """Rows of {impl, precision, ms, peak_mem_gb} for one shape; ``vocab_size`` < V scores only the first rows.
 
     The implementations take turns within each repetition (a busy machine slows them alike); ``ms`` is the
@@ -80,21 +81,42 @@ def measure(N: int, C: int, V: int, device: torch.device, reps: int = 5, compile
                 start = time.perf_counter()
                 step(impl)
                 walls[name].append(time.perf_counter() - start)
-        rows += [{"impl": name, "precision": precision, "ms": statistics.median(walls[name]) * 1e3,
-                  "peak_mem_gb": peaks[name]} for name, _ in impls]  # fmt: skip
+        rows += [
+            {
+                "impl": name,
+                "precision": precision,
+                "ms": statistics.median(walls[name]) * 1e3,
+                "peak_mem_gb": peaks[name],
+            }
+            for name, _ in impls
+        ]
     return rows
 
 
-def run(shapes: list[tuple[str, int, int, int]], device: torch.device, reps: int = 5, compile: bool = False,
-        log: Callable[[str], None] = print) -> list[dict]:  # fmt: skip
+def run(
+    shapes: list[tuple[str, int, int, int]],
+    device: torch.device,
+    reps: int = 5,
+    compile: bool = False,
+    log: Callable[[str], None] = print,
+) -> list[dict]:
     out = []
     for name, N, C, V in shapes:
         real = 50257 if V == 50304 else V
         rows = measure(N, C, V, device, reps, compile, vocab_size=real)
         for r in rows:
             log(f"{name} | {r['impl']} | {r['precision']} | {r['ms']:.1f} ms")
-        out.append({"shape": name, "rows": N, "emb": C, "vocab": V, "scored_vocab": real, "device": str(device),
-                    "results": rows})  # fmt: skip
+        out.append(
+            {
+                "shape": name,
+                "rows": N,
+                "emb": C,
+                "vocab": V,
+                "scored_vocab": real,
+                "device": str(device),
+                "results": rows,
+            }
+        )
     return out
 
 

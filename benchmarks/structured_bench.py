@@ -132,15 +132,20 @@ def run_batch(engine: Engine, prompts: list[list[int]], new: int, grammar: struc
 def bench_case(case: Case, log=print) -> dict[str, Any]:
     tok = load_tokenizer(case.tokenizer, log)
     torch.manual_seed(0)
-    model = GPT(ModelConfig.from_preset(case.preset, **{**case.overrides, "vocab_size": tok.vocab_size},
-                                        dropout=0.0)).eval()  # fmt: skip
+    model = GPT(
+        ModelConfig.from_preset(case.preset, **{**case.overrides, "vocab_size": tok.vocab_size}, dropout=0.0)
+    ).eval()
     began = time.perf_counter()
     grammar = structured.compile_schema(SCHEMA, tok, model.cfg.vocab_size, (tok.eot_id,))
     compile_ms = 1000 * (time.perf_counter() - began)  # the token table (once per tokenizer) and the schema
     engine = Engine(model, tok, max_batch=max(case.clients)).start()
     g = torch.Generator().manual_seed(0)
-    results: dict[str, Any] = {"vocab_size": tok.vocab_size, "tokenizer": tok.name, "params": model.num_params(),
-                               "first_compile_ms": compile_ms}  # fmt: skip
+    results: dict[str, Any] = {
+        "vocab_size": tok.vocab_size,
+        "tokenizer": tok.name,
+        "params": model.num_params(),
+        "first_compile_ms": compile_ms,
+    }
     try:
         run_batch(engine, [[1, 2, 3]], 4, grammar)  # warm-up, both paths
         run_batch(engine, [[1, 2, 3]], 4, None)
@@ -151,18 +156,27 @@ def bench_case(case: Case, log=print) -> dict[str, Any]:
                 for mode in ("plain", "schema"):  # the same prompts, back to back: the machine's load is shared
                     rates[mode].append(run_batch(engine, prompts, case.new, grammar if mode == "schema" else None))
             plain, schema = statistics.median(rates["plain"]), statistics.median(rates["schema"])
-            results[f"streams_{n}"] = {"plain_tokens_per_s": plain, "schema_tokens_per_s": schema,
-                                       "ratio": schema / plain, "runs": rates}  # fmt: skip
-            log(f"  {n} stream(s): {plain:.1f} tokens/s without a schema, {schema:.1f} with one "
-                f"({schema / plain:.2f}x)")
+            results[f"streams_{n}"] = {
+                "plain_tokens_per_s": plain,
+                "schema_tokens_per_s": schema,
+                "ratio": schema / plain,
+                "runs": rates,
+            }
+            log(
+                f"  {n} stream(s): {plain:.1f} tokens/s without a schema, {schema:.1f} with one ({schema / plain:.2f}x)"
+            )
     finally:
         engine.stop()
     return results
 
 
 def run(cases: list[Case], log=print) -> dict[str, Any]:
-    report: dict[str, Any] = {"torch": torch.__version__, "threads": torch.get_num_threads(),
-                              "target_ratio": TARGET_RATIO, "cases": []}  # fmt: skip
+    report: dict[str, Any] = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "target_ratio": TARGET_RATIO,
+        "cases": [],
+    }
     for case in cases:
         log(f"{case.name}: prompt {case.prompt}, {case.new} new tokens per request, tokenizer {case.tokenizer}")
         report["cases"].append({"case": asdict(case), **bench_case(case, log)})
@@ -171,25 +185,31 @@ def run(cases: list[Case], log=print) -> dict[str, Any]:
 
 
 def format_table(report: dict[str, Any]) -> str:
-    rows = ["| model | vocab | streams | without schema tok/s | with schema tok/s | ratio (target >= 0.7x) |",
-            "|---|---|---|---|---|---|"]  # fmt: skip
+    rows = [
+        "| model | vocab | streams | without schema tok/s | with schema tok/s | ratio (target >= 0.7x) |",
+        "|---|---|---|---|---|---|",
+    ]
     for entry in report["cases"]:
         for n in entry["case"]["clients"]:
             r = entry[f"streams_{n}"]
-            rows.append(f"| {entry['case']['name']} | {entry['vocab_size']} | {n} | {r['plain_tokens_per_s']:.0f} | "
-                        f"{r['schema_tokens_per_s']:.0f} | {r['ratio']:.2f}x |")  # fmt: skip
+            rows.append(
+                f"| {entry['case']['name']} | {entry['vocab_size']} | {n} | {r['plain_tokens_per_s']:.0f} | "
+                f"{r['schema_tokens_per_s']:.0f} | {r['ratio']:.2f}x |"
+            )
     return "\n".join(rows)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.structured_bench",
-                                     description=__doc__.split("\n")[0])  # fmt: skip
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.structured_bench", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny shape only (CI smoke)")
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "reports" / "structured_bench.json",
-                        help="report JSON")  # fmt: skip
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "reports" / "structured_bench.json", help="report JSON")
     parser.add_argument("--case", default="", help="run only the cases whose name starts with this (tiny, 124M)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch intra-op threads (default: torch's); 1 is steadier on a busy shared machine")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads (default: torch's); 1 is steadier on a busy shared machine",
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -216,9 +216,11 @@ def _cpu_name() -> str:
 
 
 def write_stage_reports(
-    folder: str | os.PathLike, metrics: dict[str, Any], timing: dict[str, Any] | None = None,
+    folder: str | os.PathLike,
+    metrics: dict[str, Any],
+    timing: dict[str, Any] | None = None,
     facts: dict[str, Any] | None = None,
-) -> None:  # fmt: skip
+) -> None:
     r"""A stage's three report files, each written atomically:
 
     - ``metrics.json``: the headline numbers a user compares across runs (DVC metrics; numbers only);

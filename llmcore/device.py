@@ -15,7 +15,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-
 def resolve_device(device: str = "auto") -> torch.device:
     """Map ``auto|cpu|cuda|mps`` (or ``cuda:N``) to a torch device, failing clearly when unavailable."""
     if device == "auto":
@@ -31,9 +30,7 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 
 def autocast_context(device: torch.device, precision: str):

@@ -79,9 +79,15 @@ class _Retryable(Exception):
 # Exceptions of one attempt that another attempt may not repeat (the socket-level ones come straight from
 # urllib3 and http.client, since the body is read with ``read1``).
 _TRANSIENT = (
-    requests.ConnectionError, requests.Timeout, ChunkedEncodingError, _Retryable, urllib3.exceptions.HTTPError,
-    http.client.HTTPException, ConnectionError, TimeoutError,
-)  # fmt: skip
+    requests.ConnectionError,
+    requests.Timeout,
+    ChunkedEncodingError,
+    _Retryable,
+    urllib3.exceptions.HTTPError,
+    http.client.HTTPException,
+    ConnectionError,
+    TimeoutError,
+)
 
 
 def resolve_url(url: str) -> str:
@@ -127,8 +133,14 @@ def safe_path(root: str | os.PathLike, relative: str, where: str) -> Path:
     """
     root = Path(root)
     parts = relative.split("/")
-    if (not relative or relative.startswith("/") or PureWindowsPath(relative).is_absolute() or "\\" in relative
-            or "\0" in relative or any(p in ("", ".", "..") for p in parts)):  # fmt: skip
+    if (
+        not relative
+        or relative.startswith("/")
+        or PureWindowsPath(relative).is_absolute()
+        or "\\" in relative
+        or "\0" in relative
+        or any(p in ("", ".", "..") for p in parts)
+    ):
         raise LLMCoreError(f"{where}: {relative!r} is not a plain relative path (it would leave {root})")
     target = root.joinpath(*parts)
     if not target.resolve().is_relative_to(root.resolve()):
@@ -201,8 +213,12 @@ def download(
     if dest.is_file():
         if expected is not None and sha256_file(dest) == expected:
             return dest
-        if expected is None and record.get("complete") and record.get("url") == url \
-                and record.get("bytes") == dest.stat().st_size:  # fmt: skip
+        if (
+            expected is None
+            and record.get("complete")
+            and record.get("url") == url
+            and record.get("bytes") == dest.stat().st_size
+        ):
             return dest
     source = resolve_url(url)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -227,8 +243,7 @@ def download(
         os.chmod(t.tmp, 0o666 & ~current_umask())
         os.replace(t.tmp, dest)
         if expected is None:  # what lets a rerun tell this file is complete
-            write_json_atomic(record_path, {"url": url, "bytes": dest.stat().st_size, "etag": t.etag,
-                                            "complete": True})  # fmt: skip
+            write_json_atomic(record_path, {"url": url, "bytes": dest.stat().st_size, "etag": t.etag, "complete": True})
         else:  # the digest says it all
             record_path.unlink(missing_ok=True)
     except BaseException:
@@ -431,8 +446,9 @@ def _record_partial(t: _Transfer, record_path: Path) -> None:
     """Say which partial file holds which version of the URL, so an interrupted run's successor can resume."""
     state = (t.tmp.name, t.etag, t.total)
     if state != t.recorded:
-        write_json_atomic(record_path, {"url": t.url, "partial": t.tmp.name, "etag": t.etag, "bytes": t.total,
-                                        "complete": False})  # fmt: skip
+        write_json_atomic(
+            record_path, {"url": t.url, "partial": t.tmp.name, "etag": t.etag, "bytes": t.total, "complete": False}
+        )
         t.recorded = state
 
 

@@ -155,8 +155,13 @@ def _check_expansion(root: yaml.Node | None) -> None:
         node, children_done = stack.pop()
         if id(node) in sizes:
             continue
-        children = [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else \
-            node.value if isinstance(node, yaml.SequenceNode) else []  # fmt: skip
+        children = (
+            [n for pair in node.value for n in pair]
+            if isinstance(node, yaml.MappingNode)
+            else node.value
+            if isinstance(node, yaml.SequenceNode)
+            else []
+        )
         if children_done:
             open_nodes.discard(id(node))
             sizes[id(node)] = size = 1 + sum(sizes[id(c)] for c in children)

@@ -64,8 +64,18 @@ from llmcore.weights.model_dir import TEMPLATE_KEY, TOKENIZER_FILE, open_model_d
 
 
 def _default_train() -> TrainConfig:
-    return TrainConfig(batch_size=8, lr=1e-4, min_lr=1e-5, warmup_steps=10, epochs=1, eval_every=25,
-                       eval_batches=None, checkpoint_every=50, log_every=5, seed=123)  # fmt: skip
+    return TrainConfig(
+        batch_size=8,
+        lr=1e-4,
+        min_lr=1e-5,
+        warmup_steps=10,
+        epochs=1,
+        eval_every=25,
+        eval_batches=None,
+        checkpoint_every=50,
+        log_every=5,
+        seed=123,
+    )
 
 
 @dataclass
@@ -98,8 +108,16 @@ def _round(x: float, digits: int = 4) -> float | None:
     return round(x, digits) + 0.0 if math.isfinite(x) else None  # JSON has no NaN; + 0.0 turns -0.0 into 0.0
 
 
-def run(cfg: AlignParams, hw: HardwareConfig, pairs_path: Path, test_prompts: Path, models_dir: Path, out: Path,
-          reports: Path, work_dir: Path) -> dict | None:  # fmt: skip
+def run(
+    cfg: AlignParams,
+    hw: HardwareConfig,
+    pairs_path: Path,
+    test_prompts: Path,
+    models_dir: Path,
+    out: Path,
+    reports: Path,
+    work_dir: Path,
+) -> dict | None:
     """DPO from ``data/models/<base_model>`` on the pairs; returns the metrics (None on ranks other than 0)."""
     start = time.perf_counter()
     records = read_json(pairs_path, "run the preferences stage first (python -m stages.preferences)")
@@ -123,8 +141,15 @@ def run(cfg: AlignParams, hw: HardwareConfig, pairs_path: Path, test_prompts: Pa
     if not val_pairs:
         raise LLMCoreError(f"align: every validation pair is longer than {max_length} tokens (raise align.max_length?)")
     B = cfg.train.batch_size
-    train_data = PreferenceBatches(train_pairs, B, tok.eot_id, seed=cfg.train.seed, group_by_length=cfg.group_by_length,
-                                   rank=rt.rank, world_size=rt.world_size)  # fmt: skip
+    train_data = PreferenceBatches(
+        train_pairs,
+        B,
+        tok.eot_id,
+        seed=cfg.train.seed,
+        group_by_length=cfg.group_by_length,
+        rank=rt.rank,
+        world_size=rt.world_size,
+    )
     val_data = PreferenceBatches(val_pairs, B, tok.eot_id, shuffle=False, rank=rt.rank, world_size=rt.world_size)
 
     model.to(rt.device)
@@ -138,17 +163,30 @@ def run(cfg: AlignParams, hw: HardwareConfig, pairs_path: Path, test_prompts: Pa
         apply_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets)
         mark_trainable(model)
     trainable = count_trainable(model)
-    print0(f"{cfg.base_model}: {n_params:,} parameters, {trainable:,} trained ({cfg.finetune}); {len(train_pairs)} "
-           f"train / {len(val_pairs)} val pairs, {len(train_long) + len(val_long)} longer than {max_length} dropped; "
-           f"beta {cfg.beta}")  # fmt: skip
+    print0(
+        f"{cfg.base_model}: {n_params:,} parameters, {trainable:,} trained ({cfg.finetune}); {len(train_pairs)} "
+        f"train / {len(val_pairs)} val pairs, {len(train_long) + len(val_long)} longer than {max_length} dropped; "
+        f"beta {cfg.beta}"
+    )
     fingerprint = {
         "pairs": sha256_file(pairs_path),
         "base": [sha256_file(base.weights), sha256_file(base.path / TOKENIZER_FILE)],
         "align": {k: v for k, v in asdict(cfg).items() if k not in ("train", "generate", "pairs")},
     }
     loss_fn = DPOLoss(cfg.beta, cfg.average_logps)
-    result = fit_logged(model, train_data, val_data, loss_fn, cfg.train, hw, work_dir, rt, reports / "live",
-                        fingerprint=fingerprint, unit="pairs")  # fmt: skip
+    result = fit_logged(
+        model,
+        train_data,
+        val_data,
+        loss_fn,
+        cfg.train,
+        hw,
+        work_dir,
+        rt,
+        reports / "live",
+        fingerprint=fingerprint,
+        unit="pairs",
+    )
     if result is None:  # not rank 0
         return None
     first = _first_eval(reports / "live")
@@ -161,40 +199,67 @@ def run(cfg: AlignParams, hw: HardwareConfig, pairs_path: Path, test_prompts: Pa
     sampling = cfg.generate.sampling()
     sampling.stop_ids = (*sampling.stop_ids, answer_end_id(tok, template))
     with threads_for_inference(hw.threads, model.cfg):
-        answers = generate_responses(model, tok, prompts, sampling, cfg.generate.batch_size,
-                                     cfg.generate.stop_at_section and not chat, chat=chat)  # fmt: skip
+        answers = generate_responses(
+            model, tok, prompts, sampling, cfg.generate.batch_size, cfg.generate.stop_at_section and not chat, chat=chat
+        )
     gen_seconds = time.perf_counter() - gen_start
     responses = [
-        {"id": t.get("id", str(i)), "instruction": t["instruction"], "input": t["input"], "output": t["output"],
-         **({"messages": t["messages"]} if "messages" in t else {}), "model_response": a}
+        {
+            "id": t.get("id", str(i)),
+            "instruction": t["instruction"],
+            "input": t["input"],
+            "output": t["output"],
+            **({"messages": t["messages"]} if "messages" in t else {}),
+            "model_response": a,
+        }
         for i, (t, a) in enumerate(zip(tests, answers, strict=True))
-    ]  # fmt: skip
+    ]
     write_json_atomic(reports / "responses.json", responses)
-    metadata = {TEMPLATE_KEY: template, "stage": "align", "base_model": cfg.base_model, "finetune": cfg.finetune,
-                "preferences": cfg.preferences, "beta": str(cfg.beta)}  # fmt: skip
+    metadata = {
+        TEMPLATE_KEY: template,
+        "stage": "align",
+        "base_model": cfg.base_model,
+        "finetune": cfg.finetune,
+        "preferences": cfg.preferences,
+        "beta": str(cfg.beta),
+    }
     save_model_dir(out, model, tok, metadata)
 
     train_keys = {(e["instruction"], e["input"]) for e in splits["train"]}
     x = result.extra
     metrics = {
-        "beta": cfg.beta, "trainable_params": trainable, "train_pairs": len(train_pairs), "val_pairs": len(val_pairs),
+        "beta": cfg.beta,
+        "trainable_params": trainable,
+        "train_pairs": len(train_pairs),
+        "val_pairs": len(val_pairs),
         "dropped_too_long": len(train_long) + len(val_long),
         "test_prompts_in_train": sum((t["instruction"], t["input"]) in train_keys for t in tests),
-        "steps": result.step, "epochs": round(result.epochs, 3),
-        "train_loss": _round(result.train_loss), "val_loss": _round(result.val_loss),
+        "steps": result.step,
+        "epochs": round(result.epochs, 3),
+        "train_loss": _round(result.train_loss),
+        "val_loss": _round(result.val_loss),
         "val_loss_start": _round(first.get("loss", math.nan)),
         "val_reward_accuracy": _round(x.get("reward_accuracy", math.nan)),
         "val_reward_margin": _round(x.get("reward_margin", math.nan)),
         "val_reward_margin_start": _round(first.get("reward_margin", math.nan)),
         "val_chosen_reward": _round(x.get("chosen_reward", math.nan)),
         "val_rejected_reward": _round(x.get("rejected_reward", math.nan)),
-        "test_responses": len(responses), "empty_responses": sum(not a for a in answers),
-    }  # fmt: skip
-    timing = {"reference_seconds": round(ref_seconds, 1), "train_seconds": round(result.train_time_s, 1),
-              "pairs_per_s": round(result.items_per_s, 2), "generate_seconds": round(gen_seconds, 1),
-              "stage_seconds": round(time.perf_counter() - start, 1)}  # fmt: skip
-    facts = {"base_model": cfg.base_model, "preferences": cfg.preferences, "finetune": cfg.finetune,
-             "dataset": cfg.dataset}  # fmt: skip
+        "test_responses": len(responses),
+        "empty_responses": sum(not a for a in answers),
+    }
+    timing = {
+        "reference_seconds": round(ref_seconds, 1),
+        "train_seconds": round(result.train_time_s, 1),
+        "pairs_per_s": round(result.items_per_s, 2),
+        "generate_seconds": round(gen_seconds, 1),
+        "stage_seconds": round(time.perf_counter() - start, 1),
+    }
+    facts = {
+        "base_model": cfg.base_model,
+        "preferences": cfg.preferences,
+        "finetune": cfg.finetune,
+        "dataset": cfg.dataset,
+    }
     write_stage_reports(reports, metrics, timing, facts)
     return {**metrics, **timing}
 

@@ -81,9 +81,15 @@ def main(
         from llmcore.eval.harness import benchmark  # lm-eval: only when the stage runs
 
         metrics = benchmark(
-            models / name, cfg.tasks, device=hw.device, precision=hw.precision, batch_size=cfg.batch_size,
-            limit=cfg.limit, num_fewshot=cfg.num_fewshot, seed=cfg.seed,
-        )  # fmt: skip
+            models / name,
+            cfg.tasks,
+            device=hw.device,
+            precision=hw.precision,
+            batch_size=cfg.batch_size,
+            limit=cfg.limit,
+            num_fewshot=cfg.num_fewshot,
+            seed=cfg.seed,
+        )
         out = (reports or Path("reports/benchmark") / name) / "metrics.json"
         write_json_atomic(out, metrics)
         for task, row in metrics["tasks"].items():

@@ -37,8 +37,20 @@ from stages import (
 )
 
 # every stage script dvc.yaml runs (tests/test_deps.py keeps the list complete), in pipeline order
-STAGES = (download, tokenize, pretrain, import_weights, export, classify, instruct, preferences, align, evaluate,
-          benchmark, report)  # fmt: skip
+STAGES = (
+    download,
+    tokenize,
+    pretrain,
+    import_weights,
+    export,
+    classify,
+    instruct,
+    preferences,
+    align,
+    evaluate,
+    benchmark,
+    report,
+)
 CHECKED = "params.yaml: valid for every stage\n"  # the output; constant, so it never reruns a later stage
 
 

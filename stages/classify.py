@@ -54,8 +54,18 @@ from llmcore.weights.model_dir import TOKENIZER_FILE, open_model_dir, save_class
 
 
 def _default_train() -> TrainConfig:
-    return TrainConfig(batch_size=16, lr=2e-3, min_lr=2e-4, warmup_steps=10, epochs=5, eval_every=65,
-                       eval_batches=None, checkpoint_every=65, log_every=5, seed=123)  # fmt: skip
+    return TrainConfig(
+        batch_size=16,
+        lr=2e-3,
+        min_lr=2e-4,
+        warmup_steps=10,
+        epochs=5,
+        eval_every=65,
+        eval_batches=None,
+        checkpoint_every=65,
+        log_every=5,
+        seed=123,
+    )
 
 
 @dataclass
@@ -102,17 +112,28 @@ def write_csv(path: Path, header: list[str], rows: list[list]) -> None:
 
 
 def run(
-    cfg: ClassifyParams, base_model: str, hw: HardwareConfig, data: Path, models_dir: Path, out: Path,
-    reports: Path, work_dir: Path,
-) -> dict | None:  # fmt: skip
+    cfg: ClassifyParams,
+    base_model: str,
+    hw: HardwareConfig,
+    data: Path,
+    models_dir: Path,
+    out: Path,
+    reports: Path,
+    work_dir: Path,
+) -> dict | None:
     """The stage: returns its metrics (None on ranks other than 0, which only train)."""
     start = time.perf_counter()
     base = open_model_dir(models_dir / base_model).require_lm("the classify stage's base_model")  # before any work
     table = load_spam_table(data)
     if cfg.balance:
         table = balance_classes(table, cfg.split_seed)
-    splits = dict(zip(("train", "val", "test"), split_table(table, (cfg.train_fraction, cfg.val_fraction),
-                                                           cfg.split_seed), strict=True))  # fmt: skip
+    splits = dict(
+        zip(
+            ("train", "val", "test"),
+            split_table(table, (cfg.train_fraction, cfg.val_fraction), cfg.split_seed),
+            strict=True,
+        )
+    )
     for name, df in splits.items():
         if df["label"].nunique() < len(LABELS):
             raise LLMCoreError(f"{data}: the {name} split ({len(df)} rows) lacks a class; more data or other fractions")
@@ -156,39 +177,68 @@ def run(
 
     # Anything outside cfg.train that decides the weights: a checkpoint made with other inputs is not resumed.
     fingerprint = {
-        "data": sha256_file(data), "base": [sha256_file(base.weights), sha256_file(base.path / TOKENIZER_FILE)],
+        "data": sha256_file(data),
+        "base": [sha256_file(base.weights), sha256_file(base.path / TOKENIZER_FILE)],
         "classify": {k: v for k, v in asdict(cfg).items() if k not in ("train", "eval_batch_size")},
-    }  # fmt: skip
-    result = fit_logged(model, train_data, val_data, classification_loss, cfg.train, hw, work_dir, rt, reports / "live",
-                        on_eval=on_eval, fingerprint=fingerprint, unit="examples")  # fmt: skip
+    }
+    result = fit_logged(
+        model,
+        train_data,
+        val_data,
+        classification_loss,
+        cfg.train,
+        hw,
+        work_dir,
+        rt,
+        reports / "live",
+        on_eval=on_eval,
+        fingerprint=fingerprint,
+        unit="examples",
+    )
     if result is None:  # not rank 0
         return None
 
     scores = {split: score(split) for split in ("train", "val", "test")}
     pred, conf, _ = scores["test"]
     test = splits["test"]
-    write_csv(reports / "predictions.csv", ["text", "label", "prediction", "probability"],
-              [[t, y, LABELS[p], round(c, 6)] for t, y, p, c in zip(test["text"], test["label"], pred, conf,
-                                                                       strict=True)])  # fmt: skip
-    write_csv(reports / "confusion.csv", ["actual", "predicted"],
-              [[y, LABELS[p]] for y, p in zip(test["label"], pred, strict=True)])  # fmt: skip
+    write_csv(
+        reports / "predictions.csv",
+        ["text", "label", "prediction", "probability"],
+        [[t, y, LABELS[p], round(c, 6)] for t, y, p, c in zip(test["text"], test["label"], pred, conf, strict=True)],
+    )
+    write_csv(
+        reports / "confusion.csv",
+        ["actual", "predicted"],
+        [[y, LABELS[p]] for y, p in zip(test["label"], pred, strict=True)],
+    )
 
     merge_lora(model)  # plain nn.Linear again: the saved base has the base architecture's tensors
-    metadata = {"stage": "classify", "base_model": base_model, "trainable": cfg.trainable,
-                "max_length": str(max_length)}  # fmt: skip
+    metadata = {
+        "stage": "classify",
+        "base_model": base_model,
+        "trainable": cfg.trainable,
+        "max_length": str(max_length),
+    }
     save_classifier(out, model, tok, LABELS, metadata)
 
     (tn, fp), (fn, tp) = confusion_matrix(labels["test"], pred, len(LABELS))
     metrics = {
         "trainable_params": trainable,
-        **{f"{k}_messages": len(v) for k, v in seqs.items()}, "max_length": max_length, "truncated": truncated,
-        "steps": result.step, "epochs": round(result.epochs, 3), "train_loss": round(result.train_loss, 4),
+        **{f"{k}_messages": len(v) for k, v in seqs.items()},
+        "max_length": max_length,
+        "truncated": truncated,
+        "steps": result.step,
+        "epochs": round(result.epochs, 3),
+        "train_loss": round(result.train_loss, 4),
         "val_loss": round(result.val_loss, 4),
         **{split: {k: round(v, 4) for k, v in s[2].items()} for split, s in scores.items()},
         "test_confusion": {"tn": tn, "fp": fp, "fn": fn, "tp": tp},
-    }  # fmt: skip
-    timing = {"train_seconds": round(result.train_time_s, 1), "examples_per_s": round(result.items_per_s, 1),
-              "stage_seconds": round(time.perf_counter() - start, 1)}  # fmt: skip
+    }
+    timing = {
+        "train_seconds": round(result.train_time_s, 1),
+        "examples_per_s": round(result.items_per_s, 1),
+        "stage_seconds": round(time.perf_counter() - start, 1),
+    }
     facts = {"base_model": base_model, "trainable": cfg.trainable, "device": str(device)}
     write_stage_reports(reports, metrics, timing, facts)
     return {**metrics, **timing, **facts}
@@ -222,6 +272,7 @@ def main(
 def predict(ctx: typer.Context) -> None:
     """The old spelling of `llmcore classify` (same arguments), kept for a release."""
     raise SystemExit(subprocess.call([sys.executable, "-m", "llmcore.cli", "classify", *ctx.args]))
+
 
 if __name__ == "__main__":
     app()

@@ -129,15 +129,29 @@ def fetch_source(name: str, source: Source, raw_dir: Path, cfg: DownloadParams |
             print(f"{name}: {resolve_url(url)}")
         dest = safe_path(folder, filename, f"{where}.url")
         stall = cfg.stall_timeout_s
-        fetched.append(fetch(url, dest, sha256=digest, timeout=(min(10.0, stall), stall),
-                             deadline=cfg.file_deadline_s, retries=cfg.retries, backoff=cfg.backoff_s))  # fmt: skip
+        fetched.append(
+            fetch(
+                url,
+                dest,
+                sha256=digest,
+                timeout=(min(10.0, stall), stall),
+                deadline=cfg.file_deadline_s,
+                retries=cfg.retries,
+                backoff=cfg.backoff_s,
+            )
+        )
     dest = fetched[0]
     files = unpack(name, source, dest, cfg) if source.extract else fetched
     facts = check_content(name, source, files)
     if source.shards is None:
         return {"file": str(dest), "bytes": dest.stat().st_size, "sha256": sha256_file(dest), **facts}
-    return {"folder": str(folder), "files": len(fetched), "bytes": sum(f.stat().st_size for f in fetched),
-            "sha256": {f.name: sha256_file(f) for f in fetched}, **facts}  # fmt: skip
+    return {
+        "folder": str(folder),
+        "files": len(fetched),
+        "bytes": sum(f.stat().st_size for f in fetched),
+        "sha256": {f.name: sha256_file(f) for f in fetched},
+        **facts,
+    }
 
 
 def file_name(url: str, where: str) -> str:
@@ -150,8 +164,9 @@ def file_name(url: str, where: str) -> str:
 
 def unpack(name: str, source: Source, archive: Path, cfg: DownloadParams) -> list[Path]:
     """The source's ``extract`` members, unpacked beside the archive within the params' caps."""
-    return extract_zip(archive, archive.parent, source.extract, max_bytes=int(cfg.max_unzip_mb * 2**20),
-                       max_ratio=cfg.max_unzip_ratio)  # fmt: skip
+    return extract_zip(
+        archive, archive.parent, source.extract, max_bytes=int(cfg.max_unzip_mb * 2**20), max_ratio=cfg.max_unzip_ratio
+    )
 
 
 def load_params(path: Path) -> DownloadParams:

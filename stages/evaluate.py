@@ -103,8 +103,13 @@ def not_compared(items: list[JudgeItem], why: str) -> list[HeadToHeadRecord]:
     return [HeadToHeadRecord(id=it.id, winner=None, b_first=False, error=why) for it in items]
 
 
-def judge_scores(items: list[JudgeItem], cfg: EvaluateParams, cache: Path, scores_path: Path,
-                 reached: tuple[dict | None, dict] | None = None) -> dict:  # fmt: skip
+def judge_scores(
+    items: list[JudgeItem],
+    cfg: EvaluateParams,
+    cache: Path,
+    scores_path: Path,
+    reached: tuple[dict | None, dict] | None = None,
+) -> dict:
     """Ask the judge; returns the judge metrics (or why it was skipped)."""
     judge, status = reached or reach_judge(cfg)
     if judge is None:
@@ -114,8 +119,12 @@ def judge_scores(items: list[JudgeItem], cfg: EvaluateParams, cache: Path, score
     write_records(scores_path, records)  # kept either way: the replies show what the judge said
     summary = summarize(records, n_boot=cfg.n_boot)
     histogram = summary.pop("histogram")
-    facts = {"judge_model": judge["model"], "judge_digest": judge["digest"], "judge_host": judge["host"],
-             "judge_format": "schema" if judge.get("schema") else "prose"}  # asked by JSON schema, or parsed prose
+    facts = {
+        "judge_model": judge["model"],
+        "judge_digest": judge["digest"],
+        "judge_host": judge["host"],
+        "judge_format": "schema" if judge.get("schema") else "prose",
+    }  # asked by JSON schema, or parsed prose
     problem = shortfall(summary, cfg.judge.min_scored, f"the judge '{judge['model']}' at {judge['host']}")
     if problem is None:
         return {"judge_status": "scored", **facts, **summary, "_histogram": histogram, "_records": records}
@@ -134,33 +143,50 @@ def _rounded(d: dict, digits: int = 4) -> dict:
 def _named(stats: dict, names: tuple[str, str]) -> dict:
     """paired_stats' a_/b_ keys under the models' names (base_, instruct_, align_), rounded."""
     a, b = names
-    renamed = {f"{a}_{k[2:]}" if k.startswith("a_") else f"{b}_{k[2:]}" if k.startswith("b_") else k: v
-               for k, v in stats.items()}  # fmt: skip
+    renamed = {
+        f"{a}_{k[2:]}" if k.startswith("a_") else f"{b}_{k[2:]}" if k.startswith("b_") else k: v
+        for k, v in stats.items()
+    }
     return _rounded(renamed)
 
 
-def compare_models(a: list[JudgeItem], b: list[JudgeItem], names: tuple[str, str], instruct_judged: dict,
-                   cfg: EvaluateParams, cache: Path, reports: Path, judge: dict | None) -> dict:  # fmt: skip
+def compare_models(
+    a: list[JudgeItem],
+    b: list[JudgeItem],
+    names: tuple[str, str],
+    instruct_judged: dict,
+    cfg: EvaluateParams,
+    cache: Path,
+    reports: Path,
+    judge: dict | None,
+) -> dict:
     """Model a vs model b on the same prompts, one of them the instruct model (judged already): the other's
     judge-free metrics, and ROUGE-L and judge scores paired (b - a). The other's judge records go to
     ``reports/<other>_scores.jsonl``; ``judge`` None: ROUGE-L only."""
     other, items = (names[1], b) if names[0] == "instruct" else (names[0], a)
     if [(x.instruction, x.input) for x in a] != [(y.instruction, y.input) for y in b]:
         stage = "instruct" if other == "base" else other
-        raise LLMCoreError(f"evaluate: the {other} responses do not answer the instruct test prompts in the same "
-                           f"order (rerun the {stage} stage)")  # fmt: skip
+        raise LLMCoreError(
+            f"evaluate: the {other} responses do not answer the instruct test prompts in the same "
+            f"order (rerun the {stage} stage)"
+        )
     out: dict = {"n_items": len(items), **{f"{other}_{k}": v for k, v in text_metrics(items).items()}}
-    rouge = paired_stats([rouge_l(i.response, i.reference) for i in a],
-                         [rouge_l(i.response, i.reference) for i in b], cfg.n_boot)  # fmt: skip
+    rouge = paired_stats(
+        [rouge_l(i.response, i.reference) for i in a], [rouge_l(i.response, i.reference) for i in b], cfg.n_boot
+    )
     out["rouge_l"] = _named(rouge, names)
     if judge is None:
         return out
     records = score_items(items, cfg.judge, cache_path=cache, judge=judge)
     write_records(reports / f"{other}_scores.jsonl", records)
-    a_records, b_records = ((instruct_judged["_records"], records) if other == names[1]
-                            else (records, instruct_judged["_records"]))  # fmt: skip
-    both = [(x.score, y.score) for x, y in zip(a_records, b_records, strict=True)
-            if x.status == "scored" and y.status == "scored"]  # fmt: skip
+    a_records, b_records = (
+        (instruct_judged["_records"], records) if other == names[1] else (records, instruct_judged["_records"])
+    )
+    both = [
+        (x.score, y.score)
+        for x, y in zip(a_records, b_records, strict=True)
+        if x.status == "scored" and y.status == "scored"
+    ]
     out["judge_unscored_pairs"] = len(records) - len(both)
     if both:
         stats = paired_stats([x for x, _ in both], [y for _, y in both], cfg.n_boot)
@@ -168,19 +194,28 @@ def compare_models(a: list[JudgeItem], b: list[JudgeItem], names: tuple[str, str
     return out
 
 
-def compare_head_to_head(instruct: list[JudgeItem], align: list[JudgeItem], cfg: EvaluateParams, cache: Path,
-                         reports: Path, judge: dict) -> dict:  # fmt: skip
+def compare_head_to_head(
+    instruct: list[JudgeItem], align: list[JudgeItem], cfg: EvaluateParams, cache: Path, reports: Path, judge: dict
+) -> dict:
     """The judge sees both answers in a random order per item and names the better one."""
-    pairs = [PairItem(a.id, a.instruction, a.input, a.reference, a.response, b.response)
-             for a, b in zip(instruct, align, strict=True)]  # fmt: skip
+    pairs = [
+        PairItem(a.id, a.instruction, a.input, a.reference, a.response, b.response)
+        for a, b in zip(instruct, align, strict=True)
+    ]
     h2h = head_to_head(pairs, cfg.judge, judge, cache_path=cache, seed=cfg.judge.seed)
     write_h2h(reports / "head_to_head.jsonl", h2h)
     summary = summarize_head_to_head(h2h)
-    return _rounded({
-        "n": summary["n"], "align_wins": summary["b_wins"], "instruct_wins": summary["a_wins"], "ties": summary["ties"],
-        "undecided": summary["undecided"], "align_shown_first": summary["b_shown_first"],
-        "align_win_rate": summary["b_win_rate"],
-    })  # fmt: skip
+    return _rounded(
+        {
+            "n": summary["n"],
+            "align_wins": summary["b_wins"],
+            "instruct_wins": summary["a_wins"],
+            "ties": summary["ties"],
+            "undecided": summary["undecided"],
+            "align_shown_first": summary["b_shown_first"],
+            "align_win_rate": summary["b_win_rate"],
+        }
+    )
 
 
 def write_h2h(path: Path, records: list) -> None:
@@ -191,8 +226,15 @@ def write_h2h(path: Path, records: list) -> None:
 
 
 # what the judge was and why it did not score: run facts (facts.json), not DVC metrics
-FACT_KEYS = ("judge_status", "judge_skip_reason", "judge_model", "judge_digest", "judge_host", "judge_format",
-             "n_cached")
+FACT_KEYS = (
+    "judge_status",
+    "judge_skip_reason",
+    "judge_model",
+    "judge_digest",
+    "judge_host",
+    "judge_format",
+    "n_cached",
+)
 
 
 def load_params(path: Path) -> EvaluateParams:
@@ -210,10 +252,16 @@ def main(
     model_dir: Path = typer.Option(Path("data/models/instruct"), help="instruction model (for the test loss)"),
     cache: Path = typer.Option(Path("data/cache/judge.jsonl"), help="judge answer cache"),
     reports: Path = typer.Option(Path("reports/evaluate"), help="metrics folder"),
-    base_responses: Path = typer.Option(None, help="the base model's answers to the same prompts, to compare with "
-                                        "(the DVC stage passes reports/instruct/base_responses.json)"),
-    align_responses: Path = typer.Option(None, help="the aligned model's answers to the same prompts, to compare "
-                                         "with (the DVC stage passes reports/align/responses.json)"),
+    base_responses: Path = typer.Option(
+        None,
+        help="the base model's answers to the same prompts, to compare with "
+        "(the DVC stage passes reports/instruct/base_responses.json)",
+    ),
+    align_responses: Path = typer.Option(
+        None,
+        help="the aligned model's answers to the same prompts, to compare "
+        "with (the DVC stage passes reports/align/responses.json)",
+    ),
 ) -> None:
     """Judge every test response and compute judge-free metrics; compare with the base and aligned models'."""
     with stage_errors():
@@ -237,12 +285,12 @@ def main(
         write_h2h(reports / "head_to_head.jsonl", not_compared(items, f"not judged (judge {judged['judge_status']})"))
         judge = reached[0] if judged.get("judge_status") == "scored" else None  # not a judge that failed
         if base_responses is not None:  # instruct - base: what instruction tuning bought
-            metrics["compare_base"] = compare_models(load_responses(base_responses), items, ("base", "instruct"),
-                                                     judged, cfg, cache, reports, judge)  # fmt: skip
+            metrics["compare_base"] = compare_models(
+                load_responses(base_responses), items, ("base", "instruct"), judged, cfg, cache, reports, judge
+            )
         if align_responses is not None:  # align - instruct: what DPO bought
             align = load_responses(align_responses)
-            metrics["compare"] = compare_models(items, align, ("instruct", "align"), judged, cfg, cache, reports,
-                                                judge)  # fmt: skip
+            metrics["compare"] = compare_models(items, align, ("instruct", "align"), judged, cfg, cache, reports, judge)
             if judge is not None:
                 metrics["compare"]["head_to_head"] = compare_head_to_head(items, align, cfg, cache, reports, judge)
         judged.pop("_records", None)

@@ -91,11 +91,12 @@ def resolve_source(name: str, cfg: ImportParams) -> HFCheckpoint | Path:
         raise LLMCoreError(f"import.sources.{name}: needs repo and revision (or dir)")
     same = known is not None and (repo, revision) == (known.repo, known.revision)  # else its digests do not apply
     return HFCheckpoint(
-        repo, revision,
+        repo,
+        revision,
         sha256=over.sha256 or (known.sha256 if same else None),
         config_sha256=over.config_sha256 or (known.config_sha256 if same else None),
         preset=over.preset or (known.preset if known else None),
-    )  # fmt: skip
+    )
 
 
 def check_preset(cfg: ModelConfig, preset: str, source: Path) -> None:
@@ -213,16 +214,27 @@ def main(
 
         meta = {"source": where, "sha256": digest or "", "import_name": name}
         save_model_dir(out, model, tokenizer, meta)
-        facts = {"name": name, "family": fam, "source": where, "revision": revision, "sha256": digest,
-                 "corpus": cfg.corpus}  # fmt: skip
+        facts = {
+            "name": name,
+            "family": fam,
+            "source": where,
+            "revision": revision,
+            "sha256": digest,
+            "corpus": cfg.corpus,
+        }
         metrics = {
-            "download_bytes": n_bytes, "params": model.num_params(),
+            "download_bytes": n_bytes,
+            "params": model.num_params(),
             "params_with_head": model.num_params(include_tied_head=True),
-            "weight_bytes_fp32": model.cfg.weight_bytes("fp32"), "weight_bytes_bf16": model.cfg.weight_bytes("bf16"),
-            "vocab_size": model.cfg.vocab_size, "context_length": model.cfg.context_length,
-            "eval_tokens": n_tokens, "val_loss": round(loss, 4),
-            "val_ppl": round(math.exp(loss), 2), "val_bpb": round(nll / math.log(2) / n_text_bytes, 4),
-        }  # fmt: skip
+            "weight_bytes_fp32": model.cfg.weight_bytes("fp32"),
+            "weight_bytes_bf16": model.cfg.weight_bytes("bf16"),
+            "vocab_size": model.cfg.vocab_size,
+            "context_length": model.cfg.context_length,
+            "eval_tokens": n_tokens,
+            "val_loss": round(loss, 4),
+            "val_ppl": round(math.exp(loss), 2),
+            "val_bpb": round(nll / math.log(2) / n_text_bytes, 4),
+        }
         write_stage_reports(reports, metrics, {"seconds": round(time.perf_counter() - start, 2)}, facts)
         print0(
             f"{name}: {metrics['params']:,} params ({fam}) -> {out}; val loss {metrics['val_loss']} "

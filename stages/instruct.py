@@ -64,8 +64,18 @@ from llmcore.weights.model_dir import TEMPLATE_KEY, TOKENIZER_FILE, open_model_d
 
 def _default_train() -> TrainConfig:
     # for the ~1M-parameter pretrain model, which underfits in the book's 2 epochs at its lr (5e-5, GPT-2 355M)
-    return TrainConfig(batch_size=8, lr=3e-3, min_lr=3e-4, warmup_steps=20, epochs=4, eval_every=50,
-                       eval_batches=None, checkpoint_every=100, log_every=5, seed=123)  # fmt: skip
+    return TrainConfig(
+        batch_size=8,
+        lr=3e-3,
+        min_lr=3e-4,
+        warmup_steps=20,
+        epochs=4,
+        eval_every=50,
+        eval_batches=None,
+        checkpoint_every=100,
+        log_every=5,
+        seed=123,
+    )
 
 
 @dataclass
@@ -104,9 +114,15 @@ def _finite(x: float, digits: int = 4) -> float | None:
 
 
 def run(
-    cfg: InstructParams, base_model: str, hw: HardwareConfig, raw_dir: Path, models_dir: Path, out: Path,
-    reports: Path, work_dir: Path,
-) -> dict | None:  # fmt: skip
+    cfg: InstructParams,
+    base_model: str,
+    hw: HardwareConfig,
+    raw_dir: Path,
+    models_dir: Path,
+    out: Path,
+    reports: Path,
+    work_dir: Path,
+) -> dict | None:
     """The stage: returns its metrics (None on ranks other than 0, which only train)."""
     start = time.perf_counter()
     base = open_model_dir(models_dir / base_model).require_lm("the instruct stage's base_model")  # before any work
@@ -144,8 +160,15 @@ def run(
         truncated = sum(len(e.ids) - 1 > max_length for e in train_ex + val_ex + test_ex)
     batching = dict(pad_id=tok.eot_id, mask_prompt=cfg.mask_prompt, max_length=max_length)
     B = cfg.train.batch_size
-    train_data = InstructionBatches(train_ex, B, seed=cfg.train.seed, group_by_length=cfg.group_by_length,
-                                    rank=rt.rank, world_size=rt.world_size, **batching)  # fmt: skip
+    train_data = InstructionBatches(
+        train_ex,
+        B,
+        seed=cfg.train.seed,
+        group_by_length=cfg.group_by_length,
+        rank=rt.rank,
+        world_size=rt.world_size,
+        **batching,
+    )
     val_data = InstructionBatches(val_ex, B, shuffle=False, rank=rt.rank, world_size=rt.world_size, **batching)
 
     n_params = model.num_params()
@@ -165,9 +188,10 @@ def run(
         "data": [sha256_file(f) for f in data_files] if chat else sha256_file(data_files[0]),
         "base": [sha256_file(base.weights), sha256_file(base.path / TOKENIZER_FILE)],
         "instruct": {k: v for k, v in asdict(cfg).items() if k not in ("train", "generate")},
-    }  # fmt: skip
-    result = fit_logged(model, train_data, val_data, lm_loss, cfg.train, hw, work_dir, rt, reports / "live",
-                        fingerprint=fingerprint)
+    }
+    result = fit_logged(
+        model, train_data, val_data, lm_loss, cfg.train, hw, work_dir, rt, reports / "live", fingerprint=fingerprint
+    )
     if result is None:  # not rank 0
         return None
 
@@ -200,10 +224,16 @@ def run(
     base_seconds = time.perf_counter() - base_start
     for name, outputs in (("responses.json", answers), ("base_responses.json", base_answers)):
         records = [
-            {"id": str(i), "instruction": e["instruction"], "input": e["input"], "output": e["output"],
-             **({"messages": e["prompt"]} if chat else {}), "model_response": answer}
+            {
+                "id": str(i),
+                "instruction": e["instruction"],
+                "input": e["input"],
+                "output": e["output"],
+                **({"messages": e["prompt"]} if chat else {}),
+                "model_response": answer,
+            }
             for i, (e, answer) in enumerate(zip(test_entries, outputs, strict=True))
-        ]  # fmt: skip
+        ]
         write_json_atomic(reports / name, records)
     template = CHATML if chat else cfg.template
     metadata = {TEMPLATE_KEY: template, "stage": "instruct", "base_model": base_model, "finetune": cfg.finetune}
@@ -211,18 +241,28 @@ def run(
 
     metrics = {
         "trainable_params": trainable,
-        "train_entries": len(train_ex), "val_entries": len(val_ex), "test_entries": len(test_ex),
-        "truncated_entries": truncated, **({"cut_conversations": cut, "dropped_conversations": dropped,
-                                            "added_tokens": added_tokens} if chat else {}),
-        "steps": result.step, "epochs": round(result.epochs, 3),
-        "train_loss": _finite(result.train_loss), "val_loss": _finite(result.val_loss),
-        "val_ppl": round(result.val_ppl, 3), "test_loss": round(test_loss, 4),
-        "test_ppl": round(math.exp(min(test_loss, 50.0)), 3), "test_response_loss": round(answer_loss, 4),
+        "train_entries": len(train_ex),
+        "val_entries": len(val_ex),
+        "test_entries": len(test_ex),
+        "truncated_entries": truncated,
+        **({"cut_conversations": cut, "dropped_conversations": dropped, "added_tokens": added_tokens} if chat else {}),
+        "steps": result.step,
+        "epochs": round(result.epochs, 3),
+        "train_loss": _finite(result.train_loss),
+        "val_loss": _finite(result.val_loss),
+        "val_ppl": round(result.val_ppl, 3),
+        "test_loss": round(test_loss, 4),
+        "test_ppl": round(math.exp(min(test_loss, 50.0)), 3),
+        "test_response_loss": round(answer_loss, 4),
         "empty_responses": sum(not a for a in answers),
-    }  # fmt: skip
-    timing = {"train_seconds": round(result.train_time_s, 1), "tokens_per_s": round(result.items_per_s, 1),
-              "generate_seconds": round(gen_seconds, 1), "base_generate_seconds": round(base_seconds, 1),
-              "stage_seconds": round(time.perf_counter() - start, 1)}  # fmt: skip
+    }
+    timing = {
+        "train_seconds": round(result.train_time_s, 1),
+        "tokens_per_s": round(result.items_per_s, 1),
+        "generate_seconds": round(gen_seconds, 1),
+        "base_generate_seconds": round(base_seconds, 1),
+        "stage_seconds": round(time.perf_counter() - start, 1),
+    }
     facts = {"base_model": base_model, "finetune": cfg.finetune, "format": cfg.format, "device": str(rt.device)}
     write_stage_reports(reports, metrics, timing, facts)
     return {**metrics, **timing, **facts}
@@ -233,11 +273,19 @@ def _chat_record(conversation: dict) -> dict:
     last user turn, input = the earlier turns as ``Role: content`` lines, output = the reference answer)."""
     prompt, reference = chat_prompt_and_reference(conversation)
     if "instruction" in conversation:  # converted from Alpaca: the entry's own fields
-        return {"prompt": prompt, "instruction": conversation["instruction"], "input": conversation["input"],
-                "output": conversation["output"]}  # fmt: skip
+        return {
+            "prompt": prompt,
+            "instruction": conversation["instruction"],
+            "input": conversation["input"],
+            "output": conversation["output"],
+        }
     *history, last = prompt
-    return {"prompt": prompt, "instruction": last["content"], "output": reference,
-            "input": "\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in history)}  # fmt: skip
+    return {
+        "prompt": prompt,
+        "instruction": last["content"],
+        "output": reference,
+        "input": "\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in history),
+    }
 
 
 app = typer.Typer(add_completion=False, help="Instruction fine-tuning (stage `instruct`) and `ask`.")
@@ -268,6 +316,7 @@ def main(
 def ask(ctx: typer.Context) -> None:
     """The old spelling of `llmcore ask` (same arguments), kept for a release."""
     raise SystemExit(subprocess.call([sys.executable, "-m", "llmcore.cli", "ask", *ctx.args]))
+
 
 if __name__ == "__main__":
     app()

@@ -57,8 +57,9 @@ def load_params(path: Path) -> tuple[PreferencesParams, JudgeConfig]:
     return cfg, from_dict(JudgeConfig, evaluate.get("judge"), "evaluate.judge")
 
 
-def judge_pairs(cfg: PreferencesParams, data_path: Path, models_dir: Path, judge_cfg: JudgeConfig,
-                cache: Path) -> tuple[list[dict], dict]:  # fmt: skip
+def judge_pairs(
+    cfg: PreferencesParams, data_path: Path, models_dir: Path, judge_cfg: JudgeConfig, cache: Path
+) -> tuple[list[dict], dict]:
     """Two sampled answers per train/val prompt, judged; the higher-scored one chosen -> (records, counts)."""
     entries = load_instruction_data(data_path)
     train, val, test = split_entries(entries, cfg.train_fraction, cfg.test_fraction, cfg.split_seed)
@@ -75,11 +76,24 @@ def judge_pairs(cfg: PreferencesParams, data_path: Path, models_dir: Path, judge
     stops = (answer_end_id(tok, template),)
     with threads_for_inference("auto", model.cfg):
         answers = [
-            generate_responses(model, tok, texts, SamplingConfig(max_new_tokens=p.max_new_tokens,
-                               temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, seed=seed, stop_ids=stops),
-                               p.batch_size, stop_at_section=not chat, chat=chat)
+            generate_responses(
+                model,
+                tok,
+                texts,
+                SamplingConfig(
+                    max_new_tokens=p.max_new_tokens,
+                    temperature=p.temperature,
+                    top_k=p.top_k,
+                    top_p=p.top_p,
+                    seed=seed,
+                    stop_ids=stops,
+                ),
+                p.batch_size,
+                stop_at_section=not chat,
+                chat=chat,
+            )
             for seed in p.seeds
-        ]  # fmt: skip
+        ]
     # an empty answer, or two identical ones, make no pair: not worth asking the judge about
     counts = {"empty_answers": 0, "identical_answers": 0, "ties": 0, "unparsable": 0, "errors": 0}
     asked = []
@@ -91,8 +105,13 @@ def judge_pairs(cfg: PreferencesParams, data_path: Path, models_dir: Path, judge
             counts["identical_answers"] += 1
         else:
             asked.append(k)
-    items = [JudgeItem(f"{k}-{j}", prompts[k][1]["instruction"], prompts[k][1]["input"], prompts[k][1]["output"],
-                       answers[j][k]) for k in asked for j in range(2)]  # fmt: skip
+    items = [
+        JudgeItem(
+            f"{k}-{j}", prompts[k][1]["instruction"], prompts[k][1]["input"], prompts[k][1]["output"], answers[j][k]
+        )
+        for k in asked
+        for j in range(2)
+    ]
     records = score_items(items, judge_cfg, cache_path=cache, judge=judge) if items else []
     pairs = []
     for n, k in enumerate(asked):
@@ -106,11 +125,18 @@ def judge_pairs(cfg: PreferencesParams, data_path: Path, models_dir: Path, judge
             counts["ties"] += 1
         else:
             first = a.score > b.score
-            pairs.append({
-                "instruction": e["instruction"], "input": e["input"], "output": e["output"],
-                "chosen": answers[0 if first else 1][k], "rejected": answers[1 if first else 0][k],
-                "chosen_score": max(a.score, b.score), "rejected_score": min(a.score, b.score), "split": name,
-            })  # fmt: skip
+            pairs.append(
+                {
+                    "instruction": e["instruction"],
+                    "input": e["input"],
+                    "output": e["output"],
+                    "chosen": answers[0 if first else 1][k],
+                    "rejected": answers[1 if first else 0][k],
+                    "chosen_score": max(a.score, b.score),
+                    "rejected_score": min(a.score, b.score),
+                    "split": name,
+                }
+            )
     counts = {
         "entries": len(entries),
         "prompts": len(prompts),
@@ -123,8 +149,15 @@ def judge_pairs(cfg: PreferencesParams, data_path: Path, models_dir: Path, judge
     return pairs, {**counts, "_judge_model": judge["model"]}
 
 
-def run(cfg: PreferencesParams, judge_cfg: JudgeConfig, raw_dir: Path, models_dir: Path, out: Path, reports: Path,
-        cache: Path) -> dict:
+def run(
+    cfg: PreferencesParams,
+    judge_cfg: JudgeConfig,
+    raw_dir: Path,
+    models_dir: Path,
+    out: Path,
+    reports: Path,
+    cache: Path,
+) -> dict:
     """Write the pairs file and its reports; returns the counts."""
     data_path = find_single_file(raw_dir / cfg.dataset, "align.dataset", "*.json")
     if cfg.preferences == "dataset":
@@ -135,8 +168,10 @@ def run(cfg: PreferencesParams, judge_cfg: JudgeConfig, raw_dir: Path, models_di
     counts["train_pairs"] = sum(r["split"] == "train" for r in records)
     counts["val_pairs"] = sum(r["split"] == "val" for r in records)
     if not counts["train_pairs"] or not counts["val_pairs"]:
-        raise LLMCoreError(f"align: no usable {'training' if not counts['train_pairs'] else 'validation'} "
-                           f"preference pairs from {data_path} ({counts})")  # fmt: skip
+        raise LLMCoreError(
+            f"align: no usable {'training' if not counts['train_pairs'] else 'validation'} "
+            f"preference pairs from {data_path} ({counts})"
+        )
     write_json_atomic(out, records)
     write_json_atomic(reports / "pairs.json", counts)
     info = {"preferences": cfg.preferences, "dataset": cfg.dataset, "judge_model": judge_model}

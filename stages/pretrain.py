@@ -86,8 +86,17 @@ class SampleParams:
 
 def _default_train() -> TrainConfig:
     # llama3-tiny on TinyShakespeare (BPE 1024): ~4-5 min on 2 CPU cores, val loss ~4.2 (unigram 6.0)
-    return TrainConfig(batch_size=16, lr=3e-3, min_lr=3e-4, warmup_steps=30, max_steps=300, eval_every=50,
-                       eval_batches=10, checkpoint_every=50, log_every=10)  # fmt: skip
+    return TrainConfig(
+        batch_size=16,
+        lr=3e-3,
+        min_lr=3e-4,
+        warmup_steps=30,
+        max_steps=300,
+        eval_every=50,
+        eval_batches=10,
+        checkpoint_every=50,
+        log_every=10,
+    )
 
 
 @dataclass
@@ -130,36 +139,58 @@ def make_bpb_eval(p: PretrainParams, val_tokens, tok: Tokenizer, T: int, hw: Har
 
     def on_eval(model: GPT, step: int) -> dict[str, float]:
         val.load_state_dict(start)
-        bpb = evaluate_bpb(model, val, n_batches, token_bytes, rt.device,
-                           autocast=lambda: autocast_context(rt.device, hw.precision), ddp=rt.ddp)  # fmt: skip
+        bpb = evaluate_bpb(
+            model,
+            val,
+            n_batches,
+            token_bytes,
+            rt.device,
+            autocast=lambda: autocast_context(rt.device, hw.precision),
+            ddp=rt.ddp,
+        )
         return {"bpb": bpb}
 
     return on_eval
 
 
-def write_samples(path: Path, model: GPT, tok: Tokenizer, p: PretrainParams, step: int,
-                  threads: int | str = "auto") -> None:  # fmt: skip
+def write_samples(
+    path: Path, model: GPT, tok: Tokenizer, p: PretrainParams, step: int, threads: int | str = "auto"
+) -> None:
     s = p.sample
     cfg = SamplingConfig(
-        max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-        stop_ids=(tok.eot_id,), seed=s.seed,
-    )  # fmt: skip
+        max_new_tokens=s.max_new_tokens,
+        temperature=s.temperature,
+        top_k=s.top_k,
+        top_p=s.top_p,
+        stop_ids=(tok.eot_id,),
+        seed=s.seed,
+    )
     prompts = [tok.encode(text) or [tok.eot_id] for text in p.prompts]  # "" starts a fresh document
     with threads_for_inference(threads, model.cfg):
         outputs = generate(model, prompts, cfg)
     lines = [
-        "# Pretraining samples", "",
+        "# Pretraining samples",
+        "",
         f"Step {step}; temperature {s.temperature}, top_k {s.top_k}, top_p {s.top_p}, seed {s.seed}, "
-        f"up to {s.max_new_tokens} new tokens. The prompt is in **bold**.", "",
-    ]  # fmt: skip
+        f"up to {s.max_new_tokens} new tokens. The prompt is in **bold**.",
+        "",
+    ]
     for i, (text, new) in enumerate(zip(p.prompts, outputs, strict=True), 1):
         prompt_shown = text.replace("\n", "\\n") if text else "(start of text)"
         lines += [f"## {i}. **{prompt_shown}**", "", "```text", text + tok.decode(new), "```", ""]
     write_text_atomic(path, "\n".join(lines))
 
 
-def write_metrics(folder: Path, result: FitResult, model_cfg: ModelConfig, n_params: int, base: dict,
-                  world_size: int, wall_time_s: float, device: str) -> dict:  # fmt: skip
+def write_metrics(
+    folder: Path,
+    result: FitResult,
+    model_cfg: ModelConfig,
+    n_params: int,
+    base: dict,
+    world_size: int,
+    wall_time_s: float,
+    device: str,
+) -> dict:
     """metrics.json (losses, baselines), timing.json (throughput, MFU, seconds), facts.json; returns all in one.
 
     Throughput, peak and MFU are one measurement: the tokens and training seconds of every segment of the run
@@ -168,19 +199,31 @@ def write_metrics(folder: Path, result: FitResult, model_cfg: ModelConfig, n_par
     flops_per_token = model_cfg.flops_per_token()
     peak = result.peak_flops
     metrics = {
-        "step": result.step, "epochs": round(result.epochs, 4),
-        "train_loss": result.train_loss, "val_loss": result.val_loss, "val_ppl": result.val_ppl,
-        "val_bpb": result.extra.get("bpb"), **{k: v for k, v in base.items() if k != "baseline_k"},
-        "tokens_seen": result.items_seen, "params": n_params, "flops_per_token": flops_per_token,
-    }  # fmt: skip
+        "step": result.step,
+        "epochs": round(result.epochs, 4),
+        "train_loss": result.train_loss,
+        "val_loss": result.val_loss,
+        "val_ppl": result.val_ppl,
+        "val_bpb": result.extra.get("bpb"),
+        **{k: v for k, v in base.items() if k != "baseline_k"},
+        "tokens_seen": result.items_seen,
+        "params": n_params,
+        "flops_per_token": flops_per_token,
+    }
     timing = {
         "tokens_per_s": round(result.items_per_s, 1),
         "mfu": flops_per_token * result.items_per_s / (peak * world_size),
         "peak_tflops": float(f"{peak / 1e12:.6g}"),
-        "train_time_s": round(result.train_time_s, 2), "wall_time_s": round(wall_time_s, 2),
-    }  # fmt: skip
-    facts = {"stop_reason": result.stop_reason, "resumed_from": result.resumed_from, "processes": world_size,
-             "device": device, "baseline_k": base.get("baseline_k")}  # fmt: skip
+        "train_time_s": round(result.train_time_s, 2),
+        "wall_time_s": round(wall_time_s, 2),
+    }
+    facts = {
+        "stop_reason": result.stop_reason,
+        "resumed_from": result.resumed_from,
+        "processes": world_size,
+        "device": device,
+        "baseline_k": base.get("baseline_k"),
+    }
     write_stage_reports(folder, metrics, timing, facts)
     return {**metrics, **timing, **facts}
 
@@ -235,28 +278,58 @@ def main(
             from dvclive import Live  # imported late: it pulls in dvc
 
             live = Live(dir=str(reports / "live"), dvcyaml=False, save_dvc_exp=False)
-        shards = {split: [[e["file"], e.get("tokens"), e.get("sha256")] for e in shard_entries(tokens, split, meta)]
-                  for split in ("train", "val")}  # fmt: skip
-        data_id = {"model": model_cfg.to_dict(), "windows": p.windows, "stride": p.stride, "meta": meta,
-                   "shards": shards, "lengths": [len(train_tokens), len(val_tokens)]}  # fmt: skip
-        print(f"rank {rt.rank}/{rt.world_size} on {rt.device}: {model.num_params() / 1e6:.2f}M params, "
-              f"{len(train_tokens)} train / {len(val_tokens)} val tokens in "
-              f"{len(train_tokens.shards)} + {len(val_tokens.shards)} shard(s)", flush=True)  # fmt: skip
+        shards = {
+            split: [[e["file"], e.get("tokens"), e.get("sha256")] for e in shard_entries(tokens, split, meta)]
+            for split in ("train", "val")
+        }
+        data_id = {
+            "model": model_cfg.to_dict(),
+            "windows": p.windows,
+            "stride": p.stride,
+            "meta": meta,
+            "shards": shards,
+            "lengths": [len(train_tokens), len(val_tokens)],
+        }
+        print(
+            f"rank {rt.rank}/{rt.world_size} on {rt.device}: {model.num_params() / 1e6:.2f}M params, "
+            f"{len(train_tokens)} train / {len(val_tokens)} val tokens in "
+            f"{len(train_tokens.shards)} + {len(val_tokens.shards)} shard(s)",
+            flush=True,
+        )
         # MFU's denominator, measured before training, under the load this segment trains in; fit saves it with
         # every checkpoint, so a resumed run weights each segment's peak by that segment's time
         peak = None
         if rt.is_main:
             peak = hw.peak_tflops * 1e12 if hw.peak_tflops else measure_matmul_peak(DTYPES[hw.precision], rt.device)
-        result = fit(model, train, val, lm_loss, p.train, hw, ckpt, live=live, fingerprint=data_id, on_eval=on_eval,
-                     peak_flops=peak)  # fmt: skip
+        result = fit(
+            model,
+            train,
+            val,
+            lm_loss,
+            p.train,
+            hw,
+            ckpt,
+            live=live,
+            fingerprint=data_id,
+            on_eval=on_eval,
+            peak_flops=peak,
+        )
 
         if rt.is_main:
             model.eval()
             save_model_dir(out, model, tok, {"stage": "pretrain", "step": str(result.step)})
             write_samples(reports / "samples.md", model, tok, p, result.step, hw.threads)
             base = baselines(train_tokens[:BASELINE_TOKENS], val_tokens[:BASELINE_TOKENS], tok.vocab_size, p.baseline_k)
-            metrics = write_metrics(reports, result, model_cfg, model.num_params(), base, rt.world_size,
-                                    time.perf_counter() - start, str(rt.device))  # fmt: skip
+            metrics = write_metrics(
+                reports,
+                result,
+                model_cfg,
+                model.num_params(),
+                base,
+                rt.world_size,
+                time.perf_counter() - start,
+                str(rt.device),
+            )
             live.end()
             print(
                 f"step {result.step}: val loss {result.val_loss:.4f}, {metrics['val_bpb']:.4f} bits/byte "

@@ -70,8 +70,11 @@ def run_facts(params: Path) -> list[tuple[str, str]]:
         dirty = f", with uncommitted changes to {', '.join(changed[:6])}{more}" if changed else ", clean"
     digest = hashlib.sha256(params.read_bytes()).hexdigest()[:12] if params.is_file() else "?"
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    return [("git commit", (commit.strip() if commit else "not a git checkout") + dirty),
-            ("params digest", f"sha256 {digest}… of {params}"), ("report written", now)]  # fmt: skip
+    return [
+        ("git commit", (commit.strip() if commit else "not a git checkout") + dirty),
+        ("params digest", f"sha256 {digest}… of {params}"),
+        ("report written", now),
+    ]
 
 
 def committed_params(params: Path) -> dict | None:
@@ -90,8 +93,13 @@ def main(
 ) -> None:
     """Write report.md, report.html and figures/ from the stages' outputs."""
     with stage_errors():
-        report = build_report(reports, load_params(params), pipeline=pipeline_stages(dvc_yaml),
-                              run_facts=run_facts(params), default_params=committed_params(params))  # fmt: skip
+        report = build_report(
+            reports,
+            load_params(params),
+            pipeline=pipeline_stages(dvc_yaml),
+            run_facts=run_facts(params),
+            default_params=committed_params(params),
+        )
         figures = reports / "figures"
         figures.mkdir(parents=True, exist_ok=True)
         wanted = {f"{fig.name}.svg" for figs in report.figures.values() for fig in figs}
@@ -105,8 +113,10 @@ def main(
         write_text_atomic(reports / "report.md", to_markdown(report, "figures"))
         write_text_atomic(reports / "report.html", to_html(report))
         ok = sum(r.status == "ok" for r in report.rows)
-        print(f"wrote {reports / 'report.html'} and {reports / 'report.md'}: {ok} of {len(report.rows)} card rows "
-              f"scored, {len(wanted)} figures")  # fmt: skip
+        print(
+            f"wrote {reports / 'report.html'} and {reports / 'report.md'}: {ok} of {len(report.rows)} card rows "
+            f"scored, {len(wanted)} figures"
+        )
 
 
 if __name__ == "__main__":

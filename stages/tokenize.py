@@ -78,8 +78,10 @@ def find_corpus(cfg: TokenizeParams, raw_dir: Path) -> Corpus:
     parquet = sorted(p for p in folder.glob("*.parquet") if p.is_file() and not p.name.startswith("."))
     if parquet:
         if len(parquet) <= cfg.val_files:
-            raise LLMCoreError(f"tokenize.val_files: {folder} has {len(parquet)} parquet file(s); the last "
-                               f"{cfg.val_files} are validation: at least {cfg.val_files + 1} needed")  # fmt: skip
+            raise LLMCoreError(
+                f"tokenize.val_files: {folder} has {len(parquet)} parquet file(s); the last "
+                f"{cfg.val_files} are validation: at least {cfg.val_files + 1} needed"
+            )
         sources = [Source(str(p), path=p, column=cfg.text_column) for p in parquet]
         for s in sources:  # every file has the column: checked now, from the footers, before any work
             s.rows()
@@ -88,8 +90,10 @@ def find_corpus(cfg: TokenizeParams, raw_dir: Path) -> Corpus:
     path = find_single_file(folder, "tokenize.corpus")
     text = check_text_corpus(path)
     split = int(len(text) * (1 - cfg.val_fraction))
-    splits = {"train": [Source(f"{path}[:{split}]", text=text[:split])],
-              "val": [Source(f"{path}[{split}:]", text=text[split:])]}  # fmt: skip
+    splits = {
+        "train": [Source(f"{path}[:{split}]", text=text[:split])],
+        "val": [Source(f"{path}[{split}:]", text=text[split:])],
+    }
     return Corpus(splits, [path], "text")
 
 
@@ -117,9 +121,17 @@ def build_tokenizer(cfg: TokenizeParams, corpus: Corpus, raw_dir: Path) -> Token
 
 def cached_tokenizer(cfg: TokenizeParams, corpus: Corpus, raw_dir: Path, work: Path) -> tuple[Tokenizer, bool]:
     """The tokenizer, trained or reloaded from ``work`` when a killed run already trained it on the same inputs."""
-    key = {"kind": cfg.kind, "vocab_size": cfg.vocab_size, "pattern": cfg.pattern, "special": cfg.special_tokens,
-           "train_chars": cfg.train_chars, "val_fraction": cfg.val_fraction, "val_files": cfg.val_files,
-           "column": cfg.text_column, "files": corpus.fingerprint()}  # fmt: skip
+    key = {
+        "kind": cfg.kind,
+        "vocab_size": cfg.vocab_size,
+        "pattern": cfg.pattern,
+        "special": cfg.special_tokens,
+        "train_chars": cfg.train_chars,
+        "val_fraction": cfg.val_fraction,
+        "val_files": cfg.val_files,
+        "column": cfg.text_column,
+        "files": corpus.fingerprint(),
+    }
     key_hash = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
     path, key_path = work / "tokenizer.json", work / "tokenizer.key"
     if path.is_file() and key_path.is_file() and key_path.read_text().strip() == key_hash:
@@ -158,10 +170,15 @@ def main(
         print(f"{tok.kind} tokenizer, vocab {tok.vocab_size}" + (" (reused from an interrupted run)" if reused else ""))
         start = time.perf_counter()
         meta = tokenize_to_shards(
-            corpus.splits, tok, out, work, shard_tokens=cfg.shard_tokens, workers=cfg.workers,
+            corpus.splits,
+            tok,
+            out,
+            work,
+            shard_tokens=cfg.shard_tokens,
+            workers=cfg.workers,
             fingerprint={"files": corpus.fingerprint(), "column": cfg.text_column},
             extra_meta={"tokenizer": tok.kind, "corpus": cfg.corpus},
-        )  # fmt: skip
+        )
         encode_seconds = time.perf_counter() - start
         tok.save(out / "tokenizer.json")
         n_tokens = meta["train_tokens"] + meta["val_tokens"]
@@ -169,17 +186,24 @@ def main(
         write_stage_reports(
             reports,
             {
-                "vocab_size": tok.vocab_size, "train_tokens": meta["train_tokens"], "val_tokens": meta["val_tokens"],
+                "vocab_size": tok.vocab_size,
+                "train_tokens": meta["train_tokens"],
+                "val_tokens": meta["val_tokens"],
                 "documents": sum(meta["documents"].values()),
                 "shards": sum(len(v) for v in meta["splits"].values()),
                 "bytes_per_token": round(n_bytes / n_tokens, 4),
             },
-            {"tokenizer_seconds": round(train_seconds, 3), "encode_seconds": round(encode_seconds, 3),
-             "encode_mb_per_s": round(n_bytes / 1e6 / max(encode_seconds, 1e-9), 3)},
+            {
+                "tokenizer_seconds": round(train_seconds, 3),
+                "encode_seconds": round(encode_seconds, 3),
+                "encode_mb_per_s": round(n_bytes / 1e6 / max(encode_seconds, 1e-9), 3),
+            },
             {"tokenizer": tok.kind, "corpus": cfg.corpus, "corpus_bytes": n_bytes},
-        )  # fmt: skip
-        print(f"{meta['train_tokens']} train / {meta['val_tokens']} val tokens in "
-              f"{sum(len(v) for v in meta['splits'].values())} shard(s), {encode_seconds:.1f} s")  # fmt: skip
+        )
+        print(
+            f"{meta['train_tokens']} train / {meta['val_tokens']} val tokens in "
+            f"{sum(len(v) for v in meta['splits'].values())} shard(s), {encode_seconds:.1f} s"
+        )
 
 
 if __name__ == "__main__":

@@ -53,8 +53,6 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
-
-
 def serve_directory(root: Path) -> tuple[http.server.ThreadingHTTPServer, str]:
     """Serve ``root`` read-only on 127.0.0.1 at an ephemeral port; returns (server, base_url)."""
     handler = functools.partial(_QuietHandler, directory=str(root))

@@ -25,8 +25,9 @@ def save_fixed_reply_model(folder: Path, reply: str) -> Path:
     chain = [b for b in reply.encode("utf-8")]  # byte-level BPE: every byte is a token with its own id
     assert len(set(chain)) == len(chain), "the reply's bytes must be distinct"
     tok = Tokenizer.train(TEXT, 300)
-    cfg = ModelConfig.from_preset("gpt2-tiny", vocab_size=tok.vocab_size, n_layers=1, context_length=512,
-                                  tie_embeddings=False)  # fmt: skip
+    cfg = ModelConfig.from_preset(
+        "gpt2-tiny", vocab_size=tok.vocab_size, n_layers=1, context_length=512, tie_embeddings=False
+    )
     assert 2 * (len(chain) + 1) <= cfg.emb_dim
     model = GPT(cfg)
 

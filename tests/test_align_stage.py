@@ -39,8 +39,16 @@ def byte_tokenizer() -> Tokenizer:
 
 
 def make_entries(n: int = N) -> list[dict]:
-    out = [{"instruction": f"Say {i}.", "input": "loud" if i % 3 == 0 else "", "output": "OK.", "chosen": "OK.",
-            "rejected": f"No way, {i}!"} for i in range(n)]  # fmt: skip
+    out = [
+        {
+            "instruction": f"Say {i}.",
+            "input": "loud" if i % 3 == 0 else "",
+            "output": "OK.",
+            "chosen": "OK.",
+            "rejected": f"No way, {i}!",
+        }
+        for i in range(n)
+    ]
     out[5]["rejected"] = out[5]["chosen"]  # identical answers: dropped and counted
     return out
 
@@ -49,8 +57,9 @@ def bigram_judge(path: Path) -> None:
     """A GPT whose blocks are identities and whose head reads only the current byte: after a digit it ends
     the text, after any other byte b it writes the digit b % 10."""
     V, D = 257, 264
-    cfg = ModelConfig.from_preset("gpt2-tiny", vocab_size=V, context_length=1024, emb_dim=D, n_layers=1, n_heads=2,
-                                  tie_embeddings=False)  # fmt: skip
+    cfg = ModelConfig.from_preset(
+        "gpt2-tiny", vocab_size=V, context_length=1024, emb_dim=D, n_layers=1, n_heads=2, tie_embeddings=False
+    )
     model = GPT(cfg)
     with torch.no_grad():
         for p in model.parameters():
@@ -83,8 +92,16 @@ def workspace(tmp_path_factory) -> Path:
     cfg = ModelConfig.from_preset("gpt2-tiny", vocab_size=257, context_length=192, emb_dim=32, n_layers=2, n_heads=2)
     save_model_dir(root / "models" / "instruct", GPT(cfg), byte_tokenizer(), {"template": "alpaca"})
     test = split_entries(entries, 0.85, 0.10, 123)[2]
-    responses = [{"id": str(i), "instruction": e["instruction"], "input": e["input"], "output": e["output"],
-                  "model_response": "Nope."} for i, e in enumerate(test)]  # fmt: skip
+    responses = [
+        {
+            "id": str(i),
+            "instruction": e["instruction"],
+            "input": e["input"],
+            "output": e["output"],
+            "model_response": "Nope.",
+        }
+        for i, e in enumerate(test)
+    ]
     (root / "instruct_responses.json").write_text(json.dumps(responses), encoding="utf-8")
     bigram_judge(root / "models" / "judge")
     return root
@@ -103,17 +120,37 @@ def write_params(root: Path, name: str, judge_host: str | None = None, **align) 
         "hardware": {"device": "cpu", "threads": 1},
         "align": {
             "dataset": "prefs",
-            "train": {"batch_size": 8, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 2, "epochs": 3, "eval_every": 6,
-                      "eval_batches": None, "checkpoint_every": 100, "log_every": 2, "seed": 1},
+            "train": {
+                "batch_size": 8,
+                "lr": 3e-3,
+                "min_lr": 3e-4,
+                "warmup_steps": 2,
+                "epochs": 3,
+                "eval_every": 6,
+                "eval_batches": None,
+                "checkpoint_every": 100,
+                "log_every": 2,
+                "seed": 1,
+            },
             "pairs": {"max_new_tokens": 8, "batch_size": 32},
             "generate": {"max_new_tokens": 8, "batch_size": 8},
             **align,
         },
-        "evaluate": {"judge_mode": "required", "n_boot": 200,
-                     # the bigram judge answers in prose (one digit): asked by JSON schema it could only tie
-                     "judge": {"model": "judge", "host": judge_host, "timeout": 20, "retries": 0, "schema": False,
-                               "prompt_template": JUDGE_TEMPLATE, "strict_prompt_template": JUDGE_TEMPLATE}},
-    }  # fmt: skip
+        "evaluate": {
+            "judge_mode": "required",
+            "n_boot": 200,
+            # the bigram judge answers in prose (one digit): asked by JSON schema it could only tie
+            "judge": {
+                "model": "judge",
+                "host": judge_host,
+                "timeout": 20,
+                "retries": 0,
+                "schema": False,
+                "prompt_template": JUDGE_TEMPLATE,
+                "strict_prompt_template": JUDGE_TEMPLATE,
+            },
+        },
+    }
     path = root / f"{name}.yaml"
     path.write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
     return path
@@ -121,14 +158,33 @@ def write_params(root: Path, name: str, judge_host: str | None = None, **align) 
 
 def run_stages(root: Path, params: Path, tag: str):
     common = ["--params", str(params), "--models-dir", str(root / "models")]
-    pairs_args = [*common, "--raw-dir", str(root / "raw"), "--out", str(root / tag / "pairs.json"),
-                  "--reports", str(root / tag / "reports"), "--cache", str(root / "judge.jsonl")]  # fmt: skip
+    pairs_args = [
+        *common,
+        "--raw-dir",
+        str(root / "raw"),
+        "--out",
+        str(root / tag / "pairs.json"),
+        "--reports",
+        str(root / tag / "reports"),
+        "--cache",
+        str(root / "judge.jsonl"),
+    ]
     result = CliRunner().invoke(preferences.app, pairs_args)
     if result.exit_code != 0:
         return result
-    train_args = [*common, "--pairs", str(root / tag / "pairs.json"), "--test-prompts",
-                  str(root / "instruct_responses.json"), "--out", str(root / "models" / f"align-{tag}"),
-                  "--reports", str(root / tag / "reports"), "--work-dir", str(root / tag / "work")]  # fmt: skip
+    train_args = [
+        *common,
+        "--pairs",
+        str(root / tag / "pairs.json"),
+        "--test-prompts",
+        str(root / "instruct_responses.json"),
+        "--out",
+        str(root / "models" / f"align-{tag}"),
+        "--reports",
+        str(root / tag / "reports"),
+        "--work-dir",
+        str(root / tag / "work"),
+    ]
     return CliRunner().invoke(align.app, train_args)
 
 
@@ -164,8 +220,15 @@ def test_dataset_mode_outputs_and_reward_accuracy(aligned: Path) -> None:
     meta = read_metadata(aligned / "models" / "align-dataset" / "model.safetensors")
     assert meta["template"] == "alpaca" and meta["stage"] == "align" and meta["base_model"] == "instruct"
     curves = reports / "live" / "plots" / "metrics"
-    for curve in ("train/loss", "train/reward_accuracy", "val/loss", "val/reward_accuracy", "val/reward_margin",
-                  "val/chosen_reward", "val/rejected_reward"):  # fmt: skip
+    for curve in (
+        "train/loss",
+        "train/reward_accuracy",
+        "val/loss",
+        "val/reward_accuracy",
+        "val/reward_margin",
+        "val/chosen_reward",
+        "val/rejected_reward",
+    ):
         assert len((curves / f"{curve}.tsv").read_text().splitlines()) > 2, curve
 
 
@@ -175,13 +238,35 @@ def test_bad_preference_files_stop_before_training(workspace: Path, tmp_path: Pa
     (tmp_path / "raw" / "bad").mkdir(parents=True)
     (tmp_path / "raw" / "bad" / "data.json").write_text(json.dumps(entries), encoding="utf-8")
     params = write_params(tmp_path, "bad", dataset="bad")
-    result = CliRunner().invoke(preferences.app, ["--params", str(params), "--raw-dir", str(tmp_path / "raw"),
-                                      "--out", str(tmp_path / "pairs.json"), "--reports", str(tmp_path / "r")])
+    result = CliRunner().invoke(
+        preferences.app,
+        [
+            "--params",
+            str(params),
+            "--raw-dir",
+            str(tmp_path / "raw"),
+            "--out",
+            str(tmp_path / "pairs.json"),
+            "--reports",
+            str(tmp_path / "r"),
+        ],
+    )
     assert result.exit_code == 1 and result.output.strip().endswith("data.json: entry 7: missing key 'rejected'")
     assert not (tmp_path / "pairs.json").exists()
     params = write_params(tmp_path, "strict", identical="error")
-    result = CliRunner().invoke(preferences.app, ["--params", str(params), "--raw-dir", str(workspace / "raw"),
-                                      "--out", str(tmp_path / "pairs.json"), "--reports", str(tmp_path / "r")])
+    result = CliRunner().invoke(
+        preferences.app,
+        [
+            "--params",
+            str(params),
+            "--raw-dir",
+            str(workspace / "raw"),
+            "--out",
+            str(tmp_path / "pairs.json"),
+            "--reports",
+            str(tmp_path / "r"),
+        ],
+    )
     assert result.exit_code == 1 and "entry 5: 'chosen' and 'rejected' are the same text" in result.output
     params = write_params(tmp_path, "beta", beta=0)
     result = CliRunner().invoke(align.app, ["--params", str(params)])
@@ -189,9 +274,24 @@ def test_bad_preference_files_stop_before_training(workspace: Path, tmp_path: Pa
 
 
 def test_judge_mode_builds_pairs_from_judged_samples_and_caches_them(workspace: Path, judge_url: str) -> None:
-    params = write_params(workspace, "judge", judge_url, preferences="judge", finetune="lora",
-                          train={"batch_size": 4, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 1, "max_steps": 4,
-                                 "eval_every": 4, "eval_batches": None, "checkpoint_every": 4, "seed": 1})  # fmt: skip
+    params = write_params(
+        workspace,
+        "judge",
+        judge_url,
+        preferences="judge",
+        finetune="lora",
+        train={
+            "batch_size": 4,
+            "lr": 3e-3,
+            "min_lr": 3e-4,
+            "warmup_steps": 1,
+            "max_steps": 4,
+            "eval_every": 4,
+            "eval_batches": None,
+            "checkpoint_every": 4,
+            "seed": 1,
+        },
+    )
     result = run_stages(workspace, params, "judge")
     assert result.exit_code == 0, result.output
     counts = json.loads((workspace / "judge" / "reports" / "pairs.json").read_text())
@@ -216,7 +316,8 @@ def test_judge_mode_builds_pairs_from_judged_samples_and_caches_them(workspace: 
     counts2 = json.loads((workspace / "judge" / "reports" / "pairs.json").read_text())
     assert counts2["judge_requests"] == 0 and counts2["judge_cached"] == counts["judged_answers"]
     assert {k: v for k, v in counts2.items() if not k.startswith("judge_")} == {
-        k: v for k, v in counts.items() if not k.startswith("judge_")}
+        k: v for k, v in counts.items() if not k.startswith("judge_")
+    }
 
 
 def test_evaluate_compares_base_instruct_and_align(aligned: Path, judge_url: str, tmp_path: Path) -> None:
@@ -225,11 +326,22 @@ def test_evaluate_compares_base_instruct_and_align(aligned: Path, judge_url: str
     # the base model's answers: half the instruct model's own ("Nope.", judged 6), half "Hm" (judged 9)
     base = [dict(r, model_response="Nope." if i % 2 else "Hm") for i, r in enumerate(instruct)]
     (tmp_path / "base_responses.json").write_text(json.dumps(base))
-    args = ["--params", str(params), "--responses", str(aligned / "instruct_responses.json"),
-            "--model-dir", str(aligned / "models" / "instruct"), "--cache", str(tmp_path / "cache.jsonl"),
-            "--reports", str(tmp_path / "reports"),
-            "--base-responses", str(tmp_path / "base_responses.json"),
-            "--align-responses", str(aligned / "dataset" / "reports" / "responses.json")]  # fmt: skip
+    args = [
+        "--params",
+        str(params),
+        "--responses",
+        str(aligned / "instruct_responses.json"),
+        "--model-dir",
+        str(aligned / "models" / "instruct"),
+        "--cache",
+        str(tmp_path / "cache.jsonl"),
+        "--reports",
+        str(tmp_path / "reports"),
+        "--base-responses",
+        str(tmp_path / "base_responses.json"),
+        "--align-responses",
+        str(aligned / "dataset" / "reports" / "responses.json"),
+    ]
     result = CliRunner().invoke(evaluate.app, args)
     assert result.exit_code == 0, result.output
     metrics = json.loads((tmp_path / "reports" / "metrics.json").read_text())
@@ -250,23 +362,40 @@ def test_evaluate_compares_base_instruct_and_align(aligned: Path, judge_url: str
     # paired statistics of instruct - base
     base_vs = metrics["compare_base"]
     assert base_vs["n_items"] == 6 and base_vs["base_rouge_l"] == 0.0 and base_vs["judge_unscored_pairs"] == 0
-    assert base_vs["judge"] == pytest.approx({
-        "n": 6, "base_mean": 7.5, "instruct_mean": 6.0, "diff_mean": -1.5, "instruct_ci95_low": 6.0,
-        "instruct_ci95_high": 6.0, "base_ci95_low": base_vs["judge"]["base_ci95_low"],
-        "base_ci95_high": base_vs["judge"]["base_ci95_high"], "diff_ci95_low": base_vs["judge"]["diff_ci95_low"],
-        "diff_ci95_high": base_vs["judge"]["diff_ci95_high"]})  # fmt: skip
+    assert base_vs["judge"] == pytest.approx(
+        {
+            "n": 6,
+            "base_mean": 7.5,
+            "instruct_mean": 6.0,
+            "diff_mean": -1.5,
+            "instruct_ci95_low": 6.0,
+            "instruct_ci95_high": 6.0,
+            "base_ci95_low": base_vs["judge"]["base_ci95_low"],
+            "base_ci95_high": base_vs["judge"]["base_ci95_high"],
+            "diff_ci95_low": base_vs["judge"]["diff_ci95_low"],
+            "diff_ci95_high": base_vs["judge"]["diff_ci95_high"],
+        }
+    )
     assert 6.0 <= base_vs["judge"]["base_ci95_low"] <= 7.5 <= base_vs["judge"]["base_ci95_high"] <= 9.0
     assert base_vs["judge"]["diff_ci95_low"] <= -1.5 <= base_vs["judge"]["diff_ci95_high"] <= 0.0
     scored = [json.loads(x) for x in (tmp_path / "reports" / "base_scores.jsonl").read_text().splitlines()]
     assert [(r["id"], r["score"], r["cached"]) for r in scored] == [
-        (str(i), 6 if i % 2 else 9, bool(i % 2)) for i in range(6)]  # fmt: skip
+        (str(i), 6 if i % 2 else 9, bool(i % 2)) for i in range(6)
+    ]
 
 
 def test_head_to_head_reads_the_choice_and_undoes_the_order() -> None:
     from llmcore.eval.paired import _order, _record, paired_stats, parse_choice
 
     assert [parse_choice(t) for t in ("1", "**2**", "Tie.", "Response 2 is better.", "1 or 2", "", None)] == [
-        "1", "2", "tie", "2", None, None, None]  # fmt: skip
+        "1",
+        "2",
+        "tie",
+        "2",
+        None,
+        None,
+        None,
+    ]
     assert _record("x", b_first=True, raw="1").winner == "b" and _record("x", b_first=False, raw="1").winner == "a"
     assert _record("x", b_first=True, raw="2").winner == "a" and _record("x", b_first=False, raw="tie").winner == "tie"
     orders = [_order(123, str(i)) for i in range(200)]

@@ -17,10 +17,23 @@ needs_book = pytest.mark.skipif(not HAVE_BOOK, reason="llms-from-scratch not ins
 # Smaller still than --quick, and one repetition of everything: this checks the logic, not the speed.
 TINY = Plan(
     shape=Shape(vocab_size=300, context_length=16, emb_dim=32, n_heads=2, n_layers=1, batch_size=2),
-    train_warmup=0, train_reps=1, train_peers=("llmcore", "book", "hf"), precisions=("fp32", "bf16"),
-    gen_prompt=4, gen_new=5, gen_reps=1, bpe_vocabs=(260, 270), bpe_reps=1, text_bytes=20_000, encode_reps=1,
-    loss_steps=3, peak_n=64, peak_reps=1, isolate=False, rounds=2,  # rounds: pooling is exercised
-)  # fmt: skip
+    train_warmup=0,
+    train_reps=1,
+    train_peers=("llmcore", "book", "hf"),
+    precisions=("fp32", "bf16"),
+    gen_prompt=4,
+    gen_new=5,
+    gen_reps=1,
+    bpe_vocabs=(260, 270),
+    bpe_reps=1,
+    text_bytes=20_000,
+    encode_reps=1,
+    loss_steps=3,
+    peak_n=64,
+    peak_reps=1,
+    isolate=False,
+    rounds=2,  # rounds: pooling is exercised
+)
 
 
 @pytest.fixture(scope="module")

@@ -35,8 +35,12 @@ def quick(tmp_path_factory) -> tuple[dict, str]:
 
 
 def measured(report: dict) -> list[tuple[str, str, dict]]:
-    return [(key, impl, r) for key, row in report["workloads"].items() for impl, r in row["impls"].items()
-            if "skipped" not in r]  # fmt: skip
+    return [
+        (key, impl, r)
+        for key, row in report["workloads"].items()
+        for impl, r in row["impls"].items()
+        if "skipped" not in r
+    ]
 
 
 def test_every_measurement_has_idle_and_busy_figures(quick):
@@ -99,8 +103,13 @@ def _children_running(pid: int, marker: str) -> list[int]:
 
 
 def test_a_signal_stops_the_bench_and_its_busy_process(tmp_path):
-    bench = subprocess.Popen(bench_cmd(tmp_path / "busy.json", "--only", "train"), cwd=REPO_ROOT, env=OUTER_ENV,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    bench = subprocess.Popen(
+        bench_cmd(tmp_path / "busy.json", "--only", "train"),
+        cwd=REPO_ROOT,
+        env=OUTER_ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline, hogs = time.monotonic() + 60, []
         while not hogs and bench.poll() is None and time.monotonic() < deadline:

@@ -106,8 +106,9 @@ def test_alpaca_entry_becomes_two_turns():
 def test_added_tokens_get_mean_rows_and_old_ids_are_unchanged(preset):
     base_tok = Tokenizer.train(CORPUS, 280)
     torch.manual_seed(0)
-    cfg = ModelConfig.from_preset(preset, vocab_size=base_tok.vocab_size, context_length=32, emb_dim=32,
-                                  n_layers=1, n_heads=2)  # fmt: skip
+    cfg = ModelConfig.from_preset(
+        preset, vocab_size=base_tok.vocab_size, context_length=32, emb_dim=32, n_layers=1, n_heads=2
+    )
     model = GPT(cfg).eval()
     grown, tok = add_special_tokens(model, base_tok, CHAT_TOKENS)
     assert tok.vocab_size == base_tok.vocab_size + 2 and grown.cfg.vocab_size == tok.vocab_size

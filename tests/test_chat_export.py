@@ -38,8 +38,9 @@ def chat_model_dir(request, tmp_path_factory) -> Path:
 
     tok = Tokenizer.train(CORPUS, 300, pattern="gpt4" if request.param.startswith("llama") else "gpt2")
     torch.manual_seed(0)
-    cfg = ModelConfig.from_preset(request.param, vocab_size=tok.vocab_size, context_length=512, emb_dim=32,
-                                  n_layers=1, n_heads=2)  # fmt: skip
+    cfg = ModelConfig.from_preset(
+        request.param, vocab_size=tok.vocab_size, context_length=512, emb_dim=32, n_layers=1, n_heads=2
+    )
     model, tok = add_special_tokens(GPT(cfg), tok, CHAT_TOKENS)
     return save_model_dir(tmp_path_factory.mktemp("chatmodel") / "chat", model, tok, {"template": "chatml"})
 

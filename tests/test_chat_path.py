@@ -68,15 +68,40 @@ TINY = {
     "tokenize": {"vocab_size": 320, "train_chars": 30000, "shard_tokens": 3000, "workers": 1},
     "model": {"context_length": 256, "emb_dim": 32, "n_layers": 1, "n_heads": 2, "n_kv_heads": 1, "hidden_dim": 64},
     "hardware": {"device": "cpu", "precision": "fp32", "compile": False, "threads": 1, "peak_tflops": 1.0},
-    "pretrain": {"train": {"batch_size": 8, "grad_accum": 1, "lr": 1e-2, "min_lr": 1e-3, "warmup_steps": 2,
-                           "max_steps": 10, "eval_every": 5, "eval_batches": 2, "checkpoint_every": 10, "log_every": 5},
-                 "sample": {"max_new_tokens": 8}},
-    "instruct": {"train_fraction": 0.8, "test_fraction": 0.1,
-                 "train": {"batch_size": 8, "grad_accum": 1, "lr": 1e-2, "min_lr": 1e-3, "warmup_steps": 2,
-                           "epochs": None, "max_steps": 8, "eval_every": 8, "eval_batches": 2, "checkpoint_every": 8,
-                           "log_every": 4},
-                 "generate": {"max_new_tokens": 8, "batch_size": 8}},
-}  # fmt: skip
+    "pretrain": {
+        "train": {
+            "batch_size": 8,
+            "grad_accum": 1,
+            "lr": 1e-2,
+            "min_lr": 1e-3,
+            "warmup_steps": 2,
+            "max_steps": 10,
+            "eval_every": 5,
+            "eval_batches": 2,
+            "checkpoint_every": 10,
+            "log_every": 5,
+        },
+        "sample": {"max_new_tokens": 8},
+    },
+    "instruct": {
+        "train_fraction": 0.8,
+        "test_fraction": 0.1,
+        "train": {
+            "batch_size": 8,
+            "grad_accum": 1,
+            "lr": 1e-2,
+            "min_lr": 1e-3,
+            "warmup_steps": 2,
+            "epochs": None,
+            "max_steps": 8,
+            "eval_every": 8,
+            "eval_batches": 2,
+            "checkpoint_every": 8,
+            "log_every": 4,
+        },
+        "generate": {"max_new_tokens": 8, "batch_size": 8},
+    },
+}
 N_CONVERSATIONS = 40  # 10 per file of the profile's 4
 
 
@@ -89,8 +114,10 @@ def smoltalk_rows(n: int) -> list[list[dict]]:
         messages = [{"role": "system", "content": "You are a helpful assistant."}] if i % 2 else []
         for turn in range(1 + i % 3):
             answer = "The river flows into the sea." if i % 5 else " ".join(["Plants grow in the light."] * 10)
-            messages += [{"role": "user", "content": f"Question {i}.{turn}: where does the river go?"},
-                         {"role": "assistant", "content": answer}]  # fmt: skip
+            messages += [
+                {"role": "user", "content": f"Question {i}.{turn}: where does the river go?"},
+                {"role": "assistant", "content": answer},
+            ]
         rows.append(messages)
     return rows
 
@@ -104,8 +131,11 @@ def mirror_file(mirror: Path, url: str) -> Path:
 
 def test_fineweb_profile_continues_from_pretraining_into_chat_fine_tuning(tmp_path, http_dir, monkeypatch) -> None:
     merged_path = tmp_path / "merged.yaml"
-    ok(CliRunner().invoke(cli, ["profile", str(PROFILE), "--params", str(REPO / "params.yaml"),
-                                "--write", str(merged_path)]))  # fmt: skip
+    ok(
+        CliRunner().invoke(
+            cli, ["profile", str(PROFILE), "--params", str(REPO / "params.yaml"), "--write", str(merged_path)]
+        )
+    )
     merged = read_params(merged_path)
     sources = merged["download"]["sources"]
     smoltalk = sources[merged["instruct"]["dataset"]]
@@ -123,30 +153,76 @@ def test_fineweb_profile_continues_from_pretraining_into_chat_fine_tuning(tmp_pa
     per_file = N_CONVERSATIONS // smoltalk["shards"]
     for shard in range(smoltalk["shards"]):
         part = rows[shard * per_file : (shard + 1) * per_file]
-        pq.write_table(pa.table({"messages": part, "source": ["toy"] * len(part)}),
-                       mirror_file(mirror, smoltalk["url"].format(shard=shard)))  # fmt: skip
+        pq.write_table(
+            pa.table({"messages": part, "source": ["toy"] * len(part)}),
+            mirror_file(mirror, smoltalk["url"].format(shard=shard)),
+        )
     monkeypatch.setenv(MIRROR_ENV, http_dir(mirror))
 
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(merge_params(merged, TINY), sort_keys=False), encoding="utf-8")
     p, raw, reports, models = ["--params", str(params)], tmp_path / "raw", tmp_path / "reports", tmp_path / "models"
-    ok(CliRunner().invoke(download_app, [*p, "--raw-dir", str(raw), "--reports", str(reports / "download"),
-                                         "--only", merged["tokenize"]["corpus"], "--only",
-                                         merged["instruct"]["dataset"]]))  # fmt: skip
+    ok(
+        CliRunner().invoke(
+            download_app,
+            [
+                *p,
+                "--raw-dir",
+                str(raw),
+                "--reports",
+                str(reports / "download"),
+                "--only",
+                merged["tokenize"]["corpus"],
+                "--only",
+                merged["instruct"]["dataset"],
+            ],
+        )
+    )
     files = json.loads((reports / "download" / "facts.json").read_text())["files"]
     assert files[merged["instruct"]["dataset"]]["conversations"] == N_CONVERSATIONS
     tokens = tmp_path / "tokens"
-    tok_args = ["--raw-dir", str(raw), "--out", str(tokens), "--work", str(tmp_path / "w"), "--reports",
-                str(reports / "tokenize")]  # fmt: skip
+    tok_args = [
+        "--raw-dir",
+        str(raw),
+        "--out",
+        str(tokens),
+        "--work",
+        str(tmp_path / "w"),
+        "--reports",
+        str(reports / "tokenize"),
+    ]
     ok(CliRunner().invoke(tokenize_app, [*p, *tok_args]))
-    pre_args = ["--tokens", str(tokens), "--out", str(models / "pretrain"), "--reports", str(reports / "pretrain"),
-                "--ckpt", str(tmp_path / "ck")]  # fmt: skip
+    pre_args = [
+        "--tokens",
+        str(tokens),
+        "--out",
+        str(models / "pretrain"),
+        "--reports",
+        str(reports / "pretrain"),
+        "--ckpt",
+        str(tmp_path / "ck"),
+    ]
     ok(CliRunner().invoke(pretrain_app, [*p, *pre_args]))
     base = open_model_dir(models / "pretrain")
     assert all(t in base.tokenizer.special_tokens for t in CHAT_TOKENS)  # reserved by the tokenize stage
-    ok(CliRunner().invoke(instruct_app, [*p, "--raw-dir", str(raw), "--models-dir", str(models), "--out",
-                                         str(models / "instruct"), "--reports", str(reports / "instruct"),
-                                         "--work-dir", str(tmp_path / "work-instruct")]))  # fmt: skip
+    ok(
+        CliRunner().invoke(
+            instruct_app,
+            [
+                *p,
+                "--raw-dir",
+                str(raw),
+                "--models-dir",
+                str(models),
+                "--out",
+                str(models / "instruct"),
+                "--reports",
+                str(reports / "instruct"),
+                "--work-dir",
+                str(tmp_path / "work-instruct"),
+            ],
+        )
+    )
 
     metrics = json.loads((reports / "instruct" / "metrics.json").read_text())
     facts = json.loads((reports / "instruct" / "facts.json").read_text())
@@ -200,18 +276,44 @@ def chat_run(tmp_path_factory) -> Path:
     params = {
         "base_model": "base",
         "hardware": {"device": "cpu", "threads": 1},
-        "instruct": {"dataset": "chat", "format": "chat",
-                     "train": {"batch_size": 8, "lr": 0.01, "min_lr": 0.001, "warmup_steps": 5, "max_steps": 50,
-                               "eval_every": 50, "eval_batches": None, "checkpoint_every": 50, "log_every": 10,
-                               "seed": 1},
-                     "generate": {"max_new_tokens": 8, "batch_size": 4}},
-    }  # fmt: skip
+        "instruct": {
+            "dataset": "chat",
+            "format": "chat",
+            "train": {
+                "batch_size": 8,
+                "lr": 0.01,
+                "min_lr": 0.001,
+                "warmup_steps": 5,
+                "max_steps": 50,
+                "eval_every": 50,
+                "eval_batches": None,
+                "checkpoint_every": 50,
+                "log_every": 10,
+                "seed": 1,
+            },
+            "generate": {"max_new_tokens": 8, "batch_size": 4},
+        },
+    }
     (root / "instruct.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
-    ok(CliRunner().invoke(instruct_app, ["--params", str(root / "instruct.yaml"), "--raw-dir", str(root / "raw"),
-                                         "--models-dir", str(root / "models"), "--out",
-                                         str(root / "models" / "instruct"), "--reports",
-                                         str(root / "reports" / "instruct"), "--work-dir",
-                                         str(root / "work-instruct")]))  # fmt: skip
+    ok(
+        CliRunner().invoke(
+            instruct_app,
+            [
+                "--params",
+                str(root / "instruct.yaml"),
+                "--raw-dir",
+                str(root / "raw"),
+                "--models-dir",
+                str(root / "models"),
+                "--out",
+                str(root / "models" / "instruct"),
+                "--reports",
+                str(root / "reports" / "instruct"),
+                "--work-dir",
+                str(root / "work-instruct"),
+            ],
+        )
+    )
     return root
 
 
@@ -226,15 +328,39 @@ def judge_url(chat_run):
 def align_params(root: Path, name: str, judge_host: str | None = None, **align) -> Path:
     params = {
         "hardware": {"device": "cpu", "threads": 1},
-        "align": {"dataset": "prefs", "base_model": "instruct",
-                  "train": {"batch_size": 8, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 2, "epochs": 2,
-                            "eval_every": 6, "eval_batches": None, "checkpoint_every": 100, "log_every": 2, "seed": 1},
-                  "generate": {"max_new_tokens": 8, "batch_size": 8}, **align},
-        "evaluate": {"judge_mode": "required", "n_boot": 200,
-                     # the bigram judge answers in prose (one digit): asked by JSON schema it could only tie
-                     "judge": {"model": "judge", "host": judge_host, "timeout": 20, "retries": 0, "schema": False,
-                               "prompt_template": JUDGE_TEMPLATE, "strict_prompt_template": JUDGE_TEMPLATE}},
-    }  # fmt: skip
+        "align": {
+            "dataset": "prefs",
+            "base_model": "instruct",
+            "train": {
+                "batch_size": 8,
+                "lr": 3e-3,
+                "min_lr": 3e-4,
+                "warmup_steps": 2,
+                "epochs": 2,
+                "eval_every": 6,
+                "eval_batches": None,
+                "checkpoint_every": 100,
+                "log_every": 2,
+                "seed": 1,
+            },
+            "generate": {"max_new_tokens": 8, "batch_size": 8},
+            **align,
+        },
+        "evaluate": {
+            "judge_mode": "required",
+            "n_boot": 200,
+            # the bigram judge answers in prose (one digit): asked by JSON schema it could only tie
+            "judge": {
+                "model": "judge",
+                "host": judge_host,
+                "timeout": 20,
+                "retries": 0,
+                "schema": False,
+                "prompt_template": JUDGE_TEMPLATE,
+                "strict_prompt_template": JUDGE_TEMPLATE,
+            },
+        },
+    }
     path = root / f"{name}.yaml"
     path.write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
     return path
@@ -244,13 +370,42 @@ def run_align(root: Path, params: Path, tag: str) -> Path:
     """Stages preferences and align; returns the reports folder."""
     common = ["--params", str(params), "--models-dir", str(root / "models")]
     reports = root / tag / "reports" / "align"
-    ok(CliRunner().invoke(align_app, ["pairs", *common, "--raw-dir", str(root / "raw"), "--out",
-                                      str(root / tag / "pairs.json"), "--reports", str(reports), "--cache",
-                                      str(root / tag / "judge.jsonl")]))  # fmt: skip
-    ok(CliRunner().invoke(align_app, ["train", *common, "--pairs", str(root / tag / "pairs.json"), "--test-prompts",
-                                      str(root / "reports" / "instruct" / "responses.json"), "--out",
-                                      str(root / "models" / f"align-{tag}"), "--reports", str(reports),
-                                      "--work-dir", str(root / tag / "work")]))  # fmt: skip
+    ok(
+        CliRunner().invoke(
+            align_app,
+            [
+                "pairs",
+                *common,
+                "--raw-dir",
+                str(root / "raw"),
+                "--out",
+                str(root / tag / "pairs.json"),
+                "--reports",
+                str(reports),
+                "--cache",
+                str(root / tag / "judge.jsonl"),
+            ],
+        )
+    )
+    ok(
+        CliRunner().invoke(
+            align_app,
+            [
+                "train",
+                *common,
+                "--pairs",
+                str(root / tag / "pairs.json"),
+                "--test-prompts",
+                str(root / "reports" / "instruct" / "responses.json"),
+                "--out",
+                str(root / "models" / f"align-{tag}"),
+                "--reports",
+                str(reports),
+                "--work-dir",
+                str(root / tag / "work"),
+            ],
+        )
+    )
     return reports
 
 
@@ -287,8 +442,12 @@ def test_a_chat_test_prompt_is_rendered_turn_by_turn() -> None:
 
     tok = byte_tokenizer().with_special_tokens(CHAT_TOKENS)
     messages = conversation(3)["messages"][:-1]  # system, user, assistant, user
-    entry = {"instruction": "Again 3?", "input": "System: Answer OK.\nUser: Say 3.\nAssistant: OK.", "output": "OK.",
-             "messages": messages}  # fmt: skip
+    entry = {
+        "instruction": "Again 3?",
+        "input": "System: Answer OK.\nUser: Say 3.\nAssistant: OK.",
+        "output": "OK.",
+        "messages": messages,
+    }
     ids = entry_prompt_ids(tok, CHATML, entry, "responses.json: entry 0")
     assert ids == render_chat(tok, messages, add_generation_prompt=True).ids
     assert tok.decode(ids).count(IM_START) == 5  # four turns and the assistant's header
@@ -313,15 +472,31 @@ def test_align_of_a_chat_model_learns_the_preference_and_answers_in_chat(chat_ru
 
 def test_judged_pairs_of_a_chat_model_are_sampled_in_chat_and_end_their_turn(chat_run: Path, judge_url: str) -> None:
     # 30 train / 24 validation prompts, sampled hot: the chat model says "OK." almost always at temperature 1
-    params = align_params(chat_run, "judge", judge_url, preferences="judge", train_fraction=0.5,
-                          pairs={"temperature": 1.5, "top_k": None, "max_new_tokens": 24, "batch_size": 64},
-                          train={"batch_size": 4, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 1, "max_steps": 2,
-                                 "eval_every": 2, "eval_batches": None, "checkpoint_every": 2, "seed": 1})  # fmt: skip
+    params = align_params(
+        chat_run,
+        "judge",
+        judge_url,
+        preferences="judge",
+        train_fraction=0.5,
+        pairs={"temperature": 1.5, "top_k": None, "max_new_tokens": 24, "batch_size": 64},
+        train={
+            "batch_size": 4,
+            "lr": 3e-3,
+            "min_lr": 3e-4,
+            "warmup_steps": 1,
+            "max_steps": 2,
+            "eval_every": 2,
+            "eval_batches": None,
+            "checkpoint_every": 2,
+            "seed": 1,
+        },
+    )
     reports = run_align(chat_run, params, "judge")
     counts = json.loads((reports / "pairs.json").read_text())
     assert counts["prompts"] == 30 + 24 and counts["train_pairs"] > 0 and counts["val_pairs"] > 0
-    answers = [p[side] for p in json.loads((chat_run / "judge" / "pairs.json").read_text())
-               for side in ("chosen", "rejected")]  # fmt: skip
+    answers = [
+        p[side] for p in json.loads((chat_run / "judge" / "pairs.json").read_text()) for side in ("chosen", "rejected")
+    ]
     # each answer stops at its <|im_end|> (never in the text); the trained answer is among them, whole
     assert all(IM_END not in a for a in answers) and "OK." in answers
     for pair in json.loads((chat_run / "judge" / "pairs.json").read_text()):
@@ -336,11 +511,25 @@ def test_evaluate_and_report_card_of_a_chat_run(chat_run: Path, aligned: Path, j
     for f in (reports / "instruct").glob("*.json"):
         (out / "instruct" / f.name).write_bytes(f.read_bytes())
     params = align_params(chat_run, "eval", judge_url)
-    result = CliRunner().invoke(evaluate.app, [
-        "--params", str(params), "--responses", str(reports / "instruct" / "responses.json"),
-        "--model-dir", str(chat_run / "models" / "instruct"), "--cache", str(chat_run / "eval-cache.jsonl"),
-        "--reports", str(out / "evaluate"), "--base-responses", str(reports / "instruct" / "base_responses.json"),
-        "--align-responses", str(aligned / "responses.json")])  # fmt: skip
+    result = CliRunner().invoke(
+        evaluate.app,
+        [
+            "--params",
+            str(params),
+            "--responses",
+            str(reports / "instruct" / "responses.json"),
+            "--model-dir",
+            str(chat_run / "models" / "instruct"),
+            "--cache",
+            str(chat_run / "eval-cache.jsonl"),
+            "--reports",
+            str(out / "evaluate"),
+            "--base-responses",
+            str(reports / "instruct" / "base_responses.json"),
+            "--align-responses",
+            str(aligned / "responses.json"),
+        ],
+    )
     ok(result)
     metrics = json.loads((out / "evaluate" / "metrics.json").read_text())
     tok = open_model_dir(chat_run / "models" / "instruct").tokenizer

@@ -45,8 +45,9 @@ def test_openai_client_two_turns(url: str, handle: ModelHandle) -> None:
     second = client.chat.completions.create(model="chat", messages=messages, temperature=0, max_tokens=16)
     assert second.choices[0].message.content == "OK." and second.choices[0].finish_reason == "stop"
     assert second.usage.prompt_tokens > first.usage.prompt_tokens  # the whole history went in
-    streamed = client.chat.completions.create(model="chat", messages=messages, temperature=0, max_tokens=16,
-                                              stream=True)  # fmt: skip
+    streamed = client.chat.completions.create(
+        model="chat", messages=messages, temperature=0, max_tokens=16, stream=True
+    )
     assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == "OK."
 
 

@@ -46,13 +46,24 @@ def params(path: Path, dataset: str, base_model: str = "base", **instruct) -> Pa
         "base_model": base_model,
         "hardware": {"device": "cpu", "threads": 1},
         "instruct": {
-            "dataset": dataset, "format": "chat",
-            "train": {"batch_size": 8, "lr": 0.01, "min_lr": 0.001, "warmup_steps": 5, "max_steps": 50,
-                      "eval_every": 50, "eval_batches": None, "checkpoint_every": 50, "log_every": 10, "seed": 1},
+            "dataset": dataset,
+            "format": "chat",
+            "train": {
+                "batch_size": 8,
+                "lr": 0.01,
+                "min_lr": 0.001,
+                "warmup_steps": 5,
+                "max_steps": 50,
+                "eval_every": 50,
+                "eval_batches": None,
+                "checkpoint_every": 50,
+                "log_every": 10,
+                "seed": 1,
+            },
             "generate": {"max_new_tokens": 8, "batch_size": 4},
             **instruct,
         },
-    }  # fmt: skip
+    }
     path.write_text(yaml.safe_dump(p, sort_keys=False), encoding="utf-8")
     return path
 
@@ -113,10 +124,16 @@ def test_chat_with_a_chat_model_keeps_the_conversation(chat_trained: Path, monke
     assert result.exit_code == 0, result.output
     assert result.output.splitlines() == ["OK.", "OK."]
     tok = open_model_dir(folder).tokenizer
-    history = [{"role": "system", "content": "Answer OK."}, {"role": "user", "content": "Say 3."},
-               {"role": "assistant", "content": "OK."}, {"role": "user", "content": "Say 4."}]  # fmt: skip
-    assert prompts == [render_chat(tok, history[:2], add_generation_prompt=True).ids,
-                       render_chat(tok, history, add_generation_prompt=True).ids]  # fmt: skip
+    history = [
+        {"role": "system", "content": "Answer OK."},
+        {"role": "user", "content": "Say 3."},
+        {"role": "assistant", "content": "OK."},
+        {"role": "user", "content": "Say 4."},
+    ]
+    assert prompts == [
+        render_chat(tok, history[:2], add_generation_prompt=True).ids,
+        render_chat(tok, history, add_generation_prompt=True).ids,
+    ]
 
 
 def test_smoltalk_parquet_through_the_mirror(workspace: Path, tmp_path: Path, http_dir, monkeypatch) -> None:  # noqa: F811
@@ -132,8 +149,9 @@ def test_smoltalk_parquet_through_the_mirror(workspace: Path, tmp_path: Path, ht
     dl = tmp_path / "download.yaml"
     dl.write_text(yaml.safe_dump({"download": {"sources": {"smoltalk": {"url": url, "check": "conversations"}}}}))
     raw = workspace / "raw"
-    result = CliRunner().invoke(download_app, ["--params", str(dl), "--raw-dir", str(raw), "--reports",
-                                               str(tmp_path / "dl-reports")])  # fmt: skip
+    result = CliRunner().invoke(
+        download_app, ["--params", str(dl), "--raw-dir", str(raw), "--reports", str(tmp_path / "dl-reports")]
+    )
     assert result.exit_code == 0, result.output
     assert (raw / "smoltalk" / "train-00000.parquet").is_file()
     short = {"max_steps": 2, "eval_every": 2, "checkpoint_every": 2}
@@ -158,13 +176,15 @@ def test_alpaca_data_converted_to_chat(workspace: Path, tmp_path: Path) -> None:
     ("row", "error"),
     [
         ({"messages": [{"role": "robot", "content": "x"}]}, "row 2: message 0: unknown role 'robot'"),
-        ({"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "x"}]},
-         "row 2: message 0: empty content"),
+        (
+            {"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "x"}]},
+            "row 2: message 0: empty content",
+        ),
         ({"messages": [{"role": "user", "content": "hi"}]}, "row 2: no assistant turn"),
         ({"messages": {"role": "user"}}, "row 2: 'messages' must be a list of role/content records, got dict"),
         ({"messages": [{"role": "user", "content": ["a"]}]}, "row 2: message 0: content must be a string, got list"),
     ],
-)  # fmt: skip
+)
 def test_malformed_conversation_stops_the_stage_with_one_line(workspace: Path, tmp_path: Path, row, error) -> None:  # noqa: F811
     folder = workspace / "raw" / "bad"
     folder.mkdir(parents=True, exist_ok=True)

@@ -38,8 +38,9 @@ def byte_tokenizer() -> Tokenizer:
 def tiny_classifier(preset: str = "gpt2-tiny", seed: int = 0) -> GPTClassifier:
     torch.manual_seed(seed)
     kv = {"n_kv_heads": 2} if preset.startswith("llama") else {}
-    cfg = ModelConfig.from_preset(preset, n_layers=2, emb_dim=32, n_heads=4, vocab_size=257, context_length=48,
-                                  hidden_dim=64, **kv)  # fmt: skip
+    cfg = ModelConfig.from_preset(
+        preset, n_layers=2, emb_dim=32, n_heads=4, vocab_size=257, context_length=48, hidden_dim=64, **kv
+    )
     model = GPTClassifier(GPT(cfg), num_classes=2)
     with torch.no_grad():
         model.head.weight.normal_(std=1.0)  # a random head scores strongly enough for differences to show
@@ -167,7 +168,11 @@ def test_lora_merges_for_export_and_round_trips(tmp_path, preset: str):
     save_classifier(tmp_path / "clf", model, tok, LABELS, {"max_length": "20"})
     meta = read_metadata(tmp_path / "clf" / "model.safetensors")
     assert (meta["task"], meta["labels"], meta["pooling"], meta["max_length"]) == (
-        "classify", '["ham", "spam"]', "last_token", "20")
+        "classify",
+        '["ham", "spam"]',
+        "last_token",
+        "20",
+    )
     loaded, tok2, labels = load_classifier(tmp_path / "clf")
     assert labels == ["ham", "spam"] and tok2.vocab_size == tok.vocab_size
     torch.testing.assert_close(predict_proba(loaded, seqs, PAD), lora_probs, rtol=0, atol=1e-5)

@@ -56,11 +56,21 @@ def write_params(path: Path, **classify) -> Path:
         "hardware": {"device": "cpu", "threads": 1},
         "classify": {
             "trainable": "all",
-            "train": {"batch_size": 8, "lr": 0.003, "min_lr": 0.0003, "warmup_steps": 5, "max_steps": 40,
-                      "eval_every": 20, "eval_batches": None, "checkpoint_every": 40, "log_every": 10, "seed": 1},
+            "train": {
+                "batch_size": 8,
+                "lr": 0.003,
+                "min_lr": 0.0003,
+                "warmup_steps": 5,
+                "max_steps": 40,
+                "eval_every": 20,
+                "eval_batches": None,
+                "checkpoint_every": 40,
+                "log_every": 10,
+                "seed": 1,
+            },
             **classify,
         },
-    }  # fmt: skip
+    }
     path.write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
     return path
 
@@ -77,9 +87,20 @@ def workspace(tmp_path_factory) -> Path:
 
 
 def stage_args(root: Path, params: Path, data: Path | None = None, out: str = "classify", reports: str = "reports"):
-    return ["--params", str(params), "--data", str(data or root / "spam.tsv"), "--models-dir", str(root / "models"),
-            "--out", str(root / "models" / out), "--reports", str(root / reports), "--work-dir",
-            str(root / f"work-{out}")]  # fmt: skip
+    return [
+        "--params",
+        str(params),
+        "--data",
+        str(data or root / "spam.tsv"),
+        "--models-dir",
+        str(root / "models"),
+        "--out",
+        str(root / "models" / out),
+        "--reports",
+        str(root / reports),
+        "--work-dir",
+        str(root / f"work-{out}"),
+    ]
 
 
 def invoke(root: Path, params: Path, data: Path | None = None, out: str = "classify", reports: str = "reports"):
@@ -140,8 +161,10 @@ def test_predict_from_arguments_and_stdin(trained: Path) -> None:
     result = CliRunner().invoke(cli, ["classify", "--model", model, "WIN 555 CASH!!! TXT 12345 NOW", "see you soon"])
     assert result.exit_code == 0, result.output
     lines = [line.split("\t") for line in result.output.splitlines()]
-    assert [(label, text) for label, _, text in lines] == [("spam", "WIN 555 CASH!!! TXT 12345 NOW"),
-                                                          ("ham", "see you soon")]  # fmt: skip
+    assert [(label, text) for label, _, text in lines] == [
+        ("spam", "WIN 555 CASH!!! TXT 12345 NOW"),
+        ("ham", "see you soon"),
+    ]
     assert all(0.5 <= float(p) <= 1.0 for _, p, _ in lines)
     piped = CliRunner().invoke(cli, ["classify", "--model", model], input="see you soon\n\nWIN 1 CASH!!! TXT 2 NOW\n")
     assert piped.exit_code == 0 and [line.split("\t")[0] for line in piped.output.splitlines()] == ["ham", "spam"]
@@ -220,8 +243,18 @@ def test_missing_base_model(workspace: Path) -> None:
 def test_kill_9_then_rerun_writes_the_bytes_of_an_uninterrupted_run(workspace: Path, tmp_path: Path) -> None:
     """SIGKILL mid-training, then the same command again: it resumes from the last checkpoint and every output
     (weights, tokenizer, predictions.csv, confusion.csv, metrics but timings, curves) equals a run never killed."""
-    train = {"batch_size": 8, "lr": 0.003, "min_lr": 0.0003, "warmup_steps": 5, "max_steps": 50,
-             "eval_every": 25, "eval_batches": None, "checkpoint_every": 10, "log_every": 10, "seed": 1}  # fmt: skip
+    train = {
+        "batch_size": 8,
+        "lr": 0.003,
+        "min_lr": 0.0003,
+        "warmup_steps": 5,
+        "max_steps": 50,
+        "eval_every": 25,
+        "eval_batches": None,
+        "checkpoint_every": 10,
+        "log_every": 10,
+        "seed": 1,
+    }
     params = write_params(tmp_path / "params.yaml", train=train)
     result = invoke(workspace, params, out="ref", reports="ref-reports")
     assert result.exit_code == 0, result.output
@@ -249,8 +282,18 @@ def test_rerun_resumes_only_its_own_run_and_fresh_env_trains_again(workspace: Pa
     never resumes the stale run, and a checkpoint cut short is skipped (no SafetensorError on every rerun); each case
     says what it does in one line."""
     monkeypatch.delenv("LLMCORE_FRESH", raising=False)
-    train = {"batch_size": 8, "lr": 0.003, "min_lr": 0.0003, "warmup_steps": 2, "max_steps": 6, "eval_every": 6,
-             "eval_batches": None, "checkpoint_every": 6, "log_every": 6, "seed": 1}  # fmt: skip
+    train = {
+        "batch_size": 8,
+        "lr": 0.003,
+        "min_lr": 0.0003,
+        "warmup_steps": 2,
+        "max_steps": 6,
+        "eval_every": 6,
+        "eval_batches": None,
+        "checkpoint_every": 6,
+        "log_every": 6,
+        "seed": 1,
+    }
     params = write_params(tmp_path / "params.yaml", train=train)
     first = invoke(workspace, params, out="rerun", reports="rerun-reports")
     assert first.exit_code == 0 and "resuming" not in first.output, first.output
@@ -275,8 +318,12 @@ def test_rerun_resumes_only_its_own_run_and_fresh_env_trains_again(workspace: Pa
     assert (workspace / "models" / "rerun" / "model.safetensors").read_bytes() == weights  # trained again, same bytes
     monkeypatch.delenv("LLMCORE_FRESH")
 
-    changed = invoke(workspace, write_params(tmp_path / "p2.yaml", train={**train, "lr": 0.002}), out="rerun",
-                     reports="rerun-reports")  # fmt: skip
+    changed = invoke(
+        workspace,
+        write_params(tmp_path / "p2.yaml", train={**train, "lr": 0.002}),
+        out="rerun",
+        reports="rerun-reports",
+    )
     assert changed.exit_code == 0 and "resuming" not in changed.output, changed.output
     assert sum("starting fresh" in line for line in changed.output.splitlines()) == 1
 

@@ -38,8 +38,9 @@ def test_a_flag_shows_no_value_in_help():
 )
 def test_old_spellings_forward_to_the_llmcore_command(tmp_path, old, new):
     args = ["--model", str(tmp_path / "nowhere"), "hello"]
-    proc = subprocess.run([sys.executable, "-m", *old, *args], cwd=REPO_ROOT, capture_output=True, text=True,
-                          timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", *old, *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300
+    )
     direct = CliRunner().invoke(app, [new, *args])
     assert proc.returncode == direct.exit_code == 1
     assert proc.stderr.strip() == direct.output.strip() and str(tmp_path / "nowhere") in proc.stderr, proc.stderr
@@ -49,8 +50,16 @@ def test_chat_with_an_alpaca_model_answers_each_line_as_ask_does(tmp_path):
     """An Alpaca-template model has no turns: each line's answer is `llmcore ask`'s answer to it."""
     tok = Tokenizer.train(TEXT, 300)
     torch.manual_seed(0)
-    cfg = ModelConfig.from_preset("llama3-tiny", vocab_size=tok.vocab_size, context_length=256, n_layers=1,
-                                  emb_dim=32, n_heads=2, n_kv_heads=1, hidden_dim=64)  # fmt: skip
+    cfg = ModelConfig.from_preset(
+        "llama3-tiny",
+        vocab_size=tok.vocab_size,
+        context_length=256,
+        n_layers=1,
+        emb_dim=32,
+        n_heads=2,
+        n_kv_heads=1,
+        hidden_dim=64,
+    )
     save_model_dir(tmp_path / "m", GPT(cfg), tok, metadata={"template": "alpaca"})
     opts = ["--model", str(tmp_path / "m"), "--max-new-tokens", "12", "--device", "cpu"]
     lines = ["Name a colour.", "Write a task."]

@@ -56,10 +56,18 @@ def test_cuda_training_learns(tmp_path, precision, compile):
     pattern = np.tile(np.arange(64, dtype=np.uint16), 400)  # a learnable sequence
     train = RandomWindows(pattern, 8, 32, seed=1)
     val = RandomWindows(pattern, 8, 32, seed=2)
-    cfg = TrainConfig(batch_size=8, lr=3e-3, max_steps=60, warmup_steps=5, eval_every=30, checkpoint_every=60,
-                      eval_batches=2)  # fmt: skip
-    result = fit(model, train, val, lm_loss, cfg, HardwareConfig(device="cuda", precision=precision, compile=compile),
-                 tmp_path / "ckpt")  # fmt: skip
+    cfg = TrainConfig(
+        batch_size=8, lr=3e-3, max_steps=60, warmup_steps=5, eval_every=30, checkpoint_every=60, eval_batches=2
+    )
+    result = fit(
+        model,
+        train,
+        val,
+        lm_loss,
+        cfg,
+        HardwareConfig(device="cuda", precision=precision, compile=compile),
+        tmp_path / "ckpt",
+    )
     assert result.val_loss < 1.0, result  # from ln(64) = 4.16
 
 

@@ -54,8 +54,11 @@ def test_stage_reads_params_only_in_load_params(stage):
     loaders = [n for n in tree.body if isinstance(n, ast.FunctionDef) and re.fullmatch(r"load_(\w+_)?params", n.name)]
     assert loaders, f"{stage.script.name}: no load_params(path)"
     inside = {id(n) for loader in loaders for n in ast.walk(loader)}
-    stray = [n.lineno for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", None) in readers
-             and id(n) not in inside]  # fmt: skip
+    stray = [
+        n.lineno
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Call) and getattr(n.func, "id", None) in readers and id(n) not in inside
+    ]
     assert not stray, f"{stage.script.name}: params.yaml read outside load_params at lines {stray}"
 
 
@@ -76,16 +79,20 @@ def path_options(stage: deps.Stage) -> dict[str, str]:
 
     command = typer.main.get_command(importlib.import_module(stage.module).app)
     ctx = command.make_context(stage.name, stage_args(stage), resilient_parsing=True)
-    return {k: PurePath(v).as_posix() for k, v in ctx.params.items()
-            if isinstance(v, PurePath) and not f"{PurePath(v).as_posix()}/".startswith(NOT_DVC_PATHS)}  # fmt: skip
+    return {
+        k: PurePath(v).as_posix()
+        for k, v in ctx.params.items()
+        if isinstance(v, PurePath) and not f"{PurePath(v).as_posix()}/".startswith(NOT_DVC_PATHS)
+    }
 
 
 def declared_paths(stage: deps.Stage) -> set[str]:
     """The stage's data deps and outputs (metrics and plots included), ``${...}`` filled in from params.yaml."""
     body = stage.body
     entries = [d for d in body.get("deps") or [] if not deps.is_code_dep(d)]
-    entries += [e if isinstance(e, str) else next(iter(e)) for k in ("outs", "metrics", "plots")
-                for e in body.get(k) or []]  # fmt: skip
+    entries += [
+        e if isinstance(e, str) else next(iter(e)) for k in ("outs", "metrics", "plots") for e in body.get(k) or []
+    ]
     # params.yaml (check-params' dep) and check-params' output order the stages; no script opens them by a path
     paths = {reruns.resolve(e, PARAMS, item="gpt2-124m") for e in entries} - {"params.yaml"}
     return paths if stage.name == "check-params" else paths - {"data/params-checked.txt"}
@@ -113,8 +120,9 @@ def test_a_path_drift_between_script_and_dvc_yaml_is_caught():
     moved = deps.Stage(pretrain.name, {**pretrain.body, "outs": outs}, pretrain.module)
     with pytest.raises(AssertionError, match=r"'out': 'data/models/pretrain'"):
         test_the_paths_a_stage_uses_are_the_ones_dvc_yaml_declares(moved)
-    passed = deps.Stage(pretrain.name, {**moved.body, "cmd": "python -m stages.pretrain --out data/models/pretrain-v2"},
-                        pretrain.module)  # fmt: skip
+    passed = deps.Stage(
+        pretrain.name, {**moved.body, "cmd": "python -m stages.pretrain --out data/models/pretrain-v2"}, pretrain.module
+    )
     test_the_paths_a_stage_uses_are_the_ones_dvc_yaml_declares(passed)  # the command passes the new path: agreed
 
 
@@ -138,8 +146,9 @@ def test_drift_is_named_and_make_deps_fixes_it(tmp_path, capsys):
     assert deps.main(["--check", *args]) == 1  # python -m tools.deps --check
     err = capsys.readouterr().err
     lines = err.splitlines()
-    assert ("dvc.yaml: stage 'classify' misses llmcore/data/spam.py (stages/classify.py -> llmcore/data/spam.py)"
-            in lines), err  # fmt: skip
+    assert (
+        "dvc.yaml: stage 'classify' misses llmcore/data/spam.py (stages/classify.py -> llmcore/data/spam.py)" in lines
+    ), err
     assert "dvc.yaml: stage 'classify' lists llmcore/serve/server.py, which its code never imports" in lines
     assert "dvc.yaml: stage 'classify' reads param base_model but does not declare it" in lines
     assert lines[-1].startswith("fix: make deps")
@@ -148,7 +157,8 @@ def test_drift_is_named_and_make_deps_fixes_it(tmp_path, capsys):
     assert deps.main(["--write", *args]) == 0  # make deps
     assert capsys.readouterr().out == "dvc.yaml: code deps and params regenerated\n"
     assert (tmp_path / "dvc.yaml").read_text() == text.replace(
-        "    cmd: python -m stages.report\n", "    cmd: python -m stages.report\n    # hi\n")  # comments kept
+        "    cmd: python -m stages.report\n", "    cmd: python -m stages.report\n    # hi\n"
+    )  # comments kept
     assert deps.check(tmp_path / "dvc.yaml", tmp_path / "params.yaml") == []
 
 
@@ -175,23 +185,36 @@ def write(root: Path, files: dict[str, str]) -> None:
 
 
 def test_closure_follows_every_kind_of_import(tmp_path):
-    write(tmp_path, {
-        "lib/__init__.py": "",
-        "lib/a/__init__.py": "from . import b  # the package runs b\n",
-        "lib/a/b.py": "from ..c import helper\n",
-        "lib/a/unused.py": "",
-        "lib/c.py": "import os\ndef helper():\n    from lib.d.e import thing  # late import\n    import lib.f\n",
-        "lib/d/__init__.py": "",
-        "lib/d/e.py": "thing = 1\n",
-        "lib/f.py": "from lib.a import b as again\n",
-        "lib/g.py": "",
-        "app/__init__.py": "",
-        "app/run.py": "import numpy\nfrom lib.a import b\nfrom lib.g import *\n",
-    })  # fmt: skip
+    write(
+        tmp_path,
+        {
+            "lib/__init__.py": "",
+            "lib/a/__init__.py": "from . import b  # the package runs b\n",
+            "lib/a/b.py": "from ..c import helper\n",
+            "lib/a/unused.py": "",
+            "lib/c.py": "import os\ndef helper():\n    from lib.d.e import thing  # late import\n    import lib.f\n",
+            "lib/d/__init__.py": "",
+            "lib/d/e.py": "thing = 1\n",
+            "lib/f.py": "from lib.a import b as again\n",
+            "lib/g.py": "",
+            "app/__init__.py": "",
+            "app/run.py": "import numpy\nfrom lib.a import b\nfrom lib.g import *\n",
+        },
+    )
     closure = deps.import_closure(tmp_path / "app/run.py", tmp_path, packages=("lib", "app"))
     got = sorted(deps.rel(f, tmp_path) for f in closure)
-    assert got == ["app/__init__.py", "app/run.py", "lib/__init__.py", "lib/a/__init__.py", "lib/a/b.py", "lib/c.py",
-                   "lib/d/__init__.py", "lib/d/e.py", "lib/f.py", "lib/g.py"]  # fmt: skip
+    assert got == [
+        "app/__init__.py",
+        "app/run.py",
+        "lib/__init__.py",
+        "lib/a/__init__.py",
+        "lib/a/b.py",
+        "lib/c.py",
+        "lib/d/__init__.py",
+        "lib/d/e.py",
+        "lib/f.py",
+        "lib/g.py",
+    ]
     chain = deps.import_chain(closure, (tmp_path / "lib/d/e.py").resolve(), tmp_path)
     assert chain.startswith("app/run.py -> ") and chain.endswith("lib/c.py -> lib/d/e.py")
 
@@ -199,18 +222,24 @@ def test_closure_follows_every_kind_of_import(tmp_path):
 def test_imports_for_annotations_only_are_not_code_deps(tmp_path):
     """``if TYPE_CHECKING:`` never runs: the modules it names are not in the closure (llmcore/text/chat.py names the
     tokenizer that way, so the download stage does not rerun when the tokenizer changes)."""
-    write(tmp_path, {
-        "p/__init__.py": "",
-        "p/a.py": "from typing import TYPE_CHECKING\nimport typing\nif TYPE_CHECKING:\n    from p import b\n"
-                  "if typing.TYPE_CHECKING:\n    import p.c\nelse:\n    import p.d\n",
-        "p/b.py": "", "p/c.py": "", "p/d.py": "",
-    })  # fmt: skip
+    write(
+        tmp_path,
+        {
+            "p/__init__.py": "",
+            "p/a.py": "from typing import TYPE_CHECKING\nimport typing\nif TYPE_CHECKING:\n    from p import b\n"
+            "if typing.TYPE_CHECKING:\n    import p.c\nelse:\n    import p.d\n",
+            "p/b.py": "",
+            "p/c.py": "",
+            "p/d.py": "",
+        },
+    )
     assert deps.imported_modules(tmp_path / "p/a.py", tmp_path) == {"typing", "typing.TYPE_CHECKING", "p.d"}
 
 
 def test_relative_imports_resolve_against_the_package(tmp_path):
-    write(tmp_path, {"p/__init__.py": "from .q import x\n", "p/q.py": "from . import r\nfrom .. import p\n",
-                     "p/r.py": ""})  # fmt: skip
+    write(
+        tmp_path, {"p/__init__.py": "from .q import x\n", "p/q.py": "from . import r\nfrom .. import p\n", "p/r.py": ""}
+    )
     assert deps.imported_modules(tmp_path / "p/__init__.py", tmp_path) == {"p.q", "p.q.x"}
     assert deps.imported_modules(tmp_path / "p/q.py", tmp_path) == {"p", "p.r"}
 

@@ -110,9 +110,10 @@ def matches(expected: str, actual: str) -> bool:
 
 def test_every_command_block_is_marked():
     unmarked = [b.name for b in all_blocks() if b.marker is None]
-    assert not unmarked, ("command blocks without a <!-- doc-test --> / <!-- doc-test slow --> / <!-- doc-test "
-                          "skip: why --> marker on the line above (see tests/test_doc_commands.py): "
-                          + ", ".join(unmarked))  # fmt: skip
+    assert not unmarked, (
+        "command blocks without a <!-- doc-test --> / <!-- doc-test slow --> / <!-- doc-test "
+        "skip: why --> marker on the line above (see tests/test_doc_commands.py): " + ", ".join(unmarked)
+    )
     assert all(b.why.strip() for b in all_blocks() if b.marker == "skip")
 
 
@@ -124,9 +125,11 @@ def test_the_marker_convention_is_read_as_documented(tmp_path):
     )
     found = blocks(tmp_path / "README.md", tmp_path)
     assert [(b.marker, b.why, b.commands) for b in found] == [
-        ("run", "", [("echo a b", ["a ..."]), ("true", [])]), (None, "", [("ls", [])]),
-        ("skip", "needs the network", [("curl x", [])]), ("slow", "", [("dvc repro", [])]),
-    ]  # fmt: skip
+        ("run", "", [("echo a b", ["a ..."]), ("true", [])]),
+        (None, "", [("ls", [])]),
+        ("skip", "needs the network", [("curl x", [])]),
+        ("slow", "", [("dvc repro", [])]),
+    ]
     assert matches("spam\t...\tWIN", "spam\t0.9731\tWIN") and not matches("spam\t...", "ham\t0.9")
 
 

@@ -42,8 +42,10 @@ def tiny_model(seed: int = 0) -> GPT:
 
 
 def entries(n: int = 24) -> list[dict]:
-    return [{"instruction": f"Say {i}.", "input": "", "output": "Yes.", "chosen": "Yes.", "rejected": f"No {i}!"}
-            for i in range(n)]  # fmt: skip
+    return [
+        {"instruction": f"Say {i}.", "input": "", "output": "Yes.", "chosen": "Yes.", "rejected": f"No {i}!"}
+        for i in range(n)
+    ]
 
 
 def test_loss_matches_a_hand_computation() -> None:
@@ -118,14 +120,27 @@ def test_fit_trains_dpo_and_logs_its_metrics(tmp_path) -> None:
     """A few steps on the shared loop: the loss falls below log 2, the chosen answers win on validation."""
     model, tok = tiny_model(), byte_tokenizer()
     pairs, _ = encode_pairs(entries(40), tok, "alpaca", max_length=256)
-    train, val = PreferenceBatches(pairs[:32], 8, tok.eot_id, seed=1), PreferenceBatches(pairs[32:], 4, tok.eot_id,
-                                                                                           shuffle=False)  # fmt: skip
+    train, val = (
+        PreferenceBatches(pairs[:32], 8, tok.eot_id, seed=1),
+        PreferenceBatches(pairs[32:], 4, tok.eot_id, shuffle=False),
+    )
     for d in (train, val):
         attach_reference_logps(model, d)
-    cfg = TrainConfig(batch_size=8, lr=3e-3, min_lr=3e-4, warmup_steps=2, max_steps=12, eval_every=6,
-                      eval_batches=None, checkpoint_every=12, log_every=3, seed=1)  # fmt: skip
-    result = fit(model, train, val, DPOLoss(beta=0.5), cfg, HardwareConfig(device="cpu", threads=1), tmp_path,
-                 unit="pairs")  # fmt: skip
+    cfg = TrainConfig(
+        batch_size=8,
+        lr=3e-3,
+        min_lr=3e-4,
+        warmup_steps=2,
+        max_steps=12,
+        eval_every=6,
+        eval_batches=None,
+        checkpoint_every=12,
+        log_every=3,
+        seed=1,
+    )
+    result = fit(
+        model, train, val, DPOLoss(beta=0.5), cfg, HardwareConfig(device="cpu", threads=1), tmp_path, unit="pairs"
+    )
     assert result.val_loss < math.log(2) - 0.05
     assert result.extra["reward_accuracy"] == 1.0 and result.extra["reward_margin"] > 0
     assert result.extra["chosen_reward"] > result.extra["rejected_reward"]
@@ -157,7 +172,7 @@ def test_preference_validation_names_the_entry() -> None:
 
 def test_load_preferences_reports_bad_json(tmp_path) -> None:
     path = tmp_path / "p.json"
-    path.write_text("[{\"instruction\": ", encoding="utf-8")
+    path.write_text('[{"instruction": ', encoding="utf-8")
     with pytest.raises(LLMCoreError, match=r"p.json: invalid JSON at line 1"):
         load_preferences(path)
     path.write_text(json.dumps(entries(2)), encoding="utf-8")

@@ -45,8 +45,10 @@ def judge_url(tmp_path_factory):
     """`llmcore serve` as the Ollama judge: "judge" answers 85 to everything, "prose" answers
     prose with a number in it (the parser once took "10 km" for a score of 10)."""
     root = tmp_path_factory.mktemp("judges")
-    models = {"judge:latest": save_fixed_reply_model(root / "judge", "85"),
-              "prose:latest": save_fixed_reply_model(root / "prose", "10 km")}  # fmt: skip
+    models = {
+        "judge:latest": save_fixed_reply_model(root / "judge", "85"),
+        "prose:latest": save_fixed_reply_model(root / "prose", "10 km"),
+    }
     server = make_server({name: ModelHandle.load(path, template="raw") for name, path in models.items()}, port=0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield server.url
@@ -62,9 +64,18 @@ def write_params(tmp_path, **judge):
 
 
 def run_evaluate(tmp_path, model_dir):
-    args = ["--params", str(tmp_path / "params.yaml"), "--responses", str(tmp_path / "responses.json"),
-            "--model-dir", str(model_dir), "--cache", str(tmp_path / "cache.jsonl"),
-            "--reports", str(tmp_path / "reports")]  # fmt: skip
+    args = [
+        "--params",
+        str(tmp_path / "params.yaml"),
+        "--responses",
+        str(tmp_path / "responses.json"),
+        "--model-dir",
+        str(model_dir),
+        "--cache",
+        str(tmp_path / "cache.jsonl"),
+        "--reports",
+        str(tmp_path / "reports"),
+    ]
     return CliRunner().invoke(evaluate.app, args)
 
 

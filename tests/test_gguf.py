@@ -33,8 +33,7 @@ CORPUS = (
     "You are all resolved rather to die than to famish? We've 3.14159 reasons; THEY'LL say 'no'.\n\n"
 )
 MIXED = (
-    "Hello  world!\n\n  Ünïcödé 日本語 12345 6789\t\ttabs   trailing   \r\n<|endoftext|>It's we'LL've "
-    "ç😀 end  \n\n\n x"
+    "Hello  world!\n\n  Ünïcödé 日本語 12345 6789\t\ttabs   trailing   \r\n<|endoftext|>It's we'LL've ç😀 end  \n\n\n x"
 )
 PROMPT = "First Citizen: Before we proceed"
 # max |logit difference| allowed per precision (logits within about ±2 here); f32 is the issue's 1e-3
@@ -153,9 +152,15 @@ def test_llama_variants_rope_scaling_bias_and_tied_head(tmp_path):
     tok = tokenizer("gpt4")
     scaling = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_context_length": 16}
     model = random_model(
-        "llama", tok.vocab_size, seed=1, rope_scaling=scaling, rope_theta=500.0, qkv_bias=True, bias=True,
+        "llama",
+        tok.vocab_size,
+        seed=1,
+        rope_scaling=scaling,
+        rope_theta=500.0,
+        qkv_bias=True,
+        bias=True,
         tie_embeddings=True,
-    )  # fmt: skip
+    )
     path = tmp_path / "m.gguf"
     write_gguf(path, model, tok, precision="f32")
     ids = tok.encode(CORPUS)[:60]
@@ -256,8 +261,9 @@ def test_cli_exports_gguf_and_modelfile(tmp_path):
     model = random_model("llama", tok.vocab_size)
     save_model_dir(tmp_path / "instruct", model, tok, {"template": "alpaca"})
     out = tmp_path / "export"
-    result = CliRunner().invoke(cli, ["export", str(tmp_path / "instruct"), "-f", "gguf", "--precision", "q8_0",
-                                      "-o", str(out)])  # fmt: skip
+    result = CliRunner().invoke(
+        cli, ["export", str(tmp_path / "instruct"), "-f", "gguf", "--precision", "q8_0", "-o", str(out)]
+    )
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "model.gguf"]
     modelfile = (out / "Modelfile").read_text()
@@ -274,8 +280,10 @@ def test_cli_refuses_classifier_and_char_model_before_writing(tmp_path):
     tokenizer("gpt2").save(tmp_path / "cls" / "tokenizer.json")
     char = Tokenizer.char(CORPUS)
     save_model_dir(tmp_path / "char", random_model("gpt2", char.vocab_size), char)
-    for folder, message in (("cls", "a 'classify' checkpoint, not a causal language model"),
-                            ("char", "is character-level; GGUF export needs a byte-level BPE tokenizer")):  # fmt: skip
+    for folder, message in (
+        ("cls", "a 'classify' checkpoint, not a causal language model"),
+        ("char", "is character-level; GGUF export needs a byte-level BPE tokenizer"),
+    ):
         out = tmp_path / f"out-{folder}"
         result = CliRunner().invoke(cli, ["export", str(tmp_path / folder), "--format", "gguf", "--out", str(out)])
         assert result.exit_code == 1 and message in result.output, result.output
@@ -333,8 +341,11 @@ def test_readme_export_command_runs_as_written(tmp_path, monkeypatch):
     from tests.docs import doc_section
 
     text = doc_section("Run your model in Ollama / llama.cpp / LM Studio")
-    lines = [shlex.split(line, comments=True) for block in re.findall(r"```bash\n(.*?)```", text, re.S)
-             for line in block.splitlines()]  # fmt: skip
+    lines = [
+        shlex.split(line, comments=True)
+        for block in re.findall(r"```bash\n(.*?)```", text, re.S)
+        for line in block.splitlines()
+    ]
     (words,) = [w for w in lines if w[:2] == ["llmcore", "export"]]
     monkeypatch.chdir(tmp_path)
     tok = tokenizer("gpt4")
@@ -396,7 +407,8 @@ def test_cli_template_override_and_hf_precision_refused(tmp_path):
     modelfile = (tmp_path / "out" / "Modelfile").read_text()
     template = modelfile.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
     assert render(template, {"Messages": [{"Role": "user", "Content": "Hi"}]}) == "Q: Hi\nA:"
-    result = CliRunner().invoke(cli, ["export", str(tmp_path / "base"), "--out", str(tmp_path / "hf"),
-                                      "--precision", "q8_0"])  # fmt: skip
+    result = CliRunner().invoke(
+        cli, ["export", str(tmp_path / "base"), "--out", str(tmp_path / "hf"), "--precision", "q8_0"]
+    )
     assert result.exit_code == 1 and "precision applies to GGUF export" in result.output
     assert not (tmp_path / "hf").exists()

@@ -40,9 +40,15 @@ def test_smoke_run_writes_every_section(tmp_path, capsys):
 
 @pytest.mark.parametrize(
     "name, tflops",
-    [("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H200", 989.0),
-     ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA H100 NVL", None), ("NVIDIA L4", None)],
-)  # fmt: skip
+    [
+        ("NVIDIA H100 80GB HBM3", 989.0),
+        ("NVIDIA H100 PCIe", 756.0),
+        ("NVIDIA H200", 989.0),
+        ("NVIDIA A100-SXM4-80GB", 312.0),
+        ("NVIDIA H100 NVL", None),
+        ("NVIDIA L4", None),
+    ],
+)
 def test_datasheet_figure_by_device_name(name, tflops):
     assert gpu.datasheet_tflops(name)[0] == tflops
 

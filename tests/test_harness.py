@@ -75,8 +75,12 @@ def encode_pair(tok: Tokenizer, ctx: str, cont: str) -> tuple[list[int], list[in
 
 def test_loglikelihood_matches_a_direct_computation(tiny, lm):
     model, tok, _ = tiny
-    pairs = [("the cat sat on", " mat 3."), ("a dog ran", " to the park"), ("birds", " sing at dawn."),
-             ("the cat sat on mat 7. ", "a dog")]  # fmt: skip
+    pairs = [
+        ("the cat sat on", " mat 3."),
+        ("a dog ran", " to the park"),
+        ("birds", " sing at dawn."),
+        ("the cat sat on mat 7. ", "a dog"),
+    ]
     got = lm.loglikelihood([Req(c, x) for c, x in pairs])
     for (ctx, cont), (lp, greedy) in zip(pairs, got, strict=True):
         stripped = ctx.rstrip(" ")  # lm-eval moves the context's trailing spaces into the continuation
@@ -229,18 +233,22 @@ def write_tasks(root: Path, gen_targets: list[str]) -> tuple[Path, Path]:
     data = lambda name: f"dataset_kwargs:\n  data_files:\n    test: {root / name}\n  cache_dir: {root / 'hf'}\n"
     mc = root / "toy_mc.yaml"
     mc.write_text(
-        "task: toy_mc\noutput_type: multiple_choice\n" + common + data("mc.jsonl")
+        "task: toy_mc\noutput_type: multiple_choice\n"
+        + common
+        + data("mc.jsonl")
         + 'doc_to_text: "{{query}}"\ndoc_to_target: "{{label}}"\ndoc_to_choice: "{{choices}}"\n'
         + "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
         + "  - metric: acc_norm\n    aggregation: mean\n    higher_is_better: true\n"
-    )  # fmt: skip
+    )
     gen_yaml = root / "toy_gen.yaml"
     gen_yaml.write_text(
-        "task: toy_gen\noutput_type: generate_until\n" + common + data("gen.jsonl")
+        "task: toy_gen\noutput_type: generate_until\n"
+        + common
+        + data("gen.jsonl")
         + 'doc_to_text: "{{q}}"\ndoc_to_target: "{{a}}"\n'
         + "generation_kwargs:\n  until: ['\\n']\n  max_gen_toks: 6\n  do_sample: false\n"
         + "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n"
-    )  # fmt: skip
+    )
     return mc, gen_yaml
 
 
@@ -298,7 +306,7 @@ def test_stage_and_cli_write_metrics(tiny, local_tasks, tmp_path, monkeypatch):
     result = CliRunner().invoke(cli, ["benchmark", str(folder), "--tasks", f"{gen}", "--limit", "2", "-o", "m.json"])
     assert result.exit_code == 0, result.output
     assert json.loads(Path("m.json").read_text())["tasks"]["toy_gen"]["samples"] == 2
-    assert "toy_gen: {\"exact_match\": " in result.output
+    assert 'toy_gen: {"exact_match": ' in result.output
 
 
 def test_bad_input_is_one_line(tiny, local_tasks, tmp_path, monkeypatch):
@@ -337,12 +345,16 @@ def test_bad_input_is_one_line(tiny, local_tasks, tmp_path, monkeypatch):
 
 def test_benchmark_rows_pair_ours_with_published_figures(tmp_path):
     path = tmp_path / "metrics.json"
-    path.write_text(json.dumps({"tasks": {"hellaswag": {"acc": 0.25, "acc_norm": 0.26, "samples": 200},
-                                          "arc_easy": {"acc": 0.4}}}))  # fmt: skip
+    path.write_text(
+        json.dumps({"tasks": {"hellaswag": {"acc": 0.25, "acc_norm": 0.26, "samples": 200}, "arc_easy": {"acc": 0.4}}})
+    )
     rows = benchmark_rows(path)
     assert [(r["metric"], r["ours"], r["published"]) for r in rows] == [
-        ("acc", 0.25, 0.2892), ("acc_norm", 0.26, 0.3114), ("acc", 0.25, 0.2859), ("acc_norm", 0.26, 0.2955)
-    ]  # fmt: skip
+        ("acc", 0.25, 0.2892),
+        ("acc_norm", 0.26, 0.3114),
+        ("acc", 0.25, 0.2859),
+        ("acc_norm", 0.26, 0.2955),
+    ]
     assert all("llm.c" in r["source"] and r["model"] == "GPT-2 124M" for r in rows)
     assert benchmark_rows({"tasks": {"arc_easy": {"acc": 0.4}}}) == []
     assert {p.task for p in PUBLISHED} == {"hellaswag"}
@@ -365,8 +377,9 @@ def test_registered_with_lm_eval_as_llmcore(tiny):
     from lm_eval.api.registry import get_model
 
     _, _, folder = tiny
-    lm = get_model("llmcore").create_from_arg_string(f"pretrained={folder},batch_size=4,max_length=64",
-                                                     {"device": "cpu", "batch_size": None})  # fmt: skip
+    lm = get_model("llmcore").create_from_arg_string(
+        f"pretrained={folder},batch_size=4,max_length=64", {"device": "cpu", "batch_size": None}
+    )
     assert isinstance(lm, LLMCoreLM) and lm.batch_size == 4 and lm.max_length == 64 and lm.name == "tiny"
     with pytest.raises(LLMCoreError, match=r"unknown model_args \['dtype'\]"):
         get_model("llmcore").create_from_arg_string(f"pretrained={folder},dtype=float16")
@@ -388,8 +401,9 @@ def test_hub_tasks_offline_fail_at_once_in_one_line(tiny, local_tasks, tmp_path,
     result = CliRunner().invoke(cli, ["benchmark", str(folder), "--tasks", "hellaswag", "--limit", "2"])
     assert result.exit_code == 1 and asked == []
     (line,) = result.output.strip().splitlines()
-    assert line.startswith("error: tasks hellaswag: their datasets come from the Hugging Face Hub, and "
-                           "http://127.0.0.1:9 is unreachable (")  # fmt: skip
+    assert line.startswith(
+        "error: tasks hellaswag: their datasets come from the Hugging Face Hub, and http://127.0.0.1:9 is unreachable ("
+    )
     assert "HF_DATASETS_OFFLINE=1" in line
 
     manager = harness.task_manager([str(mc), "hellaswag"])

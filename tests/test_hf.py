@@ -12,9 +12,15 @@ transformers = pytest.importorskip("transformers")
 def tiny_hf_gpt2(seed=0):
     torch.manual_seed(seed)
     cfg = transformers.GPT2Config(
-        vocab_size=211, n_positions=64, n_embd=48, n_layer=3, n_head=4,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-    )  # fmt: skip
+        vocab_size=211,
+        n_positions=64,
+        n_embd=48,
+        n_layer=3,
+        n_head=4,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
     model = transformers.GPT2LMHeadModel(cfg).eval()
     with torch.no_grad():  # random non-zero biases and norms, so a dropped tensor would show
         for p in model.parameters():
@@ -25,9 +31,16 @@ def tiny_hf_gpt2(seed=0):
 def tiny_hf_llama(seed=0, **overrides):
     torch.manual_seed(seed)
     kwargs = dict(
-        vocab_size=203, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=8,
-        num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5, tie_word_embeddings=False,
-    )  # fmt: skip
+        vocab_size=203,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+    )
     kwargs.update(overrides)
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**kwargs)).eval()
     with torch.no_grad():
@@ -51,8 +64,15 @@ def convert(hf_model) -> GPT:
         lambda: tiny_hf_llama(num_key_value_heads=1),  # multi-query
         lambda: tiny_hf_llama(tie_word_embeddings=True),
         lambda: tiny_hf_llama(
-            rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-                             "high_freq_factor": 4.0, "original_max_position_embeddings": 32}),  # fmt: skip
+            rope_parameters={
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 32,
+            }
+        ),
     ],
     ids=["gpt2", "llama-gqa", "llama-mqa", "llama-tied", "llama3.1-rope-scaling"],
 )

@@ -117,8 +117,13 @@ def test_llama3_export_round_trips_tokenization_with_bos(tmp_path):
     assert hf.bos_token == "<|begin_of_text|>" and hf.bos_token_id == bos and hf.eos_token_id == tok.eot_id
     for name in ("config.json", "generation_config.json"):
         assert json.loads((out / name).read_text())["bos_token_id"] == bos, name
-    texts = (MIXED, CORPUS, "  two leading spaces", "<|eot_id|>x<|start_header_id|>user<|end_header_id|>",
-             "<|begin_of_text|>already there")  # fmt: skip
+    texts = (
+        MIXED,
+        CORPUS,
+        "  two leading spaces",
+        "<|eot_id|>x<|start_header_id|>user<|end_header_id|>",
+        "<|begin_of_text|>already there",
+    )
     for text in texts:
         ids = tok.encode(text)
         assert hf(text, add_special_tokens=False)["input_ids"] == ids, text

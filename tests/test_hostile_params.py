@@ -54,30 +54,70 @@ CASES = [
     ("empty-float-tag", "pretrain", BASE + "  baseline_k: !!float\n", "an explicit tag (!!float, !!int, ...) on an"),
     ("nested-too-deep", "pretrain", BASE + "  prompts: " + "[" * 5000 + "]" * 5000 + "\n", "nested deeper than"),
     ("epochs-inf", "pretrain", with_train("epochs", ".inf"), "pretrain.train.epochs: expected a finite number"),
-    ("batch-size-1e12-string", "pretrain", BASE.replace("batch_size: 8", "batch_size: 1e12"),
-     "pretrain.train.batch_size: expected int, got '1e12'"),
-    ("batch-size-1e12", "pretrain", BASE.replace("batch_size: 8", "batch_size: 1000000000000"),
-     "pretrain.train.batch_size: expected a positive int up to"),
-    ("temperature-nan", "pretrain", BASE.replace("temperature: 0.8", "temperature: .nan"),
-     "pretrain.sample.temperature: expected a finite number, got nan"),
-    ("grad-clip-nan", "pretrain", BASE.replace("grad_clip: 1.0", "grad_clip: .NaN"),
-     "pretrain.train.grad_clip: expected a finite number, got nan"),
+    (
+        "batch-size-1e12-string",
+        "pretrain",
+        BASE.replace("batch_size: 8", "batch_size: 1e12"),
+        "pretrain.train.batch_size: expected int, got '1e12'",
+    ),
+    (
+        "batch-size-1e12",
+        "pretrain",
+        BASE.replace("batch_size: 8", "batch_size: 1000000000000"),
+        "pretrain.train.batch_size: expected a positive int up to",
+    ),
+    (
+        "temperature-nan",
+        "pretrain",
+        BASE.replace("temperature: 0.8", "temperature: .nan"),
+        "pretrain.sample.temperature: expected a finite number, got nan",
+    ),
+    (
+        "grad-clip-nan",
+        "pretrain",
+        BASE.replace("grad_clip: 1.0", "grad_clip: .NaN"),
+        "pretrain.train.grad_clip: expected a finite number, got nan",
+    ),
     ("lr-inf", "pretrain", BASE.replace("lr: 1.0e-3", "lr: .inf"), "pretrain.train.lr: expected a finite number"),
-    ("lr-overflows-to-inf", "pretrain", BASE.replace("lr: 1.0e-3", "lr: 1.0e+999"),
-     "pretrain.train.lr: expected a finite number"),
-    ("model-dropout-nan", "pretrain", BASE.replace("{preset: gpt2-tiny}", "{preset: gpt2-tiny, dropout: .nan}"),
-     "model.dropout: expected a finite number"),
+    (
+        "lr-overflows-to-inf",
+        "pretrain",
+        BASE.replace("lr: 1.0e-3", "lr: 1.0e+999"),
+        "pretrain.train.lr: expected a finite number",
+    ),
+    (
+        "model-dropout-nan",
+        "pretrain",
+        BASE.replace("{preset: gpt2-tiny}", "{preset: gpt2-tiny, dropout: .nan}"),
+        "model.dropout: expected a finite number",
+    ),
     ("duplicate-key", "pretrain", BASE + "  baseline_k: 0.01\n  baseline_k: 0.5\n", "duplicate key 'baseline_k'"),
     ("duplicate-section", "pretrain", BASE + "model: {preset: llama3-tiny}\n", "duplicate key 'model'"),
-    ("alias-bomb", "pretrain", BASE.replace("model: {preset: gpt2-tiny}\n", "") + alias_bomb(9),
-     "aliases expand to more than"),
-    ("recursive-alias", "pretrain", BASE.replace("{preset: gpt2-tiny}", "&m {preset: gpt2-tiny, x: [*m]}"),
-     "refers to itself"),
-    ("url-template", "download", "download:\n  sources:\n    s: {url: 'https://x/{shard}-{0}.bin', shards: 2}\n",
-     "download.sources.s.url: not a {shard} template"),
-    ("shards-1e12", "download", "download:\n  sources:\n    s: {url: 'https://x/{shard}.bin', shards: 1000000000000}\n",
-     "download.sources.s.shards: expected a positive int up to"),
-]  # fmt: skip
+    (
+        "alias-bomb",
+        "pretrain",
+        BASE.replace("model: {preset: gpt2-tiny}\n", "") + alias_bomb(9),
+        "aliases expand to more than",
+    ),
+    (
+        "recursive-alias",
+        "pretrain",
+        BASE.replace("{preset: gpt2-tiny}", "&m {preset: gpt2-tiny, x: [*m]}"),
+        "refers to itself",
+    ),
+    (
+        "url-template",
+        "download",
+        "download:\n  sources:\n    s: {url: 'https://x/{shard}-{0}.bin', shards: 2}\n",
+        "download.sources.s.url: not a {shard} template",
+    ),
+    (
+        "shards-1e12",
+        "download",
+        "download:\n  sources:\n    s: {url: 'https://x/{shard}.bin', shards: 1000000000000}\n",
+        "download.sources.s.shards: expected a positive int up to",
+    ),
+]
 LOADERS = {"pretrain": pretrain_stage.load_params, "download": download_stage.load_params}
 
 
@@ -137,21 +177,56 @@ SAMPLE_KEYS = ["max_new_tokens", "temperature", "top_k", "top_p", "seed"]
 HARDWARE_KEYS = ["device", "precision", "threads", "nproc", "peak_tflops", "head_loss"]
 MODEL_KEYS = ["preset", "n_layers", "emb_dim", "n_heads", "n_kv_heads", "dropout", "norm_eps", "rope_theta", "x"]
 scalars = (
-    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=True, allow_infinity=True)
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=True, allow_infinity=True)
     | st.sampled_from(["auto", "cpu", "fp32", "gpt2-tiny", "llama3-tiny", "random", "1e12", ".nan"])
     | st.text(string.printable, max_size=8)
-)  # fmt: skip
-values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner,
-                                                                                            max_size=3), max_leaves=8)
+)
+values = st.recursive(
+    scalars,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+    max_leaves=8,
+)
 
 
 def section(keys: list[str]):
     return st.dictionaries(st.sampled_from(keys), values, max_size=4)
 
 
-YAML_BITS = ["&a ", "*a", "<<: ", "!!str ", "!!float ", "!!python/name:os.system ", ".nan", ".inf", "[", "]", "{",
-             "}", ": ", "- ", "\n", "\n  ", "\t", "'", '"', "#", "? ", "1e9", "1.0e+999", "0x1F", "~", "\x00", "\ufeff",
-             "%YAML 1.1\n", "---\n", "..."]  # fmt: skip
+YAML_BITS = [
+    "&a ",
+    "*a",
+    "<<: ",
+    "!!str ",
+    "!!float ",
+    "!!python/name:os.system ",
+    ".nan",
+    ".inf",
+    "[",
+    "]",
+    "{",
+    "}",
+    ": ",
+    "- ",
+    "\n",
+    "\n  ",
+    "\t",
+    "'",
+    '"',
+    "#",
+    "? ",
+    "1e9",
+    "1.0e+999",
+    "0x1F",
+    "~",
+    "\x00",
+    "\ufeff",
+    "%YAML 1.1\n",
+    "---\n",
+    "...",
+]
 
 
 def assert_one_line_or_valid(content: bytes) -> None:
@@ -185,19 +260,29 @@ def assert_finite(value, where: str) -> None:
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @example(train={}, pretrain={}, sample={}, hardware={}, model={"preset": []})  # once a TypeError
 @example(train={"grad_clip": math.nan}, pretrain={}, sample={}, hardware={}, model={})  # once accepted
-@given(train=section(TRAIN_KEYS), pretrain=section(PRETRAIN_KEYS), sample=section(SAMPLE_KEYS),
-       hardware=section(HARDWARE_KEYS), model=section(MODEL_KEYS))  # fmt: skip
+@given(
+    train=section(TRAIN_KEYS),
+    pretrain=section(PRETRAIN_KEYS),
+    sample=section(SAMPLE_KEYS),
+    hardware=section(HARDWARE_KEYS),
+    model=section(MODEL_KEYS),
+)
 def test_fuzz_documents(train: dict, pretrain: dict, sample: dict, hardware: dict, model: dict) -> None:
     doc = {
-        "hardware": hardware, "model": {"preset": "gpt2-tiny", **model},
+        "hardware": hardware,
+        "model": {"preset": "gpt2-tiny", **model},
         "pretrain": {**pretrain, "train": {"max_steps": 5, **train}, "sample": sample},
-    }  # fmt: skip
+    }
     assert_one_line_or_valid(yaml.safe_dump(doc).encode())
 
 
 @settings(max_examples=800, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(pieces=st.lists(st.sampled_from(YAML_BITS) | st.text(string.ascii_lowercase + "_:0123456789.", max_size=6),
-                       max_size=30), raw=st.binary(max_size=12))  # fmt: skip
+@given(
+    pieces=st.lists(
+        st.sampled_from(YAML_BITS) | st.text(string.ascii_lowercase + "_:0123456789.", max_size=6), max_size=30
+    ),
+    raw=st.binary(max_size=12),
+)
 def test_fuzz_text(pieces: list[str], raw: bytes) -> None:
     text = BASE + "  " + "".join(pieces)
     assert_one_line_or_valid(text.encode("utf-8", "surrogateescape") + raw)

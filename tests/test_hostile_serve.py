@@ -63,8 +63,14 @@ def url(served) -> str:
     return served[0].url
 
 
-def call(url: str, path: str, body: bytes | dict | None = None, method: str = "POST", headers: dict | None = None,
-         timeout: float = 30) -> tuple[int, dict, bytes]:  # fmt: skip
+def call(
+    url: str,
+    path: str,
+    body: bytes | dict | None = None,
+    method: str = "POST",
+    headers: dict | None = None,
+    timeout: float = 30,
+) -> tuple[int, dict, bytes]:
     """(status, headers, body) of one request on its own connection."""
     host, port = url.removeprefix("http://").rsplit(":", 1)
     conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
@@ -167,8 +173,12 @@ def test_tiny_temperature_is_greedy_and_bystanders_keep_their_text(served, url: 
 
 def test_sampling_extremes_stay_finite() -> None:
     logits = torch.tensor([[2.0, 1.0, 0.5, float("-inf")]])  # -inf: a padded vocabulary row
-    extremes = [{"temperature": 1e300}, {"temperature": 0.8, "top_p": 8.5e-119}, {"temperature": 1e-39, "top_k": 1},
-                {"temperature": 2, "top_k": 2, "top_p": 1e-300}]  # fmt: skip
+    extremes = [
+        {"temperature": 1e300},
+        {"temperature": 0.8, "top_p": 8.5e-119},
+        {"temperature": 1e-39, "top_k": 1},
+        {"temperature": 2, "top_k": 2, "top_p": 1e-300},
+    ]
     for cfg in (SamplingConfig(**e) for e in extremes):
         assert int(sample_next(logits, cfg, torch.Generator().manual_seed(0))[0]) in (0, 1, 2), cfg
     with pytest.raises(ValueError, match="not finite"):
@@ -427,8 +437,9 @@ def test_allow_lists_from_options_and_environment(served, monkeypatch) -> None:
     assert http.get("/api/version", headers={"Host": "evil.example"}).status_code == 403
     r = http.get("/api/version", headers={"Origin": "https://app.example.com"})
     assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://app.example.com"
-    preflight = http.options("/v1/chat/completions", headers={"Origin": "https://app.example.com",
-                                                               "Access-Control-Request-Method": "POST"})  # fmt: skip
+    preflight = http.options(
+        "/v1/chat/completions", headers={"Origin": "https://app.example.com", "Access-Control-Request-Method": "POST"}
+    )
     assert preflight.status_code == 204 and "POST" in preflight.headers["access-control-allow-methods"]
     assert http.get("/api/version", headers={"Origin": "https://other.example.com"}).status_code == 403
 
@@ -456,8 +467,19 @@ def test_cli_passes_the_allow_lists_and_limits(model_dir: Path, monkeypatch) -> 
             pass
 
     monkeypatch.setattr("llmcore.serve.app.make_server", lambda *args, **kw: calls.append(kw) or FakeServer())
-    args = ["serve", "--model", str(model_dir), "--allow-host", "a.lan,b.lan", "--allow-origin", "https://x.example",
-            "--request-timeout", "5", "--max-connections", "9"]  # fmt: skip
+    args = [
+        "serve",
+        "--model",
+        str(model_dir),
+        "--allow-host",
+        "a.lan,b.lan",
+        "--allow-origin",
+        "https://x.example",
+        "--request-timeout",
+        "5",
+        "--max-connections",
+        "9",
+    ]
     assert CliRunner().invoke(app, args).exit_code == 0
     assert calls[-1]["allowed_hosts"] == ["a.lan,b.lan"] and calls[-1]["allowed_origins"] == ["https://x.example"]
     assert calls[-1]["request_timeout"] == 5 and calls[-1]["max_connections"] == 9
@@ -520,15 +542,19 @@ def fuzz_url(model_dir: Path, tmp_path_factory):  # noqa: F811
 
 
 SCALARS = st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | st.text(max_size=8)
-VALUES = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner,
-                      max_size=3), max_leaves=8)  # fmt: skip
+VALUES = st.recursive(
+    SCALARS,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=8,
+)
 NUMBERS = st.sampled_from([0, -1, 1, 2, 1e-300, 1e-39, 0.5, 1e300, 2**63, -(2**63), 40]) | st.floats(allow_nan=False)
 MODELS = st.sampled_from(["tiny", "tiny-raw", "tiny:latest", "nope", "", "tiny:", "../tiny"])
 TEXTS = st.sampled_from(["", "hi", "Once upon a time", "\ud800", "<|endoftext|>", "### Response:"]) | st.text(
     max_size=30
 )
-MESSAGE = st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", ""]) | VALUES,
-                                 "content": TEXTS | VALUES})  # fmt: skip
+MESSAGE = st.fixed_dictionaries(
+    {"role": st.sampled_from(["user", "system", "assistant", ""]) | VALUES, "content": TEXTS | VALUES}
+)
 STOPS = TEXTS | st.lists(TEXTS, max_size=6) | VALUES
 
 
@@ -542,46 +568,98 @@ def bodies(fields: dict, required: dict) -> st.SearchStrategy:
 
 
 # JSON schemas: small real ones, with keywords the grammar engine lacks, or arbitrary objects
-SCHEMAS = st.sampled_from([{"type": "object"}, {"type": "integer", "minimum": 0, "maximum": 9},
-                           {"type": "object", "properties": {"a": {"type": "string", "maxLength": 3}}},
-                           {"not": {}}, {"type": "string", "pattern": "(?<=a)"}, {"$ref": "#/nope"},
-                           {"type": "array", "minItems": 3, "maxItems": 1}, {"enum": []}]) | st.dictionaries(
-    st.sampled_from(["type", "properties", "items", "enum", "minimum", "maxLength", "anyOf", "x"]), VALUES,
-    max_size=3)  # fmt: skip
+SCHEMAS = st.sampled_from(
+    [
+        {"type": "object"},
+        {"type": "integer", "minimum": 0, "maximum": 9},
+        {"type": "object", "properties": {"a": {"type": "string", "maxLength": 3}}},
+        {"not": {}},
+        {"type": "string", "pattern": "(?<=a)"},
+        {"$ref": "#/nope"},
+        {"type": "array", "minItems": 3, "maxItems": 1},
+        {"enum": []},
+    ]
+) | st.dictionaries(
+    st.sampled_from(["type", "properties", "items", "enum", "minimum", "maxLength", "anyOf", "x"]), VALUES, max_size=3
+)
 OLLAMA_OPTIONS = {name: NUMBERS for name in ("temperature", "top_k", "top_p", "seed", "num_predict", "num_ctx")}
 OLLAMA = {
-    "/api/generate": {"model": MODELS, "prompt": TEXTS, "system": TEXTS, "raw": st.booleans(), "stream": st.booleans(),
-                      "format": st.sampled_from(["", "json"]) | SCHEMAS, "think": st.booleans(),
-                      "options": st.fixed_dictionaries({}, optional={**OLLAMA_OPTIONS, "stop": STOPS})},
-    "/api/chat": {"model": MODELS, "messages": st.lists(MESSAGE, max_size=3), "stream": st.booleans(),
-                  "tools": VALUES, "options": st.fixed_dictionaries({}, optional={**OLLAMA_OPTIONS, "stop": STOPS})},
+    "/api/generate": {
+        "model": MODELS,
+        "prompt": TEXTS,
+        "system": TEXTS,
+        "raw": st.booleans(),
+        "stream": st.booleans(),
+        "format": st.sampled_from(["", "json"]) | SCHEMAS,
+        "think": st.booleans(),
+        "options": st.fixed_dictionaries({}, optional={**OLLAMA_OPTIONS, "stop": STOPS}),
+    },
+    "/api/chat": {
+        "model": MODELS,
+        "messages": st.lists(MESSAGE, max_size=3),
+        "stream": st.booleans(),
+        "tools": VALUES,
+        "options": st.fixed_dictionaries({}, optional={**OLLAMA_OPTIONS, "stop": STOPS}),
+    },
     "/api/show": {"model": MODELS, "name": MODELS},
-    "/api/embed": {"model": MODELS, "input": TEXTS | st.lists(TEXTS, max_size=3), "truncate": st.booleans(),
-                   "dimensions": NUMBERS},
+    "/api/embed": {
+        "model": MODELS,
+        "input": TEXTS | st.lists(TEXTS, max_size=3),
+        "truncate": st.booleans(),
+        "dimensions": NUMBERS,
+    },
     "/api/embeddings": {"model": MODELS, "prompt": TEXTS},
-}  # fmt: skip
+}
 TOKENS = st.integers(1, 8) | NUMBERS  # mostly what fits the context, or anything
-OPENAI_COMMON = {"model": MODELS, "temperature": NUMBERS, "top_p": NUMBERS, "max_tokens": TOKENS, "seed": NUMBERS,
-                 "max_completion_tokens": TOKENS, "n": st.just(1) | NUMBERS, "stop": STOPS, "stream": st.booleans(),
-                 "stream_options": st.fixed_dictionaries({}, optional={"include_usage": st.booleans()}),
-                 "frequency_penalty": st.just(0) | NUMBERS, "response_format": st.just({"type": "text"}) | VALUES
-                 | st.just({"type": "json_object"}) | st.builds(lambda schema, strict: {"type": "json_schema",
-                 "json_schema": {"name": "x", "schema": schema, "strict": strict}}, SCHEMAS, st.booleans() | VALUES),
-                 "logprobs": st.just(False) | VALUES}  # fmt: skip
+OPENAI_COMMON = {
+    "model": MODELS,
+    "temperature": NUMBERS,
+    "top_p": NUMBERS,
+    "max_tokens": TOKENS,
+    "seed": NUMBERS,
+    "max_completion_tokens": TOKENS,
+    "n": st.just(1) | NUMBERS,
+    "stop": STOPS,
+    "stream": st.booleans(),
+    "stream_options": st.fixed_dictionaries({}, optional={"include_usage": st.booleans()}),
+    "frequency_penalty": st.just(0) | NUMBERS,
+    "response_format": st.just({"type": "text"})
+    | VALUES
+    | st.just({"type": "json_object"})
+    | st.builds(
+        lambda schema, strict: {
+            "type": "json_schema",
+            "json_schema": {"name": "x", "schema": schema, "strict": strict},
+        },
+        SCHEMAS,
+        st.booleans() | VALUES,
+    ),
+    "logprobs": st.just(False) | VALUES,
+}
 OPENAI = {
     "/v1/chat/completions": {**OPENAI_COMMON, "messages": st.lists(MESSAGE, max_size=3)},
     "/v1/completions": {**OPENAI_COMMON, "prompt": TEXTS | st.lists(TEXTS, max_size=2), "echo": VALUES},
-    "/v1/embeddings": {"model": MODELS, "input": TEXTS | st.lists(TEXTS | st.lists(NUMBERS, max_size=3), max_size=3),
-                       "encoding_format": st.sampled_from(["float", "base64", "hex"]) | VALUES,
-                       "dimensions": NUMBERS},
+    "/v1/embeddings": {
+        "model": MODELS,
+        "input": TEXTS | st.lists(TEXTS | st.lists(NUMBERS, max_size=3), max_size=3),
+        "encoding_format": st.sampled_from(["float", "base64", "hex"]) | VALUES,
+        "dimensions": NUMBERS,
+    },
 }
 
 
 FUZZ_MODELS = st.sampled_from(["tiny-raw", "tiny"])
 USER = [{"role": "user", "content": "hi"}]
-GOOD = {"/api/generate": "Once", "/api/chat": USER, "/api/show": USER, "/v1/chat/completions": USER,
-        "/v1/completions": "Once", "/api/embed": "Once", "/api/embeddings": "Once",
-        "/v1/embeddings": "Once"}  # fmt: skip
+GOOD = {
+    "/api/generate": "Once",
+    "/api/chat": USER,
+    "/api/show": USER,
+    "/v1/chat/completions": USER,
+    "/v1/completions": "Once",
+    "/api/embed": "Once",
+    "/api/embeddings": "Once",
+    "/v1/embeddings": "Once",
+}
 
 
 def check(url: str, path: str, body) -> None:
@@ -599,8 +677,9 @@ def check(url: str, path: str, body) -> None:
         assert b'"error"' not in answer and answer.endswith(b"data: [DONE]\n\n"), answer[:300]
 
 
-FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow,
-                HealthCheck.function_scoped_fixture])  # fmt: skip
+FUZZ = settings(
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+)
 
 
 @FUZZ

@@ -32,8 +32,9 @@ print(json.dumps({"extra": hwm() - before, "weights": weights}))
 
 
 def peak_over_weights(kind: str, path: Path) -> float:
-    out = subprocess.run([sys.executable, "-c", MEASURE, kind, str(path)], cwd=REPO, capture_output=True, text=True,
-                         timeout=120)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", MEASURE, kind, str(path)], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     r = json.loads(out.stdout.strip().splitlines()[-1])
     return r["extra"] / r["weights"]

@@ -52,9 +52,15 @@ def randomized(model):
 def hf_gpt2():
     torch.manual_seed(0)
     cfg = transformers.GPT2Config(
-        vocab_size=50257, n_positions=64, n_embd=32, n_layer=2, n_head=2,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-    )  # fmt: skip
+        vocab_size=50257,
+        n_positions=64,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
     return randomized(transformers.GPT2LMHeadModel(cfg))
 
 
@@ -90,8 +96,15 @@ def serve_mirror(http_dir, monkeypatch, root: Path, files: Path, truncate: bool 
 
 
 def write_params(sources: dict, eval_tokens: int = 200) -> None:
-    section = {"models": [], "sources": sources, "corpus": "tiny", "val_fraction": 0.2,
-               "eval_tokens": eval_tokens, "eval_context": 1024, "device": "cpu"}  # fmt: skip
+    section = {
+        "models": [],
+        "sources": sources,
+        "corpus": "tiny",
+        "val_fraction": 0.2,
+        "eval_tokens": eval_tokens,
+        "eval_context": 1024,
+        "device": "cpu",
+    }
     Path("params.yaml").write_text(yaml.safe_dump({"import": section}))
 
 
@@ -267,9 +280,15 @@ def test_llama_from_local_dir(workdir):
     (folder / "original" / "tokenizer.model").write_text("\n".join(lines) + "\n")
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(
-        vocab_size=len(ranks) + 256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False,
-    )  # fmt: skip
+        vocab_size=len(ranks) + 256,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+    )
     hf_llama = randomized(transformers.LlamaForCausalLM(cfg))
     hf_llama.save_pretrained(folder, safe_serialization=True)
 
@@ -298,8 +317,14 @@ def test_llama_from_local_dir(workdir):
 
 def test_llama_without_tiktoken_tokenizer_is_refused(workdir):
     folder = workdir / "Llama-sp"
-    cfg = transformers.LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                   num_attention_heads=2, max_position_embeddings=64)  # fmt: skip
+    cfg = transformers.LlamaConfig(
+        vocab_size=300,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=64,
+    )
     transformers.LlamaForCausalLM(cfg).save_pretrained(folder, safe_serialization=True)
     (folder / "tokenizer.model").write_bytes(b"\n\x0e\n\x05<unk>\x15\x00\x00\x00\x00\x18\x02")  # sentencepiece-ish
     write_params({})

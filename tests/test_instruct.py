@@ -179,8 +179,12 @@ def test_batches_in_order_and_split_over_ranks() -> None:
     examples = [Example([i, i + 1, EOT], 1) for i in range(10)]
     ordered = InstructionBatches(examples, batch_size=4, pad_id=PAD, shuffle=False)
     assert len(ordered) == 3  # every example once: the last batch is short
-    assert [ordered.next_batch()[0][:, 0].tolist() for _ in range(4)] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9],
-                                                                           [0, 1, 2, 3]]  # fmt: skip
+    assert [ordered.next_batch()[0][:, 0].tolist() for _ in range(4)] == [
+        [0, 1, 2, 3],
+        [4, 5, 6, 7],
+        [8, 9],
+        [0, 1, 2, 3],
+    ]
     # two ranks together draw exactly what one process with the global batch draws
     whole = InstructionBatches(examples, batch_size=4, pad_id=PAD, seed=3)
     ranks = [InstructionBatches(examples, batch_size=2, pad_id=PAD, seed=3, rank=r, world_size=2) for r in (0, 1)]
@@ -211,8 +215,9 @@ def test_group_by_length_pads_less() -> None:
 
 def test_evaluate_loss_is_token_weighted() -> None:
     torch.manual_seed(0)
-    model = GPT(ModelConfig.from_preset("gpt2-tiny", vocab_size=16, context_length=16, emb_dim=16, n_layers=1,
-                                        n_heads=2))  # fmt: skip
+    model = GPT(
+        ModelConfig.from_preset("gpt2-tiny", vocab_size=16, context_length=16, emb_dim=16, n_layers=1, n_heads=2)
+    )
     examples = [Example([1, 2, 3, 4, 5, 6, 7, EOT], 1), Example([3, EOT], 1)]
     per_batch = evaluate_loss(model, eval_batches(examples, 1, PAD))
     together = evaluate_loss(model, eval_batches(examples, 2, PAD))
@@ -234,8 +239,11 @@ class ScriptedModel(GPT):
     (end-of-text after the script). Goes through the real generation loop, KV cache and all."""
 
     def __init__(self, vocab_size: int, scripts: list[list[int]], eot: int):
-        super().__init__(ModelConfig.from_preset("gpt2-tiny", vocab_size=vocab_size, context_length=512, emb_dim=8,
-                                                 n_layers=1, n_heads=1))  # fmt: skip
+        super().__init__(
+            ModelConfig.from_preset(
+                "gpt2-tiny", vocab_size=vocab_size, context_length=512, emb_dim=8, n_layers=1, n_heads=1
+            )
+        )
         self.scripts, self.eot, self.step, self.calls = scripts, eot, 0, 0
 
     def forward(self, idx, *, attention_mask=None, cache=None, **kwargs) -> ModelOutput:
@@ -284,8 +292,10 @@ def test_responses_stop_at_eot_per_row_and_keep_order() -> None:
     out = generate_responses(model, tok, prompts, cfg, batch_size=3)
     assert out == ["Blue.", "Red.", ("Green " * 5).strip()]
     # the same answers one prompt at a time (batched decoding changes nothing)
-    singles = [generate_responses(scripted(tok, t), tok, [p], cfg)[0] for t, p in
-               zip([" Blue. ", "Red.\n### Input:\nx", "Green " * 50], prompts, strict=True)]  # fmt: skip
+    singles = [
+        generate_responses(scripted(tok, t), tok, [p], cfg)[0]
+        for t, p in zip([" Blue. ", "Red.\n### Input:\nx", "Green " * 50], prompts, strict=True)
+    ]
     assert singles == out
 
 

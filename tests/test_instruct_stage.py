@@ -47,12 +47,22 @@ def write_params(path: Path, **instruct) -> Path:
         "hardware": {"device": "cpu", "threads": 1},  # tiny matmuls: one thread beats two
         "instruct": {
             "dataset": "toy",
-            "train": {"batch_size": 8, "lr": 0.01, "min_lr": 0.001, "warmup_steps": 5, "max_steps": 60,
-                      "eval_every": 30, "eval_batches": None, "checkpoint_every": 60, "log_every": 10, "seed": 1},
+            "train": {
+                "batch_size": 8,
+                "lr": 0.01,
+                "min_lr": 0.001,
+                "warmup_steps": 5,
+                "max_steps": 60,
+                "eval_every": 30,
+                "eval_batches": None,
+                "checkpoint_every": 60,
+                "log_every": 10,
+                "seed": 1,
+            },
             "generate": {"max_new_tokens": 12, "batch_size": 4},
             **instruct,
         },
-    }  # fmt: skip
+    }
     path.write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
     return path
 
@@ -78,9 +88,21 @@ def workspace(tmp_path_factory) -> Path:
 
 
 def stage_args(root: Path, params: Path, *extra: str, out: str = "instruct", reports: str = "reports"):
-    return ["--params", str(params), "--raw-dir", str(root / "raw"), "--models-dir", str(root / "models"),
-            "--out", str(root / "models" / out), "--reports", str(root / reports), "--work-dir",
-            str(root / f"work-{out}"), *extra]  # fmt: skip
+    return [
+        "--params",
+        str(params),
+        "--raw-dir",
+        str(root / "raw"),
+        "--models-dir",
+        str(root / "models"),
+        "--out",
+        str(root / "models" / out),
+        "--reports",
+        str(root / reports),
+        "--work-dir",
+        str(root / f"work-{out}"),
+        *extra,
+    ]
 
 
 def invoke(root: Path, params: Path, *extra: str, out: str = "instruct", reports: str = "reports"):
@@ -171,8 +193,13 @@ def test_reference_loss_scores_only_the_response(trained: Path) -> None:
 
 def test_lora_with_custom_template(workspace: Path) -> None:
     template = "Q: {instruction} {input}\nA: "
-    params = write_params(workspace / "lora.yaml", finetune="lora", template=template, mask_prompt=True,
-                          lora={"rank": 4, "alpha": 8.0, "dropout": 0.0})  # fmt: skip
+    params = write_params(
+        workspace / "lora.yaml",
+        finetune="lora",
+        template=template,
+        mask_prompt=True,
+        lora={"rank": 4, "alpha": 8.0, "dropout": 0.0},
+    )
     result = invoke(workspace, params, out="lora", reports="reports-lora")
     assert result.exit_code == 0, result.output
     base, _ = load_model_dir(workspace / "models" / "base")
@@ -180,8 +207,9 @@ def test_lora_with_custom_template(workspace: Path) -> None:
     base_state, tuned_state = base.state_dict(), tuned.state_dict()
     assert base_state.keys() == tuned_state.keys()  # merged: plain nn.Linear, the base architecture
     changed = [k for k in base_state if not torch.equal(base_state[k], tuned_state[k])]
-    assert changed and all(k.endswith(("qkv.weight", "attn.proj.weight", "fc.weight", "mlp.proj.weight"))
-                           for k in changed)  # fmt: skip  # only the adapted layers moved
+    assert changed and all(
+        k.endswith(("qkv.weight", "attn.proj.weight", "fc.weight", "mlp.proj.weight")) for k in changed
+    )  # only the adapted layers moved
     assert read_metadata(workspace / "models" / "lora" / "model.safetensors")["template"] == template
     metrics = json.loads((workspace / "reports-lora" / "metrics.json").read_text())
     facts = json.loads((workspace / "reports-lora" / "facts.json").read_text())
@@ -216,9 +244,20 @@ def test_bad_input_is_one_line_and_writes_nothing(workspace: Path, tmp_path: Pat
     if "base_model" in change:
         params["base_model"] = change["base_model"]
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    args = ["--params", str(tmp_path / "params.yaml"), "--raw-dir", str(raw), "--models-dir",
-            str(workspace / "models"), "--out", str(tmp_path / "out"), "--reports", str(tmp_path / "reports"),
-            "--work-dir", str(tmp_path / "work")]  # fmt: skip
+    args = [
+        "--params",
+        str(tmp_path / "params.yaml"),
+        "--raw-dir",
+        str(raw),
+        "--models-dir",
+        str(workspace / "models"),
+        "--out",
+        str(tmp_path / "out"),
+        "--reports",
+        str(tmp_path / "reports"),
+        "--work-dir",
+        str(tmp_path / "work"),
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 1
     lines = result.output.strip().splitlines()
@@ -229,8 +268,18 @@ def test_bad_input_is_one_line_and_writes_nothing(workspace: Path, tmp_path: Pat
 def test_kill_9_then_rerun_writes_the_bytes_of_an_uninterrupted_run(workspace: Path, tmp_path: Path) -> None:
     """SIGKILL mid-training, then the same command again: it resumes from the last checkpoint and every output
     (weights, tokenizer, responses.json, metrics but timings, curves) equals a run never killed."""
-    train = {"batch_size": 8, "lr": 0.01, "min_lr": 0.001, "warmup_steps": 5, "max_steps": 50,
-             "eval_every": 25, "eval_batches": None, "checkpoint_every": 10, "log_every": 10, "seed": 1}  # fmt: skip
+    train = {
+        "batch_size": 8,
+        "lr": 0.01,
+        "min_lr": 0.001,
+        "warmup_steps": 5,
+        "max_steps": 50,
+        "eval_every": 25,
+        "eval_batches": None,
+        "checkpoint_every": 10,
+        "log_every": 10,
+        "seed": 1,
+    }
     params = write_params(tmp_path / "params.yaml", train=train)
     result = invoke(workspace, params, out="ref", reports="ref-reports")
     assert result.exit_code == 0, result.output

@@ -112,23 +112,40 @@ class FakeOllama:
 
     def model_entry(self, name: str) -> dict:
         return {
-            "name": name, "model": name, "modified_at": "2024-05-01T10:00:00.000000+00:00",
-            "size": 4661224676, "digest": DIGEST, "details": self.details(),
+            "name": name,
+            "model": name,
+            "modified_at": "2024-05-01T10:00:00.000000+00:00",
+            "size": 4661224676,
+            "digest": DIGEST,
+            "details": self.details(),
         }
 
     @staticmethod
     def details() -> dict:
-        return {"parent_model": "", "format": "gguf", "family": "llama", "families": ["llama"],
-                "parameter_size": "8.0B", "quantization_level": "Q4_0"}
+        return {
+            "parent_model": "",
+            "format": "gguf",
+            "family": "llama",
+            "families": ["llama"],
+            "parameter_size": "8.0B",
+            "quantization_level": "Q4_0",
+        }
 
     def show_body(self) -> dict:
-        return {"modelfile": "FROM llama3", "parameters": "stop \"<|eot_id|>\"", "template": "{{ .Prompt }}",
-                "details": self.details(), "model_info": {"general.architecture": "llama"},
-                "capabilities": ["completion"], "modified_at": "2024-05-01T10:00:00.000000+00:00"}
+        return {
+            "modelfile": "FROM llama3",
+            "parameters": 'stop "<|eot_id|>"',
+            "template": "{{ .Prompt }}",
+            "details": self.details(),
+            "model_info": {"general.architecture": "llama"},
+            "capabilities": ["completion"],
+            "modified_at": "2024-05-01T10:00:00.000000+00:00",
+        }
 
     def generate_count(self, tag: str | None = None, strict: bool | None = None) -> int:
-        return sum(1 for r in self.requests
-                   if (tag is None or r["tag"] == tag) and (strict is None or r["strict"] == strict))
+        return sum(
+            1 for r in self.requests if (tag is None or r["tag"] == tag) and (strict is None or r["strict"] == strict)
+        )
 
     def generate(self, handler: BaseHTTPRequestHandler, body: dict) -> None:
         prompt = body.get("prompt", "")
@@ -137,13 +154,12 @@ class FakeOllama:
         with self.lock:
             script = self.scripts.setdefault(tag, ["ok:50"])
             behaviour = script.pop(0) if len(script) > 1 else script[0]
-            self.requests.append({"tag": tag, "strict": STRICT_MARK in prompt, "behaviour": behaviour,
-                                  "body": body})
+            self.requests.append({"tag": tag, "strict": STRICT_MARK in prompt, "behaviour": behaviour, "body": body})
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
             if not self.known(body.get("model", "")) or behaviour == "404":
-                handler.reply(404, {"error": f"model \"{body.get('model')}\" not found, try pulling it first"})
+                handler.reply(404, {"error": f'model "{body.get("model")}" not found, try pulling it first'})
             elif behaviour == "500":
                 handler.reply(500, {"error": "llama runner process has terminated: exit status 2"})
             elif behaviour == "drop":
@@ -154,9 +170,18 @@ class FakeOllama:
                     handler.reply(200, {"model": body["model"], "response": "0", "done": True})
             else:
                 text = behaviour.removeprefix("ok:")
-                handler.reply(200, {"model": body["model"], "created_at": "2024-05-01T10:00:00Z",
-                                    "response": text, "done": True, "done_reason": "stop",
-                                    "total_duration": 1000, "eval_count": 2})
+                handler.reply(
+                    200,
+                    {
+                        "model": body["model"],
+                        "created_at": "2024-05-01T10:00:00Z",
+                        "response": text,
+                        "done": True,
+                        "done_reason": "stop",
+                        "total_duration": 1000,
+                        "eval_count": 2,
+                    },
+                )
         finally:
             with self.lock:
                 self.in_flight -= 1
@@ -189,9 +214,13 @@ def fast_config(host: str, **overrides) -> JudgeConfig:
 
 
 def make_item(i: int, response: str = "The car is as fast as a bullet.") -> JudgeItem:
-    return JudgeItem(id=f"item-{i}", instruction=f"[item-{i}] Rewrite the sentence using a simile.",
-                     input="The car is very fast.", reference="The car is as fast as lightning.",
-                     response=response)
+    return JudgeItem(
+        id=f"item-{i}",
+        instruction=f"[item-{i}] Rewrite the sentence using a simile.",
+        input="The car is very fast.",
+        reference="The car is as fast as lightning.",
+        response=response,
+    )
 
 
 def free_port() -> int:
@@ -208,26 +237,61 @@ def free_port() -> int:
     "text, expected",
     [
         # the form the prompt asks for: the integer alone (surrounding space and a final full stop are fine)
-        ("85", 85), ("85.", 85), (" 85 \n", 85), ("0", 0), ("100", 100),
+        ("85", 85),
+        ("85.", 85),
+        (" 85 \n", 85),
+        ("0", 0),
+        ("100", 100),
         # `score: N`, alone or as one line of its own among prose
-        ("Score: 85", 85), ("score: 85", 85), ("SCORE:7", 7), ("The answer is right but short.\nScore: 90", 90),
+        ("Score: 85", 85),
+        ("score: 85", 85),
+        ("SCORE:7", 7),
+        ("The answer is right but short.\nScore: 90", 90),
         # JSON with an integer score, maybe fenced
-        ('{"score": 85}', 85), ('{"Score": 72}', 72), ('```json\n{"score": 90, "reason": "ok"}\n```', 90),
+        ('{"score": 85}', 85),
+        ('{"Score": 72}', 72),
+        ('```json\n{"score": 90, "reason": "ok"}\n```', 90),
         # reasoning models: the <think> block is dropped, the rest must be in the asked form
-        ("<think>Maybe 60? No, 3 errors, so 70.</think>\n75", 75), ("<think>Between 60 and 80", None),
+        ("<think>Maybe 60? No, 3 errors, so 70.</think>\n75", 75),
+        ("<think>Between 60 and 80", None),
         # refused: a number in prose is not a score (the response being judged may well hold one)
-        ("100 meters", None), ("The car travels 100 meters per second.", None),
-        ("The response is perfect. 100", None), ("I give it 70, it is close but not exact", None),
-        ("85\n\nThe response misses 2 details.", None), ("1. The response is accurate\n2. It is concise", None),
+        ("100 meters", None),
+        ("The car travels 100 meters per second.", None),
+        ("The response is perfect. 100", None),
+        ("I give it 70, it is close but not exact", None),
+        ("85\n\nThe response misses 2 details.", None),
+        ("1. The response is accurate\n2. It is concise", None),
         # refused: other scales and decorations than the prompt asks for
-        ("**85**", None), ("`85`", None), ("85/100", None), ("8/10", None), ("85%", None), ("Score: 85/100", None),
-        ("I would rate it 85 out of 100", None), ("Rating: 7/10", None), ("**Score:** 85", None),
-        ("Score: 85. A perfect answer gets 100.", None), ('Here you go: {"score": 64}', None),
+        ("**85**", None),
+        ("`85`", None),
+        ("85/100", None),
+        ("8/10", None),
+        ("85%", None),
+        ("Score: 85/100", None),
+        ("I would rate it 85 out of 100", None),
+        ("Rating: 7/10", None),
+        ("**Score:** 85", None),
+        ("Score: 85. A perfect answer gets 100.", None),
+        ('Here you go: {"score": 64}', None),
         # refused: not an integer in 0..100, or not one score
-        ("", None), ("   ", None), (None, None), ("no idea", None), ("eighty-five", None), ("85.0", None),
-        ("8.5", None), ("150", None), ("-5", None), ("085", None), ("Score: 101", None), ("Score: 80\nScore: 90", None),
-        ("between 60 and 70", None), ("60-70", None), ('{"score": 8.5}', None), ('{"score": "72"}', None),
-        ('{"score": 185}', None), ('{"score": true}', None),
+        ("", None),
+        ("   ", None),
+        (None, None),
+        ("no idea", None),
+        ("eighty-five", None),
+        ("85.0", None),
+        ("8.5", None),
+        ("150", None),
+        ("-5", None),
+        ("085", None),
+        ("Score: 101", None),
+        ("Score: 80\nScore: 90", None),
+        ("between 60 and 70", None),
+        ("60-70", None),
+        ('{"score": 8.5}', None),
+        ('{"score": "72"}', None),
+        ('{"score": 185}', None),
+        ('{"score": true}', None),
     ],
 )
 def test_parse_score(text, expected):
@@ -239,8 +303,12 @@ def test_parse_score(text, expected):
 
 
 def test_default_prompt_matches_the_book():
-    entry = {"instruction": "Rewrite the sentence using a simile.", "input": "The car is very fast.",
-             "output": "The car is as fast as lightning.", "model_response": "The car is as fast as a bullet."}
+    entry = {
+        "instruction": "Rewrite the sentence using a simile.",
+        "input": "The car is very fast.",
+        "output": "The car is as fast as lightning.",
+        "model_response": "The car is as fast as a bullet.",
+    }
     book_input = (
         "Below is an instruction that describes a task. Write a response that appropriately completes the request."
         f"\n\n### Instruction:\n{entry['instruction']}\n\n### Input:\n{entry['input']}"
@@ -297,8 +365,9 @@ def test_check_judge_reports_model_and_digest(fake_ollama):
     assert "format" not in fake.requests[-1]["body"] or fake.requests[-1]["body"]["format"] is None
 
 
-@pytest.mark.parametrize(("version", "schema"), [("0.4.7", False), ("0.5.0", True), ("0.12.3", True),
-                                                 ("0.0.0", True), ("dev", False)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("version", "schema"), [("0.4.7", False), ("0.5.0", True), ("0.12.3", True), ("0.0.0", True), ("dev", False)]
+)
 def test_an_ollama_of_0_5_or_later_is_asked_by_schema(http_dir, tmp_path, version, schema):
     from llmcore.eval.judge import _ollama_takes_schema
 
@@ -363,10 +432,18 @@ def test_score_items_survives_a_misbehaving_server(fake_ollama):
     assert [r.id for r in records] == [it.id for it in items]  # every item, in order
     by_id = {r.id: r for r in records}
     expected = {  # id: (status, score, attempts)
-        "item-0": ("scored", 85, 1), "item-1": ("scored", 80, 2), "item-2": ("scored", 70, 2),
-        "item-3": ("refused", None, 2), "item-4": ("scored", 90, 2), "item-5": ("scored", 60, 2),
-        "item-6": ("scored", 40, 2), "item-7": ("error", None, 3), "item-8": ("error", None, 3),
-        "item-9": ("error", None, 3), "item-10": ("scored", 65, 3), "item-11": ("error", None, 4),
+        "item-0": ("scored", 85, 1),
+        "item-1": ("scored", 80, 2),
+        "item-2": ("scored", 70, 2),
+        "item-3": ("refused", None, 2),
+        "item-4": ("scored", 90, 2),
+        "item-5": ("scored", 60, 2),
+        "item-6": ("scored", 40, 2),
+        "item-7": ("error", None, 3),
+        "item-8": ("error", None, 3),
+        "item-9": ("error", None, 3),
+        "item-10": ("scored", 65, 3),
+        "item-11": ("error", None, 4),
         "item-12": ("error", None, 1),
     }
     assert {k: (r.status, r.score, r.attempts) for k, r in by_id.items()} == expected
@@ -404,8 +481,7 @@ def test_score_items_accepts_book_dicts(fake_ollama):
 
 
 def test_cache_skips_answered_items_and_reasks_on_change(fake_ollama, tmp_path):
-    fake = fake_ollama(scripts={"item-0": ["ok:85"], "item-1": ["ok:nonsense", "ok:more nonsense"],
-                                "item-2": ["500"]})
+    fake = fake_ollama(scripts={"item-0": ["ok:85"], "item-1": ["ok:nonsense", "ok:more nonsense"], "item-2": ["500"]})
     cache = tmp_path / "judge_cache.jsonl"
     config = fast_config(fake.host, retries=1)
     items = [make_item(i) for i in range(3)]
@@ -423,8 +499,9 @@ def test_cache_skips_answered_items_and_reasks_on_change(fake_ollama, tmp_path):
     assert fake.generate_count("item-0") + fake.generate_count("item-1") == 1 + 2  # unchanged
     assert fake.generate_count() - n == 2
     assert [(r.cached, r.attempts) for r in second] == [(True, 0), (True, 0), (False, 2)]
-    assert [(r.score, r.status, r.raw, r.raw_strict) for r in second[:2]] == \
-        [(r.score, r.status, r.raw, r.raw_strict) for r in first[:2]]
+    assert [(r.score, r.status, r.raw, r.raw_strict) for r in second[:2]] == [
+        (r.score, r.status, r.raw, r.raw_strict) for r in first[:2]
+    ]
 
     # A changed response text is a new question.
     n = fake.generate_count("item-0")
@@ -435,8 +512,9 @@ def test_cache_skips_answered_items_and_reasks_on_change(fake_ollama, tmp_path):
     # A changed prompt template invalidates everything.
     n = fake.generate_count()
     template = "Rate `{response}` against `{reference}` for `{input}` from 0 to 100."
-    fourth = score_items(items, fast_config(fake.host, retries=1, prompt_template=template),
-                         cache_path=cache, progress=False)
+    fourth = score_items(
+        items, fast_config(fake.host, retries=1, prompt_template=template), cache_path=cache, progress=False
+    )
     assert not any(r.cached for r in fourth) and fake.generate_count() - n == 1 + 2 + 2
 
 
@@ -482,8 +560,10 @@ def _records(scores: list[int]) -> list[ScoreRecord]:
 
 
 def test_summarize_known_values():
-    records = _records([50, 60, 70, 80, 90]) + [ScoreRecord("u", None, "refused"),
-                                                ScoreRecord("e", None, "error", error="boom")]
+    records = _records([50, 60, 70, 80, 90]) + [
+        ScoreRecord("u", None, "refused"),
+        ScoreRecord("e", None, "error", error="boom"),
+    ]
     s = summarize(records, n_boot=2000, seed=0)
     assert (s["n_items"], s["n_scored"], s["n_refused"], s["n_error"]) == (7, 5, 1, 1)
     assert s["mean"] == 70 and s["median"] == 70

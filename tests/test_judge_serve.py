@@ -58,8 +58,15 @@ def test_judge_through_llmcore_serve(url: str, api: str, tmp_path) -> None:
 
 def test_every_response_is_scored_through_the_schema(url: str, tmp_path) -> None:
     """The default pipeline's 110 test responses, judged by `llmcore serve` over the Ollama API: all scored."""
-    items = [{"instruction": f"Rewrite sentence {i}.", "input": "", "output": "It is fast.",
-              "response": f"It is quick, {i}."} for i in range(110)]  # fmt: skip
+    items = [
+        {
+            "instruction": f"Rewrite sentence {i}.",
+            "input": "",
+            "output": "It is fast.",
+            "response": f"It is quick, {i}.",
+        }
+        for i in range(110)
+    ]
     config = JudgeConfig(host=url, model="tiny-raw", retries=0, max_concurrency=8, timeout=60)
     judge = check_judge(config)
     records = score_items(items, config, progress=False, judge=judge)

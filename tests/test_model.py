@@ -48,8 +48,10 @@ def test_config_json_round_trip_and_presets():
         ModelConfig.from_preset("gpt5")
 
 
-@pytest.mark.parametrize("name, expected", [("gpt2-124m", 124_439_808), ("gpt2-355m", 354_823_168),
-                                            ("gpt2-774m", 774_030_080), ("gpt2-1558m", 1_557_611_200)])
+@pytest.mark.parametrize(
+    "name, expected",
+    [("gpt2-124m", 124_439_808), ("gpt2-355m", 354_823_168), ("gpt2-774m", 774_030_080), ("gpt2-1558m", 1_557_611_200)],
+)
 def test_gpt2_presets_have_real_gpt2_sizes(name, expected):
     cfg = ModelConfig.from_preset(name)
     assert cfg.num_params() == expected  # the counts transformers reports for openai-community/gpt2*

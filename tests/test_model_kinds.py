@@ -27,8 +27,9 @@ def byte_tokenizer() -> Tokenizer:
 
 def tiny_gpt() -> GPT:
     torch.manual_seed(0)
-    return GPT(ModelConfig.from_preset("gpt2-tiny", n_layers=1, emb_dim=32, n_heads=2, vocab_size=257,
-                                       context_length=32))  # fmt: skip
+    return GPT(
+        ModelConfig.from_preset("gpt2-tiny", n_layers=1, emb_dim=32, n_heads=2, vocab_size=257, context_length=32)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +49,10 @@ def error_line(result) -> str:
 
 
 def refusal(models, use: str) -> str:
-    return (f"error: {models / 'clf' / 'model.safetensors'}: a 'classify' checkpoint, not a causal language model; "
-            f"{use} needs one (a pretrain, import or instruct model folder)")  # fmt: skip
+    return (
+        f"error: {models / 'clf' / 'model.safetensors'}: a 'classify' checkpoint, not a causal language model; "
+        f"{use} needs one (a pretrain, import or instruct model folder)"
+    )
 
 
 def test_ask_refuses_a_classifier(models):
@@ -62,8 +65,18 @@ def test_fine_tunes_refuse_a_classifier_base_model_before_any_work(tmp_path, mod
     params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text(encoding="utf-8"))
     params["base_model"] = "clf"
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    args = ["--params", str(tmp_path / "params.yaml"), "--models-dir", str(models), "--out", str(tmp_path / "out"),
-            "--reports", str(tmp_path / "reports"), "--work-dir", str(tmp_path / "work")]  # fmt: skip
+    args = [
+        "--params",
+        str(tmp_path / "params.yaml"),
+        "--models-dir",
+        str(models),
+        "--out",
+        str(tmp_path / "out"),
+        "--reports",
+        str(tmp_path / "reports"),
+        "--work-dir",
+        str(tmp_path / "work"),
+    ]
     name = stage.__name__.rsplit(".", 1)[-1]
     result = CliRunner().invoke(stage.app, args)  # no data given: the base model is checked first
     assert error_line(result) == refusal(models, f"the {name} stage's base_model")
@@ -74,8 +87,16 @@ def test_evaluate_refuses_a_classifier_for_the_reference_loss(tmp_path, models):
     (tmp_path / "params.yaml").write_text("evaluate: {judge_mode: 'off'}\n")
     entries = [{"instruction": "Say hi.", "input": "", "output": "Hi!", "model_response": "Hi."}]
     (tmp_path / "responses.json").write_text(json.dumps(entries))
-    args = ["--params", str(tmp_path / "params.yaml"), "--responses", str(tmp_path / "responses.json"),
-            "--model-dir", str(models / "clf"), "--reports", str(tmp_path / "reports")]  # fmt: skip
+    args = [
+        "--params",
+        str(tmp_path / "params.yaml"),
+        "--responses",
+        str(tmp_path / "responses.json"),
+        "--model-dir",
+        str(models / "clf"),
+        "--reports",
+        str(tmp_path / "reports"),
+    ]
     result = CliRunner().invoke(evaluate.app, args)
     assert error_line(result) == refusal(models, "the loss on the reference answers (evaluate)")
     assert not (tmp_path / "reports" / "metrics.json").exists()
@@ -83,8 +104,18 @@ def test_evaluate_refuses_a_classifier_for_the_reference_loss(tmp_path, models):
 
 def test_import_says_an_llmcore_folder_is_not_a_hugging_face_one(tmp_path, models):
     (tmp_path / "params.yaml").write_text("import: {}\n")
-    args = ["--name", "mine", "--params", str(tmp_path / "params.yaml"), "--from-dir", str(models / "clf"),
-            "--out", str(tmp_path / "out"), "--reports", str(tmp_path / "reports")]  # fmt: skip
+    args = [
+        "--name",
+        "mine",
+        "--params",
+        str(tmp_path / "params.yaml"),
+        "--from-dir",
+        str(models / "clf"),
+        "--out",
+        str(tmp_path / "out"),
+        "--reports",
+        str(tmp_path / "reports"),
+    ]
     result = CliRunner().invoke(import_weights.app, args)
     assert error_line(result).startswith(f"error: {models / 'clf'}: an llmcore model folder, not a Hugging Face one")
 

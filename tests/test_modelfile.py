@@ -63,7 +63,7 @@ def test_interpreter_follows_go_semantics():
     """The test oracle itself: trim markers, scoped variables, assignment, else-if, print, range."""
     t = '  {{- $x := "a" }} {{ if eq 1 2 }}no{{ else if eq "b" "b" }}{{ $x = print $x "b" }}{{ end -}}  ! {{ $x }}'
     assert render(t, {}) == " ! ab"
-    t = '{{ range .Items }}{{ $y := .N }}[{{ $y }}]{{ end }}{{ if .Items }}ok{{ else }}empty{{ end }}'
+    t = "{{ range .Items }}{{ $y := .N }}[{{ $y }}]{{ end }}{{ if .Items }}ok{{ else }}empty{{ end }}"
     assert render(t, {"Items": [{"N": "1"}, {"N": "2"}]}) == "[1][2]ok"
     assert render(t, {"Items": []}) == "empty"
     with pytest.raises(ValueError, match="unsupported"):

@@ -45,8 +45,11 @@ def test_same_seed_gives_the_same_real_weights_and_zero_padding(preset):
     for (name, a), (_, b) in zip(plain.state_dict().items(), padded.state_dict().items(), strict=True):
         assert torch.equal(a, b[:V] if b.shape != a.shape else b), name
     assert torch.count_nonzero(padded.tok_emb.weight[V:]) == 0
-    assert padded.num_params() == padded.cfg.num_params() == plain.num_params() + 31 * padded.cfg.emb_dim * (
-        1 if padded.cfg.tie_embeddings else 2)  # fmt: skip
+    assert (
+        padded.num_params()
+        == padded.cfg.num_params()
+        == plain.num_params() + 31 * padded.cfg.emb_dim * (1 if padded.cfg.tie_embeddings else 2)
+    )
     assert padded.cfg.flops_per_token() == plain.cfg.flops_per_token()  # padded rows are not model FLOPs
 
 
@@ -88,8 +91,18 @@ def test_loss_gradients_never_touch_the_padded_rows():
 @pytest.mark.parametrize("preset", FAMILIES)
 def test_training_curves_are_identical(tmp_path, preset):
     tokens = np.tile(np.random.default_rng(0).integers(0, V, 61).astype(np.uint16), 40)
-    cfg = TrainConfig(batch_size=4, lr=1e-2, min_lr=1e-3, warmup_steps=2, max_steps=6, eval_every=3,
-                      eval_batches=2, checkpoint_every=3, log_every=1, seed=7)  # fmt: skip
+    cfg = TrainConfig(
+        batch_size=4,
+        lr=1e-2,
+        min_lr=1e-3,
+        warmup_steps=2,
+        max_steps=6,
+        eval_every=3,
+        eval_batches=2,
+        checkpoint_every=3,
+        log_every=1,
+        seed=7,
+    )
     results = []
     for multiple in (None, 64):
         torch.manual_seed(0)
@@ -120,8 +133,9 @@ def test_weight_files_are_byte_identical_and_load_back(tmp_path, preset):
     assert torch.equal(target.tok_emb.weight[:V], loaded.tok_emb.weight)
     assert torch.count_nonzero(target.tok_emb.weight[V:]) == 0
     again = load_checkpoint(b, config=padded.cfg)
-    assert again.tok_emb.weight.shape[0] == 128 and torch.equal(again(torch.tensor([[1, 2]])).logits,
-                                                                   loaded(torch.tensor([[1, 2]])).logits)  # fmt: skip
+    assert again.tok_emb.weight.shape[0] == 128 and torch.equal(
+        again(torch.tensor([[1, 2]])).logits, loaded(torch.tensor([[1, 2]])).logits
+    )
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])

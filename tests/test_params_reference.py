@@ -168,11 +168,15 @@ def params_problems(params: Path | None = None) -> list[str]:
         g = generic(path)
         parent = g.rsplit(".", 1)[0] if "." in g else ""
         if g not in paths and "." not in g:
-            problems.append(f"params.yaml line {line + 1}: {path}: no stage reads this section (no "
-                            f"load_section({path!r}, Schema) in stages/*.py)")  # fmt: skip
+            problems.append(
+                f"params.yaml line {line + 1}: {path}: no stage reads this section (no "
+                f"load_section({path!r}, Schema) in stages/*.py)"
+            )
         elif g not in paths:
-            problems.append(f"params.yaml line {line + 1}: {path}: no such key in the code (a typo, or a field "
-                            "removed from its schema?)")  # fmt: skip
+            problems.append(
+                f"params.yaml line {line + 1}: {path}: no such key in the code (a typo, or a field "
+                "removed from its schema?)"
+            )
         elif parent.endswith(NAME):
             continue  # a key inside an entry of an open mapping: documented by the mapping's comment
         elif NAME in g.split("."):
@@ -183,15 +187,19 @@ def params_problems(params: Path | None = None) -> list[str]:
         if path.startswith("model.") or NAME in path.split("."):
             continue  # model: overrides only, listed in docs/params.md; entries of open mappings are free
         if path not in present:
-            problems.append(f"params.yaml: {path}: missing (a field of {node.where}); add it with its default "
-                            "and a comment")  # fmt: skip
+            problems.append(
+                f"params.yaml: {path}: missing (a field of {node.where}); add it with its default and a comment"
+            )
         if node.mapping:
             line = next(i for p, i, _ in keys if p == path)
-            missing = [f.name for f in dataclasses.fields(node.schema) if not re.search(rf"\b{f.name}\b",
-                                                                                         comment(lines, line))]
+            missing = [
+                f.name for f in dataclasses.fields(node.schema) if not re.search(rf"\b{f.name}\b", comment(lines, line))
+            ]
             if missing:
-                problems.append(f"params.yaml line {line + 1}: {path}: its comment should name every key an entry "
-                                f"takes; missing {', '.join(missing)}")  # fmt: skip
+                problems.append(
+                    f"params.yaml line {line + 1}: {path}: its comment should name every key an entry "
+                    f"takes; missing {', '.join(missing)}"
+                )
     return problems
 
 
@@ -224,12 +232,17 @@ def readme_problems() -> list[str]:
                 problems.append(f"docs/params.md: row `{head}`: no such key in the code")
                 continue
             named.add(head)
-            keys = MODEL_KEYS if head == "model" else (
-                {f.name for f in dataclasses.fields(paths[head].schema)} if paths[head].schema else set())
+            keys = (
+                MODEL_KEYS
+                if head == "model"
+                else ({f.name for f in dataclasses.fields(paths[head].schema)} if paths[head].schema else set())
+            )
             for key in re.findall(r"`([a-z_][a-z0-9_]*)`", cell):  # backticked identifiers are keys
                 if key not in keys:
-                    problems.append(f"docs/params.md: row `{head}`: `{key}` is not a key of {head} "
-                                    "(write values and choices without backticks)")  # fmt: skip
+                    problems.append(
+                        f"docs/params.md: row `{head}`: `{key}` is not a key of {head} "
+                        "(write values and choices without backticks)"
+                    )
                 named.add(f"{head}.{key}")
     for path, node in sorted(paths.items()):
         if path not in named:
@@ -285,8 +298,9 @@ def dvc_queue_with(repo: Path, *overrides: str) -> str:
     args = [a for o in overrides for a in ("-S", o)]
     proc = subprocess.run([str(DVC), "exp", "run", "--queue", *args], cwd=repo, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    return subprocess.run(["git", "show", "refs/exps/celery/stash:params.yaml"], cwd=repo, check=True,
-                          capture_output=True, text=True).stdout  # fmt: skip
+    return subprocess.run(
+        ["git", "show", "refs/exps/celery/stash:params.yaml"], cwd=repo, check=True, capture_output=True, text=True
+    ).stdout
 
 
 def test_dvc_exp_run_set_param_changes_only_the_keys_it_sets(tmp_path):
@@ -295,20 +309,30 @@ def test_dvc_exp_run_set_param_changes_only_the_keys_it_sets(tmp_path):
     assert DVC.is_file(), f"{DVC}: dvc not installed (make venv installs it)"
     for name in ("params.yaml", "dvc.yaml"):
         shutil.copy(REPO_ROOT / name, tmp_path / name)
-    sets = {"pretrain.train.lr": "0.001", "align.beta": "0.5", "import.models": "[gpt2-124m]",
-            "evaluate.judge.host": "http://127.0.0.1:11435", "pretrain.sample.top_p": "0.9"}  # fmt: skip
+    sets = {
+        "pretrain.train.lr": "0.001",
+        "align.beta": "0.5",
+        "import.models": "[gpt2-124m]",
+        "evaluate.judge.host": "http://127.0.0.1:11435",
+        "pretrain.sample.top_p": "0.9",
+    }
     queued = dvc_queue_with(tmp_path, *(f"{k}={v}" for k, v in sets.items()))
     before = PARAMS.read_text(encoding="utf-8").splitlines()
     lines = {path: line for path, line, _ in yaml_keys()}
     removed = [i for i, tag in _diff_old_lines(before, queued.splitlines()) if tag]
-    assert removed == sorted(lines[k] for k in sets), "DVC rewrote other lines of params.yaml:\n" + "\n".join(
-        before[i] for i in removed if i not in {lines[k] for k in sets}
-    ) + "\nfix: python -m tests.test_params_reference --write (the layout DVC writes, through DVC's code)"
+    assert removed == sorted(lines[k] for k in sets), (
+        "DVC rewrote other lines of params.yaml:\n"
+        + "\n".join(before[i] for i in removed if i not in {lines[k] for k in sets})
+        + "\nfix: python -m tests.test_params_reference --write (the layout DVC writes, through DVC's code)"
+    )
     (tmp_path / "params.yaml").write_text(queued, encoding="utf-8")
     assert params_problems(tmp_path / "params.yaml") == []
     data = yaml.safe_load(queued)
     assert (data["pretrain"]["train"]["lr"], data["import"]["models"], data["pretrain"]["sample"]["top_p"]) == (
-        0.001, ["gpt2-124m"], 0.9)
+        0.001,
+        ["gpt2-124m"],
+        0.9,
+    )
 
 
 def _diff_old_lines(old: list[str], new: list[str]) -> list[tuple[int, bool]]:
@@ -325,8 +349,10 @@ def test_a_comment_on_a_value_written_over_several_lines_counts(tmp_path, monkey
     """The check reads meaning: DVC wraps a long flow mapping and its comment ends up on the value's last line."""
     text = PARAMS.read_text(encoding="utf-8")
     sample = re.search(r"\n  sample: .*?(?=\n  baseline_k)", text, re.DOTALL).group(0)
-    wrapped = ("\n  sample: {max_new_tokens: 120, temperature: 0.8, top_k: 50, top_p: null, seed:\n"
-               "      1337}    # how samples.md is drawn")  # fmt: skip
+    wrapped = (
+        "\n  sample: {max_new_tokens: 120, temperature: 0.8, top_k: 50, top_p: null, seed:\n"
+        "      1337}    # how samples.md is drawn"
+    )
     monkeypatch.setattr(f"{__name__}.PARAMS", tmp_path / "params.yaml")
     (tmp_path / "params.yaml").write_text(text.replace(sample, wrapped), encoding="utf-8")
     assert params_problems() == []

@@ -108,8 +108,10 @@ def test_malformed_params_exit_nonzero_with_one_line(repo_env, tmp_path, edit, m
     out = tmp_path / "out"
     proc = run(
         [sys.executable, "-m", f"stages.{stage}", "--params", str(bad), "--reports", str(out / "reports")],
-        repo, env, check=False,
-    )  # fmt: skip
+        repo,
+        env,
+        check=False,
+    )
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], proc.stderr
@@ -121,15 +123,21 @@ TINY = {
     "tokenize": {"vocab_size": 512},
     "model": {"preset": "llama3-tiny", "context_length": 128, "n_layers": 2, "emb_dim": 64, "hidden_dim": 160},
     "hardware": {"threads": 1},
-    "pretrain": {"train": {"max_steps": 30, "eval_every": 15, "eval_batches": 2, "checkpoint_every": 15},
-                 "sample": {"max_new_tokens": 20}},
+    "pretrain": {
+        "train": {"max_steps": 30, "eval_every": 15, "eval_batches": 2, "checkpoint_every": 15},
+        "sample": {"max_new_tokens": 20},
+    },
     "classify": {"train": {"epochs": 1, "max_steps": 20, "eval_every": 20, "eval_batches": 2, "checkpoint_every": 20}},
-    "instruct": {"train": {"epochs": 1, "max_steps": 20, "eval_every": 20, "eval_batches": 2},
-                 "generate": {"max_new_tokens": 12}},
-    "align": {"train": {"epochs": None, "max_steps": 10, "eval_every": 10, "eval_batches": 2},
-              "generate": {"max_new_tokens": 12}},
+    "instruct": {
+        "train": {"epochs": 1, "max_steps": 20, "eval_every": 20, "eval_batches": 2},
+        "generate": {"max_new_tokens": 12},
+    },
+    "align": {
+        "train": {"epochs": None, "max_steps": 10, "eval_every": 10, "eval_batches": 2},
+        "generate": {"max_new_tokens": 12},
+    },
     "evaluate": {"judge_mode": "required", "judge": {"model": "judge", "timeout": 60, "retries": 1}, "n_boot": 200},
-}  # fmt: skip
+}
 
 
 def merge(base: dict, over: dict) -> dict:
@@ -200,8 +208,16 @@ def tiny(tmp_path_factory, mirror_url, judge_server) -> Tiny:
 def test_full_pipeline_end_to_end_with_llmcore_serve_as_judge(tiny):
     repo, env = tiny.repo, tiny.env
     assert ran_stages(tiny.first) == [
-        "download", "tokenize", "pretrain", "classify", "instruct", "preferences", "align", "evaluate", "report",
-    ]  # fmt: skip
+        "download",
+        "tokenize",
+        "pretrain",
+        "classify",
+        "instruct",
+        "preferences",
+        "align",
+        "evaluate",
+        "report",
+    ]
     for stage in ("tokenize", "pretrain", "classify", "instruct", "align", "evaluate"):
         assert (repo / f"reports/{stage}/metrics.json").is_file(), stage
     evaluate = json.loads((repo / "reports/evaluate/metrics.json").read_text())
@@ -259,11 +275,23 @@ def test_forced_rerun_gives_identical_bytes(tiny):
     forced = dvc(repo, tiny.env, "repro", "-f")
     assert ran_stages(forced.stdout) == ran_stages(tiny.first)
     artifacts = cached_artifacts(repo)
-    assert {"data/tokens", "data/models/pretrain", "data/models/classify", "data/models/instruct", "data/models/align",
-            "data/align/pairs.json", "reports/align/responses.json", "reports/evaluate/head_to_head.jsonl",
-            "reports/instruct/responses.json", "reports/evaluate/scores.jsonl", "reports/classify/confusion.csv",
-            "reports/instruct/base_responses.json", "reports/evaluate/base_scores.jsonl",
-            "reports/pretrain/samples.md", "reports/classify/predictions.csv"} <= set(artifacts)  # fmt: skip
+    assert {
+        "data/tokens",
+        "data/models/pretrain",
+        "data/models/classify",
+        "data/models/instruct",
+        "data/models/align",
+        "data/align/pairs.json",
+        "reports/align/responses.json",
+        "reports/evaluate/head_to_head.jsonl",
+        "reports/instruct/responses.json",
+        "reports/evaluate/scores.jsonl",
+        "reports/classify/confusion.csv",
+        "reports/instruct/base_responses.json",
+        "reports/evaluate/base_scores.jsonl",
+        "reports/pretrain/samples.md",
+        "reports/classify/predictions.csv",
+    } <= set(artifacts)
     second = lock_outs(repo)
     differ = [p for p in artifacts if second[p] != tiny.outs[p]]
     assert not differ, f"not byte-identical across two forced runs: {differ}"
@@ -276,10 +304,12 @@ def test_touching_a_library_file_changes_exactly_the_stages_that_run_it(tiny, to
     repo = tiny.repo
     spec = yaml.safe_load((repo / "dvc.yaml").read_text())
     expected = sorted(
-        stage.name for stage in deps.load_stages(spec)
-        if stage.name in spec["stages"] and "foreach" not in spec["stages"][stage.name]  # import@: none by default
+        stage.name
+        for stage in deps.load_stages(spec)
+        if stage.name in spec["stages"]
+        and "foreach" not in spec["stages"][stage.name]  # import@: none by default
         and (REPO_ROOT / touched).resolve() in deps.import_closure(stage.script)
-    )  # fmt: skip
+    )
     assert expected  # every file here is some stage's code
     if touched == "llmcore/data/spam.py":
         assert expected == ["classify"]  # as the README says
@@ -302,8 +332,14 @@ def test_dvc_repro_killed_mid_stage_then_rerun_gives_identical_bytes(tiny):
     repo = tiny.repo
     shutil.rmtree(repo / ".cache")
     with (repo.parent / "killed.log").open("w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "-f", "-s", "pretrain"], cwd=repo, env=tiny.env,
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dvc", "repro", "-f", "-s", "pretrain"],
+            cwd=repo,
+            env=tiny.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         deadline = time.monotonic() + 300
         while proc.poll() is None and not checkpoints(repo / ".cache/pretrain") and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -328,8 +364,18 @@ def test_queued_sweep_runs_and_reads_back(tiny):
     """The README's sweep: `dvc exp run --queue` over a grid, `dvc queue start`, `dvc exp show --json`."""
     repo, env = tiny.repo, tiny.env
     start = time.monotonic()
-    dvc(repo, env, "exp", "run", "--queue", "-S", "model.preset=llama3-tiny,gpt2-tiny", "-S",
-        "pretrain.train.lr=0.002", "pretrain")  # fmt: skip
+    dvc(
+        repo,
+        env,
+        "exp",
+        "run",
+        "--queue",
+        "-S",
+        "model.preset=llama3-tiny,gpt2-tiny",
+        "-S",
+        "pretrain.train.lr=0.002",
+        "pretrain",
+    )
     dvc(repo, env, "queue", "start")
     deadline = time.monotonic() + 480
     while time.monotonic() < deadline:
@@ -389,7 +435,8 @@ def test_a_seen_param_set_is_restored_from_the_run_cache(tiny):
     again = dvc(repo, env, "exp", "run", "-S", f"model.preset={preset}", "-S", f"pretrain.train.lr={lr}", "pretrain")
     assert "Stage 'pretrain' is cached - skipping run, checking out outputs" in again.stdout, again.stdout
     assert ran_stages(again.stdout) == [] and "rank 0/1" not in again.stdout + again.stderr  # no training
-    swept = yaml.safe_load(subprocess.run(["git", "show", f"{rev}:dvc.lock"], cwd=repo, check=True,
-                                          capture_output=True, text=True).stdout)  # fmt: skip
+    swept = yaml.safe_load(
+        subprocess.run(["git", "show", f"{rev}:dvc.lock"], cwd=repo, check=True, capture_output=True, text=True).stdout
+    )
     restored = yaml.safe_load((repo / "dvc.lock").read_text())
     assert restored["stages"]["pretrain"]["outs"] == swept["stages"]["pretrain"]["outs"]

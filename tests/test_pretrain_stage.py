@@ -25,8 +25,12 @@ from llmcore.weights.weight_file import read_metadata
 from stages.pretrain import app
 
 REPO = Path(__file__).resolve().parents[1]
-LINES = ["To be, or not to be, that is the question.", "Whether 'tis nobler in the mind to suffer",
-         "The slings and arrows of outrageous fortune,", "Or to take arms against a sea of troubles."]  # fmt: skip
+LINES = [
+    "To be, or not to be, that is the question.",
+    "Whether 'tis nobler in the mind to suffer",
+    "The slings and arrows of outrageous fortune,",
+    "Or to take arms against a sea of troubles.",
+]
 SPEAKERS = ["HAMLET", "OPHELIA", "HORATIO"]
 
 
@@ -48,24 +52,51 @@ def tokens(tmp_path_factory) -> Path:
 
 def write_params(path: Path, hardware: dict | None = None, **train) -> Path:
     params = {
-        "model": {"preset": "llama3-tiny", "context_length": 32, "emb_dim": 32, "n_layers": 2, "n_heads": 4,
-                  "n_kv_heads": 2, "hidden_dim": 64},
+        "model": {
+            "preset": "llama3-tiny",
+            "context_length": 32,
+            "emb_dim": 32,
+            "n_layers": 2,
+            "n_heads": 4,
+            "n_kv_heads": 2,
+            "hidden_dim": 64,
+        },
         "hardware": {"device": "cpu", "peak_tflops": 1.0, **(hardware or {})},
         "pretrain": {
-            "train": {"batch_size": 8, "lr": 1e-2, "min_lr": 1e-3, "warmup_steps": 5, "max_steps": 30,
-                      "eval_every": 10, "eval_batches": 4, "checkpoint_every": 10, "log_every": 1, **train},
+            "train": {
+                "batch_size": 8,
+                "lr": 1e-2,
+                "min_lr": 1e-3,
+                "warmup_steps": 5,
+                "max_steps": 30,
+                "eval_every": 10,
+                "eval_batches": 4,
+                "checkpoint_every": 10,
+                "log_every": 1,
+                **train,
+            },
             "prompts": ["HAMLET:\n", ""],
             "sample": {"max_new_tokens": 40, "temperature": 0.5, "seed": 1},
         },
-    }  # fmt: skip
+    }
     path.mkdir(parents=True, exist_ok=True)
     (path / "params.yaml").write_text(yaml.safe_dump(params))
     return path / "params.yaml"
 
 
 def stage_args(run: Path, tokens: Path) -> list[str]:
-    return ["--params", str(run / "params.yaml"), "--tokens", str(tokens), "--out", str(run / "model"),
-            "--reports", str(run / "reports"), "--ckpt", str(run / "ckpt")]  # fmt: skip
+    return [
+        "--params",
+        str(run / "params.yaml"),
+        "--tokens",
+        str(tokens),
+        "--out",
+        str(run / "model"),
+        "--reports",
+        str(run / "reports"),
+        "--ckpt",
+        str(run / "ckpt"),
+    ]
 
 
 def stage_cmd(run: Path, tokens: Path) -> list[str]:
@@ -99,8 +130,16 @@ def test_stage_end_to_end(tmp_path, tokens):
     metrics = json.loads((tmp_path / "reports" / "metrics.json").read_text())
     timing = json.loads((tmp_path / "reports" / "timing.json").read_text())["timing"]
     facts = json.loads((tmp_path / "reports" / "facts.json").read_text())
-    for key in ("train_loss", "val_loss", "val_ppl", "tokens_seen", "unigram_val_loss", "bigram_val_loss",
-                "train_unigram_entropy", "step"):  # fmt: skip
+    for key in (
+        "train_loss",
+        "val_loss",
+        "val_ppl",
+        "tokens_seen",
+        "unigram_val_loss",
+        "bigram_val_loss",
+        "train_unigram_entropy",
+        "step",
+    ):
         assert key in metrics, key
     assert set(timing) == {"tokens_per_s", "mfu", "peak_tflops", "train_time_s", "wall_time_s"}
     assert facts["stop_reason"] == "max_steps" and facts["device"] == "cpu" and facts["baseline_k"] > 0

@@ -36,13 +36,20 @@ def set_path(tree: dict, dotted: str, value) -> None:
 def test_profile_validates_and_round_trips_through_set_param(profile, tmp_path):
     base = read_params(REPO / "params.yaml")
     merged = merge_params(base, read_params(profile))
-    result = CliRunner().invoke(app, ["profile", str(profile), "--params", str(REPO / "params.yaml"),
-                                      "--write", str(tmp_path / "merged.yaml")])  # fmt: skip
+    result = CliRunner().invoke(
+        app, ["profile", str(profile), "--params", str(REPO / "params.yaml"), "--write", str(tmp_path / "merged.yaml")]
+    )
     assert result.exit_code == 0, result.output
     path = tmp_path / "merged.yaml"
     assert read_params(path) == merged
-    schemas = {"download": DownloadParams, "tokenize": TokenizeParams, "pretrain": PretrainParams,
-               "hardware": HardwareConfig, "instruct": InstructParams, "align": AlignParams}  # fmt: skip
+    schemas = {
+        "download": DownloadParams,
+        "tokenize": TokenizeParams,
+        "pretrain": PretrainParams,
+        "hardware": HardwareConfig,
+        "instruct": InstructParams,
+        "align": AlignParams,
+    }
     for section, schema in schemas.items():
         load_section(section, schema, path)
     cfg = model_config_from_params(merged["model"], vocab_size=65536)
@@ -64,8 +71,9 @@ def counted(fn, count: list[int]):
 
 
 def test_activation_checkpointing_gives_the_same_gradients():
-    cfg = ModelConfig.from_preset("llama3-tiny", vocab_size=64, context_length=16, emb_dim=32, n_layers=3, n_heads=4,
-                                  n_kv_heads=2, hidden_dim=64)  # fmt: skip
+    cfg = ModelConfig.from_preset(
+        "llama3-tiny", vocab_size=64, context_length=16, emb_dim=32, n_layers=3, n_heads=4, n_kv_heads=2, hidden_dim=64
+    )
     idx = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
     grads, calls = [], []
     for checkpointing in (False, True):
@@ -84,16 +92,28 @@ def test_activation_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("profile,line", [
-    ("pretrain:\n  train:\n    lrr: 0.1\n", "pretrain.train.lrr: unknown key (known: batch_size,"),
-    ("hardware:\n  threads: many\n", "hardware.threads: expected auto or a positive int, got 'many'"),
-    ("pretrian:\n  windows: random\n", "unknown section 'pretrian' (did you mean 'pretrain'?)"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "profile,line",
+    [
+        ("pretrain:\n  train:\n    lrr: 0.1\n", "pretrain.train.lrr: unknown key (known: batch_size,"),
+        ("hardware:\n  threads: many\n", "hardware.threads: expected auto or a positive int, got 'many'"),
+        ("pretrian:\n  windows: random\n", "unknown section 'pretrian' (did you mean 'pretrain'?)"),
+    ],
+)
 def test_a_bad_profile_is_one_line_and_writes_nothing(tmp_path, profile, line):
     """`llmcore profile` loads the merged params through every stage's loader before writing or printing."""
     (tmp_path / "bad.yaml").write_text(profile)
-    result = CliRunner().invoke(app, ["profile", str(tmp_path / "bad.yaml"), "--params", str(REPO / "params.yaml"),
-                                      "--write", str(tmp_path / "merged.yaml")])  # fmt: skip
+    result = CliRunner().invoke(
+        app,
+        [
+            "profile",
+            str(tmp_path / "bad.yaml"),
+            "--params",
+            str(REPO / "params.yaml"),
+            "--write",
+            str(tmp_path / "merged.yaml"),
+        ],
+    )
     assert result.exit_code == 1
     (error,) = result.output.strip().splitlines()
     assert error.startswith(f"error: {tmp_path / 'bad.yaml'} (merged over {REPO / 'params.yaml'}): ") and line in error

@@ -115,8 +115,18 @@ def test_judge_with_llmcore_serve_as_the_readme_says(tmp_path, running_cli_serve
     (tmp_path / "responses.json").write_text(json.dumps(responses))
     model = tmp_path / "instruct"
     save_model_dir(model, *tiny_lm())
-    args = ["--params", str(tmp_path / "params.yaml"), "--responses", str(tmp_path / "responses.json"),
-            "--model-dir", str(model), "--cache", str(tmp_path / "cache.jsonl"), "--reports", str(tmp_path / "r")]
+    args = [
+        "--params",
+        str(tmp_path / "params.yaml"),
+        "--responses",
+        str(tmp_path / "responses.json"),
+        "--model-dir",
+        str(model),
+        "--cache",
+        str(tmp_path / "cache.jsonl"),
+        "--reports",
+        str(tmp_path / "r"),
+    ]
     result = CliRunner().invoke(evaluate.app, args)
     assert result.exit_code == 0, result.output
     metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
@@ -135,8 +145,16 @@ def tiny_lm() -> tuple[GPT, Tokenizer]:
     """A random one-block Llama: it rambles (no end-of-text) for the whole 256 tokens, quickly."""
     tok = Tokenizer.train(TEXT, 300)
     torch.manual_seed(0)
-    cfg = ModelConfig.from_preset("llama3-tiny", vocab_size=tok.vocab_size, context_length=512, n_layers=1,
-                                  emb_dim=32, n_heads=2, n_kv_heads=1, hidden_dim=64)  # fmt: skip
+    cfg = ModelConfig.from_preset(
+        "llama3-tiny",
+        vocab_size=tok.vocab_size,
+        context_length=512,
+        n_layers=1,
+        emb_dim=32,
+        n_heads=2,
+        n_kv_heads=1,
+        hidden_dim=64,
+    )
     return GPT(cfg), tok
 
 

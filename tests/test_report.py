@@ -22,11 +22,16 @@ from stages import report as report_stage
 from tests.conftest import REPO_ROOT
 
 RESPONSES = [
-    {"id": "0", "instruction": "Name the capital of France.", "input": "", "output": "Paris is the capital.",
-     "model_response": "Paris is the capital."},
+    {
+        "id": "0",
+        "instruction": "Name the capital of France.",
+        "input": "",
+        "output": "Paris is the capital.",
+        "model_response": "Paris is the capital.",
+    },
     {"id": "1", "instruction": "Add the numbers.", "input": "2 and 3", "output": "5", "model_response": "It is 6."},
     {"id": "2", "instruction": "Say hi.", "input": "", "output": "Hi there!", "model_response": "Hi!"},
-]  # fmt: skip
+]
 PIPELINE = ["download", "tokenize", "pretrain", "import", "classify", "instruct", "evaluate", "report"]
 
 
@@ -37,40 +42,69 @@ def tsv(path, column, rows):
 
 def make_reports(r, *, judged=False, pretrain_loss=3.76):
     """A reports/ folder as the default pipeline writes it, small."""
-    write_stage_reports(r / "download", {"sources": 6, "bytes": 3_045_723}, {"seconds": 0.03},
-                        {"files": {"x": {"file": "data/raw/x", "sha256": "ab" * 32}}})  # fmt: skip
-    write_stage_reports(r / "tokenize", {"vocab_size": 1024, "train_tokens": 383352, "val_tokens": 45666,
-                                         "bytes_per_token": 2.6}, {"tokenizer_seconds": 0.8}, {"tokenizer": "bpe"})
-    write_stage_reports(r / "pretrain", {"step": 100, "train_loss": 3.2, "val_loss": pretrain_loss, "val_ppl": 43.0,
-                                         "unigram_val_loss": 5.99, "bigram_val_loss": 4.40, "tokens_seen": 204800,
-                                         "params": 1_000_576},
-                        {"tokens_per_s": 16000.0, "mfu": 0.4, "peak_tflops": 0.16, "train_time_s": 126.0},
-                        {"stop_reason": "max_steps", "device": "cpu"})  # fmt: skip
+    write_stage_reports(
+        r / "download",
+        {"sources": 6, "bytes": 3_045_723},
+        {"seconds": 0.03},
+        {"files": {"x": {"file": "data/raw/x", "sha256": "ab" * 32}}},
+    )
+    write_stage_reports(
+        r / "tokenize",
+        {"vocab_size": 1024, "train_tokens": 383352, "val_tokens": 45666, "bytes_per_token": 2.6},
+        {"tokenizer_seconds": 0.8},
+        {"tokenizer": "bpe"},
+    )
+    write_stage_reports(
+        r / "pretrain",
+        {
+            "step": 100,
+            "train_loss": 3.2,
+            "val_loss": pretrain_loss,
+            "val_ppl": 43.0,
+            "unigram_val_loss": 5.99,
+            "bigram_val_loss": 4.40,
+            "tokens_seen": 204800,
+            "params": 1_000_576,
+        },
+        {"tokens_per_s": 16000.0, "mfu": 0.4, "peak_tflops": 0.16, "train_time_s": 126.0},
+        {"stop_reason": "max_steps", "device": "cpu"},
+    )
     live = r / "pretrain/live/plots/metrics"
     tsv(live / "train/loss.tsv", "loss", [(10, 6.5), (20, 5.0), (30, float("nan")), (40, 4.0)])
     tsv(live / "val/loss.tsv", "loss", [(0, 7.0), (40, 4.2)])
     tsv(live / "train/lr.tsv", "lr", [(10, 1e-3), (20, 3e-3), (40, 1e-4)])
     tsv(live / "train/tokens_per_s.tsv", "tokens_per_s", [(10, 15000), (20, 16000)])
-    (r / "pretrain/samples.md").write_text("# Pretraining samples\n\nStep 100.\n\n## 1. **ROMEO:**\n\n```text\n"
-                                           "ROMEO: I am gold or his last.\n```\n")  # fmt: skip
-    write_stage_reports(r / "classify", {"test": {"accuracy": 0.96, "f1": 0.9595},
-                                         "test_confusion": {"tn": 146, "fp": 7, "fn": 5, "tp": 142}},
-                        {"stage_seconds": 5.8}, {"trainable": "lora", "base_model": "pretrain"})  # fmt: skip
+    (r / "pretrain/samples.md").write_text(
+        "# Pretraining samples\n\nStep 100.\n\n## 1. **ROMEO:**\n\n```text\nROMEO: I am gold or his last.\n```\n"
+    )
+    write_stage_reports(
+        r / "classify",
+        {"test": {"accuracy": 0.96, "f1": 0.9595}, "test_confusion": {"tn": 146, "fp": 7, "fn": 5, "tp": 142}},
+        {"stage_seconds": 5.8},
+        {"trainable": "lora", "base_model": "pretrain"},
+    )
     (r / "classify/confusion.csv").write_text("actual,predicted\nspam,spam\nham,ham\nham,spam\nspam,ham\n")
     (r / "classify/predictions.csv").write_text(
         "text,label,prediction,probability\nWIN A PRIZE now,spam,spam,0.99\nsee you at six,ham,spam,0.91\n"
-        "\"call me, later\",ham,spam,0.97\nFREE entry,spam,ham,0.6\n"
+        '"call me, later",ham,spam,0.97\nFREE entry,spam,ham,0.6\n'
     )
     tsv(r / "classify/live/plots/metrics/val/accuracy.tsv", "accuracy", [(0, 0.5), (65, 0.9)])
-    write_stage_reports(r / "instruct", {"test_loss": 1.0, "epochs": 4.0, "test_entries": 3}, {"stage_seconds": 5.0},
-                        {"finetune": "full", "base_model": "pretrain"})  # fmt: skip
+    write_stage_reports(
+        r / "instruct",
+        {"test_loss": 1.0, "epochs": 4.0, "test_entries": 3},
+        {"stage_seconds": 5.0},
+        {"finetune": "full", "base_model": "pretrain"},
+    )
     (r / "instruct/responses.json").write_text(json.dumps(RESPONSES))
     metrics = {"n_items": 3, "rouge_l": 0.6, "exact_match": 1 / 3, "reference_loss": 2.6}
     if judged:
         metrics.update(mean=55.0, median=60.0, ci95_low=20.0, ci95_high=90.0, n_scored=3, n_refused=1, n_error=0)
         facts = {"judge_status": "scored", "judge_model": "llama3:8b"}
-        scores = [{"id": "0", "score": 95, "status": "scored"}, {"id": "1", "score": 5, "status": "scored"},
-                  {"id": "2", "score": 65, "status": "scored"}]  # fmt: skip
+        scores = [
+            {"id": "0", "score": 95, "status": "scored"},
+            {"id": "1", "score": 5, "status": "scored"},
+            {"id": "2", "score": 65, "status": "scored"},
+        ]
     else:
         facts = {"judge_status": "skipped", "judge_skip_reason": "cannot reach Ollama (start `ollama serve`)"}
         scores = [{"id": r["id"], "score": None, "status": "skipped"} for r in RESPONSES]
@@ -87,8 +121,14 @@ def run_report(tmp_path, reports, params=None):
     stages["report"] = {"cmd": "true", "params": list(params), "outs": ["reports/report.md"]}
     (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}))
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    args = ["--params", str(tmp_path / "params.yaml"), "--reports", str(reports),
-            "--dvc-yaml", str(tmp_path / "dvc.yaml")]  # fmt: skip
+    args = [
+        "--params",
+        str(tmp_path / "params.yaml"),
+        "--reports",
+        str(reports),
+        "--dvc-yaml",
+        str(tmp_path / "dvc.yaml"),
+    ]
     result = CliRunner().invoke(report_stage.app, args)
     assert result.exit_code == 0, result.output
     return (reports / "report.md").read_text(), (reports / "report.html").read_text()
@@ -98,7 +138,7 @@ def card(md: str) -> dict[str, list[str]]:
     """Report-card rows of report.md, keyed by 'stage: key figure'."""
     start = md.index("## Report card")
     rows = {}
-    for line in md[start:md.index("### Run facts")].splitlines():
+    for line in md[start : md.index("### Run facts")].splitlines():
         cells = [c.strip() for c in line.strip("|").split(" | ")]
         if line.startswith("| ") and len(cells) == 6 and cells[0] != "stage":
             rows[f"{cells[0]}: {cells[1]}"] = cells
@@ -110,8 +150,12 @@ def card(md: str) -> dict[str, list[str]]:
 
 
 def test_stage_reports_split_numbers_timing_and_facts(tmp_path):
-    write_stage_reports(tmp_path, {"val_loss": float("nan"), "test": {"accuracy": 0.9}, "n": 3},
-                        {"seconds": 1.5}, {"path": tmp_path, "digest": "ab" * 32})  # fmt: skip
+    write_stage_reports(
+        tmp_path,
+        {"val_loss": float("nan"), "test": {"accuracy": 0.9}, "n": 3},
+        {"seconds": 1.5},
+        {"path": tmp_path, "digest": "ab" * 32},
+    )
     metrics = json.loads((tmp_path / "metrics.json").read_text())  # strict JSON: NaN became null
     assert metrics == {"val_loss": None, "test": {"accuracy": 0.9}, "n": 3}
     assert json.loads((tmp_path / "timing.json").read_text()) == {"timing": {"seconds": 1.5}}
@@ -174,15 +218,20 @@ def test_card_marks_baselines_and_book_and_lists_what_was_skipped(tmp_path):
     assert "best 3 by ROUGE-L" in md and "worst 3 by ROUGE-L" in md
     # library-drawn figures, referenced by the Markdown, embedded in the HTML
     figures = sorted(p.name for p in (reports / "figures").glob("*.svg"))
-    assert figures == ["classify_accuracy.svg", "classify_confusion.svg", "pretrain_loss.svg", "pretrain_lr.svg",
-                       "pretrain_throughput.svg"]  # fmt: skip
+    assert figures == [
+        "classify_accuracy.svg",
+        "classify_confusion.svg",
+        "pretrain_loss.svg",
+        "pretrain_lr.svg",
+        "pretrain_throughput.svg",
+    ]
     svg = (reports / "figures/pretrain_loss.svg").read_text()
     assert "matplotlib" in svg and "loss (nats/token)" in svg and "optimizer step" in svg
     assert all(f"figures/{f}" in md for f in figures)
     assert page.count("<img src='data:image/svg+xml;base64,") == len(figures)
     assert "<script" not in page and "http://" not in page and "https://" not in page  # self-contained
     # params last, collapsed
-    assert md.rindex("## Params") > md.index("## Curves") and "<details>" in md[md.rindex("## Params"):]
+    assert md.rindex("## Params") > md.index("## Curves") and "<details>" in md[md.rindex("## Params") :]
 
 
 def test_card_with_a_judge_ranks_responses_by_score_and_draws_the_histogram(tmp_path):
@@ -198,9 +247,18 @@ def test_card_with_a_judge_ranks_responses_by_score_and_draws_the_histogram(tmp_
 
 def paired(a: str, b: str, a_mean: float, b_mean: float, lo: float, hi: float, n: int = 3) -> dict:
     """compare.py's paired_stats under the evaluate stage's names: each model's mean and 95% CI, and b - a's."""
-    return {"n": n, f"{a}_mean": a_mean, f"{a}_ci95_low": a_mean - 10, f"{a}_ci95_high": a_mean + 10,
-            f"{b}_mean": b_mean, f"{b}_ci95_low": b_mean - 10, f"{b}_ci95_high": b_mean + 10,
-            "diff_mean": b_mean - a_mean, "diff_ci95_low": lo, "diff_ci95_high": hi}  # fmt: skip
+    return {
+        "n": n,
+        f"{a}_mean": a_mean,
+        f"{a}_ci95_low": a_mean - 10,
+        f"{a}_ci95_high": a_mean + 10,
+        f"{b}_mean": b_mean,
+        f"{b}_ci95_low": b_mean - 10,
+        f"{b}_ci95_high": b_mean + 10,
+        "diff_mean": b_mean - a_mean,
+        "diff_ci95_low": lo,
+        "diff_ci95_high": hi,
+    }
 
 
 def test_card_shows_base_instruct_and_align_judged_side_by_side(tmp_path):
@@ -208,18 +266,29 @@ def test_card_shows_base_instruct_and_align_judged_side_by_side(tmp_path):
     instruct's and align's, with paired intervals; the book's figure stays, marked as another model's."""
     reports = make_reports(tmp_path / "reports", judged=True)
     metrics = json.loads((reports / "evaluate/metrics.json").read_text())
-    metrics["compare_base"] = {"n_items": 3, "base_rouge_l": 0.2, "judge_unscored_pairs": 0,
-                               "rouge_l": paired("base", "instruct", 0.2, 0.6, 0.1, 0.7),
-                               "judge": paired("base", "instruct", 20.0, 55.0, 15.0, 50.0)}  # fmt: skip
-    metrics["compare"] = {"n_items": 3, "align_rouge_l": 0.55, "judge_unscored_pairs": 0,
-                          "rouge_l": paired("instruct", "align", 0.6, 0.55, -0.1, 0.02),
-                          "judge": paired("instruct", "align", 55.0, 60.0, -5.0, 12.0)}  # fmt: skip
+    metrics["compare_base"] = {
+        "n_items": 3,
+        "base_rouge_l": 0.2,
+        "judge_unscored_pairs": 0,
+        "rouge_l": paired("base", "instruct", 0.2, 0.6, 0.1, 0.7),
+        "judge": paired("base", "instruct", 20.0, 55.0, 15.0, 50.0),
+    }
+    metrics["compare"] = {
+        "n_items": 3,
+        "align_rouge_l": 0.55,
+        "judge_unscored_pairs": 0,
+        "rouge_l": paired("instruct", "align", 0.6, 0.55, -0.1, 0.02),
+        "judge": paired("instruct", "align", 55.0, 60.0, -5.0, 12.0),
+    }
     (reports / "evaluate/metrics.json").write_text(json.dumps(metrics))
     md, _ = run_report(tmp_path, reports)
     rows = card(md)
     names = [k for k in rows if k.startswith("evaluate: judge")]
-    assert names == ["evaluate: judge mean score (0-100), base model", "evaluate: judge mean score (0-100)",
-                     "evaluate: judge mean score (0-100), align"]  # fmt: skip
+    assert names == [
+        "evaluate: judge mean score (0-100), base model",
+        "evaluate: judge mean score (0-100)",
+        "evaluate: judge mean score (0-100), align",
+    ]
     base, instruct, align = (rows[k] for k in names)
     assert base[2] == "20" and "95% CI 10–30" in base[5] and base[4] == ""
     assert instruct[2] == "55" and "base model 20 (better)" in instruct[3]
@@ -236,10 +305,13 @@ def test_card_shows_base_instruct_and_align_judged_side_by_side(tmp_path):
 def test_params_changed_from_the_committed_file_come_first(tmp_path):
     reports = make_reports(tmp_path / "reports")
     params = {"model": {"preset": "gpt2-tiny", "n_layers": 2}, "tokenize": {"vocab_size": 512}}
-    report = build_report(reports, params, default_params={"model": {"preset": "llama3-tiny", "n_layers": 2},
-                                                           "tokenize": {"vocab_size": 512}})  # fmt: skip
+    report = build_report(
+        reports,
+        params,
+        default_params={"model": {"preset": "llama3-tiny", "n_layers": 2}, "tokenize": {"vocab_size": 512}},
+    )
     md = to_markdown(report)
-    table = md[md.rindex("## Params"):]
+    table = md[md.rindex("## Params") :]
     assert "(1 changed from the committed file" in table
     assert table.index("| model.preset | gpt2-tiny | changed |") < table.index("| model.n_layers | 2 |")
 
@@ -258,7 +330,7 @@ def test_bad_stage_outputs_never_crash_the_report(tmp_path, damage):
         (reports / "classify/metrics.json").write_text("{not json")
         (reports / "pretrain/timing.json").write_text("[1, 2")
     else:
-        (reports / "evaluate/scores.jsonl").write_text("not json\n{\"id\": 7}\n")
+        (reports / "evaluate/scores.jsonl").write_text('not json\n{"id": 7}\n')
         (reports / "instruct/responses.json").write_text('{"a": 1}')
         (reports / "pretrain/live/plots/metrics/train/loss.tsv").write_text("step\nx\n")
         (reports / "classify/predictions.csv").write_text("text,label\n")
@@ -267,8 +339,12 @@ def test_bad_stage_outputs_never_crash_the_report(tmp_path, damage):
     rows = card(md)
     assert "</html>" in page
     if damage == "missing":
-        for key in ("pretrain: val loss (nats/token)", "classify: test accuracy", "instruct: test loss (nats/token)",
-                    "evaluate: ROUGE-L"):  # fmt: skip
+        for key in (
+            "pretrain: val loss (nats/token)",
+            "classify: test accuracy",
+            "instruct: test loss (nats/token)",
+            "evaluate: ROUGE-L",
+        ):
             assert rows[key][2] == "not run" and "`dvc repro" in rows[key][5], key
         assert rows["tokenize: bytes per token"][2] == "2.6"
     elif damage in ("nan", "null"):
@@ -286,11 +362,15 @@ def test_report_card_has_a_row_per_new_stage(tmp_path):
     """Stages added later (align, benchmark) slot in: their own card, a generic one, or "not run"."""
     reports = make_reports(tmp_path / "reports")
     write_stage_reports(reports / "align", {"val_dpo_loss": 0.61, "val_reward_accuracy": 0.7, "reward_margin": 1.9})
-    write_stage_reports(reports / "benchmark/gpt2", {"tasks": {"hellaswag": {"acc": 0.30, "acc_stderr": 0.01,
-                                                                          "acc_norm": 0.32}, "arc_easy": {"acc": 0.4}}})
+    write_stage_reports(
+        reports / "benchmark/gpt2",
+        {"tasks": {"hellaswag": {"acc": 0.30, "acc_stderr": 0.01, "acc_norm": 0.32}, "arc_easy": {"acc": 0.4}}},
+    )
     evaluate = json.loads((reports / "evaluate/metrics.json").read_text())
-    evaluate["compare"] = {"rouge_l": {"n": 3, "diff_mean": -0.02, "diff_ci95_low": -0.05, "diff_ci95_high": 0.01},
-                           "head_to_head": {"align_win_rate": 0.6, "align_wins": 3, "instruct_wins": 2, "ties": 0}}
+    evaluate["compare"] = {
+        "rouge_l": {"n": 3, "diff_mean": -0.02, "diff_ci95_low": -0.05, "diff_ci95_high": 0.01},
+        "head_to_head": {"align_win_rate": 0.6, "align_wins": 3, "instruct_wins": 2, "ties": 0},
+    }
     (reports / "evaluate/metrics.json").write_text(json.dumps(evaluate))
     md, _ = run_report(tmp_path, reports)
     rows = card(md)
@@ -329,10 +409,24 @@ def chromium(page, screenshot, width, script):
         pytest.skip("chromium not installed (apt-get install chromium)")
     probe = page.with_name(f"probe-{width}.html")  # the report itself has no script: the test adds one
     probe.write_text(page.read_text().replace("</body>", f"<script>{script}</script></body>"))
-    cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-           "--disable-component-update", "--disable-sync", f"--user-data-dir={screenshot.parent / 'profile'}",
-           "--enable-logging=stderr", "--log-level=0", "--hide-scrollbars", "--virtual-time-budget=5000",
-           f"--window-size={width},2400", f"--screenshot={screenshot}", probe.as_uri()]  # fmt: skip
+    cmd = [
+        exe,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={screenshot.parent / 'profile'}",
+        "--enable-logging=stderr",
+        "--log-level=0",
+        "--hide-scrollbars",
+        "--virtual-time-budget=5000",
+        f"--window-size={width},2400",
+        f"--screenshot={screenshot}",
+        probe.as_uri(),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     return [line for line in proc.stderr.splitlines() if ":CONSOLE" in line or "Uncaught" in line]
 
@@ -381,18 +475,30 @@ def fake_experiments(repo):
         revs.append(head.stdout.strip())
 
     def data(preset, loss, acc, seconds):
-        return {"params": {"params.yaml": {"data": {"model": {"preset": preset}, "tokenize": {"vocab_size": 1024}}}},
-                "metrics": {"reports/pretrain/metrics.json": {"data": {"val_loss": loss}},
-                            "reports/classify/metrics.json": {"data": {"test": {"accuracy": acc}}},
-                            "reports/pretrain/timing.json": {"data": {"timing": {"train_time_s": seconds}}}}}
+        return {
+            "params": {"params.yaml": {"data": {"model": {"preset": preset}, "tokenize": {"vocab_size": 1024}}}},
+            "metrics": {
+                "reports/pretrain/metrics.json": {"data": {"val_loss": loss}},
+                "reports/classify/metrics.json": {"data": {"test": {"accuracy": acc}}},
+                "reports/pretrain/timing.json": {"data": {"timing": {"train_time_s": seconds}}},
+            },
+        }
+
     shown = [
         {"rev": "workspace", "name": None, "data": data("llama3-tiny", 5.0, 0.9, 10.0)},
-        {"rev": revs[0], "name": "main", "data": data("llama3-tiny", 5.0, 0.9, 10.0), "experiments": [
-            {"name": "llama",
-             "revs": [{"rev": revs[1], "name": "llama", "data": data("llama3-tiny", 4.0, 0.95, 11.0)}]},
-            {"name": "gpt2", "revs": [{"rev": revs[2], "name": "gpt2", "data": data("gpt2-tiny", 4.5, 0.97, 9.0)}]},
-        ]},
-    ]  # fmt: skip
+        {
+            "rev": revs[0],
+            "name": "main",
+            "data": data("llama3-tiny", 5.0, 0.9, 10.0),
+            "experiments": [
+                {
+                    "name": "llama",
+                    "revs": [{"rev": revs[1], "name": "llama", "data": data("llama3-tiny", 4.0, 0.95, 11.0)}],
+                },
+                {"name": "gpt2", "revs": [{"rev": revs[2], "name": "gpt2", "data": data("gpt2-tiny", 4.5, 0.97, 9.0)}]},
+            ],
+        },
+    ]
     return shown
 
 
@@ -458,8 +564,9 @@ def test_compare_without_experiments_says_how_to_make_some(tmp_path):
 
 
 def test_compare_cli_outside_a_dvc_repo_is_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "llmcore.cli", "compare", "--repo", str(tmp_path)],
-                          capture_output=True, text=True)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "llmcore.cli", "compare", "--repo", str(tmp_path)], capture_output=True, text=True
+    )
     assert proc.returncode == 1 and proc.stderr.startswith("error: `dvc exp show --json` failed")
     assert len(proc.stderr.strip().splitlines()) == 1
 
@@ -497,24 +604,32 @@ def test_readme_default_run_table_is_the_committed_run():
     """Run A of the README's table is what reports/ holds, within the tolerance the table quotes (not to the last
     digit: other CPUs train other weights), and the tolerance covers every other run the table lists."""
     text = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
-    table = text[text.index("What the default run gives"):text.index("**Byte-identical on one machine")]
-    rows = {cells[1]: cells[2:5] for line in table.splitlines() if line.startswith("| ")
-            and len(cells := [c.strip() for c in line.strip("|").split("|")]) == 6}  # fmt: skip
+    table = text[text.index("What the default run gives") : text.index("**Byte-identical on one machine")]
+    rows = {
+        cells[1]: cells[2:5]
+        for line in table.splitlines()
+        if line.startswith("| ") and len(cells := [c.strip() for c in line.strip("|").split("|")]) == 6
+    }
     report = build_report(REPO_ROOT / "reports", {})
     stage = report.stages
     committed = {
-        "BPE 1024": stage["tokenize"].num("bytes_per_token"), "Llama-3-style": stage["pretrain"].num("val_loss"),
-        "MFU": stage["pretrain"].num("mfu"), "LoRA on the pretrained": stage["classify"].num("test.accuracy"),
-        "F1": stage["classify"].num("test.f1"), "4 epochs": stage["instruct"].num("test_loss"),
+        "BPE 1024": stage["tokenize"].num("bytes_per_token"),
+        "Llama-3-style": stage["pretrain"].num("val_loss"),
+        "MFU": stage["pretrain"].num("mfu"),
+        "LoRA on the pretrained": stage["classify"].num("test.accuracy"),
+        "F1": stage["classify"].num("test.f1"),
+        "4 epochs": stage["instruct"].num("test_loss"),
         "DPO, 1 epoch": stage["align"].num("val_loss"),
         "val reward accuracy": stage["align"].num("val_reward_accuracy"),
         "ROUGE-L": stage["evaluate"].num("rouge_l"),
-    }  # fmt: skip
+    }
     for prefix, value in committed.items():
         figure, (quoted, others, tolerance) = next((k, v) for k, v in rows.items() if k.startswith(prefix))
         quoted = quoted.strip("*")
-        assert tolerance_holds(quoted, tolerance, value), f"README: {figure}: run A {quoted} ± {tolerance}, " \
+        assert tolerance_holds(quoted, tolerance, value), (
+            f"README: {figure}: run A {quoted} ± {tolerance}, "
             f"reports/ holds {value}: update the table (or the tolerance, if this CPU is new)"
+        )
         for other in re.findall(r"\d+(?:\.\d+)?%?", others):
             v = float(other.rstrip("%")) / (100 if other.endswith("%") else 1)
             assert tolerance_holds(quoted, tolerance, v), f"README: {figure}: {other} is outside {quoted} ± {tolerance}"
@@ -598,9 +713,14 @@ def test_compare_marks_a_best_only_with_a_direction_and_a_clear_interval(tmp_pat
         rejected, (d, lo, hi), (m, mlo, mhi) = extra[entry["name"]]
         metrics = entry["data"]["metrics"]
         metrics["reports/align/metrics.json"] = {"data": {"val_rejected_reward": rejected, "val_loss": 0.3}}
-        metrics["reports/evaluate/metrics.json"] = {"data": {
-            "mean": m, "ci95_low": mlo, "ci95_high": mhi,
-            "compare": {"rouge_l": {"diff_mean": d, "diff_ci95_low": lo, "diff_ci95_high": hi}}}}  # fmt: skip
+        metrics["reports/evaluate/metrics.json"] = {
+            "data": {
+                "mean": m,
+                "ci95_low": mlo,
+                "ci95_high": mhi,
+                "compare": {"rouge_l": {"diff_mean": d, "diff_ci95_low": lo, "diff_ci95_high": hi}},
+            }
+        }
     tsv(repo / "reports/classify/live/plots/metrics/val/ppl.tsv", "ppl", [(0, 2.0), (10, 1.3)])
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
     subprocess.run([*git, "add", "-A"], cwd=repo, check=True)
@@ -671,13 +791,18 @@ def test_git_tracks_only_declared_uncached_outputs_under_reports():
                 if isinstance(item, dict):
                     declared |= {path for path, opts in item.items() if (opts or {}).get("cache", True) is False}
     patterns = [re.escape(p).replace(re.escape("${item}"), "[^/]+") + "(/.*)?" for p in declared]
-    tracked = subprocess.run(["git", "ls-files", "reports"], cwd=REPO_ROOT, capture_output=True, text=True,
-                             check=True).stdout.split()  # fmt: skip
-    stray = [f for f in tracked if not (f.endswith("/.gitignore") or f.startswith("reports/gpu/")
-                                        or any(re.fullmatch(p, f) for p in patterns))]  # fmt: skip
+    tracked = subprocess.run(
+        ["git", "ls-files", "reports"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    stray = [
+        f
+        for f in tracked
+        if not (f.endswith("/.gitignore") or f.startswith("reports/gpu/") or any(re.fullmatch(p, f) for p in patterns))
+    ]
     assert not stray, f"tracked under reports/ but no stage's uncached output: {stray}"
     ignored = subprocess.run(["git", "check-ignore", "-q", "reports/pretrain/live/metrics.json"], cwd=REPO_ROOT)
     assert ignored.returncode == 0
-    text = "\n".join(p.read_text(encoding="utf-8") for p in [REPO_ROOT / "README.md",
-                                                             *sorted((REPO_ROOT / "docs").glob("*.md"))])  # fmt: skip
+    text = "\n".join(
+        p.read_text(encoding="utf-8") for p in [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md"))]
+    )
     assert "`git status` after `make pipeline`" in text  # the docs say which files a run rewrites, and why

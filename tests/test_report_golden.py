@@ -37,8 +37,15 @@ FACTS = [("git commit", "0123456789ab, clean"), ("report written", "2025-01-01T0
 def snapshot(tmp_path):
     """The committed run's outputs, plus the DVC-cached ones it does not commit (facts, samples, responses)."""
     r = shutil.copytree(GOLDEN / "reports", tmp_path / "reports")
-    env = {"torch": "2.13.0", "python": "3.11.2", "platform": "Linux-x86_64", "cpu": "Test CPU", "threads": 2,
-           "cpu_count": 2, "date": "2025-01-01T00:00:00+00:00"}  # fmt: skip
+    env = {
+        "torch": "2.13.0",
+        "python": "3.11.2",
+        "platform": "Linux-x86_64",
+        "cpu": "Test CPU",
+        "threads": 2,
+        "cpu_count": 2,
+        "date": "2025-01-01T00:00:00+00:00",
+    }
     (r / "pretrain/facts.json").write_text(json.dumps({"device": "cpu", "environment": env}))
     (r / "classify/facts.json").write_text(json.dumps({"trainable": "lora", "base_model": "pretrain"}))
     (r / "instruct/facts.json").write_text(json.dumps({"finetune": "full", "base_model": "pretrain"}))
@@ -58,22 +65,41 @@ def judged(tmp_path):
     metrics = json.loads((r / "evaluate/metrics.json").read_text())
     metrics["copy_prompt_rouge_l"] = 0.3
     metrics["copy_prompt_diff_ci95_low"], metrics["copy_prompt_diff_ci95_high"] = 0.1, 0.5
-    metrics["compare_base"] = {"n_items": 3, "rouge_l": paired("base", "instruct", 0.2, 0.6, 0.1, 0.7),
-                               "judge": paired("base", "instruct", 20.0, 55.0, 15.0, 50.0)}  # fmt: skip
-    metrics["compare"] = {"n_items": 3, "rouge_l": paired("instruct", "align", 0.6, 0.55, -0.1, 0.02),
-                          "judge": paired("instruct", "align", 55.0, 60.0, -5.0, 12.0),
-                          "head_to_head": {"align_wins": 2, "instruct_wins": 1, "ties": 0,
-                                           "align_win_rate": 2 / 3}}  # fmt: skip
+    metrics["compare_base"] = {
+        "n_items": 3,
+        "rouge_l": paired("base", "instruct", 0.2, 0.6, 0.1, 0.7),
+        "judge": paired("base", "instruct", 20.0, 55.0, 15.0, 50.0),
+    }
+    metrics["compare"] = {
+        "n_items": 3,
+        "rouge_l": paired("instruct", "align", 0.6, 0.55, -0.1, 0.02),
+        "judge": paired("instruct", "align", 55.0, 60.0, -5.0, 12.0),
+        "head_to_head": {"align_wins": 2, "instruct_wins": 1, "ties": 0, "align_win_rate": 2 / 3},
+    }
     (r / "evaluate/metrics.json").write_text(json.dumps(metrics))
-    write_stage_reports(r / "align", {"val_loss": 0.33, "val_reward_accuracy": 0.89, "val_reward_margin": 1.55},
-                        {"stage_seconds": 60.0}, {"base_model": "instruct"})  # fmt: skip
+    write_stage_reports(
+        r / "align",
+        {"val_loss": 0.33, "val_reward_accuracy": 0.89, "val_reward_margin": 1.55},
+        {"stage_seconds": 60.0},
+        {"base_model": "instruct"},
+    )
     for split in ("train", "val"):
         tsv(r / f"align/live/plots/metrics/{split}/reward_margin.tsv", "reward_margin", [(0, 0.0), (20, 1.5)])
-    write_stage_reports(r / "import/gpt2-124m", {"val_loss": 3.3, "val_bpb": 1.2, "params": 124_439_808}, None,
-                        {"family": "gpt2", "corpus": "tinyshakespeare"})  # fmt: skip
-    write_stage_reports(r / "benchmark/gpt2-124m", {"tasks": {"hellaswag": {"acc": 0.29, "acc_stderr": 0.0045,
-                                                                            "acc_norm": 0.31, "n": 10042}},
-                                                    "truncated_requests": 0}, None, {"model": "gpt2-124m"})
+    write_stage_reports(
+        r / "import/gpt2-124m",
+        {"val_loss": 3.3, "val_bpb": 1.2, "params": 124_439_808},
+        None,
+        {"family": "gpt2", "corpus": "tinyshakespeare"},
+    )
+    write_stage_reports(
+        r / "benchmark/gpt2-124m",
+        {
+            "tasks": {"hellaswag": {"acc": 0.29, "acc_stderr": 0.0045, "acc_norm": 0.31, "n": 10042}},
+            "truncated_requests": 0,
+        },
+        None,
+        {"model": "gpt2-124m"},
+    )
     for facts in r.rglob("facts.json"):  # this machine's CPU and date, which write_stage_reports may add: fixed data
         data = json.loads(facts.read_text())
         data.pop("environment", None)
@@ -85,8 +111,9 @@ def broken(tmp_path):
     """The snapshot with a stage not run, a NaN loss, malformed JSON and an unreadable curve."""
     r = snapshot(tmp_path)
     shutil.rmtree(r / "align")
-    (r / "pretrain/metrics.json").write_text(json.dumps({**json.loads((r / "pretrain/metrics.json").read_text()),
-                                                          "val_loss": None}))  # fmt: skip
+    (r / "pretrain/metrics.json").write_text(
+        json.dumps({**json.loads((r / "pretrain/metrics.json").read_text()), "val_loss": None})
+    )
     (r / "classify/metrics.json").write_text("{not json")
     (r / "instruct/live/plots/metrics/val/loss.tsv").write_text("garbage\n")
     (r / "tokenize/metrics.json").write_text("[1, 2]")
@@ -125,8 +152,13 @@ def test_golden_cases_hold_what_they_claim(tmp_path):
     assert "| pretrain | val loss (nats/token) | 3.743 |" in md["committed"]
     assert "copying the prompt 0.3718 (worse)" in md["committed"]
     assert "| classify | test accuracy | 96.7% |" in md["committed"]
-    for figure in ("judge mean score (0-100), base model", "judge mean score (0-100), align",
-                   "head-to-head: align's win rate", "hellaswag acc_norm", "ROUGE-L, align − instruct"):
+    for figure in (
+        "judge mean score (0-100), base model",
+        "judge mean score (0-100), align",
+        "head-to-head: align's win rate",
+        "hellaswag acc_norm",
+        "ROUGE-L, align − instruct",
+    ):
         assert f"| {figure} |" in md["judged"], figure
     assert "import/gpt2-124m" in md["judged"]
     assert "| pretrain | val loss (nats/token) | failed |" in md["broken"]

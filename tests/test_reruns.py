@@ -18,8 +18,18 @@ from tools import reruns
 
 pytestmark = pytest.mark.slow
 
-EVERY_STAGE = {"check-params", "download", "tokenize", "pretrain", "classify", "instruct", "preferences", "align",
-               "evaluate", "report"}  # fmt: skip  (import, export, benchmark: none by default)
+EVERY_STAGE = {
+    "check-params",
+    "download",
+    "tokenize",
+    "pretrain",
+    "classify",
+    "instruct",
+    "preferences",
+    "align",
+    "evaluate",
+    "report",
+}  # (import, export, benchmark: none by default)
 MODEL_USERS = {"pretrain", "classify", "instruct", "preferences", "align", "evaluate"}  # stages that build a GPT
 
 # file edited -> the stages `dvc status` must name (check-params aside, added below)
@@ -56,16 +66,23 @@ def pipeline(tmp_path_factory):
 
 def test_an_edit_reruns_exactly_the_stages_that_run_the_file(pipeline):
     got = reruns.reruns(pipeline, list(TABLE))
-    wrong = {f: (sorted(got[f] - want - {"check-params"}), sorted(want - got[f]))
-             for f, want in TABLE.items() if got[f] != want | {"check-params"}}  # fmt: skip
+    wrong = {
+        f: (sorted(got[f] - want - {"check-params"}), sorted(want - got[f]))
+        for f, want in TABLE.items()
+        if got[f] != want | {"check-params"}
+    }
     assert not wrong, "file: (named but not expected, expected but not named): " + repr(wrong)
 
 
 def test_a_params_edit_reruns_only_the_stages_that_read_the_key(pipeline):
     params = pipeline / "params.yaml"
     text = params.read_text()
-    cases = {("align", "beta"): {"align"}, ("align", "split_seed"): {"preferences", "align"},
-             ("model", "n_layers"): {"pretrain"}, ("tokenize", "vocab_size"): {"tokenize"}}  # fmt: skip
+    cases = {
+        ("align", "beta"): {"align"},
+        ("align", "split_seed"): {"preferences", "align"},
+        ("model", "n_layers"): {"pretrain"},
+        ("tokenize", "vocab_size"): {"tokenize"},
+    }
     try:
         for (section, key), want in cases.items():
             data = yaml.safe_load(text)
@@ -106,10 +123,14 @@ def edit_params(repo, edit) -> None:
 @pytest.mark.parametrize(
     "edit, message",
     [
-        (lambda p: p["tokenize"].update(vocab_sise=p["tokenize"].pop("vocab_size")),
-         "error: tokenize.vocab_sise: unknown key (known: corpus, kind, vocab_size,"),
-        (lambda p: p.update(pretrian=p["pretrain"]),
-         "error: params.yaml: unknown section 'pretrian' (did you mean 'pretrain'?)"),
+        (
+            lambda p: p["tokenize"].update(vocab_sise=p["tokenize"].pop("vocab_size")),
+            "error: tokenize.vocab_sise: unknown key (known: corpus, kind, vocab_size,",
+        ),
+        (
+            lambda p: p.update(pretrian=p["pretrain"]),
+            "error: params.yaml: unknown section 'pretrian' (did you mean 'pretrain'?)",
+        ),
         (lambda p: p["align"].update(beta=0), "error: align.beta: expected > 0, got 0"),
     ],
     ids=["key-typo", "section-typo", "bad-value"],
@@ -124,7 +145,8 @@ def test_a_params_typo_stops_dvc_repro_before_any_output_is_deleted(checked, edi
     proc = reruns.dvc(checked, "repro", check=False)
     assert proc.returncode != 0
     assert [line for line in proc.stdout.splitlines() if line.startswith("Running stage")] == [
-        "Running stage 'check-params':"], proc.stdout  # fmt: skip
+        "Running stage 'check-params':"
+    ], proc.stdout
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and errors[0].startswith(message), proc.stderr
     after = {p: p.read_bytes() for p in before if p.is_file()}

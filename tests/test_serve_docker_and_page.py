@@ -74,8 +74,11 @@ def test_dockerfile_lints_clean_and_runs_llmcore_serve_as_non_root(model_dir: Pa
     assert result.exit_code == 0, result.output
     assert calls == [(["tiny:latest"], "0.0.0.0", 11434)]
 
-    patterns = [p.rstrip("/") for p in (REPO_ROOT / ".dockerignore").read_text().splitlines()
-                if p.strip() and not p.startswith("#")]  # fmt: skip
+    patterns = [
+        p.rstrip("/")
+        for p in (REPO_ROOT / ".dockerignore").read_text().splitlines()
+        if p.strip() and not p.startswith("#")
+    ]
     assert patterns[0] == "*"  # only what the image needs goes into the build context ...
     for line in (REPO_ROOT / "Dockerfile").read_text().splitlines():
         if line.startswith("COPY"):

@@ -53,8 +53,16 @@ def test_chat_completion_and_stream(oai: openai.OpenAI, url: str) -> None:  # no
     ollama_reply = ollama.Client(host=url).chat("tiny", messages=MESSAGES, options=GREEDY)
     assert ollama_reply.message.content == choice.message.content
 
-    chunks = list(oai.chat.completions.create(model="tiny", messages=MESSAGES, temperature=0, max_tokens=24,
-                                              stream=True, stream_options={"include_usage": True}))  # fmt: skip
+    chunks = list(
+        oai.chat.completions.create(
+            model="tiny",
+            messages=MESSAGES,
+            temperature=0,
+            max_tokens=24,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert all(c.object == "chat.completion.chunk" for c in chunks)
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -68,8 +76,9 @@ def test_completions_are_raw_and_seeded(oai: openai.OpenAI, handles) -> None:  #
     r = oai.completions.create(model="tiny-raw", prompt="Name a color.", temperature=0, max_tokens=24)
     assert r.object == "text_completion"
     assert r.choices[0].text == reference(handles["tiny"], "Name a color.", 24)
-    streamed = oai.completions.create(model="tiny-raw", prompt="Name a color.", temperature=0, max_tokens=24,
-                                      stream=True)  # fmt: skip
+    streamed = oai.completions.create(
+        model="tiny-raw", prompt="Name a color.", temperature=0, max_tokens=24, stream=True
+    )
     assert "".join(c.choices[0].text for c in streamed) == r.choices[0].text
     # the instruction model's completions endpoint is raw too: no template is applied
     prompt = format_alpaca("Name a color.")
@@ -100,8 +109,16 @@ def test_completions_are_raw_and_seeded(oai: openai.OpenAI, handles) -> None:  #
         ({"n": 2}, "n", None),
         ({"response_format": {"type": "xml"}}, "response_format.type", None),
         ({"response_format": {"type": "json_schema"}}, "response_format.json_schema", None),
-        ({"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "array",
-                                                                     "uniqueItems": True}}}}, "response_format", None),
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "a", "schema": {"type": "array", "uniqueItems": True}},
+                }
+            },
+            "response_format",
+            None,
+        ),
         ({"temperature": "hot"}, "temperature", None),
         ({"temperature": 3}, "temperature", None),
         ({"max_tokens": 1000}, "messages", "context_length_exceeded"),
@@ -116,8 +133,9 @@ def test_chat_errors_raise_the_sdk_exceptions(oai: openai.OpenAI, kwargs, param:
     with pytest.raises(openai.BadRequestError) as e:
         oai.chat.completions.create(**body)
     assert e.value.status_code == 400 and e.value.param == param and e.value.code == code
-    assert param.split("[")[0] in e.value.message or code in str(e.value.message) or "maximum context" in (
-        e.value.message)  # fmt: skip
+    assert (
+        param.split("[")[0] in e.value.message or code in str(e.value.message) or "maximum context" in (e.value.message)
+    )
 
 
 def test_unknown_model_is_not_found(oai: openai.OpenAI) -> None:
@@ -145,8 +163,10 @@ def hang_up(url: str, path: str, body: dict) -> None:  # noqa: F811
     host, port = url.removeprefix("http://").split(":")
     data = json.dumps(body).encode()
     with socket.create_connection((host, int(port)), timeout=10) as s:
-        s.sendall(b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
-                  b"%s" % (path.encode(), len(data), data))  # fmt: skip
+        s.sendall(
+            b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+            b"%s" % (path.encode(), len(data), data)
+        )
         if body.get("stream", path.startswith("/api/")):
             assert s.recv(1024).startswith(b"HTTP/1.1 200")  # the stream started; hang up now
         else:
@@ -161,18 +181,21 @@ def test_bad_input_then_the_server_still_serves(url: str, handles, caplog, monke
         status, answer = raw_request(url, path, b"x" * (2**20 + 1))  # over 1 MiB
         assert status == 413 and "over 1048576 bytes" in json.dumps(answer)
     # each API's own error shape
-    status, answer = raw_request(url, "/v1/chat/completions", json.dumps({"model": "nope", "messages": MESSAGES})
-                                 .encode())  # fmt: skip
+    status, answer = raw_request(
+        url, "/v1/chat/completions", json.dumps({"model": "nope", "messages": MESSAGES}).encode()
+    )
     assert status == 404 and answer["error"]["code"] == "model_not_found"
     status, answer = raw_request(url, "/api/chat", json.dumps({"model": "nope", "messages": MESSAGES}).encode())
     assert (status, answer) == (404, {"error": "model 'nope' not found"})
-    status, answer = raw_request(url, "/v1/completions", json.dumps({"model": "tiny", "prompt": "hi",
-                                                                     "max_tokens": "many"}).encode())  # fmt: skip
+    status, answer = raw_request(
+        url, "/v1/completions", json.dumps({"model": "tiny", "prompt": "hi", "max_tokens": "many"}).encode()
+    )
     assert status == 400 and answer["error"]["param"] == "max_tokens" and "max_tokens" in answer["error"]["message"]
     status, answer = raw_request(url, "/api/generate", json.dumps({"model": "tiny", "prompt": ["hi"]}).encode())
     assert status == 400 and answer["error"] == "prompt must be a string, got an array"
-    status, answer = raw_request(url, "/v1/completions", json.dumps({"model": "tiny", "prompt": "word " * 400})
-                                 .encode())  # fmt: skip
+    status, answer = raw_request(
+        url, "/v1/completions", json.dumps({"model": "tiny", "prompt": "word " * 400}).encode()
+    )
     assert status == 400 and answer["error"]["code"] == "context_length_exceeded"
     assert post(url, "/v1/nothing", {})[0] == 404 and "error" in post(url, "/v1/nothing", {})[1]
 
@@ -185,8 +208,11 @@ def test_bad_input_then_the_server_still_serves(url: str, handles, caplog, monke
 
     monkeypatch.setattr(model, "forward", slow_forward)
     long = {"model": "tiny-raw", "prompt": "Once", "options": {"num_predict": -1}}
-    for path, body in (("/api/generate", long), ("/api/generate", {**long, "stream": False}),
-                       ("/v1/chat/completions", {"model": "tiny-raw", "messages": MESSAGES, "stream": True})):
+    for path, body in (
+        ("/api/generate", long),
+        ("/api/generate", {**long, "stream": False}),
+        ("/v1/chat/completions", {"model": "tiny-raw", "messages": MESSAGES, "stream": True}),
+    ):
         hang_up(url, path, body)
     deadline = time.monotonic() + 10
 
@@ -201,7 +227,8 @@ def test_bad_input_then_the_server_still_serves(url: str, handles, caplog, monke
     r = ollama.Client(host=url, timeout=30).generate("tiny", "Name a color.", options=GREEDY)
     assert r.done and r.eval_count > 0
     c = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0).chat.completions.create(
-        model="tiny", messages=MESSAGES, temperature=0, max_tokens=5)
+        model="tiny", messages=MESSAGES, temperature=0, max_tokens=5
+    )
     assert c.choices[0].finish_reason in ("stop", "length")
     assert not any(r.levelno >= logging.ERROR for r in caplog.records)
 
@@ -214,11 +241,20 @@ def test_a_format_that_is_not_json_or_a_schema_is_refused_naming_the_field(url: 
     for fmt in ("yaml", 5, ["json"]):
         status, answer = post(url, "/api/generate", {"model": "tiny", "prompt": "hi", "format": fmt})
         assert status == 400 and answer["error"].startswith('format must be "json" or a JSON schema object')
-    status, answer = post(url, "/api/chat", {"model": "tiny", "messages": MESSAGES, "stream": False,
-                                             "format": {"type": "object", "not": {}}})  # fmt: skip
+    status, answer = post(
+        url,
+        "/api/chat",
+        {"model": "tiny", "messages": MESSAGES, "stream": False, "format": {"type": "object", "not": {}}},
+    )
     assert status == 400 and answer["error"] == 'format: unsupported JSON schema: Unimplemented keys: ["not"]'
-    assert post(url, "/api/generate", {"model": "tiny", "prompt": "hi", "format": "", "stream": False,
-                                       "options": {"num_predict": 2}})[0] == 200  # fmt: skip
+    assert (
+        post(
+            url,
+            "/api/generate",
+            {"model": "tiny", "prompt": "hi", "format": "", "stream": False, "options": {"num_predict": 2}},
+        )[0]
+        == 200
+    )
 
 
 def test_ollama_truncates_a_long_prompt_and_says_so(url: str, caplog, handles) -> None:  # noqa: F811
@@ -226,14 +262,20 @@ def test_ollama_truncates_a_long_prompt_and_says_so(url: str, caplog, handles) -
     prompt = "word " * 600
     n_tokens = len(handles["tiny-raw:latest"].tokenizer.encode(prompt))
     assert n_tokens > 128
-    status, r = post(url, "/api/generate", {"model": "tiny-raw", "prompt": prompt, "stream": False,
-                                            "options": {"temperature": 0, "num_predict": 10}})  # fmt: skip
+    status, r = post(
+        url,
+        "/api/generate",
+        {"model": "tiny-raw", "prompt": prompt, "stream": False, "options": {"temperature": 0, "num_predict": 10}},
+    )
     assert status == 200 and r["prompt_eval_count"] == 64 and 0 < r["eval_count"] <= 10  # half the window kept
     warnings = [rec.getMessage() for rec in caplog.records if "truncating input prompt" in rec.getMessage()]
     assert warnings and f"limit=128 prompt={n_tokens} new=64" in warnings[-1]
 
-    status, r = post(url, "/api/generate", {"model": "tiny-raw", "prompt": "word " * 40, "stream": False,
-                                            "options": {"num_ctx": 32, "num_predict": 100}})  # fmt: skip
+    status, r = post(
+        url,
+        "/api/generate",
+        {"model": "tiny-raw", "prompt": "word " * 40, "stream": False, "options": {"num_ctx": 32, "num_predict": 100}},
+    )
     assert status == 200 and r["prompt_eval_count"] == 16 and r["eval_count"] <= 16  # num_ctx is the window
 
 
@@ -259,11 +301,15 @@ def test_served_names_follow_ollama_rules(model_dir: Path, tmp_path: Path) -> No
 def test_greedy_curl_matches_ask(url: str, model_dir: Path) -> None:  # noqa: F811
     from stages import instruct
 
-    result = CliRunner().invoke(instruct.app, ["ask", "Name a primary colour.", "--model", str(model_dir),
-                                               "--device", "cpu"])  # fmt: skip
+    result = CliRunner().invoke(
+        instruct.app, ["ask", "Name a primary colour.", "--model", str(model_dir), "--device", "cpu"]
+    )
     assert result.exit_code == 0, result.output
-    status, r = post(url, "/api/generate", {"model": "tiny", "prompt": "Name a primary colour.", "stream": False,
-                                            "options": {"temperature": 0}})  # fmt: skip
+    status, r = post(
+        url,
+        "/api/generate",
+        {"model": "tiny", "prompt": "Name a primary colour.", "stream": False, "options": {"temperature": 0}},
+    )
     assert status == 200 and r["response"] == result.output.strip()
 
 
@@ -288,8 +334,9 @@ def test_cli_serves_every_api_and_stops_on_sigterm(model_dir: Path) -> None:  # 
         assert "<title>llmcore chat</title>" in page and "://" not in page  # no external assets
         with urllib.request.urlopen(base + "/v1/models", timeout=10) as r:
             assert json.loads(r.read())["data"][0]["id"] == "tiny:latest"
-        status, answer = post(base, "/api/generate", {"model": "tiny", "prompt": "hi", "stream": False,
-                                                      "options": {"num_predict": 3}})  # fmt: skip
+        status, answer = post(
+            base, "/api/generate", {"model": "tiny", "prompt": "hi", "stream": False, "options": {"num_predict": 3}}
+        )
         assert status == 200 and answer["done"]
         proc.send_signal(signal.SIGTERM)
         rest, _ = proc.communicate(timeout=30)

@@ -33,8 +33,28 @@ from llmcore.models.gpt import ModelOutput
 from llmcore.text.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
-WORDS = ["the", "cell", "divides", "energy", "water", "école", "naïve", "温度", "photosynthesis", "of", "and",
-         "a", "river", "flows", "into", "sea", "light", "absorbs", "plants", "grow"]  # fmt: skip
+WORDS = [
+    "the",
+    "cell",
+    "divides",
+    "energy",
+    "water",
+    "école",
+    "naïve",
+    "温度",
+    "photosynthesis",
+    "of",
+    "and",
+    "a",
+    "river",
+    "flows",
+    "into",
+    "sea",
+    "light",
+    "absorbs",
+    "plants",
+    "grow",
+]
 
 
 def make_docs(n: int, seed: int) -> list[str]:
@@ -132,8 +152,17 @@ def test_bad_parquet_input_names_the_file(tmp_path):
 @pytest.mark.parametrize("workers", [1, 2])
 def test_shards_hold_the_documents_stream_across_cuts(tmp_path, corpus, tok, workers):
     root, docs = corpus
-    meta = tokenize_to_shards(splits_of(root), tok, tmp_path / "out", tmp_path / "work", shard_tokens=1000,
-                              workers=workers, batch_rows=16, progress_bar=False, log=lambda _: None)  # fmt: skip
+    meta = tokenize_to_shards(
+        splits_of(root),
+        tok,
+        tmp_path / "out",
+        tmp_path / "work",
+        shard_tokens=1000,
+        workers=workers,
+        batch_rows=16,
+        progress_bar=False,
+        log=lambda _: None,
+    )
     out = tmp_path / "out"
     for split, split_docs in (("train", docs[0] + docs[1]), ("val", docs[2])):
         entries = meta["splits"][split]
@@ -151,8 +180,13 @@ def test_shards_hold_the_documents_stream_across_cuts(tmp_path, corpus, tok, wor
 
 def test_a_text_corpus_is_one_document_in_one_shard(tmp_path, tok):
     text = " ".join(make_docs(30, 5))
-    meta = tokenize_to_shards({"train": [Source("t", text=text[:2000])], "val": [Source("v", text=text[2000:])]},
-                              tok, tmp_path / "out", tmp_path / "work", progress_bar=False)  # fmt: skip
+    meta = tokenize_to_shards(
+        {"train": [Source("t", text=text[:2000])], "val": [Source("v", text=text[2000:])]},
+        tok,
+        tmp_path / "out",
+        tmp_path / "work",
+        progress_bar=False,
+    )
     assert [e["file"] for e in meta["splits"]["train"]] == ["train_000000.bin"]
     train = load_tokens(tmp_path / "out", "train")
     assert train[:].tolist() == tok.encode(text[:2000], allow_special=False)  # no end-of-text added
@@ -165,10 +199,20 @@ def test_an_empty_first_document_is_counted(tmp_path, tok, batch_rows):
     docs = ["", *make_docs(40, 6)]
     docs[7] = ""
     write_parquet(tmp_path / "train.parquet", docs, row_group_size=13)
-    splits = {"train": [Source("train", path=tmp_path / "train.parquet")],
-              "val": [Source("empty", text=""), Source("v", text="a river flows")]}  # fmt: skip
-    meta = tokenize_to_shards(splits, tok, tmp_path / "out", tmp_path / "work", shard_tokens=200,
-                              batch_rows=batch_rows, progress_bar=False, log=lambda _: None)  # fmt: skip
+    splits = {
+        "train": [Source("train", path=tmp_path / "train.parquet")],
+        "val": [Source("empty", text=""), Source("v", text="a river flows")],
+    }
+    meta = tokenize_to_shards(
+        splits,
+        tok,
+        tmp_path / "out",
+        tmp_path / "work",
+        shard_tokens=200,
+        batch_rows=batch_rows,
+        progress_bar=False,
+        log=lambda _: None,
+    )
     assert meta["documents"] == {"train": len(docs), "val": 2}
     assert sum(e["documents"] for e in meta["splits"]["train"]) == len(docs)
     assert meta["bytes"]["train"] == sum(len(d.encode()) for d in docs)
@@ -198,13 +242,19 @@ def test_killed_tokenization_keeps_whole_shards_and_resumes(tmp_path, tok):
     tok.save(root / "tok.json")
     args = [sys.executable, "-c", KILL_SCRIPT, str(root)]
     shard = "1000"
-    ref = subprocess.run([*args, str(tmp_path / "ref"), str(tmp_path / "ref_work"), shard], cwd=REPO,
-                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    ref = subprocess.run(
+        [*args, str(tmp_path / "ref"), str(tmp_path / "ref_work"), shard],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert ref.returncode == 0, ref.stderr
 
     out, work = tmp_path / "out", tmp_path / "work"
-    proc = subprocess.Popen([*args, str(out), str(work), shard], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [*args, str(out), str(work), shard], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     deadline = time.monotonic() + 60
     finished: list[dict] = []
     while proc.poll() is None and time.monotonic() < deadline:
@@ -228,8 +278,7 @@ def test_killed_tokenization_keeps_whole_shards_and_resumes(tmp_path, tok):
         assert sha256_file(work / name) == recorded[name]["sha256"]
     kept = {name: (work / name).stat().st_mtime_ns for name in recorded}
 
-    rerun = subprocess.run([*args, str(out), str(work), shard], cwd=REPO, capture_output=True, text=True,
-                           timeout=120)  # fmt: skip
+    rerun = subprocess.run([*args, str(out), str(work), shard], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert rerun.returncode == 0, rerun.stderr
     assert f"{len(recorded)} finished shard(s) kept" in rerun.stdout
     for name, mtime in kept.items():  # kept, not rewritten (moved into the output folder)
@@ -355,17 +404,42 @@ def test_parquet_corpus_through_download_tokenize_pretrain(tmp_path, corpus, htt
     url = "https://huggingface.co/datasets/acme/edu/resolve/abc123/sample/{shard:03d}_00000.parquet"
     pinned = {"000_00000.parquet": sha256_file(root / "000_00000.parquet")}
     params = {
-        "download": {"sources": {"edu": {"url": url, "shards": 3, "check": "parquet",
-                                         "shard_sha256": pinned}}},
-        "tokenize": {"corpus": "edu", "kind": "bpe", "vocab_size": 300, "train_chars": 20000, "shard_tokens": 2000,
-                     "workers": 2, "val_files": 1},
-        "model": {"preset": "llama3-tiny", "context_length": 32, "emb_dim": 32, "n_layers": 1, "n_heads": 2,
-                  "n_kv_heads": 1, "hidden_dim": 64},
+        "download": {"sources": {"edu": {"url": url, "shards": 3, "check": "parquet", "shard_sha256": pinned}}},
+        "tokenize": {
+            "corpus": "edu",
+            "kind": "bpe",
+            "vocab_size": 300,
+            "train_chars": 20000,
+            "shard_tokens": 2000,
+            "workers": 2,
+            "val_files": 1,
+        },
+        "model": {
+            "preset": "llama3-tiny",
+            "context_length": 32,
+            "emb_dim": 32,
+            "n_layers": 1,
+            "n_heads": 2,
+            "n_kv_heads": 1,
+            "hidden_dim": 64,
+        },
         "hardware": {"device": "cpu", "peak_tflops": 1.0, "threads": 1},
-        "pretrain": {"train": {"batch_size": 8, "lr": 1e-2, "min_lr": 1e-3, "warmup_steps": 2, "max_steps": 12,
-                               "eval_every": 6, "eval_batches": 2, "checkpoint_every": 6, "log_every": 2},
-                     "prompts": ["The cell"], "sample": {"max_new_tokens": 8}},
-    }  # fmt: skip
+        "pretrain": {
+            "train": {
+                "batch_size": 8,
+                "lr": 1e-2,
+                "min_lr": 1e-3,
+                "warmup_steps": 2,
+                "max_steps": 12,
+                "eval_every": 6,
+                "eval_batches": 2,
+                "checkpoint_every": 6,
+                "log_every": 2,
+            },
+            "prompts": ["The cell"],
+            "sample": {"max_new_tokens": 8},
+        },
+    }
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     p, raw, tokens = ["--params", str(tmp_path / "params.yaml")], tmp_path / "raw", tmp_path / "tokens"
     r = CliRunner().invoke(download, [*p, "--raw-dir", str(raw), "--reports", str(tmp_path / "rep" / "dl")])
@@ -373,15 +447,39 @@ def test_parquet_corpus_through_download_tokenize_pretrain(tmp_path, corpus, htt
     dl = json.loads((tmp_path / "rep" / "dl" / "facts.json").read_text())["files"]["edu"]  # names: run facts
     assert dl["files"] == 3 and dl["rows"] == sum(map(len, docs))
 
-    r = CliRunner().invoke(tokenize, [*p, "--raw-dir", str(raw), "--out", str(tokens), "--work", str(tmp_path / "w"),
-                                      "--reports", str(tmp_path / "rep" / "tok")])  # fmt: skip
+    r = CliRunner().invoke(
+        tokenize,
+        [
+            *p,
+            "--raw-dir",
+            str(raw),
+            "--out",
+            str(tokens),
+            "--work",
+            str(tmp_path / "w"),
+            "--reports",
+            str(tmp_path / "rep" / "tok"),
+        ],
+    )
     assert r.exit_code == 0, r.output
     meta = read_meta(tokens)
     assert meta["documents"] == {"train": len(docs[0]) + len(docs[1]), "val": len(docs[2])}
     assert len(meta["splits"]["train"]) > 1  # several shards: the loader reads across them
 
-    r = CliRunner().invoke(pretrain, [*p, "--tokens", str(tokens), "--out", str(tmp_path / "model"), "--reports",
-                                      str(tmp_path / "rep" / "pre"), "--ckpt", str(tmp_path / "ck")])  # fmt: skip
+    r = CliRunner().invoke(
+        pretrain,
+        [
+            *p,
+            "--tokens",
+            str(tokens),
+            "--out",
+            str(tmp_path / "model"),
+            "--reports",
+            str(tmp_path / "rep" / "pre"),
+            "--ckpt",
+            str(tmp_path / "ck"),
+        ],
+    )
     assert r.exit_code == 0, r.output
     m = json.loads((tmp_path / "rep" / "pre" / "metrics.json").read_text())
     assert m["step"] == 12 and math.isfinite(m["val_bpb"]) and m["val_loss"] < m["unigram_val_loss"] + 1
@@ -393,8 +491,20 @@ def test_parquet_corpus_through_download_tokenize_pretrain(tmp_path, corpus, htt
 
     # A corpus file without the text column stops the stage with the file named, before anything is written.
     write_parquet(raw / "edu" / "003_00000.parquet", ["x"] * 3, column="content")
-    r = CliRunner().invoke(tokenize, [*p, "--raw-dir", str(raw), "--out", str(tmp_path / "t2"), "--work",
-                                      str(tmp_path / "w2"), "--reports", str(tmp_path / "rep" / "t2")])  # fmt: skip
+    r = CliRunner().invoke(
+        tokenize,
+        [
+            *p,
+            "--raw-dir",
+            str(raw),
+            "--out",
+            str(tmp_path / "t2"),
+            "--work",
+            str(tmp_path / "w2"),
+            "--reports",
+            str(tmp_path / "rep" / "t2"),
+        ],
+    )
     assert r.exit_code == 1 and "003_00000.parquet: no column 'text'" in r.output
     assert not (tmp_path / "t2").exists()
 

@@ -8,8 +8,9 @@ from benchmarks.structured_bench import Case
 
 
 def test_structured_bench_reports_every_figure() -> None:
-    case = Case("tiny", "llama3-tiny", {"context_length": 128, "n_layers": 1}, "bpe300", prompt=4, new=6,
-                clients=(1, 3), reps=1)  # fmt: skip
+    case = Case(
+        "tiny", "llama3-tiny", {"context_length": 128, "n_layers": 1}, "bpe300", prompt=4, new=6, clients=(1, 3), reps=1
+    )
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny ops: one thread is fastest, and steady on a busy machine
     try:

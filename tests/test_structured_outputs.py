@@ -56,8 +56,10 @@ def model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def handles(model_dir: Path) -> dict[str, ModelHandle]:
-    return {"tiny": ModelHandle.load(model_dir, template="alpaca"),
-            "tiny-chat": ModelHandle.load(model_dir, template="chatml")}  # fmt: skip
+    return {
+        "tiny": ModelHandle.load(model_dir, template="alpaca"),
+        "tiny-chat": ModelHandle.load(model_dir, template="chatml"),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -91,8 +93,9 @@ def test_ollama_format_schema_validates_for_20_prompts(client: ollama.Client, mo
     schema = Pet.model_json_schema()
 
     def chat(i: int) -> ollama.ChatResponse:  # sampled (temperature 1), 8 at a time: rows share decode steps
-        return client.chat(model, messages=ask(i), format=schema, options={"seed": i, "temperature": 1.0,
-                                                                           "num_predict": 200})  # fmt: skip
+        return client.chat(
+            model, messages=ask(i), format=schema, options={"seed": i, "temperature": 1.0, "num_predict": 200}
+        )
 
     with ThreadPoolExecutor(8) as pool:
         replies = list(pool.map(chat, range(20)))
@@ -104,8 +107,9 @@ def test_ollama_format_schema_validates_for_20_prompts(client: ollama.Client, mo
 
 def test_openai_parse_validates_for_20_prompts(oai: openai.OpenAI) -> None:
     def parse(i: int):
-        return oai.chat.completions.parse(model="tiny", messages=ask(i), response_format=Pet, seed=i,
-                                          temperature=1.0, max_tokens=200)  # fmt: skip
+        return oai.chat.completions.parse(
+            model="tiny", messages=ask(i), response_format=Pet, seed=i, temperature=1.0, max_tokens=200
+        )
 
     with ThreadPoolExecutor(8) as pool:
         replies = list(pool.map(parse, range(20)))
@@ -122,22 +126,33 @@ def test_json_modes_give_one_object(client: ollama.Client, oai: openai.OpenAI) -
         if r.done_reason == "stop":
             assert isinstance(json.loads(r.response), dict)
         assert r.response.startswith("{")
-        c = oai.chat.completions.create(model="tiny-chat", messages=ask(i), seed=i, max_tokens=150,
-                                        response_format={"type": "json_object"})  # fmt: skip
+        c = oai.chat.completions.create(
+            model="tiny-chat", messages=ask(i), seed=i, max_tokens=150, response_format={"type": "json_object"}
+        )
         if c.choices[0].finish_reason == "stop":
             assert isinstance(json.loads(c.choices[0].message.content), dict)
         assert c.choices[0].message.content.startswith("{")
 
 
 def test_streaming_with_a_schema(client: ollama.Client, oai: openai.OpenAI) -> None:
-    parts = list(client.chat("tiny", messages=ask(1), format=Pet.model_json_schema(), stream=True,
-                             options={"seed": 3, "num_predict": 200}))  # fmt: skip
+    parts = list(
+        client.chat(
+            "tiny",
+            messages=ask(1),
+            format=Pet.model_json_schema(),
+            stream=True,
+            options={"seed": 3, "num_predict": 200},
+        )
+    )
     assert parts[-1].done and parts[-1].done_reason == "stop" and len(parts) > 5
     Pet.model_validate_json("".join(p.message.content for p in parts))
 
     fmt = {"type": "json_schema", "json_schema": {"name": "Pet", "schema": Pet.model_json_schema(), "strict": True}}
-    chunks = list(oai.chat.completions.create(model="tiny-chat", messages=ask(2), seed=4, max_tokens=200,
-                                              response_format=fmt, stream=True))  # fmt: skip
+    chunks = list(
+        oai.chat.completions.create(
+            model="tiny-chat", messages=ask(2), seed=4, max_tokens=200, response_format=fmt, stream=True
+        )
+    )
     assert chunks[-1].choices[0].finish_reason == "stop"
     Pet.model_validate_json("".join(c.choices[0].delta.content or "" for c in chunks))
 
@@ -147,8 +162,17 @@ def test_a_budget_that_ends_mid_object_says_length(client: ollama.Client, oai: o
     assert r.done_reason == "length" and r.eval_count == 4 and r.message.content.startswith('{"')
     with pytest.raises(openai.LengthFinishReasonError):
         oai.chat.completions.parse(model="tiny", messages=ask(0), response_format=Pet, max_tokens=4)
-    c = oai.completions.create(model="tiny", prompt="Pet:", max_tokens=4, extra_body={"response_format": {
-        "type": "json_schema", "json_schema": {"name": "Pet", "schema": Pet.model_json_schema()}}})  # fmt: skip
+    c = oai.completions.create(
+        model="tiny",
+        prompt="Pet:",
+        max_tokens=4,
+        extra_body={
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "Pet", "schema": Pet.model_json_schema()},
+            }
+        },
+    )
     assert c.choices[0].finish_reason == "length" and c.choices[0].text.startswith('{"')
 
 
@@ -163,12 +187,18 @@ def test_unsupported_schema_features_are_a_400_naming_them(client: ollama.Client
 
     schema = {"type": "object", "properties": {"ids": {"type": "array", "uniqueItems": True}}}
     with pytest.raises(openai.BadRequestError) as e:
-        oai.chat.completions.create(model="tiny", messages=ask(0), response_format={
-            "type": "json_schema", "json_schema": {"name": "ids", "schema": schema, "strict": True}})  # fmt: skip
+        oai.chat.completions.create(
+            model="tiny",
+            messages=ask(0),
+            response_format={"type": "json_schema", "json_schema": {"name": "ids", "schema": schema, "strict": True}},
+        )
     assert e.value.param == "response_format" and 'Unimplemented keys: ["uniqueItems"]' in e.value.message
     with pytest.raises(openai.BadRequestError) as e:  # strict is a boolean
-        oai.chat.completions.create(model="tiny", messages=ask(0), response_format={
-            "type": "json_schema", "json_schema": {"name": "ids", "schema": {}, "strict": "yes"}})  # fmt: skip
+        oai.chat.completions.create(
+            model="tiny",
+            messages=ask(0),
+            response_format={"type": "json_schema", "json_schema": {"name": "ids", "schema": {}, "strict": "yes"}},
+        )
     assert e.value.param == "response_format.json_schema.strict"
 
 
@@ -196,8 +226,9 @@ def test_each_row_has_its_own_mask(handles) -> None:
     try:
         alone = run([("Pet:", pet)])
         plain = run([(f"Say {i}", None) for i in range(4)])
-        mixed = run([("Pet:", pet), *[(f"Say {i}", None) for i in range(4)], ("Num:", number), ("Pet:", pet),
-                     ("Say 0", None)])  # fmt: skip
+        mixed = run(
+            [("Pet:", pet), *[(f"Say {i}", None) for i in range(4)], ("Num:", number), ("Pet:", pet), ("Say 0", None)]
+        )
     finally:
         engine.stop()
     Pet.model_validate_json(alone[0])
@@ -217,9 +248,11 @@ def sink(events: list, finished: threading.Semaphore):
 
 
 def test_closed_objects_reads_schemas_as_ollama_and_strict_mode_do() -> None:
-    schema = {"type": "object", "properties": {"a": {"type": "object", "properties": {"b": {}}},
-                                               "c": {"type": "object"}},
-              "$defs": {"D": {"properties": {"x": {}}, "additionalProperties": True}}}  # fmt: skip
+    schema = {
+        "type": "object",
+        "properties": {"a": {"type": "object", "properties": {"b": {}}}, "c": {"type": "object"}},
+        "$defs": {"D": {"properties": {"x": {}}, "additionalProperties": True}},
+    }
     closed = structured.closed_objects(schema)
     assert closed["additionalProperties"] is False and closed["properties"]["a"]["additionalProperties"] is False
     assert "additionalProperties" not in closed["properties"]["c"]  # {"type": "object"} alone: any object

@@ -47,21 +47,29 @@ def test_cgroup_v2_quota_caps_the_cpu_count(tmp_path):
 
 
 def test_cgroup_v2_quota_of_an_ancestor_applies(tmp_path):
-    root = fake_root(tmp_path, "0::/a/b\n", {
-        "sys/fs/cgroup/a/b/cpu.max": "max 100000\n",
-        "sys/fs/cgroup/a/cpu.max": "200000 100000\n",
-        "sys/fs/cgroup/cpu.max": "max 100000\n",
-    })  # fmt: skip
+    root = fake_root(
+        tmp_path,
+        "0::/a/b\n",
+        {
+            "sys/fs/cgroup/a/b/cpu.max": "max 100000\n",
+            "sys/fs/cgroup/a/cpu.max": "200000 100000\n",
+            "sys/fs/cgroup/cpu.max": "max 100000\n",
+        },
+    )
     assert threads.cgroup_cpu_limit(root) == 2.0
 
 
 def test_cgroup_v1_quota(tmp_path):
-    root = fake_root(tmp_path, "5:memory:/docker/x\n4:cpu,cpuacct:/docker/x\n0::/\n", {
-        "sys/fs/cgroup/cpu,cpuacct/docker/x/cpu.cfs_quota_us": "300000\n",
-        "sys/fs/cgroup/cpu,cpuacct/docker/x/cpu.cfs_period_us": "100000\n",
-        "sys/fs/cgroup/cpu,cpuacct/cpu.cfs_quota_us": "-1\n",
-        "sys/fs/cgroup/cpu,cpuacct/cpu.cfs_period_us": "100000\n",
-    })  # fmt: skip
+    root = fake_root(
+        tmp_path,
+        "5:memory:/docker/x\n4:cpu,cpuacct:/docker/x\n0::/\n",
+        {
+            "sys/fs/cgroup/cpu,cpuacct/docker/x/cpu.cfs_quota_us": "300000\n",
+            "sys/fs/cgroup/cpu,cpuacct/docker/x/cpu.cfs_period_us": "100000\n",
+            "sys/fs/cgroup/cpu,cpuacct/cpu.cfs_quota_us": "-1\n",
+            "sys/fs/cgroup/cpu,cpuacct/cpu.cfs_period_us": "100000\n",
+        },
+    )
     assert threads.cgroup_cpu_limit(root) == 3.0
 
 
@@ -145,8 +153,7 @@ def test_limit_spinning_leaves_explicit_settings():
 def test_spin_limit_is_set_before_torch_loads(first_import):
     """libgomp reads GOMP_SPINCOUNT once, when torch loads it: every entry point must set it before that."""
     env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
-    code = (f"import sys, os; import {first_import}; "
-            "print(os.environ.get('GOMP_SPINCOUNT'), 'torch' in sys.modules)")  # fmt: skip
+    code = f"import sys, os; import {first_import}; print(os.environ.get('GOMP_SPINCOUNT'), 'torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, check=True)
     spin, torch_loaded_before = out.stdout.split()
     assert spin == threads.SPIN_COUNT
@@ -167,8 +174,13 @@ def test_inference_does_not_depend_on_the_thread_count(preset):
         torch.set_num_threads(n)
         with torch.no_grad():
             logits = model(idx).logits
-        results.append((logits, generate(model, prompts, SamplingConfig(24)),
-                        generate(model, prompts[:1], SamplingConfig(24, temperature=1.0, seed=3))))  # fmt: skip
+        results.append(
+            (
+                logits,
+                generate(model, prompts, SamplingConfig(24)),
+                generate(model, prompts[:1], SamplingConfig(24, temperature=1.0, seed=3)),
+            )
+        )
     assert torch.equal(results[0][0], results[1][0])
     assert results[0][1:] == results[1][1:]
 

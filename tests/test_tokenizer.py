@@ -63,8 +63,9 @@ def oracle(gpt2_files) -> tiktoken.Encoding:
         ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(
             vocab_bpe_file=str(vocab_bpe), encoder_json_file=str(encoder_json)
         )
-    return tiktoken.Encoding(name="gpt2-oracle", pat_str=r50k_pat_str, mergeable_ranks=ranks,
-                             special_tokens={EOT: 50256})  # fmt: skip
+    return tiktoken.Encoding(
+        name="gpt2-oracle", pat_str=r50k_pat_str, mergeable_ranks=ranks, special_tokens={EOT: 50256}
+    )
 
 
 @pytest.fixture(scope="module")

@@ -29,13 +29,26 @@ TOKENS = np.tile(np.random.default_rng(0).integers(0, V, 97).astype(np.uint16), 
 
 def tiny_model(preset: str = "llama3-tiny", seed: int = 0) -> GPT:
     torch.manual_seed(seed)
-    return GPT(ModelConfig.from_preset(preset, vocab_size=V, context_length=T, emb_dim=32, n_layers=2, n_heads=4,
-                                       n_kv_heads=2, hidden_dim=64))  # fmt: skip
+    return GPT(
+        ModelConfig.from_preset(
+            preset, vocab_size=V, context_length=T, emb_dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64
+        )
+    )
 
 
 def train_cfg(**overrides) -> TrainConfig:
-    base = dict(batch_size=4, lr=1e-2, min_lr=1e-3, warmup_steps=2, max_steps=6, eval_every=3, eval_batches=2,
-                checkpoint_every=3, log_every=1, seed=7)  # fmt: skip
+    base = dict(
+        batch_size=4,
+        lr=1e-2,
+        min_lr=1e-3,
+        warmup_steps=2,
+        max_steps=6,
+        eval_every=3,
+        eval_batches=2,
+        checkpoint_every=3,
+        log_every=1,
+        seed=7,
+    )
     return TrainConfig(**{**base, **overrides})
 
 
@@ -237,8 +250,10 @@ def test_steps_between_log_intervals_never_sync(tmp_path, monkeypatch, grad_accu
 
 def test_time_budget_and_read_back_keep_every_step(tmp_path):
     """Steps stopped by the time budget between read-backs still count: items and losses of each one."""
-    _, r, live = run(tmp_path, train_cfg(max_steps=100_000, time_budget_s=0.3, eval_every=1000, log_every=1000,
-                                         checkpoint_every=1000))  # fmt: skip
+    _, r, live = run(
+        tmp_path,
+        train_cfg(max_steps=100_000, time_budget_s=0.3, eval_every=1000, log_every=1000, checkpoint_every=1000),
+    )
     assert r.stop_reason == "time_budget" and r.items_seen == r.step * 4 * T
     assert math.isfinite(r.train_loss)
 
@@ -411,8 +426,9 @@ def test_count_baselines_match_brute_force():
     for a, b in zip(train[:-1], train[1:], strict=True):
         pairs[a, b] = pairs.get((a, b), 0) + 1
     ctx = np.bincount(train[:-1], minlength=n)
-    bi = -np.mean([math.log((pairs.get((a, b), 0) + k) / (ctx[a] + k * n))
-                   for a, b in zip(val[:-1], val[1:], strict=True)])  # fmt: skip
+    bi = -np.mean(
+        [math.log((pairs.get((a, b), 0) + k) / (ctx[a] + k * n)) for a, b in zip(val[:-1], val[1:], strict=True)]
+    )
     assert bigram_loss(train, val, n, k) == pytest.approx(bi)
     p = c[c > 0] / len(train)
     assert unigram_entropy(train, n) == pytest.approx(-(p * np.log(p)).sum())

@@ -60,8 +60,9 @@ def imported_modules(path: Path, root: Path = ROOT) -> set[str]:
         package = package.rpartition(".")[0]
     found = set()
     tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
-    never_run = {id(n) for block in ast.walk(tree) if _is_type_checking(block) for stmt in block.body
-                 for n in ast.walk(stmt)}  # fmt: skip
+    never_run = {
+        id(n) for block in ast.walk(tree) if _is_type_checking(block) for stmt in block.body for n in ast.walk(stmt)
+    }
     for node in ast.walk(tree):
         if id(node) in never_run:
             continue
@@ -89,7 +90,8 @@ def _is_type_checking(node: ast.AST) -> bool:
         return False
     test = node.test
     return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
 
 
 def module_files(module: str, root: Path = ROOT, packages: tuple[str, ...] = PACKAGES) -> list[Path]:
@@ -198,8 +200,16 @@ def load_stages(spec: dict, packages: tuple[str, ...] = PACKAGES) -> list[Stage]
     for name, body in (spec.get("stages") or {}).items():
         body = body.get("do", body)  # foreach/do: the template stands for every item
         module = command_module(body.get("cmd", ""), packages)
-        stages.append(Stage(name, body, module, subcommand(body.get("cmd", ""), module),
-                            list(body.get("deps") or []), list(body.get("params") or [])))  # fmt: skip
+        stages.append(
+            Stage(
+                name,
+                body,
+                module,
+                subcommand(body.get("cmd", ""), module),
+                list(body.get("deps") or []),
+                list(body.get("params") or []),
+            )
+        )
     return stages
 
 
@@ -273,9 +283,11 @@ def read_keys(stage: Stage, params_path: Path) -> set[str]:
     names = ([f"load_{stage.command.replace('-', '_')}_params"] if stage.command else []) + ["load_params"]
     loader = next((getattr(module, n) for n in names if hasattr(module, n)), None)
     if loader is None:
-        raise MissingLoader(f"dvc.yaml: stage '{stage.name}' runs {rel(stage.script)}, which has no "
-                            f"{' or '.join(f'{n}(path)' for n in names)}: every stage script reads params.yaml "
-                            f"through one (see tools/deps.py)")  # fmt: skip
+        raise MissingLoader(
+            f"dvc.yaml: stage '{stage.name}' runs {rel(stage.script)}, which has no "
+            f"{' or '.join(f'{n}(path)' for n in names)}: every stage script reads params.yaml "
+            f"through one (see tools/deps.py)"
+        )
     with track_reads() as reads:
         loader(params_path)
     return set(reads)
@@ -293,8 +305,10 @@ def params_problems(stage: Stage, data: dict, read: set[str]) -> list[str]:
             problems.append(f"dvc.yaml: stage '{stage.name}' declares param {entry}, which params.yaml does not have")
         unread = [k for k in keys if k not in read]
         if unread:
-            problems.append(f"dvc.yaml: stage '{stage.name}' declares param {entry}, but its loader never reads "
-                            f"{', '.join(unread[:3])}{' ...' if len(unread) > 3 else ''}")  # fmt: skip
+            problems.append(
+                f"dvc.yaml: stage '{stage.name}' declares param {entry}, but its loader never reads "
+                f"{', '.join(unread[:3])}{' ...' if len(unread) > 3 else ''}"
+            )
         have.update(keys)
     missing = [k for k in all_leaves if k in read and k not in have]
     problems += [f"dvc.yaml: stage '{stage.name}' reads param {k} but does not declare it" for k in missing]

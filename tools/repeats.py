@@ -56,8 +56,9 @@ def repeated_blocks(files: list[Path], min_lines: int = MIN_LINES) -> list[tuple
                     continue
                 seen.add((fa, ia, fb, ib))
                 n = 0
-                while (ia + n < len(lines[fa]) and ib + n < len(lines[fb])
-                       and lines[fa][ia + n][1] == lines[fb][ib + n][1]):  # fmt: skip
+                while (
+                    ia + n < len(lines[fa]) and ib + n < len(lines[fb]) and lines[fa][ia + n][1] == lines[fb][ib + n][1]
+                ):
                     n += 1
                 blocks.append((fa, lines[fa][ia][0], fb, lines[fb][ib][0], n))
     return sorted(blocks, key=lambda b: (str(b[0]), b[1], str(b[2]), b[3]))

@@ -31,8 +31,9 @@ PLACEHOLDER = "placeholder\n"
 def copy_code(dest: Path, root: Path = ROOT) -> Path:
     """The files a clone holds (tracked and untracked-not-ignored), without data/, reports/, DVC's own files
     and dvc.lock."""
-    out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=root, check=True,
-                         capture_output=True).stdout.decode()  # fmt: skip
+    out = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=root, check=True, capture_output=True
+    ).stdout.decode()
     for name in filter(None, out.split("\0")):
         src = root / name
         if not src.is_file() or name.startswith(("data/", "reports/", ".dvc/")) or name == "dvc.lock":
@@ -62,8 +63,11 @@ def stage_paths(spec: dict, params: dict) -> tuple[set[str], set[str]]:
     for body in (spec.get("stages") or {}).values():
         items = [None]
         if "foreach" in body:
-            items = yaml.safe_load(resolve(str(body["foreach"]), params)) if isinstance(body["foreach"], str) \
-                else body["foreach"]  # fmt: skip
+            items = (
+                yaml.safe_load(resolve(str(body["foreach"]), params))
+                if isinstance(body["foreach"], str)
+                else body["foreach"]
+            )
             body = body["do"]
         for item in items or []:
             for key in ("outs", "metrics", "plots"):
@@ -118,7 +122,7 @@ def scratch_pipeline(dest: Path, root: Path = ROOT, run: tuple[str, ...] = ()) -
 def changed_stages(repo: Path) -> set[str]:
     """The stages ``dvc status`` names."""
     out = dvc(repo, "status", "--json").stdout
-    return set(json.loads(out[out.index("{"):]) if "{" in out else {})
+    return set(json.loads(out[out.index("{") :]) if "{" in out else {})
 
 
 def reruns(repo: Path, files: list[str]) -> dict[str, set[str]]:

@@ -71,8 +71,10 @@ def _load_parquet(path: Path) -> list[dict]:
         raise LLMCoreError(f"{path}: not a readable parquet file ({str(e).strip().splitlines()[0]})") from None
     if "messages" not in table.column_names:
         raise LLMCoreError(f"{path}: no column 'messages' (columns: {', '.join(table.column_names)})")
-    out = [_conversation({"messages": m}, f"{path}: row {row}")
-           for row, m in enumerate(table.column("messages").to_pylist(), start=1)]  # fmt: skip
+    out = [
+        _conversation({"messages": m}, f"{path}: row {row}")
+        for row, m in enumerate(table.column("messages").to_pylist(), start=1)
+    ]
     if not out:
         raise LLMCoreError(f"{path}: no conversations")
     return out

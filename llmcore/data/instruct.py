@@ -109,7 +109,6 @@ def encode_entries(entries: Sequence[dict], tok: Tokenizer, template: str) -> li
 # ---------------------------------------------------------------------------------------------------
 
 
-
 def encode_conversations(
     conversations: Sequence[dict], tok: Tokenizer, max_length: int
 ) -> tuple[list[Example], int, int]:
@@ -126,8 +125,11 @@ def encode_conversations(
         enc = render_chat(tok, c["messages"])
         ids, mask = enc.ids, enc.mask
         if len(ids) - 1 > max_length:
-            fits = [n for n, m in zip(enc.turn_ends, c["messages"], strict=True)
-                    if m["role"] == "assistant" and n - 1 <= max_length]  # fmt: skip
+            fits = [
+                n
+                for n, m in zip(enc.turn_ends, c["messages"], strict=True)
+                if m["role"] == "assistant" and n - 1 <= max_length
+            ]
             if not fits:
                 dropped += 1
                 continue
@@ -214,8 +216,16 @@ class InstructionBatches:
     ):
         self.examples = list(examples)
         lengths = [len(e.ids) for e in self.examples] if group_by_length else None
-        self.order = EpochOrder(len(self.examples), batch_size, seed=seed, shuffle=shuffle, lengths=lengths,
-                                rank=rank, world_size=world_size, where="instruct")  # fmt: skip
+        self.order = EpochOrder(
+            len(self.examples),
+            batch_size,
+            seed=seed,
+            shuffle=shuffle,
+            lengths=lengths,
+            rank=rank,
+            world_size=world_size,
+            where="instruct",
+        )
         self.pad_id, self.mask_prompt, self.max_length = pad_id, mask_prompt, max_length
 
     def __len__(self) -> int:

@@ -68,6 +68,7 @@ def dataset_pairs(cfg: PreferencesParams, data_path: Path) -> tuple[list[dict], 
     skip = {id(raw[i]) for i in identical}
     # split the whole file by position, as the instruct stage splits its copy of the same entries
     train, val, test = split_entries(raw, cfg.train_fraction, cfg.test_fraction, cfg.split_seed)
-    records = [{**e, "split": name} for name, part in (("train", train), ("val", val)) for e in part
-               if id(e) not in skip]  # fmt: skip
+    records = [
+        {**e, "split": name} for name, part in (("train", train), ("val", val)) for e in part if id(e) not in skip
+    ]
     return records, {"entries": len(raw), "dropped_identical": len(identical), "test_entries": len(test)}

@@ -87,8 +87,16 @@ class PreferenceBatches:
     ):
         self.pairs = list(pairs)
         lengths = [max(len(p.chosen.ids), len(p.rejected.ids)) for p in self.pairs] if group_by_length else None
-        self.order = EpochOrder(len(self.pairs), batch_size, seed=seed, shuffle=shuffle, lengths=lengths,
-                                rank=rank, world_size=world_size, where="align")  # fmt: skip
+        self.order = EpochOrder(
+            len(self.pairs),
+            batch_size,
+            seed=seed,
+            shuffle=shuffle,
+            lengths=lengths,
+            rank=rank,
+            world_size=world_size,
+            where="align",
+        )
         self.pad_id = pad_id
         # (n_pairs, 2): the reference model's log-prob of [chosen, rejected]; set by attach_reference_logps
         self.ref_logps = torch.full((len(self.pairs), 2), float("nan"), dtype=torch.float32)

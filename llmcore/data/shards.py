@@ -162,8 +162,14 @@ class _OpenShard:
         self.file.close()
         os.chmod(self.tmp, 0o666 & ~current_umask())
         os.replace(self.tmp, self.final)
-        return {"file": self.name, "tokens": self.tokens, "documents": self.documents, "bytes": self.bytes,
-                "sha256": self.hash.hexdigest(), "end": end}  # fmt: skip
+        return {
+            "file": self.name,
+            "tokens": self.tokens,
+            "documents": self.documents,
+            "bytes": self.bytes,
+            "sha256": self.hash.hexdigest(),
+            "end": end,
+        }
 
     def discard(self) -> None:
         self.file.close()
@@ -191,8 +197,11 @@ def _restore(work: Path, fingerprint: Any, dtype: np.dtype, log: Callable[[str],
             kept = []
             for shard in state.get("shards", []):
                 path = work / shard["file"]
-                ok = (path.is_file() and path.stat().st_size == shard["tokens"] * dtype.itemsize
-                      and sha256_file(path) == shard["sha256"])  # fmt: skip
+                ok = (
+                    path.is_file()
+                    and path.stat().st_size == shard["tokens"] * dtype.itemsize
+                    and sha256_file(path) == shard["sha256"]
+                )
                 if not ok:
                     log(f"{path}: missing or not as recorded; redoing it and what follows")
                     break
@@ -250,8 +259,10 @@ def write_split(
         first_skip = skip
         if skip:
             if lengths[0] < skip:
-                raise LLMCoreError(f"{sources[src].name}: row {row} has {lengths[0]} tokens but {work / PROGRESS} "
-                                   f"resumes at token {skip} of it (changed input?)")  # fmt: skip
+                raise LLMCoreError(
+                    f"{sources[src].name}: row {row} has {lengths[0]} tokens but {work / PROGRESS} "
+                    f"resumes at token {skip} of it (changed input?)"
+                )
             ids, lengths = ids[skip:], lengths.copy()
             lengths[0] -= skip
             skip = 0
@@ -344,27 +355,43 @@ def tokenize_to_shards(
         progress_bar: show a tqdm bar (documents, ETA, tokens/s); default: when stderr is a terminal.
     """
     if shard_tokens < 1 or workers < 1 or batch_rows < 1:
-        raise LLMCoreError(f"shard_tokens, workers and batch_rows must be positive, got {shard_tokens}, "
-                           f"{workers}, {batch_rows}")  # fmt: skip
+        raise LLMCoreError(
+            f"shard_tokens, workers and batch_rows must be positive, got {shard_tokens}, {workers}, {batch_rows}"
+        )
     out, work = Path(out), Path(work)
     work.mkdir(parents=True, exist_ok=True)
     dtype = token_dtype(tok.vocab_size)
     tok_hash = hashlib.sha256(json.dumps(tok.to_dict(), sort_keys=True).encode()).hexdigest()
-    fp = {"inputs": fingerprint, "tokenizer": tok_hash, "shard_tokens": shard_tokens, "dtype": dtype.name,
-          "splits": {k: [s.name for s in v] for k, v in splits.items()}}  # fmt: skip
+    fp = {
+        "inputs": fingerprint,
+        "tokenizer": tok_hash,
+        "shard_tokens": shard_tokens,
+        "dtype": dtype.name,
+        "splits": {k: [s.name for s in v] for k, v in splits.items()},
+    }
     progress = _restore(work, fp, dtype, log)
     total_docs = sum(s.rows() for sources in splits.values() for s in sources)  # parquet footers only
     show = sys.stderr.isatty() if progress_bar is None else progress_bar
-    with tqdm(total=total_docs, unit="doc", desc="tokenize", disable=not show,
-              dynamic_ncols=True) as bar:  # fmt: skip
+    with tqdm(total=total_docs, unit="doc", desc="tokenize", disable=not show, dynamic_ncols=True) as bar:
         for split, sources in splits.items():
-            write_split(split, sources, tok, work, progress, shard_tokens=shard_tokens, workers=workers,
-                        batch_rows=batch_rows, bar=bar)  # fmt: skip
+            write_split(
+                split,
+                sources,
+                tok,
+                work,
+                progress,
+                shard_tokens=shard_tokens,
+                workers=workers,
+                batch_rows=batch_rows,
+                bar=bar,
+            )
 
     # Publish: shards into ``out`` (a rename on the same file system), the manifest last.
     out.mkdir(parents=True, exist_ok=True)
-    entries = {split: [{k: v for k, v in s.items() if k != "end"} for s in progress.splits[split]["shards"]]
-               for split in splits}  # fmt: skip
+    entries = {
+        split: [{k: v for k, v in s.items() if k != "end"} for s in progress.splits[split]["shards"]]
+        for split in splits
+    }
     names = {e["file"] for shards in entries.values() for e in shards}
     for path in out.glob("*.bin"):
         if path.name not in names:
@@ -372,13 +399,18 @@ def tokenize_to_shards(
     for name in sorted(names):
         shutil.move(work / name, out / name)
     meta = {
-        "format": FORMAT, "version": VERSION, "dtype": dtype.name, "vocab_size": tok.vocab_size,
-        "eot_id": tok.eot_id, **(extra_meta or {}), "shard_tokens": shard_tokens,
+        "format": FORMAT,
+        "version": VERSION,
+        "dtype": dtype.name,
+        "vocab_size": tok.vocab_size,
+        "eot_id": tok.eot_id,
+        **(extra_meta or {}),
+        "shard_tokens": shard_tokens,
         **{f"{split}_tokens": sum(e["tokens"] for e in shards) for split, shards in entries.items()},
         "documents": {split: sum(e["documents"] for e in shards) for split, shards in entries.items()},
         "bytes": {split: sum(e["bytes"] for e in shards) for split, shards in entries.items()},
         "splits": entries,
-    }  # fmt: skip
+    }
     write_json_atomic(out / "meta.json", meta)
     progress.path.unlink(missing_ok=True)
     return meta

@@ -42,8 +42,9 @@ class ClassificationBatches:
         if len(seqs) != len(labels):
             raise ValueError(f"{len(seqs)} sequences but {len(labels)} labels")
         self.seqs, self.labels, self.pad_id = [list(s) for s in seqs], list(labels), pad_id
-        self.order = EpochOrder(len(self.seqs), batch_size, seed=seed, shuffle=shuffle, rank=rank,
-                                world_size=world_size)  # fmt: skip
+        self.order = EpochOrder(
+            len(self.seqs), batch_size, seed=seed, shuffle=shuffle, rank=rank, world_size=world_size
+        )
 
     def __len__(self) -> int:
         return len(self.order)
@@ -76,14 +77,12 @@ def encode_texts(tok: Tokenizer, texts: Sequence[str], max_length: int) -> list[
     return ids
 
 
-
 def balance_classes(df: pd.DataFrame, seed: int) -> pd.DataFrame:
     """Undersample every label to the rarest label's count (ham down to the 747 spam), seeded."""
     counts = df["label"].value_counts()
     n = int(counts.min())
     parts = [df[df["label"] == label].sample(n=n, random_state=seed) for label in sorted(counts.index)]
     return pd.concat(parts).sort_index()  # file order; split() shuffles
-
 
 
 def split_table(
@@ -101,7 +100,6 @@ def split_table(
         shuffled[n_train : n_train + n_val].reset_index(drop=True),
         shuffled[n_train + n_val :].reset_index(drop=True),
     )
-
 
 
 def label_ids(labels: Sequence[str], names: Sequence[str] = LABELS) -> list[int]:

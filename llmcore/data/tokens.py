@@ -111,8 +111,9 @@ def shard_entries(tokens_dir: str | os.PathLike, split: str, meta: dict[str, Any
     return entries
 
 
-def load_tokens(tokens_dir: str | os.PathLike, split: str, meta: dict[str, Any] | None = None, *,
-                verify: bool = False) -> TokenShards:  # fmt: skip
+def load_tokens(
+    tokens_dir: str | os.PathLike, split: str, meta: dict[str, Any] | None = None, *, verify: bool = False
+) -> TokenShards:
     """Memory-map ``split``'s shards (read-only) with the dtype from ``meta.json``, as one stream.
 
     Every shard must exist and hold exactly the tokens the manifest records (checked from its size);
@@ -139,8 +140,9 @@ def load_tokens(tokens_dir: str | os.PathLike, split: str, meta: dict[str, Any] 
     return TokenShards(maps, names)
 
 
-def _windows(tokens: TokenShards | np.ndarray, starts: torch.Tensor, T: int,
-             pin_memory: bool = False) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def _windows(
+    tokens: TokenShards | np.ndarray, starts: torch.Tensor, T: int, pin_memory: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(x, y) for windows beginning at ``starts``: x = tokens[s : s+T], y = tokens[s+1 : s+T+1].
 
     ``pin_memory``: both are allocated in pinned (page-locked) host memory and filled there, so a
@@ -178,9 +180,16 @@ class RandomWindows:
     """
 
     def __init__(
-        self, tokens: np.ndarray, batch_size: int, context_length: int, *, seed: int, rank: int = 0,
-        world_size: int = 1, pin_memory: bool = False,
-    ) -> None:  # fmt: skip
+        self,
+        tokens: np.ndarray,
+        batch_size: int,
+        context_length: int,
+        *,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        pin_memory: bool = False,
+    ) -> None:
         _check(tokens, batch_size, context_length, rank, world_size)
         self.tokens, self.batch_size, self.T = tokens, batch_size, context_length
         self.rank, self.world_size, self.pin_memory = rank, world_size, pin_memory
@@ -213,9 +222,18 @@ class SequentialWindows:
     """
 
     def __init__(
-        self, tokens: np.ndarray, batch_size: int, context_length: int, *, stride: int | None = None,
-        seed: int = 0, shuffle: bool = True, rank: int = 0, world_size: int = 1, pin_memory: bool = False,
-    ) -> None:  # fmt: skip
+        self,
+        tokens: np.ndarray,
+        batch_size: int,
+        context_length: int,
+        *,
+        stride: int | None = None,
+        seed: int = 0,
+        shuffle: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+        pin_memory: bool = False,
+    ) -> None:
         _check(tokens, batch_size, context_length, rank, world_size)
         self.stride = stride or context_length
         if self.stride < 1:

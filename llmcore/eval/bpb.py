@@ -24,8 +24,9 @@ from llmcore.text.tokenizer import Tokenizer
 def token_byte_lengths(tok: Tokenizer) -> torch.Tensor:
     """(vocab_size,) int64: UTF-8 bytes of each token; 0 for special tokens (not scored)."""
     specials = set(tok.special_tokens.values())
-    return torch.tensor([0 if i in specials else len(tok.token_bytes(i)) for i in range(tok.vocab_size)],
-                        dtype=torch.int64)  # fmt: skip
+    return torch.tensor(
+        [0 if i in specials else len(tok.token_bytes(i)) for i in range(tok.vocab_size)], dtype=torch.int64
+    )
 
 
 def bpb_from_sums(nats: float, n_bytes: float) -> float:
@@ -33,8 +34,9 @@ def bpb_from_sums(nats: float, n_bytes: float) -> float:
 
 
 @torch.no_grad()
-def nats_and_bytes(model: torch.nn.Module, idx: torch.Tensor, targets: torch.Tensor, token_bytes: torch.Tensor,
-                   chunk_rows: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def nats_and_bytes(
+    model: torch.nn.Module, idx: torch.Tensor, targets: torch.Tensor, token_bytes: torch.Tensor, chunk_rows: int = 1024
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed loss in nats, summed bytes) over the scored targets of one batch; both 0-dim float64."""
     hidden = model(idx, return_hidden=True, return_logits=False).hidden  # (B, T, C)
     weight = model.out_head.weight
@@ -52,8 +54,15 @@ def nats_and_bytes(model: torch.nn.Module, idx: torch.Tensor, targets: torch.Ten
 
 
 @torch.no_grad()
-def evaluate_bpb(model: torch.nn.Module, batches, n_batches: int, token_bytes: torch.Tensor, device: torch.device,
-                 autocast=None, ddp: bool = False) -> float:  # fmt: skip
+def evaluate_bpb(
+    model: torch.nn.Module,
+    batches,
+    n_batches: int,
+    token_bytes: torch.Tensor,
+    device: torch.device,
+    autocast=None,
+    ddp: bool = False,
+) -> float:
     """Bits per byte over ``n_batches`` ``(idx, targets)`` batches of ``batches.next_batch()``, every rank summed."""
     was_training = model.training
     model.eval()

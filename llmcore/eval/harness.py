@@ -109,8 +109,10 @@ class LLMCoreLM(TemplateLM):
     ) -> None:
         super().__init__()
         if unused:
-            raise LLMCoreError(f"llmcore model: unknown model_args {sorted(unused)} (known: pretrained, device, "
-                               "precision, batch_size, max_length, max_gen_toks)")  # fmt: skip
+            raise LLMCoreError(
+                f"llmcore model: unknown model_args {sorted(unused)} (known: pretrained, device, "
+                "precision, batch_size, max_length, max_gen_toks)"
+            )
         if precision not in DTYPES:
             raise LLMCoreError(f"precision: expected one of {'|'.join(DTYPES)}, got {precision!r}")
         self._device = resolve_device(device or "auto")
@@ -158,8 +160,12 @@ class LLMCoreLM(TemplateLM):
 
     def get_model_info(self) -> dict[str, Any]:
         cfg = self.model.cfg
-        return {"model_num_parameters": self.model.num_params(), "model_dtype": self.precision,
-                "model_name": self.name, "context_length": cfg.context_length}  # fmt: skip
+        return {
+            "model_num_parameters": self.model.num_params(),
+            "model_dtype": self.precision,
+            "model_name": self.name,
+            "context_length": cfg.context_length,
+        }
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
         ids = self.tokenizer_.encode(string, allow_special=True)
@@ -253,8 +259,10 @@ class LLMCoreLM(TemplateLM):
         for ctx in sorted(shared, key=len, reverse=True):
             members = shared[ctx]
             width = max(len(m) for m in members) - len(ctx)
-            if batch and (rows + len(members) > self.batch_size
-                          or max(ctx_width, len(ctx)) + max(suffix_width, width) > self._max_length):  # fmt: skip
+            if batch and (
+                rows + len(members) > self.batch_size
+                or max(ctx_width, len(ctx)) + max(suffix_width, width) > self._max_length
+            ):
                 yield batch
                 batch, rows, ctx_width, suffix_width = [], 0, 0, 0
             batch.append(ctx)
@@ -278,8 +286,9 @@ class LLMCoreLM(TemplateLM):
         cache = self.model.new_cache(len(contexts), ctx_width + suffix_width)
         ctx_mask = ctx_mask.to(device)
         with autocast_context(device, self.precision):
-            out = self.model(ctx_idx.to(device), attention_mask=ctx_mask, cache=cache, return_hidden=True,
-                             return_logits=False)  # fmt: skip
+            out = self.model(
+                ctx_idx.to(device), attention_mask=ctx_mask, cache=cache, return_hidden=True, return_logits=False
+            )
         owner_ctx = torch.tensor([g for g, _ in members], device=device)
         last = out.hidden[:, -1][owner_ctx][:, None]  # (R, 1, emb): the hidden state of each context's last token
         if suffix_width:
@@ -295,8 +304,9 @@ class LLMCoreLM(TemplateLM):
                 mask[row, : len(suffix)] = 1
             mask = torch.cat([ctx_mask[owner_ctx], mask.to(device)], dim=1)
             with autocast_context(device, self.precision):
-                tail = self.model(idx.to(device), attention_mask=mask, cache=rows, return_hidden=True,
-                                  return_logits=False).hidden  # fmt: skip
+                tail = self.model(
+                    idx.to(device), attention_mask=mask, cache=rows, return_hidden=True, return_logits=False
+                ).hidden
             last = torch.cat([last, tail], dim=1)  # (R, 1 + suffix_width, emb): position 0 = the context's last
         self.forward_rows += len(members)
         rows_, positions, targets, owners = [], [], [], []
@@ -501,8 +511,9 @@ def check_hub(tasks: Sequence[str]) -> None:
     """Fail in one line, at once, when these tasks need the Hub and it cannot be reached: the datasets library would
     otherwise retry for a minute before saying so. ``HF_DATASETS_OFFLINE=1`` (or ``HF_HUB_OFFLINE=1``) skips the
     check and reads datasets already in the local cache."""
-    if not tasks or any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
-                        for v in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")):  # fmt: skip
+    if not tasks or any(
+        os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
+    ):
         return
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
     why = unreachable(endpoint)
@@ -534,10 +545,18 @@ def run_tasks(
     manager = manager or task_manager(tasks, include_path, include_defaults)
     try:
         results = lm_eval.simple_evaluate(
-            model=lm, tasks=list(tasks), limit=limit, num_fewshot=num_fewshot, task_manager=manager,
-            random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
-            bootstrap_iters=bootstrap_iters, log_samples=False,
-        )  # fmt: skip
+            model=lm,
+            tasks=list(tasks),
+            limit=limit,
+            num_fewshot=num_fewshot,
+            task_manager=manager,
+            random_seed=seed,
+            numpy_random_seed=seed,
+            torch_random_seed=seed,
+            fewshot_random_seed=seed,
+            bootstrap_iters=bootstrap_iters,
+            log_samples=False,
+        )
     except LLMCoreError:
         raise
     except Exception as e:  # lm-eval and datasets raise many kinds; the first line says what happened

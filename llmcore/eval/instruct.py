@@ -36,7 +36,6 @@ def evaluate_loss(model: GPT, batches: Iterable[tuple[torch.Tensor, torch.Tensor
     return total / count
 
 
-
 def reference_loss(model_dir: str | os.PathLike, responses: str | os.PathLike, batch_size: int = 8) -> dict:
     """Loss and perplexity of the instruction model on the reference outputs of ``responses.json``.
 

@@ -275,19 +275,29 @@ def _check_openai(config: JudgeConfig) -> dict[str, Any]:
                 "`llmcore serve --model DIR`) or point judge.host / OPENAI_BASE_URL at a running one"
             ) from None
         except openai.APIStatusError as e:
-            raise LLMCoreError(f"the OpenAI-compatible server at {host} failed to list models: "
-                               f"HTTP {e.status_code}") from None  # fmt: skip
+            raise LLMCoreError(
+                f"the OpenAI-compatible server at {host} failed to list models: HTTP {e.status_code}"
+            ) from None
     name = next((m for m in (config.model, f"{config.model}:latest") if m in listed), None)
     if name is None:
-        raise LLMCoreError(f"judge model '{config.model}' is not on the OpenAI-compatible server at {host} "
-                           f"(it serves: {', '.join(listed) or 'nothing'})")  # fmt: skip
+        raise LLMCoreError(
+            f"judge model '{config.model}' is not on the OpenAI-compatible server at {host} "
+            f"(it serves: {', '.join(listed) or 'nothing'})"
+        )
     schema = False
     if config.schema:
         with _client(config) as client:
             schema = _openai_takes_schema(client, name, host)
     # The OpenAI API has no weight digest: the cache keys on the name (and the server's fingerprint is not stable).
-    return {"host": host, "model": name, "digest": None, "family": None, "parameter_size": None,
-            "quantization_level": None, "schema": schema}  # fmt: skip
+    return {
+        "host": host,
+        "model": name,
+        "digest": None,
+        "family": None,
+        "parameter_size": None,
+        "quantization_level": None,
+        "schema": schema,
+    }
 
 
 def _openai_takes_schema(client, model: str, host: str) -> bool:
@@ -296,13 +306,19 @@ def _openai_takes_schema(client, model: str, host: str) -> bool:
     import openai
 
     try:
-        client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Score: "}], max_tokens=1,
-                                       temperature=0, response_format=_response_format())  # fmt: skip
+        client.chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": "Score: "}],
+            max_tokens=1,
+            temperature=0,
+            response_format=_response_format(),
+        )
     except openai.APIStatusError as e:
         if 400 <= e.status_code < 500:
             return False
-        raise LLMCoreError(f"the OpenAI-compatible server at {host} failed a one-token request: HTTP "
-                           f"{e.status_code}") from None  # fmt: skip
+        raise LLMCoreError(
+            f"the OpenAI-compatible server at {host} failed a one-token request: HTTP {e.status_code}"
+        ) from None
     except (openai.APIConnectionError, openai.APITimeoutError) as e:
         raise LLMCoreError(f"lost the OpenAI-compatible server at {host} ({type(e).__name__})") from None
     return True
@@ -401,9 +417,12 @@ def _complete(client, config: JudgeConfig, prompt: str, schema: bool = False) ->
     if config.api == "openai":
         extra = {"response_format": _response_format()} if schema else {}
         reply = client.chat.completions.create(
-            model=config.model, messages=[{"role": "user", "content": prompt}], temperature=config.temperature,
-            seed=config.seed, **extra,
-        )  # fmt: skip
+            model=config.model,
+            messages=[{"role": "user", "content": prompt}],
+            temperature=config.temperature,
+            seed=config.seed,
+            **extra,
+        )
         return reply.choices[0].message.content or ""
     fmt = SCORE_SCHEMA if schema else None
     return client.generate(config.model, prompt, options=config.options, stream=False, format=fmt).response or ""
@@ -548,8 +567,7 @@ def score_items(
             todo.append(i)
 
     if todo:
-        bar = tqdm(total=len(items), initial=len(items) - len(todo), desc=f"judge {config.model}",
-                   disable=not progress)
+        bar = tqdm(total=len(items), initial=len(items) - len(todo), desc=f"judge {config.model}", disable=not progress)
         pool = ThreadPoolExecutor(min(config.max_concurrency, len(todo)))
         with _client(config) as client, bar:
             try:
@@ -558,11 +576,18 @@ def score_items(
                     i = futures[future]
                     record = records[i] = future.result()
                     if cache is not None and record.status != "error":  # written as we go: a crash keeps them
-                        cache.put(keys[i], {
-                            "id": record.id, "score": record.score, "status": record.status,
-                            "raw": record.raw, "raw_strict": record.raw_strict,
-                            "judge_model": judge.get("model"), "digest": judge.get("digest"),
-                        })
+                        cache.put(
+                            keys[i],
+                            {
+                                "id": record.id,
+                                "score": record.score,
+                                "status": record.status,
+                                "raw": record.raw,
+                                "raw_strict": record.raw_strict,
+                                "judge_model": judge.get("model"),
+                                "digest": judge.get("digest"),
+                            },
+                        )
                     bar.update(1)
             finally:
                 # On Ctrl-C, drop the queued items instead of judging them all before exiting.
@@ -618,7 +643,11 @@ def summarize(records: Sequence[ScoreRecord], n_boot: int = 1000, seed: int = 0)
         "n_refused": counts["refused"],
         "n_error": counts["error"],
         "n_cached": sum(r.cached for r in records),
-        "mean": None, "median": None, "std": None, "ci95_low": None, "ci95_high": None,
+        "mean": None,
+        "median": None,
+        "std": None,
+        "ci95_low": None,
+        "ci95_high": None,
     }
     if len(scores):
         rng = np.random.default_rng(seed)
@@ -631,11 +660,8 @@ def summarize(records: Sequence[ScoreRecord], n_boot: int = 1000, seed: int = 0)
             ci95_high=float(np.percentile(boot, 97.5)),
         )
     hist = np.histogram(scores, bins=10, range=(0, 100))[0]  # numpy's last bin is closed: 100 lands in it
-    out["histogram"] = [
-        {"bin_low": 10 * b, "bin_high": 10 * b + 10, "count": int(c)} for b, c in enumerate(hist)
-    ]
+    out["histogram"] = [{"bin_low": 10 * b, "bin_high": 10 * b + 10, "count": int(c)} for b, c in enumerate(hist)]
     return out
-
 
 
 def shortfall(summary: Mapping[str, Any], min_scored: float, judge: str = "the judge") -> str | None:

@@ -16,7 +16,6 @@ def confusion_matrix(actual: Sequence[int], predicted: Sequence[int], num_classe
     return m
 
 
-
 def classification_metrics(actual: Sequence[int], predicted: Sequence[int], positive: int = 1) -> dict[str, float]:
     """Accuracy, and precision/recall/F1 of the ``positive`` class (0.0 where undefined, as sklearn)."""
     pairs = list(zip(actual, predicted, strict=True))
@@ -53,14 +52,11 @@ def rouge_l(candidate: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-
 _PUNCT = str.maketrans("", "", string.punctuation)
-
 
 
 def normalize_text(text: str) -> str:
     return " ".join(text.lower().translate(_PUNCT).split())
-
 
 
 def exact_match(a: str, b: str) -> bool:

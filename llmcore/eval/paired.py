@@ -98,8 +98,12 @@ def parse_choice(text: str | None) -> Literal["1", "2", "tie"] | None:
 
 def render_head_to_head(item: PairItem, b_first: bool, template: str = HEAD_TO_HEAD_PROMPT) -> str:
     first, second = (item.b, item.a) if b_first else (item.a, item.b)
-    values = {"input": format_input(item.instruction, item.input), "reference": item.reference, "first": first,
-              "second": second}  # fmt: skip
+    values = {
+        "input": format_input(item.instruction, item.input),
+        "reference": item.reference,
+        "first": first,
+        "second": second,
+    }
     return re.sub(r"\{(input|reference|first|second)\}", lambda m: values[m.group(1)], template)
 
 
@@ -127,8 +131,13 @@ def head_to_head(
     for i, item in enumerate(items):
         b_first = _order(seed, item.id)
         prompt = render_head_to_head(item, b_first)
-        payload = {"kind": "head_to_head", "model": config.model, "digest": judge.get("digest") or "",
-                   "options": config.options, "prompt": prompt}  # fmt: skip
+        payload = {
+            "kind": "head_to_head",
+            "model": config.model,
+            "digest": judge.get("digest") or "",
+            "options": config.options,
+            "prompt": prompt,
+        }
         key = hashlib.sha256(json.dumps(payload, sort_keys=True).encode("utf-8")).hexdigest()
         hit = cache.get(key) if cache is not None else None
         if hit is not None:
@@ -176,7 +185,11 @@ def summarize_head_to_head(records: Sequence[HeadToHeadRecord]) -> dict[str, flo
     wins = {w: sum(r.winner == w for r in records) for w in ("a", "b", "tie")}
     decided = sum(wins.values())
     return {
-        "n": len(records), "a_wins": wins["a"], "b_wins": wins["b"], "ties": wins["tie"],
-        "undecided": len(records) - decided, "b_shown_first": sum(r.b_first for r in records),
+        "n": len(records),
+        "a_wins": wins["a"],
+        "b_wins": wins["b"],
+        "ties": wins["tie"],
+        "undecided": len(records) - decided,
+        "b_shown_first": sum(r.b_first for r in records),
         "b_win_rate": (wins["b"] + 0.5 * wins["tie"]) / decided if decided else None,
-    }  # fmt: skip
+    }

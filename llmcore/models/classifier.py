@@ -160,8 +160,6 @@ def predict_proba(
     return probs
 
 
-
-
 def classification_loss(model: nn.Module, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     """``fit``'s loss function: mean cross-entropy of the pooled logits over the batch's labelled rows."""
     idx, mask, labels = batch
@@ -171,17 +169,9 @@ def classification_loss(model: nn.Module, batch: tuple[torch.Tensor, ...]) -> tu
     return loss / n.clamp_min(1), n
 
 
-
-
 # ---------------------------------------------------------------------------------------------------
 # Spam data: balance, split
 # ---------------------------------------------------------------------------------------------------
-
-
-
-
-
-
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -189,14 +179,6 @@ def classification_loss(model: nn.Module, batch: tuple[torch.Tensor, ...]) -> tu
 # ---------------------------------------------------------------------------------------------------
 
 
-
-
-
-
 # ---------------------------------------------------------------------------------------------------
 # Save / load
 # ---------------------------------------------------------------------------------------------------
-
-
-
-

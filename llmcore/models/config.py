@@ -186,13 +186,28 @@ def _llama_hidden_dim(emb_dim: int) -> int:
 
 
 _GPT2 = dict(
-    vocab_size=50257, context_length=1024, norm="layernorm", pos_emb="learned", mlp="gelu",
-    qkv_bias=True, bias=True, tie_embeddings=True, dropout=0.0, norm_eps=1e-5,
-)  # fmt: skip
+    vocab_size=50257,
+    context_length=1024,
+    norm="layernorm",
+    pos_emb="learned",
+    mlp="gelu",
+    qkv_bias=True,
+    bias=True,
+    tie_embeddings=True,
+    dropout=0.0,
+    norm_eps=1e-5,
+)
 _LLAMA3 = dict(
-    norm="rmsnorm", pos_emb="rope", mlp="swiglu", qkv_bias=False, bias=False, tie_embeddings=False,
-    norm_eps=1e-5, rope_theta=500000.0, dropout=0.0,
-)  # fmt: skip
+    norm="rmsnorm",
+    pos_emb="rope",
+    mlp="swiglu",
+    qkv_bias=False,
+    bias=False,
+    tie_embeddings=False,
+    norm_eps=1e-5,
+    rope_theta=500000.0,
+    dropout=0.0,
+)
 
 PRESETS: dict[str, dict[str, Any]] = {
     # OpenAI GPT-2 shapes (https://huggingface.co/openai-community/gpt2{,-medium,-large,-xl}/config.json)
@@ -202,19 +217,47 @@ PRESETS: dict[str, dict[str, Any]] = {
     "gpt2-1558m": {**_GPT2, "emb_dim": 1600, "n_layers": 48, "n_heads": 25},
     # Llama 3.2 1B (https://huggingface.co/meta-llama/Llama-3.2-1B/config.json)
     "llama3.2-1b": {
-        **_LLAMA3, "vocab_size": 128256, "context_length": 131072, "emb_dim": 2048, "n_layers": 16,
-        "n_heads": 32, "n_kv_heads": 8, "hidden_dim": 8192, "tie_embeddings": True,
-        "rope_scaling": {"factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                         "original_context_length": 8192},
-    },  # fmt: skip
+        **_LLAMA3,
+        "vocab_size": 128256,
+        "context_length": 131072,
+        "emb_dim": 2048,
+        "n_layers": 16,
+        "n_heads": 32,
+        "n_kv_heads": 8,
+        "hidden_dim": 8192,
+        "tie_embeddings": True,
+        "rope_scaling": {
+            "factor": 32.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_context_length": 8192,
+        },
+    },
     # Small CPU presets: minutes on two cores. vocab_size is set by the tokenizer at train time.
     "gpt2-tiny": {**_GPT2, "vocab_size": 1024, "context_length": 128, "emb_dim": 128, "n_layers": 4, "n_heads": 4},
-    "gpt2-small-cpu": {**_GPT2, "vocab_size": 1024, "context_length": 256, "emb_dim": 256, "n_layers": 6,
-                       "n_heads": 8},  # fmt: skip
-    "llama3-tiny": {**_LLAMA3, "vocab_size": 1024, "context_length": 128, "emb_dim": 128, "n_layers": 4,
-                    "n_heads": 4, "n_kv_heads": 2, "hidden_dim": 352, "rope_theta": 10000.0},  # fmt: skip
-    "llama3-small-cpu": {**_LLAMA3, "vocab_size": 1024, "context_length": 256, "emb_dim": 256, "n_layers": 6,
-                         "n_heads": 8, "n_kv_heads": 4, "hidden_dim": 688, "rope_theta": 10000.0},  # fmt: skip
+    "gpt2-small-cpu": {**_GPT2, "vocab_size": 1024, "context_length": 256, "emb_dim": 256, "n_layers": 6, "n_heads": 8},
+    "llama3-tiny": {
+        **_LLAMA3,
+        "vocab_size": 1024,
+        "context_length": 128,
+        "emb_dim": 128,
+        "n_layers": 4,
+        "n_heads": 4,
+        "n_kv_heads": 2,
+        "hidden_dim": 352,
+        "rope_theta": 10000.0,
+    },
+    "llama3-small-cpu": {
+        **_LLAMA3,
+        "vocab_size": 1024,
+        "context_length": 256,
+        "emb_dim": 256,
+        "n_layers": 6,
+        "n_heads": 8,
+        "n_kv_heads": 4,
+        "hidden_dim": 688,
+        "rope_theta": 10000.0,
+    },
 }
 
 

@@ -214,12 +214,14 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(layer, k, v)
         y = F.scaled_dot_product_attention(
-            q, k, v,
+            q,
+            k,
+            v,
             attn_mask=mask,
             dropout_p=self.dropout if self.training else 0.0,
             is_causal=mask is None and T > 1,
             enable_gqa=self.n_kv_heads != self.n_heads,
-        )  # fmt: skip
+        )
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
         return self.resid_dropout(self.proj(y))
 
@@ -289,8 +291,9 @@ class GPT(nn.Module):
             # model (reset_parameters below then draws for the real rows only).
             for module in (self.tok_emb, self.out_head):
                 w = module.weight.data
-                module.weight = nn.Parameter(torch.cat([w, w.new_zeros(cfg.padded_vocab_size - cfg.vocab_size,
-                                                                       cfg.emb_dim)]))  # fmt: skip
+                module.weight = nn.Parameter(
+                    torch.cat([w, w.new_zeros(cfg.padded_vocab_size - cfg.vocab_size, cfg.emb_dim)])
+                )
             self.tok_emb.num_embeddings = self.out_head.out_features = cfg.padded_vocab_size
         if cfg.tie_embeddings:
             self.out_head.weight = self.tok_emb.weight
@@ -403,8 +406,9 @@ class GPT(nn.Module):
         x = self.final_norm(x)
         hidden = x if return_hidden else None
         if targets is not None:
-            loss = head_loss(x, self.out_head.weight, targets, self.head_loss, self.cfg.vocab_size,
-                             reduction=loss_reduction)  # fmt: skip
+            loss = head_loss(
+                x, self.out_head.weight, targets, self.head_loss, self.cfg.vocab_size, reduction=loss_reduction
+            )
             return ModelOutput(logits=None, hidden=hidden, loss=loss)
         logits = None
         if return_logits:

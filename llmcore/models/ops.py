@@ -165,8 +165,9 @@ def head_loss(
     impl = pick_head_loss(impl, hidden.device)
     padded = vocab_size is not None and vocab_size < weight.shape[0]
     if impl == "chunked":
-        return linear_cross_entropy(hidden, weight[:vocab_size] if padded else weight, targets,
-                                    ignore_index=ignore_index, reduction=reduction)  # fmt: skip
+        return linear_cross_entropy(
+            hidden, weight[:vocab_size] if padded else weight, targets, ignore_index=ignore_index, reduction=reduction
+        )
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     logits = F.linear(hidden, weight)  # all rows: the padded width is the matmul shape the hardware wants

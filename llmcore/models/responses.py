@@ -35,8 +35,13 @@ class GenerateParams:
             raise LLMCoreError(f"temperature: expected >= 0, got {self.temperature}")
 
     def sampling(self) -> SamplingConfig:
-        return SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
-                              top_p=self.top_p, seed=self.seed)  # fmt: skip
+        return SamplingConfig(
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            seed=self.seed,
+        )
 
 
 def _has_section(tok: Tokenizer, ids: list[int]) -> bool:

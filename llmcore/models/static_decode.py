@@ -81,9 +81,11 @@ MIN_WIDTH = 256
 # Not used: freezing (weights as constants: no faster, and it would miss weight updates). A "cuda" entry would also
 # need its steps synchronized before StaticDecoder.record times them (CPU steps are synchronous).
 COMPILE_SETTINGS: dict[str, dict[str, Any]] = {
-    "cpu": {"mode": None, "options": {"cpp_wrapper": True,
-                                      "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}},
-}  # fmt: skip
+    "cpu": {
+        "mode": None,
+        "options": {"cpp_wrapper": True, "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe},
+    },
+}
 
 _policy: str | None = None  # set_policy() over the environment variable
 
@@ -140,12 +142,12 @@ def _cxx() -> str | None:
 def _fingerprint(model: GPT) -> tuple:
     """What the compiled graphs assume of ``model`` beyond its weights' values, which dynamo no longer guards (the
     guard filter above): the same module objects, and parameters of the same identity, shape, dtype and device."""
-    return (tuple(map(id, model.modules())),
-            tuple((id(p), p.shape, p.dtype, p.device) for p in model.parameters()))  # fmt: skip
+    return (tuple(map(id, model.modules())), tuple((id(p), p.shape, p.dtype, p.device) for p in model.parameters()))
 
 
-def _decode_step(model: GPT, k: list[torch.Tensor], v: list[torch.Tensor], ids: torch.Tensor, slot: torch.Tensor,
-                 start: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def _decode_step(
+    model: GPT, k: list[torch.Tensor], v: list[torch.Tensor], ids: torch.Tensor, slot: torch.Tensor, start: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One token per row: ids (B, 1) at cache index slot (B,), keys from start (B,) on -> logits (B, V), argmax (B,).
 
     ``k``/``v`` are per-layer (B, n_kv_heads, W, head_dim) cache views; the new keys/values are written into them.
@@ -291,9 +293,16 @@ class StaticDecoder:
         t[i], t[i + 1] = min(t[i], seconds), t[i + 1] + 1
         if compiled and t[3] == MEASURE_STEPS and t[1] >= MEASURE_STEPS:
             faster = "compiled" if t[2] < t[0] else "eager"
-            log.log(logging.INFO if faster == "eager" else logging.DEBUG,
-                    "%s, %d rows, width %d: compiled step %.0f us, eager %.0f us: decoding %s", self.name, n, width,
-                    t[2] * 1e6, t[0] * 1e6, faster)  # fmt: skip
+            log.log(
+                logging.INFO if faster == "eager" else logging.DEBUG,
+                "%s, %d rows, width %d: compiled step %.0f us, eager %.0f us: decoding %s",
+                self.name,
+                n,
+                width,
+                t[2] * 1e6,
+                t[0] * 1e6,
+                faster,
+            )
 
     # -- running --------------------------------------------------------------------------------------
 
@@ -304,8 +313,9 @@ class StaticDecoder:
         and reused step after step where the rows and width stay (no slicing of every layer per step)."""
         return [t[:n, :, :width] for t in k], [t[:n, :, :width] for t in v]
 
-    def step(self, k: list[torch.Tensor], v: list[torch.Tensor], ids: torch.Tensor, slot: torch.Tensor,
-             start: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:  # fmt: skip
+    def step(
+        self, k: list[torch.Tensor], v: list[torch.Tensor], ids: torch.Tensor, slot: torch.Tensor, start: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Decode one token for each of ``n = len(ids)`` rows, or return None if no graph is ready for (n, width).
 
         Args:

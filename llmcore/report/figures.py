@@ -68,8 +68,9 @@ def _figure(width: float = 5.6, height: float = 3.2) -> tuple[Figure, object]:
     return fig, ax
 
 
-def line_chart(title: str, series: Sequence[Series], xlabel: str, ylabel: str, logy: bool = False,
-               ppl_axis: bool = False) -> str | None:  # fmt: skip
+def line_chart(
+    title: str, series: Sequence[Series], xlabel: str, ylabel: str, logy: bool = False, ppl_axis: bool = False
+) -> str | None:
     """Several series on one axis; None when no series has a finite point. ``ppl_axis``: the values are a language
     model's loss in nats per token, and a right-hand axis reads them as perplexity (exp); never for other losses."""
     with matplotlib.rc_context(STYLE):
@@ -115,8 +116,9 @@ def bar_chart(title: str, labels: Sequence[str], counts: Sequence[float], xlabel
         return to_svg(fig)
 
 
-def heatmap(title: str, matrix: Sequence[Sequence[int]], rows: Sequence[str], cols: Sequence[str],
-            ylabel: str, xlabel: str) -> str | None:  # fmt: skip
+def heatmap(
+    title: str, matrix: Sequence[Sequence[int]], rows: Sequence[str], cols: Sequence[str], ylabel: str, xlabel: str
+) -> str | None:
     """A confusion matrix: counts written in the cells, darker = more."""
     if not rows or not cols:
         return None

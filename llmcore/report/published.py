@@ -57,6 +57,14 @@ def benchmark_rows(metrics: dict[str, Any] | str | os.PathLike) -> list[dict[str
     for ref in PUBLISHED:
         ours = tasks.get(ref.task, {}).get(ref.metric)
         if isinstance(ours, int | float):
-            rows.append({"task": ref.task, "metric": ref.metric, "ours": ours, "published": ref.value,
-                         "model": ref.model, "source": ref.source})  # fmt: skip
+            rows.append(
+                {
+                    "task": ref.task,
+                    "metric": ref.metric,
+                    "ours": ours,
+                    "published": ref.value,
+                    "model": ref.model,
+                    "source": ref.source,
+                }
+            )
     return rows

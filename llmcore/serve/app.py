@@ -82,13 +82,23 @@ class RequestLog:
             await self.app(scope, receive, logged_send)
         finally:
             client = scope.get("client") or ("-", 0)
-            log.info("%s %s %s %d %.1f ms", client[0], scope["method"], scope["path"], status[0],
-                     (time.perf_counter() - start) * 1000)  # fmt: skip
+            log.info(
+                "%s %s %s %d %.1f ms",
+                client[0],
+                scope["method"],
+                scope["path"],
+                status[0],
+                (time.perf_counter() - start) * 1000,
+            )
 
 
-def create_app(models: dict[str, ModelHandle], max_body: int = MAX_BODY_BYTES, bound: str = DEFAULT_HOST,
-               allowed_hosts: Sequence[str] | None = None,
-               allowed_origins: Sequence[str] | None = None) -> Starlette:  # fmt: skip
+def create_app(
+    models: dict[str, ModelHandle],
+    max_body: int = MAX_BODY_BYTES,
+    bound: str = DEFAULT_HOST,
+    allowed_hosts: Sequence[str] | None = None,
+    allowed_origins: Sequence[str] | None = None,
+) -> Starlette:
     """The ASGI app serving ``models`` (name -> handle; ``:latest`` is added to untagged names).
 
     Requests are served for the Host names and browser origins :class:`~llmcore.serve.guard.HostGuard` accepts:
@@ -113,8 +123,10 @@ def create_app(models: dict[str, ModelHandle], max_body: int = MAX_BODY_BYTES, b
         return api.error_response(e)
 
     async def http_error(request: Request, exc: HTTPException) -> Response:
-        message = {404: f"not found: {request.url.path}", 405: f"method {request.method} not allowed on "
-                   f"{request.url.path}"}.get(exc.status_code, str(exc.detail))  # fmt: skip
+        message = {
+            404: f"not found: {request.url.path}",
+            405: f"method {request.method} not allowed on {request.url.path}",
+        }.get(exc.status_code, str(exc.detail))
         return render(request, RequestError(exc.status_code, message))
 
     async def server_error(request: Request, exc: Exception) -> Response:
@@ -130,14 +142,23 @@ def create_app(models: dict[str, ModelHandle], max_body: int = MAX_BODY_BYTES, b
             await asyncio.to_thread(handle.engine.stop)
 
     app = Starlette(
-        routes=[Route("/", index, methods=["GET"]), Route("/favicon.svg", icon_file, methods=["GET"]),
-                Route("/favicon.ico", icon_file, methods=["GET"]), *ollama.routes(), *openai.routes()],
+        routes=[
+            Route("/", index, methods=["GET"]),
+            Route("/favicon.svg", icon_file, methods=["GET"]),
+            Route("/favicon.ico", icon_file, methods=["GET"]),
+            *ollama.routes(),
+            *openai.routes(),
+        ],
         exception_handlers={HTTPException: http_error, Exception: server_error},
         lifespan=lifespan,
     )
     app.state.models = named
-    app.add_middleware(HostGuard, bound=bound, hosts=split_list(allowed_hosts, HOSTS_ENV),
-                       origins=split_list(allowed_origins, ORIGINS_ENV))  # fmt: skip
+    app.add_middleware(
+        HostGuard,
+        bound=bound,
+        hosts=split_list(allowed_hosts, HOSTS_ENV),
+        origins=split_list(allowed_origins, ORIGINS_ENV),
+    )
     app.add_middleware(RequestLog)  # outermost: refusals are logged too
     return app
 
@@ -145,8 +166,14 @@ def create_app(models: dict[str, ModelHandle], max_body: int = MAX_BODY_BYTES, b
 class Server:
     """A bound uvicorn server for ``app``: :meth:`serve_forever` runs it (in a thread for tests and benchmarks)."""
 
-    def __init__(self, app: Starlette, host: str, port: int, request_timeout: float = REQUEST_TIMEOUT,
-                 max_connections: int = MAX_CONNECTIONS):  # fmt: skip
+    def __init__(
+        self,
+        app: Starlette,
+        host: str,
+        port: int,
+        request_timeout: float = REQUEST_TIMEOUT,
+        max_connections: int = MAX_CONNECTIONS,
+    ):
         import uvicorn
 
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -161,9 +188,16 @@ class Server:
         self.socket.set_inheritable(True)
         self.host, self.port = host, self.socket.getsockname()[1]
         # h11 with a deadline per request and a cap on connections (llmcore.serve.guard), whatever else is installed
-        config = uvicorn.Config(app, log_config=None, access_log=False, timeout_graceful_shutdown=5, lifespan="on",
-                                ws="none", http=guarded_protocol(request_timeout, max_connections),
-                                h11_max_incomplete_event_size=MAX_HEADER_BYTES)  # fmt: skip
+        config = uvicorn.Config(
+            app,
+            log_config=None,
+            access_log=False,
+            timeout_graceful_shutdown=5,
+            lifespan="on",
+            ws="none",
+            http=guarded_protocol(request_timeout, max_connections),
+            h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+        )
         self.uvicorn = uvicorn.Server(config)
         self._thread: threading.Thread | None = None
         self._running = threading.Event()
@@ -203,10 +237,16 @@ class Server:
         self.socket.close()
 
 
-def make_server(models: dict[str, ModelHandle], host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
-                max_body: int = MAX_BODY_BYTES, allowed_hosts: Sequence[str] | None = None,
-                allowed_origins: Sequence[str] | None = None, request_timeout: float = REQUEST_TIMEOUT,
-                max_connections: int = MAX_CONNECTIONS) -> Server:  # fmt: skip
+def make_server(
+    models: dict[str, ModelHandle],
+    host: str = DEFAULT_HOST,
+    port: int = DEFAULT_PORT,
+    max_body: int = MAX_BODY_BYTES,
+    allowed_hosts: Sequence[str] | None = None,
+    allowed_origins: Sequence[str] | None = None,
+    request_timeout: float = REQUEST_TIMEOUT,
+    max_connections: int = MAX_CONNECTIONS,
+) -> Server:
     """Bind a server for ``models``; port 0 picks a free port (see ``server.url``). An address in use raises
     ``OSError`` here, before anything runs. ``allowed_hosts``/``allowed_origins``: more Host names and browser
     origins to serve (see :mod:`llmcore.serve.guard`); a request must arrive within ``request_timeout`` seconds,

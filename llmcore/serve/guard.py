@@ -130,8 +130,10 @@ class HostGuard:
         path = scope["path"]
         if host is not None and not self.host_allowed(host):
             log.warning("refused Host %r on %s (DNS rebinding?)", host[:100], path)
-            message = (f"host {host[:100]!r} is not allowed: use an address or localhost, or allow the name with "
-                       f"--allow-host or {HOSTS_ENV}")  # fmt: skip
+            message = (
+                f"host {host[:100]!r} is not allowed: use an address or localhost, or allow the name with "
+                f"--allow-host or {HOSTS_ENV}"
+            )
             return await error_response(path, 403, message)(scope, receive, send)
         if origin is None:
             return await self.app(scope, receive, send)
@@ -144,10 +146,18 @@ class HostGuard:
             return await self.app(scope, receive, send)
         cors = [(b"access-control-allow-origin", origin.encode("latin-1")), (b"vary", b"Origin")]
         if scope["method"] == "OPTIONS":  # a preflight: what the browser may send next
-            await send({"type": "http.response.start", "status": 204, "headers": [
-                *cors, (b"access-control-allow-methods", b"GET, POST, OPTIONS"),
-                (b"access-control-allow-headers", b"authorization, content-type"),
-                (b"access-control-max-age", b"600")]})  # fmt: skip
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 204,
+                    "headers": [
+                        *cors,
+                        (b"access-control-allow-methods", b"GET, POST, OPTIONS"),
+                        (b"access-control-allow-headers", b"authorization, content-type"),
+                        (b"access-control-max-age", b"600"),
+                    ],
+                }
+            )
             return await send({"type": "http.response.body", "body": b""})
 
         async def with_cors(message) -> None:
@@ -162,8 +172,12 @@ def _raw_response(path: str, status: int, message: str) -> bytes:
     """A whole HTTP/1.1 response that closes the connection, written below h11 (the request may be half in)."""
     response = error_response(path, status, message)
     reason = HTTPStatus(status).phrase.encode()
-    head = [b"HTTP/1.1 %d %s" % (status, reason), b"content-type: " + response.media_type.encode(),
-            b"content-length: %d" % len(response.body), b"connection: close"]  # fmt: skip
+    head = [
+        b"HTTP/1.1 %d %s" % (status, reason),
+        b"content-type: " + response.media_type.encode(),
+        b"content-length: %d" % len(response.body),
+        b"connection: close",
+    ]
     return b"\r\n".join(head) + b"\r\n\r\n" + response.body
 
 
@@ -272,7 +286,11 @@ class _GuardedH11Protocol(H11Protocol):
 def guarded_protocol(request_timeout: float = REQUEST_TIMEOUT, max_connections: int = MAX_CONNECTIONS) -> type:
     """The HTTP protocol class for uvicorn's ``http`` setting, with these limits."""
     if not request_timeout > 0 or max_connections < 1:
-        raise ValueError(f"request_timeout must be > 0 and max_connections >= 1, got {request_timeout}, "
-                         f"{max_connections}")  # fmt: skip
-    return type("GuardedH11Protocol", (_GuardedH11Protocol,),
-                {"request_timeout": request_timeout, "max_connections": max_connections})  # fmt: skip
+        raise ValueError(
+            f"request_timeout must be > 0 and max_connections >= 1, got {request_timeout}, {max_connections}"
+        )
+    return type(
+        "GuardedH11Protocol",
+        (_GuardedH11Protocol,),
+        {"request_timeout": request_timeout, "max_connections": max_connections},
+    )

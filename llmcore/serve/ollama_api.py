@@ -173,28 +173,30 @@ class OllamaAPI:
         cfg, arch = h.model.cfg, h.family
         template = ollama_template(h.template)  # the Go template that builds the prompts this server builds
         parameters = "\n".join(f"stop {json.dumps(s)}" for s in template_stops(h.template))
-        return JSONResponse({
-            "license": "",
-            "modelfile": f"# served by llmcore\nFROM {name}\nTEMPLATE \"\"\"{template}\"\"\"\n",
-            "parameters": parameters,
-            "template": template,
-            "details": h.details(),
-            "model_info": {
-                "general.architecture": arch,
-                "general.parameter_count": h.model.num_params(),
-                f"{arch}.context_length": cfg.context_length,
-                f"{arch}.embedding_length": cfg.emb_dim,
-                f"{arch}.block_count": cfg.n_layers,
-                f"{arch}.feed_forward_length": cfg.hidden_dim,
-                f"{arch}.attention.head_count": cfg.n_heads,
-                f"{arch}.attention.head_count_kv": cfg.n_kv_heads,
-                f"{arch}.vocab_size": cfg.vocab_size,
-                "tokenizer.name": h.tokenizer.name,
-                "llmcore.template": h.template,
-            },
-            "capabilities": ["completion", "embedding"],
-            "modified_at": h.modified_at,
-        })  # fmt: skip
+        return JSONResponse(
+            {
+                "license": "",
+                "modelfile": f'# served by llmcore\nFROM {name}\nTEMPLATE """{template}"""\n',
+                "parameters": parameters,
+                "template": template,
+                "details": h.details(),
+                "model_info": {
+                    "general.architecture": arch,
+                    "general.parameter_count": h.model.num_params(),
+                    f"{arch}.context_length": cfg.context_length,
+                    f"{arch}.embedding_length": cfg.emb_dim,
+                    f"{arch}.block_count": cfg.n_layers,
+                    f"{arch}.feed_forward_length": cfg.hidden_dim,
+                    f"{arch}.attention.head_count": cfg.n_heads,
+                    f"{arch}.attention.head_count_kv": cfg.n_kv_heads,
+                    f"{arch}.vocab_size": cfg.vocab_size,
+                    "tokenizer.name": h.tokenizer.name,
+                    "llmcore.template": h.template,
+                },
+                "capabilities": ["completion", "embedding"],
+                "modified_at": h.modified_at,
+            }
+        )
 
     # -- generation ---------------------------------------------------------------------------------
 
@@ -208,8 +210,9 @@ class OllamaAPI:
         self.check_unsupported(name, body)
         schema = schema_from_format(body.get("format"))
         if not prompt:
-            return JSONResponse({"model": name, "created_at": rfc3339(), "response": "", "done": True,
-                                 "done_reason": "load"})  # fmt: skip
+            return JSONResponse(
+                {"model": name, "created_at": rfc3339(), "response": "", "done": True, "done_reason": "load"}
+            )
         if raw:
             ids = h.encode(prompt)
         else:
@@ -226,11 +229,21 @@ class OllamaAPI:
         schema = schema_from_format(body.get("format"))
         if not messages:
             reply = {"role": "assistant", "content": ""}
-            return JSONResponse({"model": name, "created_at": rfc3339(), "message": reply, "done": True,
-                                 "done_reason": "load"})  # fmt: skip
+            return JSONResponse(
+                {"model": name, "created_at": rfc3339(), "message": reply, "done": True, "done_reason": "load"}
+            )
         ids = h.chat_ids(messages)
-        return await self.respond(name, h, ids, sampling, stop, window, stream,
-                                  lambda t: {"message": {"role": "assistant", "content": t}}, schema)  # fmt: skip
+        return await self.respond(
+            name,
+            h,
+            ids,
+            sampling,
+            stop,
+            window,
+            stream,
+            lambda t: {"message": {"role": "assistant", "content": t}},
+            schema,
+        )
 
     @staticmethod
     def check_unsupported(name: str, body: dict) -> None:
@@ -240,9 +253,18 @@ class OllamaAPI:
         if body.get("think") not in (None, False):
             raise RequestError(400, f'"{name}" does not support thinking')
 
-    async def respond(self, name: str, h: ModelHandle, ids: list[int], sampling: SamplingConfig, stop: list[str],
-                      window: int, stream: bool, content: Callable[[str], dict],
-                      schema: dict | None = None) -> Response:  # fmt: skip
+    async def respond(
+        self,
+        name: str,
+        h: ModelHandle,
+        ids: list[int],
+        sampling: SamplingConfig,
+        stop: list[str],
+        window: int,
+        stream: bool,
+        content: Callable[[str], dict],
+        schema: dict | None = None,
+    ) -> Response:
         if not ids:
             raise RequestError(400, "the prompt is empty")
         ids = fit_window(ids, window, name)
@@ -291,8 +313,9 @@ class OllamaAPI:
             ids = h.encode(text)
             if len(ids) > window:
                 if not truncate:
-                    raise RequestError(400, f"{label}[{i}]: input length {len(ids)} exceeds maximum context length "
-                                       f"{window}")  # fmt: skip
+                    raise RequestError(
+                        400, f"{label}[{i}]: input length {len(ids)} exceeds maximum context length {window}"
+                    )
                 ids = ids[:window]
             if not ids:
                 raise RequestError(400, f"{label}[{i}] is empty")
@@ -309,14 +332,22 @@ class OllamaAPI:
         truncate = field(body, "truncate", bool, True)
         dimensions = number(body, "dimensions", integer=True)
         if dimensions not in (None, h.model.cfg.emb_dim):
-            raise RequestError(400, f"dimensions {dimensions} is not supported: {name} embeds in "
-                               f"{h.model.cfg.emb_dim} dimensions")  # fmt: skip
+            raise RequestError(
+                400, f"dimensions {dimensions} is not supported: {name} embeds in {h.model.cfg.emb_dim} dimensions"
+            )
         _, _, window = sampling_from_options(body.get("options"), h.context_length)
         start = time.perf_counter_ns()
         ids = self.embed_ids(h, raw, window, truncate, "input")
         vectors = await embed_inputs(h, ids)
-        return JSONResponse({"model": name, "embeddings": vectors, "total_duration": time.perf_counter_ns() - start,
-                             "load_duration": 0, "prompt_eval_count": sum(map(len, ids))})  # fmt: skip
+        return JSONResponse(
+            {
+                "model": name,
+                "embeddings": vectors,
+                "total_duration": time.perf_counter_ns() - start,
+                "load_duration": 0,
+                "prompt_eval_count": sum(map(len, ids)),
+            }
+        )
 
     async def embeddings(self, body: dict) -> Response:
         """The older endpoint: one prompt, one ``embedding`` (empty for an empty prompt, as Ollama's)."""

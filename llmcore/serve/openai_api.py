@@ -62,13 +62,22 @@ from llmcore.serve.protocol import (
 )
 from llmcore.serve.structured import ANY_OBJECT
 
-ERROR_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 405: "invalid_request_error",
-               413: "invalid_request_error", 500: "server_error"}  # fmt: skip
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    404: "invalid_request_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    500: "server_error",
+}
 
 
 def error_response(e: RequestError) -> JSONResponse:
-    error = {"message": str(e), "type": ERROR_TYPES.get(e.status, "invalid_request_error"), "param": e.param,
-             "code": e.code}  # fmt: skip
+    error = {
+        "message": str(e),
+        "type": ERROR_TYPES.get(e.status, "invalid_request_error"),
+        "param": e.param,
+        "code": e.code,
+    }
     return JSONResponse({"error": error}, status_code=e.status)
 
 
@@ -143,16 +152,20 @@ class OpenAIAPI:
         if kind == "json_object":
             return ANY_OBJECT
         if kind != "json_schema":
-            raise RequestError(400, f"response_format.type must be 'text', 'json_object' or 'json_schema', got "
-                               f"{shown(kind)}", param="response_format.type")  # fmt: skip
+            raise RequestError(
+                400,
+                f"response_format.type must be 'text', 'json_object' or 'json_schema', got {shown(kind)}",
+                param="response_format.type",
+            )
         spec = field(fmt, "json_schema", dict, required=True, where="response_format.")
         field(spec, "name", str, required=True, where="response_format.json_schema.")
         schema = field(spec, "schema", dict, ANY_OBJECT, where="response_format.json_schema.")
         field(spec, "strict", bool, where="response_format.json_schema.")  # enforced either way: checked, not used
         return schema
 
-    def sampling(self, body: dict, prompt_tokens: int, context_length: int, default_max: int | None,
-                 where: str) -> SamplingConfig:  # fmt: skip
+    def sampling(
+        self, body: dict, prompt_tokens: int, context_length: int, default_max: int | None, where: str
+    ) -> SamplingConfig:
         temperature = number(body, "temperature")
         top_p = number(body, "top_p")
         seed = number(body, "seed", integer=True)
@@ -216,24 +229,44 @@ class OpenAIAPI:
         sampling = self.sampling(body, len(ids), h.context_length, 16, "prompt")
         return await self.respond(body, name, h, ids, sampling, stop, stream, chat=False, schema=schema)
 
-    async def respond(self, body: dict, name: str, h: ModelHandle, ids: list[int], sampling: SamplingConfig,
-                      stop: list[str], stream: bool, chat: bool,
-                      schema: dict | None = None) -> Response:  # fmt: skip
+    async def respond(
+        self,
+        body: dict,
+        name: str,
+        h: ModelHandle,
+        ids: list[int],
+        sampling: SamplingConfig,
+        stop: list[str],
+        stream: bool,
+        chat: bool,
+        schema: dict | None = None,
+    ) -> Response:
         constraint = await json_constraint(h, schema, "response_format")
         events = generate(h, ids, sampling, stop, what=name, constraint=constraint)
-        head = {"id": _id("chatcmpl" if chat else "cmpl"), "created": int(time.time()), "model": name,
-                "system_fingerprint": f"llmcore-{h.digest[:12]}"}  # fmt: skip
+        head = {
+            "id": _id("chatcmpl" if chat else "cmpl"),
+            "created": int(time.time()),
+            "model": name,
+            "system_fingerprint": f"llmcore-{h.digest[:12]}",
+        }
         finish = {"stop": "stop", "length": "length"}
 
         def usage(done: Finished) -> dict[str, int]:
-            return {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
-                    "total_tokens": done.prompt_tokens + done.completion_tokens}  # fmt: skip
+            return {
+                "prompt_tokens": done.prompt_tokens,
+                "completion_tokens": done.completion_tokens,
+                "total_tokens": done.prompt_tokens + done.completion_tokens,
+            }
 
         if not stream:
             text, done = await collect(events)
             if chat:
-                choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                          "finish_reason": finish.get(done.reason, "stop")}  # fmt: skip
+                choice = {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "logprobs": None,
+                    "finish_reason": finish.get(done.reason, "stop"),
+                }
                 kind = "chat.completion"
             else:
                 choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish.get(done.reason, "stop")}
@@ -294,17 +327,25 @@ class OpenAIAPI:
                 ids = item
                 bad = next((t for t in ids if t >= h.tokenizer.vocab_size), None)
                 if bad is not None:
-                    raise RequestError(400, f"input[{i}]: token id {bad} is out of range (vocabulary of "
-                                       f"{h.tokenizer.vocab_size})", param="input")  # fmt: skip
+                    raise RequestError(
+                        400,
+                        f"input[{i}]: token id {bad} is out of range (vocabulary of {h.tokenizer.vocab_size})",
+                        param="input",
+                    )
             else:
-                raise RequestError(400, f"input[{i}] must be a string or an array of token ids, got {shown(item)}",
-                                   param="input")  # fmt: skip
+                raise RequestError(
+                    400, f"input[{i}] must be a string or an array of token ids, got {shown(item)}", param="input"
+                )
             if not ids:
                 raise RequestError(400, f"input[{i}] is empty", param="input")
             if len(ids) > h.context_length:
-                raise RequestError(400, f"This model's maximum context length is {h.context_length} tokens, however "
-                                   f"input[{i}] has {len(ids)} tokens. Please reduce the length of the input.",
-                                   param="input", code="context_length_exceeded")  # fmt: skip
+                raise RequestError(
+                    400,
+                    f"This model's maximum context length is {h.context_length} tokens, however "
+                    f"input[{i}] has {len(ids)} tokens. Please reduce the length of the input.",
+                    param="input",
+                    code="context_length_exceeded",
+                )
             out.append(ids)
         return out
 
@@ -314,20 +355,25 @@ class OpenAIAPI:
             raise RequestError(400, "input is required", param="input")
         encoding = field(body, "encoding_format", str, "float")
         if encoding not in ("float", "base64"):
-            raise RequestError(400, f"encoding_format must be 'float' or 'base64', got {shown(encoding)}",
-                               param="encoding_format")  # fmt: skip
+            raise RequestError(
+                400, f"encoding_format must be 'float' or 'base64', got {shown(encoding)}", param="encoding_format"
+            )
         dimensions = number(body, "dimensions", integer=True)
         if dimensions not in (None, h.model.cfg.emb_dim):
-            raise RequestError(400, f"dimensions={dimensions} is not supported: {name} embeds in "
-                               f"{h.model.cfg.emb_dim} dimensions", param="dimensions")  # fmt: skip
+            raise RequestError(
+                400,
+                f"dimensions={dimensions} is not supported: {name} embeds in {h.model.cfg.emb_dim} dimensions",
+                param="dimensions",
+            )
         ids = self.embedding_inputs(h, body["input"])
         vectors = await embed_inputs(h, ids)
         if encoding == "base64":  # little-endian float32, as OpenAI sends it
             vectors = [base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode("ascii") for v in vectors]
         data = [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)]
         tokens = sum(map(len, ids))
-        return JSONResponse({"object": "list", "data": data, "model": name,
-                             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})  # fmt: skip
+        return JSONResponse(
+            {"object": "list", "data": data, "model": name, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+        )
 
 
 def _is_id(value: Any) -> bool:

@@ -77,8 +77,9 @@ def shown(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def json_endpoint(handler: Callable[[dict], Awaitable[Response]], max_body: int,
-                  render: Callable[[RequestError], Response]) -> Callable[[Request], Awaitable[Response]]:  # fmt: skip
+def json_endpoint(
+    handler: Callable[[dict], Awaitable[Response]], max_body: int, render: Callable[[RequestError], Response]
+) -> Callable[[Request], Awaitable[Response]]:
     """A route that reads a JSON body, runs ``handler`` on it and renders a :class:`RequestError` in the API's
     shape. A client that hangs up before a (non-streamed) answer is ready cancels the work, and its sequence."""
 
@@ -117,8 +118,9 @@ def json_type(value: Any) -> str:
     return "null" if value is None else names.get(type(value), "an object")
 
 
-def field(body: dict, name: str, kind: type | tuple[type, ...], default: Any = None, required: bool = False,
-          where: str = "") -> Any:  # fmt: skip
+def field(
+    body: dict, name: str, kind: type | tuple[type, ...], default: Any = None, required: bool = False, where: str = ""
+) -> Any:
     """``body[name]`` if it has type ``kind``; missing/null -> ``default``; else a 400 naming the field."""
     value = body.get(name)
     label = where + name
@@ -131,10 +133,17 @@ def field(body: dict, name: str, kind: type | tuple[type, ...], default: Any = N
     if ok and isinstance(value, float) and not math.isfinite(value):
         ok = False
     if not ok:
-        expected = {str: "a string", bool: "a boolean", list: "an array", dict: "an object", int: "an integer",
-                    float: "a number"}  # fmt: skip
-        raise RequestError(400, f"{label} must be {' or '.join(expected[k] for k in kinds)}, got {json_type(value)}",
-                           param=label)  # fmt: skip
+        expected = {
+            str: "a string",
+            bool: "a boolean",
+            list: "an array",
+            dict: "an object",
+            int: "an integer",
+            float: "a number",
+        }
+        raise RequestError(
+            400, f"{label} must be {' or '.join(expected[k] for k in kinds)}, got {json_type(value)}", param=label
+        )
     return value
 
 
@@ -150,8 +159,9 @@ def number(body: dict, name: str, where: str = "", integer: bool = False) -> flo
         if value != int(value):
             raise RequestError(400, f"{label} must be an integer, got {value!r}", param=label)
         if not -(2**64) < value < 2**64:  # (1e300 is an integer of 300 digits)
-            raise RequestError(400, f"{label} must be an integer of at most 64 bits, got {shown(value, 30)}",
-                               param=label)  # fmt: skip
+            raise RequestError(
+                400, f"{label} must be an integer of at most 64 bits, got {shown(value, 30)}", param=label
+            )
         return int(value)
     return float(value)
 
@@ -164,14 +174,16 @@ def stop_strings(value: Any, label: str, most: int = MAX_STOPS) -> list[str]:
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
-        raise RequestError(400, f"{label} must be a string or a list of strings, got {shown(value)}",
-                           param=label)  # fmt: skip
+        raise RequestError(400, f"{label} must be a string or a list of strings, got {shown(value)}", param=label)
     if len(value) > most:
         raise RequestError(400, f"{label} takes at most {most} strings, got {len(value)}", param=label)
     longest = max(value, key=len, default="")
     if len(longest) > MAX_STOP_CHARS:
-        raise RequestError(400, f"{label}: a stop string has at most {MAX_STOP_CHARS} characters, got one of "
-                           f"{len(longest)}", param=label)  # fmt: skip
+        raise RequestError(
+            400,
+            f"{label}: a stop string has at most {MAX_STOP_CHARS} characters, got one of {len(longest)}",
+            param=label,
+        )
     return [s for s in value if s]
 
 
@@ -185,8 +197,9 @@ def parse_messages(raw: list) -> list[dict[str, str]]:
         if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
             content = "".join(str(p.get("text", "")) for p in content)
         if content is not None and not isinstance(content, str):
-            raise RequestError(400, f"messages[{i}].content must be a string, got {json_type(content)}",
-                               param=f"messages[{i}].content")  # fmt: skip
+            raise RequestError(
+                400, f"messages[{i}].content must be a string, got {json_type(content)}", param=f"messages[{i}].content"
+            )
         messages.append({"role": m["role"], "content": content or ""})
     return messages
 
@@ -239,8 +252,14 @@ async def json_constraint(handle: ModelHandle, schema: dict | None, label: str) 
     return grammar.constraint()
 
 
-async def generate(handle: ModelHandle, prompt_ids: list[int], sampling: SamplingConfig, stop: list[str],
-                   what: str, constraint: Constraint | None = None) -> AsyncIterator[str | Finished]:  # fmt: skip
+async def generate(
+    handle: ModelHandle,
+    prompt_ids: list[int],
+    sampling: SamplingConfig,
+    stop: list[str],
+    what: str,
+    constraint: Constraint | None = None,
+) -> AsyncIterator[str | Finished]:
     """Run one request on the model's engine; yield text pieces, then the :class:`Finished` event.
 
     Leaving early (the client went away, the response task was cancelled) cancels the sequence, so its batch

@@ -79,8 +79,10 @@ class _Table:
         self.llg = llguidance
         specials = {i: s for s, i in tokenizer.special_tokens.items()}
         # special tokens are marked with a 0xFF byte (never in UTF-8 text), so no JSON text can be written with them
-        tokens = [b"\xff" + specials[i].encode() if i in specials else tokenizer.token_bytes(i)
-                  for i in range(tokenizer.vocab_size)]  # fmt: skip
+        tokens = [
+            b"\xff" + specials[i].encode() if i in specials else tokenizer.token_bytes(i)
+            for i in range(tokenizer.vocab_size)
+        ]
         tokens += [b""] * (n_vocab - len(tokens))  # padded model vocabulary: rows no token decodes to, never allowed
 
         class Wrapper:  # the duck type llguidance.TokenizerWrapper wraps
@@ -94,8 +96,9 @@ class _Table:
             def __call__(self, text: bytes) -> list[int]:
                 return tokenizer.encode(text.decode("utf-8", errors="replace"), allow_special=False)
 
-        self.tokenizer = llguidance.LLTokenizer(llguidance.TokenizerWrapper(Wrapper()), n_vocab=n_vocab,
-                                                eos_token=list(eos))  # fmt: skip
+        self.tokenizer = llguidance.LLTokenizer(
+            llguidance.TokenizerWrapper(Wrapper()), n_vocab=n_vocab, eos_token=list(eos)
+        )
         self.n_vocab = n_vocab
         self.grammars: collections.OrderedDict[str, Grammar] = collections.OrderedDict()
         self.lock = threading.Lock()

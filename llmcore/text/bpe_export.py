@@ -94,10 +94,17 @@ def hf_tokenizer_json(tok: Tokenizer) -> dict[str, Any]:
     vocab = {byte_level(t, table): i for i, t in enumerate(tokens)}
     merges = [[byte_level(a, table), byte_level(b, table)] for a, b in bpe_merges(tokens)]
     added = [
-        {"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
-         "special": True}
+        {
+            "id": i,
+            "content": s,
+            "single_word": False,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": False,
+            "special": True,
+        }
         for s, i in sorted(tok.special_tokens.items(), key=lambda kv: kv[1])
-    ]  # fmt: skip
+    ]
     byte_level_step = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}
     return {
         "version": "1.0",
@@ -115,10 +122,17 @@ def hf_tokenizer_json(tok: Tokenizer) -> dict[str, Any]:
         "post_processor": post_processor(tok, {**byte_level_step, "trim_offsets": False}),
         "decoder": {**byte_level_step, "trim_offsets": True},
         "model": {
-            "type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-            "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": True,
-            "vocab": vocab, "merges": merges,
-        },  # fmt: skip
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": None,
+            "continuing_subword_prefix": None,
+            "end_of_word_suffix": None,
+            "fuse_unk": False,
+            "byte_fallback": False,
+            "ignore_merges": True,
+            "vocab": vocab,
+            "merges": merges,
+        },
     }
 
 
@@ -132,10 +146,14 @@ def post_processor(tok: Tokenizer, byte_level: dict[str, Any]) -> dict[str, Any]
     template = {
         "type": "TemplateProcessing",
         "single": [first, {"Sequence": {"id": "A", "type_id": 0}}],
-        "pair": [first, {"Sequence": {"id": "A", "type_id": 0}}, {"SpecialToken": {"id": bos, "type_id": 1}},
-                 {"Sequence": {"id": "B", "type_id": 1}}],
+        "pair": [
+            first,
+            {"Sequence": {"id": "A", "type_id": 0}},
+            {"SpecialToken": {"id": bos, "type_id": 1}},
+            {"Sequence": {"id": "B", "type_id": 1}},
+        ],
         "special_tokens": {bos: {"id": bos, "ids": [tok.special_tokens[bos]], "tokens": [bos]}},
-    }  # fmt: skip
+    }
     return {"type": "Sequence", "processors": [byte_level, template]}
 
 
@@ -147,15 +165,26 @@ def hf_tokenizer_files(tok: Tokenizer, context_length: int) -> dict[str, Any]:
     bos = bos_token(tok) or eot
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": bos, "eos_token": eot, "pad_token": eot, "unk_token": None,
-        "add_bos_token": bos != eot, "add_eos_token": False, "clean_up_tokenization_spaces": False,
+        "bos_token": bos,
+        "eos_token": eot,
+        "pad_token": eot,
+        "unk_token": None,
+        "add_bos_token": bos != eot,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
         "model_max_length": context_length,
         "added_tokens_decoder": {
-            str(i): {"content": s, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
-                     "special": True}
+            str(i): {
+                "content": s,
+                "lstrip": False,
+                "normalized": False,
+                "rstrip": False,
+                "single_word": False,
+                "special": True,
+            }
             for s, i in sorted(tok.special_tokens.items(), key=lambda kv: kv[1])
         },
-    }  # fmt: skip
+    }
     return {
         "tokenizer.json": hf_tokenizer_json(tok),
         "tokenizer_config.json": config,

@@ -45,7 +45,6 @@ def read_tiktoken_ranks(path: str | os.PathLike) -> dict[bytes, int]:
     return ranks
 
 
-
 def llama3_tokenizer(path: str | os.PathLike, name: str = "llama3") -> Tokenizer:
     """A ``"bpe"`` Tokenizer from a Llama-3 ``tokenizer.model`` (tiktoken format), with Meta's 256 specials.
 
@@ -69,13 +68,20 @@ LLAMA3_PATTERN = (
 )
 
 
-
 # Llama 3.1+ names for the first special ids; the rest are <|reserved_special_token_{2 + i}|>.
 LLAMA3_SPECIAL = [
-    "<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
-    "<|finetune_right_pad_id|>", "<|step_id|>", "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>",
-    "<|eot_id|>", "<|python_tag|>",
-]  # fmt: skip
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|reserved_special_token_0|>",
+    "<|reserved_special_token_1|>",
+    "<|finetune_right_pad_id|>",
+    "<|step_id|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eom_id|>",
+    "<|eot_id|>",
+    "<|python_tag|>",
+]
 BEGIN_OF_TEXT = LLAMA3_SPECIAL[0]  # Meta's encodings start with it; exports make it bos, added by encoding
 
 

@@ -32,7 +32,6 @@ class HardwareConfig:
             raise ValueError(f"peak_tflops: expected a positive float or null, got {self.peak_tflops}")
 
 
-
 MAX_BATCH_SIZE = 1 << 20  # sequences per micro-batch: far past any memory (a typo such as 1e12 is caught at load)
 
 
@@ -80,7 +79,6 @@ class TrainConfig:
             raise ValueError(f"betas: expected two values in [0, 1), got {self.betas}")
         if self.weight_decay < 0 or self.grad_clip < 0:
             raise ValueError("weight_decay and grad_clip must be >= 0")
-
 
 
 # Fields that do not change the weights a run produces: not part of its fingerprint.

@@ -48,8 +48,9 @@ def sequence_logps(
     nothing scored gets 0). The log-softmax runs in fp32 whatever the autocast dtype.
     """
     logits = model(inputs).logits  # (N, T, V)
-    token_logps = -F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
-                                   reduction="none").view_as(targets)  # fmt: skip  # 0 where ignored
+    token_logps = -F.cross_entropy(
+        logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+    ).view_as(targets)  # 0 where ignored
     counts = (targets != IGNORE_INDEX).sum(-1)
     logps = token_logps.sum(-1)
     return (logps / counts.clamp_min(1) if average else logps), counts
@@ -111,8 +112,9 @@ def attach_reference_logps(
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    order = sorted(range(len(data.pairs)), key=lambda i: max(len(data.pairs[i].chosen.ids),
-                                                             len(data.pairs[i].rejected.ids)))  # fmt: skip
+    order = sorted(
+        range(len(data.pairs)), key=lambda i: max(len(data.pairs[i].chosen.ids), len(data.pairs[i].rejected.ids))
+    )
     try:
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]

@@ -8,8 +8,9 @@ import time
 import torch
 
 
-def measure_matmul_peak(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                        n: int = 2048, reps: int = 5) -> float:  # fmt: skip
+def measure_matmul_peak(
+    dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", n: int = 2048, reps: int = 5
+) -> float:
     """FLOP/s of a square (n x n) @ (n x n) matmul in ``dtype`` on ``device``: the denominator of MFU.
 
     The median of ``reps`` timed products after one warm-up, so a single preempted repetition does not

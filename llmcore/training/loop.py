@@ -130,8 +130,9 @@ def split_loss_output(out: tuple) -> tuple[torch.Tensor, Any, dict[str, torch.Te
 
 def _weighted(loss: torch.Tensor, n: torch.Tensor, metrics: dict[str, torch.Tensor], dtype) -> torch.Tensor:
     """[loss*n, n, metric_1*n, ...]: what is summed over micro-batches and ranks."""
-    values = [loss.detach().to(dtype) * n, n] + [torch.as_tensor(v).detach().to(n.device, dtype) * n
-                                                 for v in metrics.values()]  # fmt: skip
+    values = [loss.detach().to(dtype) * n, n] + [
+        torch.as_tensor(v).detach().to(n.device, dtype) * n for v in metrics.values()
+    ]
     return torch.stack(values)
 
 
@@ -218,8 +219,9 @@ def plan_steps(cfg: TrainConfig, batches_per_epoch: int) -> tuple[int, str]:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: Batches, loss_fn: LossFn, n_batches: int, device: torch.device,
-             precision: str, rt: Runtime) -> tuple[float, dict[str, float]]:  # fmt: skip
+def evaluate(
+    model: nn.Module, data: Batches, loss_fn: LossFn, n_batches: int, device: torch.device, precision: str, rt: Runtime
+) -> tuple[float, dict[str, float]]:
     """(mean loss, {metric: mean}) over ``n_batches`` batches (weighted by item count, over every rank)."""
     was_training = model.training
     model.eval()
@@ -334,14 +336,16 @@ def fit(
 
     def save() -> None:  # the previous checkpoint stays until this one is complete (and then one save longer)
         nonlocal last_checkpoint
-        last_checkpoint = save_checkpoint(out_dir, model, state, fp, optimizer, scaler, train_data, rt, live_dir,
-                                          keep=last_checkpoint)  # fmt: skip
+        last_checkpoint = save_checkpoint(
+            out_dir, model, state, fp, optimizer, scaler, train_data, rt, live_dir, keep=last_checkpoint
+        )
 
     last_save = resumed_from
     if resumed_from is None:
         evaluator.run(wrapped, model, state)
-    bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", disable=not rt.is_main,
-               dynamic_ncols=True)  # fmt: skip
+    bar = tqdm(
+        total=total_steps, initial=state.step, desc="train", unit="step", disable=not rt.is_main, dynamic_ncols=True
+    )
     interval_items, interval_time = 0, 0.0
     pending: list[torch.Tensor] = []  # the steps' rows not yet read back to the host (see read_back)
     metric_names: list[str] = []
@@ -374,9 +378,17 @@ def fit(
         if log_now:
             per_s = interval_items / max(interval_time, 1e-9)
             bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", **{f"{unit}/s": f"{per_s:.0f}"})
-            log_metrics(live, {"train/loss": step_loss, "train/lr": lr, f"train/{unit}_per_s": per_s,
-                               "train/grad_norm": grad_norm,
-                               **{f"train/{k}": v for k, v in state.step_metrics.items()}}, state.step)  # fmt: skip
+            log_metrics(
+                live,
+                {
+                    "train/loss": step_loss,
+                    "train/lr": lr,
+                    f"train/{unit}_per_s": per_s,
+                    "train/grad_norm": grad_norm,
+                    **{f"train/{k}": v for k, v in state.step_metrics.items()},
+                },
+                state.step,
+            )
             interval_items, interval_time = 0, 0.0
         if eval_now:
             evaluator.run(wrapped, model, state)
@@ -396,19 +408,34 @@ def fit(
     if last_save != state.step:
         save()
     return FitResult(
-        step=state.step, train_loss=state.train_loss, val_loss=state.val_loss,
-        val_ppl=math.exp(min(state.val_loss, 50.0)), items_seen=state.items_seen,
-        items_per_s=state.items_seen / max(state.train_time_s, 1e-9), train_time_s=state.train_time_s,
+        step=state.step,
+        train_loss=state.train_loss,
+        val_loss=state.val_loss,
+        val_ppl=math.exp(min(state.val_loss, 50.0)),
+        items_seen=state.items_seen,
+        items_per_s=state.items_seen / max(state.train_time_s, 1e-9),
+        train_time_s=state.train_time_s,
         peak_flops=state.available_flops / state.train_time_s if state.available_flops > 0 else peak_flops,
-        wall_time_s=time.perf_counter() - wall_start, stop_reason=stop_reason, resumed_from=resumed_from,
-        epochs=state.step * cfg.grad_accum / max(1, len(train_data)), extra=state.extra,
-    )  # fmt: skip
+        wall_time_s=time.perf_counter() - wall_start,
+        stop_reason=stop_reason,
+        resumed_from=resumed_from,
+        epochs=state.step * cfg.grad_accum / max(1, len(train_data)),
+        extra=state.extra,
+    )
 
 
-
-def fit_logged(model: nn.Module, train_data: Batches, val_data: Batches, loss_fn: LossFn, cfg: TrainConfig,
-               hw: HardwareConfig, out_dir: str | os.PathLike, rt: Runtime, live_dir: str | os.PathLike,
-               **kwargs: Any) -> FitResult | None:  # fmt: skip
+def fit_logged(
+    model: nn.Module,
+    train_data: Batches,
+    val_data: Batches,
+    loss_fn: LossFn,
+    cfg: TrainConfig,
+    hw: HardwareConfig,
+    out_dir: str | os.PathLike,
+    rt: Runtime,
+    live_dir: str | os.PathLike,
+    **kwargs: Any,
+) -> FitResult | None:
     """``fit`` as a fine-tuning stage runs it: dvclive curves in ``live_dir`` written by rank 0, the process group
     closed afterwards (also on failure). Returns the result on rank 0, None on the other ranks."""
     live = None
@@ -423,6 +450,7 @@ def fit_logged(model: nn.Module, train_data: Batches, val_data: Batches, loss_fn
             live.end()
         close_runtime()
     return result if rt.is_main else None
+
 
 def prepare_model(model: nn.Module, trainable: Iterable[nn.Parameter] | None, device: torch.device) -> list:
     """Freeze what is not ``trainable``, move to ``device``, train mode; returns the trained parameters."""
@@ -447,9 +475,18 @@ def wrap_model(model: nn.Module, hw: HardwareConfig, rt: Runtime) -> nn.Module:
     return wrapped
 
 
-def train_step(wrapped: nn.Module, train_data: Batches, loss_fn: LossFn, optimizer: torch.optim.Optimizer,
-               scaler: torch.amp.GradScaler, params: list, cfg: TrainConfig, hw: HardwareConfig, rt: Runtime,
-               state: TrainState) -> tuple[torch.Tensor, list[str]]:  # fmt: skip
+def train_step(
+    wrapped: nn.Module,
+    train_data: Batches,
+    loss_fn: LossFn,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    params: list,
+    cfg: TrainConfig,
+    hw: HardwareConfig,
+    rt: Runtime,
+    state: TrainState,
+) -> tuple[torch.Tensor, list[str]]:
     """One optimizer step over ``grad_accum`` micro-batches -> (its row ``[mean loss, metric means..., items,
     gradient norm]``, a float32 tensor on the device; the names of ``loss_fn``'s extra metrics).
 
@@ -540,8 +577,9 @@ class Evaluator:
         """Evaluate at ``state.step``; updates the state's losses, extra metrics and ``last_eval``."""
         at = state.step
         self.val_data.load_state_dict(copy.deepcopy(self.val_start))
-        state.val_loss, loss_metrics = evaluate(wrapped, self.val_data, self.loss_fn, self.n_batches,
-                                                self.rt.device, self.precision, self.rt)  # fmt: skip
+        state.val_loss, loss_metrics = evaluate(
+            wrapped, self.val_data, self.loss_fn, self.n_batches, self.rt.device, self.precision, self.rt
+        )
         extra = (self.on_eval(unwrap(model), at) or {}) if self.on_eval else {}
         state.extra = {k: float(v) for k, v in {**loss_metrics, **extra}.items()}
         metrics = {"val/loss": state.val_loss, "val/ppl": math.exp(min(state.val_loss, 50.0))}

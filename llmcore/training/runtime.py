@@ -34,10 +34,8 @@ class Runtime:
         return self.world_size > 1
 
 
-
 def under_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
-
 
 
 def relaunch_under_torchrun(nproc: int, module: str, args: Sequence[str] | None = None) -> int | None:
@@ -62,7 +60,6 @@ def relaunch_if_several(nproc: int, module: str) -> None:
     status = relaunch_under_torchrun(nproc, module)
     if status is not None:
         raise SystemExit(status)
-
 
 
 def init_runtime(hw: HardwareConfig) -> Runtime:
@@ -91,11 +88,9 @@ def init_runtime(hw: HardwareConfig) -> Runtime:
     return Runtime(device, rank, local_rank, world)
 
 
-
 def close_runtime() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
-
 
 
 def move_to(batch: Any, device: torch.device) -> Any:
@@ -115,14 +110,12 @@ def move_to(batch: Any, device: torch.device) -> Any:
     return batch
 
 
-
 def reference_count(n: torch.Tensor, rt: Runtime) -> float:
     """The first micro-batch's item count, the same on every rank (their max) so weights agree."""
     if rt.ddp:
         n = n.clone()
         dist.all_reduce(n, op=dist.ReduceOp.MAX)
     return max(float(n.item()), 1.0)
-
 
 
 def out_of_time(train_time: float, budget: float, rt: Runtime, device: torch.device) -> bool:

@@ -198,8 +198,10 @@ def check_weights_file(file: Path, model: nn.Module) -> None:
     missing = sorted(k for k in expected if k not in shapes and expected[k].untyped_storage().data_ptr() not in stored)
     if unexpected or wrong or missing:
         first = (wrong or missing or unexpected)[0]
-        raise LLMCoreError(f"{file}: not this model's weights ({len(wrong)} shapes differ, {len(missing)} missing, "
-                           f"{len(unexpected)} unknown, e.g. {first!r})")  # fmt: skip
+        raise LLMCoreError(
+            f"{file}: not this model's weights ({len(wrong)} shapes differ, {len(missing)} missing, "
+            f"{len(unexpected)} unknown, e.g. {first!r})"
+        )
 
 
 def fresh_start_requested() -> bool:
@@ -217,16 +219,23 @@ def fresh_start_requested() -> bool:
 HARDWARE_FINGERPRINT = ("device", "precision", "compile", "threads", "head_loss")
 
 
-def fingerprint_of(model: nn.Module, cfg: TrainConfig, hw: HardwareConfig, world_size: int, n_batches: int,
-                   extra: Any) -> str:  # fmt: skip
+def fingerprint_of(
+    model: nn.Module, cfg: TrainConfig, hw: HardwareConfig, world_size: int, n_batches: int, extra: Any
+) -> str:
     """A hash of everything that decides the weights a run produces: the training config but its bookkeeping,
     the hardware params that change the arithmetic (as written: ``threads: auto`` stays ``auto``), the world size,
     parameter names and shapes, batches per epoch and the caller's ``extra`` (data and stage params)."""
     train = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in BOOKKEEPING}
     shapes = [[name, list(p.shape), p.requires_grad] for name, p in unwrap(model).named_parameters()]
     hardware = {k: getattr(hw, k) for k in HARDWARE_FINGERPRINT}
-    blob = {"train": train, "hardware": hardware, "world_size": world_size, "params": shapes,
-            "batches_per_epoch": n_batches, "extra": extra}  # fmt: skip
+    blob = {
+        "train": train,
+        "hardware": hardware,
+        "world_size": world_size,
+        "params": shapes,
+        "batches_per_epoch": n_batches,
+        "extra": extra,
+    }
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -262,9 +271,18 @@ class TrainState:
     last_eval: int | None = None  # the step of the last evaluation
 
 
-def save_checkpoint(out_dir: Path, model: nn.Module, state: TrainState, fingerprint: str, optimizer: Any,
-                    scaler: Any, train_data: Any, rt: Runtime, live_dir: Path | None,
-                    keep: Path | None = None) -> Path:  # fmt: skip
+def save_checkpoint(
+    out_dir: Path,
+    model: nn.Module,
+    state: TrainState,
+    fingerprint: str,
+    optimizer: Any,
+    scaler: Any,
+    train_data: Any,
+    rt: Runtime,
+    live_dir: Path | None,
+    keep: Path | None = None,
+) -> Path:
     """Rank 0 writes ``<out_dir>/step_XXXXXXXX/`` (every rank's RNG gathered to it); once it is complete, every
     other checkpoint but ``keep`` (this run's previous one) is removed. Returns the new checkpoint's path."""
     rng = rng_state(rt.device)
@@ -277,9 +295,13 @@ def save_checkpoint(out_dir: Path, model: nn.Module, state: TrainState, fingerpr
     if not rt.is_main:
         return path
     tree = {
-        **dataclasses.asdict(state), "fingerprint": fingerprint, "optimizer": optimizer.state_dict(),
-        "scaler": scaler.state_dict(), "train_data": train_data.state_dict(), "rng": all_rng,
-    }  # fmt: skip
+        **dataclasses.asdict(state),
+        "fingerprint": fingerprint,
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(),
+        "train_data": train_data.state_dict(),
+        "rng": all_rng,
+    }
     save_training_state(path, model, tree, live_dir)
     for old in checkpoints(out_dir):
         if old not in (path, keep):
@@ -287,8 +309,16 @@ def save_checkpoint(out_dir: Path, model: nn.Module, state: TrainState, fingerpr
     return path
 
 
-def restore_checkpoint(out_dir: Path, fingerprint: str, model: nn.Module, optimizer: Any, scaler: Any, train_data: Any,
-                       rt: Runtime, live_dir: Path | None) -> tuple[TrainState, Path] | None:  # fmt: skip
+def restore_checkpoint(
+    out_dir: Path,
+    fingerprint: str,
+    model: nn.Module,
+    optimizer: Any,
+    scaler: Any,
+    train_data: Any,
+    rt: Runtime,
+    live_dir: Path | None,
+) -> tuple[TrainState, Path] | None:
     """Load the newest readable checkpoint made with the same ``fingerprint`` into the given objects and return its
     ``TrainState`` and path; None when there is none to resume, or ``LLMCORE_FRESH`` asks for a fresh start.
 
@@ -313,8 +343,9 @@ def restore_checkpoint(out_dir: Path, fingerprint: str, model: nn.Module, optimi
             break
         stale = stale or (candidate, loaded["fingerprint"])
     if tree is None and stale is not None:
-        print0(f"{stale[0]}: made with other params or inputs (fingerprint {stale[1]} != {fingerprint}); "
-               "starting fresh")  # fmt: skip
+        print0(
+            f"{stale[0]}: made with other params or inputs (fingerprint {stale[1]} != {fingerprint}); starting fresh"
+        )
     if rt.ddp:
         dist.barrier()  # every rank has read its checkpoint before rank 0 may write over it
     if tree is None or path is None:

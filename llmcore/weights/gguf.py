@@ -217,9 +217,11 @@ def write_gguf(
     merges = [f"{byte_level(a, table)} {byte_level(b, table)}" for a, b in bpe_merges(tokens)]
 
     file_type = {
-        "f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-        "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
-    }[precision]  # fmt: skip
+        "f32": gguf.LlamaFileType.ALL_F32,
+        "f16": gguf.LlamaFileType.MOSTLY_F16,
+        "bf16": gguf.LlamaFileType.MOSTLY_BF16,
+        "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+    }[precision]
     path = Path(path)
     with atomic_path(path, suffix=".gguf") as tmp:
         w = gguf.GGUFWriter(tmp, arch)

@@ -42,11 +42,21 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
             if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
                 raise LLMCoreError(f"config.json: unsupported GPT-2 activation {hf['activation_function']!r}")
             return ModelConfig(
-                vocab_size=hf["vocab_size"], context_length=hf["n_positions"], emb_dim=hf["n_embd"],
-                n_layers=hf["n_layer"], n_heads=hf["n_head"], hidden_dim=hf.get("n_inner") or 4 * hf["n_embd"],
-                norm="layernorm", norm_eps=hf.get("layer_norm_epsilon", 1e-5), pos_emb="learned", mlp="gelu",
-                qkv_bias=True, bias=True, tie_embeddings=hf.get("tie_word_embeddings", True), dropout=0.0,
-            )  # fmt: skip
+                vocab_size=hf["vocab_size"],
+                context_length=hf["n_positions"],
+                emb_dim=hf["n_embd"],
+                n_layers=hf["n_layer"],
+                n_heads=hf["n_head"],
+                hidden_dim=hf.get("n_inner") or 4 * hf["n_embd"],
+                norm="layernorm",
+                norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+                pos_emb="learned",
+                mlp="gelu",
+                qkv_bias=True,
+                bias=True,
+                tie_embeddings=hf.get("tie_word_embeddings", True),
+                dropout=0.0,
+            )
         if model_type == "llama":
             rope = hf.get("rope_parameters") or {}
             theta = hf.get("rope_theta", rope.get("rope_theta", 10000.0))
@@ -63,20 +73,30 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
                 raise LLMCoreError(f"config.json: unsupported activation {hf['hidden_act']!r}")
             if scaling:
                 scaling = {
-                    "factor": scaling["factor"], "low_freq_factor": scaling["low_freq_factor"],
+                    "factor": scaling["factor"],
+                    "low_freq_factor": scaling["low_freq_factor"],
                     "high_freq_factor": scaling["high_freq_factor"],
                     "original_context_length": scaling["original_max_position_embeddings"],
-                }  # fmt: skip
+                }
             return ModelConfig(
-                vocab_size=hf["vocab_size"], context_length=hf["max_position_embeddings"],
-                emb_dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=n_heads,
-                n_kv_heads=hf.get("num_key_value_heads") or n_heads, hidden_dim=hf["intermediate_size"],
-                norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6), pos_emb="rope", rope_theta=theta,
-                rope_scaling=scaling, mlp="swiglu",
+                vocab_size=hf["vocab_size"],
+                context_length=hf["max_position_embeddings"],
+                emb_dim=hf["hidden_size"],
+                n_layers=hf["num_hidden_layers"],
+                n_heads=n_heads,
+                n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+                hidden_dim=hf["intermediate_size"],
+                norm="rmsnorm",
+                norm_eps=hf.get("rms_norm_eps", 1e-6),
+                pos_emb="rope",
+                rope_theta=theta,
+                rope_scaling=scaling,
+                mlp="swiglu",
                 qkv_bias=hf.get("attention_bias", False),
                 bias=hf.get("attention_bias", False) and hf.get("mlp_bias", False),
-                tie_embeddings=hf.get("tie_word_embeddings", False), dropout=0.0,
-            )  # fmt: skip
+                tie_embeddings=hf.get("tie_word_embeddings", False),
+                dropout=0.0,
+            )
     except KeyError as e:
         raise LLMCoreError(f"config.json: missing key {e.args[0]!r} for model_type {model_type!r}") from None
     except ConfigError as e:
@@ -90,31 +110,55 @@ def config_to_hf(cfg: ModelConfig, eot_id: int | None = None) -> dict[str, Any]:
     if family(cfg) == "gpt2":
         eot = 50256 if eot_id is None else eot_id
         return {
-            "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": cfg.vocab_size,
-            "n_positions": cfg.context_length, "n_ctx": cfg.context_length, "n_embd": cfg.emb_dim,
-            "n_layer": cfg.n_layers, "n_head": cfg.n_heads, "n_inner": cfg.hidden_dim,
-            "activation_function": "gelu_new", "layer_norm_epsilon": cfg.norm_eps,
-            "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "tie_word_embeddings": True,
-            "bos_token_id": eot, "eos_token_id": eot, "torch_dtype": "float32",
-        }  # fmt: skip
+            "architectures": ["GPT2LMHeadModel"],
+            "model_type": "gpt2",
+            "vocab_size": cfg.vocab_size,
+            "n_positions": cfg.context_length,
+            "n_ctx": cfg.context_length,
+            "n_embd": cfg.emb_dim,
+            "n_layer": cfg.n_layers,
+            "n_head": cfg.n_heads,
+            "n_inner": cfg.hidden_dim,
+            "activation_function": "gelu_new",
+            "layer_norm_epsilon": cfg.norm_eps,
+            "resid_pdrop": 0.0,
+            "embd_pdrop": 0.0,
+            "attn_pdrop": 0.0,
+            "tie_word_embeddings": True,
+            "bos_token_id": eot,
+            "eos_token_id": eot,
+            "torch_dtype": "float32",
+        }
     out = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": cfg.vocab_size,
-        "max_position_embeddings": cfg.context_length, "hidden_size": cfg.emb_dim,
-        "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "intermediate_size": cfg.hidden_dim,
-        "hidden_act": "silu", "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
-        "attention_bias": cfg.qkv_bias, "mlp_bias": cfg.bias, "tie_word_embeddings": cfg.tie_embeddings,
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": cfg.vocab_size,
+        "max_position_embeddings": cfg.context_length,
+        "hidden_size": cfg.emb_dim,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads,
+        "head_dim": cfg.head_dim,
+        "intermediate_size": cfg.hidden_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "attention_bias": cfg.qkv_bias,
+        "mlp_bias": cfg.bias,
+        "tie_word_embeddings": cfg.tie_embeddings,
         "torch_dtype": "float32",
-    }  # fmt: skip
+    }
     if eot_id is not None:
         out |= {"bos_token_id": eot_id, "eos_token_id": eot_id}
     if cfg.rope_scaling:
         sc = cfg.rope_scaling
         out["rope_scaling"] = {
-            "rope_type": "llama3", "factor": sc["factor"], "low_freq_factor": sc["low_freq_factor"],
+            "rope_type": "llama3",
+            "factor": sc["factor"],
+            "low_freq_factor": sc["low_freq_factor"],
             "high_freq_factor": sc["high_freq_factor"],
             "original_max_position_embeddings": sc["original_context_length"],
-        }  # fmt: skip
+        }
     return out
 
 
@@ -182,8 +226,9 @@ def _fused_sizes(cfg: ModelConfig, name: str) -> list[int]:
     return [cfg.hidden_dim, cfg.hidden_dim]
 
 
-def state_from_hf(cfg: ModelConfig, hf_state: dict[str, torch.Tensor], *, consume: bool = False
-                  ) -> dict[str, torch.Tensor]:  # fmt: skip
+def state_from_hf(
+    cfg: ModelConfig, hf_state: dict[str, torch.Tensor], *, consume: bool = False
+) -> dict[str, torch.Tensor]:
     """HF state dict -> llmcore state dict (for ``cfg``, from ``config_from_hf``). Unused HF tensors
     other than known buffers are an error, so a silently dropped weight cannot pass.
 

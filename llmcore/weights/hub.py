@@ -52,27 +52,34 @@ class HFCheckpoint:
 # mask buffer, which the converter drops).
 KNOWN_CHECKPOINTS: dict[str, HFCheckpoint] = {
     "gpt2-124m": HFCheckpoint(
-        "openai-community/gpt2", "607a30d783dfa663caf39e06633721c8d4cfcd7e",
+        "openai-community/gpt2",
+        "607a30d783dfa663caf39e06633721c8d4cfcd7e",
         sha256="248dfc3911869ec493c76e65bf2fcf7f615828b0254c12b473182f0f81d3a707",
-        config_sha256="0daed7749b4f02b8f76240d5444551d7b08712dab4d0adb8239c56ba823bb7b4", preset="gpt2-124m",
+        config_sha256="0daed7749b4f02b8f76240d5444551d7b08712dab4d0adb8239c56ba823bb7b4",
+        preset="gpt2-124m",
     ),
     "gpt2-355m": HFCheckpoint(
-        "openai-community/gpt2-medium", "6dcaa7a952f72f9298047fd5137cd6e4f05f41da",
+        "openai-community/gpt2-medium",
+        "6dcaa7a952f72f9298047fd5137cd6e4f05f41da",
         sha256="fc5a354a19255ad494f3d71549390baca1ccf61d1d822b9408971705c687c9cd",
-        config_sha256="ef1a44d889ad1a0acc7731c78134f1b87d2d222f110e97dd10fd4117331caf22", preset="gpt2-355m",
+        config_sha256="ef1a44d889ad1a0acc7731c78134f1b87d2d222f110e97dd10fd4117331caf22",
+        preset="gpt2-355m",
     ),
     "gpt2-774m": HFCheckpoint(
-        "openai-community/gpt2-large", "32b71b12589c2f8d625668d2335a01cac3249519",
+        "openai-community/gpt2-large",
+        "32b71b12589c2f8d625668d2335a01cac3249519",
         sha256="5f47f3e12f91cd33b662ce7e433b6150ad5512b5884a2cee961b50e9c3bbebce",
         config_sha256=None,  # only one public pin found; the config is checked against the preset instead
         preset="gpt2-774m",
     ),
     "gpt2-1558m": HFCheckpoint(
-        "openai-community/gpt2-xl", "15ea56dee5df4983c59b2538573817e1667135e2",
+        "openai-community/gpt2-xl",
+        "15ea56dee5df4983c59b2538573817e1667135e2",
         sha256="0f8b28eb05a8075f48b61b6f35332978c74fc7763fa9fb4051a1c30511736a6a",
-        config_sha256="be48115d52314bc27327e160bf10197760db02ea689d10adb24db4102edf7a8a", preset="gpt2-1558m",
+        config_sha256="be48115d52314bc27327e160bf10197760db02ea689d10adb24db4102edf7a8a",
+        preset="gpt2-1558m",
     ),
-}  # fmt: skip
+}
 
 
 @dataclass
@@ -121,18 +128,6 @@ def check_safetensors(path: Path, source: str | None = None) -> None:
 LLAMA3_NUM_SPECIAL = 256  # ids len(ranks) .. len(ranks) + 255
 
 
-
-
-
-
 # ---------------------------------------------------------------------------------------------------
 # Model folders: model.safetensors + tokenizer.json
 # ---------------------------------------------------------------------------------------------------
-
-
-
-
-
-
-
-

@@ -254,9 +254,13 @@ def save_classifier(
     for name, tensor in model.head.state_dict().items():
         state[HEAD_PREFIX + name] = tensor.detach().contiguous()
     meta = {
-        "format": FORMAT, "config": model.cfg.unpadded().to_json(), TASK_KEY: "classify",
-        "labels": json.dumps(list(labels)), "pooling": POOLING, **(metadata or {}),
-    }  # fmt: skip
+        "format": FORMAT,
+        "config": model.cfg.unpadded().to_json(),
+        TASK_KEY: "classify",
+        "labels": json.dumps(list(labels)),
+        "pooling": POOLING,
+        **(metadata or {}),
+    }
     with staged_dir(out_dir) as tmp:
         write_weights(tmp / WEIGHTS_FILE, state, meta)
         tok.save(tmp / TOKENIZER_FILE)
