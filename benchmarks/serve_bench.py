@@ -102,12 +102,14 @@ def _stream_once(url: str, prompt: str, new: int) -> tuple[int, float]:
     return count, ttft if ttft is not None else time.perf_counter() - start
 
 
-def bench_server(case: Case, model: GPT, log=print) -> dict[str, Any]:
+def bench_server(case: Case, model: GPT, log=print, admit_window: float | None = None) -> dict[str, Any]:
+    """``admit_window``: the engine's wait for companions of a first request, seconds (None: the server's default)."""
     from llmcore.serve.app import make_server
     from llmcore.serve.models import ModelHandle
 
     tok = _Tokens(model.cfg.vocab_size)
-    handle = ModelHandle(model=model, tokenizer=tok, template="raw", max_batch=max(case.clients))
+    window = {} if admit_window is None else {"admit_window": admit_window}
+    handle = ModelHandle(model=model, tokenizer=tok, template="raw", max_batch=max(case.clients), **window)
     server = make_server({"bench": handle}, port=0).start()
     g = torch.Generator().manual_seed(0)
     results: dict[str, Any] = {}
@@ -211,14 +213,16 @@ def _hf_twin(model: GPT):
     return transformers.LlamaForCausalLM(config).eval()
 
 
-def run(cases: list[Case], log=print) -> dict[str, Any]:
+def run(cases: list[Case], log=print, admit_window: float | None = None) -> dict[str, Any]:
     report: dict[str, Any] = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cases": []}
+    if admit_window is not None:
+        report["admit_window_s"] = admit_window
     for case in cases:
         log(f"{case.name}: prompt {case.prompt}, {case.new} new tokens per request")
         torch.manual_seed(0)
         model = GPT(ModelConfig.from_preset(case.preset, **case.overrides, dropout=0.0)).eval()
         entry = {"case": asdict(case), "params": model.num_params()}
-        entry["server"] = bench_server(case, model, log)
+        entry["server"] = bench_server(case, model, log, admit_window)
         entry["single_stream"] = bench_single_stream(case, model, log)
         report["cases"].append(entry)
     report["table"] = format_table(report)
@@ -251,13 +255,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--case", default="", help="run only the cases whose name starts with this (tiny, 124M)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: torch's); 1 is steadier on a busy shared machine")
+    parser.add_argument("--admit-window", type=float, default=None, metavar="MS",
+                        help="the server's wait for requests sent together, ms (default: llmcore serve's; 0: none)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     cases = [c for c in (QUICK if args.quick else CASES) if c.name.startswith(args.case)]
     if not cases:
         parser.error(f"--case {args.case!r}: no such case")
-    report = run(cases)
+    report = run(cases, admit_window=None if args.admit_window is None else args.admit_window / 1000)
     write_json_atomic(args.out, report)
     print("\n" + report["table"] + f"\n\nwrote {args.out}")
     return 0

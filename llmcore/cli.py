@@ -76,6 +76,10 @@ def serve(
     ),
     device: str = typer.Option("auto", help="auto | cpu | cuda | mps"),
     max_batch: int = typer.Option(8, min=1, help="sequences of one model decoded together (continuous batching)"),
+    admit_window: float = typer.Option(
+        20.0, min=0.0, max=1000.0, help="milliseconds an idle model waits for more requests after one arrives, so "
+        "requests sent together share one prefill pass (it stops after a quarter of this with none new; 0: never)"
+    ),
     max_body: int = typer.Option(2**20, min=1024, help="largest request body in bytes (413 above)"),
     threads: str = typer.Option(
         "auto", help="CPU threads per model: auto (one for small models, every available CPU for wide ones; "
@@ -111,7 +115,7 @@ def serve(
         for served, path in zip(names, model, strict=True):
             typer.echo(f"loading {path} as {served} ...")
             models[served] = ModelHandle.load(path, template=template, device=torch_device, max_batch=max_batch,
-                                              threads=threads)  # fmt: skip
+                                              threads=threads, admit_window=admit_window / 1000)  # fmt: skip
         # torch threads may be shared by all threads of the process (libgomp): every engine gets the widest count
         count = max(inference_threads(threads, handle.model.cfg) for handle in models.values())
         for handle in models.values():

@@ -336,3 +336,109 @@ def test_a_failed_prefill_pass_fails_its_requests_and_the_engine_keeps_serving(m
             assert done.reason == "length" and text == tok.decode(generate(model, [p], cfg)[0])
     finally:
         engine.stop()
+
+
+def test_requests_arriving_within_the_window_are_prefilled_in_one_pass(family: GPT, tok: Tokenizer) -> None:
+    """An idle engine waits for the companions of a first request: five requests submitted a few milliseconds
+    apart (as HTTP arrivals of requests sent together are) share one prefill pass, with the tokens each makes
+    alone; with the window off, the first goes alone."""
+    model = family
+    jobs = [(p, SamplingConfig(6)) for p in prompts(tok, [4, 9, 2, 6, 5])]
+
+    def staggered(engine: Engine) -> list[tuple[str, Finished]]:
+        sinks = [queue.Queue() for _ in jobs]
+        for (ids, cfg), sink in zip(jobs, sinks, strict=True):
+            engine.submit(Request(ids, cfg, sink.put))
+            time.sleep(0.005)
+        return [collect(sink) for sink in sinks]
+
+    engine = Engine(model, tok, max_batch=8, admit_window=0.4)  # a quiet gap of 0.1 s ends the wait
+    try:
+        results = staggered(engine)
+        assert engine.prefill_passes == 1 and engine.gathered == 4 and engine.max_live == 5
+        for (ids, cfg), (text, done) in zip(jobs, results, strict=True):
+            assert text == tok.decode(generate(model, [ids], cfg)[0])
+            assert done.reason == "length" and done.completion_tokens == 6
+    finally:
+        engine.stop()
+    engine = Engine(model, tok, max_batch=8, admit_window=0)
+    slow = model.forward
+
+    def slow_forward(idx, **kwargs):  # a prefill pass that outlasts the arrivals: the others come during it
+        if idx.shape[1] > 1:
+            time.sleep(0.1)
+        return slow(idx, **kwargs)
+
+    try:
+        model.forward = slow_forward
+        results = staggered(engine)
+        assert engine.prefill_passes == 2 and engine.gathered == 0  # the first alone, the rest together
+        assert [text for text, _ in results] == [tok.decode(generate(model, [ids], cfg)[0]) for ids, cfg in jobs]
+    finally:
+        del model.forward
+        engine.stop()
+
+
+def test_the_wait_ends_when_the_batch_is_full(model: GPT, tok: Tokenizer) -> None:
+    engine = Engine(model, tok, max_batch=3, admit_window=1.0)
+    try:
+        began = time.perf_counter()
+        results = run_all(engine, [(p, SamplingConfig(3)) for p in prompts(tok, [3, 4, 5])])
+        assert time.perf_counter() - began < 0.25  # not the quarter-second quiet gap: three slots, three requests
+        assert engine.prefill_passes == 1 and [done.reason for _, done in results] == ["length"] * 3
+    finally:
+        engine.stop()
+
+
+def test_a_lone_request_waits_only_the_quiet_gap(model: GPT, tok: Tokenizer) -> None:
+    """A request alone on an idle engine waits a quarter of the window for companions, not the window; once a
+    prefill pass has been timed the wait never exceeds what such a pass takes (a small model barely waits)."""
+    engine = Engine(model, tok, max_batch=8, admit_window=0.4)
+    try:
+        (ids,) = prompts(tok, [5])
+        ((text, done),) = run_all(engine, [(ids, SamplingConfig(4))])
+        assert 0.1 <= done.prompt_eval_duration / 1e9 < 0.4  # submitted to first token: the gap and the prefill
+        assert text == tok.decode(generate(model, [ids], SamplingConfig(4))[0])
+        assert engine._prefill_s < 0.1  # a tiny model's pass
+        ((_, again),) = run_all(engine, [(ids, SamplingConfig(4))])
+        assert again.prompt_eval_duration / 1e9 < 0.1
+    finally:
+        engine.stop()
+    with pytest.raises(ValueError, match="admit_window"):
+        Engine(model, tok, admit_window=-0.01)
+
+
+def test_arrivals_during_a_prefill_pass_go_before_the_next_decode_step(model: GPT, tok: Tokenizer) -> None:
+    """Prefill before decode, within the turn's budget of ``prefill_chunk`` padded tokens: requests that arrive
+    while a pass runs get the next pass before any decode step; a prompt that does not fit the rest of the budget
+    goes in chunks between decode steps."""
+    first, second, long = prompts(tok, [4, 5, 40])
+    passes: list[tuple[int, list[int]]] = []  # (decode steps so far, each row's tokens) at each prefill pass
+
+    class Recording(Engine):
+        def _next_prefill(self, budget: int, whole: bool = False) -> list[tuple[Request, int]]:
+            group = super()._next_prefill(budget, whole)
+            if group:
+                passes.append((self.steps, [chunk for _, chunk in group]))
+            return group
+
+        def _prefill(self, budget: int, whole: bool = False) -> int:
+            used = super()._prefill(budget, whole)
+            if len(passes) == 1 and used:  # two requests arrive during the first pass
+                self.submit(Request(second, SamplingConfig(6), sinks[1].put))
+                self.submit(Request(long, SamplingConfig(6), sinks[2].put))
+            return used
+
+    engine = Recording(model, tok, max_batch=8, prefill_chunk=16, admit_window=0)
+    sinks = [queue.Queue() for _ in range(3)]
+    try:
+        engine.submit(Request(first, SamplingConfig(6), sinks[0].put))
+        results = [collect(sink) for sink in sinks]
+        for ids, (text, done) in zip((first, second, long), results, strict=True):
+            assert text == tok.decode(generate(model, [ids], SamplingConfig(6))[0]) and done.reason == "length"
+        assert passes[0] == (0, [4])  # the first request alone
+        assert passes[1] == (0, [5])  # the second, whole, in the same turn: no decode step in between
+        assert [chunks for _, chunks in passes[2:]] == [[16], [16], [8]]  # the long one did not fit the rest of
+        assert 1 <= passes[2][0] < passes[3][0] < passes[4][0]  # the budget: in chunks, between decode steps
+    finally:
+        engine.stop()

@@ -3,12 +3,20 @@
 One engine per served model runs a loop in its own thread over a :class:`~llmcore.models.gpt.BatchedKVCache`
 with ``max_batch`` rows (slots):
 
+    gather  an idle engine (no row decoding or prefilling) that gets a request waits briefly for companions
+            before its first prefill: until ``max_batch`` requests wait, or none has come for a quarter of
+            ``admit_window``, or ``admit_window`` has passed since the first, and never longer than its last
+            prefill pass took. Requests sent together reach the engine a few milliseconds apart (HTTP
+            parsing, tokenizing, client threads); without the wait the first is prefilled alone and the rest
+            queue behind that pass and a decode step. A lone request waits only the quiet gap; 0 disables;
     admit   requests waiting for a slot join between decode steps. Their prompts are prefilled together in
             one right-padded forward pass over their consecutive slots after the live rows (each row keeps
-            only its real length, so the padding is never attended to), at most ``prefill_chunk`` padded
-            tokens (rows x width) per loop turn: a long prompt is prefilled in chunks between decode steps
-            instead of stalling the running streams. A request whose prompt is done samples its first token
-            from its last real position and decodes with the others;
+            only its real length, so the padding is never attended to). Prefill comes before decode: a turn
+            runs prefill passes, up to ``prefill_chunk`` padded tokens (rows x width) in all, before its decode
+            step, so requests that arrive during a pass are prefilled in the next pass rather than after a
+            decode step; a long prompt is prefilled in chunks between decode steps instead of stalling the
+            running streams. A request whose prompt is done samples its first token from its last real
+            position and decodes with the others;
     decode  one forward pass over all live rows, each appending one token at its own length;
     leave   a row that is done (end-of-text, a stop string, its token budget, a full context, or a client
             that went away) leaves at once, and the last live row moves into its slot, so the live rows
@@ -46,6 +54,8 @@ from llmcore.text.tokenizer import Tokenizer
 
 log = logging.getLogger("llmcore.serve")
 
+ADMIT_WINDOW = 0.02  # seconds an idle engine may wait for requests sent together with the first (see gather)
+
 
 @dataclass
 class Finished:
@@ -77,8 +87,8 @@ class Request:
     _prefilled: int = 0  # prompt tokens in the cache so far
     _generated: int = 0
     _budget: int = 0
-    _t_submit: int = 0
-    _t_first: int = 0
+    _t_submit: int = 0  # perf_counter_ns at submit
+    _t_first: int = 0  # perf_counter_ns when its first token was sampled
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -89,11 +99,15 @@ class Engine:
 
     def __init__(self, model: GPT, tokenizer: Tokenizer, max_batch: int = 8, name: str = "model",
                  prefill_chunk: int = 512, threads: int | None = None,
-                 compiled_decode: bool | None = None):  # fmt: skip
+                 compiled_decode: bool | None = None, admit_window: float = ADMIT_WINDOW):  # fmt: skip
         if max_batch < 1 or prefill_chunk < 1:
             raise ValueError(f"max_batch and prefill_chunk must be >= 1, got {max_batch}, {prefill_chunk}")
+        if not 0 <= admit_window <= 1:
+            raise ValueError(f"admit_window is in seconds, from 0 (off) to 1, got {admit_window}")
         self.model, self.tokenizer, self.max_batch, self.name = model.eval(), tokenizer, max_batch, name
         self.prefill_chunk = prefill_chunk
+        self.admit_window = admit_window  # seconds an idle engine waits for companions of a request (gather)
+        self._prefill_s = admit_window  # how long the last prefill pass took: the longest wait that can pay
         self.threads = threads  # torch CPU threads, set in the loop's thread when it starts (None: leave as is)
         self.context_length = model.cfg.context_length
         self.device = model.tok_emb.weight.device
@@ -116,6 +130,7 @@ class Engine:
         self.steps = 0  # decode passes run (for tests and logs)
         self.max_live = 0  # most rows ever decoded together
         self.prefill_passes = 0  # prefill forward passes (chunks) run
+        self.gathered = 0  # requests that joined a first one while an idle engine waited for companions
 
     # -- client side --------------------------------------------------------------------------------
 
@@ -175,13 +190,18 @@ class Engine:
             with self._cv:
                 while not self._stopping and not self._waiting and not self._live and not self._prefilling:
                     self._cv.wait()
+                if not self._stopping and not self._live and not self._prefilling:
+                    self._gather()
                 if self._stopping:
                     break
-                while self._waiting and len(self._live) + len(self._prefilling) < self.max_batch:
-                    self._prefilling.append(self._waiting.popleft())
+                self._admit()
             try:
                 with torch.no_grad():
-                    self._prefill()
+                    budget = self.prefill_chunk
+                    while budget > 0 and (used := self._prefill(budget, whole=budget < self.prefill_chunk)):
+                        budget -= used  # arrivals during that pass go next, before the decode step
+                        with self._cv:
+                            self._admit()
                     self._drop_cancelled()
                     if self._live:
                         self._decode()
@@ -198,16 +218,39 @@ class Engine:
         self._prefilling.clear()
         self._waiting.clear()
 
-    def _prefill(self) -> None:
+    def _gather(self) -> None:
+        """With the lock held, on an idle engine with a request waiting: wait for the requests sent with it (see
+        the module docstring). :meth:`submit` wakes the wait at each arrival."""
+        window = min(self.admit_window, self._prefill_s)  # no use waiting longer than the prefill we would wait for
+        if window <= 0 or not self._waiting:
+            return
+        before = len(self._waiting)
+        first = self._waiting[0]._t_submit
+        while not self._stopping and len(self._waiting) < self.max_batch:
+            last = self._waiting[-1]._t_submit
+            left = min(first + window * 1e9, last + window * 0.25e9) - time.perf_counter_ns()
+            if left <= 0:
+                break
+            self._cv.wait(left / 1e9)
+        self.gathered += len(self._waiting) - before
+
+    def _admit(self) -> None:
+        """With the lock held: waiting requests take the free slots, in order of arrival."""
+        while self._waiting and len(self._live) + len(self._prefilling) < self.max_batch:
+            self._prefilling.append(self._waiting.popleft())
+
+    def _prefill(self, budget: int, whole: bool = False) -> int:
         """One forward pass over the next admitted requests, each in its slot after the live rows (see
-        :meth:`_next_prefill`); the prompts are right-padded to one width, and each row's cache length is then set
-        to its real length, so the padding is never attended to. A request whose prompt is done samples its first
-        token from its last real position and joins the live rows."""
+        :meth:`_next_prefill`: at most ``budget`` padded tokens; ``whole``: only prompts that fit whole); the
+        prompts are right-padded to one width, and each row's cache length is then set to its real length, so the
+        padding is never attended to. A request whose prompt is done samples its first token from its last real
+        position and joins the live rows. Returns the padded tokens of the pass (0: none ran)."""
         if self._cache is None and self._prefilling:
             self._cache = self.model.new_batched_cache(self.max_batch)
-        group = self._next_prefill()
+        group = self._next_prefill(budget, whole)
         if not group:
-            return
+            return 0
+        began = time.perf_counter()
         start, width = len(self._live), max(chunk for _, chunk in group)
         rows = self._cache.rows(start, start + len(group))
         ids = [r.prompt_ids[r._prefilled : r._prefilled + chunk] + [0] * (width - chunk) for r, chunk in group]
@@ -230,16 +273,18 @@ class Engine:
             self._live.append(request)
             request._t_first = time.perf_counter_ns()
         tokens = [self._sample_row(logits[i : i + 1], r) for i, r in enumerate(done)]
+        self._prefill_s = time.perf_counter() - began
         for i in reversed(range(len(done))):  # from the end, as in _decode: a row leaving moves the last one in
             self._accept(start + i, tokens[i])
+        return len(group) * width
 
-    def _next_prefill(self) -> list[tuple[Request, int]]:
+    def _next_prefill(self, budget: int, whole: bool = False) -> list[tuple[Request, int]]:
         """The leading admitted requests for the next prefill pass, each with its number of prompt tokens.
 
-        A row costs the pass's width whatever its own length, so rows x width stays within ``prefill_chunk``, and
-        each row's padded positions stay inside the context. Only the last request may be taken part-way: the ones
-        before it finish and join the live rows in slot order, and a prompt part-way in stays next to them.
-        Cancelled and zero-budget requests end here, before they take a slot.
+        A row costs the pass's width whatever its own length, so rows x width stays within ``budget``, and each
+        row's padded positions stay inside the context. Only the last request may be taken part-way (unless
+        ``whole``): the ones before it finish and join the live rows in slot order, and a prompt part-way in stays
+        next to them. Cancelled and zero-budget requests end here, before they take a slot.
         """
         group: list[tuple[Request, int]] = []
         width = furthest = 0
@@ -251,8 +296,8 @@ class Engine:
                 self._end(request, "cancelled")
                 continue
             furthest = max(furthest, request._prefilled)
-            cap = min(self.prefill_chunk // (len(group) + 1), self.context_length - furthest)
-            if cap < width:
+            cap = min(budget // (len(group) + 1), self.context_length - furthest)
+            if cap < width or (whole and cap < len(request.prompt_ids) - request._prefilled):
                 break
             if request._text is None:  # first chunk: set the request up
                 cfg = request.sampling

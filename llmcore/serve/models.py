@@ -19,7 +19,7 @@ from safetensors import safe_open
 
 from llmcore.common import LLMCoreError, sha256_file
 from llmcore.models.gpt import GPT
-from llmcore.serve.engine import Engine
+from llmcore.serve.engine import ADMIT_WINDOW, Engine
 from llmcore.text.chat import CHATML, IM_END, ROLES, chat_token_ids, chatml_text, render_chat
 from llmcore.text.prompts import check_template, format_prompt
 from llmcore.text.tokenizer import Tokenizer
@@ -106,6 +106,7 @@ class ModelHandle:
     quantization: str = "F32"  # dtype of the stored weights, as Ollama names it (F32, BF16, F16)
     max_batch: int = 8  # sequences decoded together (continuous batching slots)
     threads: int | str = "auto"  # CPU threads of the engine (llmcore.threads.inference_threads)
+    admit_window: float = ADMIT_WINDOW  # seconds an idle engine waits for requests sent together (0: none)
     created: int = field(default_factory=lambda: int(time.time()))
     engine: Engine = field(init=False, repr=False)
 
@@ -116,7 +117,8 @@ class ModelHandle:
             chat_token_ids(self.tokenizer)  # a model without the chat tokens cannot be served as a chat model
         self.model.eval()
         self.engine = Engine(self.model, self.tokenizer, max_batch=self.max_batch,
-                             threads=inference_threads(self.threads, self.model.cfg))  # fmt: skip
+                             threads=inference_threads(self.threads, self.model.cfg),
+                             admit_window=self.admit_window)  # fmt: skip
 
     @classmethod
     def load(
@@ -126,6 +128,7 @@ class ModelHandle:
         device: str | torch.device = "cpu",
         max_batch: int = 8,
         threads: int | str = "auto",
+        admit_window: float = ADMIT_WINDOW,
     ) -> ModelHandle:
         """Load a model folder; ``template`` None: the one stored with the model by instruction tuning, else ``raw``
         (a base model never learned a template; its GGUF export says raw too)."""
@@ -147,6 +150,7 @@ class ModelHandle:
             quantization=quantization,
             max_batch=max_batch,
             threads=threads,
+            admit_window=admit_window,
         )
 
     @property
