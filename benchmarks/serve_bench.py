@@ -143,6 +143,8 @@ def bench_server(case: Case, model: GPT, log=print, admit_window: float | None =
             log(f"  {n} client(s): {results[f'clients_{n}']['tokens_per_s']:.1f} tokens/s aggregate, TTFT p50 "
                 f"{results[f'clients_{n}']['ttft_p50_ms']:.0f} ms, p95 {results[f'clients_{n}']['ttft_p95_ms']:.0f} ms")
         results["max_live"] = handle.engine.max_live
+        # how the 8 "simultaneous" requests were admitted: prefill passes run, requests an idle engine waited for
+        results["prefill_passes"], results["gathered"] = handle.engine.prefill_passes, handle.engine.gathered
     finally:
         server.shutdown()
         server.server_close()
