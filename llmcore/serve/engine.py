@@ -4,11 +4,11 @@ One engine per served model runs a loop in its own thread over a :class:`~llmcor
 with ``max_batch`` rows (slots):
 
     gather  an idle engine (no row decoding or prefilling) that gets a request waits briefly for companions
-            before its first prefill: until ``max_batch`` requests wait, or none has come for a quarter of
-            ``admit_window``, or ``admit_window`` has passed since the first, and never longer than its last
-            prefill pass took. Requests sent together reach the engine a few milliseconds apart (HTTP
-            parsing, tokenizing, client threads); without the wait the first is prefilled alone and the rest
-            queue behind that pass and a decode step. A lone request waits only the quiet gap; 0 disables;
+            before its first prefill: until ``max_batch`` requests wait, or none has come for a quarter of its
+            window, or the window has passed since the first. The window is ``admit_window`` (0: no wait), at
+            most half as long as the last prefill pass took. Requests sent together reach the engine a few
+            milliseconds apart (HTTP parsing, tokenizing, client threads); without the wait the first is
+            prefilled alone and the rest queue behind that pass. A lone request waits only the quiet gap;
     admit   requests waiting for a slot join between decode steps. Their prompts are prefilled together in
             one right-padded forward pass over their consecutive slots after the live rows (each row keeps
             only its real length, so the padding is never attended to). Prefill comes before decode: a turn
@@ -107,7 +107,7 @@ class Engine:
         self.model, self.tokenizer, self.max_batch, self.name = model.eval(), tokenizer, max_batch, name
         self.prefill_chunk = prefill_chunk
         self.admit_window = admit_window  # seconds an idle engine waits for companions of a request (gather)
-        self._prefill_s = admit_window  # how long the last prefill pass took: the longest wait that can pay
+        self._prefill_s = 2 * admit_window  # how long the last prefill pass took (until one is timed: a guess)
         self.threads = threads  # torch CPU threads, set in the loop's thread when it starts (None: leave as is)
         self.context_length = model.cfg.context_length
         self.device = model.tok_emb.weight.device
@@ -221,7 +221,9 @@ class Engine:
     def _gather(self) -> None:
         """With the lock held, on an idle engine with a request waiting: wait for the requests sent with it (see
         the module docstring). :meth:`submit` wakes the wait at each arrival."""
-        window = min(self.admit_window, self._prefill_s)  # no use waiting longer than the prefill we would wait for
+        # a companion later than half a prefill pass after the first is served as well by the next pass (prefill
+        # comes before decode), so a model whose passes are quick (small, or short prompts) barely waits
+        window = min(self.admit_window, self._prefill_s / 2)
         if window <= 0 or not self._waiting:
             return
         before = len(self._waiting)
