@@ -6,9 +6,11 @@ with ``max_batch`` rows (slots):
     gather  an idle engine (no row decoding or prefilling) that gets a request waits briefly for companions
             before its first prefill: until ``max_batch`` requests wait, or none has come for a quarter of its
             window, or the window has passed since the first. The window is ``admit_window`` (0: no wait), at
-            most half as long as the last prefill pass took. Requests sent together reach the engine a few
-            milliseconds apart (HTTP parsing, tokenizing, client threads); without the wait the first is
-            prefilled alone and the rest queue behind that pass. A lone request waits only the quiet gap;
+            most half as long as the last prefill pass took, and none below two of Python's thread switch
+            intervals (10 ms: a small model's quick passes are not worth waiting for). Requests sent together
+            reach the engine a few milliseconds apart (HTTP parsing, tokenizing, client threads); without the
+            wait the first is prefilled alone and the rest queue behind that pass. A lone request waits only
+            the quiet gap;
     admit   requests waiting for a slot join between decode steps. Their prompts are prefilled together in
             one right-padded forward pass over their consecutive slots after the live rows (each row keeps
             only its real length, so the padding is never attended to). Prefill comes before decode: a turn
@@ -38,6 +40,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -224,8 +227,8 @@ class Engine:
         # a companion later than half a prefill pass after the first is served as well by the next pass (prefill
         # comes before decode), so a model whose passes are quick (small, or short prompts) barely waits
         window = min(self.admit_window, self._prefill_s / 2)
-        if window <= 0 or not self._waiting:
-            return
+        if window < 2 * sys.getswitchinterval() or not self._waiting:  # a woken thread may wait one switch interval
+            return  # for the interpreter: a shorter wait would cost a lone request more than it saves the others
         before = len(self._waiting)
         first = self._waiting[0]._t_submit
         while not self._stopping and len(self._waiting) < self.max_batch:
