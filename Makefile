@@ -24,6 +24,7 @@ venv: $(BIN)/.installed
 
 lint: venv
 	$(BIN)/ruff check llmcore stages tools tests benchmarks
+	$(BIN)/ruff format --check llmcore stages tools tests benchmarks
 
 # dvc.yaml's code deps (each stage's import closure) and params (the keys its loader reads), regenerated in place.
 # tests/test_deps.py fails naming the stage and file when they drift; this is the fix.

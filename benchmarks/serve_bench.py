@@ -79,8 +79,13 @@ def _stream_once(url: str, prompt: str, new: int) -> tuple[int, float]:
 
     host, port = url.removeprefix("http://").split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=600)
-    body = {"model": "bench", "prompt": prompt, "raw": True, "stream": True,
-            "options": {"temperature": 0, "num_predict": new, "seed": 0}}  # fmt: skip
+    body = {
+        "model": "bench",
+        "prompt": prompt,
+        "raw": True,
+        "stream": True,
+        "options": {"temperature": 0, "num_predict": new, "seed": 0},
+    }
     start = time.perf_counter()
     conn.request("POST", "/api/generate", json.dumps(body), {"Content-Type": "application/json"})
     response = conn.getresponse()
@@ -95,12 +100,14 @@ def _stream_once(url: str, prompt: str, new: int) -> tuple[int, float]:
     return count, ttft if ttft is not None else time.perf_counter() - start
 
 
-def bench_server(case: Case, model: GPT, log=print) -> dict[str, Any]:
+def bench_server(case: Case, model: GPT, log=print, admit_window: float | None = None) -> dict[str, Any]:
+    """``admit_window``: the engine's wait for companions of a first request, seconds (None: the server's default)."""
     from llmcore.serve.app import make_server
     from llmcore.serve.models import ModelHandle
 
     tok = _Tokens(model.cfg.vocab_size)
-    handle = ModelHandle(model=model, tokenizer=tok, template="raw", max_batch=max(case.clients))
+    window = {} if admit_window is None else {"admit_window": admit_window}
+    handle = ModelHandle(model=model, tokenizer=tok, template="raw", max_batch=max(case.clients), **window)
     server = make_server({"bench": handle}, port=0).start()
     g = torch.Generator().manual_seed(0)
     results: dict[str, Any] = {}
@@ -109,8 +116,10 @@ def bench_server(case: Case, model: GPT, log=print) -> dict[str, Any]:
         for n in case.clients:
             rates, ttfts = [], []
             for _ in range(case.reps):
-                prompts = [" ".join(f"t{int(t)}" for t in torch.randint(0, tok.eot_id, (case.prompt,), generator=g))
-                           for _ in range(n)]  # fmt: skip
+                prompts = [
+                    " ".join(f"t{int(t)}" for t in torch.randint(0, tok.eot_id, (case.prompt,), generator=g))
+                    for _ in range(n)
+                ]
                 out: list[tuple[int, float]] = [(0, 0.0)] * n
 
                 def client(i: int, prompts=prompts, out=out) -> None:
@@ -131,9 +140,13 @@ def bench_server(case: Case, model: GPT, log=print) -> dict[str, Any]:
                 "ttft_p95_ms": 1000 * percentile(ttfts, 0.95),
                 "runs": rates,
             }
-            log(f"  {n} client(s): {results[f'clients_{n}']['tokens_per_s']:.1f} tokens/s aggregate, TTFT p50 "
-                f"{results[f'clients_{n}']['ttft_p50_ms']:.0f} ms, p95 {results[f'clients_{n}']['ttft_p95_ms']:.0f} ms")
+            log(
+                f"  {n} client(s): {results[f'clients_{n}']['tokens_per_s']:.1f} tokens/s aggregate, TTFT p50 "
+                f"{results[f'clients_{n}']['ttft_p50_ms']:.0f} ms, p95 {results[f'clients_{n}']['ttft_p95_ms']:.0f} ms"
+            )
         results["max_live"] = handle.engine.max_live
+        # how the 8 "simultaneous" requests were admitted: prefill passes run, requests an idle engine waited for
+        results["prefill_passes"], results["gathered"] = handle.engine.prefill_passes, handle.engine.gathered
     finally:
         server.shutdown()
         server.server_close()
@@ -173,14 +186,23 @@ def bench_single_stream(case: Case, model: GPT, log=print) -> dict[str, Any]:
         ids = torch.tensor([prompt])
 
         def hf_generate() -> None:
-            hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=case.new, min_new_tokens=case.new,
-                        do_sample=False, use_cache=True, pad_token_id=0)  # fmt: skip
+            hf.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=case.new,
+                min_new_tokens=case.new,
+                do_sample=False,
+                use_cache=True,
+                pad_token_id=0,
+            )
 
         results["transformers_tokens_per_s"] = timed(hf_generate)
         results["engine_vs_transformers"] = engine_rate / results["transformers_tokens_per_s"]
         results["generate_vs_transformers"] = library_rate / results["transformers_tokens_per_s"]
-    log(f"  single stream: engine {engine_rate:.1f}, generate {library_rate:.1f}, transformers "
-        f"{results.get('transformers_tokens_per_s', float('nan')):.1f} tokens/s")
+    log(
+        f"  single stream: engine {engine_rate:.1f}, generate {library_rate:.1f}, transformers "
+        f"{results.get('transformers_tokens_per_s', float('nan')):.1f} tokens/s"
+    )
     return results
 
 
@@ -192,26 +214,41 @@ def _hf_twin(model: GPT):
         return None
     cfg = model.cfg
     if cfg.pos_emb == "learned":
-        config = transformers.GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.context_length, n_embd=cfg.emb_dim,
-                                         n_layer=cfg.n_layers, n_head=cfg.n_heads, resid_pdrop=0, embd_pdrop=0,
-                                         attn_pdrop=0)  # fmt: skip
+        config = transformers.GPT2Config(
+            vocab_size=cfg.vocab_size,
+            n_positions=cfg.context_length,
+            n_embd=cfg.emb_dim,
+            n_layer=cfg.n_layers,
+            n_head=cfg.n_heads,
+            resid_pdrop=0,
+            embd_pdrop=0,
+            attn_pdrop=0,
+        )
         return transformers.GPT2LMHeadModel(config).eval()
     config = transformers.LlamaConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.emb_dim, intermediate_size=cfg.hidden_dim,
-        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
-        max_position_embeddings=cfg.context_length, rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_embeddings,
-    )  # fmt: skip
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.emb_dim,
+        intermediate_size=cfg.hidden_dim,
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.n_kv_heads,
+        max_position_embeddings=cfg.context_length,
+        rope_theta=cfg.rope_theta,
+        tie_word_embeddings=cfg.tie_embeddings,
+    )
     return transformers.LlamaForCausalLM(config).eval()
 
 
-def run(cases: list[Case], log=print) -> dict[str, Any]:
+def run(cases: list[Case], log=print, admit_window: float | None = None) -> dict[str, Any]:
     report: dict[str, Any] = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cases": []}
+    if admit_window is not None:
+        report["admit_window_s"] = admit_window
     for case in cases:
         log(f"{case.name}: prompt {case.prompt}, {case.new} new tokens per request")
         torch.manual_seed(0)
         model = GPT(ModelConfig.from_preset(case.preset, **case.overrides, dropout=0.0)).eval()
         entry = {"case": asdict(case), "params": model.num_params()}
-        entry["server"] = bench_server(case, model, log)
+        entry["server"] = bench_server(case, model, log, admit_window)
         entry["single_stream"] = bench_single_stream(case, model, log)
         report["cases"].append(entry)
     report["table"] = format_table(report)
@@ -219,9 +256,11 @@ def run(cases: list[Case], log=print) -> dict[str, Any]:
 
 
 def format_table(report: dict[str, Any]) -> str:
-    rows = ["| model | 1 client tok/s | 8 clients tok/s | ratio | TTFT p50 / p95 (1 client) | TTFT p50 / p95 "
-            "(8 clients) | single stream: engine / generate / transformers tok/s | generate vs transformers |",
-            "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    rows = [
+        "| model | 1 client tok/s | 8 clients tok/s | ratio | TTFT p50 / p95 (1 client) | TTFT p50 / p95 "
+        "(8 clients) | single stream: engine / generate / transformers tok/s | generate vs transformers |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for entry in report["cases"]:
         s, one = entry["server"], entry["single_stream"]
         lo, hi = (f"clients_{n}" for n in (min(entry["case"]["clients"]), max(entry["case"]["clients"])))
@@ -242,15 +281,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny shapes only (CI smoke)")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "reports" / "serve_bench.json", help="report JSON")
     parser.add_argument("--case", default="", help="run only the cases whose name starts with this (tiny, 124M)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch intra-op threads (default: torch's); 1 is steadier on a busy shared machine")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads (default: torch's); 1 is steadier on a busy shared machine",
+    )
+    parser.add_argument(
+        "--admit-window",
+        type=float,
+        default=None,
+        metavar="MS",
+        help="the server's wait for requests sent together, ms (default: llmcore serve's; 0: none)",
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     cases = [c for c in (QUICK if args.quick else CASES) if c.name.startswith(args.case)]
     if not cases:
         parser.error(f"--case {args.case!r}: no such case")
-    report = run(cases)
+    report = run(cases, admit_window=None if args.admit_window is None else args.admit_window / 1000)
     write_json_atomic(args.out, report)
     print("\n" + report["table"] + f"\n\nwrote {args.out}")
     return 0

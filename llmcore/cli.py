@@ -1,16 +1,16 @@
 """The ``llmcore`` command (a Typer app; the pipeline's stages have their own scripts in ``stages/``).
 
-    llmcore ask "Name a primary color." --model data/models/instruct   # one answer, streamed
-    llmcore chat --model data/models/instruct < questions.txt          # a conversation, one message a line
-    llmcore classify "WINNER!! Claim your prize" --model data/models/classify   # label, probability, text
-    llmcore serve --model data/models/instruct                       # Ollama + OpenAI APIs on 127.0.0.1:11434
-    llmcore serve --model data/models/instruct --model data/models/pretrain --name instruct --name base
-    llmcore export data/models/instruct --format gguf --precision q8_0 --out data/export/instruct
-    llmcore profile params/fineweb-d12.yaml --run -n d12        # dvc exp run with the profile's params
-    llmcore profile params/fineweb-d12.yaml --write run.yaml    # the merged params file, for stages by hand
-    llmcore benchmark data/models/gpt2-124m --tasks hellaswag,arc_easy --limit 200   # lm-evaluation-harness
-    llmcore compare                                                  # DVC experiments side by side
-    llmcore metrics                                                  # the run's headline figures (--all: every one)
+llmcore ask "Name a primary color." --model data/models/instruct   # one answer, streamed
+llmcore chat --model data/models/instruct < questions.txt          # a conversation, one message a line
+llmcore classify "WINNER!! Claim your prize" --model data/models/classify   # label, probability, text
+llmcore serve --model data/models/instruct                       # Ollama + OpenAI APIs on 127.0.0.1:11434
+llmcore serve --model data/models/instruct --model data/models/pretrain --name instruct --name base
+llmcore export data/models/instruct --format gguf --precision q8_0 --out data/export/instruct
+llmcore profile params/fineweb-d12.yaml --run -n d12        # dvc exp run with the profile's params
+llmcore profile params/fineweb-d12.yaml --write run.yaml    # the merged params file, for stages by hand
+llmcore benchmark data/models/gpt2-124m --tasks hellaswag,arc_easy --limit 200   # lm-evaluation-harness
+llmcore compare                                                  # DVC experiments side by side
+llmcore metrics                                                  # the run's headline figures (--all: every one)
 """
 
 from __future__ import annotations
@@ -36,8 +36,9 @@ def profile(
     path: Path = typer.Argument(..., help="a profile: a partial params file (params/*.yaml)"),
     params: Path = typer.Option(Path("params.yaml"), help="the params file it is merged over"),
     write: Path = typer.Option(None, help="write the merged params here (python -m stages.X --params FILE)"),
-    run: bool = typer.Option(False, "--run", metavar="", help="run `dvc exp run` with the profile as --set-param "
-                             "arguments"),  # metavar "": a flag takes no value, so no <bool> beside it in --help
+    run: bool = typer.Option(
+        False, "--run", metavar="", help="run `dvc exp run` with the profile as --set-param arguments"
+    ),  # metavar "": a flag takes no value, so no <bool> beside it in --help
     name: str = typer.Option(None, "-n", "--name", help="experiment name for --run"),
 ) -> None:
     """Merge a params profile over params.yaml: print the `dvc exp run` command, write the file, or run it."""
@@ -84,8 +85,12 @@ def check_profile(merged: str, profile: Path, params: Path) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(merged)
-        proc = subprocess.run([sys.executable, "-m", "stages.check_params", "--params", tmp, "--out", checked],
-                              cwd=root, capture_output=True, text=True)  # fmt: skip
+        proc = subprocess.run(
+            [sys.executable, "-m", "stages.check_params", "--params", tmp, "--out", checked],
+            cwd=root,
+            capture_output=True,
+            text=True,
+        )
     finally:
         for path in (tmp, checked):
             if os.path.exists(path):
@@ -114,22 +119,35 @@ def serve(
     ),
     device: str = typer.Option("auto", help="auto | cpu | cuda | mps"),
     max_batch: int = typer.Option(8, min=1, help="sequences of one model decoded together (continuous batching)"),
+    admit_window: float = typer.Option(
+        20.0,
+        min=0.0,
+        max=1000.0,
+        help="milliseconds an idle model waits for more requests after one arrives, so "
+        "requests sent together share one prefill pass (it stops after a quarter of this with none new; 0: never)",
+    ),
     max_body: int = typer.Option(2**20, min=1024, help="largest request body in bytes (413 above)"),
     threads: str = typer.Option(
-        "auto", help="CPU threads per model: auto (one for small models, every available CPU for wide ones; "
-        "llmcore/threads.py) or a number"
+        "auto",
+        help="CPU threads per model: auto (one for small models, every available CPU for wide ones; "
+        "llmcore/threads.py) or a number",
     ),
     allow_host: list[str] = typer.Option(
-        None, "--allow-host", help="a Host name to serve besides addresses, localhost and --host (repeat, or "
-        "comma-separated; * wildcards; default $LLMCORE_ALLOWED_HOSTS): others get 403, against DNS rebinding"
+        None,
+        "--allow-host",
+        help="a Host name to serve besides addresses, localhost and --host (repeat, or "
+        "comma-separated; * wildcards; default $LLMCORE_ALLOWED_HOSTS): others get 403, against DNS rebinding",
     ),
     allow_origin: list[str] = typer.Option(
-        None, "--allow-origin", help="a web page origin that may call the APIs, e.g. https://app.example.com "
+        None,
+        "--allow-origin",
+        help="a web page origin that may call the APIs, e.g. https://app.example.com "
         "(repeat, or comma-separated; * wildcards; default $LLMCORE_ORIGINS); loopback and the server's own pages "
-        "always may"
+        "always may",
     ),
-    request_timeout: float = typer.Option(30.0, min=0.1, help="seconds for a request's headers and body to arrive "
-                                          "(408 after)"),  # fmt: skip
+    request_timeout: float = typer.Option(
+        30.0, min=0.1, help="seconds for a request's headers and body to arrive (408 after)"
+    ),
     max_connections: int = typer.Option(256, min=1, help="open connections at once (503 beyond)"),
 ) -> None:
     """Serve llmcore checkpoints over the Ollama API (/api/*), the OpenAI API (/v1/*) and a chat page (/)."""
@@ -148,17 +166,30 @@ def serve(
         models = {}
         for served, path in zip(names, model, strict=True):
             typer.echo(f"loading {path} as {served} ...")
-            models[served] = ModelHandle.load(path, template=template, device=torch_device, max_batch=max_batch,
-                                              threads=threads)  # fmt: skip
+            models[served] = ModelHandle.load(
+                path,
+                template=template,
+                device=torch_device,
+                max_batch=max_batch,
+                threads=threads,
+                admit_window=admit_window / 1000,
+            )
         # torch threads may be shared by all threads of the process (libgomp): every engine gets the widest count
         count = max(inference_threads(threads, handle.model.cfg) for handle in models.values())
         for handle in models.values():
             handle.engine.threads = count
         typer.echo(f"{count} CPU thread{'s' * (count > 1)} (--threads {threads})")
         try:
-            server = make_server(models, host, port, max_body=max_body, allowed_hosts=allow_host or None,
-                                 allowed_origins=allow_origin or None, request_timeout=request_timeout,
-                                 max_connections=max_connections)  # fmt: skip
+            server = make_server(
+                models,
+                host,
+                port,
+                max_body=max_body,
+                allowed_hosts=allow_host or None,
+                allowed_origins=allow_origin or None,
+                request_timeout=request_timeout,
+                max_connections=max_connections,
+            )
         except OSError as e:
             raise LLMCoreError(
                 f"cannot listen on {host}:{port}: {e.strerror or e} (is Ollama already running? try --port)"
@@ -167,8 +198,9 @@ def serve(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if host not in ("127.0.0.1", "localhost", "::1"):
         typer.echo(f"warning: listening on {host}: anyone who can reach this address can use the models", err=True)
-    typer.echo(f"serving {', '.join(names)} on {server.url} (Ollama API /api, OpenAI API /v1, chat page /; "
-               "Ctrl-C to stop)")
+    typer.echo(
+        f"serving {', '.join(names)} on {server.url} (Ollama API /api, OpenAI API /v1, chat page /; Ctrl-C to stop)"
+    )
     # uvicorn stops gracefully on SIGINT/SIGTERM, then re-raises the signal: a stop asked for is a clean exit.
     import signal
     import sys
@@ -192,8 +224,11 @@ TOP_K = typer.Option(None, help="sample from the k most likely tokens")
 TOP_P = typer.Option(None, help="nucleus sampling mass")
 SEED = typer.Option(None, help="sampling seed")
 DEVICE = typer.Option("auto", help="auto | cpu | cuda | mps")
-THREADS = typer.Option("auto", help="CPU threads: auto (one for narrow models, all available CPUs for wide ones; "
-                       "$OMP_NUM_THREADS wins) or a number")  # fmt: skip
+THREADS = typer.Option(
+    "auto",
+    help="CPU threads: auto (one for narrow models, all available CPUs for wide ones; "
+    "$OMP_NUM_THREADS wins) or a number",
+)
 
 
 def _load_answerer(command: str, model_dir: Path, device: str, threads: str, **sampling: Any):
@@ -264,11 +299,20 @@ def ask(
         if not text.strip():
             raise LLMCoreError("ask: empty instruction (pass it as an argument or on stdin)")
         if compiled_decode is not None and compiled_decode not in static_decode.POLICIES:
-            raise LLMCoreError(f"ask: --compiled-decode must be one of {'|'.join(static_decode.POLICIES)}, "
-                               f"got {compiled_decode!r}")  # fmt: skip
+            raise LLMCoreError(
+                f"ask: --compiled-decode must be one of {'|'.join(static_decode.POLICIES)}, got {compiled_decode!r}"
+            )
         model, tok, template, sampling = _load_answerer(
-            "ask", model_dir, device, threads, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-            top_p=top_p, seed=seed)  # fmt: skip
+            "ask",
+            model_dir,
+            device,
+            threads,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+        )
         if compiled_decode is not None:
             static_decode.set_policy(compiled_decode)
         try:
@@ -306,8 +350,16 @@ def chat(
 
     with stage_errors():
         model, tok, template, sampling = _load_answerer(
-            "chat", model_dir, device, threads, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-            top_p=top_p, seed=seed)  # fmt: skip
+            "chat",
+            model_dir,
+            device,
+            threads,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+        )
         is_chat = template == CHATML
         history = [{"role": "system", "content": system}] if system and is_chat else []
         room = model.cfg.context_length - 1  # the prompt and at least one new token
@@ -371,13 +423,17 @@ def export(
     model_dir: Path = typer.Argument(..., help="model folder (model.safetensors + tokenizer.json)"),
     out: Path = typer.Option(..., "--out", "-o", help="folder to write (created if missing)"),
     format: str = typer.Option(
-        "hf", "--format", "-f", help="gguf: model.gguf + an Ollama Modelfile (llama.cpp, Ollama, LM Studio) | "
-        "hf: the Hugging Face layout (config.json, model.safetensors, tokenizer files)"
+        "hf",
+        "--format",
+        "-f",
+        help="gguf: model.gguf + an Ollama Modelfile (llama.cpp, Ollama, LM Studio) | "
+        "hf: the Hugging Face layout (config.json, model.safetensors, tokenizer files)",
     ),
     precision: str = typer.Option(None, help="GGUF weights: f32 | f16 (default) | bf16 | q8_0"),
     template: str = typer.Option(
-        None, help="prompt template for the Modelfile / chat template: alpaca | chatml | raw | a format string with "
-        "{instruction} and {input}; default: the one stored with the model by instruction tuning, else raw"
+        None,
+        help="prompt template for the Modelfile / chat template: alpaca | chatml | raw | a format string with "
+        "{instruction} and {input}; default: the one stored with the model by instruction tuning, else raw",
     ),
     name: str = typer.Option(None, help="model name inside the GGUF file and the Modelfile (default: the folder's)"),
 ) -> None:
@@ -415,16 +471,24 @@ def benchmark(
 
         names = [t.strip() for t in tasks.split(",") if t.strip()]
         metrics = run_benchmark(
-            model_dir, names, device=device, precision=precision, batch_size=batch_size, limit=limit,
-            num_fewshot=num_fewshot, include_path=include_path,
-        )  # fmt: skip
+            model_dir,
+            names,
+            device=device,
+            precision=precision,
+            batch_size=batch_size,
+            limit=limit,
+            num_fewshot=num_fewshot,
+            include_path=include_path,
+        )
         if out is not None:
             write_json_atomic(out, metrics)
     for task, row in metrics["tasks"].items():
         typer.echo(f"{task}: {json.dumps(row)}")
     if metrics["truncated_requests"]:
-        typer.echo(f"{metrics['truncated_requests']} requests lost context tokens on the left (context_length "
-                   f"{metrics['context_length']})")  # fmt: skip
+        typer.echo(
+            f"{metrics['truncated_requests']} requests lost context tokens on the left (context_length "
+            f"{metrics['context_length']})"
+        )
 
 
 WIDTH = 120  # `llmcore metrics` lines never exceed it
@@ -452,8 +516,10 @@ def metrics(
         return
     for row in report.rows:
         value = fmt(row.value, row.kind) if row.status == "ok" else row.status
-        refs = "; ".join(f"{r.label} {fmt(r.value, row.kind)}" + (f" ({v})" if (v := row.verdict(r)) else "")
-                         for r in [*row.baselines, *([row.book] if row.book else [])])  # fmt: skip
+        refs = "; ".join(
+            f"{r.label} {fmt(r.value, row.kind)}" + (f" ({v})" if (v := row.verdict(r)) else "")
+            for r in [*row.baselines, *([row.book] if row.book else [])]
+        )
         line, rest = f"{row.stage:<10} {row.figure[:46]:<46} {value:>9}", refs or row.reason
         while rest:  # what it is compared with, wrapped under the figure
             room = WIDTH - len(line) - 2

@@ -20,6 +20,8 @@ def test_serve_bench_reports_every_figure(tmp_path) -> None:
         assert server[f"clients_{n}"]["tokens_per_s"] > 0
         assert 0 < server[f"clients_{n}"]["ttft_p50_ms"] <= server[f"clients_{n}"]["ttft_p95_ms"]
     assert server["batching_speedup"] > 0 and 1 <= server["max_live"] <= 3
+    # warm-up, one lone request, then three requests in one to three passes (up to two waited for)
+    assert 3 <= server["prefill_passes"] <= 5 and 0 <= server["gathered"] <= 2
     single = entry["single_stream"]
     assert single["engine_tokens_per_s"] > 0 and single["generate_tokens_per_s"] > 0
     assert single["transformers_tokens_per_s"] > 0  # transformers is a dev dependency

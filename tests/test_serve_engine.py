@@ -38,8 +38,9 @@ def model(tok) -> GPT:
     return GPT(ModelConfig.from_preset("llama3-tiny", vocab_size=tok.vocab_size)).eval()
 
 
-def run_all(engine: Engine, jobs: list[tuple[list[int], SamplingConfig]], together: bool = False,
-            **kwargs) -> list[tuple[str, Finished]]:  # fmt: skip
+def run_all(
+    engine: Engine, jobs: list[tuple[list[int], SamplingConfig]], together: bool = False, **kwargs
+) -> list[tuple[str, Finished]]:
     """Submit every job at once (``together``: in one engine turn); collect each one's text and final event."""
     sinks = [queue.Queue() for _ in jobs]
     with engine._cv if together else contextlib.nullcontext():  # the engine thread admits after the lock is free
@@ -88,8 +89,13 @@ def test_concurrent_requests_share_steps_and_match_generate(family: GPT, tok: To
         jobs = []
         for i in range(10):  # more requests than slots: the rest wait and join as rows leave
             greedy = i % 3 == 0
-            cfg = SamplingConfig(8 + 3 * i, temperature=0 if greedy else 0.9, top_k=None if i % 2 else 20,
-                                 top_p=0.9 if i % 4 == 1 else None, seed=100 + i)  # fmt: skip
+            cfg = SamplingConfig(
+                8 + 3 * i,
+                temperature=0 if greedy else 0.9,
+                top_k=None if i % 2 else 20,
+                top_p=0.9 if i % 4 == 1 else None,
+                seed=100 + i,
+            )
             jobs.append((tok.encode(f"the fox {'again ' * i}"), cfg))
         results = run_all(engine, jobs)
         for (ids, cfg), (text, done) in zip(jobs, results, strict=True):
@@ -110,8 +116,9 @@ def test_a_seeded_request_does_not_depend_on_its_batch(model: GPT, tok: Tokenize
         ids = tok.encode("the lazy dog")
         cfg = SamplingConfig(30, temperature=1.0, top_k=50, seed=1234)
         ((alone, _),) = run_all(engine, [(ids, cfg)])
-        others = [(tok.encode("quick " * (k + 1)), SamplingConfig(5 + 7 * k, temperature=1.0, seed=k))
-                  for k in range(7)]  # fmt: skip
+        others = [
+            (tok.encode("quick " * (k + 1)), SamplingConfig(5 + 7 * k, temperature=1.0, seed=k)) for k in range(7)
+        ]
         crowded = run_all(engine, [others[0], others[1], others[2], (ids, cfg), *others[3:]])
         assert crowded[3][0] == alone
         assert engine.max_live == 8
@@ -232,9 +239,15 @@ def test_requests_admitted_together_prefill_in_one_pass(family: GPT, tok: Tokeni
     try:
         ids = prompts(tok, [3, 17, 1, 9, 30, 5, 12, 2])
         greedy = [(p, SamplingConfig(12)) for p in ids]
-        sampled = [(p, SamplingConfig(12, temperature=1.0, top_k=None if i % 2 else 40,
-                                      top_p=0.9 if i % 3 == 0 else None, seed=i))
-                   for i, p in enumerate(ids)]  # fmt: skip
+        sampled = [
+            (
+                p,
+                SamplingConfig(
+                    12, temperature=1.0, top_k=None if i % 2 else 40, top_p=0.9 if i % 3 == 0 else None, seed=i
+                ),
+            )
+            for i, p in enumerate(ids)
+        ]
         for passes, jobs in enumerate([greedy, sampled], start=1):
             results = run_all(engine, jobs, together=True)
             assert engine.prefill_passes == passes and engine.max_live == 8
@@ -253,8 +266,13 @@ def test_a_long_prompt_admitted_with_short_ones_is_chunked_between_decode_steps(
     engine = Engine(model, tok, max_batch=8, prefill_chunk=16)
     try:
         s0, s1, s3, long, s2 = prompts(tok, [4, 4, 4, 40, 4])
-        jobs = [(s0, SamplingConfig(20)), (s1, SamplingConfig(1)), (s3, SamplingConfig(2)), (long, SamplingConfig(10)),
-                (s2, SamplingConfig(10))]  # fmt: skip
+        jobs = [
+            (s0, SamplingConfig(20)),
+            (s1, SamplingConfig(1)),
+            (s3, SamplingConfig(2)),
+            (long, SamplingConfig(10)),
+            (s2, SamplingConfig(10)),
+        ]
         passes_at_piece: list[int] = []
         sinks = [queue.Queue() for _ in jobs]
 
@@ -284,8 +302,9 @@ def test_cancel_and_zero_budget_during_a_batched_prefill(model: GPT, tok: Tokeni
         sinks = [queue.Queue() for _ in range(4)]
         cfgs = [SamplingConfig(6), SamplingConfig(6), SamplingConfig(0), SamplingConfig(6)]
         with engine._cv:
-            requests = [engine.submit(Request(p, cfg, sink.put))
-                        for p, cfg, sink in zip((a, b, c, d), cfgs, sinks, strict=True)]  # fmt: skip
+            requests = [
+                engine.submit(Request(p, cfg, sink.put)) for p, cfg, sink in zip((a, b, c, d), cfgs, sinks, strict=True)
+            ]
             requests[1].cancel()
         results = [collect(sink) for sink in sinks]
         assert [done.reason for _, done in results] == ["length", "cancelled", "length", "length"]
@@ -315,8 +334,9 @@ def test_cancel_and_zero_budget_during_a_batched_prefill(model: GPT, tok: Tokeni
         engine.stop()
 
 
-def test_a_failed_prefill_pass_fails_its_requests_and_the_engine_keeps_serving(model: GPT, tok: Tokenizer,
-                                                                             monkeypatch) -> None:  # fmt: skip
+def test_a_failed_prefill_pass_fails_its_requests_and_the_engine_keeps_serving(
+    model: GPT, tok: Tokenizer, monkeypatch
+) -> None:
     forward, failed = model.forward, []
 
     def failing_forward(idx, **kwargs):
@@ -334,5 +354,111 @@ def test_a_failed_prefill_pass_fails_its_requests_and_the_engine_keeps_serving(m
         results = run_all(engine, jobs, together=True)
         for (p, cfg), (text, done) in zip(jobs, results, strict=True):
             assert done.reason == "length" and text == tok.decode(generate(model, [p], cfg)[0])
+    finally:
+        engine.stop()
+
+
+def test_requests_arriving_within_the_window_are_prefilled_in_one_pass(family: GPT, tok: Tokenizer) -> None:
+    """An idle engine waits for the companions of a first request: five requests submitted a few milliseconds
+    apart (as HTTP arrivals of requests sent together are) share one prefill pass, with the tokens each makes
+    alone; with the window off, the first goes alone."""
+    model = family
+    jobs = [(p, SamplingConfig(6)) for p in prompts(tok, [4, 9, 2, 6, 5])]
+
+    def staggered(engine: Engine) -> list[tuple[str, Finished]]:
+        sinks = [queue.Queue() for _ in jobs]
+        for (ids, cfg), sink in zip(jobs, sinks, strict=True):
+            engine.submit(Request(ids, cfg, sink.put))
+            time.sleep(0.005)
+        return [collect(sink) for sink in sinks]
+
+    engine = Engine(model, tok, max_batch=8, admit_window=0.4)  # a quiet gap of 0.1 s ends the wait
+    try:
+        results = staggered(engine)
+        assert engine.prefill_passes == 1 and engine.gathered == 4 and engine.max_live == 5
+        for (ids, cfg), (text, done) in zip(jobs, results, strict=True):
+            assert text == tok.decode(generate(model, [ids], cfg)[0])
+            assert done.reason == "length" and done.completion_tokens == 6
+    finally:
+        engine.stop()
+    engine = Engine(model, tok, max_batch=8, admit_window=0)
+    slow = model.forward
+
+    def slow_forward(idx, **kwargs):  # a prefill pass that outlasts the arrivals: the others come during it
+        if idx.shape[1] > 1:
+            time.sleep(0.1)
+        return slow(idx, **kwargs)
+
+    try:
+        model.forward = slow_forward
+        results = staggered(engine)
+        assert engine.prefill_passes == 2 and engine.gathered == 0  # the first alone, the rest together
+        assert [text for text, _ in results] == [tok.decode(generate(model, [ids], cfg)[0]) for ids, cfg in jobs]
+    finally:
+        del model.forward
+        engine.stop()
+
+
+def test_the_wait_ends_when_the_batch_is_full(model: GPT, tok: Tokenizer) -> None:
+    engine = Engine(model, tok, max_batch=3, admit_window=1.0)
+    try:
+        began = time.perf_counter()
+        results = run_all(engine, [(p, SamplingConfig(3)) for p in prompts(tok, [3, 4, 5])])
+        assert time.perf_counter() - began < 0.25  # not the quarter-second quiet gap: three slots, three requests
+        assert engine.prefill_passes == 1 and [done.reason for _, done in results] == ["length"] * 3
+    finally:
+        engine.stop()
+
+
+def test_a_lone_request_waits_only_the_quiet_gap(model: GPT, tok: Tokenizer) -> None:
+    """A request alone on an idle engine waits a quarter of the window for companions, not the window; once a
+    prefill pass has been timed the wait never exceeds what such a pass takes (a small model barely waits)."""
+    engine = Engine(model, tok, max_batch=8, admit_window=0.4)
+    try:
+        (ids,) = prompts(tok, [5])
+        ((text, done),) = run_all(engine, [(ids, SamplingConfig(4))])
+        assert 0.1 <= done.prompt_eval_duration / 1e9 < 0.4  # submitted to first token: the gap and the prefill
+        assert text == tok.decode(generate(model, [ids], SamplingConfig(4))[0])
+        assert engine._prefill_s < 0.1  # a tiny model's pass
+        ((_, again),) = run_all(engine, [(ids, SamplingConfig(4))])
+        assert again.prompt_eval_duration / 1e9 < 0.1
+    finally:
+        engine.stop()
+    with pytest.raises(ValueError, match="admit_window"):
+        Engine(model, tok, admit_window=-0.01)
+
+
+def test_arrivals_during_a_prefill_pass_go_before_the_next_decode_step(model: GPT, tok: Tokenizer) -> None:
+    """Prefill before decode, within the turn's budget of ``prefill_chunk`` padded tokens: requests that arrive
+    while a pass runs get the next pass before any decode step; a prompt that does not fit the rest of the budget
+    goes in chunks between decode steps."""
+    first, second, long = prompts(tok, [4, 5, 40])
+    passes: list[tuple[int, list[int]]] = []  # (decode steps so far, each row's tokens) at each prefill pass
+
+    class Recording(Engine):
+        def _next_prefill(self, budget: int, whole: bool = False) -> list[tuple[Request, int]]:
+            group = super()._next_prefill(budget, whole)
+            if group:
+                passes.append((self.steps, [chunk for _, chunk in group]))
+            return group
+
+        def _prefill(self, budget: int, whole: bool = False) -> int:
+            used = super()._prefill(budget, whole)
+            if len(passes) == 1 and used:  # two requests arrive during the first pass
+                self.submit(Request(second, SamplingConfig(6), sinks[1].put))
+                self.submit(Request(long, SamplingConfig(6), sinks[2].put))
+            return used
+
+    engine = Recording(model, tok, max_batch=8, prefill_chunk=16, admit_window=0)
+    sinks = [queue.Queue() for _ in range(3)]
+    try:
+        engine.submit(Request(first, SamplingConfig(6), sinks[0].put))
+        results = [collect(sink) for sink in sinks]
+        for ids, (text, done) in zip((first, second, long), results, strict=True):
+            assert text == tok.decode(generate(model, [ids], SamplingConfig(6))[0]) and done.reason == "length"
+        assert passes[0] == (0, [4])  # the first request alone
+        assert passes[1] == (0, [5])  # the second, whole, in the same turn: no decode step in between
+        assert [chunks for _, chunks in passes[2:]] == [[16], [16], [8]]  # the long one did not fit the rest of
+        assert 1 <= passes[2][0] < passes[3][0] < passes[4][0]  # the budget: in chunks, between decode steps
     finally:
         engine.stop()

@@ -26,10 +26,11 @@ pytestmark = pytest.mark.timeout(300)
 CTX = 64
 CONFIGS = {
     # Llama parts plus every switch the step must honour: GQA, QK-norm, qkv bias, a padded vocabulary
-    "llama": dict(preset="llama3-tiny", n_heads=4, n_kv_heads=2, hidden_dim=64, qk_norm=True, qkv_bias=True,
-                  pad_vocab_multiple=64),
+    "llama": dict(
+        preset="llama3-tiny", n_heads=4, n_kv_heads=2, hidden_dim=64, qk_norm=True, qkv_bias=True, pad_vocab_multiple=64
+    ),
     "gpt2": dict(preset="gpt2-tiny", n_heads=2),  # learned positions, LayerNorm, GELU, tied head
-}  # fmt: skip
+}
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +44,9 @@ def models(tok) -> dict[str, GPT]:
     for name, c in CONFIGS.items():
         torch.manual_seed(0)
         overrides = {k: v for k, v in c.items() if k != "preset"}
-        cfg = ModelConfig.from_preset(c["preset"], **overrides, vocab_size=tok.vocab_size, context_length=CTX,
-                                      emb_dim=32, n_layers=2)  # fmt: skip
+        cfg = ModelConfig.from_preset(
+            c["preset"], **overrides, vocab_size=tok.vocab_size, context_length=CTX, emb_dim=32, n_layers=2
+        )
         out[name] = GPT(cfg).eval()
     return out
 
@@ -123,13 +125,16 @@ def test_engine_compiles_in_the_background_and_decodes_on_its_own_cache(models, 
     decoder = engine._decoder
     torch.manual_seed(2)
     lengths, budgets = torch.randint(2, 20, (6,)).tolist(), torch.randint(3, 30, (6,)).tolist()
-    jobs = [(torch.randint(0, 250, (n,)).tolist(), SamplingConfig(m, temperature=0.8 * (i % 2), seed=i))
-            for i, (n, m) in enumerate(zip(lengths, budgets, strict=True))]  # fmt: skip
+    jobs = [
+        (torch.randint(0, 250, (n,)).tolist(), SamplingConfig(m, temperature=0.8 * (i % 2), seed=i))
+        for i, (n, m) in enumerate(zip(lengths, budgets, strict=True))
+    ]
     policy("never")
     expected = [tok.decode(generate(model, [ids], cfg)[0]) for ids, cfg in jobs]
     try:
         rounds = 0
-        while decoder.compiled_steps < 20 and rounds < 200:  # eager rounds until both graphs are ready
+        # eager rounds until both graphs are ready (which batch size comes first is the scheduler's business)
+        while (decoder.compiled_steps < 20 or not (decoder.ready(1, CTX) and decoder.ready(2, CTX))) and rounds < 200:
             assert run_jobs(engine, jobs) == expected
             rounds += 1
         assert decoder.ready(1, CTX) and decoder.ready(2, CTX) and engine.max_live > 1
@@ -205,8 +210,9 @@ def test_fallbacks_decode_eagerly_with_one_log_line(models, policy, caplog, monk
         generate(odd, prompts, cfg)
         generate(odd, prompts, cfg)  # logged once per model
     lines = [r.getMessage() for r in caplog.records if r.name == "llmcore.decode"]
-    assert lines == ["compiled decode off for GPT: block 0 is a MyBlock/CausalSelfAttention, not the stock one; "
-                     "decoding eagerly"]  # fmt: skip
+    assert lines == [
+        "compiled decode off for GPT: block 0 is a MyBlock/CausalSelfAttention, not the stock one; decoding eagerly"
+    ]
 
     caplog.clear()  # no C++ compiler on the PATH (the Docker image): off from the start
     monkeypatch.setattr(static_decode, "_cxx", lambda: None)

@@ -3,12 +3,22 @@
 One engine per served model runs a loop in its own thread over a :class:`~llmcore.models.gpt.BatchedKVCache`
 with ``max_batch`` rows (slots):
 
+    gather  an idle engine (no row decoding or prefilling) that gets a request waits briefly for companions
+            before its first prefill: until ``max_batch`` requests wait, or none has come for a quarter of its
+            window, or the window has passed since the first. The window is ``admit_window`` (0: no wait), at
+            most half as long as the last prefill pass took, and none below two of Python's thread switch
+            intervals (10 ms: a small model's quick passes are not worth waiting for). Requests sent together
+            reach the engine a few milliseconds apart (HTTP parsing, tokenizing, client threads); without the
+            wait the first is prefilled alone and the rest queue behind that pass. A lone request waits only
+            the quiet gap;
     admit   requests waiting for a slot join between decode steps. Their prompts are prefilled together in
             one right-padded forward pass over their consecutive slots after the live rows (each row keeps
-            only its real length, so the padding is never attended to), at most ``prefill_chunk`` padded
-            tokens (rows x width) per loop turn: a long prompt is prefilled in chunks between decode steps
-            instead of stalling the running streams. A request whose prompt is done samples its first token
-            from its last real position and decodes with the others;
+            only its real length, so the padding is never attended to). Prefill comes before decode: a turn
+            runs prefill passes, up to ``prefill_chunk`` padded tokens (rows x width) in all, before its decode
+            step, so requests that arrive during a pass are prefilled in the next pass rather than after a
+            decode step; a long prompt is prefilled in chunks between decode steps instead of stalling the
+            running streams. A request whose prompt is done samples its first token from its last real
+            position and decodes with the others;
     decode  one forward pass over all live rows, each appending one token at its own length;
     leave   a row that is done (end-of-text, a stop string, its token budget, a full context, or a client
             that went away) leaves at once, and the last live row moves into its slot, so the live rows
@@ -36,6 +46,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -52,6 +63,8 @@ from llmcore.serve import structured
 from llmcore.text.tokenizer import Tokenizer
 
 log = logging.getLogger("llmcore.serve")
+
+ADMIT_WINDOW = 0.02  # seconds an idle engine may wait for requests sent together with the first (see gather)
 
 
 @dataclass
@@ -85,8 +98,8 @@ class Request:
     _prefilled: int = 0  # prompt tokens in the cache so far
     _generated: int = 0
     _budget: int = 0
-    _t_submit: int = 0
-    _t_first: int = 0
+    _t_submit: int = 0  # perf_counter_ns at submit
+    _t_first: int = 0  # perf_counter_ns when its first token was sampled
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -95,13 +108,25 @@ class Request:
 class Engine:
     """The continuous-batching loop of one model (see the module docstring)."""
 
-    def __init__(self, model: GPT, tokenizer: Tokenizer, max_batch: int = 8, name: str = "model",
-                 prefill_chunk: int = 512, threads: int | None = None,
-                 compiled_decode: bool | None = None):  # fmt: skip
+    def __init__(
+        self,
+        model: GPT,
+        tokenizer: Tokenizer,
+        max_batch: int = 8,
+        name: str = "model",
+        prefill_chunk: int = 512,
+        threads: int | None = None,
+        compiled_decode: bool | None = None,
+        admit_window: float = ADMIT_WINDOW,
+    ):
         if max_batch < 1 or prefill_chunk < 1:
             raise ValueError(f"max_batch and prefill_chunk must be >= 1, got {max_batch}, {prefill_chunk}")
+        if not 0 <= admit_window <= 1:
+            raise ValueError(f"admit_window is in seconds, from 0 (off) to 1, got {admit_window}")
         self.model, self.tokenizer, self.max_batch, self.name = model.eval(), tokenizer, max_batch, name
         self.prefill_chunk = prefill_chunk
+        self.admit_window = admit_window  # seconds an idle engine waits for companions of a request (gather)
+        self._prefill_s = 2 * admit_window  # how long the last prefill pass took (until one is timed: a guess)
         self.threads = threads  # torch CPU threads, set in the loop's thread when it starts (None: leave as is)
         self.context_length = model.cfg.context_length
         self.device = model.tok_emb.weight.device
@@ -124,6 +149,7 @@ class Engine:
         self.steps = 0  # decode passes run (for tests and logs)
         self.max_live = 0  # most rows ever decoded together
         self.prefill_passes = 0  # prefill forward passes (chunks) run
+        self.gathered = 0  # requests that joined a first one while an idle engine waited for companions
 
     # -- client side --------------------------------------------------------------------------------
 
@@ -148,8 +174,9 @@ class Engine:
         if not request.prompt_ids:
             raise ValueError("a request needs at least one prompt token")
         if len(request.prompt_ids) >= self.context_length:
-            raise ValueError(f"prompt of {len(request.prompt_ids)} tokens leaves no room in a context of "
-                             f"{self.context_length}")  # fmt: skip
+            raise ValueError(
+                f"prompt of {len(request.prompt_ids)} tokens leaves no room in a context of {self.context_length}"
+            )
         request._t_submit = time.perf_counter_ns()
         with self._cv:
             if self._stopping:
@@ -183,13 +210,18 @@ class Engine:
             with self._cv:
                 while not self._stopping and not self._waiting and not self._live and not self._prefilling:
                     self._cv.wait()
+                if not self._stopping and not self._live and not self._prefilling:
+                    self._gather()
                 if self._stopping:
                     break
-                while self._waiting and len(self._live) + len(self._prefilling) < self.max_batch:
-                    self._prefilling.append(self._waiting.popleft())
+                self._admit()
             try:
                 with torch.no_grad():
-                    self._prefill()
+                    budget = self.prefill_chunk
+                    while budget > 0 and (used := self._prefill(budget, whole=budget < self.prefill_chunk)):
+                        budget -= used  # arrivals during that pass go next, before the decode step
+                        with self._cv:
+                            self._admit()
                     self._drop_cancelled()
                     if self._live:
                         self._decode()
@@ -206,16 +238,41 @@ class Engine:
         self._prefilling.clear()
         self._waiting.clear()
 
-    def _prefill(self) -> None:
+    def _gather(self) -> None:
+        """With the lock held, on an idle engine with a request waiting: wait for the requests sent with it (see
+        the module docstring). :meth:`submit` wakes the wait at each arrival."""
+        # a companion later than half a prefill pass after the first is served as well by the next pass (prefill
+        # comes before decode), so a model whose passes are quick (small, or short prompts) barely waits
+        window = min(self.admit_window, self._prefill_s / 2)
+        if window < 2 * sys.getswitchinterval() or not self._waiting:  # a woken thread may wait one switch interval
+            return  # for the interpreter: a shorter wait would cost a lone request more than it saves the others
+        before = len(self._waiting)
+        first = self._waiting[0]._t_submit
+        while not self._stopping and len(self._waiting) < self.max_batch:
+            last = self._waiting[-1]._t_submit
+            left = min(first + window * 1e9, last + window * 0.25e9) - time.perf_counter_ns()
+            if left <= 0:
+                break
+            self._cv.wait(left / 1e9)
+        self.gathered += len(self._waiting) - before
+
+    def _admit(self) -> None:
+        """With the lock held: waiting requests take the free slots, in order of arrival."""
+        while self._waiting and len(self._live) + len(self._prefilling) < self.max_batch:
+            self._prefilling.append(self._waiting.popleft())
+
+    def _prefill(self, budget: int, whole: bool = False) -> int:
         """One forward pass over the next admitted requests, each in its slot after the live rows (see
-        :meth:`_next_prefill`); the prompts are right-padded to one width, and each row's cache length is then set
-        to its real length, so the padding is never attended to. A request whose prompt is done samples its first
-        token from its last real position and joins the live rows."""
+        :meth:`_next_prefill`: at most ``budget`` padded tokens; ``whole``: only prompts that fit whole); the
+        prompts are right-padded to one width, and each row's cache length is then set to its real length, so the
+        padding is never attended to. A request whose prompt is done samples its first token from its last real
+        position and joins the live rows. Returns the padded tokens of the pass (0: none ran)."""
         if self._cache is None and self._prefilling:
             self._cache = self.model.new_batched_cache(self.max_batch)
-        group = self._next_prefill()
+        group = self._next_prefill(budget, whole)
         if not group:
-            return
+            return 0
+        began = time.perf_counter()
         start, width = len(self._live), max(chunk for _, chunk in group)
         rows = self._cache.rows(start, start + len(group))
         ids = [r.prompt_ids[r._prefilled : r._prefilled + chunk] + [0] * (width - chunk) for r, chunk in group]
@@ -239,16 +296,18 @@ class Engine:
             request._t_first = time.perf_counter_ns()
         logits = self._masked(logits, done)
         tokens = [self._sample_row(logits[i : i + 1], r) for i, r in enumerate(done)]
+        self._prefill_s = time.perf_counter() - began
         for i in reversed(range(len(done))):  # from the end, as in _decode: a row leaving moves the last one in
             self._accept(start + i, tokens[i])
+        return len(group) * width
 
-    def _next_prefill(self) -> list[tuple[Request, int]]:
+    def _next_prefill(self, budget: int, whole: bool = False) -> list[tuple[Request, int]]:
         """The leading admitted requests for the next prefill pass, each with its number of prompt tokens.
 
-        A row costs the pass's width whatever its own length, so rows x width stays within ``prefill_chunk``, and
-        each row's padded positions stay inside the context. Only the last request may be taken part-way: the ones
-        before it finish and join the live rows in slot order, and a prompt part-way in stays next to them.
-        Cancelled and zero-budget requests end here, before they take a slot.
+        A row costs the pass's width whatever its own length, so rows x width stays within ``budget``, and each
+        row's padded positions stay inside the context. Only the last request may be taken part-way (unless
+        ``whole``): the ones before it finish and join the live rows in slot order, and a prompt part-way in stays
+        next to them. Cancelled and zero-budget requests end here, before they take a slot.
         """
         group: list[tuple[Request, int]] = []
         width = furthest = 0
@@ -260,8 +319,8 @@ class Engine:
                 self._end(request, "cancelled")
                 continue
             furthest = max(furthest, request._prefilled)
-            cap = min(self.prefill_chunk // (len(group) + 1), self.context_length - furthest)
-            if cap < width:
+            cap = min(budget // (len(group) + 1), self.context_length - furthest)
+            if cap < width or (whole and cap < len(request.prompt_ids) - request._prefilled):
                 break
             if request._text is None:  # first chunk: set the request up
                 cfg = request.sampling
@@ -384,15 +443,18 @@ class Engine:
                 self._emit(request, tail)
         now = time.perf_counter_ns()
         first = request._t_first or now
-        self._emit(request, Finished(
-            reason=reason,
-            prompt_tokens=len(request.prompt_ids),
-            completion_tokens=request._generated,
-            prompt_eval_duration=first - request._t_submit,
-            eval_duration=now - first,
-            total_duration=now - request._t_submit,
-            error=error,
-        ))  # fmt: skip
+        self._emit(
+            request,
+            Finished(
+                reason=reason,
+                prompt_tokens=len(request.prompt_ids),
+                completion_tokens=request._generated,
+                prompt_eval_duration=first - request._t_submit,
+                eval_duration=now - first,
+                total_duration=now - request._t_submit,
+                error=error,
+            ),
+        )
 
     @staticmethod
     def _emit(request: Request, event: str | Finished) -> None:

@@ -20,7 +20,7 @@ from safetensors import safe_open
 
 from llmcore.common import LLMCoreError, sha256_file
 from llmcore.models.gpt import GPT
-from llmcore.serve.engine import Engine
+from llmcore.serve.engine import ADMIT_WINDOW, Engine
 from llmcore.text.chat import CHATML, IM_END, ROLES, chat_token_ids, chatml_text, render_chat
 from llmcore.text.prompts import check_template, format_prompt
 from llmcore.text.tokenizer import Tokenizer
@@ -107,6 +107,7 @@ class ModelHandle:
     quantization: str = "F32"  # dtype of the stored weights, as Ollama names it (F32, BF16, F16)
     max_batch: int = 8  # sequences decoded together (continuous batching slots)
     threads: int | str = "auto"  # CPU threads of the engine (llmcore.threads.inference_threads)
+    admit_window: float = ADMIT_WINDOW  # seconds an idle engine waits for requests sent together (0: none)
     created: int = field(default_factory=lambda: int(time.time()))
     engine: Engine = field(init=False, repr=False)
     _embed_lock: threading.Lock = field(init=False, repr=False, default_factory=threading.Lock)
@@ -117,8 +118,13 @@ class ModelHandle:
         if self.chat:
             chat_token_ids(self.tokenizer)  # a model without the chat tokens cannot be served as a chat model
         self.model.eval()
-        self.engine = Engine(self.model, self.tokenizer, max_batch=self.max_batch,
-                             threads=inference_threads(self.threads, self.model.cfg))  # fmt: skip
+        self.engine = Engine(
+            self.model,
+            self.tokenizer,
+            max_batch=self.max_batch,
+            threads=inference_threads(self.threads, self.model.cfg),
+            admit_window=self.admit_window,
+        )
 
     @classmethod
     def load(
@@ -128,6 +134,7 @@ class ModelHandle:
         device: str | torch.device = "cpu",
         max_batch: int = 8,
         threads: int | str = "auto",
+        admit_window: float = ADMIT_WINDOW,
     ) -> ModelHandle:
         """Load a model folder; ``template`` None: the one stored with the model by instruction tuning, else ``raw``
         (a base model never learned a template; its GGUF export says raw too)."""
@@ -149,6 +156,7 @@ class ModelHandle:
             quantization=quantization,
             max_batch=max_batch,
             threads=threads,
+            admit_window=admit_window,
         )
 
     @property
@@ -211,8 +219,11 @@ class ModelHandle:
                 for r, i in enumerate(rows):
                     ids[r, : len(inputs[i])] = torch.tensor(inputs[i])
                     real[r, : len(inputs[i])] = True
-                hidden = self.model(ids.to(device), attention_mask=real.to(device), return_logits=False,
-                                    return_hidden=True).hidden.float().cpu()  # (B, T, C)  # fmt: skip
+                hidden = (
+                    self.model(ids.to(device), attention_mask=real.to(device), return_logits=False, return_hidden=True)
+                    .hidden.float()
+                    .cpu()
+                )  # (B, T, C)
                 pooled = (hidden * real[..., None]).sum(1) / real.sum(1, keepdim=True)  # (B, C)
                 out[rows] = torch.nn.functional.normalize(pooled, dim=-1)
                 start += len(rows)
@@ -228,8 +239,11 @@ class ModelHandle:
             return self.encode(self.chat_prompt(messages))
         for i, m in enumerate(messages):
             if m["role"] not in ROLES:
-                raise RequestError(400, f"messages[{i}]: role '{m['role']}' is not one of {', '.join(ROLES)}",
-                                   param=f"messages[{i}].role")  # fmt: skip
+                raise RequestError(
+                    400,
+                    f"messages[{i}]: role '{m['role']}' is not one of {', '.join(ROLES)}",
+                    param=f"messages[{i}].role",
+                )
         try:
             return render_chat(self.tokenizer, messages, add_generation_prompt=True).ids
         except LLMCoreError as e:
