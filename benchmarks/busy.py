@@ -402,7 +402,8 @@ def run_in_subprocess(job: dict[str, Any], timeout: float) -> dict[str, Any]:
 def default_config(quick: bool) -> tuple[Any, int, str]:
     """The pipeline's pretraining model (``params.yaml``), its batch size and its preset name."""
     from llmcore.models.config import ModelConfig
-    from llmcore.params import model_config_from_params, read_params
+    from llmcore.models.config import model_config_from_params
+    from llmcore.params import read_params
 
     if quick:
         return ModelConfig.from_preset("llama3-tiny", vocab_size=512, context_length=64), 2, "llama3-tiny"

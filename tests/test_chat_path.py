@@ -41,6 +41,7 @@ from stages import evaluate
 from stages.align import app as align_app
 from stages.download import app as download_app
 from stages.instruct import app as instruct_app
+from stages.preferences import app as preferences_app
 from stages.pretrain import app as pretrain_app
 from stages.tokenize import app as tokenize_app
 from tests.test_align_stage import JUDGE_TEMPLATE, bigram_judge
@@ -372,9 +373,8 @@ def run_align(root: Path, params: Path, tag: str) -> Path:
     reports = root / tag / "reports" / "align"
     ok(
         CliRunner().invoke(
-            align_app,
+            preferences_app,
             [
-                "pairs",
                 *common,
                 "--raw-dir",
                 str(root / "raw"),
@@ -391,7 +391,6 @@ def run_align(root: Path, params: Path, tag: str) -> Path:
         CliRunner().invoke(
             align_app,
             [
-                "train",
                 *common,
                 "--pairs",
                 str(root / tag / "pairs.json"),

@@ -71,7 +71,7 @@ def ran_stages(output: str) -> list[str]:
 def test_repro_tokenize_is_cached_and_reruns_only_what_changed(repo_env):
     repo, env = repo_env
     first = run([sys.executable, "-m", "dvc", "repro", "tokenize"], repo, env)
-    assert ran_stages(first.stdout) == ["download", "tokenize"]
+    assert ran_stages(first.stdout) == ["check-params", "download", "tokenize"]
     meta = json.loads((repo / "data/tokens/meta.json").read_text())
     assert meta["vocab_size"] == 1024 and meta["train_tokens"] > 100_000
     metrics = json.loads((repo / "reports/tokenize/metrics.json").read_text())
@@ -84,7 +84,7 @@ def test_repro_tokenize_is_cached_and_reruns_only_what_changed(repo_env):
     params["tokenize"]["vocab_size"] = 512
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     changed = run([sys.executable, "-m", "dvc", "repro", "tokenize"], repo, env)
-    assert ran_stages(changed.stdout) == ["tokenize"]
+    assert ran_stages(changed.stdout) == ["check-params", "tokenize"]  # params.yaml is check-params' dep
     assert json.loads((repo / "data/tokens/meta.json").read_text())["vocab_size"] == 512
 
 
@@ -208,6 +208,7 @@ def tiny(tmp_path_factory, mirror_url, judge_server) -> Tiny:
 def test_full_pipeline_end_to_end_with_llmcore_serve_as_judge(tiny):
     repo, env = tiny.repo, tiny.env
     assert ran_stages(tiny.first) == [
+        "check-params",
         "download",
         "tokenize",
         "pretrain",
@@ -312,7 +313,8 @@ def test_touching_a_library_file_changes_exactly_the_stages_that_run_it(tiny, to
     )
     assert expected  # every file here is some stage's code
     if touched == "llmcore/data/spam.py":
-        assert expected == ["classify"]  # as the README says
+        # classify, and check-params, which loads every stage's params (its output never changes: nothing else reruns)
+        assert expected == ["check-params", "classify"]
     path = repo / touched
     original = path.read_bytes()
     try:

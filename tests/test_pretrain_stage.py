@@ -179,7 +179,7 @@ class FakeClock:
 def test_a_resumed_run_reports_one_consistent_mfu(tmp_path, tokens, monkeypatch):
     """Segment 1 (10 steps) runs 4x faster than segment 2 (20 steps) on a machine whose measured peak is 4x
     higher; each segment is at 90% MFU, so the whole run is too, and tokens/s, peak and MFU agree."""
-    from llmcore.params import model_config_from_params
+    from llmcore.models.config import model_config_from_params
     from llmcore.training import loop
 
     params = write_params(tmp_path, {"peak_tflops": None}, max_steps=30, time_budget_s=9.5)

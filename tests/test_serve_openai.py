@@ -299,11 +299,7 @@ def test_served_names_follow_ollama_rules(model_dir: Path, tmp_path: Path) -> No
 
 
 def test_greedy_curl_matches_ask(url: str, model_dir: Path) -> None:  # noqa: F811
-    from stages import instruct
-
-    result = CliRunner().invoke(
-        instruct.app, ["ask", "Name a primary colour.", "--model", str(model_dir), "--device", "cpu"]
-    )
+    result = CliRunner().invoke(app, ["ask", "Name a primary colour.", "--model", str(model_dir), "--device", "cpu"])
     assert result.exit_code == 0, result.output
     status, r = post(
         url,
