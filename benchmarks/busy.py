@@ -401,8 +401,7 @@ def run_in_subprocess(job: dict[str, Any], timeout: float) -> dict[str, Any]:
 
 def default_config(quick: bool) -> tuple[Any, int, str]:
     """The pipeline's pretraining model (``params.yaml``), its batch size and its preset name."""
-    from llmcore.models.config import ModelConfig
-    from llmcore.models.config import model_config_from_params
+    from llmcore.models.config import ModelConfig, model_config_from_params
     from llmcore.params import read_params
 
     if quick:
