@@ -1,16 +1,18 @@
 """The ``llmcore`` command (a Typer app; the pipeline's stages have their own scripts in ``stages/``).
 
-llmcore ask "Name a primary color." --model data/models/instruct   # one answer, streamed
-llmcore chat --model data/models/instruct < questions.txt          # a conversation, one message a line
-llmcore classify "WINNER!! Claim your prize" --model data/models/classify   # label, probability, text
-llmcore serve --model data/models/instruct                       # Ollama + OpenAI APIs on 127.0.0.1:11434
-llmcore serve --model data/models/instruct --model data/models/pretrain --name instruct --name base
-llmcore export data/models/instruct --format gguf --precision q8_0 --out data/export/instruct
-llmcore profile params/fineweb-d12.yaml --run -n d12        # dvc exp run with the profile's params
-llmcore profile params/fineweb-d12.yaml --write run.yaml    # the merged params file, for stages by hand
-llmcore benchmark data/models/gpt2-124m --tasks hellaswag,arc_easy --limit 200   # lm-evaluation-harness
-llmcore compare                                                  # DVC experiments side by side
-llmcore metrics                                                  # the run's headline figures (--all: every one)
+    llmcore ask "Name a primary color." --model data/models/instruct   # one answer, streamed
+    llmcore chat --model data/models/instruct < questions.txt          # a conversation, one message a line
+    llmcore classify "WINNER!! Claim your prize" --model data/models/classify   # label, probability, text
+    llmcore serve --model data/models/instruct                       # Ollama + OpenAI APIs on 127.0.0.1:11434
+    llmcore serve --model data/models/instruct --model data/models/pretrain --name instruct --name base
+    llmcore export data/models/instruct --format gguf --precision q8_0 --out data/export/instruct
+    llmcore profile params/fineweb-d12.yaml --run -n d12        # dvc exp run with the profile's params
+    llmcore profile params/fineweb-d12.yaml --write run.yaml    # the merged params file, for stages by hand
+    llmcore benchmark data/models/gpt2-124m --tasks hellaswag,arc_easy --limit 200   # lm-evaluation-harness
+    llmcore compare                                                  # DVC experiments side by side
+    llmcore metrics                                                  # the run's headline figures (--all: every one)
+
+Each command's ``--help`` lists its options.
 """
 
 from __future__ import annotations
