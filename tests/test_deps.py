@@ -374,3 +374,18 @@ def test_every_stage_waits_for_check_params():
     assert SPEC["stages"]["check-params"]["outs"] == ["data/params-checked.txt"]
     missing = [s.name for s in STAGES if s.name != "check-params" and "data/params-checked.txt" not in s.deps]
     assert not missing, f"stages that do not depend on check-params' output: {missing}"
+
+
+def test_the_download_stage_never_names_the_tokenizer():
+    """download checks conversation files (llmcore.text.messages) but never tokenizes: no module of its closure
+    mentions the tokenizer, not even for annotations, so a tokenizer edit cannot be a change download missed."""
+    closure = deps.import_closure(REPO_ROOT / "stages" / "download.py")
+    named = [
+        f"{deps.rel(f)} imports {name}"
+        for f in closure
+        for node in ast.walk(ast.parse(f.read_text(encoding="utf-8")))
+        if isinstance(node, ast.ImportFrom | ast.Import)
+        for name in ([node.module] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names])
+        if name in ("llmcore.text.tokenizer", "llmcore.text.bpe")
+    ]
+    assert named == []

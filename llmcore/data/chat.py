@@ -21,7 +21,7 @@ from pathlib import Path
 
 from llmcore.common import LLMCoreError
 from llmcore.data.datasets import load_instruction_data
-from llmcore.text.chat import alpaca_to_messages, check_messages
+from llmcore.text.messages import alpaca_to_messages, check_messages
 
 CONVERSATION_SUFFIXES = (".jsonl", ".parquet")
 
