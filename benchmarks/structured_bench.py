@@ -130,7 +130,7 @@ def run_batch(engine: Engine, prompts: list[list[int]], new: int, grammar: struc
     return sum(counts) / (time.perf_counter() - start)
 
 
-def bench_case(case: Case, log=print) -> dict[str, Any]:
+def bench_case(case: Case, log=print, threads: int | None = None) -> dict[str, Any]:
     tok = load_tokenizer(case.tokenizer, log)
     torch.manual_seed(0)
     model = GPT(
@@ -141,7 +141,7 @@ def bench_case(case: Case, log=print) -> dict[str, Any]:
     compile_ms = 1000 * (time.perf_counter() - began)  # the token table (once per tokenizer) and the schema
     # the server's thread policy (auto: one thread for a narrow model) and eager decoding on both paths: a decode
     # graph compiling in the background mid-run would time the compiler, not the mask
-    threads = inference_threads("auto", model.cfg)
+    threads = inference_threads(threads or "auto", model.cfg)
     engine = Engine(model, tok, max_batch=max(case.clients), threads=threads, compiled_decode=False).start()
     g = torch.Generator().manual_seed(0)
     results: dict[str, Any] = {
@@ -175,7 +175,7 @@ def bench_case(case: Case, log=print) -> dict[str, Any]:
     return results
 
 
-def run(cases: list[Case], log=print) -> dict[str, Any]:
+def run(cases: list[Case], log=print, threads: int | None = None) -> dict[str, Any]:
     report: dict[str, Any] = {
         "torch": torch.__version__,
         "target_ratio": TARGET_RATIO,
@@ -183,7 +183,7 @@ def run(cases: list[Case], log=print) -> dict[str, Any]:
     }
     for case in cases:
         log(f"{case.name}: prompt {case.prompt}, {case.new} new tokens per request, tokenizer {case.tokenizer}")
-        report["cases"].append({"case": asdict(case), **bench_case(case, log)})
+        report["cases"].append({"case": asdict(case), **bench_case(case, log, threads)})
     report["table"] = format_table(report)
     return report
 
@@ -212,15 +212,13 @@ def main(argv: list[str] | None = None) -> int:
         "--threads",
         type=int,
         default=None,
-        help="torch intra-op threads (default: torch's); 1 is steadier on a busy shared machine",
+        help="the engine's CPU threads (default: auto, as `llmcore serve`); 1 is steadier on a busy machine",
     )
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     cases = [c for c in (QUICK if args.quick else CASES) if c.name.startswith(args.case)]
     if not cases:
         parser.error(f"--case {args.case!r}: no such case")
-    report = run(cases)
+    report = run(cases, threads=args.threads)
     write_json_atomic(args.out, report)
     print("\n" + report["table"] + f"\n\nwrote {args.out}")
     return 0
