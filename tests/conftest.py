@@ -6,9 +6,12 @@ folder skips those tests; in CI (``CI=true``) it fails them, so a broken checkou
 
 from __future__ import annotations
 
+import atexit
 import functools
 import http.server
 import os
+import shutil
+import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +24,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # would compile in the background: the suite decodes eagerly, except the tests that ask for it
 # (test_static_decode.py). LLMCORE_COMPILED_DECODE=auto runs the whole suite the way a user's process would.
 os.environ.setdefault("LLMCORE_COMPILED_DECODE", "never")
+# ... and keeps the steps it compiles in a folder of its own, not the user's cache (a fresh one per run, removed after)
+if "LLMCORE_DECODE_CACHE" not in os.environ:
+    os.environ["LLMCORE_DECODE_CACHE"] = tempfile.mkdtemp(prefix="llmcore-decode-")
+    atexit.register(shutil.rmtree, os.environ["LLMCORE_DECODE_CACHE"], ignore_errors=True)
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 MIRROR_DIR = SHARED_DATA / "mirror"
 

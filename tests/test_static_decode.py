@@ -8,8 +8,13 @@ cache warm.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import queue
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -173,14 +178,99 @@ def test_auto_times_both_ways_and_keeps_the_faster(models, policy, monkeypatch) 
     assert not decoder.prefer(3, CTX) and decoder.prefer(3, CTX, "always")
 
 
-def test_auto_compiles_once_the_decode_steps_pay_for_it(models) -> None:
+def test_auto_compiles_once_the_decode_steps_pay_for_it(models, tmp_path, monkeypatch) -> None:
     decoder = static_decode.decoder_for(models["gpt2"], "auto")
     assert decoder.compile(1, CTX)  # (compiled by the tests above already)
+    assert decoder.ready(1, CTX) and static_decode.pays(decoder, 1, CTX, 1)  # compiled already: free
+    assert static_decode.pays(static_decode.StaticDecoder(models["gpt2"]), 1, CTX, 1)  # on disk: milliseconds away
+    monkeypatch.setenv(static_decode.CACHE_ENV, str(tmp_path))  # a machine that never built this shape
     fresh = static_decode.StaticDecoder(models["gpt2"])
     assert not static_decode.pays(fresh, 1, CTX, 256)  # one `ask` answer: eager
     fresh.eager_steps = static_decode.COMPILE_AFTER_STEPS - 100
     assert static_decode.pays(fresh, 1, CTX, 100)  # a process that keeps decoding: compile
-    assert decoder.ready(1, CTX) and static_decode.pays(decoder, 1, CTX, 1)  # compiled already: free
+
+
+def test_a_model_of_the_same_shape_loads_the_step_from_disk(models, policy) -> None:
+    """The weights are the step's inputs: another model of the same shape (another checkpoint, or the same one in a
+    later process) loads the package built for the first, in milliseconds, and decodes its own tokens with it."""
+    torch.manual_seed(5)
+    other = GPT(models["llama"].cfg).eval()  # the same shape, other weights
+    policy("never")
+    eager = generate(other, prompts_of(1), SamplingConfig(24))
+    decoder = static_decode.decoder_for(other, "always")
+    assert decoder.package(1, CTX).is_file() and decoder.cached(1, CTX)  # (built by the tests above)
+    assert decoder.compile(1, CTX) and decoder.loaded == 1
+    policy("always")
+    assert generate(other, prompts_of(1), SamplingConfig(24)) == eager
+    assert decoder.compiled_steps > 0
+
+
+def test_a_later_process_loads_the_step_and_decodes_the_same_tokens(models, tok, policy, tmp_path) -> None:
+    """Compile once per machine: a new interpreter finds the package this one built, loads it without building and
+    decodes what this process decodes eagerly."""
+    model = models["llama"]
+    torch.save(model.state_dict(), tmp_path / "weights.pt")
+    policy("never")
+    eager = generate(model, prompts_of(1), SamplingConfig(24))
+    script = f"""
+import json, torch
+from llmcore.models import static_decode
+from llmcore.models.config import ModelConfig
+from llmcore.models.generate import SamplingConfig, generate
+from llmcore.models.gpt import GPT
+torch.set_num_threads({torch.get_num_threads()})
+model = GPT(ModelConfig(**{model.cfg.__dict__!r})).eval()
+model.load_state_dict(torch.load({str(tmp_path / "weights.pt")!r}, weights_only=True))
+tokens = generate(model, {prompts_of(1)!r}, SamplingConfig(24))
+decoder = static_decode.decoder_for(model)
+print(json.dumps({{"tokens": tokens, "loaded": decoder.loaded, "compiled_steps": decoder.compiled_steps}}))
+"""
+    env = {**os.environ, static_decode.POLICY_ENV: "auto"}  # the default: a cached step pays at once
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["loaded"] == 1 and out["compiled_steps"] > 0 and out["tokens"] == eager
+
+
+def test_packages_are_named_by_what_they_were_built_for(models, tmp_path, monkeypatch) -> None:
+    decoder = static_decode.StaticDecoder(models["llama"])
+    names = {decoder.package(1, CTX), decoder.package(3, CTX), decoder.package(1, 32)}
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads + 1)  # OpenMP loops are built for a thread count
+        names.add(decoder.package(1, CTX))
+    finally:
+        torch.set_num_threads(threads)
+    names.add(static_decode.StaticDecoder(models["gpt2"]).package(1, CTX))
+    assert len(names) == 5 and decoder.package(2, CTX) == decoder.package(3, CTX)  # any batch >= 2: one graph
+    monkeypatch.setenv(static_decode.CACHE_ENV, str(tmp_path))
+    assert decoder.package(1, CTX).parent == tmp_path
+
+
+def test_a_package_that_does_not_load_is_built_anew(models, tmp_path, monkeypatch, caplog) -> None:
+    monkeypatch.setenv(static_decode.CACHE_ENV, str(tmp_path))
+    decoder = static_decode.StaticDecoder(models["llama"])
+    decoder.package(1, CTX).write_bytes(b"not a package")  # cut short by a full disk, say
+    built = []
+    monkeypatch.setattr(decoder, "_build", lambda key, path: built.append(path) or (lambda *args: None))
+    with caplog.at_level(logging.WARNING, logger="llmcore.decode"):
+        assert decoder.compile(1, CTX)
+    assert built == [decoder.package(1, CTX)] and "does not load" in caplog.text and decoder.loaded == 0
+
+
+def test_a_build_leaves_the_package_whole_or_absent(models, tmp_path, monkeypatch) -> None:
+    """The package is written under a temporary name and renamed: a build that fails leaves nothing behind."""
+    monkeypatch.setenv(static_decode.CACHE_ENV, str(tmp_path))
+    model = GPT(models["gpt2"].cfg).eval()
+    decoder = static_decode.StaticDecoder(model)
+
+    def fail_midway(program, package_path, **kwargs):
+        Path(package_path).write_bytes(b"half a package")
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", fail_midway)
+    assert not decoder.compile(1, CTX) and decoder.failed == "RuntimeError: killed"
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_changed_model_gets_a_new_decoder(models, caplog) -> None:
@@ -201,7 +291,7 @@ def test_width_buckets() -> None:
     assert [static_decode.width_for(n, 1024) for n in (1, 256, 257, 600, 1024)] == [256, 256, 512, 1024, 1024]
 
 
-def test_fallbacks_decode_eagerly_with_one_log_line(models, policy, caplog, monkeypatch) -> None:
+def test_fallbacks_decode_eagerly_with_one_log_line(models, policy, caplog, monkeypatch, tmp_path) -> None:
     policy("always")
     odd = GPT(models["gpt2"].cfg).eval()
     odd.blocks[0].__class__ = type("MyBlock", (Block,), {})
@@ -223,14 +313,12 @@ def test_fallbacks_decode_eagerly_with_one_log_line(models, policy, caplog, monk
 
     caplog.clear()  # a compile that fails anyway (an op inductor cannot lower, say): a warning, then eager tokens
     broken = GPT(models["gpt2"].cfg).eval()
+    monkeypatch.setenv(static_decode.CACHE_ENV, str(tmp_path))  # nothing cached: it builds
 
-    def no_compiler(fn, **kwargs):
-        def raise_(*args):
-            raise RuntimeError("no C++ compiler found\ndetails")
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("no C++ compiler found\ndetails")
 
-        return raise_
-
-    monkeypatch.setattr(torch, "compile", no_compiler)
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", no_compiler)
     with caplog.at_level(logging.INFO, logger="llmcore.decode"):
         tokens = generate(broken, prompts, cfg)
     policy("never")

@@ -1,8 +1,9 @@
-"""Compiled decoding: one token per row over a static-shape KV cache, fused by ``torch.compile``.
+"""Compiled decoding: one token per row over a static-shape KV cache, compiled ahead of time and kept on disk.
 
 A small model spends most of a decode step in Python and op launches, not arithmetic: on llama3-tiny (1M
 parameters) an eager ``generate`` step costs about 0.9 ms, of which each matmul is a few µs. The step here is
-written with static shapes only, so inductor (C++ on CPU) traces it once and fuses it into a few kernels:
+written with static shapes only, so it exports as one graph that inductor compiles (C++ on CPU) into a few fused
+kernels driven from C++:
 
     cache   the caller's full-context buffers (B, n_kv_heads, context_length, head_dim) per layer, read through a
             view of a fixed width W (a bucket of the longest row, see :func:`width_for`);
@@ -11,49 +12,59 @@ written with static shapes only, so inductor (C++ on CPU) traces it once and fus
             rows share one graph; the row's position (RoPE or the learned table) is ``slot - start``;
     out     logits (B, vocab_size) and their argmax (greedy decoding needs no extra op).
 
-The step reuses the model's modules and reads its current weights at every call (no freezing), so in-place weight
-updates are seen; it expects an eval-mode model (no dropout) whose blocks are llmcore's own ``Block`` and
-``CausalSelfAttention``. Prefill stays eager (``GPT.forward`` writes the same buffers), so the cache is shared by
-both. One decoder per model (and torch thread count), with one compiled graph per (width, batch 1 | batch >= 2):
-the batch dimension is dynamic above 1, so the serve engine's rows come and go without recompiling.
+The step reuses the model's modules; its weights are inputs of the compiled graph, not constants baked into it, so
+in-place weight updates are seen and one graph serves every model of the same shape. It expects an eval-mode model
+(no dropout) whose blocks are llmcore's own ``Block`` and ``CausalSelfAttention``. Prefill stays eager
+(``GPT.forward`` writes the same buffers), so the cache is shared by both. One graph per (width, batch 1 | batch
+>= 2, thread count): the batch dimension is dynamic above 1, so the serve engine's rows come and go without
+recompiling.
 
-Where it pays (the 2-core VM, 1 thread, 16-token prompts; ``python -m benchmarks.compiled_decode`` has the table).
-Compiling one graph costs 15 s cold and 3.5 s with inductor's on-disk cache warm (on by default, under
-``$TORCHINDUCTOR_CACHE_DIR``). ``generate`` compiled over eager: llama3-tiny (1M parameters) 2.0x at batch 1, 1.6x at
-batch 8 (0.46 ms saved per step); llama3-small-cpu (5M) 1.7x / 1.2x; gpt2-small-cpu (5M) 1.2x / 0.9x; the gpt2-124m
-shape 1.0x / 0.9x: once the matmuls dominate a step there is little launch overhead left to save, and the fixed-width
-attention reads more keys than the eager step. Hence the ``auto`` policy:
+Compiled once per machine: each graph is exported (``torch.export``) and compiled ahead of time
+(AOTInductor) into a package in :func:`cache_dir`, named by everything the compiled code depends on (torch version,
+CPU instruction set, this code and the model's, the model's shapes, the batch mode, width and threads). Building
+one takes ~20 s on 2 cores; loading it in a later process takes milliseconds (torch's C++ loader, no inductor
+import). Measured on the 2-core VM, 1 thread, 16-token prompts (``python -m benchmarks.compiled_decode`` has the
+table): ``generate`` compiled over eager is about 2x on llama3-tiny at batch 1 and less on wider models: once the
+matmuls dominate a step there is little launch overhead left to save, and the fixed-width attention reads more keys
+than the eager step (the gpt2-124m shape: about even). Hence the ``auto`` policy:
 
 - the serve engine (:class:`llmcore.serve.engine.Engine`) compiles on CPU by default, in a background thread, and
-  decodes eagerly until the graph is ready (a server runs long, and no request waits for the compiler); then it
-  times ``MEASURE_STEPS`` steps each way per batch size and width and keeps the faster;
-- ``generate`` (and ``llmcore ask``, which streams through it) compiles only once the model's decode steps in this
-  process, past and expected, reach ``COMPILE_AFTER_STEPS`` (what a warm compile buys back on llama3-tiny), or when
-  the graph exists already, then chooses by timing as the engine does; one ``ask`` answer (<= 256 steps, ~0.25 s)
-  never pays for a compile;
+  decodes eagerly until the graph is ready (a server runs long, and no request waits for the compiler; a cached
+  graph is ready at once); then it times ``MEASURE_STEPS`` steps each way per batch size and width and keeps the
+  faster;
+- ``generate`` (and ``llmcore ask``, which streams through it) uses a graph that is cached on disk from its first
+  step, and builds one only once the model's decode steps in this process, past and expected, reach
+  ``COMPILE_AFTER_STEPS``; then it chooses by timing as the engine does. One ``ask`` answer (<= 256 steps, ~0.25 s)
+  never waits for a build, but runs compiled once a server, a long run or ``ask --compiled-decode always`` built
+  the graph for its shape;
 - ``always`` (``LLMCORE_COMPILED_DECODE=always``, :func:`set_policy`, ``ask --compiled-decode``,
   ``Engine(compiled_decode=True)``) compiles at once and never times; ``never`` decodes eagerly;
 - CUDA and other devices decode eagerly (CUDA graphs are another piece of work: a ``"cuda"`` entry in
-  :data:`COMPILE_SETTINGS` with ``mode="reduce-overhead"`` plugs them in); anything that cannot be compiled (no C++
-  compiler, a non-stock block, a failed compile) decodes eagerly after one log line on the ``llmcore.decode`` logger.
+  :data:`INDUCTOR_CONFIGS` plugs a device in); anything that cannot be compiled (no C++ compiler, a non-stock block,
+  a failed build) decodes eagerly after one log line on the ``llmcore.decode`` logger.
 
 Batch shapes (``--batch-shapes``, per decode step): one graph for batch 1 and one with a dynamic batch >= 2 per width,
 not a graph per batch size (static batch 8 is 2-5% faster than the dynamic graph at 8 rows, for up to ``max_batch``
 compiles) nor always ``max_batch`` rows (1 stream would pay for 8: 1.75x the step on llama3-tiny, 3.1x at 124M).
 
-Reference: the static-cache decode recipe of pytorch-labs/gpt-fast (written anew for llmcore's model).
+The packages are native code that this process loads: they are built here, into the user's own cache folder, and
+never downloaded. Reference: the static-cache decode recipe of pytorch-labs/gpt-fast (written anew for llmcore's
+model), and PyTorch's AOTInductor.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
+import platform
 import shutil
+import sys
 import threading
 import time
-import types
 import weakref
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -65,27 +76,21 @@ log = logging.getLogger("llmcore.decode")
 
 POLICIES = ("auto", "always", "never")
 POLICY_ENV = "LLMCORE_COMPILED_DECODE"
-# ``auto`` compiles once a model's decode steps in this process (run + about to run) reach this many: the compile
-# (3.5 s with a warm inductor cache, 15 s cold) over the saving per step (0.46 ms on llama3-tiny, 1 thread).
-COMPILE_AFTER_STEPS = 10_000
+# ``auto`` builds a graph once a model's decode steps in this process (run + about to run) reach this many: a build
+# (~20 s on 2 cores) over the saving per step (0.5-1 ms on llama3-tiny, 1 thread); later processes load it for free.
+COMPILE_AFTER_STEPS = 20_000
 # ``auto`` then times this many steps each way per (rows, width) and keeps the faster (compiled wins on small models,
 # not always on bigger ones or full batches: see the module docstring).
 MEASURE_STEPS = 8
 # Cache widths: the full context when it is short, else powers of two from MIN_WIDTH (attention reads W keys per
 # row: at the 124M shape a 1024-wide cache costs +30% per step over a 128-wide one at batch 1, 2x at batch 8).
 MIN_WIDTH = 256
-# torch.compile settings per device type; a device type missing here decodes eagerly. CPU, measured by
-# ``python -m benchmarks.compiled_decode --options`` (llama3-tiny, 1 thread, batch 1 / 8, against neither):
-# inductor's cpp_wrapper (the graph's launcher in C++, not Python) +18% / +8%; no dynamo guards on the model's modules
-# +9% / +4% (safe because decoder_for checks the model's structure at every call, see _fingerprint); both +26% / +12%.
-# Not used: freezing (weights as constants: no faster, and it would miss weight updates). A "cuda" entry would also
-# need its steps synchronized before StaticDecoder.record times them (CPU steps are synchronous).
-COMPILE_SETTINGS: dict[str, dict[str, Any]] = {
-    "cpu": {
-        "mode": None,
-        "options": {"cpp_wrapper": True, "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe},
-    },
-}
+# Ahead-of-time compile settings per device type (inductor's, for ``aoti_compile_and_package``); a device type missing
+# here decodes eagerly. The step runs from C++ with no Python in between and no guards (decoder_for checks the
+# model's structure itself, see _fingerprint). Weights are inputs, not constants: no faster as constants on CPU, and
+# they would tie a package to one model and miss in-place weight updates.
+INDUCTOR_CONFIGS: dict[str, dict[str, Any]] = {"cpu": {}}
+CACHE_ENV = "LLMCORE_DECODE_CACHE"  # the folder of compiled steps (see cache_dir)
 
 _policy: str | None = None  # set_policy() over the environment variable
 
@@ -123,7 +128,7 @@ def unsupported(model: torch.nn.Module) -> str | None:
     if not isinstance(model, GPT):
         return f"{type(model).__name__} is not llmcore's GPT"
     device = model.tok_emb.weight.device
-    if device.type not in COMPILE_SETTINGS:
+    if device.type not in INDUCTOR_CONFIGS:
         return f"compiled decode is set up for CPU only (device {device.type})"
     if device.type == "cpu" and not _cxx():
         return "no C++ compiler (inductor builds the CPU kernels with one; $CXX, g++, c++ or clang++)"
@@ -169,32 +174,93 @@ def _decode_step(
     return logits, logits.argmax(-1)
 
 
-def _own_copy(fn: types.FunctionType) -> types.FunctionType:
-    """``fn`` with a code object of its own. Dynamo keeps compiled graphs, and its limit of recompiles, per code
-    object: a copy per (decoder, width) keeps models and widths from evicting each other's graphs."""
-    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+class _Step(torch.nn.Module):
+    """The decode step as a module over the model: what :func:`torch.func.functional_call` swaps weights into."""
+
+    def __init__(self, model: GPT):
+        super().__init__()
+        self.model = model
+
+    def forward(self, k, v, ids, slot, start):
+        return _decode_step(self.model, k, v, ids, slot, start)
+
+
+class _WeightsAsInputs(torch.nn.Module):
+    """What is compiled: the step with the model's parameters and buffers as inputs rather than constants, so one
+    compiled package serves every model of the same shape (on disk, across processes) and sees in-place weight
+    updates (no freezing)."""
+
+    def __init__(self, model: GPT, names: list[str]):
+        super().__init__()
+        self._step = (_Step(model),)  # in a tuple: not a submodule, so export lifts none of its weights
+        self.names = names
+
+    def forward(self, weights: list[torch.Tensor], k, v, ids, slot, start):
+        return torch.func.functional_call(
+            self._step[0], dict(zip(self.names, weights, strict=True)), (k, v, ids, slot, start)
+        )
+
+
+def _load_package(path: Path):
+    """A compiled step from its package, as a function of the step's arguments returning (logits, argmax).
+
+    torch's C++ loader directly (3 ms): ``torch._inductor.aoti_load_package`` wraps the same loader but imports
+    inductor first, about 1.5 s, which would cost a short ``ask`` more than compiled decoding saves it. The
+    package's inputs are the step's arguments flattened in order."""
+    loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
+
+    def step(weights, k, v, ids, slot, start):
+        logits, tokens = loader.run([*weights, *k, *v, ids, slot, start])
+        return logits, tokens
+
+    return step
+
+
+def cache_dir() -> Path:
+    """Where compiled decode steps are kept: ``$LLMCORE_DECODE_CACHE``, else ``$XDG_CACHE_HOME/llmcore/decode``
+    (``~/.cache/llmcore/decode``). Each file is a shared library built on this machine for one model shape; delete
+    the folder to rebuild them."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llmcore" / "decode"
+
+
+@functools.cache
+def _code_digest() -> str:
+    """The code a graph is traced from (the model and this step): a graph built from other code is not reused."""
+    h = hashlib.sha256()
+    for module in (sys.modules[GPT.__module__], sys.modules[__name__]):
+        h.update(Path(module.__file__).read_bytes())
+    return h.hexdigest()
 
 
 class StaticDecoder:
     """The compiled decode step of one model (see the module docstring); get it with :func:`decoder_for`.
 
     ``step`` runs a compiled graph when one is ready for the batch and width and returns None otherwise (the caller
-    then runs its eager step); ``compile`` builds one, in the calling thread or (``background=True``) in a worker
-    thread on scratch buffers, so a server keeps decoding eagerly meanwhile.
+    then runs its eager step); ``compile`` loads one from the on-disk cache or builds it, in the calling thread or
+    (``background=True``) in a worker thread on scratch buffers, so a server keeps decoding eagerly meanwhile.
     """
 
-    def __init__(self, model: GPT, mode: str | None = None, options: dict[str, Any] | None = None):
+    def __init__(self, model: GPT, inductor_configs: dict[str, Any] | None = None):
         self._model = weakref.ref(model)
         self.name = f"GPT {model.cfg.n_layers}x{model.cfg.emb_dim} ({model.cfg.pos_emb} positions)"
         self.cfg, self.fingerprint = model.cfg, _fingerprint(model)
-        self.mode, self.options = mode, dict(options or {})
+        self.inductor_configs = dict(inductor_configs or {})
+        # the tensors the graphs take as weights, in order: parameters (tied ones once), then buffers (RoPE's table)
+        step = _Step(model)
+        named = [*step.named_parameters(), *step.named_buffers()]
+        self._names = [n for n, _ in named]
+        self._weights = [t.detach() for _, t in named]  # views of the same storage: in-place updates are seen
+        c = model.cfg  # the strides of a cache view (a full-context buffer's), which the graph's indexing assumes
+        self._layout = (c.n_kv_heads * c.context_length * c.head_dim, c.context_length * c.head_dim, c.head_dim, 1)
         self.eager_steps = 0  # decode steps run eagerly on this model (the ``auto`` policy's history)
         self.compiled_steps = 0  # decode steps run compiled
+        self.loaded = 0  # graphs found in the on-disk cache (the rest were built)
         # (rows, width, threads) -> [best eager seconds, eager steps timed, best compiled seconds, compiled steps timed]
         self._timing: dict[tuple[int, int, int], list] = {}
         self.failed: str | None = None  # a compile or a compiled call failed: eager from then on
-        self._steps: dict[tuple[int, int], Any] = {}  # (width, threads) -> the compiled function
-        self._ready: set[tuple[bool, int, int]] = set()  # (batched, width, threads) compiled
+        self._steps: dict[tuple[bool, int, int], Any] = {}  # (batched, width, threads) -> the loaded graph
         self._pending: set[tuple[bool, int, int]] = set()
         self._lock = threading.Lock()
 
@@ -204,15 +270,31 @@ class StaticDecoder:
         return n > 1, width, torch.get_num_threads()
 
     def ready(self, n: int, width: int) -> bool:
-        return self.failed is None and self._key(n, width) in self._ready
+        return self.failed is None and self._key(n, width) in self._steps
 
-    def _fn(self, width: int, threads: int):
-        with self._lock:
-            if (width, threads) not in self._steps:
-                self._steps[width, threads] = torch.compile(
-                    _own_copy(_decode_step), fullgraph=True, dynamic=False, mode=self.mode, options=self.options
-                )
-            return self._steps[width, threads]
+    def package(self, n: int, width: int) -> Path:
+        """The cache file of the graph for ``n`` rows at ``width`` with this process's thread count: named by what
+        the compiled code depends on (torch, the CPU's instruction set, this code, the model's shapes and dtypes,
+        the batch mode, the width and the thread count its OpenMP loops were built for)."""
+        batched, width, threads = self._key(n, width)
+        h = hashlib.sha256()
+        parts = (
+            torch.__version__,
+            torch.backends.cpu.get_cpu_capability(),
+            platform.machine(),
+            _code_digest(),
+            repr(self.cfg),
+            [(name, tuple(t.shape), str(t.dtype)) for name, t in zip(self._names, self._weights, strict=True)],
+            batched,
+            width,
+            threads,
+        )
+        h.update(repr(parts).encode())
+        rows = "rows" if batched else "row1"
+        return (
+            cache_dir()
+            / f"decode-{self.cfg.n_layers}x{self.cfg.emb_dim}-{rows}-w{width}-t{threads}-{h.hexdigest()[:16]}.pt2"
+        )
 
     def _fail(self, what: str, e: BaseException) -> None:
         self.failed = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
@@ -220,32 +302,71 @@ class StaticDecoder:
 
     # -- compiling ------------------------------------------------------------------------------------
 
+    def cached(self, n: int, width: int) -> bool:
+        """Whether the graph for ``n`` rows at ``width`` is ready or waits in the on-disk cache (milliseconds to
+        load, where building it takes seconds)."""
+        return self.ready(n, width) or (self.failed is None and self.package(n, width).is_file())
+
     def compile(self, n: int, width: int, background: bool = False) -> bool:
-        """Compile the graph for ``n`` rows (1, or any n > 1) at ``width``; True once it is ready. In the background
-        it returns at once (False until the worker is done; one worker at a time, a call while one runs does
-        nothing)."""
+        """Load or build the graph for ``n`` rows (1, or any n > 1) at ``width``; True once it is ready. In the
+        background it returns at once (False until the worker is done; one worker at a time, a call while one runs
+        does nothing)."""
         key = self._key(n, width)
-        if self.failed is not None or key in self._ready:
+        if self.failed is not None or key in self._steps:
             return self.failed is None
         with self._lock:
             if key in self._pending or (background and self._pending):  # one background compile at a time
                 return False
             self._pending.add(key)
         if not background:
-            self._compile(key)
+            self._compile(key, self.package(n, width))
             return self.ready(n, width)
         # Not a daemon: the interpreter waits for a compile in flight at exit (one killed mid-way aborts the process).
-        threading.Thread(target=self._compile, args=(key,), name=f"compile-decode-{width}").start()
+        worker = threading.Thread(
+            target=self._compile, args=(key, self.package(n, width)), name=f"compile-decode-{width}"
+        )
+        worker.start()
         return False
 
-    def _compile(self, key: tuple[bool, int, int]) -> None:
-        """Trace and compile on scratch buffers laid out like a ``BatchedKVCache``'s (the guards match on shapes
-        and strides, so the graph then serves any cache of that layout)."""
+    def _compile(self, key: tuple[bool, int, int], path: Path) -> None:
         batched, width, threads = key
+        what = f"batch {'>= 2' if batched else 1}, width {width}, {threads} thread{'s' * (threads > 1)}"
+        began = time.perf_counter()
+        try:
+            step, built = self._load(path), False
+            if step is None:
+                torch.set_num_threads(threads)  # inductor's C++ loops are built for the thread count they run at
+                step, built = self._build(key, path), True
+        except Exception as e:  # no C++ compiler, an op inductor cannot lower, ...: eager from now on
+            self._fail(f"compiling for {what}", e)
+        else:
+            if step is not None:
+                how = "compiled" if built else "loaded"
+                log.info("%s the decode step of %s for %s in %.1f s", how, self.name, what, time.perf_counter() - began)
+                with self._lock:
+                    self._steps[key] = step
+                    self.loaded += not built
+        with self._lock:
+            self._pending.discard(key)
+
+    def _load(self, path: Path):
+        """The graph cached at ``path``, or None (none there, or one that does not load: rebuilt over it)."""
+        if not path.is_file():
+            return None
+        try:
+            return _load_package(path)
+        except Exception as e:
+            log.warning("cached decode step %s does not load (%s); building it anew", path, type(e).__name__)
+            return None
+
+    def _build(self, key: tuple[bool, int, int], path: Path):
+        """Export the step on scratch buffers laid out like the caches it will read (full-context buffers seen
+        through width-wide views: the graph's index arithmetic assumes those strides), compile it ahead of time
+        into a package under a temporary name, rename it into place and load it."""
+        batched, width, _ = key
         model = self._model()
         if model is None:
-            return
-        torch.set_num_threads(threads)  # inductor's C++ kernels are built for the thread count they run at
+            return None
         cfg, w = self.cfg, model.tok_emb.weight
         n = 2 if batched else 1
         shape = (n, cfg.n_kv_heads, cfg.context_length, cfg.head_dim)
@@ -253,22 +374,27 @@ class StaticDecoder:
         v = [torch.zeros(shape, dtype=w.dtype, device=w.device)[:, :, :width] for _ in range(cfg.n_layers)]
         ids = torch.zeros(n, 1, dtype=torch.long, device=w.device)
         slot, start = torch.zeros(n, dtype=torch.long, device=w.device), torch.zeros_like(ids[:, 0])
+        dynamic = None
         if batched:
-            for t in (*k, *v, ids, slot, start):
-                torch._dynamo.mark_dynamic(t, 0, min=2, max=1 << 16)
-        what = f"batch {'>= 2' if batched else 1}, width {width}, {threads} thread{'s' * (threads > 1)}"
-        began = time.perf_counter()
+            rows = torch.export.Dim("rows", min=2, max=1 << 16)
+            per_layer = [{0: rows}] * cfg.n_layers
+            dynamic = ([None] * len(self._weights), per_layer, per_layer, {0: rows}, {0: rows}, {0: rows})
+        with torch.no_grad():
+            program = torch.export.export(
+                _WeightsAsInputs(model, self._names), (self._weights, k, v, ids, slot, start), dynamic_shapes=dynamic
+            )
+        from torch import _inductor as inductor  # (only a build needs it: loading a package does not import it)
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.stem}.{os.getpid()}-{threading.get_ident()}.partial.pt2")  # (.pt2: aoti asks)
         try:
-            with torch.no_grad():
-                self._fn(width, threads)(model, k, v, ids, slot, start)
-        except Exception as e:  # no C++ compiler, an op inductor cannot lower, ...: eager from now on
-            self._fail(f"compiling for {what}", e)
-        else:
-            log.info("compiled the decode step of %s for %s in %.1f s", self.name, what, time.perf_counter() - began)
-            with self._lock:
-                self._ready.add(key)
-        with self._lock:
-            self._pending.discard(key)
+            inductor.aoti_compile_and_package(
+                program, package_path=str(partial), inductor_configs=self.inductor_configs
+            )
+            os.replace(partial, path)  # whole or absent: a process that reads it never sees half a package
+        finally:
+            partial.unlink(missing_ok=True)
+        return _load_package(path)
 
     # -- choosing by measurement ----------------------------------------------------------------------
 
@@ -332,8 +458,17 @@ class StaticDecoder:
         n, width = ids.shape[0], k[0].shape[2]
         if not self.ready(n, width):
             return None
+        if k[0].stride() != self._layout or k[0].dtype != self._weights[0].dtype:
+            self._fail(
+                "a decode step",
+                ValueError(
+                    f"cache views of strides {k[0].stride()}, {k[0].dtype}: the graph "
+                    f"was built for {self._layout}, {self._weights[0].dtype}"
+                ),
+            )
+            return None
         try:
-            out = self._steps[width, torch.get_num_threads()](self._model(), k, v, ids, slot, start)
+            out = self._steps[self._key(n, width)](self._weights, k, v, ids, slot, start)
         except Exception as e:
             self._fail(f"a decode step at batch {n}, width {width}", e)
             return None
@@ -357,8 +492,8 @@ def decoder_for(model: torch.nn.Module, policy_override: str | None = None) -> S
         log.info("the model behind %s changed (modules or parameters); compiling anew", decoder.name)
         decoder = None
     if reason is None and decoder is None:
-        settings = COMPILE_SETTINGS[model.tok_emb.weight.device.type]
-        decoder = _decoders[model] = StaticDecoder(model, **settings)
+        configs = INDUCTOR_CONFIGS[model.tok_emb.weight.device.type]
+        decoder = _decoders[model] = StaticDecoder(model, configs)
     if decoder is not None and decoder.failed is not None:
         reason = f"an earlier compile failed ({decoder.failed})"
     if reason is None:
@@ -372,6 +507,6 @@ def decoder_for(model: torch.nn.Module, policy_override: str | None = None) -> S
 def pays(decoder: StaticDecoder, n: int, width: int, steps: int) -> bool:
     """Whether ``generate`` should have a graph for ``steps`` decode steps of ``n`` rows (see the module docstring);
     :meth:`StaticDecoder.prefer` then picks each step's way."""
-    if decoder.ready(n, width) or policy() == "always":
+    if decoder.cached(n, width) or policy() == "always":
         return True
     return decoder.eager_steps + steps >= COMPILE_AFTER_STEPS
