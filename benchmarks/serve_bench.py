@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import threading
+import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -73,31 +74,31 @@ class _Tokens:
         return [int(t[1:]) for t in text.split()]
 
 
-def _stream_once(url: str, prompt: str, new: int) -> tuple[int, float]:
-    """One streaming /api/generate request: (eval_count, seconds to the first piece)."""
-    import http.client
+class _Clients:
+    """The client process (:mod:`benchmarks.http_clients`): started once per server, one job per run."""
 
-    host, port = url.removeprefix("http://").split(":")
-    conn = http.client.HTTPConnection(host, int(port), timeout=600)
-    body = {
-        "model": "bench",
-        "prompt": prompt,
-        "raw": True,
-        "stream": True,
-        "options": {"temperature": 0, "num_predict": new, "seed": 0},
-    }
-    start = time.perf_counter()
-    conn.request("POST", "/api/generate", json.dumps(body), {"Content-Type": "application/json"})
-    response = conn.getresponse()
-    ttft, count = None, 0
-    for line in response:
-        msg = json.loads(line)
-        if ttft is None and msg.get("response"):
-            ttft = time.perf_counter() - start
-        if msg.get("done"):
-            count = msg["eval_count"]
-    conn.close()
-    return count, ttft if ttft is not None else time.perf_counter() - start
+    def __init__(self):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.http_clients"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=REPO_ROOT,
+        )
+
+    def run(self, url: str, prompts: list[str], new: int) -> tuple[float, list[tuple[int, float]]]:
+        """(wall seconds, [(eval_count, ttft seconds)] per prompt) of the prompts sent at once."""
+        self.proc.stdin.write(json.dumps({"url": url, "prompts": prompts, "new": new}) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the client process exited ({self.proc.wait()})")
+        out = json.loads(line)
+        return out["wall_s"], [tuple(r) for r in out["results"]]
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=30)
 
 
 def bench_server(case: Case, model: GPT, log=print, admit_window: float | None = None) -> dict[str, Any]:
@@ -111,8 +112,9 @@ def bench_server(case: Case, model: GPT, log=print, admit_window: float | None =
     server = make_server({"bench": handle}, port=0).start()
     g = torch.Generator().manual_seed(0)
     results: dict[str, Any] = {}
+    clients = _Clients()  # in a process of their own, as a server's users are (see benchmarks.http_clients)
     try:
-        _stream_once(server.url, " ".join(f"t{i}" for i in range(case.prompt)), 4)  # warm-up
+        clients.run(server.url, [" ".join(f"t{i}" for i in range(case.prompt))], 4)  # warm-up
         for n in case.clients:
             rates, ttfts = [], []
             for _ in range(case.reps):
@@ -120,18 +122,7 @@ def bench_server(case: Case, model: GPT, log=print, admit_window: float | None =
                     " ".join(f"t{int(t)}" for t in torch.randint(0, tok.eot_id, (case.prompt,), generator=g))
                     for _ in range(n)
                 ]
-                out: list[tuple[int, float]] = [(0, 0.0)] * n
-
-                def client(i: int, prompts=prompts, out=out) -> None:
-                    out[i] = _stream_once(server.url, prompts[i], case.new)
-
-                threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
-                start = time.perf_counter()
-                for t in threads:
-                    t.start()
-                for t in threads:
-                    t.join()
-                wall = time.perf_counter() - start
+                wall, out = clients.run(server.url, prompts, case.new)
                 rates.append(sum(c for c, _ in out) / wall)
                 ttfts += [t for _, t in out]
             results[f"clients_{n}"] = {
@@ -148,6 +139,7 @@ def bench_server(case: Case, model: GPT, log=print, admit_window: float | None =
         # how the 8 "simultaneous" requests were admitted: prefill passes run, requests an idle engine waited for
         results["prefill_passes"], results["gathered"] = handle.engine.prefill_passes, handle.engine.gathered
     finally:
+        clients.close()
         server.shutdown()
         server.server_close()
     lo, hi = min(case.clients), max(case.clients)
