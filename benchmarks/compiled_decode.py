@@ -356,6 +356,12 @@ def batch_shape_rates(model: GPT, rows: int, steps: int, reps: int, log=print) -
         def run_library(views, ids_, slot, start_):
             return library.step(*views, ids_, slot, start_)
 
+        views = StaticDecoder.views(cache.k, cache.v, rows, width)  # the same step both ways: the same outputs
+        ours, theirs = (
+            run_library(views, ids, cache.lengths.clone(), start),
+            run_static(views, ids, cache.lengths, start),
+        )
+        matches = torch.equal(ours[1], theirs[1]) and torch.allclose(ours[0], theirs[0], rtol=1e-4, atol=1e-5)
         per_step = {
             "1 stream: batch-1 package (library)": timed(run_library, 1),
             f"1 stream: always {rows} rows": timed(run_static, rows),
@@ -364,11 +370,13 @@ def batch_shape_rates(model: GPT, rows: int, steps: int, reps: int, log=print) -
         }
         if library.failed:
             raise RuntimeError(f"the library's decode step failed: {library.failed}")
-    out = {}
+    out: dict[str, Any] = {}
     for name, seconds in per_step.items():
         streams = 1 if name.startswith("1 stream") else rows
         out[name] = {"us_per_step": seconds * 1e6, "tok_s": streams / seconds}
         log(f"  {name:52s} {seconds * 1e6:9.0f} us/step  {streams / seconds:8.0f} tok/s")
+    out["static_matches_library"] = matches  # the static package's logits and tokens are the dynamic one's
+    log(f"  the static package's outputs {'match' if matches else 'DIFFER FROM'} the library's")
     return out
 
 
