@@ -5,10 +5,13 @@ cores). The other modes (slow: a JIT compile, a static-batch build and a cold bu
 their complete report, with the eager tokens wherever tokens are decoded."""
 
 import json
+from pathlib import Path
 
 import pytest
 
 from benchmarks import compiled_decode
+from llmcore.models import static_decode
+from tests.conftest import REPO_ROOT
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -73,3 +76,13 @@ def test_batch_shapes_times_each_way_to_shape_the_batch(tmp_path) -> None:
         "3 streams: dynamic batch >= 2 package (library)",
     }
     assert all(row["us_per_step"] > 0 and row["tok_s"] > 0 for row in rows.values())
+
+
+def test_the_serving_page_names_the_decode_cache_and_the_build_threshold(monkeypatch) -> None:
+    """docs/serving.md's folder, variable and step count are the library's."""
+    page = (REPO_ROOT / "docs" / "serving.md").read_text(encoding="utf-8")
+    monkeypatch.delenv(static_decode.CACHE_ENV, raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    assert static_decode.cache_dir() == Path.home() / ".cache" / "llmcore" / "decode"
+    assert "`~/.cache/llmcore/decode`" in page and f"`${static_decode.CACHE_ENV}` moves it" in page
+    assert f"after ~{static_decode.COMPILE_AFTER_STEPS:,} decode steps" in page
