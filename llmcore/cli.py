@@ -284,8 +284,10 @@ def ask(
     threads: str = THREADS,
     compiled_decode: str = typer.Option(
         None,
-        help="auto | always | never: decode with the compiled step (CPU; seconds to compile). auto (the default, "
-        "or $LLMCORE_COMPILED_DECODE) compiles only where it pays, which one answer does not",
+        help="auto | always | never: decode with the compiled step (CPU; ~20 s to build once per machine and model "
+        "shape, then loaded from ~/.cache/llmcore/decode in milliseconds). auto (the default, or "
+        "$LLMCORE_COMPILED_DECODE) uses a step built already and builds one only where it pays, which one answer "
+        "does not",
     ),
 ) -> None:
     """Answer one instruction with an instruction model, streaming the answer as it is generated."""
