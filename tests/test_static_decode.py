@@ -1,9 +1,10 @@
 """Compiled decoding (llmcore.models.static_decode): the same tokens as eager decoding, greedy and seeded sampling,
-batch 1 and rows of different lengths, in ``generate`` and in the serve engine; one log line where it falls back.
+batch 1 and rows of different lengths, in ``generate`` and in the serve engine; one log line where it falls back;
+the packages kept on disk and loaded by later processes and other models of the same shape.
 
-Compiling costs seconds, so the models are tiny, module-scoped and reused: four graphs in all (two families x batch 1
-and batch >= 2, the engine's model repeating the llama ones), ~40 s cold on 2 cores, ~15 s with inductor's on-disk
-cache warm.
+Building a graph costs seconds, so the models are tiny, module-scoped and reused: four graphs in all (two families x
+batch 1 and batch >= 2, the engine's model and the later process loading the llama ones), about a minute on 2 cores,
+in the suite's own cache folder (conftest.py).
 """
 
 from __future__ import annotations

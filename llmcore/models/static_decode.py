@@ -1,7 +1,7 @@
 """Compiled decoding: one token per row over a static-shape KV cache, compiled ahead of time and kept on disk.
 
 A small model spends most of a decode step in Python and op launches, not arithmetic: on llama3-tiny (1M
-parameters) an eager ``generate`` step costs about 0.9 ms, of which each matmul is a few µs. The step here is
+parameters) an eager ``generate`` step costs 1-2 ms on the 2-core VM, of which each matmul is a few µs. The step here is
 written with static shapes only, so it exports as one graph that inductor compiles (C++ on CPU) into a few fused
 kernels driven from C++:
 
@@ -19,14 +19,15 @@ in-place weight updates are seen and one graph serves every model of the same sh
 >= 2, thread count): the batch dimension is dynamic above 1, so the serve engine's rows come and go without
 recompiling.
 
-Compiled once per machine: each graph is exported (``torch.export``) and compiled ahead of time
-(AOTInductor) into a package in :func:`cache_dir`, named by everything the compiled code depends on (torch version,
-CPU instruction set, this code and the model's, the model's shapes, the batch mode, width and threads). Building
-one takes ~20 s on 2 cores; loading it in a later process takes milliseconds (torch's C++ loader, no inductor
-import). Measured on the 2-core VM, 1 thread, 16-token prompts (``python -m benchmarks.compiled_decode`` has the
-table): ``generate`` compiled over eager is about 2x on llama3-tiny at batch 1 and less on wider models: once the
-matmuls dominate a step there is little launch overhead left to save, and the fixed-width attention reads more keys
-than the eager step (the gpt2-124m shape: about even). Hence the ``auto`` policy:
+Compiled once per machine: each graph is exported (``torch.export``) and compiled ahead of time (AOTInductor) into a
+package in :func:`cache_dir`, named by everything the compiled code depends on (torch version, CPU instruction set,
+this code and the model's, the model's shapes, the batch mode, width and threads). Building one takes ~20 s on 2
+cores for llama3-tiny, ~40 s at the 124M shape; loading it in a later process takes milliseconds (torch's C++
+loader, no inductor import). Measured on the 2-core VM, 1 thread, 16-token prompts (``python -m
+benchmarks.compiled_decode`` has the table): ``generate`` compiled over eager is about 2x on llama3-tiny at batch 1
+and less on wider models: once the matmuls dominate a step there is little launch overhead left to save, and the
+fixed-width attention reads more keys than the eager step (the gpt2-124m shape: about even). Hence the ``auto``
+policy:
 
 - the serve engine (:class:`llmcore.serve.engine.Engine`) compiles on CPU by default, in a background thread, and
   decodes eagerly until the graph is ready (a server runs long, and no request waits for the compiler; a cached
@@ -44,8 +45,9 @@ than the eager step (the gpt2-124m shape: about even). Hence the ``auto`` policy
   a failed build) decodes eagerly after one log line on the ``llmcore.decode`` logger.
 
 Batch shapes (``--batch-shapes``, per decode step): one graph for batch 1 and one with a dynamic batch >= 2 per width,
-not a graph per batch size (static batch 8 is 2-5% faster than the dynamic graph at 8 rows, for up to ``max_batch``
-compiles) nor always ``max_batch`` rows (1 stream would pay for 8: 1.75x the step on llama3-tiny, 3.1x at 124M).
+not a graph per batch size (a static batch-8 package was 1-3% slower than the dynamic one at 8 rows, and would cost up
+to ``max_batch`` builds) nor always ``max_batch`` rows (1 stream would pay for 8: 2.3x the step on llama3-tiny, 3.0x
+at 124M).
 
 The packages are native code that this process loads: they are built here, into the user's own cache folder, and
 never downloaded. Reference: the static-cache decode recipe of pytorch-labs/gpt-fast (written anew for llmcore's
@@ -275,7 +277,7 @@ class StaticDecoder:
     def package(self, n: int, width: int) -> Path:
         """The cache file of the graph for ``n`` rows at ``width`` with this process's thread count: named by what
         the compiled code depends on (torch, the CPU's instruction set, this code, the model's shapes and dtypes,
-        the batch mode, the width and the thread count its OpenMP loops were built for)."""
+        the compile settings, the batch mode, the width and the thread count its OpenMP loops were built for)."""
         batched, width, threads = self._key(n, width)
         h = hashlib.sha256()
         parts = (
@@ -284,6 +286,7 @@ class StaticDecoder:
             platform.machine(),
             _code_digest(),
             repr(self.cfg),
+            sorted(self.inductor_configs.items()),
             [(name, tuple(t.shape), str(t.dtype)) for name, t in zip(self._names, self._weights, strict=True)],
             batched,
             width,
