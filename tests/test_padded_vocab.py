@@ -133,9 +133,12 @@ def test_weight_files_are_byte_identical_and_load_back(tmp_path, preset):
     assert torch.equal(target.tok_emb.weight[:V], loaded.tok_emb.weight)
     assert torch.count_nonzero(target.tok_emb.weight[V:]) == 0
     again = load_checkpoint(b, config=padded.cfg)
-    assert again.tok_emb.weight.shape[0] == 128 and torch.equal(
-        again(torch.tensor([[1, 2]])).logits, loaded(torch.tensor([[1, 2]])).logits
-    )
+    assert again.tok_emb.weight.shape[0] == 128
+    # Close, not bit-equal: a head of 128 rows and one of 97 are different matmul shapes, and with a short input
+    # (M=2) a many-core BLAS may split the sum over emb_dim across threads differently for each (CI saw 1-ulp gaps).
+    idx = torch.tensor([[1, 2]])
+    torch.testing.assert_close(again(idx).logits, loaded(idx).logits, rtol=1e-5, atol=1e-6)
+    assert torch.equal(again(idx).logits.argmax(-1), loaded(idx).logits.argmax(-1))
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])

@@ -327,3 +327,31 @@ def test_fallbacks_decode_eagerly_with_one_log_line(models, policy, caplog, monk
     lines = [r.getMessage() for r in caplog.records if r.name == "llmcore.decode"]
     assert len(lines) == 1 and "failed" in lines[0], lines
     assert lines[0].endswith("RuntimeError: no C++ compiler found; decoding eagerly")  # one line of the error
+
+
+def test_a_build_leaves_the_model_alone_while_it_decodes(models, tmp_path, monkeypatch) -> None:
+    """The serve engine builds in a background thread while the model decodes eagerly: tracing must not swap the
+    model's own weights for tracing tensors (it traces a stand-in on the meta device)."""
+    monkeypatch.setenv(static_decode.CACHE_ENV, str(tmp_path))
+    model = GPT(models["gpt2"].cfg).eval()
+    weights = {name: p for name, p in model.named_parameters()}
+    seen = []
+    real_export = torch.export.export
+
+    def export_and_look(*args, **kwargs):
+        def look(*a, **k):
+            seen.append({name: p for name, p in model.named_parameters()} == weights)
+            return real_trace(*a, **k)
+
+        real_trace = torch.nn.Linear.forward
+        monkeypatch.setattr(torch.nn.Linear, "forward", look)
+        try:
+            return real_export(*args, **kwargs)
+        finally:
+            monkeypatch.setattr(torch.nn.Linear, "forward", real_trace)
+
+    monkeypatch.setattr(torch.export, "export", export_and_look)
+    decoder = static_decode.StaticDecoder(model)
+    assert decoder.compile(1, CTX), decoder.failed
+    assert seen and all(seen)  # during the trace, the model kept its own parameters
+    assert all(p is weights[name] for name, p in model.named_parameters())

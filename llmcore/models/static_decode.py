@@ -382,9 +382,17 @@ class StaticDecoder:
             rows = torch.export.Dim("rows", min=2, max=1 << 16)
             per_layer = [{0: rows}] * cfg.n_layers
             dynamic = ([None] * len(self._weights), per_layer, per_layer, {0: rows}, {0: rows}, {0: rows})
+        # Traced on a stand-in of the model's structure (weights on the meta device): functional_call swaps the traced
+        # module's weights for tracing tensors while export runs, and the model itself may be decoding in another
+        # thread meanwhile (the serve engine compiles in the background).
+        with torch.device("meta"):
+            shadow = GPT(self.cfg).eval()
+        shadow_names = [n for n, _ in (*_Step(shadow).named_parameters(), *_Step(shadow).named_buffers())]
+        if shadow_names != self._names:
+            raise ValueError(f"the model's weights {self._names} are not a stock GPT's ({shadow_names})")
         with torch.no_grad():
             program = torch.export.export(
-                _WeightsAsInputs(model, self._names), (self._weights, k, v, ids, slot, start), dynamic_shapes=dynamic
+                _WeightsAsInputs(shadow, self._names), (self._weights, k, v, ids, slot, start), dynamic_shapes=dynamic
             )
         from torch import _inductor as inductor  # (only a build needs it: loading a package does not import it)
 

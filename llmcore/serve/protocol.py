@@ -8,6 +8,8 @@ import asyncio
 import json
 import logging
 import math
+import threading
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -252,6 +254,48 @@ async def json_constraint(handle: ModelHandle, schema: dict | None, label: str) 
     return grammar.constraint()
 
 
+class _Inbox:
+    """Events from the engine thread to one event loop, with one wake-up in flight at a time.
+
+    Waking the loop (``call_soon_threadsafe``) writes to its self-pipe: one write per token per stream cost the engine
+    thread about a tenth of its time serving 8 streams of a small model. Events queue here instead, and the loop
+    drains them all at its next turn, in the order they came."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self.lock = loop, threading.Lock()
+        self.items: list[tuple[asyncio.Queue, Any]] = []
+        self.scheduled = False
+
+    def put(self, queue: asyncio.Queue, event: Any) -> None:
+        with self.lock:
+            self.items.append((queue, event))
+            if self.scheduled:
+                return
+            self.scheduled = True
+        try:
+            self.loop.call_soon_threadsafe(self._drain)
+        except RuntimeError:  # the loop is closed (the server stopped): nobody is left to read
+            with self.lock:
+                self.scheduled = False
+            raise
+
+    def _drain(self) -> None:
+        with self.lock:
+            items, self.items, self.scheduled = self.items, [], False
+        for queue, event in items:
+            queue.put_nowait(event)
+
+
+_inboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Inbox] = weakref.WeakKeyDictionary()
+
+
+def _inbox(loop: asyncio.AbstractEventLoop) -> _Inbox:
+    inbox = _inboxes.get(loop)
+    if inbox is None:
+        inbox = _inboxes[loop] = _Inbox(loop)  # (on the loop's own thread: no race to create it)
+    return inbox
+
+
 async def generate(
     handle: ModelHandle,
     prompt_ids: list[int],
@@ -265,11 +309,11 @@ async def generate(
     Leaving early (the client went away, the response task was cancelled) cancels the sequence, so its batch
     slot frees at the next decode step. ``constraint``: sampling limited to a JSON schema (:func:`json_constraint`).
     """
-    loop = asyncio.get_running_loop()
+    inbox = _inbox(asyncio.get_running_loop())
     events: asyncio.Queue = asyncio.Queue()
 
     def sink(event: str | Finished) -> None:
-        loop.call_soon_threadsafe(events.put_nowait, event)
+        inbox.put(events, event)
 
     sampling.stop_ids = (*sampling.stop_ids, *handle.stop_ids)
     job = Generation(prompt_ids, sampling, sink, stop=stop, sections=handle.sections, constraint=constraint)
