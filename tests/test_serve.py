@@ -6,6 +6,7 @@ temp dir; the server runs in-process on 127.0.0.1 with an ephemeral port.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import inspect
 import json
@@ -18,6 +19,7 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import ollama
 import pytest
@@ -31,6 +33,7 @@ from llmcore.models.generate import SamplingConfig, generate
 from llmcore.models.gpt import GPT
 from llmcore.models.responses import TextStream
 from llmcore.serve.app import make_server
+from llmcore.serve.engine import Finished
 from llmcore.serve.models import ModelHandle, chat_prompt, served_names
 from llmcore.text.prompts import extract_response, format_alpaca
 from llmcore.text.tokenizer import Tokenizer
@@ -426,3 +429,77 @@ def test_documented_multi_model_names_work() -> None:
         served_names(["/models/instruct", "/models/base"], ["base"])
     with pytest.raises(LLMCoreError, match="2 --name given for 1 --model"):
         served_names(["/models/instruct"], ["a", "b"])
+
+
+class _EchoEngine:
+    """An engine that answers a request at once, from the submitting thread: all its events are queued before the
+    consumer reads the first."""
+
+    def __init__(self, events: list):
+        self.events = events
+
+    def submit(self, job) -> None:
+        for event in self.events:
+            job.sink(event)
+
+
+def _handle(events: list) -> SimpleNamespace:
+    return SimpleNamespace(engine=_EchoEngine(events), stop_ids=(), sections=False)
+
+
+def test_events_that_came_together_are_one_batch() -> None:
+    """A loop that fell behind the engine writes what it has in one go (one socket write per stream, not per
+    token); the pieces keep their order and the Finished event ends the last batch."""
+    from llmcore.serve.protocol import collect, generate
+
+    done = Finished("stop", 2, 3)
+
+    async def batches(events: list) -> list:
+        return [batch async for batch in generate(_handle(events), [1, 2], SamplingConfig(), [], what="t")]
+
+    assert asyncio.run(batches(["a", "b", "c", done])) == [["a", "b", "c", done]]
+    assert asyncio.run(collect(generate(_handle(["x", "y", done]), [1], SamplingConfig(), [], what="t"))) == (
+        "xy",
+        done,
+    )
+
+    async def until_error() -> tuple[list, str]:
+        seen = []
+        failed = Finished("error", 2, 1, error="the step failed")
+        with pytest.raises(RuntimeError) as e:
+            async for batch in generate(_handle(["a", "b", failed]), [1], SamplingConfig(), [], what="t"):
+                seen.append(batch)
+        return seen, str(e.value)
+
+    assert asyncio.run(until_error()) == ([["a", "b"]], "the step failed")  # pieces before the error still go out
+
+
+def test_events_that_came_apart_are_separate_batches() -> None:
+    """A loop that keeps up gets each event as it comes: streaming still streams token by token."""
+    from llmcore.serve.protocol import generate
+
+    read = threading.Semaphore(0)  # released by the consumer after each batch
+
+    class SteppingEngine:  # emits from its own thread, the next event only once the last one was read
+        def submit(self, job) -> None:
+            def run() -> None:
+                for event in ["a", "b", "c", Finished("length", 1, 3)]:
+                    job.sink(event)
+                    read.acquire(timeout=10)
+
+            threading.Thread(target=run, daemon=True).start()
+
+    async def run() -> list:
+        out = []
+        handle = SimpleNamespace(engine=SteppingEngine(), stop_ids=(), sections=False)
+        async for batch in generate(handle, [1], SamplingConfig(), [], what="t"):
+            out.append(batch)
+            read.release()
+        return out
+
+    assert [[e if isinstance(e, str) else e.reason for e in b] for b in asyncio.run(run())] == [
+        ["a"],
+        ["b"],
+        ["c"],
+        ["length"],
+    ]

@@ -290,13 +290,15 @@ class OllamaAPI:
 
         async def lines():
             try:
-                async for event in events:
-                    if isinstance(event, Finished):
-                        final = {"model": name, "created_at": rfc3339(), **content(""), **stats(event)}
-                        yield json.dumps(final, ensure_ascii=False) + "\n"
-                    else:
-                        piece = {"model": name, "created_at": rfc3339(), **content(event), "done": False}
-                        yield json.dumps(piece, ensure_ascii=False) + "\n"
+                async for batch in events:  # one write per batch (see protocol.generate)
+                    out = []
+                    for event in batch:
+                        if isinstance(event, Finished):
+                            obj = {"model": name, "created_at": rfc3339(), **content(""), **stats(event)}
+                        else:
+                            obj = {"model": name, "created_at": rfc3339(), **content(event), "done": False}
+                        out.append(json.dumps(obj, ensure_ascii=False) + "\n")
+                    yield "".join(out)
             except RuntimeError as e:  # headers are out: report in the stream, as Ollama does
                 yield json.dumps({"error": str(e)}) + "\n"
             finally:

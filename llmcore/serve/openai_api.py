@@ -292,14 +292,17 @@ class OpenAIAPI:
             try:
                 if chat:
                     yield chunk(None, None, first=True)
-                async for event in events:
-                    if isinstance(event, Finished):
-                        yield chunk(None, finish.get(event.reason, "stop"))
-                        if include_usage:
-                            obj = {**head, "object": kind, "choices": [], "usage": usage(event)}
-                            yield f"data: {json.dumps(obj)}\n\n"
-                    else:
-                        yield chunk(event, None)
+                async for batch in events:  # one write per batch (see protocol.generate)
+                    out = []
+                    for event in batch:
+                        if isinstance(event, Finished):
+                            out.append(chunk(None, finish.get(event.reason, "stop")))
+                            if include_usage:
+                                obj = {**head, "object": kind, "choices": [], "usage": usage(event)}
+                                out.append(f"data: {json.dumps(obj)}\n\n")
+                        else:
+                            out.append(chunk(event, None))
+                    yield "".join(out)
             except RuntimeError as e:  # headers are out: an error event, as OpenAI streams do
                 yield f"data: {json.dumps({'error': {'message': str(e), 'type': 'server_error'}})}\n\n"
             finally:

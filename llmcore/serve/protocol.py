@@ -227,15 +227,16 @@ class Stream(StreamingResponse):
             await self.body_iterator.aclose()
 
 
-async def collect(events: AsyncIterator[str | Finished]) -> tuple[str, Finished | None]:
+async def collect(events: AsyncIterator[list[str | Finished]]) -> tuple[str, Finished | None]:
     """A non-streamed answer: the whole text and the final event (None if the stream ended without one)."""
     pieces, done = [], None
     try:
-        async for event in events:
-            if isinstance(event, Finished):
-                done = event
-            else:
-                pieces.append(event)
+        async for batch in events:
+            for event in batch:
+                if isinstance(event, Finished):
+                    done = event
+                else:
+                    pieces.append(event)
     finally:
         await events.aclose()
     return "".join(pieces), done
@@ -303,8 +304,14 @@ async def generate(
     stop: list[str],
     what: str,
     constraint: Constraint | None = None,
-) -> AsyncIterator[str | Finished]:
-    """Run one request on the model's engine; yield text pieces, then the :class:`Finished` event.
+) -> AsyncIterator[list[str | Finished]]:
+    """Run one request on the model's engine; yield its events in batches: text pieces, the last batch ending with
+    the :class:`Finished` event.
+
+    A batch is every event that had come when the consumer asked for more: usually one piece, more when the event loop
+    fell behind the engine (a busy machine, many streams). A streaming response writes a batch at once, so a loop
+    that is behind catches up with one socket write per stream, not one per token: each write lets go of the
+    interpreter lock, and getting it back from the engine's thread can cost a thread switch interval.
 
     Leaving early (the client went away, the response task was cancelled) cancels the sequence, so its batch
     slot frees at the next decode step. ``constraint``: sampling limited to a JSON schema (:func:`json_constraint`).
@@ -320,15 +327,18 @@ async def generate(
     handle.engine.submit(job)
     done = False
     try:
-        while True:
-            event = await events.get()
-            if isinstance(event, Finished):
+        while not done:
+            batch = [await events.get()]
+            while not events.empty():
+                batch.append(events.get_nowait())
+            end = batch[-1]  # the engine sends nothing after Finished
+            if isinstance(end, Finished):
                 done = True
-                if event.reason == "error":
-                    raise RuntimeError(event.error)
-                yield event
-                return
-            yield event
+                if end.reason == "error":
+                    if len(batch) > 1:
+                        yield batch[:-1]
+                    raise RuntimeError(end.error)
+            yield batch
     finally:
         if not done:
             job.cancel()
