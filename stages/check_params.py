@@ -65,8 +65,8 @@ app = typer.Typer(add_completion=False)
 
 @app.command()
 def main(
-    params: Path = typer.Option(Path("params.yaml"), help="params file"),
-    out: Path = typer.Option(Path("data/params-checked.txt"), help="written (always the same line) when it is valid"),
+    params: Path = typer.Option(..., help="params file"),
+    out: Path = typer.Option(..., help="written (always the same line) when it is valid"),
 ) -> None:
     """Check params.yaml the way every stage reads it; a DVC stage that runs before all others."""
     with stage_errors():

@@ -179,9 +179,9 @@ app = typer.Typer(add_completion=False)
 
 @app.command()
 def main(
-    params: Path = typer.Option(Path("params.yaml"), help="params file"),
-    raw_dir: Path = typer.Option(Path("data/raw"), help="where sources land, one folder each"),
-    reports: Path = typer.Option(Path("reports/download"), help="metrics folder"),
+    params: Path = typer.Option(..., help="params file"),
+    raw_dir: Path = typer.Option(..., help="where sources land, one folder each"),
+    reports: Path = typer.Option(..., help="metrics folder"),
     only: list[str] = typer.Option(None, help="fetch only these sources (repeatable)"),
 ) -> None:
     """Download, verify and check every source declared in params.yaml."""

@@ -247,11 +247,11 @@ app = typer.Typer(add_completion=False)
 
 @app.command()
 def main(
-    params: Path = typer.Option(Path("params.yaml"), help="params file"),
-    responses: Path = typer.Option(Path("reports/instruct/responses.json"), help="instruct stage responses"),
-    model_dir: Path = typer.Option(Path("data/models/instruct"), help="instruction model (for the test loss)"),
-    cache: Path = typer.Option(Path("data/cache/judge.jsonl"), help="judge answer cache"),
-    reports: Path = typer.Option(Path("reports/evaluate"), help="metrics folder"),
+    params: Path = typer.Option(..., help="params file"),
+    responses: Path = typer.Option(..., help="instruct stage responses"),
+    model_dir: Path = typer.Option(..., help="instruction model (for the test loss)"),
+    cache: Path = typer.Option(..., help="judge answer cache"),
+    reports: Path = typer.Option(..., help="metrics folder"),
     base_responses: Path = typer.Option(
         None,
         help="the base model's answers to the same prompts, to compare with "

@@ -184,12 +184,12 @@ app = typer.Typer(add_completion=False)
 
 @app.command()
 def main(
-    params: Path = typer.Option(Path("params.yaml"), help="params file"),
-    raw_dir: Path = typer.Option(Path("data/raw"), help="downloaded sources"),
-    models_dir: Path = typer.Option(Path("data/models"), help="model folders (judge mode answers with one)"),
-    out: Path = typer.Option(Path("data/align/pairs.json"), help="the pairs file"),
-    reports: Path = typer.Option(Path("reports/align"), help="where pairs.json (counts) goes"),
-    cache: Path = typer.Option(Path("data/cache/judge.jsonl"), help="judge answer cache (judge mode)"),
+    params: Path = typer.Option(..., help="params file"),
+    raw_dir: Path = typer.Option(..., help="downloaded sources"),
+    models_dir: Path = typer.Option(..., help="model folders (judge mode answers with one)"),
+    out: Path = typer.Option(..., help="the pairs file"),
+    reports: Path = typer.Option(..., help="where pairs.json (counts) goes"),
+    cache: Path = typer.Option(..., help="judge answer cache (judge mode)"),
 ) -> None:
     """Build the train/validation preference pairs (from the dataset or by asking the judge)."""
     with stage_errors():

@@ -246,11 +246,11 @@ app = typer.Typer(add_completion=False)
 
 @app.command()
 def main(
-    params: Path = typer.Option(Path("params.yaml"), help="params file (sections model, hardware, pretrain)"),
-    tokens: Path = typer.Option(Path("data/tokens"), help="tokenize stage output"),
-    out: Path = typer.Option(Path("data/models/pretrain"), help="model folder to write"),
-    reports: Path = typer.Option(Path("reports/pretrain"), help="metrics, samples and curves"),
-    ckpt: Path = typer.Option(Path(".cache/pretrain"), help="resumable checkpoints (keep out of DVC outs)"),
+    params: Path = typer.Option(..., help="params file (sections model, hardware, pretrain)"),
+    tokens: Path = typer.Option(..., help="tokenize stage output"),
+    out: Path = typer.Option(..., help="model folder to write"),
+    reports: Path = typer.Option(..., help="metrics, samples and curves"),
+    ckpt: Path = typer.Option(..., help="resumable checkpoints (keep out of DVC outs)"),
 ) -> None:
     """Pretrain the model on data/tokens; resumes from --ckpt after a crash."""
     start = time.perf_counter()

@@ -87,9 +87,9 @@ def committed_params(params: Path) -> dict | None:
 
 @app.command()
 def main(
-    params: Path = typer.Option(Path("params.yaml"), help="params file"),
-    reports: Path = typer.Option(Path("reports"), help="the stages' reports folder"),
-    dvc_yaml: Path = typer.Option(Path("dvc.yaml"), help="the pipeline (which stages exist)"),
+    params: Path = typer.Option(..., help="params file"),
+    reports: Path = typer.Option(..., help="the stages' reports folder"),
+    dvc_yaml: Path = typer.Option(..., help="the pipeline (which stages exist)"),
 ) -> None:
     """Write report.md, report.html and figures/ from the stages' outputs."""
     with stage_errors():

@@ -152,11 +152,11 @@ app = typer.Typer(add_completion=False)
 
 @app.command()
 def main(
-    params: Path = typer.Option(Path("params.yaml"), help="params file"),
-    raw_dir: Path = typer.Option(Path("data/raw"), help="downloaded sources"),
-    out: Path = typer.Option(Path("data/tokens"), help="output folder"),
-    reports: Path = typer.Option(Path("reports/tokenize"), help="metrics folder"),
-    work: Path = typer.Option(Path(".cache/tokenize"), help="resumable work folder (keep out of DVC outs)"),
+    params: Path = typer.Option(..., help="params file"),
+    raw_dir: Path = typer.Option(..., help="downloaded sources"),
+    out: Path = typer.Option(..., help="output folder"),
+    reports: Path = typer.Option(..., help="metrics folder"),
+    work: Path = typer.Option(..., help="resumable work folder (keep out of DVC outs)"),
 ) -> None:
     """Train/load the tokenizer and encode the corpus into train/val token shards with a manifest."""
     with stage_errors():
