@@ -59,7 +59,7 @@ from llmcore.text.tokenizer import Tokenizer
 from llmcore.threads import threads_for_inference
 from llmcore.training.config import HardwareConfig, TrainConfig
 from llmcore.training.flops import measure_matmul_peak
-from llmcore.training.loop import FitResult, fit, lm_loss
+from llmcore.training.loop import FitResult, curves_logger, fit, lm_loss
 from llmcore.training.runtime import Runtime, close_runtime, init_runtime, relaunch_if_several
 from llmcore.weights.model_dir import save_model_dir
 
@@ -273,11 +273,7 @@ def main(
         on_eval = make_bpb_eval(p, val_tokens, tok, model_cfg.context_length, hw, rt)
         torch.manual_seed(p.train.seed)  # the same initial weights on every rank
         model = GPT(model_cfg)
-        live = None
-        if rt.is_main:
-            from dvclive import Live  # imported late: it pulls in dvc
-
-            live = Live(dir=str(reports / "live"), dvcyaml=False, save_dvc_exp=False)
+        live = curves_logger(reports / "live") if rt.is_main else None
         shards = {
             split: [[e["file"], e.get("tokens"), e.get("sha256")] for e in shard_entries(tokens, split, meta)]
             for split in ("train", "val")

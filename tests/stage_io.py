@@ -1,0 +1,284 @@
+"""What each pipeline stage reads and writes, traced, and checked against what dvc.yaml declares for it.
+
+**The tracer** (``install``) runs inside the stage processes: ``tests/stage_io_site/sitecustomize.py`` imports this
+file when ``tests/stage_io_site`` is on ``PYTHONPATH`` and ``STAGE_IO_LOG`` names a folder. In a process started as
+``python -m stages.<name> ...`` (and in any process such a stage starts: it inherits the stage's command line through
+``STAGE_IO_STAGE``) an audit hook (``sys.addaudithook``) logs every file the process opens, with whether it opened
+it to read or to write, plus the renames (a file or folder written as a temporary beside its destination, then
+renamed onto it: ``llmcore.common.atomic_path``), removals, new folders and folder listings. One JSON-lines file per
+process under ``STAGE_IO_LOG``: a header with the stage's command line and working directory, then one
+``[kind, path]`` (or ``["mv", src, dst]``) a line, each logged once, paths relative to the working directory (the
+repository DVC runs the stage in). Paths outside it (the interpreter, site-packages, /tmp) are not logged.
+Other processes (``dvc`` itself, the tests) are left alone. The tracer uses the standard library only.
+
+What the audit hook cannot see: files opened by native code without Python's ``open`` (safetensors' Rust reader and
+writer, torch's C++ zip writer). The stages write those through a temporary folder renamed into place, and read
+them beside files Python opens (a model folder's ``tokenizer.json``), so the folders are still seen.
+
+**The check** (``problems``) maps each logged path to the stage's declared deps and outs (metrics and plots included;
+a folder holds its files) and names every stage and path that breaks the rules; see ``problems``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+from collections.abc import Iterable
+from pathlib import Path
+
+LOG_ENV = "STAGE_IO_LOG"  # the folder the logs go to; unset, the tracer does nothing
+STAGE_ENV = "STAGE_IO_STAGE"  # the stage's command line (JSON), passed on to the processes the stage starts
+
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+_EVENTS = frozenset(
+    {
+        "open",
+        "os.rename",
+        "os.replace",
+        "os.remove",
+        "os.rmdir",
+        "os.mkdir",
+        "os.listdir",
+        "os.scandir",
+        "os.link",
+        "os.symlink",
+        "shutil.copyfile",
+        "shutil.copytree",
+        "shutil.move",
+        "shutil.rmtree",
+    }
+)
+
+
+def _stage_argv() -> list[str] | None:
+    """The command line of the stage this process belongs to: its own for ``python -m stages.<name>``, else the
+    inherited one (a process the stage started), else None (not a stage's process)."""
+    inherited = os.environ.get(STAGE_ENV)
+    if inherited:
+        return json.loads(inherited)
+    argv = list(getattr(sys, "orig_argv", []))
+    if "-m" in argv[:-1] and argv[argv.index("-m") + 1].startswith("stages."):
+        return argv
+    return None
+
+
+def install() -> bool:
+    """Start tracing this process if it is a pipeline stage's and ``STAGE_IO_LOG`` is set; True when it did."""
+    log_dir = os.environ.get(LOG_ENV)
+    argv = _stage_argv() if log_dir else None
+    if argv is None:
+        return False
+    os.environ[STAGE_ENV] = json.dumps(argv)
+    root = os.getcwd()
+    os.makedirs(log_dir, exist_ok=True)
+    # opened before the hook is added, and written with os.write (never audited): the log never logs itself
+    fd = os.open(os.path.join(log_dir, f"{os.getpid()}.jsonl"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.write(fd, (json.dumps({"argv": argv, "cwd": root, "pid": os.getpid()}) + "\n").encode())
+    roots = {root, os.path.realpath(root)}
+    seen: set[tuple] = set()
+    busy = threading.local()
+
+    def rel(path) -> str | None:
+        if isinstance(path, int) or path is None:  # a file descriptor: opened (and logged) by path before
+            return None
+        path = os.fsdecode(os.fspath(path))
+        absolute = os.path.normpath(os.path.join(os.getcwd(), path))
+        for r in roots:
+            if absolute == r or absolute.startswith(r + os.sep):
+                return os.path.relpath(absolute, r).replace(os.sep, "/")
+        return None
+
+    def log(*record) -> None:
+        if None in record[1:] or record in seen:
+            return
+        seen.add(record)
+        os.write(fd, (json.dumps(list(record)) + "\n").encode())
+
+    def hook(event: str, args: tuple) -> None:
+        if event not in _EVENTS or getattr(busy, "on", False):
+            return
+        busy.on = True
+        try:
+            if event == "open":
+                path, mode, flags = args
+                if isinstance(mode, str):
+                    write = any(c in mode for c in "wax+")
+                else:  # os.open: the flags say
+                    write = bool((flags or 0) & _WRITE_FLAGS)
+                log("w" if write else "r", rel(path))
+            elif event in ("os.rename", "os.replace", "shutil.move"):
+                log("mv", rel(args[0]), rel(args[1]))
+            elif event in ("os.link", "os.symlink", "shutil.copyfile", "shutil.copytree"):
+                log("r", rel(args[0]))
+                log("w", rel(args[1]))
+            elif event in ("os.remove", "os.rmdir", "shutil.rmtree"):
+                log("rm", rel(args[0]))
+            elif event == "os.mkdir":
+                log("mkdir", rel(args[0]))
+            else:  # os.listdir, os.scandir: a folder's names read
+                log("ls", rel(args[0] if args[0] is not None else "."))
+        except Exception:  # noqa: BLE001 (the traced program must never fail because of its tracer)
+            pass
+        finally:
+            busy.on = False
+
+    sys.addaudithook(hook)
+    return True
+
+
+# --------------------------------------------------------------------------------------------------
+# The check
+
+
+def under(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
+def read_logs(log_dir: Path) -> list[dict]:
+    """Each traced process: ``{"argv", "cwd", "pid", "events": [[kind, path...], ...]}``."""
+    out = []
+    for f in sorted(Path(log_dir).glob("*.jsonl")):
+        lines = f.read_text().splitlines()
+        out.append({**json.loads(lines[0]), "events": [json.loads(line) for line in lines[1:]]})
+    return out
+
+
+# Python's own reads and writes of the project's code: the stage's code deps, checked against its imports by
+# tests/test_deps.py (a .py file in the project's packages, and the byte-code cache Python writes beside it).
+CODE = ("llmcore/", "stages/", "tools/")
+
+
+def is_code(path: str) -> bool:
+    return "/__pycache__/" in f"/{path}" or path.startswith(CODE) and path.endswith(".py")
+
+
+# Read or written by every stage and declared as no stage's dep or out, deliberately:
+# - params.yaml: each stage declares the keys it reads as `params` (tests/test_deps.py checks them), not the file;
+# - .dvc/: DVC's own configuration and state, which dvclive opens (the stages' curves writer; see curves_logger).
+NOT_DVC_PATHS = ("params.yaml", ".dvc/")
+# Read by one stage and refused by DVC as a dep: the report reads dvc.yaml for the pipeline's stage names.
+EXEMPT_READS = {"report": ("dvc.yaml",)}
+# Folders a stage's command passes that are deliberately not DVC outputs: DVC deletes a stage's outputs before it
+# runs it, and these must outlive a run (a forced `dvc repro -f` resumes from them or reuses them):
+# - .cache/<stage>/: resumable training checkpoints and tokenize's work folder (a killed run resumes there);
+# - data/cache/: the judge's answers, shared by preferences and evaluate (two stages cannot share an output);
+# - data/hub/: Hub downloads of the import stage, kept per repo/revision while their digests match.
+# A stage may use them only where its command names them: one stage's cache is no other stage's input.
+CACHES = (".cache/", "data/cache/", "data/hub/")
+
+
+def cache_paths(cmd_words: Iterable[str]) -> list[str]:
+    return [w.rstrip("/") for w in cmd_words if w.startswith(CACHES)]
+
+
+def resolve_moves(path: str, moves: list[tuple[str, str]]) -> str:
+    """Where a path written inside a temporary ended up: renamed onto its destination (a folder's files with it)."""
+    for _ in range(len(moves) + 1):
+        for src, dst in moves:
+            if under(path, src):
+                path = dst + path[len(src) :]
+                break
+        else:
+            return path
+    return path
+
+
+def declared(body: dict, resolve) -> tuple[list[str], list[str]]:
+    """A stage's data deps and its outputs (outs, metrics, plots), ``${...}`` filled in by ``resolve``."""
+    deps = [resolve(d) for d in body.get("deps") or [] if not (d.startswith(CODE) and d.endswith(".py"))]
+    outs = [
+        resolve(e if isinstance(e, str) else next(iter(e)))
+        for k in ("outs", "metrics", "plots")
+        for e in body.get(k) or []
+    ]
+    # data/params-checked.txt: check-params' output, a dep of every other stage to order it first; no script reads it
+    return [d for d in deps if d not in NOT_DVC_PATHS and d != "data/params-checked.txt"], outs
+
+
+def check_stage(name: str, cmd_words: list[str], deps: list[str], outs: list[str], events: list[list]) -> list[str]:
+    """The rules, for one stage's traced events (all its processes together):
+
+    - every path it reads lies in a declared dep or out (reading its own outputs back is fine), or is exempt;
+    - every path it writes, renames onto, removes or makes lies in a declared out (a file written as a temporary
+      counts where it was renamed to; a folder made or listed may also be one that holds a declared path);
+    - it reads every declared dep (a file in it, for a folder) and writes every declared out;
+    - caches (``CACHES``) only where its command names them, never as deps or outs.
+    """
+    caches = cache_paths(cmd_words)
+    moves = [(e[1], e[2]) for e in events if e[0] == "mv" and e[1] and e[2]]
+    exempt = EXEMPT_READS.get(name, ())
+
+    def ignored(path: str) -> bool:
+        return is_code(path) or path.startswith(NOT_DVC_PATHS) or any(under(path, c) for c in caches)
+
+    def holds_declared(path: str) -> bool:  # a folder above a declared dep or out (made, or listed)
+        return path == "." or any(under(p, path) for p in [*deps, *outs])
+
+    problems, read, written = [], set(), set()
+    for kind, *paths in events:
+        if kind == "mv":
+            src, dst = paths
+            if dst and not ignored(dst) and not any(under(dst, o) for o in outs):
+                problems.append(f"{name}: renames onto {dst}, which is no declared out")
+            continue
+        path = paths[0]
+        if path is None or ignored(path):
+            continue
+        if kind in ("r", "ls"):
+            if any(under(path, d) for d in [*deps, *outs]) or path in exempt:
+                read.add(path)
+            elif not (kind == "ls" and holds_declared(path)):
+                problems.append(f"{name}: reads {path}, which is no declared dep")
+        else:  # "w", "rm", "mkdir"
+            final = resolve_moves(path, moves)
+            if any(under(final, o) for o in outs):
+                written.add(final)
+            elif kind == "mkdir" and holds_declared(final):
+                pass
+            elif kind == "rm" and any(under(src, final) or under(final, src) for src, _ in moves):
+                pass  # a temporary removed (the one renamed away, or a stale one beside it)
+            else:
+                what = {"w": "writes", "rm": "removes", "mkdir": "makes"}[kind]
+                problems.append(f"{name}: {what} {path}, which is no declared out")
+    for d in deps:
+        if not any(under(p, d) for p in read):
+            problems.append(f"{name}: never reads its declared dep {d}")
+    for o in outs:
+        if not any(under(p, o) for p in written):
+            problems.append(f"{name}: never writes its declared out {o}")
+    return problems
+
+
+def problems(spec: dict, logs: list[dict], resolve) -> list[str]:
+    """Every rule broken by every stage that ran (``check_stage``), by dvc.yaml's ``spec`` and the traced ``logs``.
+
+    Each process is the stage whose command line it ran (or inherited); ``resolve`` fills in a path's ``${...}``.
+    A traced process no stage of ``spec`` runs is a problem too (the check would say nothing about it).
+    """
+    import shlex
+
+    by_stage: dict[str, list] = {}
+    commands = {}
+    for name, body in spec["stages"].items():
+        if "foreach" not in body:
+            commands[name] = shlex.split(resolve(body["cmd"]))
+    out = []
+    for proc in logs:
+        argv = proc["argv"]
+        module = argv[argv.index("-m") + 1] if "-m" in argv else None
+        names = [
+            n
+            for n, words in commands.items()
+            if "-m" in words and words[words.index("-m") :] == argv[argv.index("-m") :]
+        ]
+        if not names:
+            out.append(f"a traced process runs no stage's command: {' '.join(argv)} ({module})")
+            continue
+        by_stage.setdefault(names[0], []).extend(proc["events"])
+    for name, events in by_stage.items():
+        body = spec["stages"][name]
+        deps, outs = declared(body, resolve)
+        out += check_stage(name, commands[name], deps, outs, events)
+    return out
