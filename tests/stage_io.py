@@ -147,11 +147,15 @@ def read_logs(log_dir: Path) -> list[dict]:
 
 # Python's own reads and writes of the project's code: the stage's code deps, checked against its imports by
 # tests/test_deps.py (a .py file in the project's packages, and the byte-code cache Python writes beside it).
-CODE = ("llmcore/", "stages/", "tools/")
+CODE = ("llmcore/", "stages/", "tools/")  # a folder name ends with "/"
 
 
 def is_code(path: str) -> bool:
-    return "/__pycache__/" in f"/{path}" or path.startswith(CODE) and path.endswith(".py")
+    """A module, a package folder (listed by the import system) or byte-code of the project's packages."""
+    if "/__pycache__/" in f"/{path}":
+        return True
+    in_package = any(under(path, c.rstrip("/")) for c in CODE)
+    return in_package and (path.endswith(".py") or not Path(path).suffix)
 
 
 # Read or written by every stage and declared as no stage's dep or out, deliberately:
@@ -213,16 +217,13 @@ def check_stage(name: str, cmd_words: list[str], deps: list[str], outs: list[str
     def ignored(path: str) -> bool:
         return is_code(path) or path.startswith(NOT_DVC_PATHS) or any(under(path, c) for c in caches)
 
-    def holds_declared(path: str) -> bool:  # a folder above a declared dep or out (made, or listed)
-        return path == "." or any(under(p, path) for p in [*deps, *outs])
+    def holds_declared(path: str) -> bool:  # a folder above a declared dep, out or cache (made, or listed)
+        return path == "." or any(under(p, path) for p in [*deps, *outs, *caches])
 
     problems, read, written = [], set(), set()
     for kind, *paths in events:
-        if kind == "mv":
-            src, dst = paths
-            if dst and not ignored(dst) and not any(under(dst, o) for o in outs):
-                problems.append(f"{name}: renames onto {dst}, which is no declared out")
-            continue
+        if kind == "mv":  # a rename writes its destination
+            kind, paths = "w", paths[1:]
         path = paths[0]
         if path is None or ignored(path):
             continue
@@ -241,14 +242,14 @@ def check_stage(name: str, cmd_words: list[str], deps: list[str], outs: list[str
                 pass  # a temporary removed (the one renamed away, or a stale one beside it)
             else:
                 what = {"w": "writes", "rm": "removes", "mkdir": "makes"}[kind]
-                problems.append(f"{name}: {what} {path}, which is no declared out")
+                problems.append(f"{name}: {what} {final}, which is no declared out")
     for d in deps:
         if not any(under(p, d) for p in read):
             problems.append(f"{name}: never reads its declared dep {d}")
     for o in outs:
         if not any(under(p, o) for p in written):
             problems.append(f"{name}: never writes its declared out {o}")
-    return problems
+    return list(dict.fromkeys(problems))  # a temporary and the rename onto its destination: one problem
 
 
 def problems(spec: dict, logs: list[dict], resolve) -> list[str]:
