@@ -1,6 +1,9 @@
 """Stage `align`: Direct Preference Optimization of the instruction model on the preference pairs.
 
-    python -m stages.align      # DPO from data/models/${align.base_model} on data/align/pairs.json
+    dvc repro align              # DPO from data/models/${align.base_model} on data/align/pairs.json; its command:
+    python -m stages.align --params params.yaml --pairs data/align/pairs.json \
+        --test-prompts reports/instruct/responses.json --models-dir data/models --out data/models/align \
+        --reports reports/align --work-dir .cache/align
 
 The pairs come from the `preferences` stage (``stages/preferences.py``); its keys of the ``align`` section
 (``llmcore.data.pairs.PreferencesParams``) are part of this stage's schema too, which validates the whole section.

@@ -1,6 +1,8 @@
 """Stage `classify`: fine-tune the base model into an SMS spam classifier (the book's chapter 6), and `predict`.
 
-    python -m stages.classify                                   # the DVC stage: fine-tune, evaluate, save
+    dvc repro classify           # the DVC stage: fine-tune, evaluate, save; its dvc.yaml command passes every path:
+    python -m stages.classify --params params.yaml --data data/raw/sms-spam/SMSSpamCollection --models-dir data/models \
+        --out data/models/classify --reports reports/classify --work-dir .cache/classify
     python -m stages.classify predict "WINNER!! Claim your prize now" "See you at 6?"
     cut -f2 data/raw/sms-spam/SMSSpamCollection | head | python -m stages.classify predict   # one text a line
 

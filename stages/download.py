@@ -10,8 +10,9 @@ Hostile input (README: "Hostile input"): a file name or folder that would land o
 ``data/raw`` (``..%2F`` included: names are checked after decoding) is refused; stalls, retries and a deadline
 per file, and the caps on unzipping, are params of this section.
 
-    python -m stages.download                 # everything
-    python -m stages.download --only the-verdict
+    dvc repro download           # everything: python -m stages.download --params params.yaml --raw-dir data/raw \
+                                 #   --reports reports/download (its dvc.yaml command)
+    python -m stages.download --params params.yaml --raw-dir data/raw --reports reports/download --only the-verdict
 """
 
 from __future__ import annotations

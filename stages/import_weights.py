@@ -2,8 +2,11 @@
 
 One DVC stage per entry of ``import.models`` (``foreach``); the default ``[]`` keeps the pipeline offline.
 
-    python -m stages.import_weights --name gpt2-124m                       # download, convert, evaluate
-    python -m stages.import_weights --name llama --from-dir ~/Llama-3.2-1B  # a local HF folder, no download
+    python -m stages.import_weights --name gpt2-124m --params params.yaml --raw-dir data/raw \
+        --cache-dir data/hub --out data/models/gpt2-124m --reports reports/import/gpt2-124m   # download, convert
+    python -m stages.import_weights --name llama --from-dir ~/Llama-3.2-1B ...   # a local HF folder, no download
+
+The paths are required options: dvc.yaml's ``import`` command passes them (``import@<name>``, as above).
 
 Sources: the pinned table ``llmcore.weights.hub.KNOWN_CHECKPOINTS`` (gpt2-124m/355m/774m/1558m), which
 ``import.sources.<name>`` can override or extend (``repo``/``revision``/``sha256``/``config_sha256``/``preset``,

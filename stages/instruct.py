@@ -1,6 +1,8 @@
 """Stage `instruct`: instruction fine-tuning on Alpaca-format data (the book's chapter 7), and `ask` to try it.
 
-    python -m stages.instruct                                   # fine-tune, answer the test split, save the model
+    dvc repro instruct           # fine-tune, answer the test split, save the model; its dvc.yaml command:
+    python -m stages.instruct --params params.yaml --raw-dir data/raw --models-dir data/models \
+        --out data/models/instruct --reports reports/instruct --work-dir .cache/instruct
     python -m stages.instruct ask "Name three primary colors."   # stream the tuned model's answer
     echo "Convert 45 kilometers to meters." | python -m stages.instruct ask
 

@@ -1,6 +1,8 @@
 """Stage `preferences`: the train/validation preference pairs the `align` stage's DPO trains on.
 
-    python -m stages.preferences        # data/align/pairs.json
+    dvc repro preferences        # data/align/pairs.json; its dvc.yaml command passes every path:
+    python -m stages.preferences --params params.yaml --raw-dir data/raw --models-dir data/models \
+        --out data/align/pairs.json --reports reports/align --cache data/cache/judge.jsonl
 
 Its params are the pair-making keys of params.yaml's ``align`` section (``llmcore.data.pairs.PreferencesParams``)
 and, in judge mode, the evaluate stage's judge (``evaluate.judge``); DPO's own keys (``align.beta``, ...) are

@@ -1,7 +1,8 @@
 """Stage `pretrain`: train a GPT-2- or Llama-3-style model from scratch on the tokenized corpus.
 
-    python -m stages.pretrain                       # paths default to what dvc.yaml passes
-    python -m stages.pretrain --help
+    dvc repro pretrain           # or its dvc.yaml command, which passes every path (none has a default):
+    python -m stages.pretrain --params params.yaml --tokens data/tokens --out data/models/pretrain \
+        --reports reports/pretrain --ckpt .cache/pretrain
 
 Reads   params.yaml sections ``model`` (preset + overrides; vocab_size comes from the tokenizer),
         ``hardware`` and ``pretrain``; data/tokens/{meta.json, tokenizer.json, train_*.bin, val_*.bin}

@@ -2,6 +2,9 @@
 
 The HTML file is self-contained (inline CSS, figures embedded as SVG data, no script, no CDN): mail it or
 open it offline. report.md shows the same content on GitHub, with the figures in reports/figures/*.svg.
+
+    dvc repro report             # or its dvc.yaml command:
+    python -m stages.report --params params.yaml --reports reports --dvc-yaml dvc.yaml
 """
 
 from __future__ import annotations

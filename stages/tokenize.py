@@ -17,6 +17,10 @@ processes, memory bounded, resumable per shard from ``--work``). Outputs, in ``d
     train_000000.bin ...    token ids, uint16 when the vocab fits, else uint32 (np.memmap-able), in shards of
     val_000000.bin ...      ``shard_tokens`` tokens, an end-of-text token between documents
     meta.json               the manifest: dtype, vocab size, end-of-text id, per shard tokens/documents/sha256
+
+    dvc repro tokenize           # or its dvc.yaml command, which passes every path (none has a default):
+    python -m stages.tokenize --params params.yaml --raw-dir data/raw --out data/tokens --reports reports/tokenize \
+        --work .cache/tokenize
 """
 
 from __future__ import annotations

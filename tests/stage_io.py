@@ -107,14 +107,18 @@ def install() -> bool:
                     write = any(c in mode for c in "wax+")
                 else:  # os.open: the flags say
                     write = bool((flags or 0) & _WRITE_FLAGS)
-                log("w" if write else "r", rel(path))
+                if not write and not isinstance(path, int) and os.path.isdir(path):  # shutil.rmtree, fsync of a folder
+                    log("ls", rel(path))
+                else:
+                    log("w" if write else "r", rel(path))
             elif event in ("os.rename", "os.replace", "shutil.move"):
                 log("mv", rel(args[0]), rel(args[1]))
             elif event in ("os.link", "os.symlink", "shutil.copyfile", "shutil.copytree"):
                 log("r", rel(args[0]))
                 log("w", rel(args[1]))
             elif event in ("os.remove", "os.rmdir", "shutil.rmtree"):
-                log("rm", rel(args[0]))
+                if args[0] is not None and os.path.lexists(args[0]):  # removing what is not there changes nothing
+                    log("rm", rel(args[0]))
             elif event == "os.mkdir":
                 log("mkdir", rel(args[0]))
             else:  # os.listdir, os.scandir: a folder's names read
@@ -158,12 +162,22 @@ def is_code(path: str) -> bool:
     return in_package and (path.endswith(".py") or not Path(path).suffix)
 
 
-# Read or written by every stage and declared as no stage's dep or out, deliberately:
+# Read or written by the stages and declared as no stage's dep or out, deliberately:
 # - params.yaml: each stage declares the keys it reads as `params` (tests/test_deps.py checks them), not the file;
-# - .dvc/: DVC's own configuration and state, which dvclive opens (the stages' curves writer; see curves_logger).
-NOT_DVC_PATHS = ("params.yaml", ".dvc/")
-# Read by one stage and refused by DVC as a dep: the report reads dvc.yaml for the pipeline's stage names.
-EXEMPT_READS = {"report": ("dvc.yaml",)}
+# - dvc.yaml: every stage's params loader reads the sections it declares (llmcore.params.read_params: an unknown
+#   section is a typo), and the report reads its stage names; DVC refuses dvc.yaml as a dep, and the parts of it
+#   that make a stage (its cmd, deps, outs and params) are what DVC compares before rerunning it anyway;
+# - git's and DVC's own files (.git/, .gitignore, .dvc/, .dvcignore): dvclive, the training stages' curve writer,
+#   opens the repository to learn whether it runs inside `dvc exp run`; the curves do not depend on what it finds.
+NOT_DVC_PATHS = ("params.yaml", "dvc.yaml", ".git/", ".gitignore", ".dvc/", ".dvcignore")
+# Not paths: setuptools' editable install puts this name on sys.path, and the import system looks it up
+IMPORT_HOOKS = ("__editable__.",)
+# A dep a stage reads only with some params, by (stage, dep) -> (param, the value that makes the stage read it):
+# DVC cannot make a dep conditional, so the stage declares it always, and it is required only with that value
+CONDITIONAL_DEPS = {
+    ("tokenize", "data/raw/gpt2-bpe"): ("tokenize.kind", "gpt2"),  # OpenAI's BPE, the gpt2 tokenizer's only
+    ("preferences", "data/models/${align.base_model}"): ("align.preferences", "judge"),  # it answers, in judge mode
+}
 # Folders a stage's command passes that are deliberately not DVC outputs: DVC deletes a stage's outputs before it
 # runs it, and these must outlive a run (a forced `dvc repro -f` resumes from them or reuses them):
 # - .cache/<stage>/: resumable training checkpoints and tokenize's work folder (a killed run resumes there);
@@ -201,21 +215,27 @@ def declared(body: dict, resolve) -> tuple[list[str], list[str]]:
     return [d for d in deps if d not in NOT_DVC_PATHS and d != "data/params-checked.txt"], outs
 
 
-def check_stage(name: str, cmd_words: list[str], deps: list[str], outs: list[str], events: list[list]) -> list[str]:
+def check_stage(
+    name: str, cmd_words: list[str], deps: list[str], outs: list[str], events: list[list], unread_ok: Iterable[str] = ()
+) -> list[str]:
     """The rules, for one stage's traced events (all its processes together):
 
     - every path it reads lies in a declared dep or out (reading its own outputs back is fine), or is exempt;
     - every path it writes, renames onto, removes or makes lies in a declared out (a file written as a temporary
       counts where it was renamed to; a folder made or listed may also be one that holds a declared path);
-    - it reads every declared dep (a file in it, for a folder) and writes every declared out;
+    - it reads every declared dep (a file in it, for a folder; ``unread_ok`` aside) and writes every declared out;
     - caches (``CACHES``) only where its command names them, never as deps or outs.
     """
     caches = cache_paths(cmd_words)
     moves = [(e[1], e[2]) for e in events if e[0] == "mv" and e[1] and e[2]]
-    exempt = EXEMPT_READS.get(name, ())
 
     def ignored(path: str) -> bool:
-        return is_code(path) or path.startswith(NOT_DVC_PATHS) or any(under(path, c) for c in caches)
+        return (
+            is_code(path)
+            or any(under(path, n.rstrip("/")) for n in NOT_DVC_PATHS)
+            or path.startswith(IMPORT_HOOKS)
+            or any(under(path, c) for c in caches)
+        )
 
     def holds_declared(path: str) -> bool:  # a folder above a declared dep, out or cache (made, or listed)
         return path == "." or any(under(p, path) for p in [*deps, *outs, *caches])
@@ -228,7 +248,8 @@ def check_stage(name: str, cmd_words: list[str], deps: list[str], outs: list[str
         if path is None or ignored(path):
             continue
         if kind in ("r", "ls"):
-            if any(under(path, d) for d in [*deps, *outs]) or path in exempt:
+            path = resolve_moves(path, moves)  # a temporary read back before it is renamed: its destination
+            if any(under(path, d) for d in [*deps, *outs]):
                 read.add(path)
             elif not (kind == "ls" and holds_declared(path)):
                 problems.append(f"{name}: reads {path}, which is no declared dep")
@@ -244,7 +265,7 @@ def check_stage(name: str, cmd_words: list[str], deps: list[str], outs: list[str
                 what = {"w": "writes", "rm": "removes", "mkdir": "makes"}[kind]
                 problems.append(f"{name}: {what} {final}, which is no declared out")
     for d in deps:
-        if not any(under(p, d) for p in read):
+        if d not in unread_ok and not any(under(p, d) for p in read):
             problems.append(f"{name}: never reads its declared dep {d}")
     for o in outs:
         if not any(under(p, o) for p in written):
@@ -252,13 +273,25 @@ def check_stage(name: str, cmd_words: list[str], deps: list[str], outs: list[str
     return list(dict.fromkeys(problems))  # a temporary and the rename onto its destination: one problem
 
 
-def problems(spec: dict, logs: list[dict], resolve) -> list[str]:
-    """Every rule broken by every stage that ran (``check_stage``), by dvc.yaml's ``spec`` and the traced ``logs``.
+def problems(spec: dict, logs: list[dict], params: dict) -> list[str]:
+    """Every rule broken by every stage that ran (``check_stage``), by dvc.yaml's ``spec``, the ``params`` it ran
+    with (they fill in ``${...}``) and the traced ``logs``.
 
-    Each process is the stage whose command line it ran (or inherited); ``resolve`` fills in a path's ``${...}``.
-    A traced process no stage of ``spec`` runs is a problem too (the check would say nothing about it).
+    Each process is the stage whose command line it ran (or inherited). A traced process no stage of ``spec`` runs
+    is a problem too (the check would say nothing about it).
     """
     import shlex
+
+    from tools.reruns import resolve as fill
+
+    def resolve(text: str) -> str:
+        return fill(text, params)
+
+    def param(key: str):
+        node = params
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        return node
 
     by_stage: dict[str, list] = {}
     commands = {}
@@ -281,5 +314,8 @@ def problems(spec: dict, logs: list[dict], resolve) -> list[str]:
     for name, events in by_stage.items():
         body = spec["stages"][name]
         deps, outs = declared(body, resolve)
-        out += check_stage(name, commands[name], deps, outs, events)
+        unread_ok = [
+            resolve(d) for (s, d), (key, value) in CONDITIONAL_DEPS.items() if s == name and param(key) != value
+        ]
+        out += check_stage(name, commands[name], deps, outs, events, unread_ok)
     return out

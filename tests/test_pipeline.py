@@ -23,7 +23,7 @@ import yaml
 from llmcore.training.state import checkpoints
 from tests import stage_io
 from tests.conftest import REPO_ROOT
-from tools import deps, reruns
+from tools import deps
 
 pytestmark = pytest.mark.slow
 
@@ -270,7 +270,7 @@ def test_every_stage_reads_its_deps_and_writes_its_outs_and_nothing_else(tiny):
     logs = stage_io.read_logs(tiny.io_logs)
     traced = {p["argv"][p["argv"].index("-m") + 1] for p in logs}
     assert {f"stages.{s.replace('-', '_')}" for s in ran_stages(tiny.first)} == traced  # every stage that ran, traced
-    problems = stage_io.problems(spec, logs, lambda text: reruns.resolve(text, params))
+    problems = stage_io.problems(spec, logs, params)
     assert not problems, "\n".join(problems)
 
 

@@ -60,7 +60,7 @@ def traced_run(repo: Path, cmd: str, deps: list[str], outs: list[str]) -> list[s
     subprocess.run([sys.executable, *words[1:]], cwd=repo, env=env, check=True)
     subprocess.run([sys.executable, "-c", "open('data/secret.txt').read()"], cwd=repo, env=env, check=True)
     spec = {"stages": {"fake": {"cmd": cmd, "deps": ["stages/fake.py", *deps], "outs": outs}}}
-    return stage_io.problems(spec, stage_io.read_logs(logs), lambda text: text)
+    return stage_io.problems(spec, stage_io.read_logs(logs), {})
 
 
 def test_declared_reads_and_atomic_writes_pass(repo):
