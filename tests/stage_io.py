@@ -113,9 +113,12 @@ def install() -> bool:
                     log("w" if write else "r", rel(path))
             elif event in ("os.rename", "os.replace", "shutil.move"):
                 log("mv", rel(args[0]), rel(args[1]))
-            elif event in ("os.link", "os.symlink", "shutil.copyfile", "shutil.copytree"):
+            elif event in ("os.link", "os.symlink", "shutil.copyfile"):
                 log("r", rel(args[0]))
                 log("w", rel(args[1]))
+            elif event == "shutil.copytree":  # a folder listed and made; each file copied is opened, and logged
+                log("ls", rel(args[0]))
+                log("mkdir", rel(args[1]))
             elif event in ("os.remove", "os.rmdir", "shutil.rmtree"):
                 if args[0] is not None and os.path.lexists(args[0]):  # removing what is not there changes nothing
                     log("rm", rel(args[0]))

@@ -117,3 +117,25 @@ def test_a_process_that_runs_no_stage_is_not_traced(repo, tmp_path):
     logs = stage_io.read_logs(repo.parent / "logs")
     assert [p["argv"][-2:] for p in logs] == [["read=data/in.txt", "write=out/r.json"]]  # not the `python -c` one
     assert ["r", "data/in.txt"] in logs[0]["events"] and [e[0] for e in logs[0]["events"] if e[0] == "mv"] == ["mv"]
+
+
+def test_a_conditional_dep_may_go_unread_only_without_the_param_that_needs_it():
+    """tokenize reads OpenAI's BPE only with tokenize.kind gpt2 (stage_io.CONDITIONAL_DEPS); dvc.yaml declares it."""
+    spec = {
+        "stages": {
+            "tokenize": {"cmd": "python -m stages.tokenize", "deps": ["data/raw/c", "data/raw/gpt2-bpe"], "outs": ["t"]}
+        }
+    }
+    logs = [{"argv": ["python", "-m", "stages.tokenize"], "events": [["r", "data/raw/c/a.txt"], ["w", "t/m.json"]]}]
+    assert stage_io.problems(spec, logs, {"tokenize": {"kind": "bpe"}}) == []
+    assert stage_io.problems(spec, logs, {"tokenize": {"kind": "gpt2"}}) == [
+        "tokenize: never reads its declared dep data/raw/gpt2-bpe"
+    ]
+
+
+def test_a_traced_process_of_no_stage_is_named():
+    spec = {"stages": {"a": {"cmd": "python -m stages.a --out x", "outs": ["x"]}}}
+    logs = [{"argv": ["/venv/python", "-m", "stages.a", "--out", "y"], "events": [["w", "y"]]}]
+    assert stage_io.problems(spec, logs, {}) == [
+        "a traced process runs no stage's command: /venv/python -m stages.a --out y (stages.a)"
+    ]
