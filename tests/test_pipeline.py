@@ -107,11 +107,10 @@ def test_malformed_params_exit_nonzero_with_one_line(repo_env, tmp_path, edit, m
     bad.write_text(yaml.safe_dump(params))
     stage = "download" if "sources" in message or "check" in message else "tokenize"
     out = tmp_path / "out"
+    paths = ["--raw-dir", out / "raw", "--reports", out / "reports"]
+    paths += ["--out", out / "tokens", "--work", out / "work"] if stage == "tokenize" else []
     proc = run(
-        [sys.executable, "-m", f"stages.{stage}", "--params", str(bad), "--reports", str(out / "reports")],
-        repo,
-        env,
-        check=False,
+        [sys.executable, "-m", f"stages.{stage}", "--params", str(bad), *map(str, paths)], repo, env, check=False
     )
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
