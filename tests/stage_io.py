@@ -107,6 +107,8 @@ def install() -> bool:
                     write = any(c in mode for c in "wax+")
                 else:  # os.open: the flags say
                     write = bool((flags or 0) & _WRITE_FLAGS)
+                    if not write and not isinstance(path, int) and not os.path.lexists(path):
+                        return  # a name relative to a folder's descriptor (shutil.rmtree's), not to the cwd
                 if not write and not isinstance(path, int) and os.path.isdir(path):  # shutil.rmtree, fsync of a folder
                     log("ls", rel(path))
                 else:
@@ -120,7 +122,9 @@ def install() -> bool:
                 log("ls", rel(args[0]))
                 log("mkdir", rel(args[1]))
             elif event in ("os.remove", "os.rmdir", "shutil.rmtree"):
-                if args[0] is not None and os.path.lexists(args[0]):  # removing what is not there changes nothing
+                # removing what is not there changes nothing; a name relative to a folder descriptor (dir_fd, as
+                # inside shutil.rmtree, whose own event names the tree) is not a path from the cwd
+                if args[0] is not None and args[-1] in (None, -1) and os.path.lexists(args[0]):
                     log("rm", rel(args[0]))
             elif event == "os.mkdir":
                 log("mkdir", rel(args[0]))
@@ -225,7 +229,8 @@ def check_stage(
 
     - every path it reads lies in a declared dep or out (reading its own outputs back is fine), or is exempt;
     - every path it writes, renames onto, removes or makes lies in a declared out (a file written as a temporary
-      counts where it was renamed to; a folder made or listed may also be one that holds a declared path);
+      counts where it was renamed to; a folder made or listed may also be one that holds a declared path, and a
+      folder listed to remove it is only removed);
     - it reads every declared dep (a file in it, for a folder; ``unread_ok`` aside) and writes every declared out;
     - caches (``CACHES``) only where its command names them, never as deps or outs.
     """
@@ -243,6 +248,7 @@ def check_stage(
     def holds_declared(path: str) -> bool:  # a folder above a declared dep, out or cache (made, or listed)
         return path == "." or any(under(p, path) for p in [*deps, *outs, *caches])
 
+    removed = [e[1] for e in events if e[0] == "rm" and e[1]]
     problems, read, written = [], set(), set()
     for kind, *paths in events:
         if kind == "mv":  # a rename writes its destination
@@ -254,7 +260,7 @@ def check_stage(
             path = resolve_moves(path, moves)  # a temporary read back before it is renamed: its destination
             if any(under(path, d) for d in [*deps, *outs]):
                 read.add(path)
-            elif not (kind == "ls" and holds_declared(path)):
+            elif not (kind == "ls" and (holds_declared(path) or any(under(path, r) for r in removed))):
                 problems.append(f"{name}: reads {path}, which is no declared dep")
         else:  # "w", "rm", "mkdir"
             final = resolve_moves(path, moves)

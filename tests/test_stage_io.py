@@ -20,7 +20,8 @@ from tests import stage_io
 from tests.conftest import REPO_ROOT
 
 FAKE = '''\
-"""A made-up stage: read=a,b  write=c,d (atomically, as the stages do)  child=e (read by a process it starts)"""
+"""A made-up stage: read=a,b  write=c,d (atomically, as the stages do)  rm=e,f  child=g (read by a process it starts)"""
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -32,6 +33,8 @@ for path in filter(None, args.get("read", "").split(",")):
     Path(path).read_text()
 for path in filter(None, args.get("write", "").split(",")):
     write_json_atomic(path, {"ok": 1})
+for path in filter(None, args.get("rm", "").split(",")):
+    shutil.rmtree(path) if Path(path).is_dir() else Path(path).unlink()
 if args.get("child"):
     subprocess.run([sys.executable, "-c", f"open({args['child']!r}).read()"], check=True)
 '''
@@ -58,7 +61,7 @@ def traced_run(repo: Path, cmd: str, deps: list[str], outs: list[str]) -> list[s
     env.pop(stage_io.STAGE_ENV, None)
     words = shlex.split(cmd)
     subprocess.run([sys.executable, *words[1:]], cwd=repo, env=env, check=True)
-    subprocess.run([sys.executable, "-c", "open('data/secret.txt').read()"], cwd=repo, env=env, check=True)
+    subprocess.run([sys.executable, "-c", "open('data/in.txt').read()"], cwd=repo, env=env, check=True)
     spec = {"stages": {"fake": {"cmd": cmd, "deps": ["stages/fake.py", *deps], "outs": outs}}}
     return stage_io.problems(spec, stage_io.read_logs(logs), {})
 
@@ -88,6 +91,15 @@ def test_an_undeclared_write_is_named(repo):
     assert traced_run(repo, cmd, ["data/in.txt"], ["out/r.json", "reports/live/plots"]) == [
         "fake: writes reports/live/metrics.json, which is no declared out",
         "fake: never writes its declared out reports/live/plots",
+    ]
+
+
+def test_an_undeclared_removal_is_named(repo):
+    """A file or folder removed outside the outs (a folder by shutil.rmtree: named once, not file by file)."""
+    cmd = "python -m stages.fake read=data/in.txt write=out/r.json rm=data/secret.txt,data/raw"
+    assert traced_run(repo, cmd, ["data/in.txt"], ["out/r.json"]) == [
+        "fake: removes data/secret.txt, which is no declared out",
+        "fake: removes data/raw, which is no declared out",
     ]
 
 
