@@ -1,6 +1,9 @@
 """Stage `align`: Direct Preference Optimization of the instruction model on the preference pairs.
 
-    python -m stages.align      # DPO from data/models/${align.base_model} on data/align/pairs.json
+    dvc repro align              # DPO from data/models/${align.base_model} on data/align/pairs.json; its command:
+    python -m stages.align --params params.yaml --pairs data/align/pairs.json \
+        --test-prompts reports/instruct/responses.json --models-dir data/models --out data/models/align \
+        --reports reports/align --work-dir .cache/align
 
 The pairs come from the `preferences` stage (``stages/preferences.py``); its keys of the ``align`` section
 (``llmcore.data.pairs.PreferencesParams``) are part of this stage's schema too, which validates the whole section.
@@ -281,13 +284,13 @@ app = typer.Typer(add_completion=False)
 
 @app.command()
 def main(
-    params: Path = typer.Option(Path("params.yaml"), help="params file"),
-    pairs_path: Path = typer.Option(Path("data/align/pairs.json"), "--pairs", help="the preferences stage's pairs"),
-    test_prompts: Path = typer.Option(Path("reports/instruct/responses.json"), help="prompts to answer at the end"),
-    models_dir: Path = typer.Option(Path("data/models"), help="model folders; the base is <models-dir>/<base_model>"),
-    out: Path = typer.Option(Path("data/models/align"), help="where the aligned model folder goes"),
-    reports: Path = typer.Option(Path("reports/align"), help="metrics, curves and responses"),
-    work_dir: Path = typer.Option(Path(".cache/align"), help="resumable training checkpoints"),
+    params: Path = typer.Option(..., help="params file"),
+    pairs_path: Path = typer.Option(..., "--pairs", help="the preferences stage's pairs"),
+    test_prompts: Path = typer.Option(..., help="prompts to answer at the end"),
+    models_dir: Path = typer.Option(..., help="model folders; the base is <models-dir>/<base_model>"),
+    out: Path = typer.Option(..., help="where the aligned model folder goes"),
+    reports: Path = typer.Option(..., help="metrics, curves and responses"),
+    work_dir: Path = typer.Option(..., help="resumable training checkpoints"),
 ) -> None:
     """DPO-tune data/models/${align.base_model} on the preference pairs and answer the test prompts."""
     with stage_errors():

@@ -4,7 +4,8 @@ One DVC stage per entry of ``benchmark.models`` (``foreach``, like ``import``); 
 pipeline offline and lm-eval-free. Needs the ``eval`` extra (``pip install -e '.[eval]'``, which ``make venv``
 installs).
 
-    python -m stages.benchmark --name pretrain                   # data/models/pretrain on benchmark.tasks
+    python -m stages.benchmark --name pretrain --params params.yaml --models data/models \
+        --reports reports/benchmark/pretrain                     # data/models/pretrain on benchmark.tasks
     dvc exp run -S 'benchmark.models=[gpt2-124m]' -S 'benchmark.tasks=[hellaswag]' -S 'import.models=[gpt2-124m]'
 
 ``benchmark.tasks`` holds lm-eval task, group or tag names (``hellaswag``, ``arc_easy``, ``mmlu``; their datasets
@@ -64,9 +65,9 @@ app = typer.Typer(add_completion=False)
 @app.command()
 def main(
     name: str = typer.Option(..., help="model folder name under --models (an entry of benchmark.models)"),
-    params: Path = typer.Option(Path("params.yaml"), help="params file"),
-    models: Path = typer.Option(Path("data/models"), help="where model folders live"),
-    reports: Path = typer.Option(None, help="metrics folder (default: reports/benchmark/<name>)"),
+    params: Path = typer.Option(..., help="params file"),
+    models: Path = typer.Option(..., help="where model folders live"),
+    reports: Path = typer.Option(..., help="metrics folder (the DVC stage: reports/benchmark/<name>)"),
 ) -> None:
     """Run lm-eval's tasks on one model folder and write its metrics."""
     with stage_errors():
@@ -90,7 +91,7 @@ def main(
             num_fewshot=cfg.num_fewshot,
             seed=cfg.seed,
         )
-        out = (reports or Path("reports/benchmark") / name) / "metrics.json"
+        out = reports / "metrics.json"
         write_json_atomic(out, metrics)
         for task, row in metrics["tasks"].items():
             shown = ", ".join(f"{k} {v}" for k, v in row.items() if not k.endswith("stderr") and k != "samples")

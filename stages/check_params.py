@@ -1,6 +1,7 @@
 """Stage `check-params`: params.yaml validated as a whole, before any other stage runs.
 
-    python -m stages.check_params       # exit 1 with one line naming the first bad key; else data/params-checked.txt
+    dvc repro check-params       # exit 1 with one line naming the first bad key; else data/params-checked.txt
+    python -m stages.check_params --params params.yaml --out data/params-checked.txt   # its dvc.yaml command
 
 DVC deletes a stage's outputs just before it runs the stage, so a typo that only the stage itself noticed would
 cost the outputs of its last run. This stage depends on params.yaml as a file (any edit reruns it, a new
@@ -65,8 +66,8 @@ app = typer.Typer(add_completion=False)
 
 @app.command()
 def main(
-    params: Path = typer.Option(Path("params.yaml"), help="params file"),
-    out: Path = typer.Option(Path("data/params-checked.txt"), help="written (always the same line) when it is valid"),
+    params: Path = typer.Option(..., help="params file"),
+    out: Path = typer.Option(..., help="written (always the same line) when it is valid"),
 ) -> None:
     """Check params.yaml the way every stage reads it; a DVC stage that runs before all others."""
     with stage_errors():

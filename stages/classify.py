@@ -1,6 +1,8 @@
 """Stage `classify`: fine-tune the base model into an SMS spam classifier (the book's chapter 6), and `predict`.
 
-    python -m stages.classify                                   # the DVC stage: fine-tune, evaluate, save
+    dvc repro classify           # the DVC stage: fine-tune, evaluate, save; its dvc.yaml command passes every path:
+    python -m stages.classify --params params.yaml --data data/raw/sms-spam/SMSSpamCollection --models-dir data/models \
+        --out data/models/classify --reports reports/classify --work-dir .cache/classify
     python -m stages.classify predict "WINNER!! Claim your prize now" "See you at 6?"
     cut -f2 data/raw/sms-spam/SMSSpamCollection | head | python -m stages.classify predict   # one text a line
 
@@ -40,7 +42,15 @@ from typing import Literal
 import torch
 import typer
 
-from llmcore.common import LLMCoreError, atomic_path, print0, sha256_file, stage_errors, write_stage_reports
+from llmcore.common import (
+    LLMCoreError,
+    atomic_path,
+    print0,
+    require_options,
+    sha256_file,
+    stage_errors,
+    write_stage_reports,
+)
 from llmcore.data.datasets import load_spam_table
 from llmcore.data.spam import ClassificationBatches, balance_classes, encode_texts, label_ids, split_table
 from llmcore.eval.metrics import classification_metrics, confusion_matrix
@@ -250,16 +260,19 @@ app = typer.Typer(add_completion=False, help="Spam-classifier fine-tuning (stage
 @app.callback(invoke_without_command=True)
 def main(
     ctx: typer.Context,
-    params: Path = typer.Option(Path("params.yaml"), help="params file"),
-    data: Path = typer.Option(Path("data/raw/sms-spam/SMSSpamCollection"), help="the SMS Spam Collection"),
-    models_dir: Path = typer.Option(Path("data/models"), help="model folders; the base is <models-dir>/<base_model>"),
-    out: Path = typer.Option(Path("data/models/classify"), help="where the classifier's model folder goes"),
-    reports: Path = typer.Option(Path("reports/classify"), help="metrics, predictions, confusion matrix, curves"),
-    work_dir: Path = typer.Option(Path(".cache/classify"), help="resumable training checkpoints"),
+    params: Path = typer.Option(None, help="params file (required by the stage)"),
+    data: Path = typer.Option(None, help="the SMS Spam Collection (required by the stage)"),
+    models_dir: Path = typer.Option(
+        None, help="model folders; the base is <models-dir>/<base_model> (required by the stage)"
+    ),
+    out: Path = typer.Option(None, help="where the classifier's model folder goes (required by the stage)"),
+    reports: Path = typer.Option(None, help="metrics, predictions, confusion matrix, curves (required by the stage)"),
+    work_dir: Path = typer.Option(None, help="resumable training checkpoints (required by the stage)"),
 ) -> None:
     """Fine-tune data/models/${base_model} as a spam classifier and evaluate it (the DVC stage)."""
     if ctx.invoked_subcommand is not None:
         return
+    require_options(ctx, params=params, data=data, models_dir=models_dir, out=out, reports=reports, work_dir=work_dir)
     with stage_errors():
         cfg, base_model, hw = load_params(params)
         relaunch_if_several(hw.nproc, "stages.classify")

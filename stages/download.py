@@ -10,8 +10,9 @@ Hostile input (README: "Hostile input"): a file name or folder that would land o
 ``data/raw`` (``..%2F`` included: names are checked after decoding) is refused; stalls, retries and a deadline
 per file, and the caps on unzipping, are params of this section.
 
-    python -m stages.download                 # everything
-    python -m stages.download --only the-verdict
+    dvc repro download           # everything: python -m stages.download --params params.yaml --raw-dir data/raw \
+                                 #   --reports reports/download (its dvc.yaml command)
+    python -m stages.download --params params.yaml --raw-dir data/raw --reports reports/download --only the-verdict
 """
 
 from __future__ import annotations
@@ -179,9 +180,9 @@ app = typer.Typer(add_completion=False)
 
 @app.command()
 def main(
-    params: Path = typer.Option(Path("params.yaml"), help="params file"),
-    raw_dir: Path = typer.Option(Path("data/raw"), help="where sources land, one folder each"),
-    reports: Path = typer.Option(Path("reports/download"), help="metrics folder"),
+    params: Path = typer.Option(..., help="params file"),
+    raw_dir: Path = typer.Option(..., help="where sources land, one folder each"),
+    reports: Path = typer.Option(..., help="metrics folder"),
     only: list[str] = typer.Option(None, help="fetch only these sources (repeatable)"),
 ) -> None:
     """Download, verify and check every source declared in params.yaml."""

@@ -1,5 +1,10 @@
 """Stage `evaluate`: score the instruction model's test responses with an LLM judge (Ollama or OpenAI API).
 
+    dvc repro evaluate           # its dvc.yaml command passes every path (none has a default):
+    python -m stages.evaluate --params params.yaml --responses reports/instruct/responses.json \
+        --base-responses reports/instruct/base_responses.json --align-responses reports/align/responses.json \
+        --model-dir data/models/instruct --cache data/cache/judge.jsonl --reports reports/evaluate
+
 Every response in ``reports/instruct/responses.json`` is scored 0-100 by the judge model (the book's
 chapter 7 evaluation). Where the server takes a JSON schema (Ollama's ``format``, the OpenAI API's
 ``response_format``) the score is asked for as ``{"score": integer 0..100}``; ``facts.json``'s ``judge_format``
@@ -247,11 +252,11 @@ app = typer.Typer(add_completion=False)
 
 @app.command()
 def main(
-    params: Path = typer.Option(Path("params.yaml"), help="params file"),
-    responses: Path = typer.Option(Path("reports/instruct/responses.json"), help="instruct stage responses"),
-    model_dir: Path = typer.Option(Path("data/models/instruct"), help="instruction model (for the test loss)"),
-    cache: Path = typer.Option(Path("data/cache/judge.jsonl"), help="judge answer cache"),
-    reports: Path = typer.Option(Path("reports/evaluate"), help="metrics folder"),
+    params: Path = typer.Option(..., help="params file"),
+    responses: Path = typer.Option(..., help="instruct stage responses"),
+    model_dir: Path = typer.Option(..., help="instruction model (for the test loss)"),
+    cache: Path = typer.Option(..., help="judge answer cache"),
+    reports: Path = typer.Option(..., help="metrics folder"),
     base_responses: Path = typer.Option(
         None,
         help="the base model's answers to the same prompts, to compare with "

@@ -2,7 +2,7 @@
 
 One DVC stage per entry of ``export.models`` (``foreach``); the default ``[]`` generates none.
 
-    python -m stages.export --name instruct          # data/models/instruct -> data/export/instruct/
+    python -m stages.export --name instruct --params params.yaml --models-dir data/models --out data/export/instruct
     ollama create instruct -f data/export/instruct/Modelfile && ollama run instruct
 
 Outputs (written atomically; a refused model writes nothing):
@@ -48,17 +48,16 @@ app = typer.Typer(add_completion=False)
 
 @app.command()
 def main(
-    name: str = typer.Option(..., help="model folder name under data/models (pretrain, instruct, gpt2-124m, ...)"),
-    params: Path = typer.Option(Path("params.yaml"), help="params file"),
-    models_dir: Path = typer.Option(Path("data/models"), help="where model folders are"),
-    out: Path = typer.Option(None, help="output folder (default: data/export/<name>)"),
+    name: str = typer.Option(..., help="model folder name under --models-dir (pretrain, instruct, gpt2-124m, ...)"),
+    params: Path = typer.Option(..., help="params file"),
+    models_dir: Path = typer.Option(..., help="where model folders are"),
+    out: Path = typer.Option(..., help="output folder (the DVC stage: data/export/<name>)"),
 ) -> None:
     """Export one model folder as model.gguf + Modelfile."""
     with stage_errors():
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
             raise LLMCoreError(f"--name {name!r}: use letters, digits, '.', '_' and '-' only")
         p = load_params(params)
-        out = out or Path("data/export") / name
         start = time.perf_counter()
         result = export_model(models_dir / name, out, fmt="gguf", precision=p.precision, template=p.template, name=name)
         size = (out / result.files[0]).stat().st_size

@@ -2,8 +2,11 @@
 
 One DVC stage per entry of ``import.models`` (``foreach``); the default ``[]`` keeps the pipeline offline.
 
-    python -m stages.import_weights --name gpt2-124m                       # download, convert, evaluate
-    python -m stages.import_weights --name llama --from-dir ~/Llama-3.2-1B  # a local HF folder, no download
+    python -m stages.import_weights --name gpt2-124m --params params.yaml --raw-dir data/raw \
+        --cache-dir data/hub --out data/models/gpt2-124m --reports reports/import/gpt2-124m   # download, convert
+    python -m stages.import_weights --name llama --from-dir ~/Llama-3.2-1B ...   # a local HF folder, no download
+
+The paths are required options: dvc.yaml's ``import`` command passes them (``import@<name>``, as above).
 
 Sources: the pinned table ``llmcore.weights.hub.KNOWN_CHECKPOINTS`` (gpt2-124m/355m/774m/1558m), which
 ``import.sources.<name>`` can override or extend (``repo``/``revision``/``sha256``/``config_sha256``/``preset``,
@@ -152,20 +155,18 @@ app = typer.Typer(add_completion=False)
 @app.command()
 def main(
     name: str = typer.Option(..., help="model name: a known size (gpt2-124m, ...) or a key of import.sources"),
-    params: Path = typer.Option(Path("params.yaml"), help="params file"),
+    params: Path = typer.Option(..., help="params file"),
     from_dir: Path = typer.Option(None, help="import this local HF-layout folder instead of downloading"),
-    raw_dir: Path = typer.Option(Path("data/raw"), help="downloaded sources (GPT-2 BPE, eval corpus)"),
-    cache_dir: Path = typer.Option(Path("data/hub"), help="where Hub downloads are kept, per repo/revision"),
-    out: Path = typer.Option(None, help="model folder (default: data/models/<name>)"),
-    reports: Path = typer.Option(None, help="metrics folder (default: reports/import/<name>)"),
+    raw_dir: Path = typer.Option(..., help="downloaded sources (GPT-2 BPE, eval corpus)"),
+    cache_dir: Path = typer.Option(..., help="where Hub downloads are kept, per repo/revision"),
+    out: Path = typer.Option(..., help="model folder (the DVC stage: data/models/<name>)"),
+    reports: Path = typer.Option(..., help="metrics folder (the DVC stage: reports/import/<name>)"),
 ) -> None:
     """Fetch (or read) an HF checkpoint, convert it, measure its loss, and write an llmcore model folder."""
     with stage_errors():
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
             raise LLMCoreError(f"--name {name!r}: use letters, digits, '.', '_' and '-' only")
         cfg = load_params(params)
-        out = out or Path("data/models") / name
-        reports = reports or Path("reports/import") / name
         device = resolve_device(cfg.device)
         start = time.perf_counter()
 

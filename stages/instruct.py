@@ -1,6 +1,8 @@
 """Stage `instruct`: instruction fine-tuning on Alpaca-format data (the book's chapter 7), and `ask` to try it.
 
-    python -m stages.instruct                                   # fine-tune, answer the test split, save the model
+    dvc repro instruct           # fine-tune, answer the test split, save the model; its dvc.yaml command:
+    python -m stages.instruct --params params.yaml --raw-dir data/raw --models-dir data/models \
+        --out data/models/instruct --reports reports/instruct --work-dir .cache/instruct
     python -m stages.instruct ask "Name three primary colors."   # stream the tuned model's answer
     echo "Convert 45 kilometers to meters." | python -m stages.instruct ask
 
@@ -37,7 +39,15 @@ from typing import Literal
 import torch
 import typer
 
-from llmcore.common import LLMCoreError, print0, sha256_file, stage_errors, write_json_atomic, write_stage_reports
+from llmcore.common import (
+    LLMCoreError,
+    print0,
+    require_options,
+    sha256_file,
+    stage_errors,
+    write_json_atomic,
+    write_stage_reports,
+)
 from llmcore.data.chat import chat_prompt_and_reference, find_chat_files, load_chat_data
 from llmcore.data.datasets import find_single_file, load_instruction_data
 from llmcore.data.instruct import (
@@ -294,16 +304,21 @@ app = typer.Typer(add_completion=False, help="Instruction fine-tuning (stage `in
 @app.callback(invoke_without_command=True)
 def main(
     ctx: typer.Context,
-    params: Path = typer.Option(Path("params.yaml"), help="params file"),
-    raw_dir: Path = typer.Option(Path("data/raw"), help="downloaded sources"),
-    models_dir: Path = typer.Option(Path("data/models"), help="model folders; the base is <models-dir>/<base_model>"),
-    out: Path = typer.Option(Path("data/models/instruct"), help="where the tuned model folder goes"),
-    reports: Path = typer.Option(Path("reports/instruct"), help="metrics, curves and responses"),
-    work_dir: Path = typer.Option(Path(".cache/instruct"), help="resumable training checkpoints"),
+    params: Path = typer.Option(None, help="params file (required by the stage)"),
+    raw_dir: Path = typer.Option(None, help="downloaded sources (required by the stage)"),
+    models_dir: Path = typer.Option(
+        None, help="model folders; the base is <models-dir>/<base_model> (required by the stage)"
+    ),
+    out: Path = typer.Option(None, help="where the tuned model folder goes (required by the stage)"),
+    reports: Path = typer.Option(None, help="metrics, curves and responses (required by the stage)"),
+    work_dir: Path = typer.Option(None, help="resumable training checkpoints (required by the stage)"),
 ) -> None:
     """Fine-tune data/models/${base_model} on instruction data and answer the test split (the DVC stage)."""
     if ctx.invoked_subcommand is not None:
         return
+    require_options(
+        ctx, params=params, raw_dir=raw_dir, models_dir=models_dir, out=out, reports=reports, work_dir=work_dir
+    )
     with stage_errors():
         cfg, base_model, hw = load_params(params)
         relaunch_if_several(hw.nproc, "stages.instruct")

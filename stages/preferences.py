@@ -1,6 +1,8 @@
 """Stage `preferences`: the train/validation preference pairs the `align` stage's DPO trains on.
 
-    python -m stages.preferences        # data/align/pairs.json
+    dvc repro preferences        # data/align/pairs.json; its dvc.yaml command passes every path:
+    python -m stages.preferences --params params.yaml --raw-dir data/raw --models-dir data/models \
+        --out data/align/pairs.json --reports reports/align --cache data/cache/judge.jsonl
 
 Its params are the pair-making keys of params.yaml's ``align`` section (``llmcore.data.pairs.PreferencesParams``)
 and, in judge mode, the evaluate stage's judge (``evaluate.judge``); DPO's own keys (``align.beta``, ...) are
@@ -184,12 +186,12 @@ app = typer.Typer(add_completion=False)
 
 @app.command()
 def main(
-    params: Path = typer.Option(Path("params.yaml"), help="params file"),
-    raw_dir: Path = typer.Option(Path("data/raw"), help="downloaded sources"),
-    models_dir: Path = typer.Option(Path("data/models"), help="model folders (judge mode answers with one)"),
-    out: Path = typer.Option(Path("data/align/pairs.json"), help="the pairs file"),
-    reports: Path = typer.Option(Path("reports/align"), help="where pairs.json (counts) goes"),
-    cache: Path = typer.Option(Path("data/cache/judge.jsonl"), help="judge answer cache (judge mode)"),
+    params: Path = typer.Option(..., help="params file"),
+    raw_dir: Path = typer.Option(..., help="downloaded sources"),
+    models_dir: Path = typer.Option(..., help="model folders (judge mode answers with one)"),
+    out: Path = typer.Option(..., help="the pairs file"),
+    reports: Path = typer.Option(..., help="where pairs.json (counts) goes"),
+    cache: Path = typer.Option(..., help="judge answer cache (judge mode)"),
 ) -> None:
     """Build the train/validation preference pairs (from the dataset or by asking the judge)."""
     with stage_errors():

@@ -1,7 +1,8 @@
 """Stage `pretrain`: train a GPT-2- or Llama-3-style model from scratch on the tokenized corpus.
 
-    python -m stages.pretrain                       # paths default to what dvc.yaml passes
-    python -m stages.pretrain --help
+    dvc repro pretrain           # or its dvc.yaml command, which passes every path (none has a default):
+    python -m stages.pretrain --params params.yaml --tokens data/tokens --out data/models/pretrain \
+        --reports reports/pretrain --ckpt .cache/pretrain
 
 Reads   params.yaml sections ``model`` (preset + overrides; vocab_size comes from the tokenizer),
         ``hardware`` and ``pretrain``; data/tokens/{meta.json, tokenizer.json, train_*.bin, val_*.bin}
@@ -59,7 +60,7 @@ from llmcore.text.tokenizer import Tokenizer
 from llmcore.threads import threads_for_inference
 from llmcore.training.config import HardwareConfig, TrainConfig
 from llmcore.training.flops import measure_matmul_peak
-from llmcore.training.loop import FitResult, fit, lm_loss
+from llmcore.training.loop import FitResult, curves_logger, fit, lm_loss
 from llmcore.training.runtime import Runtime, close_runtime, init_runtime, relaunch_if_several
 from llmcore.weights.model_dir import save_model_dir
 
@@ -246,11 +247,11 @@ app = typer.Typer(add_completion=False)
 
 @app.command()
 def main(
-    params: Path = typer.Option(Path("params.yaml"), help="params file (sections model, hardware, pretrain)"),
-    tokens: Path = typer.Option(Path("data/tokens"), help="tokenize stage output"),
-    out: Path = typer.Option(Path("data/models/pretrain"), help="model folder to write"),
-    reports: Path = typer.Option(Path("reports/pretrain"), help="metrics, samples and curves"),
-    ckpt: Path = typer.Option(Path(".cache/pretrain"), help="resumable checkpoints (keep out of DVC outs)"),
+    params: Path = typer.Option(..., help="params file (sections model, hardware, pretrain)"),
+    tokens: Path = typer.Option(..., help="tokenize stage output"),
+    out: Path = typer.Option(..., help="model folder to write"),
+    reports: Path = typer.Option(..., help="metrics, samples and curves"),
+    ckpt: Path = typer.Option(..., help="resumable checkpoints (keep out of DVC outs)"),
 ) -> None:
     """Pretrain the model on data/tokens; resumes from --ckpt after a crash."""
     start = time.perf_counter()
@@ -273,11 +274,7 @@ def main(
         on_eval = make_bpb_eval(p, val_tokens, tok, model_cfg.context_length, hw, rt)
         torch.manual_seed(p.train.seed)  # the same initial weights on every rank
         model = GPT(model_cfg)
-        live = None
-        if rt.is_main:
-            from dvclive import Live  # imported late: it pulls in dvc
-
-            live = Live(dir=str(reports / "live"), dvcyaml=False, save_dvc_exp=False)
+        live = curves_logger(reports / "live") if rt.is_main else None
         shards = {
             split: [[e["file"], e.get("tokens"), e.get("sha256")] for e in shard_entries(tokens, split, meta)]
             for split in ("train", "val")

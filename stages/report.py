@@ -2,6 +2,9 @@
 
 The HTML file is self-contained (inline CSS, figures embedded as SVG data, no script, no CDN): mail it or
 open it offline. report.md shows the same content on GitHub, with the figures in reports/figures/*.svg.
+
+    dvc repro report             # or its dvc.yaml command:
+    python -m stages.report --params params.yaml --reports reports --dvc-yaml dvc.yaml
 """
 
 from __future__ import annotations
@@ -87,9 +90,9 @@ def committed_params(params: Path) -> dict | None:
 
 @app.command()
 def main(
-    params: Path = typer.Option(Path("params.yaml"), help="params file"),
-    reports: Path = typer.Option(Path("reports"), help="the stages' reports folder"),
-    dvc_yaml: Path = typer.Option(Path("dvc.yaml"), help="the pipeline (which stages exist)"),
+    params: Path = typer.Option(..., help="params file"),
+    reports: Path = typer.Option(..., help="the stages' reports folder"),
+    dvc_yaml: Path = typer.Option(..., help="the pipeline (which stages exist)"),
 ) -> None:
     """Write report.md, report.html and figures/ from the stages' outputs."""
     with stage_errors():

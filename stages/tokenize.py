@@ -17,6 +17,10 @@ processes, memory bounded, resumable per shard from ``--work``). Outputs, in ``d
     train_000000.bin ...    token ids, uint16 when the vocab fits, else uint32 (np.memmap-able), in shards of
     val_000000.bin ...      ``shard_tokens`` tokens, an end-of-text token between documents
     meta.json               the manifest: dtype, vocab size, end-of-text id, per shard tokens/documents/sha256
+
+    dvc repro tokenize           # or its dvc.yaml command, which passes every path (none has a default):
+    python -m stages.tokenize --params params.yaml --raw-dir data/raw --out data/tokens --reports reports/tokenize \
+        --work .cache/tokenize
 """
 
 from __future__ import annotations
@@ -152,11 +156,11 @@ app = typer.Typer(add_completion=False)
 
 @app.command()
 def main(
-    params: Path = typer.Option(Path("params.yaml"), help="params file"),
-    raw_dir: Path = typer.Option(Path("data/raw"), help="downloaded sources"),
-    out: Path = typer.Option(Path("data/tokens"), help="output folder"),
-    reports: Path = typer.Option(Path("reports/tokenize"), help="metrics folder"),
-    work: Path = typer.Option(Path(".cache/tokenize"), help="resumable work folder (keep out of DVC outs)"),
+    params: Path = typer.Option(..., help="params file"),
+    raw_dir: Path = typer.Option(..., help="downloaded sources"),
+    out: Path = typer.Option(..., help="output folder"),
+    reports: Path = typer.Option(..., help="metrics folder"),
+    work: Path = typer.Option(..., help="resumable work folder (keep out of DVC outs)"),
 ) -> None:
     """Train/load the tokenizer and encode the corpus into train/val token shards with a manifest."""
     with stage_errors():

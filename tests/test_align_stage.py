@@ -249,6 +249,10 @@ def test_bad_preference_files_stop_before_training(workspace: Path, tmp_path: Pa
             str(tmp_path / "pairs.json"),
             "--reports",
             str(tmp_path / "r"),
+            "--models-dir",
+            str(tmp_path / "models"),
+            "--cache",
+            str(tmp_path / "judge.jsonl"),
         ],
     )
     assert result.exit_code == 1 and result.output.strip().endswith("data.json: entry 7: missing key 'rejected'")
@@ -265,12 +269,19 @@ def test_bad_preference_files_stop_before_training(workspace: Path, tmp_path: Pa
             str(tmp_path / "pairs.json"),
             "--reports",
             str(tmp_path / "r"),
+            "--models-dir",
+            str(tmp_path / "models"),
+            "--cache",
+            str(tmp_path / "judge.jsonl"),
         ],
     )
     assert result.exit_code == 1 and "entry 5: 'chosen' and 'rejected' are the same text" in result.output
     params = write_params(tmp_path, "beta", beta=0)
-    result = CliRunner().invoke(align.app, ["--params", str(params)])
+    paths = ["--pairs", "--test-prompts", "--models-dir", "--out", "--reports", "--work-dir"]
+    args = ["--params", str(params), *(w for p in paths for w in (p, str(tmp_path / "never" / p[2:])))]
+    result = CliRunner().invoke(align.app, args)
     assert result.exit_code == 1 and "align.beta: expected > 0, got 0" in result.output
+    assert not (tmp_path / "never").exists()
 
 
 def test_judge_mode_builds_pairs_from_judged_samples_and_caches_them(workspace: Path, judge_url: str) -> None:

@@ -105,13 +105,65 @@ def under(path: str, folder: str) -> bool:
 @pytest.mark.parametrize("stage", SCRIPTED, ids=lambda s: s.name)
 def test_the_paths_a_stage_uses_are_the_ones_dvc_yaml_declares(stage):
     """The script's path options (as the stage's command sets them) and dvc.yaml's deps and outs agree: every
-    declared path and each option holds the other or lies in it (a default changed in the script without dvc.yaml,
-    or the other way round, fails here)."""
+    declared path and each option holds the other or lies in it (a path edited in the command and not in the deps
+    or outs, or the other way round, fails here)."""
     options, declared = path_options(stage), declared_paths(stage)
     undeclared = {k: v for k, v in options.items() if not any(under(d, v) or under(v, d) for d in declared)}
     unused = sorted(d for d in declared if not any(under(d, v) or under(v, d) for v in options.values()))
     assert not undeclared, f"{stage.name}: options naming no declared dep or out: {undeclared}"
     assert not unused, f"{stage.name}: declared deps/outs no option of {stage.module} reaches: {unused}"
+
+
+def path_literals(source: str) -> list[int]:
+    """Lines of ``Path("...")`` / ``PurePath("...")`` calls on a string literal: a path named in the code itself."""
+    return [
+        n.lineno
+        for n in ast.walk(ast.parse(source))
+        if isinstance(n, ast.Call)
+        and getattr(n.func, "id", getattr(n.func, "attr", None)) in ("Path", "PurePath", "PurePosixPath")
+        and any(isinstance(a, ast.Constant) and isinstance(a.value, str) for a in n.args)
+    ]
+
+
+def test_stage_scripts_name_no_paths():
+    """Paths are declared once, in dvc.yaml: each stage's command passes every path its script reads or writes, and
+    the scripts' path options are required (no ``Path("data/...")`` default to drift from dvc.yaml)."""
+    found = {
+        script.name: lines
+        for script in sorted((REPO_ROOT / "stages").glob("*.py"))
+        if (lines := path_literals(script.read_text()))
+    }
+    assert not found, f"Path literals in stages/ (pass the path from dvc.yaml's cmd instead): {found}"
+    assert path_literals('x = typer.Option(Path("data/tokens"))\ny = pathlib.Path("a") / name\nz = Path(v)\n') == [1, 2]
+
+
+def path_defaults(app) -> dict[str, object]:
+    """The options of a Typer app whose default is a path (a ``Path``, or a string naming a file or folder)."""
+    from pathlib import PurePath
+
+    import typer
+
+    def path_like(v: object) -> bool:
+        return isinstance(v, PurePath) or isinstance(v, str) and bool(re.search(r"/|\.(ya?ml|json|txt)$", v))
+
+    return {f"--{p.name}": p.default for p in typer.main.get_command(app).params if path_like(p.default)}
+
+
+def test_stage_path_options_are_required():
+    """No stage option defaults to a path: the command in dvc.yaml passes each (an optional input defaults to None)."""
+    import importlib
+
+    import typer
+
+    found = {s.module: d for s in SCRIPTED if (d := path_defaults(importlib.import_module(s.module).app))}
+    assert not found, f"path options with a default (make them required; dvc.yaml's cmd passes the path): {found}"
+    demo = typer.Typer()
+
+    @demo.command()
+    def main(out: Path = typer.Option(Path("data/x")), params: str = typer.Option("params.yaml"), n: int = 1):
+        pass
+
+    assert path_defaults(demo) == {"--out": Path("data/x"), "--params": "params.yaml"}
 
 
 def test_a_path_drift_between_script_and_dvc_yaml_is_caught():
@@ -120,9 +172,9 @@ def test_a_path_drift_between_script_and_dvc_yaml_is_caught():
     moved = deps.Stage(pretrain.name, {**pretrain.body, "outs": outs}, pretrain.module)
     with pytest.raises(AssertionError, match=r"'out': 'data/models/pretrain'"):
         test_the_paths_a_stage_uses_are_the_ones_dvc_yaml_declares(moved)
-    passed = deps.Stage(
-        pretrain.name, {**moved.body, "cmd": "python -m stages.pretrain --out data/models/pretrain-v2"}, pretrain.module
-    )
+    cmd = pretrain.body["cmd"].replace("--out data/models/pretrain ", "--out data/models/pretrain-v2 ")
+    assert cmd != pretrain.body["cmd"]
+    passed = deps.Stage(pretrain.name, {**moved.body, "cmd": cmd}, pretrain.module)
     test_the_paths_a_stage_uses_are_the_ones_dvc_yaml_declares(passed)  # the command passes the new path: agreed
 
 

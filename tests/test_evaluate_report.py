@@ -19,6 +19,7 @@ from llmcore.serve.models import ModelHandle
 from llmcore.text.tokenizer import Tokenizer
 from llmcore.weights.weight_file import save_checkpoint
 from stages import evaluate, report
+from tests.conftest import REPO_ROOT
 from tests.fixed_reply import save_fixed_reply_model
 
 TEXT = "Below is an instruction. ### Response: The capital of France is Paris. Score: 85 " * 20
@@ -166,7 +167,8 @@ def render_report(tmp_path) -> str:
     shutil.rmtree(reports, ignore_errors=True)
     shutil.copytree(tmp_path / "reports", reports / "evaluate")
     (tmp_path / "p.yaml").write_text("evaluate: {judge_mode: skip_if_unreachable}\n")
-    result = CliRunner().invoke(report.app, ["--params", str(tmp_path / "p.yaml"), "--reports", str(reports)])
+    args = ["--params", str(tmp_path / "p.yaml"), "--reports", str(reports), "--dvc-yaml", str(REPO_ROOT / "dvc.yaml")]
+    result = CliRunner().invoke(report.app, args)
     assert result.exit_code == 0, result.output
     return (reports / "report.md").read_text()
 

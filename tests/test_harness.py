@@ -296,7 +296,8 @@ def test_stage_and_cli_write_metrics(tiny, local_tasks, tmp_path, monkeypatch):
         "hardware: {device: cpu, precision: fp32, threads: null}\n"
         f"benchmark: {{models: [tiny], tasks: ['{mc}'], limit: 4, num_fewshot: null, batch_size: 4, seed: 1}}\n"
     )
-    result = CliRunner().invoke(stage, ["--name", "tiny", "--models", str(folder.parent)])
+    args = ["--params", "params.yaml", "--models", str(folder.parent), "--reports", "reports/benchmark/tiny"]
+    result = CliRunner().invoke(stage, ["--name", "tiny", *args])
     assert result.exit_code == 0, result.output
     metrics = json.loads(Path("reports/benchmark/tiny/metrics.json").read_text())
     assert metrics["model"] == "tiny" and metrics["limit"] == 4 and metrics["truncated_requests"] == 0
@@ -337,10 +338,11 @@ def test_bad_input_is_one_line(tiny, local_tasks, tmp_path, monkeypatch):
     assert "not a causal language model; benchmarking needs one" in error(run(clf_dir, "--tasks", mc))
 
     monkeypatch.chdir(tmp_path)
+    paths = ["--params", "params.yaml", "--models", "data/models", "--reports", "reports/benchmark/tiny"]
     Path("params.yaml").write_text("hardware: {device: cpu}\nbenchmark: {models: [tiny], tasks: []}\n")
-    assert "benchmark.tasks: empty" in error(CliRunner().invoke(stage, ["--name", "tiny"]))
+    assert "benchmark.tasks: empty" in error(CliRunner().invoke(stage, ["--name", "tiny", *paths]))
     Path("params.yaml").write_text("hardware: {device: cpu}\nbenchmark: {models: [tiny], tasks: [x], limit: 0}\n")
-    assert "benchmark.limit" in error(CliRunner().invoke(stage, ["--name", "tiny"]))
+    assert "benchmark.limit" in error(CliRunner().invoke(stage, ["--name", "tiny", *paths]))
 
 
 def test_benchmark_rows_pair_ours_with_published_figures(tmp_path):

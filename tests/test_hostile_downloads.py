@@ -182,7 +182,8 @@ def test_import_cache_path_stays_under_the_cache(tmp_path: Path, monkeypatch: py
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv(MIRROR_ENV, str(tmp_path / "empty-mirror"))
     Path("params.yaml").write_text(f"import:\n  sources:\n    x: {{repo: '{repo}', revision: main}}\n")
-    result = CliRunner().invoke(app, ["--name", "x"])
+    paths = ["--params", "params.yaml", "--raw-dir", "data/raw", "--cache-dir", "data/hub"]
+    result = CliRunner().invoke(app, ["--name", "x", *paths, "--out", "data/models/x", "--reports", "reports/import/x"])
     line = result.stderr.strip()
     assert result.exit_code == 1 and line.startswith("error: import.sources.x.repo/revision: ") and "\n" not in line
     assert files_under(tmp_path) == ["params.yaml"]

@@ -10,6 +10,7 @@ import base64
 import hashlib
 import json
 import math
+import shlex
 import shutil
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from llmcore.weights.hf_convert import load_hf
 from llmcore.weights.hub import HFCheckpoint
 from llmcore.weights.model_dir import load_model_dir, save_model_dir
 from llmcore.weights.weight_file import save_checkpoint
-from tests.conftest import require_shared
+from tests.conftest import REPO_ROOT, require_shared
 
 transformers = pytest.importorskip("transformers")
 
@@ -109,9 +110,15 @@ def write_params(sources: dict, eval_tokens: int = 200) -> None:
 
 
 def run_stage(*args: str):
+    """The stage as dvc.yaml's `import@<name>` runs it (its paths, the name in them), ``args`` (``--name`` first)."""
     from stages.import_weights import app
 
-    return CliRunner().invoke(app, list(args))
+    name = args[1]
+    cmd = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]["import"]["do"]["cmd"]
+    words = shlex.split(cmd.replace("${item}", name))
+    words = words[words.index("stages.import_weights") + 1 :]
+    del words[words.index("--name") : words.index("--name") + 2]
+    return CliRunner().invoke(app, [*args, *words])
 
 
 def error_line(result) -> str:

@@ -78,7 +78,8 @@ def test_fine_tunes_refuse_a_classifier_base_model_before_any_work(tmp_path, mod
         str(tmp_path / "work"),
     ]
     name = stage.__name__.rsplit(".", 1)[-1]
-    result = CliRunner().invoke(stage.app, args)  # no data given: the base model is checked first
+    args += ["--data", str(tmp_path / "no-data")] if name == "classify" else ["--raw-dir", str(tmp_path / "no-raw")]
+    result = CliRunner().invoke(stage.app, args)  # no data there: the base model is checked first
     assert error_line(result) == refusal(models, f"the {name} stage's base_model")
     assert not (tmp_path / "out").exists() and not (tmp_path / "reports").exists()
 
@@ -94,6 +95,8 @@ def test_evaluate_refuses_a_classifier_for_the_reference_loss(tmp_path, models):
         str(tmp_path / "responses.json"),
         "--model-dir",
         str(models / "clf"),
+        "--cache",
+        str(tmp_path / "judge.jsonl"),
         "--reports",
         str(tmp_path / "reports"),
     ]
@@ -111,6 +114,10 @@ def test_import_says_an_llmcore_folder_is_not_a_hugging_face_one(tmp_path, model
         str(tmp_path / "params.yaml"),
         "--from-dir",
         str(models / "clf"),
+        "--raw-dir",
+        str(tmp_path / "raw"),
+        "--cache-dir",
+        str(tmp_path / "hub"),
         "--out",
         str(tmp_path / "out"),
         "--reports",

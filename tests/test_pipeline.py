@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from llmcore.training.state import checkpoints
+from tests import stage_io
 from tests.conftest import REPO_ROOT
 from tools import deps
 
@@ -106,11 +107,10 @@ def test_malformed_params_exit_nonzero_with_one_line(repo_env, tmp_path, edit, m
     bad.write_text(yaml.safe_dump(params))
     stage = "download" if "sources" in message or "check" in message else "tokenize"
     out = tmp_path / "out"
+    paths = ["--raw-dir", out / "raw", "--reports", out / "reports"]
+    paths += ["--out", out / "tokens", "--work", out / "work"] if stage == "tokenize" else []
     proc = run(
-        [sys.executable, "-m", f"stages.{stage}", "--params", str(bad), "--reports", str(out / "reports")],
-        repo,
-        env,
-        check=False,
+        [sys.executable, "-m", f"stages.{stage}", "--params", str(bad), *map(str, paths)], repo, env, check=False
     )
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
@@ -169,6 +169,7 @@ class Tiny:
     env: dict[str, str]
     first: str  # `dvc repro`'s output
     outs: dict[str, str]  # dvc.lock after it: out path -> md5
+    io_logs: Path  # what each stage process read and wrote during `dvc repro` (tests/stage_io.py)
     sweep: dict = field(default_factory=dict)  # (preset, lr) -> (experiment name, rev, val loss)
 
 
@@ -198,11 +199,16 @@ def tiny(tmp_path_factory, mirror_url, judge_server) -> Tiny:
     commit(repo, "tiny params")
     env = dict(os.environ, LLMCORE_MIRROR=mirror_url, DVC_NO_ANALYTICS="1")
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    first = dvc(repo, env, "repro")
+    io_logs = tmp_path_factory.mktemp("stage-io")
+    traced = dict(env, STAGE_IO_LOG=str(io_logs))  # the first run only: the tracer in every stage process
+    traced["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(REPO_ROOT / "tests" / "stage_io_site"), env.get("PYTHONPATH")])
+    )
+    first = dvc(repo, traced, "repro")
     assert "is empty" not in first.stderr  # DVC warns about every empty output, on every command
     outs = lock_outs(repo)
     commit(repo, "first run")  # dvc.lock and the metrics: experiments start from here
-    return Tiny(repo, env, first.stdout, outs)
+    return Tiny(repo, env, first.stdout, outs, io_logs)
 
 
 def test_full_pipeline_end_to_end_with_llmcore_serve_as_judge(tiny):
@@ -251,6 +257,20 @@ def test_full_pipeline_end_to_end_with_llmcore_serve_as_judge(tiny):
 
     again = dvc(repo, env, "repro")
     assert ran_stages(again.stdout) == [], again.stdout
+
+
+def test_every_stage_reads_its_deps_and_writes_its_outs_and_nothing_else(tiny):
+    """The first run, traced (tests/stage_io.py): each stage process's file opens, renames and removals, mapped to
+    dvc.yaml's deps and outs of the stage it ran. A read of an undeclared file (DVC would not rerun the stage when it
+    changes), a write outside the declared outs (DVC would neither cache nor restore it), or a declared dep or out the
+    stage never touches (a stale declaration) fails here, naming the stage and the path."""
+    spec = yaml.safe_load((tiny.repo / "dvc.yaml").read_text())
+    params = yaml.safe_load((tiny.repo / "params.yaml").read_text())
+    logs = stage_io.read_logs(tiny.io_logs)
+    traced = {p["argv"][p["argv"].index("-m") + 1] for p in logs}
+    assert {f"stages.{s.replace('-', '_')}" for s in ran_stages(tiny.first)} == traced  # every stage that ran, traced
+    problems = stage_io.problems(spec, logs, params)
+    assert not problems, "\n".join(problems)
 
 
 def cached_artifacts(repo: Path) -> list[str]:

@@ -65,9 +65,6 @@ class FakeLive:
     def log_metric(self, name, value):
         self.rows.setdefault(name, []).append((self.step, value))
 
-    def make_summary(self):
-        pass
-
 
 def run(tmp, cfg, model=None, loss_fn=lm_loss, hw=CPU, batch_size=None, **kw):
     live = FakeLive(tmp)

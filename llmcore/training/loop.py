@@ -424,6 +424,22 @@ def fit(
     )
 
 
+def curves_logger(live_dir: str | os.PathLike) -> Any:
+    """A ``dvclive.Live`` in ``live_dir`` that writes the curves alone (``plots/metrics/**.tsv``, the stage's DVC
+    plots), never dvclive's summary (``live_dir/metrics.json``, each curve's last value): no stage declares that file,
+    and the stage's own ``metrics.json`` and ``timing.json`` hold its numbers. Rank 0 only (it opens the DVC repo)."""
+    from dvclive import Live  # imported late: it pulls in dvc
+
+    class CurvesOnly(Live):
+        def make_summary(self) -> None:  # Live.end() calls it: the summary is the one file left out
+            pass
+
+        def post_data_to_studio(self) -> None:  # reads the summary back; the pipeline never posts to DVC Studio
+            pass
+
+    return CurvesOnly(dir=str(live_dir), dvcyaml=False, save_dvc_exp=False)
+
+
 def fit_logged(
     model: nn.Module,
     train_data: Batches,
@@ -438,11 +454,7 @@ def fit_logged(
 ) -> FitResult | None:
     """``fit`` as a fine-tuning stage runs it: dvclive curves in ``live_dir`` written by rank 0, the process group
     closed afterwards (also on failure). Returns the result on rank 0, None on the other ranks."""
-    live = None
-    if rt.is_main:
-        from dvclive import Live  # imported late: it pulls in dvc
-
-        live = Live(dir=str(live_dir), dvcyaml=False, save_dvc_exp=False)
+    live = curves_logger(live_dir) if rt.is_main else None
     try:
         result = fit(model, train_data, val_data, loss_fn, cfg, hw, out_dir, live=live, **kwargs)
     finally:
@@ -588,8 +600,6 @@ class Evaluator:
         if recent:  # the training loss over the interval since the previous evaluation
             state.train_loss = metrics["train/loss_avg"] = sum(recent) / len(recent)
         log_metrics(self.live, metrics, at)
-        if self.live is not None:
-            self.live.make_summary()
         if self.rt.is_main:
             train_msg = f"train {state.train_loss:.4f}, " if recent else ""
             tqdm.write(f"step {at}: {train_msg}val {state.val_loss:.4f} (ppl {metrics['val/ppl']:.2f})")
