@@ -4,6 +4,7 @@ leave between steps, and a seeded request's tokens do not depend on what else is
 from __future__ import annotations
 
 import contextlib
+import copy
 import queue
 import threading
 import time
@@ -11,6 +12,7 @@ import time
 import pytest
 import torch
 
+from llmcore.models import packed
 from llmcore.models.config import ModelConfig
 from llmcore.models.generate import SamplingConfig, generate
 from llmcore.models.gpt import GPT
@@ -106,6 +108,24 @@ def test_concurrent_requests_share_steps_and_match_generate(family: GPT, tok: To
         total_tokens = sum(cfg.max_new_tokens for _, cfg in jobs)
         assert engine.max_live == 4  # the batch filled up
         assert engine.steps < total_tokens / 2  # decode passes were shared
+    finally:
+        engine.stop()
+
+
+@pytest.mark.skipif(not packed.available(), reason="this torch has no oneDNN")
+def test_packed_weights_serve_the_same_tokens(family: GPT, tok: Tokenizer) -> None:
+    """An engine over a model whose linear layers run oneDNN-packed weights in batches (llmcore.models.packed; the
+    engine packs wide models itself, so a small one is packed by hand here) serves the unpacked library's tokens."""
+    model = copy.deepcopy(family)
+    assert packed.pack_linears(model, min_elements=0) > 0
+    engine = Engine(model, tok, max_batch=4)
+    try:
+        jobs = [(ids, SamplingConfig(10, temperature=0)) for ids in prompts(tok, [3, 7, 5, 9])]
+        results = run_all(engine, jobs, together=True)
+        for (ids, cfg), (text, _) in zip(jobs, results, strict=True):
+            (expected,) = generate(family, [ids], cfg)
+            assert text == tok.decode(expected)
+        assert engine.max_live == 4 and engine.packed_layers > 0
     finally:
         engine.stop()
 
