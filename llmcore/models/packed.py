@@ -1,12 +1,12 @@
 """Linear layers whose weights are reordered once for oneDNN, for batched inference on CPU.
 
-torch's CPU matrix product (MKL's sgemm) repacks the weight matrix on every call. For one row it takes a
-matrix-vector path that reads the weights once; for a few rows (2-16: the rows of a batched decode step) it packs
-them first, and a product of 2-16 rows then costs 2.5-3x the one-row product. Measured 2026-12-06 on a 2-core AMD
-EPYC VM, 2 threads, the 124M head (768 x 50,257): 10 ms for one row, 26 ms for two, 32 ms for eight; with the weight
-reordered once into oneDNN's blocked layout (``torch.ops.mkldnn._reorder_linear_weight``, the prepacking Inductor
-does for frozen weights) and multiplied by ``torch.ops.mkldnn._linear_pointwise``: 6.4, 6.8 and 10.5 ms. A batched
-decode step of the 124M shape took half the time.
+torch's CPU matrix product (MKL's sgemm) of one row is a matrix-vector pass over the weights; a product of a few
+rows (2-16: the rows of a batched decode step) costs 2.5-3x as much, the price of packing the weight matrix into
+its blocked layout on every call. Measured 2026-12-06 on a 2-core AMD EPYC VM, 2 threads, the 124M head
+(768 x 50,257): 10 ms for one row, 26 ms for two, 32 ms for eight; with the weight reordered once into oneDNN's
+blocked layout (``torch.ops.mkldnn._reorder_linear_weight``, the prepacking Inductor does for frozen weights) and
+multiplied by ``torch.ops.mkldnn._linear_pointwise``: 6.4, 6.8 and 10.5 ms. A batched decode step of the 124M shape
+took about half the time (8 rows, eager).
 
 :func:`pack_linears` gives each ``nn.Linear`` of a model such a copy. A packed layer uses it only where it pays and
 changes nothing else:
@@ -21,15 +21,12 @@ changes nothing else:
 
 from __future__ import annotations
 
-import logging
 import types
 import weakref
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-log = logging.getLogger(__name__)
 
 MIN_ROWS = 2  # batch rows from which a packed layer uses its copy (one row: torch's matrix-vector path is as fast)
 # Weights smaller than this stay as they are: their products are cheap next to the call around them (serving the
