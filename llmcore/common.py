@@ -247,20 +247,19 @@ def print0(*args, **kwargs) -> None:
         print(*args, **kwargs)
 
 
-def require_options(ctx: Any, **values: Any) -> None:
-    """The stage's own options of a Typer callback that also has subcommands (``classify predict``): required to run
-    the stage, not to reach a subcommand, so Click cannot mark them required itself. ``ctx`` is the callback's
-    context, ``values`` its options by parameter name; the first one left out (None) stops with Click's
-    "Missing option" usage error (exit status 2, as for any required option)."""
+def require_options(ctx: Any) -> None:
+    """The options of a Typer callback that also has subcommands (``classify predict``): all required to run the
+    stage, none to reach a subcommand, so Click cannot mark them required itself. ``ctx`` is the callback's context;
+    the first option left out (None) stops with Click's "Missing option" usage error (exit status 2, as for any
+    required option)."""
     import importlib
 
     import typer
 
     # the Click that Typer's apps catch and print: click itself, or (newer Typer) its own copy of it
     click_exceptions = importlib.import_module(typer.BadParameter.__module__)
-    for name, value in values.items():
-        if value is None:
-            param = next(p for p in ctx.command.params if p.name == name)
+    for param in ctx.command.params:
+        if ctx.params.get(param.name) is None:
             raise click_exceptions.MissingParameter(ctx=ctx, param=param)
 
 

@@ -272,7 +272,7 @@ def main(
     """Fine-tune data/models/${base_model} as a spam classifier and evaluate it (the DVC stage)."""
     if ctx.invoked_subcommand is not None:
         return
-    require_options(ctx, params=params, data=data, models_dir=models_dir, out=out, reports=reports, work_dir=work_dir)
+    require_options(ctx)
     with stage_errors():
         cfg, base_model, hw = load_params(params)
         relaunch_if_several(hw.nproc, "stages.classify")

@@ -236,6 +236,12 @@ def _code_digest() -> str:
     return h.hexdigest()
 
 
+def _step_weights(model: GPT) -> list[tuple[str, torch.Tensor]]:
+    """The tensors a compiled step takes as weights, named, in order: parameters (tied ones once), then buffers."""
+    step = _Step(model)
+    return [*step.named_parameters(), *step.named_buffers()]
+
+
 class StaticDecoder:
     """The compiled decode step of one model (see the module docstring); get it with :func:`decoder_for`.
 
@@ -250,8 +256,7 @@ class StaticDecoder:
         self.cfg, self.fingerprint = model.cfg, _fingerprint(model)
         self.inductor_configs = dict(inductor_configs or {})
         # the tensors the graphs take as weights, in order: parameters (tied ones once), then buffers (RoPE's table)
-        step = _Step(model)
-        named = [*step.named_parameters(), *step.named_buffers()]
+        named = _step_weights(model)
         self._names = [n for n, _ in named]
         self._weights = [t.detach() for _, t in named]  # views of the same storage: in-place updates are seen
         c = model.cfg  # the strides of a cache view (a full-context buffer's), which the graph's indexing assumes
@@ -387,7 +392,7 @@ class StaticDecoder:
         # thread meanwhile (the serve engine compiles in the background).
         with torch.device("meta"):
             shadow = GPT(self.cfg).eval()
-        shadow_names = [n for n, _ in (*_Step(shadow).named_parameters(), *_Step(shadow).named_buffers())]
+        shadow_names = [n for n, _ in _step_weights(shadow)]
         if shadow_names != self._names:
             raise ValueError(f"the model's weights {self._names} are not a stock GPT's ({shadow_names})")
         with torch.no_grad():
