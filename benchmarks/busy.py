@@ -369,11 +369,13 @@ def job_serve(job: dict[str, Any]) -> dict[str, Any]:
 def job_warm_decode(job: dict[str, Any]) -> dict[str, Any]:
     """Build (or find) the compiled decode steps generation and serving will load: batch 1 and batch >= 2, at the
     width and thread count they use, in the on-disk cache (``llmcore.models.static_decode``)."""
+    from llmcore.models.packed import onednn_linears
     from llmcore.models.static_decode import decoder_for, width_for
     from llmcore.threads import threads_for_inference
     from llmcore.weights.model_dir import open_model_dir
 
     model = open_model_dir(job["model_dir"]).load_lm("cpu").eval()
+    onednn_linears(model, packed_from=None)  # as generate and the engine set the model up: their graphs' layout
     width = width_for(job["need"], model.cfg.context_length)
     out: dict[str, Any] = {"width": width}
     with threads_for_inference("auto", model.cfg) as threads:

@@ -1,6 +1,6 @@
-"""oneDNN-packed linear weights for batched CPU inference (llmcore.models.packed): the same products to float
-rounding for batches, the very same kernels for one row and for training, and a weight changed in place is
-repacked before its next use."""
+"""Linear layers on oneDNN for CPU inference (llmcore.models.packed): one row on the plain weight, batches on a copy
+packed once, the same products as ``F.linear`` to float rounding; training and autograd keep torch's kernel; a weight
+changed in place is repacked before its next use; the compiled decode step traces the same products."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from torch import nn
 
 from llmcore.models import packed
 from llmcore.models.config import ModelConfig
+from llmcore.models.generate import SamplingConfig, generate
 from llmcore.models.gpt import GPT
 
 pytestmark = pytest.mark.skipif(not packed.available(), reason="this torch has no oneDNN")
@@ -22,35 +23,50 @@ def layer(seed: int = 0, bias: bool = True) -> nn.Linear:
     return nn.Linear(48, 80, bias=bias)
 
 
+class Spy:
+    """Records the (rows, weight kind) of each oneDNN product."""
+
+    def __init__(self):
+        self.calls: list[tuple[int, str]] = []
+        self.real = torch.ops.mkldnn._linear_pointwise
+
+    def __call__(self, x, weight, *args):
+        self.calls.append((x.shape[0], "packed" if weight.is_mkldnn else "plain"))
+        return self.real(x, weight, *args)
+
+
 @pytest.mark.parametrize("bias", [True, False])
-def test_batches_use_the_packed_copy_and_one_row_the_plain_product(bias):
+def test_batches_use_the_packed_copy_and_one_row_the_plain_weight(bias):
     plain, fast = layer(bias=bias), layer(bias=bias)
-    assert packed.pack_linears(fast, min_elements=0) == 1
+    assert packed.onednn_linears(fast, min_elements=0) == 1 and packed.packed_layers(fast) == 1
     with torch.no_grad():
-        for shape in [(8, 48), (3, 5, 48), (2, 1, 48)]:
+        for shape in [(8, 48), (3, 5, 48), (2, 1, 48), (1, 7, 48), (1, 48)]:
             x = torch.randn(shape)
             torch.testing.assert_close(fast(x), plain(x), rtol=1e-5, atol=1e-5)
-        one = torch.randn(1, 7, 48)
-        assert torch.equal(fast(one), plain(one))  # batch 1: torch's own kernel, bit for bit
-    calls = []
-    real = torch.ops.mkldnn._linear_pointwise
-
-    class Spy:
-        def __call__(self, *args):
-            calls.append(args[0].shape)
-            return real(*args)
-
+            assert torch.equal(fast(x), fast(x.clone()))  # the same kernel, the same bits
     spy = Spy()
     with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
         mp.setattr(torch.ops.mkldnn, "_linear_pointwise", spy)
         fast(torch.randn(4, 2, 48))
         fast(torch.randn(1, 2, 48))
-    assert calls == [torch.Size([8, 48])]
+    assert spy.calls == [(8, "packed"), (2, "plain")]  # rows flattened; a batch of one sequence: the plain weight
+
+
+def test_without_a_copy_every_batch_uses_the_plain_weight():
+    fast = layer()
+    assert packed.onednn_linears(fast, packed_from=None, min_elements=0) == 1 and packed.packed_layers(fast) == 0
+    spy = Spy()
+    with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.ops.mkldnn, "_linear_pointwise", spy)
+        fast(torch.randn(4, 48))
+    assert spy.calls == [(4, "plain")]
+    # asked again with a copy: the layer gets one (the serve engine over a model generate set up)
+    assert packed.onednn_linears(fast, min_elements=0) == 1 and packed.packed_layers(fast) == 1
 
 
 def test_training_and_autograd_take_the_plain_path():
     plain, fast = layer(), layer()
-    packed.pack_linears(fast, min_elements=0)
+    packed.onednn_linears(fast, min_elements=0)
     x = torch.randn(6, 48)
     plain(x).sum().backward()
     fast(x).sum().backward()
@@ -59,7 +75,7 @@ def test_training_and_autograd_take_the_plain_path():
 
 def test_a_weight_changed_in_place_or_replaced_is_repacked():
     fast = layer()
-    packed.pack_linears(fast, min_elements=0)
+    packed.onednn_linears(fast, min_elements=0)
     x = torch.randn(4, 48)
     with torch.no_grad():
         fast.weight.mul_(2.0)  # in place: the version counter moves
@@ -70,31 +86,49 @@ def test_a_weight_changed_in_place_or_replaced_is_repacked():
         torch.testing.assert_close(fast(x), fast.bias.expand(4, -1), rtol=0, atol=0)
 
 
-def test_a_packed_model_decodes_like_the_plain_one_and_unpacks():
+def test_a_model_on_onednn_decodes_like_the_plain_one_and_goes_back():
     torch.manual_seed(0)
     model = GPT(ModelConfig.from_preset("llama3-tiny", vocab_size=97)).eval()
     reference = copy.deepcopy(model)
-    n = packed.pack_linears(model, min_elements=0)
+    n = packed.onednn_linears(model, min_elements=0)
     assert n == len([m for m in model.modules() if type(m) is nn.Linear]) > 0
-    assert packed.pack_linears(model, min_elements=0) == n  # twice: nothing repacked, the same layers
-    assert "out_head._packed" not in dict(model.named_buffers()) and model.state_dict().keys() == (
-        reference.state_dict().keys()
-    )
+    assert packed.onednn_linears(model, min_elements=0) == n  # twice: nothing repacked, the same layers
+    assert "out_head" in packed.onednn_layout(model)
+    assert model.state_dict().keys() == reference.state_dict().keys()
     ids = torch.randint(0, 97, (4, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=1e-4, atol=1e-5)
-        assert torch.equal(model(ids[:1]).logits, reference(ids[:1]).logits)
-    twin = copy.deepcopy(model)  # a packed model copies (its copy packs again on first use)
+        torch.testing.assert_close(model(ids[:1]).logits, reference(ids[:1]).logits, rtol=1e-4, atol=1e-5)
+    cfg = SamplingConfig(12, temperature=0)
+    assert generate(model, ids.tolist(), cfg) == generate(reference, ids.tolist(), cfg)
+    twin = copy.deepcopy(model)  # a model on oneDNN copies (its copy packs again on first use)
     with torch.no_grad():
         assert torch.equal(twin(ids).logits, model(ids).logits)
-    packed.unpack_linears(model)
-    assert not any("forward" in vars(m) for m in model.modules())
+    packed.plain_linears(model)
+    assert not any("forward" in vars(m) for m in model.modules()) and packed.onednn_layout(model) == ()
     with torch.no_grad():
         assert torch.equal(model(ids).logits, reference(ids).logits)
 
 
+def test_generate_puts_wide_layers_on_onednn_without_copies():
+    torch.manual_seed(0)
+    model = GPT(ModelConfig.from_preset("llama3-tiny", vocab_size=4096, context_length=32)).eval()
+    generate(model, [[1, 2, 3]], SamplingConfig(2))
+    assert packed.onednn_layout(model) == ("out_head",)  # 4,096 x 128 weights; the blocks' are under the floor
+    assert packed.packed_layers(model) == 0
+
+
+def test_torch_compile_traces_the_plain_product():
+    fast = layer()
+    packed.onednn_linears(fast, min_elements=0)
+    x = torch.randn(3, 48)
+    compiled = torch.compile(fast, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        assert torch.equal(compiled(x), nn.functional.linear(x, fast.weight, fast.bias))
+
+
 def test_other_dtypes_and_layers_are_left_alone():
     half = layer().to(torch.bfloat16)
-    assert packed.pack_linears(half, min_elements=0) == 0 and "forward" not in vars(half)
-    assert packed.pack_linears(layer()) == 0  # 48 x 80: under MIN_WEIGHT_ELEMENTS, not worth a copy
-    assert packed.pack_linears(nn.Sequential(nn.Embedding(4, 4), nn.LayerNorm(4))) == 0
+    assert packed.onednn_linears(half, min_elements=0) == 0 and "forward" not in vars(half)
+    assert packed.onednn_linears(layer()) == 0  # 48 x 80: under MIN_WEIGHT_ELEMENTS
+    assert packed.onednn_linears(nn.Sequential(nn.Embedding(4, 4), nn.LayerNorm(4))) == 0

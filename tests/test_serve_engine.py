@@ -114,10 +114,10 @@ def test_concurrent_requests_share_steps_and_match_generate(family: GPT, tok: To
 
 @pytest.mark.skipif(not packed.available(), reason="this torch has no oneDNN")
 def test_packed_weights_serve_the_same_tokens(family: GPT, tok: Tokenizer) -> None:
-    """An engine over a model whose linear layers run oneDNN-packed weights in batches (llmcore.models.packed; the
-    engine packs wide models itself, so a small one is packed by hand here) serves the unpacked library's tokens."""
+    """An engine over a model whose linear layers run on oneDNN, batches on packed weights (llmcore.models.packed; the
+    engine sets up wide models itself, so a small one is set up by hand here) serves the plain library's tokens."""
     model = copy.deepcopy(family)
-    assert packed.pack_linears(model, min_elements=0) > 0
+    assert packed.onednn_linears(model, min_elements=0) > 0
     engine = Engine(model, tok, max_batch=4)
     try:
         jobs = [(ids, SamplingConfig(10, temperature=0)) for ids in prompts(tok, [3, 7, 5, 9])]

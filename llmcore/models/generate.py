@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 import torch
 
 from llmcore.models.gpt import GPT
-from llmcore.models.static_decode import decoder_for, pays, width_for
+from llmcore.models.packed import onednn_linears
+from llmcore.models.static_decode import decoder_for, pays, policy, width_for
 
 # A temperature below this samples greedily: dividing logits by a tinier one overflows them to inf, and the
 # probabilities to NaN (1e-300 did), while anything this small is argmax in all but exact ties anyway.
@@ -111,6 +112,8 @@ def generate_steps(
     stop = torch.tensor(sorted(set(cfg.stop_ids)), dtype=torch.long, device=device)
     alive = torch.ones(len(prompts), dtype=torch.bool, device=device)
     B, width = len(prompts), width_for(idx.shape[1] + steps, ctx)
+    if device.type == "cpu":
+        onednn_linears(model, packed_from=None)  # wide layers on oneDNN, no copies (llmcore.models.packed)
     was_training = model.training
     model.eval()
     try:
@@ -119,6 +122,7 @@ def generate_steps(
         history = decoder = decoder_for(model) if use_cache and steps > 1 else None
         if decoder is not None and not (pays(decoder, B, width, steps - 1) and decoder.compile(B, width)):
             decoder = None
+        way = policy()  # once per call: reading the environment cost ~2% of a small model's step
         # The compiled step reads full-context buffers (its graph serves any cache of that layout).
         cache = model.new_cache(B, ctx if decoder else idx.shape[1] + steps) if use_cache else None
         if decoder is not None:
@@ -130,7 +134,7 @@ def generate_steps(
             # The head only for the last position: the prefill needs one row of logits, not T.
             step_mask = mask if padded else None
             began = time.perf_counter()
-            out = decoder.step(*views, step_input, slot, start) if decoder and i and decoder.prefer(B, width) else None
+            out = decoder.step(*views, step_input, slot, start) if decoder and i and decoder.prefer(B, width, way) else None
             if out is not None:
                 logits, greedy = out
                 cache.pos += 1
@@ -147,10 +151,12 @@ def generate_steps(
                 slot += 1  # either way, the step wrote the cache at slot (== cache.pos before it)
             nxt = greedy if greedy is not None and cfg.greedy else sample_next(logits, cfg, generator)
             if stop.numel():
-                alive = alive & ~torch.isin(nxt, stop)
-            yield nxt, alive.clone()
-            if not alive.any():
-                break
+                alive = alive & ~torch.isin(nxt, stop)  # a new tensor: the one yielded before stays as it was
+                yield nxt, alive
+                if not alive.any():
+                    break
+            else:
+                yield nxt, alive  # no stop ids: every row runs to the end
             step_input = nxt[:, None]
             if cache is None:
                 idx = torch.cat([idx, step_input], dim=1)

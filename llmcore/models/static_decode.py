@@ -31,8 +31,9 @@ policy:
 
 - the serve engine (:class:`llmcore.serve.engine.Engine`) compiles on CPU by default, in a background thread, and
   decodes eagerly until the graph is ready (a server runs long, and no request waits for the compiler; a cached
-  graph is ready at once); then it times ``MEASURE_STEPS`` steps each way per batch size and width and keeps the
-  faster;
+  graph is ready at once); then it times steps each way per batch size and width, compiled ones first, and keeps
+  the faster: after ``EARLY_STEPS`` each when one way is ``CLEAR_MARGIN`` times faster, else after
+  ``MEASURE_STEPS`` each;
 - ``generate`` (and ``llmcore ask``, which streams through it) uses a graph that is cached on disk from its first
   step, and builds one only once the model's decode steps in this process, past and expected, reach
   ``COMPILE_AFTER_STEPS``; then it chooses by timing as the engine does. One ``ask`` answer (<= 256 steps, ~0.25 s)
@@ -72,6 +73,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from llmcore.models import packed
 from llmcore.models.gpt import GPT, Block, CausalSelfAttention
 
 log = logging.getLogger("llmcore.decode")
@@ -82,8 +84,11 @@ POLICY_ENV = "LLMCORE_COMPILED_DECODE"
 # (~20 s on 2 cores) over the saving per step (0.5-1 ms on llama3-tiny, 1 thread); later processes load it for free.
 COMPILE_AFTER_STEPS = 20_000
 # ``auto`` then times this many steps each way per (rows, width) and keeps the faster (compiled wins on small models,
-# not always on bigger ones or full batches: see the module docstring).
+# not always on bigger ones or full batches: see the module docstring); it decides after EARLY_STEPS each way when
+# one way is CLEAR_MARGIN times faster than the other.
 MEASURE_STEPS = 8
+EARLY_STEPS = 2
+CLEAR_MARGIN = 1.5
 # Cache widths: the full context when it is short, else powers of two from MIN_WIDTH (attention reads W keys per
 # row: at the 124M shape a 1024-wide cache costs +30% per step over a 128-wide one at batch 1, 2x at batch 8).
 MIN_WIDTH = 256
@@ -113,6 +118,11 @@ def policy() -> str:
         value, value
     )
     return value if value in POLICIES else "auto"
+
+
+def _clear(best_eager: float, best_compiled: float) -> bool:
+    """Whether one way's best step is ``CLEAR_MARGIN`` times faster than the other's."""
+    return max(best_eager, best_compiled) > CLEAR_MARGIN * min(best_eager, best_compiled)
 
 
 def width_for(need: int, context_length: int) -> int:
@@ -148,8 +158,13 @@ def _cxx() -> str | None:
 
 def _fingerprint(model: GPT) -> tuple:
     """What the compiled graphs assume of ``model`` beyond its weights' values, which dynamo no longer guards (the
-    guard filter above): the same module objects, and parameters of the same identity, shape, dtype and device."""
-    return (tuple(map(id, model.modules())), tuple((id(p), p.shape, p.dtype, p.device) for p in model.parameters()))
+    guard filter above): the same module objects, parameters of the same identity, shape, dtype and device, and the same
+    linear layers on oneDNN."""
+    return (
+        tuple(map(id, model.modules())),
+        tuple((id(p), p.shape, p.dtype, p.device) for p in model.parameters()),
+        packed.onednn_layout(model),  # which products the graph runs on oneDNN (llmcore.models.packed)
+    )
 
 
 def _decode_step(
@@ -231,7 +246,7 @@ def cache_dir() -> Path:
 def _code_digest() -> str:
     """The code a graph is traced from (the model and this step): a graph built from other code is not reused."""
     h = hashlib.sha256()
-    for module in (sys.modules[GPT.__module__], sys.modules[__name__]):
+    for module in (sys.modules[GPT.__module__], packed, sys.modules[__name__]):
         h.update(Path(module.__file__).read_bytes())
     return h.hexdigest()
 
@@ -254,6 +269,7 @@ class StaticDecoder:
         self._model = weakref.ref(model)
         self.name = f"GPT {model.cfg.n_layers}x{model.cfg.emb_dim} ({model.cfg.pos_emb} positions)"
         self.cfg, self.fingerprint = model.cfg, _fingerprint(model)
+        self.onednn = packed.onednn_layout(model)  # layers whose products the graph runs on oneDNN
         self.inductor_configs = dict(inductor_configs or {})
         # the tensors the graphs take as weights, in order: parameters (tied ones once), then buffers (RoPE's table)
         named = _step_weights(model)
@@ -293,6 +309,7 @@ class StaticDecoder:
             repr(self.cfg),
             sorted(self.inductor_configs.items()),
             [(name, tuple(t.shape), str(t.dtype)) for name, t in zip(self._names, self._weights, strict=True)],
+            self.onednn,
             batched,
             width,
             threads,
@@ -392,6 +409,7 @@ class StaticDecoder:
         # thread meanwhile (the serve engine compiles in the background).
         with torch.device("meta"):
             shadow = GPT(self.cfg).eval()
+        packed.onednn_linears(shadow, packed_from=None, names=self.onednn)  # the model's products, traced as such
         shadow_names = [n for n, _ in _step_weights(shadow)]
         if shadow_names != self._names:
             raise ValueError(f"the model's weights {self._names} are not a stock GPT's ({shadow_names})")
@@ -416,14 +434,20 @@ class StaticDecoder:
 
     def prefer(self, n: int, width: int, policy_override: str | None = None) -> bool:
         """Whether a step of ``n`` rows at ``width`` should run compiled, its graph being ready. ``always``: yes.
-        ``auto``: the first ``MEASURE_STEPS`` steps each way are timed (eager ones possibly before the graph was
-        ready), then the faster way stays for this process."""
+        ``auto``: compiled steps first, then eager ones, timed (eager ones possibly before the graph was ready); once
+        each way has run ``EARLY_STEPS`` and one is ``CLEAR_MARGIN`` times faster, or each has run ``MEASURE_STEPS``,
+        the faster way stays for this process. (On llama3-tiny an eager step costs ~7x a compiled one: eight of them
+        timed were ~15% of a 128-token answer.)"""
         if (policy_override or policy()) == "always":
             return True
-        t = self._timing.get((n, width, torch.get_num_threads()))
-        if t is None or t[1] < MEASURE_STEPS:
-            return False
-        return t[3] < MEASURE_STEPS or t[2] < t[0]
+        best_eager, n_eager, best_compiled, n_compiled = self._timing.get(
+            (n, width, torch.get_num_threads()), (float("inf"), 0, float("inf"), 0)
+        )
+        if n_compiled < EARLY_STEPS or n_eager < EARLY_STEPS:
+            return n_compiled < EARLY_STEPS
+        if n_compiled >= MEASURE_STEPS and n_eager >= MEASURE_STEPS or _clear(best_eager, best_compiled):
+            return best_compiled < best_eager
+        return n_compiled < MEASURE_STEPS
 
     def record(self, n: int, width: int, compiled: bool, seconds: float) -> None:
         """Time one decode step (either way); the ``auto`` policy's evidence."""
@@ -431,20 +455,30 @@ class StaticDecoder:
             self.eager_steps += 1
         key = (n, width, torch.get_num_threads())
         t = self._timing.setdefault(key, [float("inf"), 0, float("inf"), 0])
+        decided = self._decided(t)
         i = 2 if compiled else 0
         t[i], t[i + 1] = min(t[i], seconds), t[i + 1] + 1
-        if compiled and t[3] == MEASURE_STEPS and t[1] >= MEASURE_STEPS:
+        if not decided and self._decided(t):
             faster = "compiled" if t[2] < t[0] else "eager"
             log.log(
                 logging.INFO if faster == "eager" else logging.DEBUG,
-                "%s, %d rows, width %d: compiled step %.0f us, eager %.0f us: decoding %s",
+                "%s, %d rows, width %d: compiled step %.0f us, eager %.0f us (%d and %d timed): decoding %s",
                 self.name,
                 n,
                 width,
                 t[2] * 1e6,
                 t[0] * 1e6,
+                t[3],
+                t[1],
                 faster,
             )
+
+    @staticmethod
+    def _decided(t: list) -> bool:
+        """Whether timings [best eager, eager steps, best compiled, compiled steps] settle the ``auto`` choice."""
+        if t[1] < EARLY_STEPS or t[3] < EARLY_STEPS:
+            return False
+        return (t[1] >= MEASURE_STEPS and t[3] >= MEASURE_STEPS) or _clear(t[0], t[2])
 
     # -- running --------------------------------------------------------------------------------------
 

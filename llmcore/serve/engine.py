@@ -57,7 +57,7 @@ import torch
 
 from llmcore.models.generate import SamplingConfig, sample_next
 from llmcore.models.gpt import GPT, BatchedKVCache
-from llmcore.models.packed import pack_linears
+from llmcore.models.packed import MIN_ROWS, onednn_linears, packed_layers
 from llmcore.models.responses import TextStream
 from llmcore.models.static_decode import decoder_for, width_for
 from llmcore.serve import structured
@@ -137,10 +137,13 @@ class Engine:
         # waits for the compiler. None: the process policy (auto: compile, then keep whichever way times faster per
         # batch size; a server runs long enough to pay for it). True: compiled whenever a graph is ready.
         self._decode_policy = None if compiled_decode is None else ("always" if compiled_decode else "never")
+        # Wide linear layers multiply on oneDNN (llmcore.models.packed; before the decoder, whose graphs trace them):
+        # one row on the plain weight, and batches, where torch's CPU matmul costs 2.5-3x its one-row product, on a
+        # copy packed once (packed_weights=False: no copy, oneDNN on the plain weight for every batch).
+        if self.device.type == "cpu":
+            onednn_linears(model, packed_from=MIN_ROWS if packed_weights else None)
+        self.packed_layers = packed_layers(model)
         self._decoder = decoder_for(model, self._decode_policy)
-        # Batched steps multiply a few rows at a time, where torch's CPU matmul costs 2.5-3x its one-row product:
-        # linear layers get a oneDNN-packed copy of their weights for batches of 2+ rows (llmcore.models.packed).
-        self.packed_layers = pack_linears(model) if packed_weights and self.device.type == "cpu" else 0
         self._start_rows = torch.zeros(max_batch, dtype=torch.long, device=self.device)  # a packed cache: no padding
         self._views: dict[tuple[int, int], tuple] = {}  # (rows, width) -> the compiled step's views of the cache
         self._cache: BatchedKVCache | None = None  # allocated on the first request
