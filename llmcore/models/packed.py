@@ -24,8 +24,8 @@ else:
   (training, ``load_state_dict``) is repacked at its next use (its version counter moved). The copy costs memory:
   each packed weight is held twice (the 124M shape: about 500 MB more);
 - the compiled decode step (:mod:`llmcore.models.static_decode`) traces the layers into its graph as the
-  ``llmcore::onednn_linear`` operator (plain weights, which are the graph's inputs), so a compiled step and an
-  eager one run the same kernels;
+  ``llmcore::onednn_linear`` operator (plain weights, which are the graph's inputs) and compiles that into a direct
+  call of the same oneDNN product, so a compiled step and an eager one run the same kernels;
 - results differ from ``F.linear``'s in float rounding only, as any two matmul kernels do; the same layers, rows
   and threads give the same bits, run after run.
 """

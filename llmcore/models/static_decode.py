@@ -257,6 +257,25 @@ def _step_weights(model: GPT) -> list[tuple[str, torch.Tensor]]:
     return [*step.named_parameters(), *step.named_buffers()]
 
 
+def _lower_onednn_linear() -> None:
+    """Teach Inductor to compile ``llmcore::onednn_linear`` (llmcore.models.packed) into a direct call of oneDNN's
+    product (the C function AOTInductor has for ``mkldnn._linear_pointwise``). Inductor's own lowering of that op takes
+    only frozen weights; left to itself, it would call the operator's Python body, which takes the interpreter lock
+    49 times a step at the 124M shape (a server's event loop holds it too)."""
+    from torch._inductor import ir, lowering, mkldnn_ir
+
+    op = torch.ops.llmcore.onednn_linear.default
+    if op in lowering.lowerings:
+        return
+
+    @lowering.register_lowering(op)
+    def _(x, weight, bias=None):
+        size = x.get_size()
+        flat = lowering.view(x, [-1, size[-1]]) if len(size) != 2 else x
+        out = ir.TensorBox.create(mkldnn_ir.LinearUnary.create(flat, weight, bias, "none", [], ""))
+        return lowering.view(out, [*size[:-1], out.get_size()[-1]]) if len(size) != 2 else out
+
+
 class StaticDecoder:
     """The compiled decode step of one model (see the module docstring); get it with :func:`decoder_for`.
 
@@ -419,6 +438,7 @@ class StaticDecoder:
             )
         from torch import _inductor as inductor  # (only a build needs it: loading a package does not import it)
 
+        _lower_onednn_linear()
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(f".{path.stem}.{os.getpid()}-{threading.get_ident()}.partial.pt2")  # (.pt2: aoti asks)
         try:
