@@ -239,9 +239,31 @@ def test_a_model_of_the_same_shape_loads_the_step_from_disk(models, policy) -> N
     decoder = static_decode.decoder_for(other, "always")
     assert decoder.package(1, CTX).is_file() and decoder.cached(1, CTX)  # (built by the tests above)
     assert decoder.compile(1, CTX) and decoder.loaded == 1
+    # called through the library's C interface, which lets go of the interpreter lock while a step runs
+    assert isinstance(decoder._steps[decoder._key(1, CTX)], static_decode._NativeStep)
+    assert decoder.package(1, CTX).with_suffix(".so").is_file()  # (unpacked once, next to the package)
     policy("always")
     assert generate(other, prompts_of(1), SamplingConfig(24)) == eager
     assert decoder.compiled_steps > 0
+
+
+def test_a_package_the_native_call_cannot_open_runs_through_torchs_loader(models, policy, monkeypatch, caplog):
+    """The C-interface call depends on the package's layout, which is torch's; another layout falls back to torch's
+    own loader (which holds the interpreter lock), with a log line, and decodes the same tokens."""
+    model = copy.deepcopy(models["llama"])
+    policy("never")
+    eager = generate(model, prompts_of(1), SamplingConfig(16))
+
+    def refuse(path):
+        raise KeyError("no .wrapper.so member")
+
+    monkeypatch.setattr(static_decode, "_NativeStep", refuse)
+    decoder = static_decode.decoder_for(model, "always")
+    with caplog.at_level(logging.INFO, logger="llmcore.decode"):
+        assert decoder.compile(1, CTX)  # (built by the tests above: loaded from disk)
+    assert "through torch's loader" in caplog.text
+    policy("always")
+    assert generate(model, prompts_of(1), SamplingConfig(16)) == eager and decoder.compiled_steps > 0
 
 
 def test_a_later_process_loads_the_step_and_decodes_the_same_tokens(models, tok, policy, tmp_path) -> None:

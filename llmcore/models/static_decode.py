@@ -57,6 +57,7 @@ model), and PyTorch's AOTInductor.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import hashlib
 import logging
@@ -67,6 +68,7 @@ import sys
 import threading
 import time
 import weakref
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -221,9 +223,16 @@ class _WeightsAsInputs(torch.nn.Module):
 def _load_package(path: Path):
     """A compiled step from its package, as a function of the step's arguments returning (logits, argmax).
 
-    torch's C++ loader directly (3 ms): ``torch._inductor.aoti_load_package`` wraps the same loader but imports
-    inductor first, about 1.5 s, which would cost a short ``ask`` more than compiled decoding saves it. The
-    package's inputs are the step's arguments flattened in order."""
+    The package's library is called through its C entry points (:class:`_NativeStep`), which lets go of the
+    interpreter lock while the step runs: torch's loader holds it throughout, so a server's event loop could not
+    parse a request or write a token during a step (25 ms at the 124M shape). Where that fails (a package laid out
+    otherwise by another torch), torch's C++ loader (3 ms; ``torch._inductor.aoti_load_package`` wraps the same
+    loader but imports inductor first, about 1.5 s, which would cost a short ``ask`` more than compiled decoding saves
+    it). The package's inputs are the step's arguments flattened in order."""
+    try:
+        return _NativeStep(path)
+    except Exception as e:
+        log.info("decode step %s through torch's loader (holds the interpreter lock): %s", path.name, e)
     loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
 
     def step(weights, k, v, ids, slot, start):
@@ -231,6 +240,60 @@ def _load_package(path: Path):
         return logits, tokens
 
     return step
+
+
+class _NativeStep:
+    """A package's compiled library called through AOTInductor's C interface with ctypes, which releases the
+    interpreter lock for the call. The library is unpacked once next to the package (``<package>.so``, whole or
+    absent). Tensors cross as AOTInductor's tensor handles: the step takes ownership of the input handles made for
+    it, the caller of the output handles it returns."""
+
+    _capsule_pointer = ctypes.pythonapi.PyCapsule_GetPointer
+    _capsule_pointer.restype, _capsule_pointer.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
+    _capsule = ctypes.pythonapi.PyCapsule_New
+    _capsule.restype, _capsule.argtypes = ctypes.py_object, [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
+
+    def __init__(self, package: Path):
+        library = package.with_suffix(".so")
+        if not library.is_file():
+            with zipfile.ZipFile(package) as archive:
+                (member,) = [n for n in archive.namelist() if n.endswith(".wrapper.so")]
+                partial = library.with_name(f".{library.name}.{os.getpid()}-{threading.get_ident()}.partial")
+                try:
+                    partial.write_bytes(archive.read(member))
+                    os.replace(partial, library)
+                finally:
+                    partial.unlink(missing_ok=True)
+        lib = ctypes.CDLL(str(library))
+        lib.AOTInductorModelContainerCreateWithDevice.argtypes = [
+            ctypes.POINTER(ctypes.c_void_p),
+            ctypes.c_size_t,
+            ctypes.c_char_p,
+            ctypes.c_char_p,
+        ]
+        handle = ctypes.c_void_p()
+        if lib.AOTInductorModelContainerCreateWithDevice(ctypes.byref(handle), 1, b"cpu", None):
+            raise RuntimeError(f"{library.name}: the compiled step does not start")
+        weakref.finalize(self, lib.AOTInductorModelContainerDelete, handle)
+        count = ctypes.c_size_t()
+        lib.AOTInductorModelContainerGetNumOutputs(handle, ctypes.byref(count))
+        self._outputs = count.value
+        self._run = lib.AOTInductorModelContainerRun
+        self._run.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t]
+        self._run.argtypes += [ctypes.c_void_p, ctypes.c_void_p]
+        self._handle, self._lib = handle, lib
+
+    def __call__(self, weights, k, v, ids, slot, start):
+        tensors = [*weights, *k, *v, ids, slot, start]
+        made = torch._C._aoti.unsafe_alloc_void_ptrs_from_tensors(tensors)  # new handles, taken over by the step
+        inputs = (ctypes.c_void_p * len(made))(*[self._capsule_pointer(h, None) for h in made])
+        outputs = (ctypes.c_void_p * self._outputs)()
+        if self._run(self._handle, inputs, len(made), outputs, self._outputs, None, None):
+            raise RuntimeError("the compiled decode step failed")
+        logits, tokens = torch._C._aoti.alloc_tensors_by_stealing_from_void_ptrs(
+            [self._capsule(outputs[i], None, None) for i in range(self._outputs)]
+        )
+        return logits, tokens
 
 
 def cache_dir() -> Path:
