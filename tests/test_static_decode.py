@@ -229,9 +229,13 @@ def test_auto_compiles_once_the_decode_steps_pay_for_it(models, tmp_path, monkey
     assert static_decode.pays(fresh, 1, CTX, 100)  # a process that keeps decoding: compile
 
 
-def test_a_model_of_the_same_shape_loads_the_step_from_disk(models, policy) -> None:
+def test_a_model_of_the_same_shape_loads_the_step_from_disk(models, policy, monkeypatch) -> None:
     """The weights are the step's inputs: another model of the same shape (another checkpoint, or the same one in a
-    later process) loads the package built for the first, in milliseconds, and decodes its own tokens with it."""
+    later process) loads the package built for the first, in milliseconds, and decodes its own tokens with it. A
+    wide model's step is called without the interpreter lock (a small one's through torch's loader, which is quicker
+    to call); here the threshold is lowered so the tiny model takes the wide models' way."""
+    assert not static_decode.StaticDecoder(models["llama"]).release_lock
+    monkeypatch.setattr(static_decode, "RELEASE_LOCK_WEIGHTS", 0)
     torch.manual_seed(5)
     other = GPT(models["llama"].cfg).eval()  # the same shape, other weights
     policy("never")
@@ -258,6 +262,7 @@ def test_a_package_the_native_call_cannot_open_runs_through_torchs_loader(models
         raise KeyError("no .wrapper.so member")
 
     monkeypatch.setattr(static_decode, "_NativeStep", refuse)
+    monkeypatch.setattr(static_decode, "RELEASE_LOCK_WEIGHTS", 0)
     decoder = static_decode.decoder_for(model, "always")
     with caplog.at_level(logging.INFO, logger="llmcore.decode"):
         assert decoder.compile(1, CTX)  # (built by the tests above: loaded from disk)

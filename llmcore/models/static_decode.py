@@ -24,7 +24,7 @@ package in :func:`cache_dir`, named by everything the compiled code depends on (
 this code and the model's, the model's shapes, which linear layers run on oneDNN (:mod:`llmcore.models.packed`),
 the batch mode, width and threads). Building one takes ~20 s on 2 cores for llama3-tiny, ~40 s at the 124M shape;
 loading it in a later process takes milliseconds (its library through its C interface, no inductor import), and a
-step runs without the interpreter lock (:class:`_NativeStep`). Measured on the 2-core VM, 1 thread, 16-token prompts (``python -m
+step of a wide model runs without the interpreter lock (:class:`_NativeStep`). Measured on the 2-core VM, 1 thread, 16-token prompts (``python -m
 benchmarks.compiled_decode`` has the table): ``generate`` compiled over eager is 2x to 5.5x on llama3-tiny at batch 1
 and less on wider models: once the matmuls dominate a step there is little launch overhead left to save, and the
 fixed-width attention reads more keys than the eager step (the gpt2-124m shape: about even, both on oneDNN's
@@ -102,6 +102,9 @@ MIN_WIDTH = 256
 # they would tie a package to one model and miss in-place weight updates.
 INDUCTOR_CONFIGS: dict[str, dict[str, Any]] = {"cpu": {}}
 CACHE_ENV = "LLMCORE_DECODE_CACHE"  # the folder of compiled steps (see cache_dir)
+# Models with at least this many weights call their compiled steps without the interpreter lock (_load_package): a
+# step of theirs takes milliseconds (the 124M shape: ~25 ms on 2 cores), during which a server's event loop runs.
+RELEASE_LOCK_WEIGHTS = 1 << 24
 
 _policy: str | None = None  # set_policy() over the environment variable
 
@@ -222,19 +225,22 @@ class _WeightsAsInputs(torch.nn.Module):
         )
 
 
-def _load_package(path: Path):
+def _load_package(path: Path, release_lock: bool = False):
     """A compiled step from its package, as a function of the step's arguments returning (logits, argmax).
 
-    The package's library is called through its C entry points (:class:`_NativeStep`), which lets go of the
-    interpreter lock while the step runs: torch's loader holds it throughout, so a server's event loop could not
-    parse a request or write a token during a step (25 ms at the 124M shape). Where that fails (a package laid out
-    otherwise by another torch), torch's C++ loader (3 ms; ``torch._inductor.aoti_load_package`` wraps the same
-    loader but imports inductor first, about 1.5 s, which would cost a short ``ask`` more than compiled decoding saves
-    it). The package's inputs are the step's arguments flattened in order."""
-    try:
-        return _NativeStep(path)
-    except Exception as e:
-        log.info("decode step %s through torch's loader (holds the interpreter lock): %s", path.name, e)
+    ``release_lock``: the package's library is called through its C entry points (:class:`_NativeStep`), which lets
+    go of the interpreter lock while the step runs: torch's loader holds it throughout, so a server's event loop
+    could not parse a request or write a token during a step (25 ms at the 124M shape). That call costs ~75 us more
+    (its tensors cross by ctypes), a quarter of a llama3-tiny step, hence only for wide models (see
+    ``RELEASE_LOCK_WEIGHTS``). Otherwise, or where that fails (a package laid out otherwise by another torch),
+    torch's C++ loader (3 ms; ``torch._inductor.aoti_load_package`` wraps the same loader but imports inductor first,
+    about 1.5 s, which would cost a short ``ask`` more than compiled decoding saves it). The package's inputs are the
+    step's arguments flattened in order."""
+    if release_lock:
+        try:
+            return _NativeStep(path)
+        except Exception as e:
+            log.info("decode step %s through torch's loader (holds the interpreter lock): %s", path.name, e)
     loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
 
     def step(weights, k, v, ids, slot, start):
@@ -359,6 +365,7 @@ class StaticDecoder:
         named = _step_weights(model)
         self._names = [n for n, _ in named]
         self._weights = [t.detach() for _, t in named]  # views of the same storage: in-place updates are seen
+        self.release_lock = sum(t.numel() for t in self._weights) >= RELEASE_LOCK_WEIGHTS  # (see _load_package)
         c = model.cfg  # the strides of a cache view (a full-context buffer's), which the graph's indexing assumes
         self._layout = (c.n_kv_heads * c.context_length * c.head_dim, c.context_length * c.head_dim, c.head_dim, 1)
         self.eager_steps = 0  # decode steps run eagerly on this model (the ``auto`` policy's history)
@@ -463,7 +470,7 @@ class StaticDecoder:
         if not path.is_file():
             return None
         try:
-            return _load_package(path)
+            return _load_package(path, self.release_lock)
         except Exception as e:
             log.warning("cached decode step %s does not load (%s); building it anew", path, type(e).__name__)
             return None
@@ -513,7 +520,7 @@ class StaticDecoder:
             os.replace(partial, path)  # whole or absent: a process that reads it never sees half a package
         finally:
             partial.unlink(missing_ok=True)
-        return _load_package(path)
+        return _load_package(path, self.release_lock)
 
     # -- choosing by measurement ----------------------------------------------------------------------
 
