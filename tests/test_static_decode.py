@@ -112,8 +112,8 @@ def test_the_step_reads_the_current_weights(models, policy) -> None:
 @pytest.mark.skipif(not packed.available(), reason="this torch has no oneDNN")
 def test_a_model_on_onednn_compiles_its_products_into_the_graph(models, policy, monkeypatch) -> None:
     """Linear layers on oneDNN (llmcore.models.packed, which ``generate`` and the engine set up for wide layers) are
-    traced as such: the compiled step calls oneDNN's product from C++ (no Python, no interpreter lock), decodes the eager
-    tokens, and is a package of its own."""
+    traced as such: the compiled step calls oneDNN's product from C++ (no Python, no interpreter lock), decodes the
+    eager tokens, and is a package of its own."""
     model = copy.deepcopy(models["llama"])
     plain = static_decode.decoder_for(model, "always")
     assert packed.onednn_linears(model, packed_from=None, min_elements=0) > 0

@@ -134,7 +134,11 @@ def generate_steps(
             # The head only for the last position: the prefill needs one row of logits, not T.
             step_mask = mask if padded else None
             began = time.perf_counter()
-            out = decoder.step(*views, step_input, slot, start) if decoder and i and decoder.prefer(B, width, way) else None
+            out = (
+                decoder.step(*views, step_input, slot, start)
+                if decoder and i and decoder.prefer(B, width, way)
+                else None
+            )
             if out is not None:
                 logits, greedy = out
                 cache.pos += 1

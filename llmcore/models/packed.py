@@ -120,8 +120,8 @@ def onednn_linears(
     meta device: a traced stand-in) through oneDNN for inference (see the module docstring). ``packed_from``: the
     batch rows from which a packed copy is used (None: no copy); ``rows_hint``: the batch size its layout is chosen
     for (any batch works). Returns how many layers use oneDNN now (those set up before included); 0 where torch has
-    no oneDNN. ``names``: exactly these layers (by module name), whatever their size. Calling it again changes nothing, except that a layer set up without a copy gets one if
-    ``packed_from`` asks for it."""
+    no oneDNN. ``names``: exactly these layers (by module name), whatever their size. Calling it again changes
+    nothing, except that a layer set up without a copy gets one if ``packed_from`` asks for it."""
     if not available():
         return 0
     count = 0
@@ -135,7 +135,11 @@ def onednn_linears(
             count += 1
             continue
         weight = layer.weight
-        if weight.device.type not in ("cpu", "meta") or weight.dtype != torch.float32 or (names is None and weight.numel() < min_elements):
+        if (
+            weight.device.type not in ("cpu", "meta")
+            or weight.dtype != torch.float32
+            or (names is None and weight.numel() < min_elements)
+        ):
             continue
         layer._packed_from, layer._packed_rows = packed_from, rows_hint
         layer.forward = types.MethodType(_onednn_forward, layer)  # this layer only; the class is untouched

@@ -23,8 +23,8 @@ Compiled once per machine: each graph is exported (``torch.export``) and compile
 package in :func:`cache_dir`, named by everything the compiled code depends on (torch version, CPU instruction set,
 this code and the model's, the model's shapes, which linear layers run on oneDNN (:mod:`llmcore.models.packed`),
 the batch mode, width and threads). Building one takes ~20 s on 2 cores for llama3-tiny, ~40 s at the 124M shape;
-loading it in a later process takes milliseconds (its library through its C interface, no inductor import), and a
-step of a wide model runs without the interpreter lock (:class:`_NativeStep`). Measured on the 2-core VM, 1 thread, 16-token prompts (``python -m
+loading it in a later process takes milliseconds (no inductor import), and a step of a wide model runs without
+the interpreter lock (:class:`_NativeStep`). Measured on the 2-core VM, 1 thread, 16-token prompts (``python -m
 benchmarks.compiled_decode`` has the table): ``generate`` compiled over eager is 2x to 5.5x on llama3-tiny at batch 1
 and less on wider models: once the matmuls dominate a step there is little launch overhead left to save, and the
 fixed-width attention reads more keys than the eager step (the gpt2-124m shape: about even, both on oneDNN's
