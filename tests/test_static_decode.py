@@ -16,6 +16,7 @@ import os
 import queue
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -269,6 +270,26 @@ def test_a_package_the_native_call_cannot_open_runs_through_torchs_loader(models
     assert "through torch's loader" in caplog.text
     policy("always")
     assert generate(model, prompts_of(1), SamplingConfig(16)) == eager and decoder.compiled_steps > 0
+
+
+def test_the_library_is_unpacked_again_from_a_newer_package(tmp_path) -> None:
+    """The step's library is unpacked next to its package once, and again when the package is newer (built anew)."""
+    package = tmp_path / "decode-2x32-row1-w64-t1-0.pt2"
+
+    def write(library: bytes) -> None:
+        with zipfile.ZipFile(package, "w") as archive:
+            archive.writestr("p/data/aotinductor/model/abc.wrapper.so", library)
+
+    write(b"first build")
+    with pytest.raises(OSError):  # (not a real library: ctypes refuses it, after it was unpacked)
+        static_decode._NativeStep(package)
+    assert package.with_suffix(".so").read_bytes() == b"first build"
+    os.utime(package.with_suffix(".so"), (1, 1))  # unpacked long before the package below was built
+    write(b"second build")
+    with pytest.raises(OSError):
+        static_decode._NativeStep(package)
+    assert package.with_suffix(".so").read_bytes() == b"second build"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [package.name, package.with_suffix(".so").name]
 
 
 def test_a_later_process_loads_the_step_and_decodes_the_same_tokens(models, tok, policy, tmp_path) -> None:

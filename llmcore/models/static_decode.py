@@ -28,8 +28,7 @@ the interpreter lock (:class:`_NativeStep`). Measured on the 2-core VM, 1 thread
 benchmarks.compiled_decode`` has the table): ``generate`` compiled over eager is 2x to 5.5x on llama3-tiny at batch 1
 and less on wider models: once the matmuls dominate a step there is little launch overhead left to save, and the
 fixed-width attention reads more keys than the eager step (the gpt2-124m shape: about even, both on oneDNN's
-products). Hence the ``auto``
-policy:
+products). Hence the ``auto`` policy:
 
 - the serve engine (:class:`llmcore.serve.engine.Engine`) compiles on CPU by default, in a background thread, and
   decodes eagerly until the graph is ready (a server runs long, and no request waits for the compiler; a cached
@@ -263,7 +262,7 @@ class _NativeStep:
 
     def __init__(self, package: Path):
         library = package.with_suffix(".so")
-        if not library.is_file():
+        if not library.is_file() or library.stat().st_mtime < package.stat().st_mtime:  # none, or an older build's
             with zipfile.ZipFile(package) as archive:
                 (member,) = [n for n in archive.namelist() if n.endswith(".wrapper.so")]
                 partial = library.with_name(f".{library.name}.{os.getpid()}-{threading.get_ident()}.partial")
@@ -518,6 +517,7 @@ class StaticDecoder:
                 program, package_path=str(partial), inductor_configs=self.inductor_configs
             )
             os.replace(partial, path)  # whole or absent: a process that reads it never sees half a package
+            path.with_suffix(".so").unlink(missing_ok=True)  # a library unpacked from a package built before
         finally:
             partial.unlink(missing_ok=True)
         return _load_package(path, self.release_lock)
