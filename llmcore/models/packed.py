@@ -42,7 +42,8 @@ from torch import nn
 
 MIN_ROWS = 2  # batch rows from which a packed layer uses its copy (one row: the plain weight is as fast)
 # Weights smaller than this stay on torch's kernel: their products are cheap next to the call around them (serving
-# the llama3-tiny model, 128-wide, measured the same either way), and oneDNN's call costs ~25 us more than MKL's.
+# the llama3-tiny model, 128-wide, measured the same either way), and a oneDNN call costs ~25 us even for a small
+# product (a 64 x 64 weight, one row).
 MIN_WEIGHT_ELEMENTS = 1 << 18
 
 
