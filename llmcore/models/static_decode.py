@@ -76,8 +76,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from llmcore.models import packed
 from llmcore.models.gpt import GPT, Block, CausalSelfAttention
+from llmcore.models.packed import onednn_layout, onednn_linears
 
 log = logging.getLogger("llmcore.decode")
 
@@ -169,7 +169,7 @@ def _fingerprint(model: GPT) -> tuple:
     return (
         tuple(map(id, model.modules())),
         tuple((id(p), p.shape, p.dtype, p.device) for p in model.parameters()),
-        packed.onednn_layout(model),  # which products the graph runs on oneDNN (llmcore.models.packed)
+        onednn_layout(model),  # which products the graph runs on oneDNN (llmcore.models.packed)
     )
 
 
@@ -255,10 +255,13 @@ class _NativeStep:
     absent). Tensors cross as AOTInductor's tensor handles: the step takes ownership of the input handles made for
     it, the caller of the output handles it returns."""
 
-    _capsule_pointer = ctypes.pythonapi.PyCapsule_GetPointer
-    _capsule_pointer.restype, _capsule_pointer.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
-    _capsule = ctypes.pythonapi.PyCapsule_New
-    _capsule.restype, _capsule.argtypes = ctypes.py_object, [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
+    # prototypes of their own (setting argtypes on ctypes.pythonapi's attributes would change them for everyone)
+    _capsule_pointer = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.py_object, ctypes.c_char_p)(
+        ("PyCapsule_GetPointer", ctypes.pythonapi)
+    )
+    _capsule = ctypes.PYFUNCTYPE(ctypes.py_object, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p)(
+        ("PyCapsule_New", ctypes.pythonapi)
+    )
 
     def __init__(self, package: Path):
         library = package.with_suffix(".so")
@@ -283,11 +286,12 @@ class _NativeStep:
             raise RuntimeError(f"{library.name}: the compiled step does not start")
         weakref.finalize(self, lib.AOTInductorModelContainerDelete, handle)
         count = ctypes.c_size_t()
-        lib.AOTInductorModelContainerGetNumOutputs(handle, ctypes.byref(count))
+        if lib.AOTInductorModelContainerGetNumOutputs(handle, ctypes.byref(count)) or count.value != 2:
+            raise RuntimeError(f"{library.name}: not a decode step (logits, tokens)")
         self._outputs = count.value
         self._run = lib.AOTInductorModelContainerRun
-        self._run.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t]
-        self._run.argtypes += [ctypes.c_void_p, ctypes.c_void_p]
+        pointer, size = ctypes.c_void_p, ctypes.c_size_t
+        self._run.argtypes = [pointer, pointer, size, pointer, size, pointer, pointer]
         self._handle, self._lib = handle, lib
 
     def __call__(self, weights, k, v, ids, slot, start):
@@ -316,7 +320,7 @@ def cache_dir() -> Path:
 def _code_digest() -> str:
     """The code a graph is traced from (the model and this step): a graph built from other code is not reused."""
     h = hashlib.sha256()
-    for module in (sys.modules[GPT.__module__], packed, sys.modules[__name__]):
+    for module in (sys.modules[GPT.__module__], sys.modules[onednn_layout.__module__], sys.modules[__name__]):
         h.update(Path(module.__file__).read_bytes())
     return h.hexdigest()
 
@@ -358,7 +362,7 @@ class StaticDecoder:
         self._model = weakref.ref(model)
         self.name = f"GPT {model.cfg.n_layers}x{model.cfg.emb_dim} ({model.cfg.pos_emb} positions)"
         self.cfg, self.fingerprint = model.cfg, _fingerprint(model)
-        self.onednn = packed.onednn_layout(model)  # layers whose products the graph runs on oneDNN
+        self.onednn = onednn_layout(model)  # layers whose products the graph runs on oneDNN
         self.inductor_configs = dict(inductor_configs or {})
         # the tensors the graphs take as weights, in order: parameters (tied ones once), then buffers (RoPE's table)
         named = _step_weights(model)
@@ -499,7 +503,7 @@ class StaticDecoder:
         # thread meanwhile (the serve engine compiles in the background).
         with torch.device("meta"):
             shadow = GPT(self.cfg).eval()
-        packed.onednn_linears(shadow, packed_from=None, names=self.onednn)  # the model's products, traced as such
+        onednn_linears(shadow, packed_from=None, names=self.onednn)  # the model's products, traced as such
         shadow_names = [n for n, _ in _step_weights(shadow)]
         if shadow_names != self._names:
             raise ValueError(f"the model's weights {self._names} are not a stock GPT's ({shadow_names})")
