@@ -127,6 +127,32 @@ def test_torch_compile_traces_the_plain_product():
         assert torch.equal(compiled(x), nn.functional.linear(x, fast.weight, fast.bias))
 
 
+def test_an_eager_call_while_another_thread_exports_runs_the_product_directly():
+    """torch's "exporting" flag is one for the whole process: while the serve engine builds its compiled step in the
+    background, its eager steps see it raised. Only the traced call (tracing tensors) may take the operator; an
+    eager one through it raced the exporting thread on torch.fx's annotation dict (a KeyError failed the step)."""
+    fast = layer()
+    packed.onednn_linears(fast, packed_from=None, min_elements=0)
+    x = torch.randn(3, 48)
+    through_operator = []
+    real = torch.ops.llmcore.onednn_linear
+
+    def spy(*args):
+        through_operator.append(args[0].shape)
+        return real(*args)
+
+    with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.compiler, "_is_exporting_flag", True)  # as another thread's torch.export sets it
+        mp.setattr(torch.ops.llmcore, "onednn_linear", spy)
+        assert torch.compiler.is_exporting()
+        out = fast(x)
+    assert through_operator == []
+    torch.testing.assert_close(out, nn.functional.linear(x, fast.weight, fast.bias), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # and the traced call does take it
+        program = torch.export.export(fast, (x,))
+    assert "llmcore.onednn_linear" in str(program.graph)
+
+
 def test_other_dtypes_and_layers_are_left_alone():
     half = layer().to(torch.bfloat16)
     assert packed.onednn_linears(half, min_elements=0) == 0 and "forward" not in vars(half)

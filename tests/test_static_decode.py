@@ -441,3 +441,33 @@ def test_a_build_leaves_the_model_alone_while_it_decodes(models, tmp_path, monke
     assert decoder.compile(1, CTX), decoder.failed
     assert seen and all(seen)  # during the trace, the model kept its own parameters
     assert all(p is weights[name] for name, p in model.named_parameters())
+
+
+def test_builds_of_two_models_run_one_after_the_other(models, tmp_path, monkeypatch) -> None:
+    """torch.export keeps process-wide state: two serve engines compiling in the background at once failed each
+    other's exports. Builds take turns; a decoder that waited loads what the other built for its shape."""
+    import threading
+    import time
+
+    monkeypatch.setenv(static_decode.CACHE_ENV, str(tmp_path))
+    in_flight, most, built = [0], [0], []
+    real_build = static_decode.StaticDecoder._build
+
+    def build(self, key, path):
+        in_flight[0] += 1
+        most[0] = max(most[0], in_flight[0])
+        time.sleep(0.3)  # long enough for the other worker to reach the build
+        in_flight[0] -= 1
+        built.append(self.name)
+        return real_build(self, key, path)
+
+    monkeypatch.setattr(static_decode.StaticDecoder, "_build", build)
+    # two of the same shape (one package between them) and another; the decoders hold their models weakly
+    kept = [GPT(models[family].cfg).eval() for family in ("gpt2", "gpt2", "llama")]
+    decoders = [static_decode.StaticDecoder(m) for m in kept]
+    for d in decoders:
+        assert not d.compile(1, CTX, background=True)
+    for worker in [t for t in threading.enumerate() if t.name.startswith("compile-decode")]:
+        worker.join(timeout=240)
+    assert [d.failed for d in decoders] == [None] * 3 and all(d.ready(1, CTX) for d in decoders)
+    assert most[0] == 1 and len(built) == 2  # one build per shape, never two at once

@@ -39,6 +39,7 @@ from collections.abc import Collection
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._subclasses.fake_tensor import is_fake
 
 MIN_ROWS = 2  # batch rows from which a packed layer uses its copy (one row: the plain weight is as fast)
 # Weights smaller than this stay on torch's kernel: their products are cheap next to the call around them (serving
@@ -98,7 +99,11 @@ def _onednn_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         or self.weight.device.type != "cpu"
     ):
         return F.linear(x, self.weight, self.bias)
-    if torch.compiler.is_exporting():  # the compiled decode step's graph
+    # The compiled decode step's graph. is_exporting() is one flag for the whole process, raised while any thread
+    # exports (the serve engine builds its graph in the background while it decodes eagerly): only tracing tensors
+    # say this call is the one being traced. (An eager call through the operator there also raced the exporting
+    # thread on torch.fx's global annotation dict, a KeyError that failed the engine's step.)
+    if torch.compiler.is_exporting() and is_fake(x):
         return torch.ops.llmcore.onednn_linear(x, self.weight, self.bias)
     if torch.compiler.is_compiling():  # torch.compile: Inductor's own matmul
         return F.linear(x, self.weight, self.bias)

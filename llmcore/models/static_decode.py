@@ -106,6 +106,9 @@ CACHE_ENV = "LLMCORE_DECODE_CACHE"  # the folder of compiled steps (see cache_di
 RELEASE_LOCK_WEIGHTS = 1 << 24
 
 _policy: str | None = None  # set_policy() over the environment variable
+# One build at a time in a process: torch.export keeps its state in process-wide globals (two exports in flight,
+# say the serve engines of two models compiling in the background, failed each other's builds).
+_BUILD_LOCK = threading.Lock()
 
 
 def set_policy(policy: str | None) -> None:
@@ -454,8 +457,11 @@ class StaticDecoder:
         try:
             step, built = self._load(path), False
             if step is None:
-                torch.set_num_threads(threads)  # inductor's C++ loops are built for the thread count they run at
-                step, built = self._build(key, path), True
+                with _BUILD_LOCK:
+                    step = self._load(path)  # built meanwhile by another decoder of this shape
+                    if step is None:
+                        torch.set_num_threads(threads)  # inductor's C++ loops are built for the threads they run at
+                        step, built = self._build(key, path), True
         except Exception as e:  # no C++ compiler, an op inductor cannot lower, ...: eager from now on
             self._fail(f"compiling for {what}", e)
         else:
