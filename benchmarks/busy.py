@@ -367,8 +367,9 @@ def job_serve(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def job_warm_decode(job: dict[str, Any]) -> dict[str, Any]:
-    """Build (or find) the compiled decode steps generation and serving will load: batch 1 and batch >= 2, at the
-    width and thread count they use, in the on-disk cache (``llmcore.models.static_decode``)."""
+    """Build (or find) the compiled graphs generation and serving will load: decode steps of batch 1 and batch >= 2
+    and the prompt pass, at the width and thread count they use, in the on-disk cache
+    (``llmcore.models.static_decode``)."""
     from llmcore.models.packed import onednn_linears
     from llmcore.models.static_decode import decoder_for, width_for
     from llmcore.threads import threads_for_inference
@@ -380,10 +381,13 @@ def job_warm_decode(job: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"width": width}
     with threads_for_inference("auto", model.cfg) as threads:
         decoder = decoder_for(model, "always")
-        for rows in (1, 2):
+        graphs = [(1, False), (2, False)]  # decode steps; and the server's prompt passes where it runs them
+        if decoder is not None and not decoder.release_lock:  # (narrow models: see Engine._compiled_prompts)
+            graphs.append((1, True))
+        for rows, prompt in graphs:
             began = time.perf_counter()
-            ok = decoder is not None and decoder.compile(rows, width)
-            out[f"rows_{rows}"] = {
+            ok = decoder is not None and decoder.compile(rows, width, prompt=prompt)
+            out["prompt" if prompt else f"rows_{rows}"] = {
                 "ready": ok,
                 "seconds": time.perf_counter() - began,
                 "loaded": bool(decoder and decoder.loaded),
@@ -529,7 +533,7 @@ def run_benchmarks(plan: Plan, workloads: tuple[str, ...] = WORKLOADS, log=print
                     + ", ".join(
                         f"{k}: {v['seconds']:.1f}s"
                         for k, v in report["decode_cache"][shape].items()
-                        if k.startswith("rows_")
+                        if k.startswith("rows_") or k == "prompt"
                     )
                 )
         if "train" in workloads:

@@ -25,7 +25,7 @@ import torch
 from llmcore.models import packed, static_decode
 from llmcore.models.config import ModelConfig
 from llmcore.models.generate import SamplingConfig, generate
-from llmcore.models.gpt import GPT, Block
+from llmcore.models.gpt import GPT, BatchedKVCache, Block
 from llmcore.serve.engine import Engine, Finished, Request
 from llmcore.text.tokenizer import Tokenizer
 
@@ -131,6 +131,40 @@ def test_a_model_on_onednn_compiles_its_products_into_the_graph(models, policy, 
     assert decoder.compiled_steps == before + 2 and len(calls) == len(decoder.onednn)  # the (eager) prefill's only
 
 
+@pytest.mark.parametrize("family", list(CONFIGS))
+def test_the_compiled_prompt_pass_writes_and_predicts_what_the_eager_one_does(models, family) -> None:
+    """Right-padded rows of different lengths, then a second chunk after one row's first: the compiled pass writes
+    the keys/values the eager forward writes at each row's real positions and gives its logits at the last one."""
+    model = models[family]
+    decoder = static_decode.StaticDecoder(model)
+    assert decoder.compile(3, CTX, prompt=True), decoder.failed
+    cfg = model.cfg
+    eager, compiled = (BatchedKVCache(cfg, 3, CTX, "cpu", torch.float32) for _ in range(2))
+    torch.manual_seed(3)
+    lengths = [11, 4, 7]
+    ids = torch.randint(0, 250, (3, max(lengths)))
+    last = torch.tensor(lengths) - 1
+    zeros = torch.zeros(3, dtype=torch.long)
+    with torch.no_grad():
+        hidden = model(ids, cache=eager.rows(0, 3), return_logits=False, return_hidden=True).hidden
+        expected = model.head(hidden[torch.arange(3), last])
+        logits, tokens = decoder.prompt_step(compiled.k, compiled.v, ids, zeros, zeros, last)
+        torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+        assert tokens.tolist() == expected.argmax(-1).tolist()
+        for layer in range(cfg.n_layers):
+            for row, n in enumerate(lengths):
+                torch.testing.assert_close(compiled.k[layer][row, :, :n], eager.k[layer][row, :, :n])
+                torch.testing.assert_close(compiled.v[layer][row, :, :n], eager.v[layer][row, :, :n])
+        more = torch.randint(0, 250, (1, 5))  # row 1 goes on from its 4 real tokens
+        rows = eager.rows(1, 2)
+        rows.lengths.fill_(lengths[1])
+        expected = model(more, cache=rows, logits_to_keep=1).logits[:, -1]
+        views = [t[1:2] for t in compiled.k], [t[1:2] for t in compiled.v]
+        logits, _ = decoder.prompt_step(*views, more, torch.tensor([lengths[1]]), zeros[:1], torch.tensor([4]))
+        torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+    assert decoder.prompt_passes == 2
+
+
 def run_jobs(engine: Engine, jobs) -> list[str]:
     sinks = [queue.Queue() for _ in jobs]
     for (ids, cfg), sink in zip(jobs, sinks, strict=True):
@@ -145,9 +179,9 @@ def run_jobs(engine: Engine, jobs) -> list[str]:
 
 
 def test_engine_compiles_in_the_background_and_decodes_on_its_own_cache(models, tok, policy) -> None:
-    """The engine decodes eagerly while its graphs compile in a background thread, then compiled, in the cache it
-    prefills eagerly: rows of different lengths join, leave and move (copy_row), and each request gets what it gets
-    alone from eager ``generate``."""
+    """The engine decodes eagerly while its graphs compile in a background thread, then compiled, its prompts too:
+    rows of different lengths join, leave and move (copy_row), and each request gets what it gets alone from eager
+    ``generate``."""
     model = GPT(models["llama"].cfg).eval()  # a model of its own: a decoder of its own, compiled by the engine
     model.load_state_dict(models["llama"].state_dict())
     engine = Engine(model, tok, max_batch=3, compiled_decode=True)
@@ -162,12 +196,16 @@ def test_engine_compiles_in_the_background_and_decodes_on_its_own_cache(models, 
     expected = [tok.decode(generate(model, [ids], cfg)[0]) for ids, cfg in jobs]
     try:
         rounds = 0
-        # eager rounds until both graphs are ready (which batch size comes first is the scheduler's business)
-        while (decoder.compiled_steps < 20 or not (decoder.ready(1, CTX) and decoder.ready(2, CTX))) and rounds < 200:
+        # eager rounds until the graphs are ready (which batch size comes first is the scheduler's business; the
+        # prompt pass's after a decode step's)
+        graphs = lambda: decoder.ready(1, CTX) and decoder.ready(2, CTX) and decoder.ready(1, CTX, prompt=True)  # noqa: E731
+        while (decoder.compiled_steps < 20 or not graphs()) and rounds < 600:
             assert run_jobs(engine, jobs) == expected
             rounds += 1
-        assert decoder.ready(1, CTX) and decoder.ready(2, CTX) and engine.max_live > 1
+        assert graphs() and engine.max_live > 1
+        passes = decoder.prompt_passes
         assert run_jobs(engine, jobs) == expected
+        assert decoder.prompt_passes > passes
     finally:
         engine.stop()
     policy("auto")  # the default of a server: both ways timed per batch size, the faster kept; the same tokens

@@ -14,10 +14,12 @@ kernels driven from C++:
 
 The step reuses the model's modules; its weights are inputs of the compiled graph, not constants baked into it, so
 in-place weight updates are seen and one graph serves every model of the same shape. It expects an eval-mode model
-(no dropout) whose blocks are llmcore's own ``Block`` and ``CausalSelfAttention``. Prefill stays eager
-(``GPT.forward`` writes the same buffers), so the cache is shared by both. One graph per (width, batch 1 | batch
->= 2, thread count): the batch dimension is dynamic above 1, so the serve engine's rows come and go without
-recompiling.
+(no dropout) whose blocks are llmcore's own ``Block`` and ``CausalSelfAttention``. Prefill is eager
+(``GPT.forward`` writes the same buffers), except in the serve engine of a narrow model, which compiles a prompt
+pass as well (:meth:`StaticDecoder.prompt_step`: right-padded rows of any length, each written from its own cache
+index; the engine's ``_compiled_prompts`` says when it pays). One graph per (width, batch 1 | batch >= 2 | prompt
+pass, thread count): the batch dimension is dynamic above 1 (and the prompt pass's rows and tokens from 1), so the
+serve engine's rows come and go without recompiling.
 
 Compiled once per machine: each graph is exported (``torch.export``) and compiled ahead of time (AOTInductor) into a
 package in :func:`cache_dir`, named by everything the compiled code depends on (torch version, CPU instruction set,
@@ -200,15 +202,51 @@ def _decode_step(
     return logits, logits.argmax(-1)
 
 
+def _prompt_step(
+    model: GPT,
+    k: list[torch.Tensor],
+    v: list[torch.Tensor],
+    ids: torch.Tensor,
+    slot: torch.Tensor,
+    start: torch.Tensor,
+    last: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A prompt pass: ids (B, T), right-padded, written from cache index slot (B,) on, keys from start (B,) on ->
+    logits (B, V) and argmax (B,) at each row's last real token ``last`` (B,), an index into T.
+
+    Token t of row b lands at ``slot[b] + t`` and attends to keys ``start[b] .. slot[b] + t`` (the row's earlier
+    chunks included); a padding token writes past the row's real length, where the next pass or step overwrites it.
+    """
+    B, T, W = ids.shape[0], ids.shape[1], k[0].shape[2]
+    at = slot[:, None] + torch.arange(T, device=ids.device)  # (B, T) cache index of each token
+    x, rope = model.embed(ids, at - start[:, None])
+    keys = torch.arange(W, device=ids.device)
+    mask = ((keys >= start[:, None, None]) & (keys <= at[:, :, None]))[:, None]  # (B, 1, T, W)
+    rows = torch.arange(B, device=ids.device)[:, None]
+    for i, block in enumerate(model.blocks):
+        a = block.attn
+        q, k_new, v_new = a.heads(block.norm1(x), rope)  # (B, nh | nkv, T, hs)
+        k[i][rows, :, at] = k_new.transpose(1, 2)  # indexed as (B, T, nkv, hs)
+        v[i][rows, :, at] = v_new.transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k[i], v[i], attn_mask=mask, enable_gqa=a.n_kv_heads != a.n_heads)
+        x = x + a.proj(y.transpose(1, 2).reshape(B, T, a.n_heads * a.head_dim))
+        x = x + block.mlp(block.norm2(x))
+    logits = model.head(model.final_norm(x[rows[:, 0], last]))
+    return logits, logits.argmax(-1)
+
+
 class _Step(torch.nn.Module):
-    """The decode step as a module over the model: what :func:`torch.func.functional_call` swaps weights into."""
+    """The decode step (or a prompt pass, given ``last``) as a module over the model: what
+    :func:`torch.func.functional_call` swaps weights into."""
 
     def __init__(self, model: GPT):
         super().__init__()
         self.model = model
 
-    def forward(self, k, v, ids, slot, start):
-        return _decode_step(self.model, k, v, ids, slot, start)
+    def forward(self, k, v, ids, slot, start, last=None):
+        if last is None:
+            return _decode_step(self.model, k, v, ids, slot, start)
+        return _prompt_step(self.model, k, v, ids, slot, start, last)
 
 
 class _WeightsAsInputs(torch.nn.Module):
@@ -221,10 +259,9 @@ class _WeightsAsInputs(torch.nn.Module):
         self._step = (_Step(model),)  # in a tuple: not a submodule, so export lifts none of its weights
         self.names = names
 
-    def forward(self, weights: list[torch.Tensor], k, v, ids, slot, start):
-        return torch.func.functional_call(
-            self._step[0], dict(zip(self.names, weights, strict=True)), (k, v, ids, slot, start)
-        )
+    def forward(self, weights: list[torch.Tensor], k, v, ids, slot, start, last=None):
+        args = (k, v, ids, slot, start) if last is None else (k, v, ids, slot, start, last)
+        return torch.func.functional_call(self._step[0], dict(zip(self.names, weights, strict=True)), args)
 
 
 def _load_package(path: Path, release_lock: bool = False):
@@ -245,8 +282,8 @@ def _load_package(path: Path, release_lock: bool = False):
             log.info("decode step %s through torch's loader (holds the interpreter lock): %s", path.name, e)
     loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
 
-    def step(weights, k, v, ids, slot, start):
-        logits, tokens = loader.run([*weights, *k, *v, ids, slot, start])
+    def step(weights, k, v, *rest):
+        logits, tokens = loader.run([*weights, *k, *v, *rest])
         return logits, tokens
 
     return step
@@ -297,8 +334,8 @@ class _NativeStep:
         self._run.argtypes = [pointer, pointer, size, pointer, size, pointer, pointer]
         self._handle, self._lib = handle, lib
 
-    def __call__(self, weights, k, v, ids, slot, start):
-        tensors = [*weights, *k, *v, ids, slot, start]
+    def __call__(self, weights, k, v, *rest):
+        tensors = [*weights, *k, *v, *rest]
         made = torch._C._aoti.unsafe_alloc_void_ptrs_from_tensors(tensors)  # new handles, taken over by the step
         inputs = (ctypes.c_void_p * len(made))(*[self._capsule_pointer(h, None) for h in made])
         outputs = (ctypes.c_void_p * self._outputs)()
@@ -376,27 +413,31 @@ class StaticDecoder:
         self._layout = (c.n_kv_heads * c.context_length * c.head_dim, c.context_length * c.head_dim, c.head_dim, 1)
         self.eager_steps = 0  # decode steps run eagerly on this model (the ``auto`` policy's history)
         self.compiled_steps = 0  # decode steps run compiled
+        self.prompt_passes = 0  # prompt passes run compiled
         self.loaded = 0  # graphs found in the on-disk cache (the rest were built)
         # (rows, width, threads) -> [best eager seconds, eager steps timed, best compiled seconds, compiled steps timed]
         self._timing: dict[tuple[int, int, int], list] = {}
         self.failed: str | None = None  # a compile or a compiled call failed: eager from then on
-        self._steps: dict[tuple[bool, int, int], Any] = {}  # (batched, width, threads) -> the loaded graph
-        self._pending: set[tuple[bool, int, int]] = set()
+        self._steps: dict[tuple[str, int, int], Any] = {}  # (kind, width, threads) -> the loaded graph
+        self._pending: set[tuple[str, int, int]] = set()
         self._lock = threading.Lock()
 
     # -- state ----------------------------------------------------------------------------------------
 
-    def _key(self, n: int, width: int) -> tuple[bool, int, int]:
-        return n > 1, width, torch.get_num_threads()
+    def _key(self, n: int, width: int, prompt: bool = False) -> tuple[str, int, int]:
+        """(kind, width, threads): kind is ``row1`` or ``rows`` (a decode step of one row, or of any n >= 2) or
+        ``prompt`` (a prompt pass, any rows and tokens)."""
+        return "prompt" if prompt else "rows" if n > 1 else "row1", width, torch.get_num_threads()
 
-    def ready(self, n: int, width: int) -> bool:
-        return self.failed is None and self._key(n, width) in self._steps
+    def ready(self, n: int, width: int, prompt: bool = False) -> bool:
+        return self.failed is None and self._key(n, width, prompt) in self._steps
 
-    def package(self, n: int, width: int) -> Path:
-        """The cache file of the graph for ``n`` rows at ``width`` with this process's thread count: named by what
-        the compiled code depends on (torch, the CPU's instruction set, this code, the model's shapes and dtypes,
-        the compile settings, the batch mode, the width and the thread count its OpenMP loops were built for)."""
-        batched, width, threads = self._key(n, width)
+    def package(self, n: int, width: int, prompt: bool = False) -> Path:
+        """The cache file of the graph for ``n`` rows at ``width`` (``prompt``: the prompt pass's) with this
+        process's thread count: named by what the compiled code depends on (torch, the CPU's instruction set, this
+        code, the model's shapes and dtypes, the compile settings, the kind of graph, the width and the thread count
+        its OpenMP loops were built for)."""
+        kind, width, threads = self._key(n, width, prompt)
         h = hashlib.sha256()
         parts = (
             torch.__version__,
@@ -407,16 +448,21 @@ class StaticDecoder:
             sorted(self.inductor_configs.items()),
             [(name, tuple(t.shape), str(t.dtype)) for name, t in zip(self._names, self._weights, strict=True)],
             self.onednn,
-            batched,
+            kind,
             width,
             threads,
         )
         h.update(repr(parts).encode())
-        rows = "rows" if batched else "row1"
         return (
             cache_dir()
-            / f"decode-{self.cfg.n_layers}x{self.cfg.emb_dim}-{rows}-w{width}-t{threads}-{h.hexdigest()[:16]}.pt2"
+            / f"decode-{self.cfg.n_layers}x{self.cfg.emb_dim}-{kind}-w{width}-t{threads}-{h.hexdigest()[:16]}.pt2"
         )
+
+    def _releases(self, package: Path) -> bool:
+        """Whether the graph in ``package`` runs without the interpreter lock: a wide model's steps, and every
+        model's prompt passes (a millisecond or more each, where the native call's ~75 us are small change, and
+        the server's event loop parses the requests arriving beside them)."""
+        return self.release_lock or "-prompt-" in package.name
 
     def _fail(self, what: str, e: BaseException) -> None:
         self.failed = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
@@ -424,16 +470,16 @@ class StaticDecoder:
 
     # -- compiling ------------------------------------------------------------------------------------
 
-    def cached(self, n: int, width: int) -> bool:
+    def cached(self, n: int, width: int, prompt: bool = False) -> bool:
         """Whether the graph for ``n`` rows at ``width`` is ready or waits in the on-disk cache (milliseconds to
         load, where building it takes seconds)."""
-        return self.ready(n, width) or (self.failed is None and self.package(n, width).is_file())
+        return self.ready(n, width, prompt) or (self.failed is None and self.package(n, width, prompt).is_file())
 
-    def compile(self, n: int, width: int, background: bool = False) -> bool:
-        """Load or build the graph for ``n`` rows (1, or any n > 1) at ``width``; True once it is ready. In the
-        background it returns at once (False until the worker is done; one worker at a time, a call while one runs
-        does nothing)."""
-        key = self._key(n, width)
+    def compile(self, n: int, width: int, background: bool = False, prompt: bool = False) -> bool:
+        """Load or build the graph for ``n`` rows (1, or any n > 1) at ``width`` (``prompt``: the prompt pass's, for
+        any rows); True once it is ready. In the background it returns at once (False until the worker is done; one
+        worker at a time, a call while one runs does nothing)."""
+        key = self._key(n, width, prompt)
         if self.failed is not None or key in self._steps:
             return self.failed is None
         with self._lock:
@@ -441,18 +487,19 @@ class StaticDecoder:
                 return False
             self._pending.add(key)
         if not background:
-            self._compile(key, self.package(n, width))
-            return self.ready(n, width)
+            self._compile(key, self.package(n, width, prompt))
+            return self.ready(n, width, prompt)
         # Not a daemon: the interpreter waits for a compile in flight at exit (one killed mid-way aborts the process).
         worker = threading.Thread(
-            target=self._compile, args=(key, self.package(n, width)), name=f"compile-decode-{width}"
+            target=self._compile, args=(key, self.package(n, width, prompt)), name=f"compile-decode-{width}"
         )
         worker.start()
         return False
 
-    def _compile(self, key: tuple[bool, int, int], path: Path) -> None:
-        batched, width, threads = key
-        what = f"batch {'>= 2' if batched else 1}, width {width}, {threads} thread{'s' * (threads > 1)}"
+    def _compile(self, key: tuple[str, int, int], path: Path) -> None:
+        kind, width, threads = key
+        rows = {"row1": "batch 1", "rows": "batch >= 2", "prompt": "prompt passes"}[kind]
+        what = f"{rows}, width {width}, {threads} thread{'s' * (threads > 1)}"
         began = time.perf_counter()
         try:
             step, built = self._load(path), False
@@ -479,31 +526,36 @@ class StaticDecoder:
         if not path.is_file():
             return None
         try:
-            return _load_package(path, self.release_lock)
+            return _load_package(path, self._releases(path))
         except Exception as e:
             log.warning("cached decode step %s does not load (%s); building it anew", path, type(e).__name__)
             return None
 
-    def _build(self, key: tuple[bool, int, int], path: Path):
+    def _build(self, key: tuple[str, int, int], path: Path):
         """Export the step on scratch buffers laid out like the caches it will read (full-context buffers seen
         through width-wide views: the graph's index arithmetic assumes those strides), compile it ahead of time
         into a package under a temporary name, rename it into place and load it."""
-        batched, width, _ = key
+        kind, width, _ = key
         model = self._model()
         if model is None:
             return None
         cfg, w = self.cfg, model.tok_emb.weight
-        n = 2 if batched else 1
+        n, tokens = (1, 1) if kind == "row1" else (2, 1) if kind == "rows" else (2, 3)
         shape = (n, cfg.n_kv_heads, cfg.context_length, cfg.head_dim)
         k = [torch.zeros(shape, dtype=w.dtype, device=w.device)[:, :, :width] for _ in range(cfg.n_layers)]
         v = [torch.zeros(shape, dtype=w.dtype, device=w.device)[:, :, :width] for _ in range(cfg.n_layers)]
-        ids = torch.zeros(n, 1, dtype=torch.long, device=w.device)
+        ids = torch.zeros(n, tokens, dtype=torch.long, device=w.device)
         slot, start = torch.zeros(n, dtype=torch.long, device=w.device), torch.zeros_like(ids[:, 0])
+        args: tuple = (self._weights, k, v, ids, slot, start)
         dynamic = None
-        if batched:
-            rows = torch.export.Dim("rows", min=2, max=1 << 16)
+        if kind != "row1":
+            rows = torch.export.Dim("rows", min=1 if kind == "prompt" else 2, max=1 << 16)
             per_layer = [{0: rows}] * cfg.n_layers
-            dynamic = ([None] * len(self._weights), per_layer, per_layer, {0: rows}, {0: rows}, {0: rows})
+            dynamic = [[None] * len(self._weights), per_layer, per_layer, {0: rows}, {0: rows}, {0: rows}]
+        if kind == "prompt":  # any number of tokens a row, up to the width; the last real one's index per row
+            args += (torch.full((n,), tokens - 1, dtype=torch.long, device=w.device),)
+            dynamic[3] = {0: rows, 1: torch.export.Dim("tokens", min=1, max=width)}
+            dynamic.append({0: rows})
         # Traced on a stand-in of the model's structure (weights on the meta device): functional_call swaps the traced
         # module's weights for tracing tensors while export runs, and the model itself may be decoding in another
         # thread meanwhile (the serve engine compiles in the background).
@@ -515,7 +567,7 @@ class StaticDecoder:
             raise ValueError(f"the model's weights {self._names} are not a stock GPT's ({shadow_names})")
         with torch.no_grad():
             program = torch.export.export(
-                _WeightsAsInputs(shadow, self._names), (self._weights, k, v, ids, slot, start), dynamic_shapes=dynamic
+                _WeightsAsInputs(shadow, self._names), args, dynamic_shapes=None if dynamic is None else tuple(dynamic)
             )
         from torch import _inductor as inductor  # (only a build needs it: loading a package does not import it)
 
@@ -530,7 +582,7 @@ class StaticDecoder:
             path.with_suffix(".so").unlink(missing_ok=True)  # a library unpacked from a package built before
         finally:
             partial.unlink(missing_ok=True)
-        return _load_package(path, self.release_lock)
+        return _load_package(path, self._releases(path))
 
     # -- choosing by measurement ----------------------------------------------------------------------
 
@@ -625,6 +677,43 @@ class StaticDecoder:
             self._fail(f"a decode step at batch {n}, width {width}", e)
             return None
         self.compiled_steps += 1
+        return out
+
+    def prompt_step(
+        self,
+        k: list[torch.Tensor],
+        v: list[torch.Tensor],
+        ids: torch.Tensor,
+        slot: torch.Tensor,
+        start: torch.Tensor,
+        last: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A prompt pass over ``n = len(ids)`` rows, or None if its graph is not ready at this width.
+
+        Args:
+            k: views of the cache's keys, (n, n_kv_heads, width, head_dim) per layer (the rows the prompts go to);
+                width is :func:`width_for` the furthest position written, padding included.
+            v: the values, alike.
+            ids: (n, T) the prompts' tokens, right-padded to one length.
+            slot: (n,) cache index of each row's first token (the length of what it holds already).
+            start: (n,) first cache index each row attends to.
+            last: (n,) index in T of each row's last real token.
+
+        Returns:
+            (logits (n, vocab_size), argmax (n,)) at each row's last real token; the keys/values are written.
+        """
+        width = k[0].shape[2]
+        if not self.ready(len(ids), width, prompt=True):
+            return None
+        if k[0].stride() != self._layout or k[0].dtype != self._weights[0].dtype:
+            self._fail("a prompt pass", ValueError(f"cache views of strides {k[0].stride()}, {k[0].dtype}"))
+            return None
+        try:
+            out = self._steps[self._key(len(ids), width, prompt=True)](self._weights, k, v, ids, slot, start, last)
+        except Exception as e:
+            self._fail(f"a prompt pass of {tuple(ids.shape)} tokens, width {width}", e)
+            return None
+        self.prompt_passes += 1
         return out
 
 

@@ -285,18 +285,23 @@ class Engine:
         rows = self._cache.rows(start, start + len(group))
         ids = [r.prompt_ids[r._prefilled : r._prefilled + chunk] + [0] * (width - chunk) for r, chunk in group]
         ids = torch.tensor(ids, dtype=torch.long, device=self.device)
-        rows.lengths.copy_(torch.tensor([r._prefilled for r, _ in group], device=self.device))
-        if all(chunk == width for _, chunk in group):  # no padding (one row alone: the path of ``generate``)
-            logits = self.model(ids, cache=rows, logits_to_keep=1).logits[:, -1]
+        slots = torch.tensor([r._prefilled for r, _ in group], device=self.device)
+        last = torch.tensor([chunk - 1 for _, chunk in group], device=self.device)
+        out = self._compiled_prompts(start, ids, slots, last)
+        if out is not None:  # the compiled pass writes the keys and leaves the lengths to us
+            logits, padded = out[0], True
+        elif all(chunk == width for _, chunk in group):  # no padding (one row alone: the path of ``generate``)
+            rows.lengths.copy_(slots)
+            logits, padded = self.model(ids, cache=rows, logits_to_keep=1).logits[:, -1], False
         else:  # causal attention keeps each row's real positions off the padding after them
+            rows.lengths.copy_(slots)
             hidden = self.model(ids, cache=rows, return_logits=False, return_hidden=True).hidden
-            last = torch.tensor([chunk - 1 for _, chunk in group], device=self.device)
-            logits = self.model.head(hidden[torch.arange(len(group), device=self.device), last])
+            logits, padded = self.model.head(hidden[torch.arange(len(group), device=self.device), last]), True
         self.prefill_passes += 1
         for request, chunk in group:
             request._prefilled += chunk
-        if width > min(chunk for _, chunk in group):  # the padded rows: keys past their real length are unread
-            rows.lengths.copy_(torch.tensor([r._prefilled for r, _ in group], device=self.device))
+        if padded:  # keys past a row's real length are unread
+            rows.lengths.copy_(slots + last + 1)
         done = [r for r, _ in group if r._prefilled == len(r.prompt_ids)]  # all but maybe the last one
         for request in done:
             self._prefilling.popleft()
@@ -308,6 +313,29 @@ class Engine:
         for i in reversed(range(len(done))):  # from the end, as in _decode: a row leaving moves the last one in
             self._accept(start + i, tokens[i])
         return len(group) * width
+
+    def _compiled_prompts(
+        self, start: int, ids: torch.Tensor, slots: torch.Tensor, last: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The prefill pass through the compiled prompt graph (llmcore.models.static_decode) into cache rows
+        ``start ..``, or None (no graph ready: the caller runs the model eagerly). The graph runs without the
+        interpreter lock, so requests arriving meanwhile are parsed on another core; on llama3-tiny a 16-token prompt
+        took 1.0 ms compiled against 3.3 eager. Narrow models only: a wide model's eager pass is arithmetic in
+        kernels that release the lock themselves, and batches multiply on packed copies the graph does not have (the
+        124M shape, 2 threads: one 16-token prompt 55 ms compiled, 62 eager; eight, 245 against 210). Built in the
+        background once a decode graph is ready (decode steps are most of a server's work; one build at a time)."""
+        decoder = self._decoder
+        if decoder is None or decoder.release_lock:
+            return None
+        n = ids.shape[0]
+        width = width_for(int(slots.max()) + ids.shape[1], self.context_length)
+        if not (decoder.ready(n, width, prompt=True) or decoder.ready(1, width) or decoder.ready(2, width)):
+            return None
+        if not decoder.compile(n, width, background=True, prompt=True):
+            return None
+        k = [t[start : start + n, :, :width] for t in self._cache.k]
+        v = [t[start : start + n, :, :width] for t in self._cache.v]
+        return decoder.prompt_step(k, v, ids, slots, self._start_rows[:n], last)
 
     def _next_prefill(self, budget: int, whole: bool = False) -> list[tuple[Request, int]]:
         """The leading admitted requests for the next prefill pass, each with its number of prompt tokens.
