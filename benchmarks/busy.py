@@ -99,7 +99,7 @@ class Plan:
     gen_new: dict[str, int] | None = None  # shape -> new tokens (batch-1 generation)
     gen_reps: int = 3
     serve_new: dict[str, int] | None = None  # shape -> tokens per request
-    serve_reps: int = 2
+    serve_reps: int = 5  # a 1-client TTFT of 2 requests was one outlier away from a target (28 ms against 8)
     big: bool = True  # also the gpt2-124m shape
     peers: tuple[str, ...] = ("transformers", "llama.cpp", "llama.cpp-same-threads")
     quick: bool = False

@@ -162,7 +162,18 @@ def test_the_compiled_prompt_pass_writes_and_predicts_what_the_eager_one_does(mo
         views = [t[1:2] for t in compiled.k], [t[1:2] for t in compiled.v]
         logits, _ = decoder.prompt_step(*views, more, torch.tensor([lengths[1]]), zeros[:1], torch.tensor([4]))
         torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
-    assert decoder.prompt_passes == 2
+        for n, length in ((1, 1), (2, CTX)):  # the graph's shapes are dynamic: one token, the whole width
+            fresh, reference = (BatchedKVCache(cfg, n, CTX, "cpu", torch.float32) for _ in range(2))
+            ids = torch.randint(0, 250, (n, length))
+            expected = model(ids, cache=reference, logits_to_keep=1).logits[:, -1]
+            last = torch.full((n,), length - 1)
+            logits, _ = decoder.prompt_step(fresh.k, fresh.v, ids, zeros[:n], zeros[:n], last)
+            torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+    assert decoder.prompt_passes == 4 and decoder.failed is None
+    # a pass is long enough for the native call's cost: it runs without the interpreter lock, even on a narrow model
+    assert not decoder.release_lock and isinstance(
+        decoder._steps[decoder._key(1, CTX, prompt=True)], static_decode._NativeStep
+    )
 
 
 def run_jobs(engine: Engine, jobs) -> list[str]:
