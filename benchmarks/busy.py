@@ -382,7 +382,7 @@ def job_warm_decode(job: dict[str, Any]) -> dict[str, Any]:
     with threads_for_inference("auto", model.cfg) as threads:
         decoder = decoder_for(model, "always")
         graphs = [(1, False), (2, False)]  # decode steps; and the server's prompt passes where it runs them
-        if decoder is not None and not decoder.release_lock:  # (narrow models: see Engine._compiled_prompts)
+        if decoder is not None and decoder.prompt_pays:
             graphs.append((1, True))
         for rows, prompt in graphs:
             began = time.perf_counter()

@@ -318,14 +318,12 @@ class Engine:
         self, start: int, ids: torch.Tensor, slots: torch.Tensor, last: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The prefill pass through the compiled prompt graph (llmcore.models.static_decode) into cache rows
-        ``start ..``, or None (no graph ready: the caller runs the model eagerly). The graph runs without the
-        interpreter lock, so requests arriving meanwhile are parsed on another core; on llama3-tiny a 16-token prompt
-        took 1.0 ms compiled against 3.3 eager. Narrow models only: a wide model's eager pass is arithmetic in
-        kernels that release the lock themselves, and batches multiply on packed copies the graph does not have (the
-        124M shape, 2 threads: one 16-token prompt 55 ms compiled, 62 eager; eight, 245 against 210). Built in the
-        background once a decode graph is ready (decode steps are most of a server's work; one build at a time)."""
+        ``start ..``, or None (no graph ready, or a model whose eager pass is as quick: see
+        :attr:`~llmcore.models.static_decode.StaticDecoder.prompt_pays`; the caller runs the model eagerly). The
+        graph runs without the interpreter lock, so requests arriving meanwhile are parsed on another core. Built in
+        the background once a decode graph is ready (decode steps are most of a server's work; one build at a time)."""
         decoder = self._decoder
-        if decoder is None or decoder.release_lock:
+        if decoder is None or not decoder.prompt_pays:
             return None
         n = ids.shape[0]
         width = width_for(int(slots.max()) + ids.shape[1], self.context_length)
