@@ -24,7 +24,9 @@ scheduler see for 0.5 s, and kills after the measurement, also on SIGINT/SIGTERM
   default ``n_threads`` and with the thread count llmcore's policy chose.
 - serving: ``llmcore serve``'s defaults (``ModelHandle`` with threads ``auto``, 8 batch slots; uvicorn on loopback,
   streaming Ollama API; ``benchmarks.serve_bench.bench_server``) on both shapes: aggregate tokens/s with 1 and 8
-  concurrent clients, time to first token p50/p95.
+  concurrent clients, time to first token p50/p95. Beside it, the HTTP floor (``serve_bench.bench_http_floor``): the
+  same clients against llmcore's HTTP server with no model behind it (every piece at once, one write each), so the
+  serving ratios can be read against what the clients and the server's one interpreter cost on this machine alone.
 
 Fairness: every measurement runs in a fresh interpreter (``--worker``), so thread pools and OpenMP state are its
 own. llmcore's workers import ``llmcore`` first and so run with the environment llmcore sets for itself. Peers run
@@ -76,11 +78,13 @@ if os.getppid() != {parent}:
 while True: pass
 """
 OMP_VARS = ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY", "OMP_NUM_THREADS")
+FLOOR = "http-floor"  # not a peer to beat: what the serving figures' clients and HTTP server cost with no model
 IMPLS = {  # key -> table label
     "llmcore": "llmcore",
     "transformers": "transformers",
     "llama.cpp": "llama.cpp (default threads)",
     "llama.cpp-same-threads": "llama.cpp (llmcore's threads)",
+    FLOOR: "HTTP floor (no model)",
 }
 PEER_MODULES = {"transformers": "transformers", "llama.cpp": "llama_cpp", "llama.cpp-same-threads": "llama_cpp"}
 WORKLOADS = ("train", "generate", "serve")
@@ -101,7 +105,7 @@ class Plan:
     serve_new: dict[str, int] | None = None  # shape -> tokens per request
     serve_reps: int = 5  # a 1-client TTFT of 2 requests was one outlier away from a target (28 ms against 8)
     big: bool = True  # also the gpt2-124m shape
-    peers: tuple[str, ...] = ("transformers", "llama.cpp", "llama.cpp-same-threads")
+    peers: tuple[str, ...] = ("transformers", "llama.cpp", "llama.cpp-same-threads", FLOOR)
     quick: bool = False
     # build llmcore's compiled decode steps for each shape before the runs (untimed; kept on disk, as a user's cache
     # holds them once a server or a long run built them): the runs then measure the defaults with the cache warm
@@ -120,7 +124,7 @@ QUICK = Plan(
     serve_new={"default": 8},
     serve_reps=1,
     big=False,
-    peers=("llama.cpp", "llama.cpp-same-threads"),
+    peers=("llama.cpp", "llama.cpp-same-threads", FLOOR),
     quick=True,
     warm_decode=False,  # (a build takes ~20 s; tests/test_static_decode.py covers the cache)
     timeout_s=120,
@@ -353,14 +357,18 @@ def _check_len(ids: list[int], n: int) -> None:
 
 
 def job_serve(job: dict[str, Any]) -> dict[str, Any]:
-    """``llmcore serve``'s defaults over loopback HTTP: 1 and 8 streaming clients (serve_bench)."""
-    from benchmarks.serve_bench import Case, bench_server
+    """``llmcore serve``'s defaults over loopback HTTP: 1 and 8 streaming clients (serve_bench); impl ``http-floor``:
+    the same clients against llmcore's HTTP server with no model behind it (``serve_bench.bench_http_floor``)."""
+    from benchmarks.serve_bench import Case, bench_http_floor, bench_server
     from llmcore.threads import inference_threads
     from llmcore.weights.model_dir import open_model_dir
 
-    model = open_model_dir(job["model_dir"]).load_lm("cpu")
     case = Case(job["label"], "", {}, prompt=job["prompt"], new=job["new"], clients=(1, 8), reps=job["reps"])
-    out = bench_server(case, model, log=lambda *a, **k: print(*a, file=sys.stderr, **k))
+    log = lambda *a, **k: print(*a, file=sys.stderr, **k)  # noqa: E731
+    if job["impl"] == FLOOR:
+        return {"server": bench_http_floor(case, log=log), "threads": 1}  # the event loop's thread
+    model = open_model_dir(job["model_dir"]).load_lm("cpu")
+    out = bench_server(case, model, log=log)
     # the count ModelHandle gives its engine, which sets it on its own thread (torch.get_num_threads() here, on
     # the main thread, would not show it: libgomp keeps the count per thread)
     return {"server": out, "threads": inference_threads("auto", model.cfg)}
@@ -402,7 +410,7 @@ JOBS = {"train": job_train, "generate": job_generate, "serve": job_serve, "warm_
 def run_worker(job: dict[str, Any]) -> dict[str, Any]:
     """One measurement, in this (fresh) process. llmcore's workers import llmcore before torch, as every llmcore
     entry point does; peers load their own libraries first (see the module docstring)."""
-    if job["impl"] == "llmcore":
+    if job["impl"] in ("llmcore", FLOOR):  # the floor is llmcore's HTTP server
         import llmcore  # noqa: F401
     env_at_load = omp_env()
     result = JOBS[job["job"]](job)
@@ -584,49 +592,19 @@ def run_benchmarks(plan: Plan, workloads: tuple[str, ...] = WORKLOADS, log=print
                     **files[shape],
                 }
                 base = f"serve {shape}"
-                runs = measure(base, "llmcore", job)
                 what = f"llmcore serve, streaming, {plan.prompt}-token prompts, {new} tokens each"
                 s = lambda n, f: lambda r: r["server"][f"clients_{n}"][f]  # noqa: E731
-                add(
-                    f"{base} (1 client)",
-                    f"{what}: aggregate tokens/s",
-                    "tokens/s",
-                    "llmcore",
-                    runs,
-                    s(1, "tokens_per_s"),
+                rows = (  # key, what, unit, figure
+                    (f"{base} (1 client)", f"{what}: aggregate tokens/s", "tokens/s", s(1, "tokens_per_s")),
+                    (f"{base} (8 clients)", f"{what}: aggregate tokens/s", "tokens/s", s(8, "tokens_per_s")),
+                    (f"{base} (TTFT, 1 client)", f"{what}: time to first token p50", "ms", s(1, "ttft_p50_ms")),
+                    (f"{base} (TTFT p50, 8 clients)", f"{what}: time to first token p50", "ms", s(8, "ttft_p50_ms")),
+                    (f"{base} (TTFT p95, 8 clients)", f"{what}: time to first token p95", "ms", s(8, "ttft_p95_ms")),
                 )
-                add(
-                    f"{base} (8 clients)",
-                    f"{what}: aggregate tokens/s",
-                    "tokens/s",
-                    "llmcore",
-                    runs,
-                    s(8, "tokens_per_s"),
-                )
-                add(
-                    f"{base} (TTFT, 1 client)",
-                    f"{what}: time to first token p50",
-                    "ms",
-                    "llmcore",
-                    runs,
-                    s(1, "ttft_p50_ms"),
-                )
-                add(
-                    f"{base} (TTFT p50, 8 clients)",
-                    f"{what}: time to first token p50",
-                    "ms",
-                    "llmcore",
-                    runs,
-                    s(8, "ttft_p50_ms"),
-                )
-                add(
-                    f"{base} (TTFT p95, 8 clients)",
-                    f"{what}: time to first token p95",
-                    "ms",
-                    "llmcore",
-                    runs,
-                    s(8, "ttft_p95_ms"),
-                )
+                for impl in ("llmcore", FLOOR):
+                    runs = measure(base, impl, job)
+                    for key, label, unit, pick in rows:
+                        add(key, label, unit, impl, runs, pick)
 
     import torch
 
@@ -685,13 +663,14 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
         if key.startswith(("train", "generate")) or (key.startswith("serve") and "TTFT" not in key):
             add(f"{key}: llmcore busy/idle", ours(key).get("busy_over_idle"), 0.5)
         for peer, theirs in row["impls"].items():
-            if peer != "llmcore" and "busy_over_idle" in theirs and "busy_over_idle" in ours(key):
-                add(
-                    f"{key}: llmcore busy/idle over {IMPLS[peer]}'s ({ours(key)['busy_over_idle']:.2f} / "
-                    f"{theirs['busy_over_idle']:.2f})",
-                    ours(key)["busy_over_idle"] / theirs["busy_over_idle"],
-                    1.0,
-                )
+            if peer in ("llmcore", FLOOR) or "busy_over_idle" not in theirs or "busy_over_idle" not in ours(key):
+                continue
+            add(
+                f"{key}: llmcore busy/idle over {IMPLS[peer]}'s ({ours(key)['busy_over_idle']:.2f} / "
+                f"{theirs['busy_over_idle']:.2f})",
+                ours(key)["busy_over_idle"] / theirs["busy_over_idle"],
+                1.0,
+            )
     for key, ratio in report["ratios"].items():
         goal = 0.7 if "gpt2-124m" in key else 0.3
         if "llama.cpp-same-threads" in ratio:
@@ -701,16 +680,30 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
                     ratio["llama.cpp-same-threads"][state],
                     goal,
                 )
+
+    def floor(key: str) -> dict[str, Any]:
+        return w.get(key, {}).get("impls", {}).get(FLOOR, {})
+
+    def over(top: dict[str, Any], bottom: dict[str, Any], state: str) -> float | None:
+        return top[state] / bottom[state] if state in top and state in bottom else None
+
+    def floor_note(value: float | None) -> str:  # the same ratio of the HTTP server with no model, beside ours
+        return "" if value is None else f"; HTTP floor {value:.2f}"
+
     for shape in dict.fromkeys(k.split()[1] for k in w if k.startswith("serve")):  # in run order
-        one, eight = ours(f"serve {shape} (1 client)"), ours(f"serve {shape} (8 clients)")
-        ttft1, p95 = ours(f"serve {shape} (TTFT, 1 client)"), ours(f"serve {shape} (TTFT p95, 8 clients)")
+        streams = f"serve {shape} (1 client)", f"serve {shape} (8 clients)"
+        ttfts = f"serve {shape} (TTFT p95, 8 clients)", f"serve {shape} (TTFT, 1 client)"
         for state in ("idle", "busy"):
-            if state in one and state in eight:
-                add(f"serve {shape}: 8 streams / 1 stream tokens/s ({state})", eight[state] / one[state], 3.0)
-            if state in ttft1 and state in p95:
+            value = over(ours(streams[1]), ours(streams[0]), state)
+            if value is not None:
+                note = floor_note(over(floor(streams[1]), floor(streams[0]), state))
+                add(f"serve {shape}: 8 streams / 1 stream tokens/s ({state}{note})", value, 3.0)
+            value = over(ours(ttfts[0]), ours(ttfts[1]), state)
+            if value is not None:
+                note = floor_note(over(floor(ttfts[0]), floor(ttfts[1]), state))
                 add(
-                    f"serve {shape}: TTFT p95 at 8 simultaneous / one request's TTFT ({state})",
-                    p95[state] / ttft1[state],
+                    f"serve {shape}: TTFT p95 at 8 simultaneous / one request's TTFT ({state}{note})",
+                    value,
                     3.0,
                     at_most=True,
                 )

@@ -14,6 +14,9 @@ What is measured, each figure the median of ``reps`` runs in the same process:
 - single-stream decode tokens/s: the engine alone (no HTTP) and ``llmcore.models.generate`` vs Hugging Face
   ``transformers`` ``generate`` with its KV cache, batch 1, greedy, same random GPT-2-shaped weights layout.
 
+``bench_http_floor`` (measured by ``benchmarks.busy`` beside the server's figures) runs the same clients against
+llmcore's HTTP server with no model behind it: what the clients and the server's interpreter cost on their own.
+
 Models are random (the speed of a forward pass does not depend on the weights); prompts are random token ids.
 Nothing here is asserted: the figures and ratios are printed and written to ``reports/serve_bench.json``.
 """
@@ -110,19 +113,73 @@ def bench_server(case: Case, model: GPT, log=print, admit_window: float | None =
     window = {} if admit_window is None else {"admit_window": admit_window}
     handle = ModelHandle(model=model, tokenizer=tok, template="raw", max_batch=max(case.clients), **window)
     server = make_server({"bench": handle}, port=0).start()
+    try:
+        results = _measure(case, server.url, tok.eot_id, log)
+        results["max_live"] = handle.engine.max_live
+        # how the 8 "simultaneous" requests were admitted: prefill passes run, requests an idle engine waited for
+        results["prefill_passes"], results["gathered"] = handle.engine.prefill_passes, handle.engine.gathered
+    finally:
+        server.shutdown()
+        server.server_close()
+    return results
+
+
+def floor_app():
+    """The HTTP floor: ``/api/generate`` answering as llmcore's streaming Ollama API does, one NDJSON line per
+    piece and one write each, with no model, engine or API layer behind it: what the same clients measure of
+    llmcore's HTTP server alone (uvicorn, its guarded protocol, Starlette)."""
+    import asyncio
+
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import StreamingResponse
+    from starlette.routing import Route
+
+    async def generate(request: Request) -> StreamingResponse:
+        body = await request.json()
+        new, pieces = body["options"]["num_predict"], body["prompt"].split()
+
+        async def lines():
+            for i in range(new):
+                piece = {"model": body["model"], "response": pieces[i % len(pieces)] + " ", "done": False}
+                yield json.dumps(piece) + "\n"
+                await asyncio.sleep(0)  # let the loop serve the other connections between pieces, as a stream would
+            yield json.dumps({"model": body["model"], "response": "", "done": True, "eval_count": new}) + "\n"
+
+        return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+    return Starlette(routes=[Route("/api/generate", generate, methods=["POST"])])
+
+
+def bench_http_floor(case: Case, log=print) -> dict[str, Any]:
+    """:func:`bench_server`'s measurement against :func:`floor_app` on llmcore's server class: the share of the
+    figures that is HTTP and the client harness on this machine (no model)."""
+    from llmcore.serve.app import Server
+
+    server = Server(floor_app(), "127.0.0.1", 0).start()
+    try:
+        return _measure(case, server.url, 1000, log)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _measure(case: Case, url: str, vocab: int, log=print) -> dict[str, Any]:
+    """Tokens/s and TTFT of ``case``'s client counts against the server at ``url`` (prompts of random token ids
+    below ``vocab``), and the batching speedup (most clients over fewest)."""
     g = torch.Generator().manual_seed(0)
     results: dict[str, Any] = {}
     clients = _Clients()  # in a process of their own, as a server's users are (see benchmarks.http_clients)
     try:
-        clients.run(server.url, [" ".join(f"t{i}" for i in range(case.prompt))], 4)  # warm-up
+        clients.run(url, [" ".join(f"t{i}" for i in range(case.prompt))], 4)  # warm-up
         for n in case.clients:
             rates, ttfts = [], []
             for _ in range(case.reps):
                 prompts = [
-                    " ".join(f"t{int(t)}" for t in torch.randint(0, tok.eot_id, (case.prompt,), generator=g))
+                    " ".join(f"t{int(t)}" for t in torch.randint(0, vocab, (case.prompt,), generator=g))
                     for _ in range(n)
                 ]
-                wall, out = clients.run(server.url, prompts, case.new)
+                wall, out = clients.run(url, prompts, case.new)
                 rates.append(sum(c for c, _ in out) / wall)
                 ttfts += [t for _, t in out]
             results[f"clients_{n}"] = {
@@ -135,13 +192,8 @@ def bench_server(case: Case, model: GPT, log=print, admit_window: float | None =
                 f"  {n} client(s): {results[f'clients_{n}']['tokens_per_s']:.1f} tokens/s aggregate, TTFT p50 "
                 f"{results[f'clients_{n}']['ttft_p50_ms']:.0f} ms, p95 {results[f'clients_{n}']['ttft_p95_ms']:.0f} ms"
             )
-        results["max_live"] = handle.engine.max_live
-        # how the 8 "simultaneous" requests were admitted: prefill passes run, requests an idle engine waited for
-        results["prefill_passes"], results["gathered"] = handle.engine.prefill_passes, handle.engine.gathered
     finally:
         clients.close()
-        server.shutdown()
-        server.server_close()
     lo, hi = min(case.clients), max(case.clients)
     results["batching_speedup"] = results[f"clients_{hi}"]["tokens_per_s"] / results[f"clients_{lo}"]["tokens_per_s"]
     return results

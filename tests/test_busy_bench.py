@@ -54,6 +54,9 @@ def test_every_measurement_has_idle_and_busy_figures(quick):
     for key, ratios in report["ratios"].items():  # llmcore / peer, idle and busy
         assert all(v > 0 for peer in ratios.values() for v in peer.values()), key
     assert report["targets"] and all("goal" in t and "met" in t for t in report["targets"])
+    # serving's ratios come with the same clients' figures against the HTTP server with no model behind it
+    assert {key for key, impl, _ in rows if impl == "http-floor"} == {k for k, i, _ in rows if k.startswith("serve")}
+    assert sum("HTTP floor" in t["what"] for t in report["targets"]) == 4  # 2 ratios x idle, busy
     assert "| workload | unit | llmcore idle | busy | busy/idle |" in stdout
     assert report["table"] in stdout
 
@@ -78,11 +81,11 @@ def test_peers_run_in_the_users_environment_and_llmcore_in_its_own(quick):
     peers = 0
     for key, impl, r in measured(report):
         for run in r["runs"].values():
-            want = ours.get("GOMP_SPINCOUNT") if impl == "llmcore" else outer
+            want = ours.get("GOMP_SPINCOUNT") if impl in ("llmcore", "http-floor") else outer  # the floor: our server
             assert run["env_at_load"]["GOMP_SPINCOUNT"] == want, (key, impl)
             assert run["env"]["GOMP_SPINCOUNT"] == want, (key, impl)
             assert run["threads"] >= 1
-            peers += impl != "llmcore"
+            peers += impl not in ("llmcore", "http-floor")
     if "OMP_WAIT_POLICY" not in OUTER_ENV:
         assert ours["GOMP_SPINCOUNT"] is not None  # the two sides really differ
     if not peers:
