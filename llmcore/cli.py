@@ -128,6 +128,14 @@ def serve(
         help="milliseconds an idle model waits for more requests after one arrives, so "
         "requests sent together share one prefill pass (it stops after a quarter of this with none new; 0: never)",
     ),
+    stream_interval: float = typer.Option(
+        20.0,
+        min=0.0,
+        max=1000.0,
+        help="milliseconds a stream waits after a write before the next; the tokens that came meanwhile go out "
+        "together (the first goes out at once; only streams faster than one token per interval are grouped; 0: a "
+        "write per token)",
+    ),
     max_body: int = typer.Option(2**20, min=1024, help="largest request body in bytes (413 above)"),
     threads: str = typer.Option(
         "auto",
@@ -175,6 +183,7 @@ def serve(
                 max_batch=max_batch,
                 threads=threads,
                 admit_window=admit_window / 1000,
+                stream_interval=stream_interval / 1000,
             )
         # torch threads may be shared by all threads of the process (libgomp): every engine gets the widest count
         count = max(inference_threads(threads, handle.model.cfg) for handle in models.values())

@@ -229,6 +229,8 @@ def test_other_errors(url: str, client: ollama.Client) -> None:
     assert post(url, "/api/chat", {"model": "tiny", "messages": "hi"})[0] == 400
     assert post(url, "/api/chat", {"model": "tiny", "messages": [{"content": "hi"}]})[0] == 400
     assert post(url, "/api/show", {"model": "nope"}) == (404, {"error": "model 'nope' not found"})
+    # a name that would break the message's line is quoted escaped (found by tests/test_hostile_serve.py's fuzzing)
+    assert post(url, "/api/show", {"model": "a\nb"}) == (404, {"error": "model '\"a\\nb\"' not found"})
     assert post(url, "/api/nothing", {})[0] == 404
     assert post(url, "/api/generate", b"", method="GET")[0] == 405
     with pytest.raises(ollama.ResponseError) as e:
@@ -444,7 +446,7 @@ class _EchoEngine:
 
 
 def _handle(events: list) -> SimpleNamespace:
-    return SimpleNamespace(engine=_EchoEngine(events), stop_ids=(), sections=False)
+    return SimpleNamespace(engine=_EchoEngine(events), stop_ids=(), sections=False, stream_interval=0)
 
 
 def test_events_that_came_together_are_one_batch() -> None:
@@ -491,7 +493,7 @@ def test_events_that_came_apart_are_separate_batches() -> None:
 
     async def run() -> list:
         out = []
-        handle = SimpleNamespace(engine=SteppingEngine(), stop_ids=(), sections=False)
+        handle = SimpleNamespace(engine=SteppingEngine(), stop_ids=(), sections=False, stream_interval=0)
         async for batch in generate(handle, [1], SamplingConfig(), [], what="t"):
             out.append(batch)
             read.release()
@@ -503,3 +505,38 @@ def test_events_that_came_apart_are_separate_batches() -> None:
         ["c"],
         ["length"],
     ]
+
+
+def test_a_stream_writes_what_came_within_its_interval_together() -> None:
+    """With a stream interval the first piece goes out at once, the pieces that come within the interval after a
+    write go out together in the next, and the answer's end is not held back by the interval."""
+    from llmcore.serve.protocol import generate
+
+    first_read = threading.Event()
+
+    class BurstEngine:  # "a"; once it was read, three pieces at once; a moment later the end
+        def submit(self, job) -> None:
+            def run() -> None:
+                job.sink("a")
+                first_read.wait(10)
+                for piece in "bcd":
+                    job.sink(piece)
+                time.sleep(0.05)
+                job.sink(Finished("stop", 1, 4))
+
+            threading.Thread(target=run, daemon=True).start()
+
+    async def run(interval: float) -> tuple[list, float]:
+        out, start = [], time.perf_counter()
+        handle = SimpleNamespace(engine=BurstEngine(), stop_ids=(), sections=False, stream_interval=interval)
+        async for batch in generate(handle, [1], SamplingConfig(), [], what="t"):
+            out.append([e if isinstance(e, str) else e.reason for e in batch])
+            first_read.set()
+        return out, time.perf_counter() - start
+
+    batches, seconds = asyncio.run(run(30.0))
+    assert batches == [["a"], ["b", "c", "d", "stop"]]  # the end came 50 ms into the 30 s pause: sent then
+    assert seconds < 15
+    first_read.clear()
+    batches, _ = asyncio.run(run(0.0))
+    assert batches[0] == ["a"] and len(batches) >= 2 and batches[-1][-1] == "stop"

@@ -27,6 +27,8 @@ from llmcore.text.tokenizer import Tokenizer
 from llmcore.threads import inference_threads
 from llmcore.weights.model_dir import open_model_dir
 
+STREAM_INTERVAL = 0.02  # seconds between a stream's writes at most once its first piece is out (ModelHandle)
+
 _PART = r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,79}"
 _NAME = re.compile(rf"(?:{_PART}/)?{_PART}(?::{_PART})?")
 
@@ -108,11 +110,17 @@ class ModelHandle:
     max_batch: int = 8  # sequences decoded together (continuous batching slots)
     threads: int | str = "auto"  # CPU threads of the engine (llmcore.threads.inference_threads)
     admit_window: float = ADMIT_WINDOW  # seconds an idle engine waits for requests sent together (0: none)
+    # seconds a stream waits after a write before the next: the pieces that came meanwhile go out in one write (0:
+    # a write per piece as it comes). A stream's first piece goes out at once; only faster than one piece per
+    # interval (a small model on CPU) does it matter, and then each write and wake-up saved is time for the model.
+    stream_interval: float = STREAM_INTERVAL
     created: int = field(default_factory=lambda: int(time.time()))
     engine: Engine = field(init=False, repr=False)
     _embed_lock: threading.Lock = field(init=False, repr=False, default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
+        if not 0 <= self.stream_interval <= 1:
+            raise ValueError(f"stream_interval is in seconds, from 0 (off) to 1, got {self.stream_interval}")
         if self.template != "raw":
             check_template(self.template, where="--template")
         if self.chat:
@@ -135,6 +143,7 @@ class ModelHandle:
         max_batch: int = 8,
         threads: int | str = "auto",
         admit_window: float = ADMIT_WINDOW,
+        stream_interval: float = STREAM_INTERVAL,
     ) -> ModelHandle:
         """Load a model folder; ``template`` None: the one stored with the model by instruction tuning, else ``raw``
         (a base model never learned a template; its GGUF export says raw too)."""
@@ -157,6 +166,7 @@ class ModelHandle:
             max_batch=max_batch,
             threads=threads,
             admit_window=admit_window,
+            stream_interval=stream_interval,
         )
 
     @property

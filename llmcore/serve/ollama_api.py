@@ -51,6 +51,7 @@ from llmcore.serve.protocol import (
     json_constraint,
     json_endpoint,
     json_type,
+    named,
     number,
     parse_messages,
     shown,
@@ -144,7 +145,7 @@ class OllamaAPI:
         for candidate in (name, qualify(name)):
             if candidate in self.models:
                 return candidate, self.models[candidate]
-        raise RequestError(404, f"model '{name}' not found")
+        raise RequestError(404, f"model '{named(name)}' not found")
 
     # -- listings -----------------------------------------------------------------------------------
 

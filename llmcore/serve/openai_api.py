@@ -55,6 +55,7 @@ from llmcore.serve.protocol import (
     generate,
     json_constraint,
     json_endpoint,
+    named,
     number,
     parse_messages,
     shown,
@@ -108,7 +109,7 @@ class OpenAIAPI:
         for candidate in (name, qualify(name)):
             if candidate in self.models:
                 return candidate, self.models[candidate]
-        raise RequestError(404, f"The model `{name}` does not exist", param="model", code="model_not_found")
+        raise RequestError(404, f"The model `{named(name)}` does not exist", param="model", code="model_not_found")
 
     @staticmethod
     def card(name: str, h: ModelHandle) -> dict[str, Any]:

@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import threading
+import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -77,6 +78,12 @@ def shown(value: Any, limit: int = 60) -> str:
     """``value`` as JSON for an error message, cut to ``limit`` characters (an error stays one short line)."""
     text = json.dumps(value)  # ASCII: a lone surrogate from a \\ud800 escape stays printable
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def named(value: str, limit: int = 60) -> str:
+    """A name from a request as an error message quotes it: as given when printable and short, else as
+    :func:`shown` writes it (escaped, cut), so the message stays one line."""
+    return value if value.isprintable() and len(value) <= limit else shown(value, limit)
 
 
 def json_endpoint(
@@ -256,20 +263,20 @@ async def json_constraint(handle: ModelHandle, schema: dict | None, label: str) 
 
 
 class _Inbox:
-    """Events from the engine thread to one event loop, with one wake-up in flight at a time.
+    """Wake-ups from the engine thread to one event loop, with one in flight at a time.
 
     Waking the loop (``call_soon_threadsafe``) writes to its self-pipe: one write per token per stream cost the engine
-    thread about a tenth of its time serving 8 streams of a small model. Events queue here instead, and the loop
-    drains them all at its next turn, in the order they came."""
+    thread about a tenth of its time serving 8 streams of a small model. Wake-ups queue here instead, and the loop
+    runs them all at its next turn."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop, self.lock = loop, threading.Lock()
-        self.items: list[tuple[asyncio.Queue, Any]] = []
+        self.waiters: list[asyncio.Future] = []
         self.scheduled = False
 
-    def put(self, queue: asyncio.Queue, event: Any) -> None:
+    def wake(self, waiter: asyncio.Future) -> None:
         with self.lock:
-            self.items.append((queue, event))
+            self.waiters.append(waiter)
             if self.scheduled:
                 return
             self.scheduled = True
@@ -282,9 +289,58 @@ class _Inbox:
 
     def _drain(self) -> None:
         with self.lock:
-            items, self.items, self.scheduled = self.items, [], False
-        for queue, event in items:
-            queue.put_nowait(event)
+            waiters, self.waiters, self.scheduled = self.waiters, [], False
+        for waiter in waiters:
+            _settle(waiter)  # (one already done was cancelled: its stream went away)
+
+
+class _Pieces:
+    """One request's events, from the engine thread to its stream. They collect here, and the event loop is woken
+    only when the stream waits for them: a stream pausing between writes (:meth:`take` with ``until``) takes what
+    came meanwhile in one go, without a wake-up per token taking the interpreter from the engine."""
+
+    def __init__(self, inbox: _Inbox):
+        self.inbox, self.lock = inbox, threading.Lock()
+        self.items: list[str | Finished] = []
+        self.waiter: asyncio.Future | None = None
+        self.wake_on_any = True  # False while pausing: only the answer's end wakes the stream early
+
+    def put(self, event: str | Finished) -> None:
+        """(engine thread)"""
+        with self.lock:
+            self.items.append(event)
+            waiter = self.waiter
+            if waiter is None or not (self.wake_on_any or isinstance(event, Finished)):
+                return
+            self.waiter = None
+        self.inbox.wake(waiter)
+
+    async def take(self, until: float | None = None) -> list[str | Finished]:
+        """The events that came, at least one: at once (``until`` None), or once ``time.perf_counter()`` reaches
+        ``until``, or sooner when the answer ends (its last event is never held back)."""
+        loop = self.inbox.loop
+        while True:
+            with self.lock:
+                late = until is None or time.perf_counter() >= until
+                if self.items and (late or isinstance(self.items[-1], Finished)):
+                    items, self.items = self.items, []
+                    return items
+                self.waiter = waiter = loop.create_future()
+                self.wake_on_any = late
+            timer = None if late else loop.call_later(until - time.perf_counter(), _settle, waiter)
+            try:
+                await waiter
+            finally:
+                if timer is not None:
+                    timer.cancel()
+                with self.lock:
+                    if self.waiter is waiter:
+                        self.waiter = None
+
+
+def _settle(waiter: asyncio.Future) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 _inboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Inbox] = weakref.WeakKeyDictionary()
@@ -308,29 +364,25 @@ async def generate(
     """Run one request on the model's engine; yield its events in batches: text pieces, the last batch ending with
     the :class:`Finished` event.
 
-    A batch is every event that had come when the consumer asked for more: usually one piece, more when the event loop
-    fell behind the engine (a busy machine, many streams). A streaming response writes a batch at once, so a loop
-    that is behind catches up with one socket write per stream, not one per token: each write lets go of the
-    interpreter lock, and getting it back from the engine's thread can cost a thread switch interval.
+    The first piece comes alone, at once (time to first token); after that a batch is every event that came within
+    ``handle.stream_interval`` of the last batch, or at once when the answer ends (its last batch is never held
+    back), or the next event when the interval passed with none. A streaming response writes a batch at once, so a
+    stream makes at most one socket write per interval, not one per token: each write lets go of the interpreter
+    lock, and getting it back from the engine's thread can cost a thread switch interval. Interval 0: every event
+    that had come when the consumer asked for more (one piece while the loop keeps up).
 
     Leaving early (the client went away, the response task was cancelled) cancels the sequence, so its batch
     slot frees at the next decode step. ``constraint``: sampling limited to a JSON schema (:func:`json_constraint`).
     """
-    inbox = _inbox(asyncio.get_running_loop())
-    events: asyncio.Queue = asyncio.Queue()
-
-    def sink(event: str | Finished) -> None:
-        inbox.put(events, event)
-
+    pieces = _Pieces(_inbox(asyncio.get_running_loop()))
     sampling.stop_ids = (*sampling.stop_ids, *handle.stop_ids)
-    job = Generation(prompt_ids, sampling, sink, stop=stop, sections=handle.sections, constraint=constraint)
+    job = Generation(prompt_ids, sampling, pieces.put, stop=stop, sections=handle.sections, constraint=constraint)
     handle.engine.submit(job)
-    done = False
+    done, written = False, None
     try:
         while not done:
-            batch = [await events.get()]
-            while not events.empty():
-                batch.append(events.get_nowait())
+            # the first piece at once, then at most one write per interval (ModelHandle.stream_interval)
+            batch = await pieces.take(None if written is None else written + handle.stream_interval)
             end = batch[-1]  # the engine sends nothing after Finished
             if isinstance(end, Finished):
                 done = True
@@ -339,6 +391,7 @@ async def generate(
                         yield batch[:-1]
                     raise RuntimeError(end.error)
             yield batch
+            written = time.perf_counter()
     finally:
         if not done:
             job.cancel()
