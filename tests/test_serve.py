@@ -540,3 +540,10 @@ def test_a_stream_writes_what_came_within_its_interval_together() -> None:
     first_read.clear()
     batches, _ = asyncio.run(run(0.0))
     assert batches[0] == ["a"] and len(batches) >= 2 and batches[-1][-1] == "stop"
+
+
+def test_stream_interval_is_checked_and_reaches_the_handle(model_dir: Path) -> None:
+    assert ModelHandle.load(model_dir, stream_interval=0.005).stream_interval == 0.005
+    for bad in (-0.001, 2.0):
+        with pytest.raises(ValueError, match="stream_interval is in seconds"):
+            ModelHandle.load(model_dir, stream_interval=bad)

@@ -291,7 +291,7 @@ class _Inbox:
         with self.lock:
             waiters, self.waiters, self.scheduled = self.waiters, [], False
         for waiter in waiters:
-            _settle(waiter)  # (one already done was cancelled: its stream went away)
+            _settle(waiter)  # (one already done: its pause's timer came first, or its stream went away)
 
 
 class _Pieces:
@@ -364,12 +364,12 @@ async def generate(
     """Run one request on the model's engine; yield its events in batches: text pieces, the last batch ending with
     the :class:`Finished` event.
 
-    The first piece comes alone, at once (time to first token); after that a batch is every event that came within
-    ``handle.stream_interval`` of the last batch, or at once when the answer ends (its last batch is never held
-    back), or the next event when the interval passed with none. A streaming response writes a batch at once, so a
-    stream makes at most one socket write per interval, not one per token: each write lets go of the interpreter
-    lock, and getting it back from the engine's thread can cost a thread switch interval. Interval 0: every event
-    that had come when the consumer asked for more (one piece while the loop keeps up).
+    The first batch goes out as soon as there is one (time to first token); after that a batch is every event that
+    came within ``handle.stream_interval`` of the last batch, or at once when the answer ends (its last batch is
+    never held back), or the next event when the interval passed with none. A streaming response writes a batch at
+    once, so a stream makes at most one socket write per interval, not one per token: each write lets go of the
+    interpreter lock, and getting it back from the engine's thread can cost a thread switch interval. Interval 0:
+    every event that had come when the consumer asked for more (one piece while the loop keeps up).
 
     Leaving early (the client went away, the response task was cancelled) cancels the sequence, so its batch
     slot frees at the next decode step. ``constraint``: sampling limited to a JSON schema (:func:`json_constraint`).
