@@ -26,7 +26,9 @@ scheduler see for 0.5 s, and kills after the measurement, also on SIGINT/SIGTERM
   streaming Ollama API; ``benchmarks.serve_bench.bench_server``) on both shapes: aggregate tokens/s with 1 and 8
   concurrent clients, time to first token p50/p95. Beside it, the HTTP floor (``serve_bench.bench_http_floor``): the
   same clients against llmcore's HTTP server with no model behind it (every piece at once, one write each), so the
-  serving ratios can be read against what the clients and the server's one interpreter cost on this machine alone.
+  serving ratios can be read against what the clients and the server's one interpreter cost on this machine alone;
+  and the engine alone (``serve_bench.bench_engine_burst``): the served model's TTFT with no HTTP, one request and 8
+  submitted at once, the share of the TTFT ratio that is the prompt passes' arithmetic and the engine's scheduling.
 
 Fairness: every measurement runs in a fresh interpreter (``--worker``), so thread pools and OpenMP state are its
 own. llmcore's workers import ``llmcore`` first and so run with the environment llmcore sets for itself. Peers run
@@ -88,6 +90,7 @@ IMPLS = {  # key -> table label
 }
 PEER_MODULES = {"transformers": "transformers", "llama.cpp": "llama_cpp", "llama.cpp-same-threads": "llama_cpp"}
 WORKLOADS = ("train", "generate", "serve")
+ENGINE_ALONE = "the served model's engine with no HTTP: time to first token, requests submitted in-process"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -601,9 +604,14 @@ def run_benchmarks(plan: Plan, workloads: tuple[str, ...] = WORKLOADS, log=print
                     (f"{base} (TTFT p50, 8 clients)", f"{what}: time to first token p50", "ms", s(8, "ttft_p50_ms")),
                     (f"{base} (TTFT p95, 8 clients)", f"{what}: time to first token p95", "ms", s(8, "ttft_p95_ms")),
                 )
+                alone = lambda n, f: lambda r: r["server"]["engine_alone"][f"clients_{n}"][f]  # noqa: E731
+                engine_rows = (  # the same model with no HTTP (serve_bench.bench_engine_burst)
+                    (f"{base} (engine alone TTFT, 1 request)", ENGINE_ALONE, "ms", alone(1, "ttft_p50_ms")),
+                    (f"{base} (engine alone TTFT p95, 8 requests)", ENGINE_ALONE, "ms", alone(8, "ttft_p95_ms")),
+                )
                 for impl in ("llmcore", FLOOR):
                     runs = measure(base, impl, job)
-                    for key, label, unit, pick in rows:
+                    for key, label, unit, pick in rows + (engine_rows if impl == "llmcore" else ()):
                         add(key, label, unit, impl, runs, pick)
 
     import torch
@@ -690,9 +698,13 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
     def floor_note(value: float | None) -> str:  # the same ratio of the HTTP server with no model, beside ours
         return "" if value is None else f"; HTTP floor {value:.2f}"
 
+    def engine_note(value: float | None) -> str:  # the same ratio of the model with no HTTP
+        return "" if value is None else f"; engine alone {value:.2f}"
+
     for shape in dict.fromkeys(k.split()[1] for k in w if k.startswith("serve")):  # in run order
         streams = f"serve {shape} (1 client)", f"serve {shape} (8 clients)"
         ttfts = f"serve {shape} (TTFT p95, 8 clients)", f"serve {shape} (TTFT, 1 client)"
+        alone = f"serve {shape} (engine alone TTFT p95, 8 requests)", f"serve {shape} (engine alone TTFT, 1 request)"
         for state in ("idle", "busy"):
             value = over(ours(streams[1]), ours(streams[0]), state)
             if value is not None:
@@ -701,6 +713,7 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
             value = over(ours(ttfts[0]), ours(ttfts[1]), state)
             if value is not None:
                 note = floor_note(over(floor(ttfts[0]), floor(ttfts[1]), state))
+                note += engine_note(over(ours(alone[0]), ours(alone[1]), state))
                 add(
                     f"serve {shape}: TTFT p95 at 8 simultaneous / one request's TTFT ({state}{note})",
                     value,

@@ -11,6 +11,9 @@ What is measured, each figure the median of ``reps`` runs in the same process:
   runs from the first request sent to the last stream closed.
 - time to first token (TTFT) of every request in those runs: p50 and p95, from sending the request to reading
   the first non-empty piece, with 1 client and with 8 (requests that arrive together share a prefill pass).
+- TTFT on the engine alone (``bench_engine_burst``: no HTTP, requests submitted from this process): one request's,
+  and the p95 of 8 submitted at once, as the served runs define them; what the model's prompt passes and the
+  engine's scheduling give the served TTFT ratio, the rest being HTTP's.
 - single-stream decode tokens/s: the engine alone (no HTTP) and ``llmcore.models.generate`` vs Hugging Face
   ``transformers`` ``generate`` with its KV cache, batch 1, greedy, same random GPT-2-shaped weights layout.
 
@@ -27,6 +30,7 @@ import argparse
 import json
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -118,9 +122,68 @@ def bench_server(case: Case, model: GPT, log=print, admit_window: float | None =
         results["max_live"] = handle.engine.max_live
         # how the 8 "simultaneous" requests were admitted: prefill passes run, requests an idle engine waited for
         results["prefill_passes"], results["gathered"] = handle.engine.prefill_passes, handle.engine.gathered
+        results["engine_alone"] = bench_engine_burst(case, handle.engine, tok.eot_id, log)
     finally:
         server.shutdown()
         server.server_close()
+    return results
+
+
+class _Burst:
+    """The first-piece times of ``n`` engine requests submitted together (their sinks run in the engine thread)."""
+
+    def __init__(self, n: int):
+        self.started, self.first = [0.0] * n, [None] * n
+        self._ended = threading.Semaphore(0)
+
+    def sink(self, i: int):
+        from llmcore.serve.engine import Finished
+
+        def put(event) -> None:
+            if self.first[i] is None and (event if isinstance(event, str) else isinstance(event, Finished)):
+                self.first[i] = time.perf_counter() - self.started[i]  # (a request that ends at once: its end)
+            if isinstance(event, Finished):
+                self._ended.release()
+
+        return put
+
+    def wait(self) -> list[float]:
+        for _ in self.first:
+            if not self._ended.acquire(timeout=600):
+                raise RuntimeError("the engine did not finish a request in 600 s")
+        return self.first
+
+
+def bench_engine_burst(case: Case, engine, vocab: int, log=print, reps: int = 5) -> dict[str, Any]:
+    """TTFT through ``engine`` with no HTTP: one request at a time, and ``max(case.clients)`` submitted at once,
+    ``reps`` times each (prompts of ``case.prompt`` random ids below ``vocab``, 2 new tokens: only the first one is
+    timed, from a request's submit to its first piece). On the same weights, threads and compiled graphs as the
+    served runs, so the ratio of the two is what the prompt passes' arithmetic and the engine's scheduling make of
+    a burst, beside the served one."""
+    from llmcore.serve.engine import Request
+
+    g = torch.Generator().manual_seed(1)
+    sampling = SamplingConfig(max_new_tokens=2)
+    results: dict[str, Any] = {}
+    for n in case.clients:
+        ttfts: list[float] = []
+        for _ in range(reps):
+            burst = _Burst(n)
+            prompts = [torch.randint(0, vocab, (case.prompt,), generator=g).tolist() for _ in range(n)]
+            for i, prompt in enumerate(prompts):
+                burst.started[i] = time.perf_counter()
+                engine.submit(Request(prompt, sampling, burst.sink(i)))
+            ttfts += burst.wait()
+        results[f"clients_{n}"] = {
+            "ttft_p50_ms": 1000 * percentile(ttfts, 0.5),
+            "ttft_p95_ms": 1000 * percentile(ttfts, 0.95),
+        }
+    lo, hi = (results[f"clients_{n}"] for n in (min(case.clients), max(case.clients)))
+    results["ttft_ratio"] = hi["ttft_p95_ms"] / lo["ttft_p50_ms"]
+    log(
+        f"  engine alone: TTFT {lo['ttft_p50_ms']:.1f} ms (1 request), p95 {hi['ttft_p95_ms']:.1f} ms "
+        f"({max(case.clients)} at once): {results['ttft_ratio']:.2f}x"
+    )
     return results
 
 
@@ -302,11 +365,13 @@ def run(cases: list[Case], log=print, admit_window: float | None = None) -> dict
 def format_table(report: dict[str, Any]) -> str:
     rows = [
         "| model | 1 client tok/s | 8 clients tok/s | ratio | TTFT p50 / p95 (1 client) | TTFT p50 / p95 "
-        "(8 clients) | single stream: engine / generate / transformers tok/s | generate vs transformers |",
-        "|---|---|---|---|---|---|---|---|",
+        "(8 clients) | engine alone: TTFT 1 / p95 of 8 | single stream: engine / generate / transformers tok/s | "
+        "generate vs transformers |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for entry in report["cases"]:
         s, one = entry["server"], entry["single_stream"]
+        alone = s["engine_alone"]
         lo, hi = (f"clients_{n}" for n in (min(entry["case"]["clients"]), max(entry["case"]["clients"])))
         hf = one.get("transformers_tokens_per_s")
         hf_rate = f"{hf:.0f}" if hf else "n/a"
@@ -315,6 +380,7 @@ def format_table(report: dict[str, Any]) -> str:
             f"| {entry['case']['name']} | {s[lo]['tokens_per_s']:.0f} | {s[hi]['tokens_per_s']:.0f} | "
             f"{s['batching_speedup']:.2f}x | {s[lo]['ttft_p50_ms']:.0f} / {s[lo]['ttft_p95_ms']:.0f} ms | "
             f"{s[hi]['ttft_p50_ms']:.0f} / {s[hi]['ttft_p95_ms']:.0f} ms | "
+            f"{alone[lo]['ttft_p50_ms']:.1f} / {alone[hi]['ttft_p95_ms']:.1f} ms ({alone['ttft_ratio']:.2f}x) | "
             f"{one['engine_tokens_per_s']:.0f} / {one['generate_tokens_per_s']:.0f} / {hf_rate} | {hf_ratio} |"
         )
     return "\n".join(rows)

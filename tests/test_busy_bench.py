@@ -55,8 +55,13 @@ def test_every_measurement_has_idle_and_busy_figures(quick):
         assert all(v > 0 for peer in ratios.values() for v in peer.values()), key
     assert report["targets"] and all("goal" in t and "met" in t for t in report["targets"])
     # serving's ratios come with the same clients' figures against the HTTP server with no model behind it
-    assert {key for key, impl, _ in rows if impl == "http-floor"} == {k for k, i, _ in rows if k.startswith("serve")}
+    served = {k for k, i, _ in rows if k.startswith("serve") and "engine alone" not in k}
+    assert {key for key, impl, _ in rows if impl == "http-floor"} == served
     assert sum("HTTP floor" in t["what"] for t in report["targets"]) == 4  # 2 ratios x idle, busy
+    # and the TTFT ratio with the engine's own, the same model with no HTTP (one request; 8 at once)
+    alone = {k for k, i, _ in rows if "engine alone" in k and i == "llmcore"}
+    assert len(alone) == 2 and all(k.startswith("serve") for k in alone)
+    assert sum("engine alone" in t["what"] and "TTFT" in t["what"] for t in report["targets"]) == 2
     assert "| workload | unit | llmcore idle | busy | busy/idle |" in stdout
     assert report["table"] in stdout
 

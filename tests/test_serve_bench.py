@@ -20,6 +20,10 @@ def test_serve_bench_reports_every_figure(tmp_path) -> None:
         assert server[f"clients_{n}"]["tokens_per_s"] > 0
         assert 0 < server[f"clients_{n}"]["ttft_p50_ms"] <= server[f"clients_{n}"]["ttft_p95_ms"]
     assert server["batching_speedup"] > 0 and 1 <= server["max_live"] <= 3
+    alone = server["engine_alone"]  # the same engine with no HTTP: one request, then 3 submitted at once
+    one, three = alone["clients_1"], alone["clients_3"]
+    assert one["ttft_p50_ms"] > 0 and 0 < three["ttft_p50_ms"] <= three["ttft_p95_ms"]
+    assert alone["ttft_ratio"] == alone["clients_3"]["ttft_p95_ms"] / alone["clients_1"]["ttft_p50_ms"]
     # warm-up, one lone request, then three requests in one to three passes (up to two waited for)
     assert 3 <= server["prefill_passes"] <= 5 and 0 <= server["gathered"] <= 2
     single = entry["single_stream"]
