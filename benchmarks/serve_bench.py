@@ -140,8 +140,8 @@ class _Burst:
         from llmcore.serve.engine import Finished
 
         def put(event) -> None:
-            if self.first[i] is None and (event if isinstance(event, str) else isinstance(event, Finished)):
-                self.first[i] = time.perf_counter() - self.started[i]  # (a request that ends at once: its end)
+            if self.first[i] is None and (event or isinstance(event, Finished)):  # a piece; or, ending at once, its end
+                self.first[i] = time.perf_counter() - self.started[i]
             if isinstance(event, Finished):
                 self._ended.release()
 
